@@ -1,0 +1,104 @@
+// Exact influence for a fitted linear model (Koh & Liang 2017, §2), for many training and test points at once.
+//
+// The engine keeps the training data (by reference: the caller keeps it alive), θ̂, the per-example
+// residuals r_i and curvatures D_i, H = ∇²R(θ̂) and the Cholesky factor L Lᵀ = H + λI. Signs and scaling:
+//   up_params(z)          = −(H+λI)⁻¹ ∇θL(z)                                  (k×p)
+//   up_loss(z, z_test)    = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)                      (k×m)
+//   pert_loss(z, z_test)  = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)                    (k×m×d)
+//   self_influence(z)     = up_loss(z, z)                                      (k)
+// Test points enter only through s_test = (H+λI)⁻¹ ∇θL(z_test); training points only through their
+// residuals and features, since ∇θL(z) = r ⊗ x̃. Hence (up_loss)_{it} = Σ_k r_ik (x̃_iᵀ S_t[k,:]) with S_t the
+// K×d_eff reshaping of s_test: one GEMM X̃ Ŝ per block of training rows, never the k×p gradient matrix.
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <memory>
+#include <vector>
+
+#include "pyinfluence/families.hpp"
+#include "pyinfluence/objective.hpp"
+#include "pyinfluence/status.hpp"
+
+namespace pyinfluence {
+
+template <class S>
+struct TopK {
+  // Each (m×k): per test point, the training indices with the most negative up_loss (helpful: upweighting
+  // them lowers the test loss) in increasing order of score, and the most positive (harmful) in decreasing order.
+  Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> helpful_idx, harmful_idx;
+  RowMatrix<S> helpful_val, harmful_val;
+};
+
+template <class S>
+class LinearInfluenceEngine {
+ public:
+  // Factorises H + λI. Throws std::invalid_argument on bad shapes/values. If the factorisation fails,
+  // status() is NotPositiveDefinite and every query throws std::domain_error (the binding maps it).
+  LinearInfluenceEngine(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X_train,
+                        const Eigen::Ref<const Vector<S>>& y_train, const Eigen::Ref<const RowMatrix<S>>& W,
+                        double damping);
+
+  Status status() const { return status_; }
+  // Index of the first non-positive pivot when the factorisation failed (−1 otherwise).
+  Index failed_pivot() const { return failed_pivot_; }
+  Index n_train() const { return X_.rows(); }
+  Index n_features() const { return X_.cols(); }
+  Index n_params() const { return spec_.n_params(X_.cols()); }
+  const ModelSpec& spec() const { return spec_; }
+  const ColMatrix<S>& hessian() const { return H_; }  // ∇²R(θ̂), l2 included, no damping
+
+  // Explicit per-example gradients (k×p). For checks and small k; the scoring paths never form them.
+  RowMatrix<S> gradients(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  // (H+λI)⁻¹ B for B (p×r).
+  ColMatrix<S> solve(const Eigen::Ref<const ColMatrix<S>>& B) const;
+  // s_test vectors for m test points, (p×m).
+  ColMatrix<S> s_test(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test) const;
+
+  RowMatrix<S> up_params(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  // Training side given explicitly (X, y), or the whole training set when X has zero rows and zero cols.
+  RowMatrix<S> up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+                       const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  RowMatrix<S> up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                             const Eigen::Ref<const Vector<S>>& y_test) const;
+  // (k×(m·d)) row-major = (k, m, d) C-order.
+  RowMatrix<S> pert_loss(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+                         const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  Vector<S> self_influence(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  Vector<S> self_influence_train() const;
+  // Streaming top-k over the whole training set: memory O(block·m + m·k), independent of n.
+  TopK<S> top_k(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+                Index k) const;
+
+  // Newton-step leave-one-out estimate of L(z_test, θ̂₋ᵢ) − L(z_test, θ̂) for the training points idx (k×m).
+  // One exact Newton step from θ̂ on R₋ᵢ(θ) = (1/(n−1)) Σ_{j≠i} L_j + (l2/2)‖Pθ‖² (Hessian + λI), whose
+  // Hessian differs from that of R_{mean over n−1} by the rank-K term H_i/(n−1): all points share one
+  // Cholesky factor of A = (n/(n−1)) H_data + l2 P + λI and a K×K Woodbury system each.
+  RowMatrix<S> loo_newton(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+                          const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+  // The same for a group removed together (one factorisation for the group): (m).
+  Vector<S> loo_newton_group(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+                             const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+
+ private:
+  void require_factor() const;
+  void check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  // Ŝ: the d_eff × (K·m) rearrangement of S (p×m): Ŝ(:, k·m + t) = S(k·d_eff : (k+1)·d_eff, t).
+  ColMatrix<S> reshape_for_contraction(const ColMatrix<S>& Sm) const;
+  // Scores block: out(i, t) = −Σ_k r_ik (X̃_i · Ŝ(:, k·m+t)) for rows [start, start+rows) of (X, R).
+  void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
+                   Index m, Index start, Index rows, RowMatrix<S>& xbuf, RowMatrix<S>& Z,
+                   Eigen::Ref<RowMatrix<S>> out) const;
+
+  ModelSpec spec_;
+  Eigen::Ref<const RowMatrix<S>> X_;
+  Vector<S> y_;
+  RowMatrix<S> W_;
+  double damping_;
+  RowMatrix<S> residual_, curvature_;  // n×K each, at θ̂
+  ColMatrix<S> H_;
+  Eigen::LLT<ColMatrix<S>> llt_;
+  Status status_ = Status::Ok;
+  Index failed_pivot_ = -1;
+};
+
+}  // namespace pyinfluence

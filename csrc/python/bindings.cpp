@@ -1,0 +1,430 @@
+// pyinfluence._core: the one pybind11 file. It validates array layouts (C-contiguous, matching dtype — no
+// silent conversion), releases the GIL around every kernel, and maps C++ errors to Python exceptions:
+// std::invalid_argument → ValueError, std::domain_error → pyinfluence.errors.NotPositiveDefiniteError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "pyinfluence/pyinfluence.hpp"
+
+namespace py = pybind11;
+using namespace pyinfluence;
+
+namespace {
+
+template <class S>
+constexpr const char* dtype_name() { return sizeof(S) == 8 ? "float64" : "float32"; }
+
+template <class S>
+void check_array(const py::array& a, const char* name, int ndim) {
+  if (!py::isinstance<py::array_t<S>>(a) || !a.dtype().is(py::dtype::of<S>()))
+    throw std::invalid_argument(std::string(name) + " must be a " + dtype_name<S>() + " array; got dtype " +
+                                std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(ndim) + "-dimensional; got " +
+                                std::to_string(a.ndim()) + " dimensions");
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+}
+
+template <class S>
+Eigen::Map<const RowMatrix<S>> matrix_arg(const py::array& a, const char* name) {
+  check_array<S>(a, name, 2);
+  return {static_cast<const S*>(a.data()), Index(a.shape(0)), Index(a.shape(1))};
+}
+
+template <class S>
+Eigen::Map<const Vector<S>> vector_arg(const py::array& a, const char* name) {
+  check_array<S>(a, name, 1);
+  return {static_cast<const S*>(a.data()), Index(a.shape(0))};
+}
+
+Eigen::Map<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>> index_arg(const py::array& a, const char* name) {
+  if (!a.dtype().is(py::dtype::of<std::int64_t>()) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + " must be a 1-dimensional C-contiguous int64 array");
+  return {static_cast<const std::int64_t*>(a.data()), Index(a.shape(0))};
+}
+
+// Hands an Eigen matrix to numpy without copying: the array owns a heap copy moved from the result.
+template <class Mat>
+py::array to_numpy(Mat&& m) {
+  using Plain = std::decay_t<Mat>;
+  using S = typename Plain::Scalar;
+  auto* owned = new Plain(std::move(m));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<Plain*>(p); });
+  const py::ssize_t rows = owned->rows(), cols = owned->cols(), sz = sizeof(S);
+  std::vector<py::ssize_t> strides = Plain::IsRowMajor ? std::vector<py::ssize_t>{cols * sz, sz}
+                                                       : std::vector<py::ssize_t>{sz, rows * sz};
+  return py::array(py::dtype::of<S>(), {rows, cols}, strides, owned->data(), free_when_done);
+}
+
+template <class S>
+py::array vector_to_numpy(Vector<S>&& v) {
+  auto* owned = new Vector<S>(std::move(v));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<Vector<S>*>(p); });
+  return py::array(py::dtype::of<S>(), {py::ssize_t(owned->size())}, {py::ssize_t(sizeof(S))}, owned->data(),
+                   free_when_done);
+}
+
+// Dispatch on the dtype of the first array argument.
+bool array_is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+
+struct NotPositiveDefinite : std::domain_error {
+  using std::domain_error::domain_error;
+};
+
+template <class S>
+const Eigen::Ref<const Vector<S>> weights_arg(const py::object& w, Vector<S>& storage) {
+  if (w.is_none()) return storage;  // empty: all ones
+  return vector_arg<S>(w.cast<py::array>(), "sample_weight");
+}
+
+template <class S>
+py::tuple per_example_impl(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta) {
+  auto Xm = matrix_arg<S>(X, "X");
+  auto ym = vector_arg<S>(y, "y");
+  auto Wm = matrix_arg<S>(theta, "theta");
+  Vector<S> empty;
+  Vector<S> loss;
+  RowMatrix<S> R, C, scores;
+  {
+    py::gil_scoped_release release;
+    check_problem<S>(spec, Xm, ym, Wm, empty);
+    compute_scores<S>(spec, Xm, Wm, scores);
+    loss.resize(Xm.rows());
+    R.resize(Xm.rows(), spec.n_outputs);
+    C.resize(Xm.rows(), spec.n_outputs);
+    per_example_from_scores<S>(spec, scores, ym, loss.data(), R.data(), C.data());
+  }
+  return py::make_tuple(vector_to_numpy<S>(std::move(loss)), to_numpy(std::move(R)), to_numpy(std::move(scores)));
+}
+
+template <class S>
+py::tuple objective_impl(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta,
+                         const py::object& sample_weight) {
+  auto Xm = matrix_arg<S>(X, "X");
+  auto ym = vector_arg<S>(y, "y");
+  auto Wm = matrix_arg<S>(theta, "theta");
+  Vector<S> storage;
+  const auto w = weights_arg<S>(sample_weight, storage);
+  ObjectiveValue<S> out;
+  {
+    py::gil_scoped_release release;
+    check_problem<S>(spec, Xm, ym, Wm, w);
+    out = objective<S>(spec, Xm, ym, Wm, w, true);
+  }
+  return py::make_tuple(out.value, to_numpy(std::move(out.grad)));
+}
+
+template <class S>
+py::array hessian_impl(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta,
+                       const py::object& sample_weight) {
+  auto Xm = matrix_arg<S>(X, "X");
+  auto ym = vector_arg<S>(y, "y");
+  auto Wm = matrix_arg<S>(theta, "theta");
+  Vector<S> storage;
+  const auto w = weights_arg<S>(sample_weight, storage);
+  ColMatrix<S> H;
+  {
+    py::gil_scoped_release release;
+    check_problem<S>(spec, Xm, ym, Wm, w);
+    H = hessian<S>(spec, Xm, ym, Wm, w);
+  }
+  return to_numpy(std::move(H));
+}
+
+template <class S>
+py::tuple fit_newton_impl(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta0,
+                          const py::object& sample_weight, double tol, int max_iter) {
+  auto Xm = matrix_arg<S>(X, "X");
+  auto ym = vector_arg<S>(y, "y");
+  auto Wm = matrix_arg<S>(theta0, "theta0");
+  if (!(tol >= 0.0)) throw std::invalid_argument("tol must be >= 0");
+  if (max_iter < 0) throw std::invalid_argument("max_iter must be >= 0");
+  Vector<S> storage;
+  const auto w = weights_arg<S>(sample_weight, storage);
+  NewtonResult<S> res;
+  {
+    py::gil_scoped_release release;
+    res = fit_newton<S>(spec, Xm, ym, Wm, w, tol, max_iter);
+  }
+  if (res.status == Status::NotPositiveDefinite)
+    throw NotPositiveDefinite(
+        "the training Hessian became singular or indefinite during Newton's method (e.g. l2 = 0 with collinear "
+        "features or separable classes)");
+  if (res.status == Status::NonFinite)
+    throw std::invalid_argument("the training objective became NaN or inf during Newton's method; check the scale of X");
+  const bool converged = res.grad_norm <= tol;
+  return py::make_tuple(to_numpy(std::move(res.W)), res.iterations, res.grad_norm, converged);
+}
+
+// The Python-facing engine: one of two typed engines, plus references to the arrays it reads.
+class PyLinearEngine {
+ public:
+  PyLinearEngine(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, double damping)
+      : float32_(array_is_float32(X)), X_(X), y_(y) {
+    if (float32_) make<float>(spec, theta, damping);
+    else make<double>(spec, theta, damping);
+  }
+
+  bool is_float32() const { return float32_; }
+  std::string dtype() const { return float32_ ? "float32" : "float64"; }
+  Index n_train() const { return float32_ ? e32_->n_train() : e64_->n_train(); }
+  Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
+  bool factorized() const { return (float32_ ? e32_->status() : e64_->status()) == Status::Ok; }
+
+  py::array hessian() const {
+    if (float32_) return to_numpy(ColMatrix<float>(e32_->hessian()));
+    return to_numpy(ColMatrix<double>(e64_->hessian()));
+  }
+  py::array gradients(const py::array& X, const py::array& y) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xm = matrix_arg<S>(X, "X");
+      auto ym = vector_arg<S>(y, "y");
+      RowMatrix<S> G;
+      { py::gil_scoped_release r; G = e.gradients(Xm, ym); }
+      return to_numpy(std::move(G));
+    });
+  }
+  py::array solve(const py::array& B) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Bm = matrix_arg<S>(B, "B");
+      ColMatrix<S> out;
+      { py::gil_scoped_release r; out = e.solve(ColMatrix<S>(Bm)); }
+      return to_numpy(std::move(out));
+    });
+  }
+  py::array up_params(const py::array& X, const py::array& y) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xm = matrix_arg<S>(X, "X");
+      auto ym = vector_arg<S>(y, "y");
+      RowMatrix<S> out;
+      { py::gil_scoped_release r; out = e.up_params(Xm, ym); }
+      return to_numpy(std::move(out));
+    });
+  }
+  py::array up_loss(const py::array& Xt, const py::array& yt, const py::object& X, const py::object& y) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xtm = matrix_arg<S>(Xt, "X_test");
+      auto ytm = vector_arg<S>(yt, "y_test");
+      RowMatrix<S> out;
+      if (X.is_none()) {
+        py::gil_scoped_release r;
+        out = e.up_loss_train(Xtm, ytm);
+      } else {
+        auto Xm = matrix_arg<S>(X.cast<py::array>(), "X");
+        auto ym = vector_arg<S>(y.cast<py::array>(), "y");
+        py::gil_scoped_release r;
+        out = e.up_loss(Xtm, ytm, Xm, ym);
+      }
+      return to_numpy(std::move(out));
+    });
+  }
+  py::array pert_loss(const py::array& Xt, const py::array& yt, const py::object& X, const py::object& y) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xtm = matrix_arg<S>(Xt, "X_test");
+      auto ytm = vector_arg<S>(yt, "y_test");
+      const py::array Xa = X.is_none() ? X_ : X.cast<py::array>();
+      const py::array ya = y.is_none() ? y_ : y.cast<py::array>();
+      auto Xm = matrix_arg<S>(Xa, "X");
+      auto ym = vector_arg<S>(ya, "y");
+      RowMatrix<S> out;
+      { py::gil_scoped_release r; out = e.pert_loss(Xtm, ytm, Xm, ym); }
+      const py::ssize_t k = Xm.rows(), m = Xtm.rows(), d = Xm.cols();
+      return to_numpy(std::move(out)).reshape({k, m, d});
+    });
+  }
+  py::array self_influence(const py::object& X, const py::object& y) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      Vector<S> out;
+      if (X.is_none()) {
+        py::gil_scoped_release r;
+        out = e.self_influence_train();
+      } else {
+        auto Xm = matrix_arg<S>(X.cast<py::array>(), "X");
+        auto ym = vector_arg<S>(y.cast<py::array>(), "y");
+        py::gil_scoped_release r;
+        out = e.self_influence(Xm, ym);
+      }
+      return vector_to_numpy<S>(std::move(out));
+    });
+  }
+  py::tuple top_k(const py::array& Xt, const py::array& yt, Index k) const {
+    return call<py::tuple>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xtm = matrix_arg<S>(Xt, "X_test");
+      auto ytm = vector_arg<S>(yt, "y_test");
+      TopK<S> out;
+      { py::gil_scoped_release r; out = e.top_k(Xtm, ytm, k); }
+      return py::make_tuple(to_numpy(std::move(out.helpful_idx)), to_numpy(std::move(out.helpful_val)),
+                            to_numpy(std::move(out.harmful_idx)), to_numpy(std::move(out.harmful_val)));
+    });
+  }
+  py::array loo_newton(const py::array& Xt, const py::array& yt, const py::array& idx) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xtm = matrix_arg<S>(Xt, "X_test");
+      auto ytm = vector_arg<S>(yt, "y_test");
+      auto im = index_arg(idx, "train_idx");
+      RowMatrix<S> out;
+      { py::gil_scoped_release r; out = e.loo_newton(Xtm, ytm, im); }
+      return to_numpy(std::move(out));
+    });
+  }
+  py::array loo_newton_group(const py::array& Xt, const py::array& yt, const py::array& idx) const {
+    return call<py::array>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto Xtm = matrix_arg<S>(Xt, "X_test");
+      auto ytm = vector_arg<S>(yt, "y_test");
+      auto im = index_arg(idx, "train_idx");
+      Vector<S> out;
+      { py::gil_scoped_release r; out = e.loo_newton_group(Xtm, ytm, im); }
+      return vector_to_numpy<S>(std::move(out));
+    });
+  }
+
+ private:
+  template <class S>
+  void make(const ModelSpec& spec, const py::array& theta, double damping) {
+    auto Xm = matrix_arg<S>(X_, "X_train");
+    auto ym = vector_arg<S>(y_, "y_train");
+    auto Wm = matrix_arg<S>(theta, "theta");
+    std::unique_ptr<LinearInfluenceEngine<S>> e;
+    {
+      py::gil_scoped_release r;
+      e = std::make_unique<LinearInfluenceEngine<S>>(spec, Xm, ym, Wm, damping);
+    }
+    if constexpr (std::is_same_v<S, float>) e32_ = std::move(e);
+    else e64_ = std::move(e);
+  }
+  template <class R, class F>
+  R call(F&& f) const {
+    if (float32_) return f(*e32_, float{});
+    return f(*e64_, double{});
+  }
+
+  bool float32_;
+  py::array X_, y_;  // keep the training arrays alive: the engine reads them in place
+  std::unique_ptr<LinearInfluenceEngine<float>> e32_;
+  std::unique_ptr<LinearInfluenceEngine<double>> e64_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyinfluence C++ core (Eigen): exact influence functions for linear models";
+  m.attr("__version__") = PYINFLUENCE_VERSION;
+  m.attr("has_openmp") = has_openmp();
+  m.attr("has_cuda") = false;
+  m.attr("blas") = PYINFLUENCE_BLAS_NAME;
+  m.def("max_threads", &max_threads, "Threads the core's OpenMP regions may use");
+  m.def("set_max_threads", &set_max_threads, py::arg("n"));
+
+  // Error mapping. NotPositiveDefiniteError lives in pyinfluence.errors (a ValueError subclass).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::domain_error& e) {
+      std::string msg = std::string(e.what()) +
+                        ". Influence needs H + damping*I to be positive definite: pass damping > 0 (e.g. damping=1e-3; "
+                        "results then approximate the undamped influence) or increase l2.";
+      py::object cls;
+      try {
+        cls = py::module_::import("pyinfluence.errors").attr("NotPositiveDefiniteError");
+      } catch (py::error_already_set&) {
+        PyErr_SetString(PyExc_ValueError, msg.c_str());
+        return;
+      }
+      PyErr_SetString(cls.ptr(), msg.c_str());
+    }
+  });
+
+  py::class_<ModelSpec>(m, "ModelSpec")
+      .def(py::init([](const std::string& family, Index n_outputs, bool fit_intercept, bool penalize_intercept,
+                       double l2, double temperature) {
+             ModelSpec s;
+             s.family = family_from_string(family);
+             s.n_outputs = n_outputs;
+             s.fit_intercept = fit_intercept;
+             s.penalize_intercept = penalize_intercept;
+             s.l2 = l2;
+             s.temperature = temperature;
+             s.validate();
+             return s;
+           }),
+           py::arg("family"), py::arg("n_outputs"), py::arg("fit_intercept"), py::arg("penalize_intercept"),
+           py::arg("l2"), py::arg("temperature") = 1.0)
+      .def_property_readonly("family", [](const ModelSpec& s) { return std::string(family_name(s.family)); })
+      .def_readonly("n_outputs", &ModelSpec::n_outputs)
+      .def_readonly("fit_intercept", &ModelSpec::fit_intercept)
+      .def_readonly("penalize_intercept", &ModelSpec::penalize_intercept)
+      .def_readonly("l2", &ModelSpec::l2)
+      .def_readonly("temperature", &ModelSpec::temperature)
+      .def("__repr__", [](const ModelSpec& s) {
+        return "ModelSpec(family='" + std::string(family_name(s.family)) + "', n_outputs=" + std::to_string(s.n_outputs) +
+               ", fit_intercept=" + (s.fit_intercept ? "True" : "False") +
+               ", penalize_intercept=" + (s.penalize_intercept ? "True" : "False") + ", l2=" + std::to_string(s.l2) +
+               ", temperature=" + std::to_string(s.temperature) + ")";
+      });
+
+  m.def("per_example",
+        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta) {
+          return array_is_float32(X) ? per_example_impl<float>(spec, X, y, theta) : per_example_impl<double>(spec, X, y, theta);
+        },
+        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"),
+        "(loss (n,), residual dL/ds (n,K), scores (n,K)) for each example");
+  m.def("objective",
+        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
+          return array_is_float32(X) ? objective_impl<float>(spec, X, y, theta, w) : objective_impl<double>(spec, X, y, theta, w);
+        },
+        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
+        "(R(theta), grad R (K, d_eff)); R = weighted mean loss + (l2/2)||P theta||^2");
+  m.def("hessian",
+        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
+          return array_is_float32(X) ? hessian_impl<float>(spec, X, y, theta, w) : hessian_impl<double>(spec, X, y, theta, w);
+        },
+        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
+        "Hessian of R (p, p), l2 included");
+  m.def("fit_newton",
+        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta0, const py::object& w,
+           double tol, int max_iter) {
+          return array_is_float32(X) ? fit_newton_impl<float>(spec, X, y, theta0, w, tol, max_iter)
+                               : fit_newton_impl<double>(spec, X, y, theta0, w, tol, max_iter);
+        },
+        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta0"), py::arg("sample_weight") = py::none(),
+        py::arg("tol") = 1e-10, py::arg("max_iter") = 100,
+        "Newton's method with line search: (theta (K, d_eff), n_iter, grad_norm, converged)");
+
+  py::class_<PyLinearEngine>(m, "LinearEngine")
+      .def(py::init<const ModelSpec&, const py::array&, const py::array&, const py::array&, double>(), py::arg("spec"),
+           py::arg("X_train"), py::arg("y_train"), py::arg("theta"), py::arg("damping") = 0.0)
+      .def_property_readonly("dtype", &PyLinearEngine::dtype)
+      .def_property_readonly("n_train", &PyLinearEngine::n_train)
+      .def_property_readonly("n_params", &PyLinearEngine::n_params)
+      .def_property_readonly("factorized", &PyLinearEngine::factorized)
+      .def("hessian", &PyLinearEngine::hessian)
+      .def("gradients", &PyLinearEngine::gradients, py::arg("X"), py::arg("y"))
+      .def("solve", &PyLinearEngine::solve, py::arg("B"))
+      .def("up_params", &PyLinearEngine::up_params, py::arg("X"), py::arg("y"))
+      .def("up_loss", &PyLinearEngine::up_loss, py::arg("X_test"), py::arg("y_test"), py::arg("X") = py::none(),
+           py::arg("y") = py::none())
+      .def("pert_loss", &PyLinearEngine::pert_loss, py::arg("X_test"), py::arg("y_test"), py::arg("X") = py::none(),
+           py::arg("y") = py::none())
+      .def("self_influence", &PyLinearEngine::self_influence, py::arg("X") = py::none(), py::arg("y") = py::none())
+      .def("top_k", &PyLinearEngine::top_k, py::arg("X_test"), py::arg("y_test"), py::arg("k"))
+      .def("loo_newton", &PyLinearEngine::loo_newton, py::arg("X_test"), py::arg("y_test"), py::arg("train_idx"))
+      .def("loo_newton_group", &PyLinearEngine::loo_newton_group, py::arg("X_test"), py::arg("y_test"),
+           py::arg("train_idx"));
+}

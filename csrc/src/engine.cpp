@@ -1,0 +1,411 @@
+#include "pyinfluence/engine.hpp"
+
+#include <Eigen/LU>
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace pyinfluence {
+
+namespace {
+template <class S>
+const Eigen::Ref<const Vector<S>> no_weights() {
+  static const Vector<S> empty;
+  return empty;
+}
+}  // namespace
+
+template <class S>
+LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X_train,
+                                                const Eigen::Ref<const Vector<S>>& y_train,
+                                                const Eigen::Ref<const RowMatrix<S>>& W, double damping)
+    : spec_(spec), X_(X_train), y_(y_train), W_(W), damping_(damping) {
+  check_problem<S>(spec_, X_, y_, W_, no_weights<S>());
+  if (!(damping >= 0.0) || !std::isfinite(damping)) throw std::invalid_argument("damping must be a finite number >= 0");
+  const Index n = X_.rows(), K = spec_.n_outputs;
+  RowMatrix<S> scores;
+  compute_scores<S>(spec_, X_, W_, scores);
+  residual_.resize(n, K);
+  curvature_.resize(n, K);
+  per_example_from_scores<S>(spec_, scores, y_, nullptr, residual_.data(), curvature_.data());
+  H_ = pyinfluence::hessian<S>(spec_, X_, y_, W_, no_weights<S>());
+  ColMatrix<S> A = H_;
+  A.diagonal().array() += S(damping_);
+  llt_.compute(A);
+  if (llt_.info() != Eigen::Success) {
+    status_ = Status::NotPositiveDefinite;
+    // Locate the first failing pivot for the error message: the first leading minor that is not PD.
+    const auto& L = llt_.matrixLLT();
+    for (Index j = 0; j < L.rows(); ++j)
+      if (!(L(j, j) > S(0)) || !std::isfinite(double(L(j, j)))) { failed_pivot_ = j; break; }
+  }
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::require_factor() const {
+  if (status_ != Status::Ok)
+    throw std::domain_error("the Hessian H + damping*I (" + std::to_string(n_params()) + " x " +
+                            std::to_string(n_params()) + ") is not positive definite (Cholesky failed at pivot " +
+                            std::to_string(failed_pivot_) + ")");
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X,
+                                            const Eigen::Ref<const Vector<S>>& y) const {
+  const std::string name(what);
+  if (X.cols() != X_.cols())
+    throw std::invalid_argument("X" + name + " has " + std::to_string(X.cols()) + " features but the model was trained on " +
+                                std::to_string(X_.cols()));
+  if (y.size() != X.rows())
+    throw std::invalid_argument("y" + name + " has " + std::to_string(y.size()) + " entries but X" + name + " has " +
+                                std::to_string(X.rows()) + " rows");
+  if (!X.allFinite()) throw std::invalid_argument("X" + name + " contains NaN or inf");
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::gradients(const Eigen::Ref<const RowMatrix<S>>& X,
+                                                 const Eigen::Ref<const Vector<S>>& y) const {
+  check_points("", X, y);
+  const Index k = X.rows(), d = X.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
+  RowMatrix<S> scores, R(k, K), C(k, K);
+  compute_scores<S>(spec_, X, W_, scores);
+  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+  RowMatrix<S> G(k, K * de);
+  for (Index i = 0; i < k; ++i)
+    for (Index a = 0; a < K; ++a) {
+      G.row(i).segment(a * de, d) = R(i, a) * X.row(i);
+      if (spec_.fit_intercept) G(i, a * de + d) = R(i, a);
+    }
+  return G;
+}
+
+template <class S>
+ColMatrix<S> LinearInfluenceEngine<S>::solve(const Eigen::Ref<const ColMatrix<S>>& B) const {
+  require_factor();
+  if (B.rows() != n_params())
+    throw std::invalid_argument("B must have " + std::to_string(n_params()) + " rows (one per parameter)");
+  return llt_.solve(B);
+}
+
+template <class S>
+ColMatrix<S> LinearInfluenceEngine<S>::s_test(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                              const Eigen::Ref<const Vector<S>>& y_test) const {
+  require_factor();
+  check_points("_test", X_test, y_test);
+  const RowMatrix<S> G = gradients(X_test, y_test);
+  return llt_.solve(G.transpose());
+}
+
+template <class S>
+ColMatrix<S> LinearInfluenceEngine<S>::reshape_for_contraction(const ColMatrix<S>& Sm) const {
+  const Index m = Sm.cols(), K = spec_.n_outputs, de = spec_.d_eff(X_.cols());
+  ColMatrix<S> Shat(de, K * m);
+  for (Index a = 0; a < K; ++a) Shat.middleCols(a * m, m) = Sm.middleRows(a * de, de);
+  return Shat;
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
+                                           const ColMatrix<S>& Shat, Index m, Index start, Index rows,
+                                           RowMatrix<S>& xbuf, RowMatrix<S>& Z, Eigen::Ref<RowMatrix<S>> out) const {
+  const Index K = spec_.n_outputs;
+  const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec_, X, start, rows, xbuf);
+  Z.resize(rows, K * m);
+  Z.noalias() = Xt * Shat;  // Z(i, a·m + t) = x̃_i · S_t[a, :]
+  // up_loss(i, t) = −Σ_a r_ia Z(i, a·m + t)
+  out = -(R.col(0).segment(start, rows).asDiagonal() * Z.leftCols(m));
+  for (Index a = 1; a < K; ++a) out.noalias() -= R.col(a).segment(start, rows).asDiagonal() * Z.middleCols(a * m, m);
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::up_params(const Eigen::Ref<const RowMatrix<S>>& X,
+                                                 const Eigen::Ref<const Vector<S>>& y) const {
+  require_factor();
+  const RowMatrix<S> G = gradients(X, y);
+  return -llt_.solve(G.transpose()).transpose();
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                               const Eigen::Ref<const Vector<S>>& y_test,
+                                               const Eigen::Ref<const RowMatrix<S>>& X,
+                                               const Eigen::Ref<const Vector<S>>& y) const {
+  check_points("", X, y);
+  const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
+  const Index k = X.rows(), m = X_test.rows(), K = spec_.n_outputs;
+  RowMatrix<S> scores, R(k, K), C(k, K);
+  compute_scores<S>(spec_, X, W_, scores);
+  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+  RowMatrix<S> out(k, m), xbuf, Z;
+  const Index block = rows_per_block(k, Shat.cols() + Shat.rows(), sizeof(S));
+  for (Index start = 0; start < k; start += block) {
+    const Index b = std::min(block, k - start);
+    score_block(X, R, Shat, m, start, b, xbuf, Z, out.middleRows(start, b));
+  }
+  return out;
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                                     const Eigen::Ref<const Vector<S>>& y_test) const {
+  const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
+  const Index n = X_.rows(), m = X_test.rows();
+  RowMatrix<S> out(n, m), xbuf, Z;
+  const Index block = rows_per_block(n, Shat.cols() + Shat.rows(), sizeof(S));
+  for (Index start = 0; start < n; start += block) {
+    const Index b = std::min(block, n - start);
+    score_block(X_, residual_, Shat, m, start, b, xbuf, Z, out.middleRows(start, b));
+  }
+  return out;
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                                 const Eigen::Ref<const Vector<S>>& y_test,
+                                                 const Eigen::Ref<const RowMatrix<S>>& X,
+                                                 const Eigen::Ref<const Vector<S>>& y) const {
+  // ∇x∇θL(z) is the p×d Jacobian J((a,l), j) = (D W)(a, j) x̃_l + r_a δ_lj  (since ∇θL = r(s) ⊗ x̃, s = W x̃).
+  // With S_t the K×d_eff reshaping of s_test and α_t = S_t x̃ (K):
+  //   I_pert,loss(z, z_test)_j = −[(W_xᵀ D α_t)_j + (S_t,xᵀ r)_j],   W_x, S_t,x the first d columns.
+  check_points("", X, y);
+  const ColMatrix<S> Sm = s_test(X_test, y_test);
+  const ColMatrix<S> Shat = reshape_for_contraction(Sm);
+  const Index k = X.rows(), m = X_test.rows(), d = X.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
+  RowMatrix<S> scores, R(k, K), C(k, K), xbuf;
+  compute_scores<S>(spec_, X, W_, scores);
+  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+  const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec_, X, 0, k, xbuf);
+  const RowMatrix<S> Z = Xt * Shat;  // Z(i, a·m + t) = α_it[a]
+  RowMatrix<S> DA(k * m, K);
+  Vector<S> alpha(K);
+  for (Index i = 0; i < k; ++i)
+    for (Index t = 0; t < m; ++t) {
+      for (Index a = 0; a < K; ++a) alpha[a] = Z(i, a * m + t);
+      apply_curvature(spec_, C.row(i).data(), alpha.data(), DA.row(i * m + t).data());
+    }
+  // S3(a, t·d + j) = S_t(a, j)
+  RowMatrix<S> S3(K, m * d);
+  for (Index a = 0; a < K; ++a)
+    for (Index t = 0; t < m; ++t) S3.row(a).segment(t * d, d) = Sm.col(t).segment(a * de, d).transpose();
+  RowMatrix<S> out(k, m * d);
+  out.noalias() = -(R * S3);
+  Eigen::Map<RowMatrix<S>> out_rows(out.data(), k * m, d);
+  out_rows.noalias() -= DA * W_.leftCols(d);
+  return out;
+}
+
+template <class S>
+Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMatrix<S>>& X,
+                                                   const Eigen::Ref<const Vector<S>>& y) const {
+  // −g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹ g_i‖²: one triangular solve per block of gradients.
+  require_factor();
+  check_points("", X, y);
+  const Index k = X.rows(), p = n_params();
+  Vector<S> out(k);
+  const Index block = rows_per_block(k, 2 * p, sizeof(S));
+  ColMatrix<S> Y;
+  for (Index start = 0; start < k; start += block) {
+    const Index b = std::min(block, k - start);
+    Y = gradients(X.middleRows(start, b), y.segment(start, b)).transpose();
+    llt_.matrixL().solveInPlace(Y);
+    out.segment(start, b) = -Y.colwise().squaredNorm().transpose();
+  }
+  return out;
+}
+
+template <class S>
+Vector<S> LinearInfluenceEngine<S>::self_influence_train() const {
+  return self_influence(X_, y_);
+}
+
+template <class S>
+TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                        const Eigen::Ref<const Vector<S>>& y_test, Index k) const {
+  const Index n = X_.rows();
+  if (k < 1 || k > n)
+    throw std::invalid_argument("k must be between 1 and the number of training points (" + std::to_string(n) +
+                                "); got " + std::to_string(k));
+  const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
+  const Index m = X_test.rows();
+  using Cand = std::pair<S, std::int64_t>;
+  std::vector<std::vector<Cand>> helpful(m), harmful(m);
+  const Index block = std::max<Index>(rows_per_block(n, Shat.cols() + m, sizeof(S), std::size_t(4) << 20), k);
+  RowMatrix<S> scores(block, m), xbuf, Z;
+  // Lexicographic order on (score, index) keeps results deterministic under ties.
+  const auto less = [](const Cand& a, const Cand& b) { return a.first < b.first || (a.first == b.first && a.second < b.second); };
+  const auto greater = [](const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  for (Index start = 0; start < n; start += block) {
+    const Index b = std::min(block, n - start);
+    score_block(X_, residual_, Shat, m, start, b, xbuf, Z, scores.topRows(b));
+#ifdef PYINFLUENCE_HAS_OPENMP
+#pragma omp parallel for schedule(static) if (m * b > 200000)
+#endif
+    for (Index t = 0; t < m; ++t) {
+      auto keep = [&](std::vector<Cand>& best, auto cmp) {
+        for (Index i = 0; i < b; ++i) best.emplace_back(scores(i, t), std::int64_t(start + i));
+        if (Index(best.size()) > k) {
+          std::nth_element(best.begin(), best.begin() + k, best.end(), cmp);
+          best.resize(k);
+        }
+      };
+      keep(helpful[t], less);
+      keep(harmful[t], greater);
+    }
+  }
+  TopK<S> out;
+  out.helpful_idx.resize(m, k);
+  out.harmful_idx.resize(m, k);
+  out.helpful_val.resize(m, k);
+  out.harmful_val.resize(m, k);
+  for (Index t = 0; t < m; ++t) {
+    std::sort(helpful[t].begin(), helpful[t].end(), less);
+    std::sort(harmful[t].begin(), harmful[t].end(), greater);
+    for (Index j = 0; j < k; ++j) {
+      out.helpful_idx(t, j) = helpful[t][j].second;
+      out.helpful_val(t, j) = helpful[t][j].first;
+      out.harmful_idx(t, j) = harmful[t][j].second;
+      out.harmful_val(t, j) = harmful[t][j].first;
+    }
+  }
+  return out;
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
+    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
+  // Notation: c = 1/(n−1), g_i = U_i r_i with U_i = I_K ⊗ x̃_i (p×K), H_i = U_i D_i U_iᵀ.
+  //   ∇R₋ᵢ(θ̂) = v0 − c g_i,        v0 = c Σ_j g_j + l2 P θ̂
+  //   ∇²R₋ᵢ + λI = A − c H_i,       A = (n/(n−1)) H_data + l2 P + λI   (H_data: the data part of H)
+  // Woodbury (push-through form, D may be singular):
+  //   (A − c U D Uᵀ)⁻¹ = A⁻¹ + c A⁻¹U (I − c D UᵀA⁻¹U)⁻¹ D UᵀA⁻¹.
+  // For test directions Q = [e_a ⊗ x̃_t], the score change of test point t is (QᵀΔθ_i),
+  //   QᵀΔθ_i = −QᵀA⁻¹v0 − c V_i (w_i − r_i),  V_i = QᵀA⁻¹U_i,  w_i = (I − c D_i M_i)⁻¹ D_i u_i,
+  //   M_i = U_iᵀA⁻¹U_i,  u_i = U_iᵀA⁻¹v0 − c M_i r_i.
+  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  check_points("_test", X_test, y_test);
+  if (n < 2) throw std::invalid_argument("leave-one-out needs at least 2 training points");
+  for (Index j = 0; j < idx.size(); ++j)
+    if (idx[j] < 0 || idx[j] >= n)
+      throw std::invalid_argument("train index " + std::to_string(idx[j]) + " is out of range for " +
+                                  std::to_string(n) + " training points");
+  const S c = S(1) / S(n - 1);
+  const Index m = X_test.rows();
+  // A and its inverse.
+  ColMatrix<S> A = H_;
+  Vector<S> penalty = Vector<S>::Zero(p);  // diagonal of l2 P
+  for (Index a = 0; a < K; ++a)
+    for (Index j = 0; j < de; ++j)
+      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
+  A.diagonal() -= penalty;
+  A *= S(n) * c;
+  A.diagonal() += penalty;
+  A.diagonal().array() += S(damping_);
+  Eigen::LLT<ColMatrix<S>> lltA(A);
+  if (lltA.info() != Eigen::Success) throw std::domain_error("the leave-one-out Hessian is not positive definite");
+  const ColMatrix<S> Ainv = lltA.solve(ColMatrix<S>::Identity(p, p));
+  // v0 = c Σ_j g_j + l2 P θ̂.
+  RowMatrix<S> xbuf;
+  RowMatrix<S> gsum(K, de);
+  gsum.leftCols(d).noalias() = residual_.transpose() * X_;
+  if (spec_.fit_intercept) gsum.col(d) = residual_.colwise().sum().transpose();
+  Vector<S> v0 = c * Eigen::Map<const Vector<S>>(gsum.data(), p);
+  v0 += penalty.cwiseProduct(Eigen::Map<const Vector<S>>(W_.data(), p));
+  const Vector<S> Ainv_v0 = Ainv * v0;
+  // Test side.
+  RowMatrix<S> test_scores, xtbuf;
+  compute_scores<S>(spec_, X_test, W_, test_scores);
+  Vector<S> test_loss0(m);
+  loss_from_scores<S>(spec_, test_scores, y_test, test_loss0.data());
+  const Eigen::Ref<const RowMatrix<S>> Xtest_t = augmented_rows<S>(spec_, X_test, 0, m, xtbuf);
+  ColMatrix<S> AiQ(p, K * m);  // column a·m + t = A⁻¹ (e_a ⊗ x̃_t)
+  for (Index a = 0; a < K; ++a) AiQ.middleCols(a * m, m).noalias() = Ainv.middleCols(a * de, de) * Xtest_t.transpose();
+  const Vector<S> base = AiQ.transpose() * v0;  // QᵀA⁻¹v0
+  // Ŷ(:, b·Km + col) = AiQ(b-block, col), so (X̃ Ŷ)(i, b·Km + col) = V_i(col, b).
+  ColMatrix<S> Yhat(de, K * K * m);
+  for (Index b = 0; b < K; ++b) Yhat.middleCols(b * K * m, K * m) = AiQ.middleRows(b * de, de);
+  RowMatrix<S> Av0(K, de);  // reshaped A⁻¹v0
+  for (Index a = 0; a < K; ++a) Av0.row(a) = Ainv_v0.segment(a * de, de).transpose();
+  // Gather the requested training rows.
+  const Index k = idx.size();
+  RowMatrix<S> Xk(k, d);
+  for (Index j = 0; j < k; ++j) Xk.row(j) = X_.row(idx[j]);
+  const Eigen::Ref<const RowMatrix<S>> Xk_t = augmented_rows<S>(spec_, Xk, 0, k, xbuf);
+  const RowMatrix<S> Z = Xk_t * Yhat;                 // k × K·K·m
+  const RowMatrix<S> U0 = Xk_t * Av0.transpose();     // u0_i = U_iᵀA⁻¹v0, k × K
+  // M_i(a, b) = x̃_iᵀ A⁻¹[a-block, b-block] x̃_i
+  std::vector<RowMatrix<S>> XA(K * K);
+  for (Index a = 0; a < K; ++a)
+    for (Index b = a; b < K; ++b) XA[a * K + b] = Xk_t * Ainv.block(a * de, b * de, de, de);
+  RowMatrix<S> out(k, m);
+#ifdef PYINFLUENCE_HAS_OPENMP
+#pragma omp parallel for schedule(static) if (k * m * K > 20000)
+#endif
+  for (Index i = 0; i < k; ++i) {
+    const Index row = idx[i];
+    ColMatrix<S> M(K, K), DM(K, K), V(K * m, 1);
+    for (Index a = 0; a < K; ++a)
+      for (Index b = a; b < K; ++b) M(a, b) = M(b, a) = XA[a * K + b].row(i).dot(Xk_t.row(i));
+    const S* r = residual_.row(row).data();
+    const S* cv = curvature_.row(row).data();
+    Vector<S> rv = Eigen::Map<const Vector<S>>(r, K);
+    Vector<S> u = U0.row(i).transpose() - c * (M * rv);
+    Vector<S> Du(K), w(K);
+    apply_curvature(spec_, cv, u.data(), Du.data());
+    for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
+    ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
+    if (K == 1) w[0] = Du[0] / system(0, 0);
+    else w = system.partialPivLu().solve(Du);
+    const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
+    Vector<S> new_scores(K), new_loss(1);
+    RowMatrix<S> sc(1, K);
+    for (Index t = 0; t < m; ++t) {
+      for (Index a = 0; a < K; ++a) {
+        S vc = 0;
+        for (Index b = 0; b < K; ++b) vc += Z(i, b * K * m + a * m + t) * coef[b];
+        sc(0, a) = test_scores(t, a) - base[a * m + t] - c * vc;
+      }
+      S l;
+      loss_from_scores<S>(spec_, sc, y_test.segment(t, 1), &l);
+      out(i, t) = l - test_loss0[t];
+    }
+  }
+  return out;
+}
+
+template <class S>
+Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
+    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
+  // One Newton step from θ̂ on the objective without the group (mean over the remaining points).
+  const Index n = X_.rows(), p = n_params(), m = X_test.rows();
+  check_points("_test", X_test, y_test);
+  Vector<S> weights = Vector<S>::Ones(n);
+  for (Index j = 0; j < idx.size(); ++j) {
+    if (idx[j] < 0 || idx[j] >= n)
+      throw std::invalid_argument("train index " + std::to_string(idx[j]) + " is out of range for " +
+                                  std::to_string(n) + " training points");
+    weights[idx[j]] = S(0);
+  }
+  if (!(weights.sum() > S(0))) throw std::invalid_argument("the group cannot contain every training point");
+  ColMatrix<S> Hg = pyinfluence::hessian<S>(spec_, X_, y_, W_, weights);
+  Hg.diagonal().array() += S(damping_);
+  Eigen::LLT<ColMatrix<S>> llt(Hg);
+  if (llt.info() != Eigen::Success) throw std::domain_error("the leave-group-out Hessian is not positive definite");
+  const ObjectiveValue<S> obj = objective<S>(spec_, X_, y_, W_, weights, true);
+  const Vector<S> step = llt.solve(Eigen::Map<const Vector<S>>(obj.grad.data(), p));
+  const RowMatrix<S> W1 = W_ - Eigen::Map<const RowMatrix<S>>(step.data(), W_.rows(), W_.cols());
+  RowMatrix<S> s0, s1;
+  compute_scores<S>(spec_, X_test, W_, s0);
+  compute_scores<S>(spec_, X_test, W1, s1);
+  Vector<S> l0(m), l1(m);
+  loss_from_scores<S>(spec_, s0, y_test, l0.data());
+  loss_from_scores<S>(spec_, s1, y_test, l1.data());
+  return l1 - l0;
+}
+
+template class LinearInfluenceEngine<float>;
+template class LinearInfluenceEngine<double>;
+
+}  // namespace pyinfluence

@@ -1,0 +1,76 @@
+#include "pyinfluence/newton.hpp"
+
+#include <Eigen/Cholesky>
+#include <cmath>
+#include <limits>
+
+namespace pyinfluence {
+
+template <class S>
+NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                           const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W0,
+                           const Eigen::Ref<const Vector<S>>& weights, double tol, int max_iter) {
+  check_problem<S>(spec, X, y, W0, weights);
+  NewtonResult<S> res;
+  res.W = W0;
+  const Index K = W0.rows(), de = W0.cols(), p = K * de;
+  ObjectiveValue<S> cur = objective<S>(spec, X, y, res.W, weights, true);
+  Eigen::LLT<ColMatrix<S>> llt;
+  const double eps = double(std::numeric_limits<S>::epsilon());
+  for (res.iterations = 0; res.iterations < max_iter; ++res.iterations) {
+    const double gnorm = double(cur.grad.norm());
+    if (!std::isfinite(cur.value) || !std::isfinite(gnorm)) {
+      res.status = Status::NonFinite;
+      break;
+    }
+    if (gnorm <= tol) break;
+    const ColMatrix<S> H = hessian<S>(spec, X, y, res.W, weights);
+    llt.compute(H);
+    if (llt.info() != Eigen::Success) {
+      res.status = Status::NotPositiveDefinite;
+      break;
+    }
+    const Vector<S> g = Eigen::Map<const Vector<S>>(cur.grad.data(), p);
+    const Vector<S> step = llt.solve(g);  // Newton direction is −step
+    const double decrement = double(g.dot(step));  // gᵀ H⁻¹ g ≥ 0
+    double alpha = 1.0;
+    bool accepted = false;
+    ObjectiveValue<S> trial;
+    RowMatrix<S> Wt;
+    for (int ls = 0; ls < 60; ++ls) {
+      Wt = res.W - S(alpha) * Eigen::Map<const RowMatrix<S>>(step.data(), K, de);
+      trial = objective<S>(spec, X, y, Wt, weights, true);
+      const bool armijo = trial.value <= cur.value - 1e-4 * alpha * decrement;
+      // Near the optimum the decrease of R is below rounding; accept steps that do not raise R beyond
+      // rounding and reduce the gradient.
+      const bool rounding_ok = trial.value <= cur.value + 16 * eps * std::abs(cur.value) &&
+                               double(trial.grad.norm()) < gnorm;
+      if (std::isfinite(trial.value) && (armijo || rounding_ok)) {
+        accepted = true;
+        break;
+      }
+      alpha *= 0.5;
+    }
+    if (!accepted) {
+      res.status = Status::NotConverged;  // no acceptable step: precision limit reached
+      break;
+    }
+    res.W = Wt;
+    cur = std::move(trial);
+  }
+  res.grad_norm = double(cur.grad.norm());
+  res.objective = cur.value;
+  if (res.status == Status::Ok && !(res.grad_norm <= tol)) res.status = Status::NotConverged;
+  return res;
+}
+
+template NewtonResult<float> fit_newton<float>(const ModelSpec&, const Eigen::Ref<const RowMatrix<float>>&,
+                                               const Eigen::Ref<const Vector<float>>&,
+                                               const Eigen::Ref<const RowMatrix<float>>&,
+                                               const Eigen::Ref<const Vector<float>>&, double, int);
+template NewtonResult<double> fit_newton<double>(const ModelSpec&, const Eigen::Ref<const RowMatrix<double>>&,
+                                                 const Eigen::Ref<const Vector<double>>&,
+                                                 const Eigen::Ref<const RowMatrix<double>>&,
+                                                 const Eigen::Ref<const Vector<double>>&, double, int);
+
+}  // namespace pyinfluence

@@ -1,0 +1,172 @@
+#include "pyinfluence/objective.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace pyinfluence {
+
+Index rows_per_block(Index n, Index width, std::size_t scalar_size, std::size_t budget_bytes) {
+  const Index per_row = std::max<Index>(1, width) * Index(scalar_size);
+  const Index rows = std::max<Index>(64, Index(budget_bytes) / per_row);
+  return std::max<Index>(1, std::min(n, rows));
+}
+
+template <class S>
+void check_problem(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                   const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                   const Eigen::Ref<const Vector<S>>& weights) {
+  spec.validate();
+  const Index n = X.rows(), d = X.cols();
+  if (n == 0) throw std::invalid_argument("X must have at least one row");
+  if (d == 0) throw std::invalid_argument("X must have at least one column");
+  if (y.size() != n)
+    throw std::invalid_argument("y has " + std::to_string(y.size()) + " entries but X has " + std::to_string(n) + " rows");
+  if (W.rows() != spec.n_outputs || W.cols() != spec.d_eff(d))
+    throw std::invalid_argument("theta must have shape (" + std::to_string(spec.n_outputs) + ", " +
+                                std::to_string(spec.d_eff(d)) + ") for this model and X; got (" +
+                                std::to_string(W.rows()) + ", " + std::to_string(W.cols()) + ")");
+  if (!X.allFinite()) throw std::invalid_argument("X contains NaN or inf");
+  if (!W.allFinite()) throw std::invalid_argument("theta contains NaN or inf");
+  if (weights.size() != 0) {
+    if (weights.size() != n)
+      throw std::invalid_argument("sample_weight has " + std::to_string(weights.size()) + " entries but X has " +
+                                  std::to_string(n) + " rows");
+    if (!weights.allFinite() || (weights.array() < S(0)).any())
+      throw std::invalid_argument("sample_weight must be finite and nonnegative");
+    if (!(weights.sum() > S(0))) throw std::invalid_argument("sample_weight must have a positive sum");
+  }
+}
+
+namespace {
+
+template <class S>
+inline S weight_sum(const Eigen::Ref<const Vector<S>>& weights, Index n) {
+  return weights.size() ? weights.sum() : S(n);
+}
+
+}  // namespace
+
+template <class S>
+ObjectiveValue<S> objective(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                            const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                            const Eigen::Ref<const Vector<S>>& weights, bool with_gradient) {
+  const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d);
+  const bool weighted = weights.size() != 0;
+  ObjectiveValue<S> out;
+  if (with_gradient) out.grad = RowMatrix<S>::Zero(K, de);
+  const Index block = rows_per_block(n, de + 3 * K, sizeof(S));
+  RowMatrix<S> scores, R(block, K), C(block, K), xbuf;
+  Vector<S> loss(block);
+  double total = 0.0;  // accumulate the objective in double even for float32
+  for (Index start = 0; start < n; start += block) {
+    const Index b = std::min(block, n - start);
+    compute_scores<S>(spec, X.middleRows(start, b), W, scores);
+    per_example_from_scores<S>(spec, scores, y.segment(start, b), loss.data(), with_gradient ? R.data() : nullptr,
+                               with_gradient ? C.data() : nullptr);
+    if (weighted) {
+      total += double((loss.head(b).array() * weights.segment(start, b).array()).sum());
+    } else {
+      total += double(loss.head(b).sum());
+    }
+    if (with_gradient) {
+      auto Rb = R.topRows(b);
+      if (weighted) Rb.array().colwise() *= weights.segment(start, b).array();
+      // Σ_i r_i ⊗ x̃_i = Rᵀ X̃ (K×d_eff)
+      out.grad.leftCols(d).noalias() += Rb.transpose() * X.middleRows(start, b);
+      if (spec.fit_intercept) out.grad.col(d) += Rb.colwise().sum().transpose();
+    }
+  }
+  const S wsum = weight_sum<S>(weights, n);
+  out.value = total / double(wsum);
+  double penalty = 0.0;
+  for (Index j = 0; j < de; ++j)
+    if (spec.penalized(j, d)) penalty += double(W.col(j).squaredNorm());
+  out.value += 0.5 * spec.l2 * penalty;
+  if (spec.has_intercept_gauge()) {
+    const double bsum = double(W.col(d).sum());
+    out.value += 0.5 * ModelSpec::intercept_gauge * bsum * bsum;
+  }
+  if (with_gradient) {
+    out.grad /= wsum;
+    for (Index j = 0; j < de; ++j)
+      if (spec.penalized(j, d)) out.grad.col(j) += S(spec.l2) * W.col(j);
+    if (spec.has_intercept_gauge()) out.grad.col(d).array() += S(ModelSpec::intercept_gauge) * W.col(d).sum();
+  }
+  return out;
+}
+
+template <class S>
+ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                          const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                          const Eigen::Ref<const Vector<S>>& weights) {
+  const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
+  const bool weighted = weights.size() != 0;
+  ColMatrix<S> H = ColMatrix<S>::Zero(p, p);
+  const Index block = rows_per_block(n, p + de + 2 * K, sizeof(S));
+  RowMatrix<S> scores, R(block, K), C(block, K), xbuf, B, G;
+  for (Index start = 0; start < n; start += block) {
+    const Index b = std::min(block, n - start);
+    compute_scores<S>(spec, X.middleRows(start, b), W, scores);
+    per_example_from_scores<S>(spec, scores, y.segment(start, b), nullptr, R.data(), C.data());
+    auto Cb = C.topRows(b);
+    if (weighted) Cb.array().colwise() *= weights.segment(start, b).array();
+    const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec, X, start, b, xbuf);
+    if (spec.family != Family::Multinomial) {
+      // Binary: D_i = c_i ≥ 0, so Σ c_i x̃x̃ᵀ = BᵀB with B = diag(√c) X̃  (one SYRK).
+      B = Cb.col(0).array().sqrt().matrix().asDiagonal() * Xt;
+      H.template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
+    } else {
+      // Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃x̃ᵀ = blockdiag_a(X̃ᵀ diag(p_a) X̃) − GᵀG,  G_i = p_i ⊗ x̃_i.
+      // With weights ω, C already holds ω_i p_i; G_i = √ω_i p_i ⊗ x̃_i, so rescale by 1/√ω_i.
+      G.resize(b, p);
+      for (Index i = 0; i < b; ++i) {
+        const S scale = weighted ? (weights[start + i] > S(0) ? S(1) / std::sqrt(weights[start + i]) : S(0)) : S(1);
+        for (Index a = 0; a < K; ++a) G.row(i).segment(a * de, de) = (scale * Cb(i, a)) * Xt.row(i);
+      }
+      H.template selfadjointView<Eigen::Lower>().rankUpdate(G.transpose(), S(-1));
+      for (Index a = 0; a < K; ++a) {
+        B = Cb.col(a).array().sqrt().matrix().asDiagonal() * Xt;
+        H.block(a * de, a * de, de, de).template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
+      }
+    }
+  }
+  H /= weight_sum<S>(weights, n);
+  H.template triangularView<Eigen::StrictlyUpper>() = H.transpose();
+  return H;
+}
+
+template <class S>
+ColMatrix<S> hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                     const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                     const Eigen::Ref<const Vector<S>>& weights) {
+  ColMatrix<S> H = data_hessian<S>(spec, X, y, W, weights);
+  const Index d = X.cols(), de = spec.d_eff(d);
+  for (Index k = 0; k < spec.n_outputs; ++k)
+    for (Index j = 0; j < de; ++j)
+      if (spec.penalized(j, d)) H(k * de + j, k * de + j) += S(spec.l2);
+  if (spec.has_intercept_gauge())
+    for (Index k = 0; k < spec.n_outputs; ++k)
+      for (Index l = 0; l < spec.n_outputs; ++l) H(k * de + d, l * de + d) += S(ModelSpec::intercept_gauge);
+  return H;
+}
+
+#define PYINFLUENCE_INSTANTIATE(S)                                                                                  \
+  template void check_problem<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                           \
+                                 const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,         \
+                                 const Eigen::Ref<const Vector<S>>&);                                               \
+  template ObjectiveValue<S> objective<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                  \
+                                          const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&, \
+                                          const Eigen::Ref<const Vector<S>>&, bool);                                \
+  template ColMatrix<S> data_hessian<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                    \
+                                        const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,   \
+                                        const Eigen::Ref<const Vector<S>>&);                                        \
+  template ColMatrix<S> hessian<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                         \
+                                   const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,        \
+                                   const Eigen::Ref<const Vector<S>>&);
+PYINFLUENCE_INSTANTIATE(float)
+PYINFLUENCE_INSTANTIATE(double)
+#undef PYINFLUENCE_INSTANTIATE
+
+}  // namespace pyinfluence

@@ -1,0 +1,43 @@
+"""pyinfluence: influence functions (Koh & Liang, ICML 2017) — which training points made the model say this.
+
+Signs and scaling follow the paper exactly (H is the Hessian of the *mean* training loss plus (l2/2)||θ||²):
+
+- ``up_params(z)        = -H⁻¹ ∇θ L(z)``                       shape (k, p)
+- ``up_loss(z, z_test)   = -∇θ L(z_test)ᵀ H⁻¹ ∇θ L(z)``          shape (k, m); negative = helpful
+- ``pert_loss(z, z_test) = -∇θ L(z_test)ᵀ H⁻¹ ∇x ∇θ L(z)``       shape (k, m, d)
+- ``loo_change ≈ -(1/n) up_loss``: predicted change of the test loss when z is removed.
+"""
+
+from pyinfluence._blas import preload_scipy_openblas as _preload_scipy_openblas
+
+_preload_scipy_openblas()
+
+from pyinfluence import _core  # noqa: E402
+from pyinfluence.errors import (  # noqa: E402
+    ConvergenceError,
+    NotAtOptimumWarning,
+    NotFittedError,
+    NotPositiveDefiniteError,
+)
+from pyinfluence.linear import LinearInfluence, TopK  # noqa: E402
+from pyinfluence.models import (  # noqa: E402
+    LogisticRegression,
+    RidgeRegression,
+    SmoothHingeSVM,
+    from_sklearn,
+)
+
+__version__ = _core.__version__
+
+__all__ = [
+    "ConvergenceError",
+    "LinearInfluence",
+    "LogisticRegression",
+    "NotAtOptimumWarning",
+    "NotFittedError",
+    "NotPositiveDefiniteError",
+    "RidgeRegression",
+    "SmoothHingeSVM",
+    "TopK",
+    "from_sklearn",
+]

@@ -1,0 +1,52 @@
+"""Exceptions and warnings raised by pyinfluence.
+
+All exceptions subclass a builtin so that generic ``except ValueError`` /
+``except RuntimeError`` handlers keep working:
+
+- :class:`NotPositiveDefiniteError` (``ValueError``): the Hessian ``H + λI`` could not be
+  Cholesky-factorised. The usual cure is damping (``damping=λ > 0``) or more L2 regularisation.
+- :class:`ConvergenceError` (``RuntimeError``): Newton training did not reach its tolerance.
+- :class:`NotFittedError` (``ValueError``, ``AttributeError``): a model was used before ``fit``.
+- :class:`NotAtOptimumWarning` (``UserWarning``): the parameters are not a minimiser of the
+  training objective, so influence values (which assume ``∇R(θ̂) = 0``) are approximate.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PyInfluenceError",
+    "NotPositiveDefiniteError",
+    "ConvergenceError",
+    "NotFittedError",
+    "NotAtOptimumWarning",
+]
+
+
+class PyInfluenceError(Exception):
+    """Base class of every exception raised by pyinfluence itself."""
+
+
+class NotPositiveDefiniteError(PyInfluenceError, ValueError):
+    """``H + λI`` is not (numerically) positive definite: its Cholesky factorisation failed.
+
+    Typical causes: no L2 regularisation together with collinear/duplicated or constant
+    features, more parameters than training points, or a multinomial model with ``l2 = 0``
+    (its softmax parameters are only defined up to a shift). Pass ``damping=λ > 0`` to the
+    influence object (or fit with ``l2 > 0``).
+    """
+
+
+class ConvergenceError(PyInfluenceError, RuntimeError):
+    """Newton's method did not reach the requested gradient tolerance."""
+
+
+class NotFittedError(PyInfluenceError, ValueError, AttributeError):
+    """The model has not been fitted yet (call ``fit(X, y)`` or use ``from_sklearn``)."""
+
+
+class NotAtOptimumWarning(UserWarning):
+    """The model parameters are not at a minimiser of the regularised training objective.
+
+    Influence functions assume ``∇R(θ̂) = 0``; away from the optimum their values are only
+    approximate. Refit (or use ``from_sklearn(..., refine=True)``) to fix it.
+    """

@@ -1,0 +1,396 @@
+"""Exact influence functions for linear models (C++/Eigen core).
+
+Notation (Koh & Liang 2017; signs exactly as in the paper):
+
+    R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖²,   θ̂ = argmin R,   H = ∇²R(θ̂)  (L2 term included)
+
+Every solve uses ``H + λI`` with the damping ``λ`` given to :class:`LinearInfluence`.
+θ is the model's ``theta_`` (K, d_eff) flattened row-major to p = K·d_eff entries.
+
+- ``up_params``  I_up,params(z)        = −(H+λI)⁻¹ ∇θL(z)                         (k, p)
+- ``up_loss``    I_up,loss(z, z_test)  = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)            (k, m)
+- ``pert_loss``  I_pert,loss(z, z_test)= −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)         (k, m, d)
+- ``self_influence``  I_up,loss(z, z)  (≤ 0)                                      (k,)
+- ``loo_change`` L(z_test, θ̂₋z) − L(z_test, θ̂) ≈ −(1/n)·I_up,loss(z, z_test)     (k, m)
+
+``up_*`` are derivatives with respect to the weight ε of upweighting z in
+(1/n)Σ L + ε L(z): removing z is ε = −1/n, hence the −1/n in ``loo_change``.
+A positive ``up_loss`` means upweighting z *raises* the test loss (z is harmful);
+a negative one means it lowers it (z is helpful).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from . import _core
+from ._validation import (
+    as_float_matrix,
+    as_index_array,
+    check_bool,
+    check_damping,
+    check_int,
+    resolve_dtype,
+)
+from .errors import ConvergenceError, NotAtOptimumWarning, NotPositiveDefiniteError
+from .models import _CORE_NPD, OPTIMUM_GRAD_TOL, _LinearModel
+
+__all__ = ["LinearInfluence", "TopK"]
+
+IndexLike = Union[int, ArrayLike, None]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Most helpful and most harmful training points for each of m test points.
+
+    ``helpful_idx``/``helpful_scores`` (m, k): training indices with the most NEGATIVE
+    ``up_loss`` (upweighting them lowers the test loss; removing them raises it), most
+    helpful first. ``harmful_idx``/``harmful_scores`` (m, k): the most POSITIVE ``up_loss``,
+    most harmful first. Scores are ``up_loss`` values, I_up,loss(z, z_test) = −∇θL(z_test)ᵀ
+    (H+λI)⁻¹ ∇θL(z) (no 1/n factor; the predicted leave-one-out change is −score/n).
+    """
+
+    helpful_idx: NDArray[np.int64]
+    helpful_scores: NDArray[np.floating]
+    harmful_idx: NDArray[np.int64]
+    harmful_scores: NDArray[np.floating]
+
+
+class LinearInfluence:
+    """Exact influence functions of a fitted pyinfluence linear model on its training set.
+
+    ``LinearInfluence(model, X_train, y_train, damping=0.0, dtype=None)``
+
+    - ``model``: a fitted :class:`~pyinfluence.LogisticRegression`,
+      :class:`~pyinfluence.SmoothHingeSVM` or :class:`~pyinfluence.RidgeRegression` (use
+      :func:`~pyinfluence.from_sklearn` for scikit-learn estimators). Its ``theta_`` is θ̂.
+    - ``X_train`` (n, d), ``y_train`` (n,): the data the model was fitted on (numpy arrays or
+      CPU torch tensors; labels in the model's original label values).
+    - ``damping`` λ ≥ 0: every solve uses H + λI.
+    - ``dtype``: float32 or float64 for the computation; default: ``X_train``'s dtype if it is
+      float32/float64, else float64.
+
+    H + λI is assembled and Cholesky-factorised once, here; raises
+    :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ValueError) if it is not positive
+    definite (pass ``damping > 0``). Issues :class:`~pyinfluence.errors.NotAtOptimumWarning` if
+    ‖∇R(θ̂)‖ on (X_train, y_train) is not tiny (the model was fitted elsewhere, or loosely).
+
+    Conventions for every method (see the module docstring): signs as in Koh & Liang,
+    ``up_*`` without the 1/n factor, ``loo_change`` with it. Test inputs ``X_test`` are (m, d)
+    with ``y_test`` (m,), or a single point as a 1-D ``x`` (d,) with a scalar ``y`` (then m = 1;
+    the m axis is kept in the output). ``train_idx`` selects k training points: None (all n),
+    an int, an array of ints (negative count from the end) or a boolean mask of length n.
+    """
+
+    def __init__(self, model: _LinearModel, X_train: ArrayLike, y_train: ArrayLike,
+                 damping: float = 0.0, dtype: DTypeLike = None) -> None:
+        if not isinstance(model, _LinearModel):
+            mod = type(model).__module__ or ""
+            hint = (" Convert it with pyinfluence.from_sklearn(estimator, X_train, y_train)."
+                    if mod.startswith("sklearn.") else "")
+            raise TypeError(
+                f"model must be a pyinfluence LogisticRegression, SmoothHingeSVM or "
+                f"RidgeRegression, got {mod}.{type(model).__name__}.{hint}"
+            )
+        model._check_fitted()
+        self._damping = check_damping(damping)
+        X = as_float_matrix("X_train", X_train, None if dtype is None else resolve_dtype(dtype),
+                            n_features=model.n_features_in_)
+        dt = X.dtype
+        n = X.shape[0]
+        y = model._encode("y_train", y_train, dt, n=n)
+        self._model = model
+        self._X = X
+        self._y = y
+        self._n = n
+        self._d = X.shape[1]
+        self._dtype = dt
+        self._theta = np.ascontiguousarray(model.theta_, dtype=dt)
+        self._spec = model._spec(dt)
+        try:
+            self._engine = _core.LinearEngine(self._spec, X, y, self._theta, self._damping)
+        except _CORE_NPD as exc:
+            raise NotPositiveDefiniteError(self._npd_message(str(exc))) from None
+        if not getattr(self._engine, "factorized", True):
+            pivot = getattr(self._engine, "failed_pivot", None)
+            where = f" at pivot {int(pivot)}" if pivot is not None and int(pivot) >= 0 else ""
+            raise NotPositiveDefiniteError(self._npd_message(f"Cholesky factorisation failed{where}"))
+        _, grad = _core.objective(self._spec, X, y, self._theta, None)
+        self.grad_norm_ = float(np.linalg.norm(np.asarray(grad, dtype=np.float64)))
+        limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
+        if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
+            warnings.warn(
+                f"the model's parameters are not at the optimum of the training objective on "
+                f"X_train, y_train (‖∇R(θ̂)‖ = {self.grad_norm_:.3g} > {limit:g}); influence "
+                f"functions assume ∇R(θ̂) = 0, so their values are approximate. Was the model "
+                f"fitted on this exact training set (same order, no sample weights)?",
+                NotAtOptimumWarning,
+                stacklevel=2,
+            )
+
+    def _npd_message(self, reason: str) -> str:
+        m = self._model
+        extra = ""
+        if float(m.l2) == 0.0:
+            extra = (" The model has l2=0, so collinear, duplicated or constant features"
+                     + (" (or the multinomial softmax's shift invariance)" if m.n_outputs_ > 1 else "")
+                     + " make H singular.")
+        reason = reason.split(". Influence needs")[0].rstrip(". ")
+        return (
+            f"the Hessian H + λI ({self.n_params} x {self.n_params}, damping λ = {self._damping:g}) "
+            f"is not positive definite ({reason}).{extra} Pass damping=λ > 0 to LinearInfluence "
+            f"(e.g. damping=1e-3; influence values then approximate the undamped ones), or fit "
+            f"the model with a larger l2."
+        )
+
+    # -- properties --------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        """p = K·d_eff, the number of model parameters."""
+        return int(self._theta.size)
+
+    @property
+    def n_train(self) -> int:
+        """n, the number of training points."""
+        return self._n
+
+    @property
+    def params(self) -> NDArray[np.floating]:
+        """θ̂ flattened row-major, shape (p,) (a copy)."""
+        return self._theta.ravel().copy()
+
+    @property
+    def damping(self) -> float:
+        """λ, added to the Hessian diagonal in every solve."""
+        return self._damping
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The floating-point type of the computation."""
+        return self._dtype
+
+    @property
+    def model(self) -> _LinearModel:
+        """The model whose influence is computed."""
+        return self._model
+
+    def __repr__(self) -> str:
+        return (f"LinearInfluence({type(self._model).__name__}, n_train={self._n}, "
+                f"n_params={self.n_params}, damping={self._damping:g}, dtype={self._dtype})")
+
+    # -- input helpers ------------------------------------------------------------------------------
+    def _test(self, X_test: Any, y_test: Any) -> Tuple[np.ndarray, np.ndarray]:
+        Xt = as_float_matrix("X_test", X_test, self._dtype, allow_1d=True, n_features=self._d)
+        single = np.ndim(X_test) == 1
+        yt = self._model._encode("y_test", y_test, self._dtype, allow_scalar=single)
+        if yt.shape[0] != Xt.shape[0]:
+            if single:
+                raise ValueError(
+                    f"X_test is a single point (1-D) but y_test has {yt.shape[0]} entries; "
+                    f"pass one label (a scalar), or a 2-D X_test for several points"
+                )
+            raise ValueError(
+                f"X_test has {Xt.shape[0]} samples but y_test has {yt.shape[0]}; they must match"
+            )
+        return Xt, yt
+
+    def _idx(self, train_idx: IndexLike, **kw: Any) -> Optional[NDArray[np.int64]]:
+        if train_idx is None:
+            return None
+        return as_index_array("train_idx", train_idx, self._n, **kw)
+
+    def _subset(self, idx: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        if idx is None:
+            return self._X, self._y
+        return np.take(self._X, idx, axis=0), np.take(self._y, idx)
+
+    # -- core quantities ----------------------------------------------------------------------------
+    def hessian(self) -> NDArray[np.floating]:
+        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p)."""
+        return np.asarray(self._engine.hessian())
+
+    def gradients(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """Per-example loss gradients ∇θL(z_i, θ̂) (no 1/n, no L2 term), shape (k, p)."""
+        X, y = self._subset(self._idx(train_idx))
+        if X.shape[0] == 0:
+            return np.empty((0, self.n_params), dtype=self._dtype)
+        return np.asarray(self._engine.gradients(X, y))
+
+    def up_params(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
+
+        Removing z changes θ̂ by ≈ −(1/n)·I_up,params(z) (this method has no 1/n factor).
+        Rows follow ``train_idx`` (default: all n training points).
+        """
+        X, y = self._subset(self._idx(train_idx))
+        if X.shape[0] == 0:
+            return np.empty((0, self.n_params), dtype=self._dtype)
+        return np.asarray(self._engine.up_params(X, y))
+
+    def up_loss(self, X_test: ArrayLike, y_test: ArrayLike,
+                train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
+
+        Entry [i, j]: derivative of test loss j with respect to upweighting training point i.
+        Positive = harmful (upweighting raises the test loss), negative = helpful.
+        No 1/n factor: the predicted leave-one-out change is −up_loss/n (see ``loo_change``).
+        """
+        Xt, yt = self._test(X_test, y_test)
+        idx = self._idx(train_idx)
+        if idx is None:
+            return np.asarray(self._engine.up_loss(Xt, yt, None, None))
+        if idx.size == 0:
+            return np.empty((0, Xt.shape[0]), dtype=self._dtype)
+        X, y = self._subset(idx)
+        return np.asarray(self._engine.up_loss(Xt, yt, X, y))
+
+    def pert_loss(self, X_test: ArrayLike, y_test: ArrayLike,
+                  train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, d).
+
+        Entry [i, j, :]: gradient, with respect to the features x_i of training point i, of the
+        test loss j after upweighting z_i (Koh & Liang §2.2). Moving x_i by a small δ changes
+        test loss j by ≈ (1/n)·pert_loss[i, j]·δ (this method has no 1/n factor).
+        """
+        Xt, yt = self._test(X_test, y_test)
+        idx = self._idx(train_idx)
+        if idx is None:
+            return np.asarray(self._engine.pert_loss(Xt, yt, None, None))
+        if idx.size == 0:
+            return np.empty((0, Xt.shape[0], self._d), dtype=self._dtype)
+        X, y = self._subset(idx)
+        return np.asarray(self._engine.pert_loss(Xt, yt, X, y))
+
+    def self_influence(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
+
+        Large magnitude = the point's own loss depends strongly on it (outliers, mislabelled
+        points). No 1/n factor.
+        """
+        idx = self._idx(train_idx)
+        if idx is None:
+            return np.asarray(self._engine.self_influence(None, None))
+        if idx.size == 0:
+            return np.empty((0,), dtype=self._dtype)
+        X, y = self._subset(idx)
+        return np.asarray(self._engine.self_influence(X, y))
+
+    def loo_change(self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None,
+                   method: str = "influence", group: bool = False) -> NDArray[np.floating]:
+        """Predicted change of the test loss when training points are removed and the model refit:
+        L(z_test, θ̂₋) − L(z_test, θ̂). Positive = removal raises the test loss (helpful point).
+
+        - ``method="influence"``: first order, −(1/n)·up_loss (k, m); with ``group=True`` the
+          points in ``train_idx`` are removed together: −(1/n)·Σ_i up_loss[i] (m,).
+        - ``method="newton"``: one exact Newton step from θ̂ on the leave-out objective
+          R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (Hessian + λI), test loss evaluated
+          exactly at the new θ: shape (k, m), or (m,) with ``group=True``.
+
+        ``train_idx`` default: all n points (one at a time; required with ``group=True``).
+        """
+        if method not in ("influence", "newton"):
+            raise ValueError(f"method must be 'influence' or 'newton', got {method!r}")
+        group = check_bool("group", group)
+        if group:
+            if train_idx is None:
+                raise ValueError("train_idx is required with group=True (the points removed together)")
+            idx = as_index_array("train_idx", train_idx, self._n, unique=True, allow_empty=False)
+            if idx.size >= self._n:
+                raise ValueError(
+                    f"train_idx removes all {self._n} training points; at least one must remain"
+                )
+        else:
+            idx = self._idx(train_idx)
+        if method == "influence":
+            up = self.up_loss(X_test, y_test, idx)
+            up *= -1.0 / self._n
+            return up.sum(axis=0) if group else up
+        Xt, yt = self._test(X_test, y_test)
+        if idx is None:
+            idx = np.arange(self._n, dtype=np.int64)
+        if group:
+            return np.asarray(self._engine.loo_newton_group(Xt, yt, idx))
+        if idx.size == 0:
+            return np.empty((0, Xt.shape[0]), dtype=self._dtype)
+        if self._n < 2:
+            raise ValueError("leave-one-out needs at least 2 training points")
+        return np.asarray(self._engine.loo_newton(Xt, yt, idx))
+
+    def top_k(self, X_test: ArrayLike, y_test: ArrayLike, k: int = 10) -> TopK:
+        """The k most helpful and k most harmful training points for each test point.
+
+        Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first,
+        harmful = most positive first. Returns :class:`TopK` with four (m, k) arrays.
+        ``k`` must be between 1 and n_train.
+        """
+        k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
+        Xt, yt = self._test(X_test, y_test)
+        hi, hv, ri, rv = self._engine.top_k(Xt, yt, k)
+        return TopK(np.asarray(hi, dtype=np.int64), np.asarray(hv),
+                    np.asarray(ri, dtype=np.int64), np.asarray(rv))
+
+    # -- ground truth by retraining ----------------------------------------------------------------
+    def retrain_loo(self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike,
+                    group: bool = False, tol: Optional[float] = None,
+                    max_iter: int = 100) -> NDArray[np.floating]:
+        """Actual change L(z_test, θ̂₋) − L(z_test, θ̂) after removing points and refitting.
+
+        θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no
+        damping), found by Newton's method warm-started from θ̂. One refit per index in
+        ``train_idx`` → shape (k, m); with ``group=True`` the points are removed together → (m,).
+        Cost: one Newton fit per row (n·p² + p³ per iteration); meant for checking the
+        approximations on a few points. Raises ConvergenceError if a refit does not converge.
+        """
+        group = check_bool("group", group)
+        Xt, yt = self._test(X_test, y_test)
+        if train_idx is None:
+            raise ValueError("train_idx is required for retrain_loo (each entry costs a full refit)")
+        idx = as_index_array("train_idx", train_idx, self._n, unique=group, allow_empty=not group)
+        tol = self._model._tol() if tol is None else float(tol)
+        max_iter = check_int("max_iter", max_iter, 1)
+        # Ground truth is computed in float64 whatever the engine's dtype.
+        f64 = np.float64
+        X = self._X if self._dtype == f64 else self._X.astype(f64)
+        y = self._y if self._dtype == f64 else self._y.astype(f64)
+        Xt = Xt if Xt.dtype == f64 else Xt.astype(f64)
+        yt = yt if yt.dtype == f64 else yt.astype(f64)
+        theta0 = np.ascontiguousarray(self._model.theta_, dtype=f64)
+        spec = self._model._spec(f64)
+        base = np.asarray(_core.per_example(spec, Xt, yt, theta0)[0])
+        groups = [idx] if group else [idx[i:i + 1] for i in range(idx.size)]
+        out = np.empty((len(groups), Xt.shape[0]), dtype=f64)
+        w = np.empty(self._n, dtype=f64)
+        for r, g in enumerate(groups):
+            if g.size >= self._n:
+                raise ValueError(
+                    f"train_idx removes all {self._n} training points; at least one must remain"
+                )
+            # Weights n/(n-g) on the kept points: the weighted mean is the mean over the kept
+            # points whether the core normalises by the weight sum or by n.
+            w.fill(self._n / (self._n - g.size))
+            w[g] = 0.0
+            removed = g.tolist()[:10]
+            try:
+                theta, n_iter, gnorm, converged = _core.fit_newton(
+                    spec, X, y, theta0, w, tol, max_iter
+                )
+            except _CORE_NPD as exc:
+                raise ConvergenceError(
+                    f"retrain_loo: refitting without training point(s) {removed} met a Hessian "
+                    f"that is not positive definite; the leave-out objective has no unique "
+                    f"minimiser (fit the model with l2 > 0)"
+                ) from exc
+            if not converged:
+                raise ConvergenceError(
+                    f"retrain_loo: refitting without training point(s) {removed} did not "
+                    f"converge in {n_iter} Newton iterations (gradient norm {gnorm:.3g} > "
+                    f"tol={tol:g}); pass a larger tol"
+                )
+            out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
+        return out[0] if group else out

@@ -1,0 +1,674 @@
+"""Linear models trained to the exact optimum (Newton's method in the C++ core).
+
+Influence functions assume ``∇R(θ̂) = 0``; these estimators minimise
+
+    R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2) ‖P θ‖²
+
+(``P`` masks the intercept unless ``penalize_intercept=True``) with Newton's method to a gradient
+norm of ``tol`` (default 1e-10), starting from zero. Parameters are stored as ``theta_`` of shape
+(K, d_eff): one row per output (K = 1 for binary classification and regression, K = n_classes
+for multinomial), ``d_eff = d + 1`` with the intercept in the LAST column when
+``fit_intercept=True`` (else ``d_eff = d``). The flat parameter vector used by
+:class:`~pyinfluence.LinearInfluence` is ``theta_.ravel()`` (row-major), ``p = K * d_eff``.
+
+``from_sklearn`` converts fitted scikit-learn ``LogisticRegression``, ``Ridge`` and
+``LinearRegression`` estimators, translating their regularisation to ``l2``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from . import _core
+from ._validation import (
+    as_float_matrix,
+    as_float_vector,
+    as_label_array,
+    check_bool,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    resolve_dtype,
+)
+from .errors import ConvergenceError, NotAtOptimumWarning, NotFittedError, NotPositiveDefiniteError
+
+__all__ = ["LogisticRegression", "SmoothHingeSVM", "RidgeRegression", "from_sklearn"]
+
+_DEFAULT_TOL = 1e-10
+# ‖∇R(θ)‖ above which parameters are reported as not being at the optimum.
+OPTIMUM_GRAD_TOL = 1e-6
+
+try:  # the core raises its own class unless it maps onto ours; catch both
+    _CORE_NPD: Tuple[type, ...] = (NotPositiveDefiniteError,) + (
+        (_core.NotPositiveDefiniteError,)
+        if isinstance(getattr(_core, "NotPositiveDefiniteError", None), type)
+        and _core.NotPositiveDefiniteError is not NotPositiveDefiniteError
+        else ()
+    )
+except Exception:  # pragma: no cover
+    _CORE_NPD = (NotPositiveDefiniteError,)
+
+
+def _sigmoid(s: np.ndarray) -> np.ndarray:
+    out = np.empty_like(s)
+    pos = s >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-s[pos]))
+    e = np.exp(s[~pos])
+    out[~pos] = e / (1.0 + e)
+    return out
+
+
+def _softmax(S: np.ndarray) -> np.ndarray:
+    S = S - S.max(axis=1, keepdims=True)
+    np.exp(S, out=S)
+    S /= S.sum(axis=1, keepdims=True)
+    return S
+
+
+class _LinearModel:
+    """Shared machinery of the linear estimators (not public)."""
+
+    _family: str = ""
+    _is_classifier: bool = False
+
+    # -- hyperparameters ---------------------------------------------------------------------
+    def _check_params(self) -> None:
+        check_nonnegative_float("l2", self.l2)
+        check_bool("fit_intercept", self.fit_intercept)
+        check_bool("penalize_intercept", self.penalize_intercept)
+        if self.tol is not None:
+            check_positive_float("tol", self.tol)
+        check_int("max_iter", self.max_iter, 1)
+
+    @property
+    def _temperature(self) -> float:
+        return 1.0
+
+    def get_params(self, deep: bool = True) -> Dict[str, Any]:
+        """Hyperparameters as a dict (scikit-learn convention)."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {k: getattr(self, k) for k in names}
+
+    def set_params(self, **params: Any) -> "_LinearModel":
+        """Set hyperparameters (scikit-learn convention); returns ``self``."""
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}")
+            setattr(self, k, v)
+        self._check_params()
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- fitted state --------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only called for missing attributes: fitted attributes (trailing "_") of an unfitted
+        # model raise NotFittedError (an AttributeError, so hasattr() still answers False).
+        if name.endswith("_") and not name.startswith("__") and "theta_" not in self.__dict__:
+            self._check_fitted()
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _check_fitted(self) -> None:
+        if "theta_" not in self.__dict__:
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(X, y) first "
+                f"(or convert a fitted scikit-learn estimator with pyinfluence.from_sklearn)"
+            )
+
+    @property
+    def n_outputs_(self) -> int:
+        """K, the number of score rows (1 for binary classification and regression)."""
+        self._check_fitted()
+        return int(self.theta_.shape[0])
+
+    @property
+    def coef_(self) -> NDArray[np.float64]:
+        """Weights without the intercept, shape (K, d)."""
+        self._check_fitted()
+        return self.theta_[:, : self.n_features_in_]
+
+    @property
+    def intercept_(self) -> NDArray[np.float64]:
+        """Intercepts, shape (K,) (zeros when ``fit_intercept=False``)."""
+        self._check_fitted()
+        if self.fit_intercept:
+            return self.theta_[:, -1].copy()
+        return np.zeros(self.theta_.shape[0])
+
+    def _spec(self, dtype: DTypeLike = np.float64, n_outputs: Optional[int] = None) -> "_core.ModelSpec":
+        """The ``_core.ModelSpec`` of this model (``dtype`` is accepted for symmetry; specs are
+        dtype-independent)."""
+        if n_outputs is None:
+            n_outputs = self.n_outputs_
+        return _core.ModelSpec(
+            self._core_family(n_outputs),
+            int(n_outputs),
+            bool(self.fit_intercept),
+            bool(self.penalize_intercept),
+            float(self.l2),
+            float(self._temperature),
+        )
+
+    def _core_family(self, n_outputs: int) -> str:
+        return self._family
+
+    # -- labels ----------------------------------------------------------------------------------
+    def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
+        """Validate training labels, set ``classes_`` (classifiers); return (encoded y, K)."""
+        raise NotImplementedError
+
+    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
+                allow_scalar: bool = False) -> NDArray[np.floating]:
+        """Validate labels/targets against the fitted model and encode them for the core."""
+        raise NotImplementedError
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def _tol(self) -> float:
+        return _DEFAULT_TOL if self.tol is None else float(self.tol)
+
+    def fit(self, X: ArrayLike, y: ArrayLike) -> "_LinearModel":
+        """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (l2/2)‖Pθ‖² with Newton's method from θ = 0.
+
+        ``X``: (n, d) numpy array or CPU torch tensor; ``y``: (n,) labels/targets.
+        Raises :class:`~pyinfluence.errors.ConvergenceError` when Newton does not reach ``tol``.
+        Returns ``self``.
+        """
+        self._check_params()
+        X = as_float_matrix("X", X, np.float64)
+        n, d = X.shape
+        for attr in ("theta_", "classes_"):
+            self.__dict__.pop(attr, None)
+        y_enc, K = self._encode_fit(y, n)
+        d_eff = d + 1 if self.fit_intercept else d
+        theta0 = np.zeros((K, d_eff), dtype=np.float64)
+        self.n_features_in_ = d
+        theta, n_iter, grad_norm = self._newton(X, y_enc, theta0, K, what="fit")
+        self.theta_ = theta
+        self.n_iter_ = n_iter
+        self.grad_norm_ = grad_norm
+        return self
+
+    def _newton(self, X: np.ndarray, y_enc: np.ndarray, theta0: np.ndarray, K: int,
+                what: str) -> Tuple[NDArray[np.float64], int, float]:
+        spec = self._spec(np.float64, n_outputs=K)
+        tol = self._tol()
+        try:
+            theta, n_iter, grad_norm, converged = _core.fit_newton(
+                spec, X, y_enc, theta0, None, tol, int(self.max_iter)
+            )
+        except _CORE_NPD as exc:
+            reason = str(exc).split(". Influence needs")[0].rstrip(". ")
+            raise ConvergenceError(
+                f"{type(self).__name__}.{what}: Newton's method stopped: the Hessian of the "
+                f"training objective is not positive definite ({reason}). {self._advice()}"
+            ) from None
+        theta = np.asarray(theta, dtype=np.float64)
+        if not converged or not np.all(np.isfinite(theta)):
+            raise ConvergenceError(
+                f"{type(self).__name__}.{what}: Newton's method did not converge in "
+                f"{n_iter} iterations (gradient norm {grad_norm:.3g} > tol={tol:g}). "
+                f"{self._advice()}"
+            )
+        if self._is_classifier and float(self.l2) == 0.0 and self._separates(X, y_enc, theta):
+            raise ConvergenceError(
+                f"{type(self).__name__}.{what}: the training data are linearly separable, so with "
+                f"l2=0 the loss has no minimiser (it keeps decreasing as the weights grow; Newton "
+                f"stopped at ‖θ‖ = {np.linalg.norm(theta):.3g}). Influence functions need a "
+                f"minimiser: use l2 > 0."
+            )
+        return theta, int(n_iter), float(grad_norm)
+
+    def _separates(self, X: np.ndarray, y_enc: np.ndarray, theta: np.ndarray) -> bool:
+        """True if θ classifies every training point correctly (strictly): then the data are
+        linearly separable and the unregularised classification loss has no minimiser."""
+        d = X.shape[1]
+        S = X @ theta[:, :d].T
+        if theta.shape[1] > d:
+            S += theta[:, d]
+        if S.shape[1] == 1:
+            s = S[:, 0]
+            sign = 2.0 * y_enc - 1.0 if self._core_family(1) == "logistic" else y_enc
+            return bool(np.all(sign * s > 0))
+        yi = y_enc.astype(np.intp)
+        true = S[np.arange(S.shape[0]), yi]
+        S[np.arange(S.shape[0]), yi] = -np.inf
+        return bool(np.all(true > S.max(axis=1)))
+
+    def _advice(self) -> str:
+        tips = []
+        if float(self.l2) == 0.0:
+            if self._is_classifier:
+                tips.append("with l2=0 the training data may be linearly separable, so the loss "
+                            "has no minimiser (the weights grow without bound)")
+            tips.append("collinear, duplicated or constant features make the unregularised "
+                        "objective singular")
+            tips.append("use l2 > 0")
+        tips.append("standardise the features or raise max_iter/tol")
+        return "Hints: " + "; ".join(tips) + "."
+
+    # -- prediction ------------------------------------------------------------------------------
+    def _check_X(self, X: Any, name: str = "X") -> NDArray[np.floating]:
+        self._check_fitted()
+        return as_float_matrix(name, X, np.float64, n_features=self.n_features_in_)
+
+    def _scores(self, X: np.ndarray) -> NDArray[np.float64]:
+        W = self.theta_
+        d = self.n_features_in_
+        S = X @ W[:, :d].T
+        if self.fit_intercept:
+            S += W[:, d]
+        return S
+
+    def loss(self, X: ArrayLike, y: ArrayLike) -> NDArray[np.float64]:
+        """Per-example training loss L(z_i, θ̂) (no regularisation term), shape (n,)."""
+        X = self._check_X(X)
+        y_enc = self._encode("y", y, np.float64, n=X.shape[0])
+        loss, _, _ = _core.per_example(self._spec(np.float64), X, y_enc, self.theta_)
+        return np.asarray(loss)
+
+    def objective(self, X: ArrayLike, y: ArrayLike) -> Tuple[float, NDArray[np.float64]]:
+        """R(θ̂) and its gradient ∇R(θ̂) (shape (K, d_eff)) on the data (X, y)."""
+        X = self._check_X(X)
+        y_enc = self._encode("y", y, np.float64, n=X.shape[0])
+        value, grad = _core.objective(self._spec(np.float64), X, y_enc, self.theta_, None)
+        return float(value), np.asarray(grad)
+
+
+class _BinaryLabelsMixin:
+    """Label handling for classifiers (classes_ sorted as np.unique)."""
+
+    def _fit_classes(self: Any, y: Any, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        a = as_label_array("y", y, n=n)
+        try:
+            classes, inv = np.unique(a, return_inverse=True)
+        except TypeError as exc:
+            raise TypeError(f"y contains labels that cannot be compared with each other: {exc}") from exc
+        if classes.shape[0] < 2:
+            raise ValueError(
+                f"y contains a single class ({classes[0]!r}); a classifier needs at least 2"
+            )
+        self.classes_ = classes
+        return classes, inv.reshape(-1)
+
+    def _class_index(self: Any, name: str, y: Any, n: Optional[int], allow_scalar: bool) -> np.ndarray:
+        self._check_fitted()
+        a = as_label_array(name, y, n=n, allow_scalar=allow_scalar)
+        classes = self.classes_
+        try:
+            idx = np.searchsorted(classes, a)
+            np.minimum(idx, classes.shape[0] - 1, out=idx)
+            ok = np.asarray(classes[idx] == a)
+            good = ok.shape == a.shape and bool(ok.all())
+        except (TypeError, ValueError):
+            good, ok = False, np.zeros(a.shape, dtype=bool)
+        if not good:
+            if ok.shape != a.shape:
+                ok = np.zeros(a.shape, dtype=bool)
+            unseen = list(dict.fromkeys(a[~ok].tolist()))
+            shown = ", ".join(repr(u) for u in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
+            raise ValueError(
+                f"{name} contains label(s) {shown} that are not among the model's classes "
+                f"{classes.tolist()!r}"
+            )
+        return idx
+
+
+class LogisticRegression(_BinaryLabelsMixin, _LinearModel):
+    """L2-regularised logistic regression, binary or multinomial, fitted exactly by Newton.
+
+    Objective: R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖², with
+    binary (2 classes, K = 1): L = log(1 + e^s) − y s, y ∈ {0, 1} (``classes_[1]`` is 1), and
+    multinomial (≥ 3 classes, K = n_classes): L = logsumexp(s) − s_y, full K × d_eff parameters.
+    scikit-learn's ``LogisticRegression(C=c)`` has the same optimum as ``l2 = 1/(c·n)``.
+
+    Attributes after ``fit``: ``classes_``, ``theta_`` (K, d_eff), ``coef_`` (K, d),
+    ``intercept_`` (K,), ``n_features_in_``, ``n_iter_``, ``grad_norm_`` (‖∇R(θ̂)‖).
+    """
+
+    _is_classifier = True
+
+    def __init__(self, l2: float = 1e-3, fit_intercept: bool = True, penalize_intercept: bool = False,
+                 tol: Optional[float] = None, max_iter: int = 100) -> None:
+        self.l2 = l2
+        self.fit_intercept = fit_intercept
+        self.penalize_intercept = penalize_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self._check_params()
+
+    def _core_family(self, n_outputs: int) -> str:
+        return "logistic" if n_outputs == 1 else "multinomial"
+
+    def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
+        classes, inv = self._fit_classes(y, n)
+        K = 1 if classes.shape[0] == 2 else int(classes.shape[0])
+        return inv.astype(np.float64), K
+
+    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
+                allow_scalar: bool = False) -> NDArray[np.floating]:
+        return self._class_index(name, y, n, allow_scalar).astype(dtype)
+
+    def decision_function(self, X: ArrayLike) -> NDArray[np.float64]:
+        """Scores s = W x̃: shape (n,) for binary (log-odds of ``classes_[1]``), (n, K) otherwise."""
+        S = self._scores(self._check_X(X))
+        return S[:, 0] if S.shape[1] == 1 else S
+
+    def predict_proba(self, X: ArrayLike) -> NDArray[np.float64]:
+        """Class probabilities, shape (n, n_classes), columns ordered as ``classes_``."""
+        S = self._scores(self._check_X(X))
+        if S.shape[1] == 1:
+            p = _sigmoid(S[:, 0])
+            return np.column_stack([1.0 - p, p])
+        return _softmax(S)
+
+    def predict_log_proba(self, X: ArrayLike) -> NDArray[np.float64]:
+        """Log of :meth:`predict_proba`, shape (n, n_classes)."""
+        S = self._scores(self._check_X(X))
+        if S.shape[1] == 1:
+            s = S[:, 0]
+            return np.column_stack([-np.logaddexp(0.0, s), -np.logaddexp(0.0, -s)])
+        S = S - S.max(axis=1, keepdims=True)
+        return S - np.log(np.exp(S).sum(axis=1, keepdims=True))
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """Predicted class labels (values from ``classes_``), shape (n,)."""
+        S = self._scores(self._check_X(X))
+        idx = (S[:, 0] > 0).astype(np.intp) if S.shape[1] == 1 else S.argmax(axis=1)
+        return self.classes_[idx]
+
+
+class SmoothHingeSVM(_BinaryLabelsMixin, _LinearModel):
+    """Binary linear SVM with the smooth hinge loss of Koh & Liang (2017), fitted by Newton.
+
+    L = t·log(1 + exp((1 − y s)/t)) with y ∈ {−1, +1} (``classes_[0]`` → −1, ``classes_[1]`` → +1)
+    and temperature t > 0 (t → 0 recovers the hinge loss; small t makes Newton slower).
+    Objective: R(θ) = (1/n) Σ L + (l2/2)‖Pθ‖².
+    """
+
+    _family = "smooth_hinge"
+    _is_classifier = True
+
+    def __init__(self, l2: float = 1e-3, temperature: float = 0.1, fit_intercept: bool = True,
+                 penalize_intercept: bool = False, tol: Optional[float] = None,
+                 max_iter: int = 100) -> None:
+        self.l2 = l2
+        self.temperature = temperature
+        self.fit_intercept = fit_intercept
+        self.penalize_intercept = penalize_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_positive_float("temperature", self.temperature)
+
+    @property
+    def _temperature(self) -> float:
+        return float(self.temperature)
+
+    def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
+        classes, inv = self._fit_classes(y, n)
+        if classes.shape[0] != 2:
+            del self.classes_
+            raise ValueError(
+                f"SmoothHingeSVM is a binary classifier but y has {classes.shape[0]} classes"
+            )
+        return 2.0 * inv - 1.0, 1
+
+    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
+                allow_scalar: bool = False) -> NDArray[np.floating]:
+        idx = self._class_index(name, y, n, allow_scalar)
+        return (2 * idx - 1).astype(dtype)
+
+    def decision_function(self, X: ArrayLike) -> NDArray[np.float64]:
+        """Scores s = w·x + b, shape (n,); positive means ``classes_[1]``."""
+        return self._scores(self._check_X(X))[:, 0]
+
+    def predict(self, X: ArrayLike) -> np.ndarray:
+        """Predicted class labels (values from ``classes_``), shape (n,)."""
+        return self.classes_[(self.decision_function(X) > 0).astype(np.intp)]
+
+
+class RidgeRegression(_LinearModel):
+    """Ridge regression with squared loss L = ½(s − y)², fitted exactly.
+
+    Objective: R(θ) = (1/n) Σ ½(wᵀx_i + b − y_i)² + (l2/2)‖w‖² (intercept unpenalised unless
+    ``penalize_intercept``). scikit-learn's ``Ridge(alpha=a)`` has the same optimum as
+    ``l2 = a/n``; ``LinearRegression`` as ``l2 = 0``.
+
+    Attributes after ``fit``: ``theta_`` (1, d_eff), ``coef_`` (d,), ``intercept_`` (float),
+    ``n_features_in_``, ``n_iter_``, ``grad_norm_``.
+    """
+
+    _family = "squared"
+
+    def __init__(self, l2: float = 1e-3, fit_intercept: bool = True, penalize_intercept: bool = False,
+                 tol: Optional[float] = None, max_iter: int = 100) -> None:
+        self.l2 = l2
+        self.fit_intercept = fit_intercept
+        self.penalize_intercept = penalize_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self._check_params()
+
+    @property
+    def coef_(self) -> NDArray[np.float64]:  # type: ignore[override]
+        """Weights, shape (d,) (as scikit-learn's ``Ridge`` for 1-D targets)."""
+        self._check_fitted()
+        return self.theta_[0, : self.n_features_in_]
+
+    @property
+    def intercept_(self) -> float:  # type: ignore[override]
+        """Intercept (0.0 when ``fit_intercept=False``)."""
+        self._check_fitted()
+        return float(self.theta_[0, -1]) if self.fit_intercept else 0.0
+
+    def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
+        return as_float_vector("y", y, np.float64, n=n), 1
+
+    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
+                allow_scalar: bool = False) -> NDArray[np.floating]:
+        self._check_fitted()
+        return as_float_vector(name, y, dtype, n=n, allow_scalar=allow_scalar)
+
+    def predict(self, X: ArrayLike) -> NDArray[np.float64]:
+        """Predictions wᵀx + b, shape (n,)."""
+        return self._scores(self._check_X(X))[:, 0]
+
+    decision_function = predict
+
+
+# ------------------------------------------------------------------------------------------------
+# scikit-learn conversion
+# ------------------------------------------------------------------------------------------------
+def _sk_fitted(est: Any) -> None:
+    if not hasattr(est, "coef_"):
+        raise NotFittedError(
+            f"the {type(est).__name__} given to from_sklearn is not fitted; call its fit(X, y) first"
+        )
+
+
+def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]:
+    name = type(est).__name__
+    if getattr(est, "class_weight", None) is not None:
+        raise ValueError(
+            f"from_sklearn: {name} with class_weight={est.class_weight!r} is not supported "
+            f"(pyinfluence weights every training point equally); refit with class_weight=None"
+        )
+    C = float(est.C)
+    penalty = getattr(est, "penalty", "l2")
+    l1_ratio = getattr(est, "l1_ratio", None)
+    if penalty == "deprecated":  # scikit-learn >= 1.8: penalty chosen by l1_ratio and C
+        penalty = "l2" if (l1_ratio is None or float(l1_ratio) == 0.0) else "elasticnet"
+    if penalty == "elasticnet" and l1_ratio is not None and float(l1_ratio) == 0.0:
+        penalty = "l2"
+    if penalty in ("none", None) or np.isinf(C):
+        l2 = 0.0
+    elif penalty == "l2":
+        if not C > 0:
+            raise ValueError(f"from_sklearn: {name}.C must be > 0, got {C}")
+        l2 = 1.0 / (C * n)
+    else:
+        raise ValueError(
+            f"from_sklearn: {name} with penalty={penalty!r} (l1_ratio={l1_ratio!r}) is not "
+            f"supported: influence functions need a twice-differentiable objective; use an L2 "
+            f"penalty (l1_ratio=0) or none (C=np.inf)"
+        )
+    classes = np.asarray(est.classes_)
+    n_classes = classes.shape[0]
+    solver = getattr(est, "solver", "lbfgs")
+    multi_class = getattr(est, "multi_class", "auto")
+    if multi_class in (None, "deprecated"):
+        multi_class = "auto"
+    coef = np.asarray(est.coef_, dtype=np.float64)
+    if n_classes > 2 and (multi_class == "ovr" or (multi_class == "auto" and solver == "liblinear")):
+        raise ValueError(
+            f"from_sklearn: {name} with {n_classes} classes was fitted one-vs-rest "
+            f"(multi_class={multi_class!r}, solver={solver!r}), which is {n_classes} separate "
+            f"binary objectives; only the multinomial objective is supported (use solver='lbfgs' "
+            f"or 'newton-cholesky' and multi_class='multinomial'/'auto')"
+        )
+    if n_classes == 2 and multi_class == "multinomial":
+        raise ValueError(
+            f"from_sklearn: binary {name} with multi_class='multinomial' uses a symmetric "
+            f"two-row parametrisation that is not supported; refit with multi_class='auto'"
+        )
+    if n_classes == 2 and coef.shape[0] != 1:
+        raise ValueError(f"from_sklearn: unexpected coef_ shape {coef.shape} for a binary {name}")
+    fit_intercept = bool(est.fit_intercept)
+    penalize_intercept = False
+    if solver == "liblinear" and fit_intercept and l2 > 0:
+        # liblinear appends a constant feature `intercept_scaling` and penalises its weight.
+        if float(getattr(est, "intercept_scaling", 1.0)) != 1.0:
+            raise ValueError(
+                f"from_sklearn: {name}(solver='liblinear', intercept_scaling="
+                f"{est.intercept_scaling!r}) penalises a rescaled intercept, which is not "
+                f"supported; use intercept_scaling=1 or another solver"
+            )
+        penalize_intercept = True
+    model = LogisticRegression(l2=l2, fit_intercept=fit_intercept, penalize_intercept=penalize_intercept)
+    model.classes_ = classes
+    intercept = np.asarray(est.intercept_, dtype=np.float64).reshape(-1)
+    theta = np.hstack([coef, intercept[:, None]]) if fit_intercept else coef.copy()
+    return model, np.ascontiguousarray(theta)
+
+
+def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, np.ndarray]:
+    name = type(est).__name__
+    if getattr(est, "positive", False):
+        raise ValueError(
+            f"from_sklearn: {name}(positive=True) is a constrained fit whose optimum is not a "
+            f"stationary point; influence functions do not apply. Refit with positive=False"
+        )
+    coef = np.asarray(est.coef_, dtype=np.float64)
+    if coef.ndim == 2:
+        if coef.shape[0] != 1:
+            raise ValueError(
+                f"from_sklearn: {name} was fitted on {coef.shape[0]} targets; only a single "
+                f"target (1-D y) is supported"
+            )
+        coef = coef[0]
+    if kind == "ridge":
+        alpha = np.asarray(est.alpha, dtype=np.float64)
+        if alpha.size != 1:
+            raise ValueError(f"from_sklearn: {name} with one alpha per target is not supported")
+        alpha = float(alpha.reshape(()))
+        if alpha < 0:
+            raise ValueError(f"from_sklearn: {name}.alpha must be >= 0, got {alpha}")
+        l2 = alpha / n
+    else:
+        l2 = 0.0
+    fit_intercept = bool(est.fit_intercept)
+    model = RidgeRegression(l2=l2, fit_intercept=fit_intercept)
+    intercept = float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0]) if fit_intercept else None
+    theta = np.append(coef, intercept)[None, :] if fit_intercept else coef[None, :].copy()
+    return model, np.ascontiguousarray(theta)
+
+
+def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True) -> _LinearModel:
+    """Convert a fitted scikit-learn linear model into the equivalent pyinfluence model.
+
+    Supported: ``sklearn.linear_model.LogisticRegression`` (L2 or no penalty; binary, or
+    multinomial for ≥ 3 classes) → :class:`LogisticRegression` with ``l2 = 1/(C·n)`` (``l2 = 0``
+    for ``C=inf``/no penalty; the intercept is unpenalised except with ``solver='liblinear'``);
+    ``Ridge(alpha)`` → :class:`RidgeRegression` with ``l2 = alpha/n``; ``LinearRegression`` →
+    ``RidgeRegression(l2=0)``. ``X, y`` must be the training data the estimator was fitted on
+    (n = len(X)), without sample weights. Refused (ValueError): L1/elastic-net penalties,
+    ``class_weight``, one-vs-rest multiclass, ``positive=True``, multi-target regression.
+
+    scikit-learn stops at a loose tolerance, so its solution is usually not the exact optimum
+    that influence functions assume. The gradient norm ‖∇R‖ of the translated objective is
+    checked; if it exceeds 1e-6 a :class:`~pyinfluence.errors.NotAtOptimumWarning` is issued.
+    With ``refine=True`` (default) Newton's method is then run from scikit-learn's solution
+    until ‖∇R‖ ≤ 1e-10 (so the returned model's coefficients may differ slightly from the
+    estimator's); with ``refine=False`` scikit-learn's parameters are kept as they are.
+    """
+    check_bool("refine", refine)
+    cls = type(estimator).__name__
+    module = type(estimator).__module__ or ""
+    if not module.startswith("sklearn."):
+        if isinstance(estimator, _LinearModel):
+            raise TypeError("from_sklearn: the estimator is already a pyinfluence model")
+        raise TypeError(
+            f"from_sklearn: unsupported estimator {type(estimator).__module__}.{cls}; supported "
+            f"are sklearn.linear_model.LogisticRegression, Ridge and LinearRegression"
+        )
+    if cls not in ("LogisticRegression", "Ridge", "LinearRegression"):
+        hint = ""
+        if cls.endswith("CV"):
+            hint = (f"; refit the plain estimator with the selected hyperparameter "
+                    f"(e.g. LogisticRegression(C=est.C_[0]) or Ridge(alpha=est.alpha_))")
+        raise TypeError(
+            f"from_sklearn: unsupported estimator sklearn {cls}; supported are "
+            f"LogisticRegression, Ridge and LinearRegression{hint}"
+        )
+    _sk_fitted(estimator)
+    Xa = as_float_matrix("X", X, np.float64)
+    n, d = Xa.shape
+    n_in = getattr(estimator, "n_features_in_", None)
+    if n_in is not None and n_in != d:
+        raise ValueError(f"X has {d} features but the {cls} was trained on {n_in}")
+    if cls == "LogisticRegression":
+        model, theta = _from_sk_logistic(estimator, n)
+    else:
+        model, theta = _from_sk_regression(estimator, n, "ridge" if cls == "Ridge" else "ols")
+    if theta.shape[1] != d + (1 if model.fit_intercept else 0):
+        raise ValueError(f"X has {d} features but the {cls} was trained on {theta.shape[1] - model.fit_intercept}")
+    model.n_features_in_ = d
+    model.theta_ = theta
+    y_enc = model._encode("y", y, np.float64, n=n)
+    _, grad = _core.objective(model._spec(np.float64), Xa, y_enc, theta, None)
+    grad_norm = float(np.linalg.norm(grad))
+    model.n_iter_ = 0
+    model.grad_norm_ = grad_norm
+    model.sklearn_grad_norm_ = grad_norm
+    if grad_norm > OPTIMUM_GRAD_TOL:
+        if refine:
+            msg = "refining it with Newton's method (refine=True)"
+        else:
+            msg = ("influence values computed from it are approximate; pass refine=True to "
+                   "polish it with Newton's method")
+        warnings.warn(
+            f"the {cls} solution is not at the optimum of the translated objective "
+            f"(‖∇R(θ)‖ = {grad_norm:.3g} > {OPTIMUM_GRAD_TOL:g}, l2 = {model.l2:.6g}); {msg}",
+            NotAtOptimumWarning,
+            stacklevel=2,
+        )
+    if refine and grad_norm > model._tol():
+        try:
+            theta, n_iter, grad_norm = model._newton(Xa, y_enc, theta, theta.shape[0], what="refine")
+        except ConvergenceError as exc:
+            raise ConvergenceError(f"from_sklearn(refine=True): {exc}") from exc
+        model.theta_ = theta
+        model.n_iter_ = n_iter
+        model.grad_norm_ = grad_norm
+    return model
