@@ -8,11 +8,13 @@ Signs and scaling follow the paper exactly (H is the Hessian of the *mean* train
 - ``loo_change ≈ -(1/n) up_loss``: predicted change of the test loss when z is removed.
 """
 
-from pyinfluence._blas import preload_scipy_openblas as _preload_scipy_openblas
+import numpy as _np  # noqa: F401  (numpy's own BLAS initialises first, under the user's environment)
 
-_preload_scipy_openblas()
+from pyinfluence import _blas
 
-from pyinfluence import _core  # noqa: E402
+with _blas.polite_thread_pools():
+    _blas.preload_scipy_openblas()
+    from pyinfluence import _core
 from pyinfluence.errors import (  # noqa: E402
     ConvergenceError,
     NotAtOptimumWarning,

@@ -64,8 +64,7 @@ def _torch_to_numpy(name: str, X: Any) -> np.ndarray:
     torch = sys.modules["torch"]
     if X.layout != torch.strided:
         raise TypeError(
-            f"{name} is a sparse torch tensor ({X.layout}); pass a dense tensor "
-            f"({name}.to_dense())"
+            f"{name} is a sparse torch tensor ({X.layout}); pass a dense tensor ({name}.to_dense())"
         )
     if X.device.type != "cpu":
         raise TypeError(
@@ -81,7 +80,9 @@ def _torch_to_numpy(name: str, X: Any) -> np.ndarray:
         X = X.resolve_conj().resolve_neg()
         return X.numpy()
     except (TypeError, RuntimeError) as exc:
-        raise TypeError(f"{name}: cannot convert torch tensor of dtype {X.dtype} to numpy: {exc}") from exc
+        raise TypeError(
+            f"{name}: cannot convert torch tensor of dtype {X.dtype} to numpy: {exc}"
+        ) from exc
 
 
 def _to_numpy(name: str, X: Any) -> np.ndarray:
@@ -133,7 +134,7 @@ def _check_finite(name: str, A: np.ndarray) -> None:
             return
     else:
         rows = max(1, _FINITE_BLOCK // max(1, A.size // max(1, A.shape[0])))
-        if all(np.isfinite(A[i:i + rows]).all() for i in range(0, A.shape[0], rows)):
+        if all(np.isfinite(A[i : i + rows]).all() for i in range(0, A.shape[0], rows)):
             return
     bad = np.argwhere(~np.isfinite(A))
     first = tuple(int(i) for i in bad[0])
@@ -176,11 +177,19 @@ def as_float_matrix(
                 f"{name}.reshape(1, -1) for a single sample"
             )
         else:
-            expect = "(n_features,) or (n_samples, n_features)" if allow_1d else "(n_samples, n_features)"
-            raise ValueError(f"{name} must be {'1-D or ' if allow_1d else ''}2-D with shape {expect}, "
-                             f"got {A.ndim}-D array of shape {A.shape}")
+            expect = (
+                "(n_features,) or (n_samples, n_features)"
+                if allow_1d
+                else "(n_samples, n_features)"
+            )
+            raise ValueError(
+                f"{name} must be {'1-D or ' if allow_1d else ''}2-D with shape {expect}, "
+                f"got {A.ndim}-D array of shape {A.shape}"
+            )
     if A.size == 0 and not (allow_empty and A.shape[1] > 0):
-        raise ValueError(f"{name} is empty (shape {A.shape}); at least one sample and one feature are required")
+        raise ValueError(
+            f"{name} is empty (shape {A.shape}); at least one sample and one feature are required"
+        )
     if n_features is not None and A.shape[1] != n_features:
         raise ValueError(
             f"{name} has {A.shape[1]} features but the model was trained on {n_features}"
@@ -267,7 +276,9 @@ def as_label_array(
 def check_n_features(name: str, X: np.ndarray, n_features: int) -> None:
     """Raise ``ValueError`` if ``X.shape[1] != n_features``."""
     if X.shape[1] != n_features:
-        raise ValueError(f"{name} has {X.shape[1]} features but the model was trained on {n_features}")
+        raise ValueError(
+            f"{name} has {X.shape[1]} features but the model was trained on {n_features}"
+        )
 
 
 def check_same_length(name_X: str, X: np.ndarray, name_y: str, y: np.ndarray) -> None:
@@ -314,15 +325,23 @@ def check_damping(damping: Any) -> float:
     return check_nonnegative_float("damping", damping)
 
 
-def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None,
-              *, maximum_what: str = "") -> int:
+def check_int(
+    name: str,
+    value: Any,
+    minimum: Optional[int] = None,
+    maximum: Optional[int] = None,
+    *,
+    maximum_what: str = "",
+) -> int:
     """``value`` as a Python int within [minimum, maximum] (bools are rejected)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got bool {value!r}")
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+        raise TypeError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}"
+        ) from None
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     if maximum is not None and v > maximum:
@@ -387,5 +406,7 @@ def as_index_array(
     if a.dtype != np.int64 or not a.flags.c_contiguous:
         a = np.ascontiguousarray(a, dtype=np.int64)
     if unique and a.size > 1 and np.unique(a).size != a.size:
-        raise ValueError(f"{name} contains repeated indices; each training point can be removed once")
+        raise ValueError(
+            f"{name} contains repeated indices; each training point can be removed once"
+        )
     return a

@@ -71,7 +71,8 @@ class LinearInfluence:
       :class:`~pyinfluence.SmoothHingeSVM` or :class:`~pyinfluence.RidgeRegression` (use
       :func:`~pyinfluence.from_sklearn` for scikit-learn estimators). Its ``theta_`` is θ̂.
     - ``X_train`` (n, d), ``y_train`` (n,): the data the model was fitted on (numpy arrays or
-      CPU torch tensors; labels in the model's original label values).
+      CPU torch tensors; labels in the model's original label values). A C-contiguous
+      float32/float64 ``X_train`` is used in place, not copied: do not modify it afterwards.
     - ``damping`` λ ≥ 0: every solve uses H + λI.
     - ``dtype``: float32 or float64 for the computation; default: ``X_train``'s dtype if it is
       float32/float64, else float64.
@@ -88,20 +89,33 @@ class LinearInfluence:
     an int, an array of ints (negative count from the end) or a boolean mask of length n.
     """
 
-    def __init__(self, model: _LinearModel, X_train: ArrayLike, y_train: ArrayLike,
-                 damping: float = 0.0, dtype: DTypeLike = None) -> None:
+    def __init__(
+        self,
+        model: _LinearModel,
+        X_train: ArrayLike,
+        y_train: ArrayLike,
+        damping: float = 0.0,
+        dtype: DTypeLike = None,
+    ) -> None:
         if not isinstance(model, _LinearModel):
             mod = type(model).__module__ or ""
-            hint = (" Convert it with pyinfluence.from_sklearn(estimator, X_train, y_train)."
-                    if mod.startswith("sklearn.") else "")
+            hint = (
+                " Convert it with pyinfluence.from_sklearn(estimator, X_train, y_train)."
+                if mod.startswith("sklearn.")
+                else ""
+            )
             raise TypeError(
                 f"model must be a pyinfluence LogisticRegression, SmoothHingeSVM or "
                 f"RidgeRegression, got {mod}.{type(model).__name__}.{hint}"
             )
         model._check_fitted()
         self._damping = check_damping(damping)
-        X = as_float_matrix("X_train", X_train, None if dtype is None else resolve_dtype(dtype),
-                            n_features=model.n_features_in_)
+        X = as_float_matrix(
+            "X_train",
+            X_train,
+            None if dtype is None else resolve_dtype(dtype),
+            n_features=model.n_features_in_,
+        )
         dt = X.dtype
         n = X.shape[0]
         y = model._encode("y_train", y_train, dt, n=n)
@@ -120,7 +134,9 @@ class LinearInfluence:
         if not getattr(self._engine, "factorized", True):
             pivot = getattr(self._engine, "failed_pivot", None)
             where = f" at pivot {int(pivot)}" if pivot is not None and int(pivot) >= 0 else ""
-            raise NotPositiveDefiniteError(self._npd_message(f"Cholesky factorisation failed{where}"))
+            raise NotPositiveDefiniteError(
+                self._npd_message(f"Cholesky factorisation failed{where}")
+            )
         _, grad = _core.objective(self._spec, X, y, self._theta, None)
         self.grad_norm_ = float(np.linalg.norm(np.asarray(grad, dtype=np.float64)))
         limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
@@ -138,18 +154,21 @@ class LinearInfluence:
         m = self._model
         extra = ""
         if float(m.l2) == 0.0:
-            extra = (" The model has l2=0, so collinear, duplicated or constant features"
-                     + (" (or the multinomial softmax's shift invariance)" if m.n_outputs_ > 1 else "")
-                     + " make H singular.")
+            extra = (
+                " The model has l2=0, so collinear, duplicated or constant features"
+                + (" (or the multinomial softmax's shift invariance)" if m.n_outputs_ > 1 else "")
+                + " make H singular."
+            )
         reason = reason.split(". Influence needs")[0].rstrip(". ")
         return (
-            f"the Hessian H + λI ({self.n_params} x {self.n_params}, damping λ = {self._damping:g}) "
+            f"the Hessian H + λI ({self.n_params} x {self.n_params}, "
+            f"damping λ = {self._damping:g}) "
             f"is not positive definite ({reason}).{extra} Pass damping=λ > 0 to LinearInfluence "
             f"(e.g. damping=1e-3; influence values then approximate the undamped ones), or fit "
             f"the model with a larger l2."
         )
 
-    # -- properties --------------------------------------------------------------------------------
+    # -- properties ------------------------------------------------------------------------------
     @property
     def n_params(self) -> int:
         """p = K·d_eff, the number of model parameters."""
@@ -181,10 +200,12 @@ class LinearInfluence:
         return self._model
 
     def __repr__(self) -> str:
-        return (f"LinearInfluence({type(self._model).__name__}, n_train={self._n}, "
-                f"n_params={self.n_params}, damping={self._damping:g}, dtype={self._dtype})")
+        return (
+            f"LinearInfluence({type(self._model).__name__}, n_train={self._n}, "
+            f"n_params={self.n_params}, damping={self._damping:g}, dtype={self._dtype})"
+        )
 
-    # -- input helpers ------------------------------------------------------------------------------
+    # -- input helpers ---------------------------------------------------------------------------
     def _test(self, X_test: Any, y_test: Any) -> Tuple[np.ndarray, np.ndarray]:
         Xt = as_float_matrix("X_test", X_test, self._dtype, allow_1d=True, n_features=self._d)
         single = np.ndim(X_test) == 1
@@ -210,9 +231,14 @@ class LinearInfluence:
             return self._X, self._y
         return np.take(self._X, idx, axis=0), np.take(self._y, idx)
 
-    # -- core quantities ----------------------------------------------------------------------------
+    # -- core quantities ---------------------------------------------------------------------
     def hessian(self) -> NDArray[np.floating]:
-        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p)."""
+        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p).
+
+        For multinomial models with an unpenalised intercept, R includes the core's gauge term
+        (γ/2)(Σ_k b_k)², which fixes the softmax's free intercept shift without changing any
+        prediction or influence value.
+        """
         return np.asarray(self._engine.hessian())
 
     def gradients(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
@@ -233,8 +259,9 @@ class LinearInfluence:
             return np.empty((0, self.n_params), dtype=self._dtype)
         return np.asarray(self._engine.up_params(X, y))
 
-    def up_loss(self, X_test: ArrayLike, y_test: ArrayLike,
-                train_idx: IndexLike = None) -> NDArray[np.floating]:
+    def up_loss(
+        self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
+    ) -> NDArray[np.floating]:
         """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
 
         Entry [i, j]: derivative of test loss j with respect to upweighting training point i.
@@ -250,8 +277,9 @@ class LinearInfluence:
         X, y = self._subset(idx)
         return np.asarray(self._engine.up_loss(Xt, yt, X, y))
 
-    def pert_loss(self, X_test: ArrayLike, y_test: ArrayLike,
-                  train_idx: IndexLike = None) -> NDArray[np.floating]:
+    def pert_loss(
+        self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
+    ) -> NDArray[np.floating]:
         """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, d).
 
         Entry [i, j, :]: gradient, with respect to the features x_i of training point i, of the
@@ -281,8 +309,14 @@ class LinearInfluence:
         X, y = self._subset(idx)
         return np.asarray(self._engine.self_influence(X, y))
 
-    def loo_change(self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None,
-                   method: str = "influence", group: bool = False) -> NDArray[np.floating]:
+    def loo_change(
+        self,
+        X_test: ArrayLike,
+        y_test: ArrayLike,
+        train_idx: IndexLike = None,
+        method: str = "influence",
+        group: bool = False,
+    ) -> NDArray[np.floating]:
         """Predicted change of the test loss when training points are removed and the model refit:
         L(z_test, θ̂₋) − L(z_test, θ̂). Positive = removal raises the test loss (helpful point).
 
@@ -299,7 +333,9 @@ class LinearInfluence:
         group = check_bool("group", group)
         if group:
             if train_idx is None:
-                raise ValueError("train_idx is required with group=True (the points removed together)")
+                raise ValueError(
+                    "train_idx is required with group=True (the points removed together)"
+                )
             idx = as_index_array("train_idx", train_idx, self._n, unique=True, allow_empty=False)
             if idx.size >= self._n:
                 raise ValueError(
@@ -326,19 +362,30 @@ class LinearInfluence:
         """The k most helpful and k most harmful training points for each test point.
 
         Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first,
-        harmful = most positive first. Returns :class:`TopK` with four (m, k) arrays.
+        harmful = most positive first. Scores have no 1/n factor (the predicted leave-one-out
+        change of the test loss is −score/n). Returns :class:`TopK` with four (m, k) arrays.
         ``k`` must be between 1 and n_train.
         """
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
         Xt, yt = self._test(X_test, y_test)
         hi, hv, ri, rv = self._engine.top_k(Xt, yt, k)
-        return TopK(np.asarray(hi, dtype=np.int64), np.asarray(hv),
-                    np.asarray(ri, dtype=np.int64), np.asarray(rv))
+        return TopK(
+            np.asarray(hi, dtype=np.int64),
+            np.asarray(hv),
+            np.asarray(ri, dtype=np.int64),
+            np.asarray(rv),
+        )
 
-    # -- ground truth by retraining ----------------------------------------------------------------
-    def retrain_loo(self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike,
-                    group: bool = False, tol: Optional[float] = None,
-                    max_iter: int = 100) -> NDArray[np.floating]:
+    # -- ground truth by retraining -------------------------------------------------------------
+    def retrain_loo(
+        self,
+        X_test: ArrayLike,
+        y_test: ArrayLike,
+        train_idx: IndexLike,
+        group: bool = False,
+        tol: Optional[float] = None,
+        max_iter: int = 100,
+    ) -> NDArray[np.floating]:
         """Actual change L(z_test, θ̂₋) − L(z_test, θ̂) after removing points and refitting.
 
         θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no
@@ -350,7 +397,9 @@ class LinearInfluence:
         group = check_bool("group", group)
         Xt, yt = self._test(X_test, y_test)
         if train_idx is None:
-            raise ValueError("train_idx is required for retrain_loo (each entry costs a full refit)")
+            raise ValueError(
+                "train_idx is required for retrain_loo (each entry costs a full refit)"
+            )
         idx = as_index_array("train_idx", train_idx, self._n, unique=group, allow_empty=not group)
         tol = self._model._tol() if tol is None else float(tol)
         max_iter = check_int("max_iter", max_iter, 1)
@@ -363,7 +412,7 @@ class LinearInfluence:
         theta0 = np.ascontiguousarray(self._model.theta_, dtype=f64)
         spec = self._model._spec(f64)
         base = np.asarray(_core.per_example(spec, Xt, yt, theta0)[0])
-        groups = [idx] if group else [idx[i:i + 1] for i in range(idx.size)]
+        groups = [idx] if group else [idx[i : i + 1] for i in range(idx.size)]
         out = np.empty((len(groups), Xt.shape[0]), dtype=f64)
         w = np.empty(self._n, dtype=f64)
         for r, g in enumerate(groups):
@@ -392,5 +441,13 @@ class LinearInfluence:
                     f"converge in {n_iter} Newton iterations (gradient norm {gnorm:.3g} > "
                     f"tol={tol:g}); pass a larger tol"
                 )
+            # One more Newton step: convergence is quadratic, so this takes θ̂₋ from ‖∇R₋‖ ≈ tol
+            # to rounding level for the price of one iteration (ground truth should be exact).
+            try:
+                polished, _, gnorm2, _ = _core.fit_newton(spec, X, y, theta, w, 0.0, 1)
+                if gnorm2 <= gnorm and np.all(np.isfinite(polished)):
+                    theta = polished
+            except (ValueError, RuntimeError):
+                pass
             out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
         return out[0] if group else out

@@ -33,7 +33,6 @@ from ._validation import (
     check_int,
     check_nonnegative_float,
     check_positive_float,
-    resolve_dtype,
 )
 from .errors import ConvergenceError, NotAtOptimumWarning, NotFittedError, NotPositiveDefiniteError
 
@@ -99,7 +98,9 @@ class _LinearModel:
         valid = self.get_params()
         for k, v in params.items():
             if k not in valid:
-                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}")
+                raise ValueError(
+                    f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}"
+                )
             setattr(self, k, v)
         self._check_params()
         return self
@@ -143,7 +144,9 @@ class _LinearModel:
             return self.theta_[:, -1].copy()
         return np.zeros(self.theta_.shape[0])
 
-    def _spec(self, dtype: DTypeLike = np.float64, n_outputs: Optional[int] = None) -> "_core.ModelSpec":
+    def _spec(
+        self, dtype: DTypeLike = np.float64, n_outputs: Optional[int] = None
+    ) -> "_core.ModelSpec":
         """The ``_core.ModelSpec`` of this model (``dtype`` is accepted for symmetry; specs are
         dtype-independent)."""
         if n_outputs is None:
@@ -165,8 +168,14 @@ class _LinearModel:
         """Validate training labels, set ``classes_`` (classifiers); return (encoded y, K)."""
         raise NotImplementedError
 
-    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
-                allow_scalar: bool = False) -> NDArray[np.floating]:
+    def _encode(
+        self,
+        name: str,
+        y: Any,
+        dtype: DTypeLike,
+        n: Optional[int] = None,
+        allow_scalar: bool = False,
+    ) -> NDArray[np.floating]:
         """Validate labels/targets against the fitted model and encode them for the core."""
         raise NotImplementedError
 
@@ -196,8 +205,9 @@ class _LinearModel:
         self.grad_norm_ = grad_norm
         return self
 
-    def _newton(self, X: np.ndarray, y_enc: np.ndarray, theta0: np.ndarray, K: int,
-                what: str) -> Tuple[NDArray[np.float64], int, float]:
+    def _newton(
+        self, X: np.ndarray, y_enc: np.ndarray, theta0: np.ndarray, K: int, what: str
+    ) -> Tuple[NDArray[np.float64], int, float]:
         spec = self._spec(np.float64, n_outputs=K)
         tol = self._tol()
         try:
@@ -246,10 +256,14 @@ class _LinearModel:
         tips = []
         if float(self.l2) == 0.0:
             if self._is_classifier:
-                tips.append("with l2=0 the training data may be linearly separable, so the loss "
-                            "has no minimiser (the weights grow without bound)")
-            tips.append("collinear, duplicated or constant features make the unregularised "
-                        "objective singular")
+                tips.append(
+                    "with l2=0 the training data may be linearly separable, so the loss "
+                    "has no minimiser (the weights grow without bound)"
+                )
+            tips.append(
+                "collinear, duplicated or constant features make the unregularised "
+                "objective singular"
+            )
             tips.append("use l2 > 0")
         tips.append("standardise the features or raise max_iter/tol")
         return "Hints: " + "; ".join(tips) + "."
@@ -290,7 +304,9 @@ class _BinaryLabelsMixin:
         try:
             classes, inv = np.unique(a, return_inverse=True)
         except TypeError as exc:
-            raise TypeError(f"y contains labels that cannot be compared with each other: {exc}") from exc
+            raise TypeError(
+                f"y contains labels that cannot be compared with each other: {exc}"
+            ) from exc
         if classes.shape[0] < 2:
             raise ValueError(
                 f"y contains a single class ({classes[0]!r}); a classifier needs at least 2"
@@ -298,7 +314,9 @@ class _BinaryLabelsMixin:
         self.classes_ = classes
         return classes, inv.reshape(-1)
 
-    def _class_index(self: Any, name: str, y: Any, n: Optional[int], allow_scalar: bool) -> np.ndarray:
+    def _class_index(
+        self: Any, name: str, y: Any, n: Optional[int], allow_scalar: bool
+    ) -> np.ndarray:
         self._check_fitted()
         a = as_label_array(name, y, n=n, allow_scalar=allow_scalar)
         classes = self.classes_
@@ -335,8 +353,14 @@ class LogisticRegression(_BinaryLabelsMixin, _LinearModel):
 
     _is_classifier = True
 
-    def __init__(self, l2: float = 1e-3, fit_intercept: bool = True, penalize_intercept: bool = False,
-                 tol: Optional[float] = None, max_iter: int = 100) -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        fit_intercept: bool = True,
+        penalize_intercept: bool = False,
+        tol: Optional[float] = None,
+        max_iter: int = 100,
+    ) -> None:
         self.l2 = l2
         self.fit_intercept = fit_intercept
         self.penalize_intercept = penalize_intercept
@@ -352,8 +376,14 @@ class LogisticRegression(_BinaryLabelsMixin, _LinearModel):
         K = 1 if classes.shape[0] == 2 else int(classes.shape[0])
         return inv.astype(np.float64), K
 
-    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
-                allow_scalar: bool = False) -> NDArray[np.floating]:
+    def _encode(
+        self,
+        name: str,
+        y: Any,
+        dtype: DTypeLike,
+        n: Optional[int] = None,
+        allow_scalar: bool = False,
+    ) -> NDArray[np.floating]:
         return self._class_index(name, y, n, allow_scalar).astype(dtype)
 
     def decision_function(self, X: ArrayLike) -> NDArray[np.float64]:
@@ -396,9 +426,15 @@ class SmoothHingeSVM(_BinaryLabelsMixin, _LinearModel):
     _family = "smooth_hinge"
     _is_classifier = True
 
-    def __init__(self, l2: float = 1e-3, temperature: float = 0.1, fit_intercept: bool = True,
-                 penalize_intercept: bool = False, tol: Optional[float] = None,
-                 max_iter: int = 100) -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        temperature: float = 0.1,
+        fit_intercept: bool = True,
+        penalize_intercept: bool = False,
+        tol: Optional[float] = None,
+        max_iter: int = 100,
+    ) -> None:
         self.l2 = l2
         self.temperature = temperature
         self.fit_intercept = fit_intercept
@@ -424,8 +460,14 @@ class SmoothHingeSVM(_BinaryLabelsMixin, _LinearModel):
             )
         return 2.0 * inv - 1.0, 1
 
-    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
-                allow_scalar: bool = False) -> NDArray[np.floating]:
+    def _encode(
+        self,
+        name: str,
+        y: Any,
+        dtype: DTypeLike,
+        n: Optional[int] = None,
+        allow_scalar: bool = False,
+    ) -> NDArray[np.floating]:
         idx = self._class_index(name, y, n, allow_scalar)
         return (2 * idx - 1).astype(dtype)
 
@@ -451,8 +493,14 @@ class RidgeRegression(_LinearModel):
 
     _family = "squared"
 
-    def __init__(self, l2: float = 1e-3, fit_intercept: bool = True, penalize_intercept: bool = False,
-                 tol: Optional[float] = None, max_iter: int = 100) -> None:
+    def __init__(
+        self,
+        l2: float = 1e-3,
+        fit_intercept: bool = True,
+        penalize_intercept: bool = False,
+        tol: Optional[float] = None,
+        max_iter: int = 100,
+    ) -> None:
         self.l2 = l2
         self.fit_intercept = fit_intercept
         self.penalize_intercept = penalize_intercept
@@ -475,8 +523,14 @@ class RidgeRegression(_LinearModel):
     def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
         return as_float_vector("y", y, np.float64, n=n), 1
 
-    def _encode(self, name: str, y: Any, dtype: DTypeLike, n: Optional[int] = None,
-                allow_scalar: bool = False) -> NDArray[np.floating]:
+    def _encode(
+        self,
+        name: str,
+        y: Any,
+        dtype: DTypeLike,
+        n: Optional[int] = None,
+        allow_scalar: bool = False,
+    ) -> NDArray[np.floating]:
         self._check_fitted()
         return as_float_vector(name, y, dtype, n=n, allow_scalar=allow_scalar)
 
@@ -493,7 +547,8 @@ class RidgeRegression(_LinearModel):
 def _sk_fitted(est: Any) -> None:
     if not hasattr(est, "coef_"):
         raise NotFittedError(
-            f"the {type(est).__name__} given to from_sklearn is not fitted; call its fit(X, y) first"
+            f"the {type(est).__name__} given to from_sklearn is not fitted; "
+            f"call its fit(X, y) first"
         )
 
 
@@ -530,7 +585,9 @@ def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]
     if multi_class in (None, "deprecated"):
         multi_class = "auto"
     coef = np.asarray(est.coef_, dtype=np.float64)
-    if n_classes > 2 and (multi_class == "ovr" or (multi_class == "auto" and solver == "liblinear")):
+    if n_classes > 2 and (
+        multi_class == "ovr" or (multi_class == "auto" and solver == "liblinear")
+    ):
         raise ValueError(
             f"from_sklearn: {name} with {n_classes} classes was fitted one-vs-rest "
             f"(multi_class={multi_class!r}, solver={solver!r}), which is {n_classes} separate "
@@ -555,9 +612,14 @@ def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]
                 f"supported; use intercept_scaling=1 or another solver"
             )
         penalize_intercept = True
-    model = LogisticRegression(l2=l2, fit_intercept=fit_intercept, penalize_intercept=penalize_intercept)
+    model = LogisticRegression(
+        l2=l2, fit_intercept=fit_intercept, penalize_intercept=penalize_intercept
+    )
     model.classes_ = classes
     intercept = np.asarray(est.intercept_, dtype=np.float64).reshape(-1)
+    if n_classes > 2 and fit_intercept and not penalize_intercept:
+        # Softmax intercepts are defined up to a common shift; the core fixes Σ_k b_k = 0.
+        intercept = intercept - intercept.mean()
     theta = np.hstack([coef, intercept[:, None]]) if fit_intercept else coef.copy()
     return model, np.ascontiguousarray(theta)
 
@@ -589,7 +651,11 @@ def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, n
         l2 = 0.0
     fit_intercept = bool(est.fit_intercept)
     model = RidgeRegression(l2=l2, fit_intercept=fit_intercept)
-    intercept = float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0]) if fit_intercept else None
+    intercept = (
+        float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0])
+        if fit_intercept
+        else None
+    )
     theta = np.append(coef, intercept)[None, :] if fit_intercept else coef[None, :].copy()
     return model, np.ascontiguousarray(theta)
 
@@ -625,8 +691,10 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
     if cls not in ("LogisticRegression", "Ridge", "LinearRegression"):
         hint = ""
         if cls.endswith("CV"):
-            hint = (f"; refit the plain estimator with the selected hyperparameter "
-                    f"(e.g. LogisticRegression(C=est.C_[0]) or Ridge(alpha=est.alpha_))")
+            hint = (
+                "; refit the plain estimator with the selected hyperparameter "
+                "(e.g. LogisticRegression(C=est.C_[0]) or Ridge(alpha=est.alpha_))"
+            )
         raise TypeError(
             f"from_sklearn: unsupported estimator sklearn {cls}; supported are "
             f"LogisticRegression, Ridge and LinearRegression{hint}"
@@ -642,7 +710,10 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
     else:
         model, theta = _from_sk_regression(estimator, n, "ridge" if cls == "Ridge" else "ols")
     if theta.shape[1] != d + (1 if model.fit_intercept else 0):
-        raise ValueError(f"X has {d} features but the {cls} was trained on {theta.shape[1] - model.fit_intercept}")
+        raise ValueError(
+            f"X has {d} features but the {cls} was trained on "
+            f"{theta.shape[1] - model.fit_intercept}"
+        )
     model.n_features_in_ = d
     model.theta_ = theta
     y_enc = model._encode("y", y, np.float64, n=n)
@@ -655,8 +726,10 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
         if refine:
             msg = "refining it with Newton's method (refine=True)"
         else:
-            msg = ("influence values computed from it are approximate; pass refine=True to "
-                   "polish it with Newton's method")
+            msg = (
+                "influence values computed from it are approximate; pass refine=True to "
+                "polish it with Newton's method"
+            )
         warnings.warn(
             f"the {cls} solution is not at the optimum of the translated objective "
             f"(‖∇R(θ)‖ = {grad_norm:.3g} > {OPTIMUM_GRAD_TOL:g}, l2 = {model.l2:.6g}); {msg}",
@@ -665,7 +738,9 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
         )
     if refine and grad_norm > model._tol():
         try:
-            theta, n_iter, grad_norm = model._newton(Xa, y_enc, theta, theta.shape[0], what="refine")
+            theta, n_iter, grad_norm = model._newton(
+                Xa, y_enc, theta, theta.shape[0], what="refine"
+            )
         except ConvergenceError as exc:
             raise ConvergenceError(f"from_sklearn(refine=True): {exc}") from exc
         model.theta_ = theta

@@ -35,6 +35,7 @@ Signatures (spec = Spec(...); X (n, d); y (n,); theta (K, d_eff) or (p,); idx = 
     self_influence(spec, X, y, theta, idx=None, damping=0.0)                   -> (k,)
     pert_loss(spec, X, y, theta, X_test, y_test, idx=None, damping=0.0)        -> (k, m, d)
     loo_influence(spec, X, y, theta, X_test, y_test, idx=None, damping=0.0)    -> (k, m) = −(1/n) up_loss
+    loo_newton_steps(spec, X, y, theta, idx, damping=0.0, group=False) -> (k, p) (or (p,)): the Δθ below
     loo_newton(spec, X, y, theta, X_test, y_test, idx, damping=0.0, group=False)
         -> (k, m) (or (m,) with group=True: idx removed together): one exact Newton step from θ
            on R₋ᵢ (mean over the remaining points, same l2; Hessian + λI), evaluated exactly on the
@@ -430,11 +431,10 @@ def _test_loss_change(spec, Xt, yt, theta_new, theta):
     return losses(spec, Xt, yt, theta_new) - losses(spec, Xt, yt, theta)
 
 
-def loo_newton(spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.0,
-               group: bool = False) -> np.ndarray:
+def loo_newton_steps(spec: Spec, X, y, theta, idx, damping: float = 0.0, group: bool = False) -> np.ndarray:
+    """The Newton steps Δθ = −(∇²R₋ᵢ(θ) + λI)⁻¹ ∇R₋ᵢ(θ): (k, p), or (p,) with group=True."""
     X = np.asarray(X, np.float64)
     y = np.asarray(y, np.float64)
-    Xt, yt = _test_arrays(X_test, y_test)
     i = _as_idx(idx, len(X))
     th = np.asarray(theta, np.float64).reshape(-1)
     sets = [i] if group else [[j] for j in i]
@@ -443,10 +443,19 @@ def loo_newton(spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.
         keep = np.setdiff1d(np.arange(len(X)), rem)
         g = objective_grad(spec, X[keep], y[keep], th)
         H = hessian(spec, X[keep], y[keep], th)
-        delta = -solve_damped(H, g, damping)
-        out.append(_test_loss_change(spec, Xt, yt, th + delta, th))
+        out.append(-solve_damped(H, g, damping))
     out = np.array(out)
     return out[0] if group else out
+
+
+def loo_newton(spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.0,
+               group: bool = False) -> np.ndarray:
+    Xt, yt = _test_arrays(X_test, y_test)
+    th = np.asarray(theta, np.float64).reshape(-1)
+    steps = loo_newton_steps(spec, X, y, th, idx, damping, group)
+    if group:
+        return _test_loss_change(spec, Xt, yt, th + steps, th)
+    return np.array([_test_loss_change(spec, Xt, yt, th + dl, th) for dl in steps])
 
 
 def retrain_loo(spec: Spec, X, y, theta, X_test, y_test, idx, group: bool = False,

@@ -345,16 +345,43 @@ def test_loo_change_influence(case, dtype, damping):
                  "loo_change influence (group)")
 
 
+def _newton_float32_slack(case, dtype, damping, group):
+    """Error any float32 algorithm incurs on L(z_test, θ̂+Δθ) − L(z_test, θ̂): Δθ comes from a float32
+    solve with relative error ~ κ(H+λI)·ε₃₂, which moves the test loss by ‖∇θL(z_test)‖·‖δΔθ‖. When
+    the loss change is much smaller than ‖∇θL(z_test)‖·‖Δθ‖ (it can be, by cancellation), that bound,
+    not 1e-4·max|ΔL|, is what float32 can deliver. Elementwise (k, m) (or (m,)); zero in float64."""
+    if dtype == np.float64:
+        return 0.0
+    X, y, Xt, yt = f64(*problem(case, dtype))
+    th = theta_hat(case, dtype)
+    idx = GROUP_IDX if group else LOO_IDX
+    steps = np.atleast_2d(ref.loo_newton_steps(case.spec, X, y, th, idx, damping, group))
+    H = reference(case, dtype, damping, "hessian") + damping * np.eye(len(th))
+    kappa = np.linalg.cond(H)
+    gt = np.linalg.norm(ref.per_example_grads(case.spec, Xt, yt, th), axis=1)  # (m,)
+    slack = 10 * np.finfo(np.float32).eps * kappa * np.outer(np.linalg.norm(steps, axis=1), gt)
+    return slack[0] if group else slack
+
+
 @pytest.mark.parametrize("case,dtype,damping", INFLUENCE_PARAMS)
 def test_loo_change_newton(case, dtype, damping):
     inf = influence(case, dtype, damping)
     _, _, Xt, yt = problem(case, dtype)
     tol = TOL[dtype]
-    assert_close(inf.loo_change(Xt, yt, LOO_IDX, method="newton"),
-                 reference(case, dtype, damping, "loo_newton"), tol, "loo_change(method='newton')")
-    assert_close(inf.loo_change(Xt, yt, GROUP_IDX, method="newton", group=True),
-                 reference(case, dtype, damping, "loo_newton_group"), tol,
-                 "loo_change(method='newton', group=True)")
+    for group, key in [(False, "loo_newton"), (True, "loo_newton_group")]:
+        what = f"loo_change(method='newton', group={group})"
+        got = inf.loo_change(Xt, yt, GROUP_IDX if group else LOO_IDX, method="newton", group=group)
+        want = reference(case, dtype, damping, key)
+        slack = _newton_float32_slack(case, dtype, damping, group)
+        if dtype == np.float64:
+            assert_close(got, want, tol, what)
+        else:
+            got = np.asarray(got, np.float64)
+            assert got.shape == want.shape, what
+            excess = np.abs(got - want) - tol * np.abs(want).max() - slack
+            assert excess.max() <= 0, (
+                f"{what}: |got − want| exceeds 1e-4·max|want| + float32 solve bound by {excess.max():.3e} "
+                f"(max|want| = {np.abs(want).max():.3e}, max|got − want| = {np.abs(got - want).max():.3e})")
 
 
 @pytest.mark.parametrize("case,dtype,damping", INFLUENCE_PARAMS)
@@ -385,10 +412,17 @@ def test_retrain_loo(case, dtype):
     X, y, Xt, yt = problem(case, dtype)
     inf = influence(case, dtype, DAMP if case.singular else 0.0)
     tol = TOL[dtype]
-    assert_close(inf.retrain_loo(Xt, yt, RETRAIN_IDX), reference(case, dtype, 0.0, "retrain"), tol,
-                 "retrain_loo vs reference retraining")
-    assert_close(inf.retrain_loo(Xt, yt, GROUP_IDX, group=True), reference(case, dtype, 0.0, "retrain_group"),
-                 tol, "retrain_loo(group=True) vs reference retraining")
+    # Refits stop at ‖∇R₋‖ ≤ tol, i.e. ‖θ − θ̂₋‖ ≲ tol/λ_min(H): with the default tol = 1e-10 and
+    # λ_min ≈ l2 = 0.01 that alone allows ~1e-8 relative error, so ask for tol = 1e-12 here and check
+    # the default tol at the accuracy it promises.
+    want = reference(case, dtype, 0.0, "retrain")
+    want_g = reference(case, dtype, 0.0, "retrain_group")
+    assert_close(inf.retrain_loo(Xt, yt, RETRAIN_IDX, tol=1e-12), want, tol,
+                 "retrain_loo(tol=1e-12) vs reference retraining")
+    assert_close(inf.retrain_loo(Xt, yt, GROUP_IDX, group=True, tol=1e-12), want_g, tol,
+                 "retrain_loo(group=True, tol=1e-12) vs reference retraining")
+    assert_close(inf.retrain_loo(Xt, yt, RETRAIN_IDX), want, max(tol, 1e-6),
+                 "retrain_loo (default tol) vs reference retraining")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ LinearInfluence with random shapes/dtypes/values.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -76,7 +77,9 @@ def test_float_matrix_keeps_float_dtype_without_copy(dtype):
     assert out is X
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.longdouble])
+@pytest.mark.parametrize(
+    "dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.longdouble]
+)
 def test_float_matrix_converts_others_to_float64(dtype):
     X = np.ones((3, 2), dtype=dtype)
     out = as_float_matrix("X", X)
@@ -132,9 +135,21 @@ def test_float_matrix_refuses_non_cpu_tensor():
 @pytest.mark.parametrize(
     "bad, exc, pattern",
     [
-        (np.array([[1.0, np.nan], [0.0, 1.0]]), ValueError, r"X_train contains NaN.*row 0, column 1"),
-        (np.array([[1.0, 0.0], [np.inf, 1.0]]), ValueError, r"X_train contains NaN or infinity.*infinity at row 1"),
-        (np.array([[1.0, 0.0], [-np.inf, 1.0]], dtype=np.float32), ValueError, "X_train contains NaN"),
+        (
+            np.array([[1.0, np.nan], [0.0, 1.0]]),
+            ValueError,
+            r"X_train contains NaN.*row 0, column 1",
+        ),
+        (
+            np.array([[1.0, 0.0], [np.inf, 1.0]]),
+            ValueError,
+            r"X_train contains NaN or infinity.*infinity at row 1",
+        ),
+        (
+            np.array([[1.0, 0.0], [-np.inf, 1.0]], dtype=np.float32),
+            ValueError,
+            "X_train contains NaN",
+        ),
         (np.ones(3), ValueError, r"X_train must be a 2-D array.*1-D"),
         (np.ones((2, 2, 2)), ValueError, r"X_train must be .*2-D.*3-D"),
         (np.float64(1.0), ValueError, r"X_train must be .*2-D.*0-D"),
@@ -211,7 +226,9 @@ def test_scalars():
         with pytest.raises(TypeError, match="damping"):
             check_damping(bad)
     assert check_int("k", np.int64(3), 1, 5) == 3
-    with pytest.raises(ValueError, match=r"k must be <= 5 \(the number of training points\), got 6"):
+    with pytest.raises(
+        ValueError, match=r"k must be <= 5 \(the number of training points\), got 6"
+    ):
         check_int("k", 6, 1, 5, maximum_what="the number of training points")
     with pytest.raises(TypeError, match="k must be an integer"):
         check_int("k", 2.0, 1, 5)
@@ -234,7 +251,9 @@ def test_index_array():
         as_index_array("train_idx", [True, False], 10)
     with pytest.raises(TypeError, match="train_idx must be an integer index.*bool"):
         as_index_array("train_idx", True, 10)
-    with pytest.raises(TypeError, match="train_idx must contain integer indices, got dtype float64"):
+    with pytest.raises(
+        TypeError, match="train_idx must contain integer indices, got dtype float64"
+    ):
         as_index_array("train_idx", [1.0, 2.0], 10)
     with pytest.raises(ValueError, match="train_idx must be 1-D"):
         as_index_array("train_idx", [[1, 2]], 10)
@@ -255,7 +274,11 @@ def test_index_array():
         (lambda: pi.LogisticRegression(l2="big"), "l2 must be a real number", TypeError),
         (lambda: pi.LogisticRegression(max_iter=0), "max_iter must be >= 1", ValueError),
         (lambda: pi.LogisticRegression(tol=0.0), "tol must be > 0", ValueError),
-        (lambda: pi.LogisticRegression(fit_intercept="yes"), "fit_intercept must be True or False", TypeError),
+        (
+            lambda: pi.LogisticRegression(fit_intercept="yes"),
+            "fit_intercept must be True or False",
+            TypeError,
+        ),
         (lambda: pi.SmoothHingeSVM(temperature=0.0), "temperature must be > 0", ValueError),
         (lambda: pi.RidgeRegression(l2=-0.5), "l2 must be >= 0", ValueError),
     ],
@@ -278,7 +301,9 @@ def test_fit_rejects_bad_data():
     Xn[3, 2] = np.nan
     with pytest.raises(ValueError, match="X contains NaN"):
         m.fit(Xn, y)
-    with pytest.raises(ValueError, match="SmoothHingeSVM is a binary classifier but y has 3 classes"):
+    with pytest.raises(
+        ValueError, match="SmoothHingeSVM is a binary classifier but y has 3 classes"
+    ):
         pi.SmoothHingeSVM().fit(X, np.arange(40) % 3)
     with pytest.raises(ValueError, match="y must be a 1-D array"):
         pi.RidgeRegression().fit(X, np.ones((40, 2)))
@@ -301,7 +326,9 @@ def test_predict_checks_features_and_labels(binary):
     X, y, model, _ = binary
     with pytest.raises(ValueError, match="X has 4 features but the model was trained on 5"):
         model.predict(X[:, :4])
-    with pytest.raises(ValueError, match=r"y contains label\(s\) 7 that are not among the model's classes \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"y contains label\(s\) 7 that are not among the model's classes \[0, 1\]"
+    ):
         model.loss(X[:2], [0, 7])
 
 
@@ -313,7 +340,9 @@ def test_singular_fit_without_penalty_is_convergence_error():
         pi.RidgeRegression(l2=0.0).fit(X, y)
 
 
-@pytest.mark.parametrize("make", [lambda: pi.LogisticRegression(l2=0.0), lambda: pi.SmoothHingeSVM(l2=0.0)])
+@pytest.mark.parametrize(
+    "make", [lambda: pi.LogisticRegression(l2=0.0), lambda: pi.SmoothHingeSVM(l2=0.0)]
+)
 def test_separable_classification_without_penalty(make):
     X = np.r_[np.linspace(-3, -1, 10), np.linspace(1, 3, 10)][:, None]
     y = (X[:, 0] > 0).astype(int)
@@ -384,7 +413,9 @@ def test_not_positive_definite_mentions_damping():
     y = X[:, :3] @ np.array([1.0, 2.0, -1.0]) + 0.1 * rng.standard_normal(25)
     model = _ols_from_sklearn(X, y)
     assert model.l2 == 0.0
-    with pytest.raises(NotPositiveDefiniteError, match=r"not positive definite.*damping=λ > 0") as info:
+    with pytest.raises(
+        NotPositiveDefiniteError, match=r"not positive definite.*damping=λ > 0"
+    ) as info:
         pi.LinearInfluence(model, X, y)
     assert isinstance(info.value, ValueError)
     assert "l2=0" in str(info.value)
@@ -451,7 +482,9 @@ def test_query_argument_errors(binary):
         inf.up_params(train_idx=[0.5])
     with pytest.raises(ValueError, match="train_idx is a boolean array of length 3"):
         inf.self_influence(train_idx=[True, False, True])
-    with pytest.raises(ValueError, match=r"k must be <= 40 \(the number of training points\), got 41"):
+    with pytest.raises(
+        ValueError, match=r"k must be <= 40 \(the number of training points\), got 41"
+    ):
         inf.top_k(X[:2], y[:2], k=n + 1)
     with pytest.raises(ValueError, match="k must be >= 1"):
         inf.top_k(X[:2], y[:2], k=0)
@@ -518,7 +551,14 @@ def arrays(draw, max_dims=3, max_side=5):
 
 
 _families = st.sampled_from(
-    [("logistic", 1), ("multinomial", 3), ("smooth_hinge", 1), ("squared", 1), ("multinomial", 1), ("bogus", 1)]
+    [
+        ("logistic", 1),
+        ("multinomial", 3),
+        ("smooth_hinge", 1),
+        ("squared", 1),
+        ("multinomial", 1),
+        ("bogus", 1),
+    ]
 )
 
 
@@ -545,7 +585,9 @@ def _spec_or_none(kw):
 @st.composite
 def valid_problem(draw):
     """Mostly well-formed inputs with one perturbed argument, to reach deep into the kernels."""
-    family, K = draw(st.sampled_from([("logistic", 1), ("multinomial", 3), ("smooth_hinge", 1), ("squared", 1)]))
+    family, K = draw(
+        st.sampled_from([("logistic", 1), ("multinomial", 3), ("smooth_hinge", 1), ("squared", 1)])
+    )
     fit_intercept = draw(st.booleans())
     n = draw(st.integers(1, 6))
     d = draw(st.integers(1, 4))
@@ -576,7 +618,14 @@ def _try(fn, *a):
         return None
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# PYINFLUENCE_FUZZ_EXAMPLES=5000 for a long, randomised run (default: 150, derandomised).
+_N_FUZZ = int(os.environ.get("PYINFLUENCE_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(
+    max_examples=_N_FUZZ,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize="PYINFLUENCE_FUZZ_EXAMPLES" not in os.environ,
+)
 
 
 @FUZZ
@@ -593,8 +642,13 @@ def test_fuzz_core_functions_random(kw, X, y, theta, w):
 
 
 @FUZZ
-@given(problem=valid_problem(), other=arrays(), k=st.integers(-2, 8), w=st.one_of(st.none(), arrays(max_dims=1)),
-       damping=st.sampled_from([0.0, 1e-3, -1.0, np.nan, np.inf]))
+@given(
+    problem=valid_problem(),
+    other=arrays(),
+    k=st.integers(-2, 8),
+    w=st.one_of(st.none(), arrays(max_dims=1)),
+    damping=st.sampled_from([0.0, 1e-3, -1.0, np.nan, np.inf]),
+)
 def test_fuzz_core_near_valid(problem, other, k, w, damping):
     spec, a = problem
     X, y, theta = a["X"], a["y"], a["theta"]
@@ -605,7 +659,11 @@ def test_fuzz_core_near_valid(problem, other, k, w, damping):
     eng = _try(_core.LinearEngine, spec, X, y, theta, damping)
     if eng is None:
         return
-    idx = np.asarray(other).astype(np.int64, copy=False) if other.dtype.kind in "iu" else np.array([k], dtype=np.int64)
+    idx = (
+        np.asarray(other).astype(np.int64, copy=False)
+        if other.dtype.kind in "iu"
+        else np.array([k], dtype=np.int64)
+    )
     for call in (
         lambda: eng.hessian(),
         lambda: eng.gradients(X, y),
@@ -630,9 +688,13 @@ def test_fuzz_core_near_valid(problem, other, k, w, damping):
 
 
 @FUZZ
-@given(X_test=arrays(max_dims=3, max_side=6), y_test=arrays(max_dims=2, max_side=6),
-       idx=st.one_of(st.none(), st.integers(-50, 50), arrays(max_dims=2)), k=st.integers(-1, 50),
-       which=st.sampled_from(["binary", "multi", "ridge"]))
+@given(
+    X_test=arrays(max_dims=3, max_side=6),
+    y_test=arrays(max_dims=2, max_side=6),
+    idx=st.one_of(st.none(), st.integers(-50, 50), arrays(max_dims=2)),
+    k=st.integers(-1, 50),
+    which=st.sampled_from(["binary", "multi", "ridge"]),
+)
 def test_fuzz_linear_influence(binary, multi, ridge, X_test, y_test, idx, k, which):
     _, _, _, inf = {"binary": binary, "multi": multi, "ridge": ridge}[which]
     with np.errstate(all="ignore"):
@@ -657,10 +719,17 @@ def test_fuzz_linear_influence(binary, multi, ridge, X_test, y_test, idx, k, whi
 
 
 @FUZZ
-@given(X=arrays(max_dims=3, max_side=6), y=arrays(max_dims=2, max_side=6),
-       est=st.sampled_from(["logistic", "svm", "ridge"]))
+@given(
+    X=arrays(max_dims=3, max_side=6),
+    y=arrays(max_dims=2, max_side=6),
+    est=st.sampled_from(["logistic", "svm", "ridge"]),
+)
 def test_fuzz_estimators(X, y, est):
-    model = {"logistic": pi.LogisticRegression(), "svm": pi.SmoothHingeSVM(), "ridge": pi.RidgeRegression()}[est]
+    model = {
+        "logistic": pi.LogisticRegression(),
+        "svm": pi.SmoothHingeSVM(),
+        "ridge": pi.RidgeRegression(),
+    }[est]
     try:
         model.fit(X, y)
     except CLEAN:

@@ -2,6 +2,7 @@
 
 #include <Eigen/LU>
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -31,14 +32,29 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eig
   per_example_from_scores<S>(spec_, scores, y_, nullptr, residual_.data(), curvature_.data());
   H_ = pyinfluence::hessian<S>(spec_, X_, y_, W_, no_weights<S>());
   ColMatrix<S> A = H_;
+  // Undamped, the multinomial intercept gauge makes H invertible (pseudo-inverse answers, families.hpp);
+  // damped, H + λI is already positive definite along that direction and we solve it as it is.
+  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), A);
   A.diagonal().array() += S(damping_);
+  const S max_diag = A.diagonal().cwiseAbs().maxCoeff();
   llt_.compute(A);
+  const auto& L = llt_.matrixLLT();
   if (llt_.info() != Eigen::Success) {
     status_ = Status::NotPositiveDefinite;
     // Locate the first failing pivot for the error message: the first leading minor that is not PD.
-    const auto& L = llt_.matrixLLT();
     for (Index j = 0; j < L.rows(); ++j)
       if (!(L(j, j) > S(0)) || !std::isfinite(double(L(j, j)))) { failed_pivot_ = j; break; }
+  } else {
+    // Cholesky "succeeds" on a singular matrix when rounding leaves a tiny positive pivot (e.g. duplicated
+    // features with l2 = 0); such a factor yields meaningless solves. Treat a pivot L_jj² below
+    // p·ε·max_j A_jj as numerically singular.
+    const S threshold = S(A.rows()) * std::numeric_limits<S>::epsilon() * max_diag;
+    Index j_min;
+    const S min_pivot = L.diagonal().minCoeff(&j_min);
+    if (!(min_pivot * min_pivot > threshold)) {
+      status_ = Status::NotPositiveDefinite;
+      failed_pivot_ = j_min;
+    }
   }
 }
 
@@ -108,11 +124,12 @@ ColMatrix<S> LinearInfluenceEngine<S>::reshape_for_contraction(const ColMatrix<S
 template <class S>
 void LinearInfluenceEngine<S>::score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
                                            const ColMatrix<S>& Shat, Index m, Index start, Index rows,
-                                           RowMatrix<S>& xbuf, RowMatrix<S>& Z, Eigen::Ref<RowMatrix<S>> out) const {
-  const Index K = spec_.n_outputs;
-  const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec_, X, start, rows, xbuf);
+                                           RowMatrix<S>& Z, Eigen::Ref<RowMatrix<S>> out) const {
+  const Index K = spec_.n_outputs, d = X.cols();
   Z.resize(rows, K * m);
-  Z.noalias() = Xt * Shat;  // Z(i, a·m + t) = x̃_i · S_t[a, :]
+  // Z(i, a·m + t) = x̃_i · S_t[a, :]; the intercept's constant feature is added as a row, not copied into X.
+  Z.noalias() = X.middleRows(start, rows) * Shat.topRows(d);
+  if (spec_.fit_intercept) Z.rowwise() += Shat.row(d);
   // up_loss(i, t) = −Σ_a r_ia Z(i, a·m + t)
   out = -(R.col(0).segment(start, rows).asDiagonal() * Z.leftCols(m));
   for (Index a = 1; a < K; ++a) out.noalias() -= R.col(a).segment(start, rows).asDiagonal() * Z.middleCols(a * m, m);
@@ -137,11 +154,11 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<
   RowMatrix<S> scores, R(k, K), C(k, K);
   compute_scores<S>(spec_, X, W_, scores);
   per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
-  RowMatrix<S> out(k, m), xbuf, Z;
+  RowMatrix<S> out(k, m), Z;
   const Index block = rows_per_block(k, Shat.cols() + Shat.rows(), sizeof(S));
   for (Index start = 0; start < k; start += block) {
     const Index b = std::min(block, k - start);
-    score_block(X, R, Shat, m, start, b, xbuf, Z, out.middleRows(start, b));
+    score_block(X, R, Shat, m, start, b, Z, out.middleRows(start, b));
   }
   return out;
 }
@@ -151,11 +168,11 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const Eigen::Ref<const RowM
                                                      const Eigen::Ref<const Vector<S>>& y_test) const {
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
   const Index n = X_.rows(), m = X_test.rows();
-  RowMatrix<S> out(n, m), xbuf, Z;
+  RowMatrix<S> out(n, m), Z;
   const Index block = rows_per_block(n, Shat.cols() + Shat.rows(), sizeof(S));
   for (Index start = 0; start < n; start += block) {
     const Index b = std::min(block, n - start);
-    score_block(X_, residual_, Shat, m, start, b, xbuf, Z, out.middleRows(start, b));
+    score_block(X_, residual_, Shat, m, start, b, Z, out.middleRows(start, b));
   }
   return out;
 }
@@ -231,13 +248,13 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   using Cand = std::pair<S, std::int64_t>;
   std::vector<std::vector<Cand>> helpful(m), harmful(m);
   const Index block = std::max<Index>(rows_per_block(n, Shat.cols() + m, sizeof(S), std::size_t(4) << 20), k);
-  RowMatrix<S> scores(block, m), xbuf, Z;
+  RowMatrix<S> scores(block, m), Z;
   // Lexicographic order on (score, index) keeps results deterministic under ties.
   const auto less = [](const Cand& a, const Cand& b) { return a.first < b.first || (a.first == b.first && a.second < b.second); };
   const auto greater = [](const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   for (Index start = 0; start < n; start += block) {
     const Index b = std::min(block, n - start);
-    score_block(X_, residual_, Shat, m, start, b, xbuf, Z, scores.topRows(b));
+    score_block(X_, residual_, Shat, m, start, b, Z, scores.topRows(b));
 #ifdef PYINFLUENCE_HAS_OPENMP
 #pragma omp parallel for schedule(static) if (m * b > 200000)
 #endif
@@ -302,6 +319,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
   A *= S(n) * c;
   A.diagonal() += penalty;
   A.diagonal().array() += S(damping_);
+  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, d, A);
   Eigen::LLT<ColMatrix<S>> lltA(A);
   if (lltA.info() != Eigen::Success) throw std::domain_error("the leave-one-out Hessian is not positive definite");
   const ColMatrix<S> Ainv = lltA.solve(ColMatrix<S>::Identity(p, p));
@@ -391,6 +409,7 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
   if (!(weights.sum() > S(0))) throw std::invalid_argument("the group cannot contain every training point");
   ColMatrix<S> Hg = pyinfluence::hessian<S>(spec_, X_, y_, W_, weights);
   Hg.diagonal().array() += S(damping_);
+  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), Hg);
   Eigen::LLT<ColMatrix<S>> llt(Hg);
   if (llt.info() != Eigen::Success) throw std::domain_error("the leave-group-out Hessian is not positive definite");
   const ObjectiveValue<S> obj = objective<S>(spec_, X_, y_, W_, weights, true);

@@ -14,7 +14,13 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
   NewtonResult<S> res;
   res.W = W0;
   const Index K = W0.rows(), de = W0.cols(), p = K * de;
-  ObjectiveValue<S> cur = objective<S>(spec, X, y, res.W, weights, true);
+  // The trainer minimises R plus the intercept gauge (zero at its optimum Σ_k b_k = 0), see families.hpp.
+  const auto gauged_objective = [&](const RowMatrix<S>& W) {
+    ObjectiveValue<S> v = objective<S>(spec, X, y, W, weights, true);
+    add_intercept_gauge<S>(spec, W, v);
+    return v;
+  };
+  ObjectiveValue<S> cur = gauged_objective(res.W);
   Eigen::LLT<ColMatrix<S>> llt;
   const double eps = double(std::numeric_limits<S>::epsilon());
   for (res.iterations = 0; res.iterations < max_iter; ++res.iterations) {
@@ -24,7 +30,8 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
       break;
     }
     if (gnorm <= tol) break;
-    const ColMatrix<S> H = hessian<S>(spec, X, y, res.W, weights);
+    ColMatrix<S> H = hessian<S>(spec, X, y, res.W, weights);
+    add_intercept_gauge<S>(spec, X.cols(), H);
     llt.compute(H);
     if (llt.info() != Eigen::Success) {
       res.status = Status::NotPositiveDefinite;
@@ -39,7 +46,7 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
     RowMatrix<S> Wt;
     for (int ls = 0; ls < 60; ++ls) {
       Wt = res.W - S(alpha) * Eigen::Map<const RowMatrix<S>>(step.data(), K, de);
-      trial = objective<S>(spec, X, y, Wt, weights, true);
+      trial = gauged_objective(Wt);
       const bool armijo = trial.value <= cur.value - 1e-4 * alpha * decrement;
       // Near the optimum the decrease of R is below rounding; accept steps that do not raise R beyond
       // rounding and reduce the gradient.
@@ -58,9 +65,11 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
     res.W = Wt;
     cur = std::move(trial);
   }
-  res.grad_norm = double(cur.grad.norm());
-  res.objective = cur.value;
-  if (res.status == Status::Ok && !(res.grad_norm <= tol)) res.status = Status::NotConverged;
+  // Report ‖∇R‖ and R themselves (without the gauge).
+  const ObjectiveValue<S> plain = objective<S>(spec, X, y, res.W, weights, true);
+  res.grad_norm = double(plain.grad.norm());
+  res.objective = plain.value;
+  if (res.status == Status::Ok && !(double(cur.grad.norm()) <= tol)) res.status = Status::NotConverged;
   return res;
 }
 

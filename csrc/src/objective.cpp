@@ -84,15 +84,10 @@ ObjectiveValue<S> objective(const ModelSpec& spec, const Eigen::Ref<const RowMat
   for (Index j = 0; j < de; ++j)
     if (spec.penalized(j, d)) penalty += double(W.col(j).squaredNorm());
   out.value += 0.5 * spec.l2 * penalty;
-  if (spec.has_intercept_gauge()) {
-    const double bsum = double(W.col(d).sum());
-    out.value += 0.5 * ModelSpec::intercept_gauge * bsum * bsum;
-  }
   if (with_gradient) {
     out.grad /= wsum;
     for (Index j = 0; j < de; ++j)
       if (spec.penalized(j, d)) out.grad.col(j) += S(spec.l2) * W.col(j);
-    if (spec.has_intercept_gauge()) out.grad.col(d).array() += S(ModelSpec::intercept_gauge) * W.col(d).sum();
   }
   return out;
 }
@@ -146,13 +141,29 @@ ColMatrix<S> hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>
   for (Index k = 0; k < spec.n_outputs; ++k)
     for (Index j = 0; j < de; ++j)
       if (spec.penalized(j, d)) H(k * de + j, k * de + j) += S(spec.l2);
-  if (spec.has_intercept_gauge())
-    for (Index k = 0; k < spec.n_outputs; ++k)
-      for (Index l = 0; l < spec.n_outputs; ++l) H(k * de + d, l * de + d) += S(ModelSpec::intercept_gauge);
   return H;
 }
 
+template <class S>
+void add_intercept_gauge(const ModelSpec& spec, Index d, ColMatrix<S>& H) {
+  if (!spec.has_intercept_gauge()) return;
+  const Index de = spec.d_eff(d);
+  for (Index k = 0; k < spec.n_outputs; ++k)
+    for (Index l = 0; l < spec.n_outputs; ++l) H(k * de + d, l * de + d) += S(ModelSpec::intercept_gauge);
+}
+
+template <class S>
+void add_intercept_gauge(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& W, ObjectiveValue<S>& obj) {
+  if (!spec.has_intercept_gauge()) return;
+  const Index d = W.cols() - 1;
+  const S bsum = W.col(d).sum();
+  obj.value += 0.5 * ModelSpec::intercept_gauge * double(bsum) * double(bsum);
+  if (obj.grad.size()) obj.grad.col(d).array() += S(ModelSpec::intercept_gauge) * bsum;
+}
+
 #define PYINFLUENCE_INSTANTIATE(S)                                                                                  \
+  template void add_intercept_gauge<S>(const ModelSpec&, Index, ColMatrix<S>&);                                      \
+  template void add_intercept_gauge<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&, ObjectiveValue<S>&); \
   template void check_problem<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                           \
                                  const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,         \
                                  const Eigen::Ref<const Vector<S>>&);                                               \

@@ -32,7 +32,8 @@ struct TopK {
 template <class S>
 class LinearInfluenceEngine {
  public:
-  // Factorises H + λI. Throws std::invalid_argument on bad shapes/values. If the factorisation fails,
+  // Factorises H + λI (undamped multinomial models with an unpenalised intercept: plus the gauge of
+  // families.hpp, so solves return the pseudo-inverse answer along the softmax shift direction). Throws std::invalid_argument on bad shapes/values. If the factorisation fails,
   // status() is NotPositiveDefinite and every query throws std::domain_error (the binding maps it).
   LinearInfluenceEngine(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X_train,
                         const Eigen::Ref<const Vector<S>>& y_train, const Eigen::Ref<const RowMatrix<S>>& W,
@@ -86,7 +87,7 @@ class LinearInfluenceEngine {
   ColMatrix<S> reshape_for_contraction(const ColMatrix<S>& Sm) const;
   // Scores block: out(i, t) = −Σ_k r_ik (X̃_i · Ŝ(:, k·m+t)) for rows [start, start+rows) of (X, R).
   void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
-                   Index m, Index start, Index rows, RowMatrix<S>& xbuf, RowMatrix<S>& Z,
+                   Index m, Index start, Index rows, RowMatrix<S>& Z,
                    Eigen::Ref<RowMatrix<S>> out) const;
 
   ModelSpec spec_;

@@ -38,8 +38,9 @@ struct ModelSpec {
   Index n_params(Index d) const { return n_outputs * d_eff(d); }
   // Multinomial softmax is invariant to adding one constant to every class's score, so with an unpenalised
   // intercept R is flat along b → b + c·1 and H is singular. We fix this gauge with the extra term
-  // (γ/2)(Σ_k b_k)², γ = intercept_gauge: it changes no prediction and no loss, and because every gradient
-  // is orthogonal to that direction (Σ_k r_k = 0), (H + γ·11ᵀ)⁻¹ g = H⁺ g: influence is unchanged.
+  // (γ/2)(Σ_k b_k)², γ = intercept_gauge, inside the solvers only (Newton trainer, factorisations; the reported
+  // R, ∇R and H exclude it). It changes no prediction and no loss, and because every gradient is orthogonal
+  // to that direction (Σ_k r_k = 0), (H + γ·uuᵀ)⁻¹ g = H⁺ g: influence equals the pseudo-inverse answer.
   static constexpr double intercept_gauge = 1.0;
   bool has_intercept_gauge() const { return family == Family::Multinomial && fit_intercept && !penalize_intercept; }
   // Whether parameter column j (of d_eff) is penalised by l2.

@@ -5,8 +5,8 @@
 //   ∇R    = Σ_i ω_i r_i ⊗ x̃_i / Σ ω + l2 P θ
 //   ∇²R   = Σ_i ω_i D_i ⊗ x̃_i x̃_iᵀ / Σ ω + l2 P
 //
-// P is the diagonal mask of penalised parameters (the intercept is unpenalised unless asked). The multinomial
-// family with an unpenalised intercept adds the gauge term (γ/2)(Σ_k b_k)² (see ModelSpec::intercept_gauge).
+// P is the diagonal mask of penalised parameters (the intercept is unpenalised unless asked).
+// objective() and hessian() are exactly R, ∇R, ∇²R; solvers add the intercept gauge of ModelSpec themselves.
 // The Hessian is assembled in blocks of rows as symmetric rank-b updates (SYRK), so memory does not grow
 // with n and only the lower triangle is computed; for the multinomial family
 //   Σ_i D_i ⊗ x̃x̃ᵀ = blockdiag_a(X̃ᵀ diag(p_a) X̃) − Gᵀ G,   G_i = p_i ⊗ x̃_i,
@@ -40,6 +40,13 @@ template <class S>
 ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
                           const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
                           const Eigen::Ref<const Vector<S>>& weights);
+
+// The internal gauge term (γ/2)(Σ_k b_k)² of ModelSpec::intercept_gauge (no-op unless has_intercept_gauge()):
+// added to a Hessian before factorising, or to an objective value and gradient inside the Newton trainer.
+template <class S>
+void add_intercept_gauge(const ModelSpec& spec, Index d, ColMatrix<S>& H);
+template <class S>
+void add_intercept_gauge(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& W, ObjectiveValue<S>& obj);
 
 // Checks shapes and values of (X, y, W, weights) against the spec; throws std::invalid_argument.
 template <class S>

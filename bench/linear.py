@@ -1,0 +1,739 @@
+#!/usr/bin/env python
+"""Benchmark: pyinfluence's exact linear-model influence (C++/Eigen core) against hand-written numpy.
+
+Both implementations run side by side in ONE process, interleaved (each repeat runs every implementation of a
+step once, alternating the order), and we report medians. See bench/README.md for what each number means.
+
+    python bench/linear.py                       # full run (a few minutes), writes bench/RESULTS.md
+    python bench/linear.py --quick --out /tmp/r.md   # smoke run (< 30 s)
+    python bench/linear.py --tasks digits --dtypes float64
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import os
+import platform
+import re
+import sys
+import time
+import tracemalloc
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import numpy_baseline as nb  # noqa: E402
+
+TOPK = 10
+L2 = 1e-3
+M_TEST = 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def interleaved(impls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, np.ndarray]:
+    """Run every implementation once per repeat, alternating the order; return the per-repeat seconds.
+
+    The garbage collector is off while timing; each result is dropped before the next call starts.
+    """
+    names = list(impls)
+    for _ in range(warmup):
+        for nm in names:
+            out = impls[nm]()
+            del out
+    times: Dict[str, List[float]] = {nm: [] for nm in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            for nm in order:
+                t0 = _now()
+                out = impls[nm]()
+                t1 = _now()
+                del out
+                times[nm].append(t1 - t0)
+    finally:
+        gc.enable()
+    return {nm: np.asarray(v) for nm, v in times.items()}
+
+
+def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) -> Dict[str, np.ndarray]:
+    """Per-call seconds of small calls: `rounds` rounds of calls/rounds back-to-back calls each, interleaved."""
+    names = list(impls)
+    per_round = max(1, calls // rounds)
+    for nm in names:  # warm up
+        for _ in range(min(per_round, 20)):
+            impls[nm]()
+    out: Dict[str, List[float]] = {nm: [] for nm in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for nm in order:
+                f = impls[nm]
+                t0 = _now()
+                for _ in range(per_round):
+                    f()
+                out[nm].append((_now() - t0) / per_round)
+    finally:
+        gc.enable()
+    return {nm: np.asarray(v) for nm, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory
+
+_LIBC = None
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+def hwm_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def rss_peak_delta(fn: Callable[[], object]) -> int:
+    """Bytes by which the process's resident peak (VmHWM) rose above its resident size during fn().
+
+    Frees cached heap first (gc + malloc_trim), resets the high-water mark (echo 5 > /proc/self/clear_refs),
+    then reads VmHWM after the call. Counts every allocation (C++, BLAS buffers, numpy), and the result.
+    """
+    gc.collect()
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM")
+    del out
+    return max(0, peak - base) * 1024
+
+
+def tracemalloc_peak(fn: Callable[[], object]) -> int:
+    """Peak bytes traced by tracemalloc during fn() (numpy registers its data buffers; BLAS workspaces are not)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        out = fn()
+        _, peak = tracemalloc.get_traced_memory()
+        del out
+    finally:
+        tracemalloc.stop()
+    return max(0, peak - base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine
+
+def machine_description(pyinfluence, core) -> Dict[str, str]:
+    info: Dict[str, str] = {}
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            txt = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", txt, re.M)
+        if m:
+            cpu = m.group(1).strip()
+        flags = re.search(r"^flags\s*:\s*(.+)$", txt, re.M)
+        if flags:
+            fl = set(flags.group(1).split())
+            cpu += " (" + ", ".join(x for x in ("avx2", "fma", "avx512f") if x in fl) + ")"
+    except OSError:
+        pass
+    info["CPU"] = cpu
+    try:
+        aff = len(os.sched_getaffinity(0))
+    except AttributeError:
+        aff = os.cpu_count()
+    info["cores"] = f"{os.cpu_count()} logical, {aff} usable by this process"
+    try:
+        with open("/proc/meminfo") as f:
+            mt = re.search(r"MemTotal:\s+(\d+)", f.read())
+        info["memory"] = f"{int(mt.group(1)) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["python"] = platform.python_version()
+    import scipy
+    info["numpy"] = np.__version__
+    info["scipy"] = scipy.__version__
+    try:
+        import torch
+        info["torch"] = torch.__version__ + f" (intra-op threads {torch.get_num_threads()})"
+    except ImportError:
+        info["torch"] = "not installed"
+    info["pyinfluence"] = getattr(pyinfluence, "__version__", "?")
+    info["pyinfluence._core.blas"] = str(getattr(core, "blas", "?"))
+    info["pyinfluence._core.has_openmp"] = str(getattr(core, "has_openmp", "?"))
+    if hasattr(core, "max_threads"):
+        info["pyinfluence._core.max_threads()"] = str(core.max_threads())
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [f"{p['internal_api']} {p.get('version') or ''} {os.path.basename(p['filepath'])} "
+                 f"({p['num_threads']} threads)" for p in threadpool_info()]
+        info["thread pools loaded"] = "; ".join(pools)
+    except ImportError:
+        pass
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                      "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    info["thread env"] = ", ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"
+    return info
+
+
+def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarray]:
+    """numpy matmul GFLOP/s on n×n matrices, one entry per repeat."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for dt in dtypes:
+        A = rng.standard_normal((n, n)).astype(dt)
+        B = rng.standard_normal((n, n)).astype(dt)
+        ts = interleaved({"gemm": lambda: A @ B}, repeats)["gemm"]
+        out[dt] = 2 * n**3 / ts / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# tasks
+
+@dataclass
+class Task:
+    name: str
+    family: str
+    K: int
+    X: np.ndarray          # float64 training features (n, d), C-contiguous
+    y_labels: np.ndarray   # original labels (for the public API)
+    y_core: np.ndarray     # float64 encoded labels (0/1 or class index)
+    Xt: np.ndarray         # (m, d) test features
+    yt_labels: np.ndarray
+    yt_core: np.ndarray
+    model: object          # fitted pyinfluence LogisticRegression
+    fit_s: float
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.K * (self.X.shape[1] + 1)
+
+
+def make_digits(pyinfluence) -> Task:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0)
+    sc = StandardScaler().fit(Xtr)
+    Xtr = np.ascontiguousarray(sc.transform(Xtr))
+    Xte = np.ascontiguousarray(sc.transform(Xte))[:M_TEST]
+    yte = yte[:M_TEST]
+    t0 = _now()
+    model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
+    fit_s = _now() - t0
+    return Task("digits", "multinomial", 10, Xtr, ytr, ytr.astype(np.float64), Xte, yte,
+                yte.astype(np.float64), model, fit_s)
+
+
+def make_synthetic(pyinfluence, n: int, d: int) -> Task:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n + M_TEST, d))
+    w = rng.standard_normal(d) * (2.0 / np.sqrt(d))
+    prob = 1.0 / (1.0 + np.exp(-(X @ w + 0.2)))
+    y = (rng.random(n + M_TEST) < prob).astype(np.int64)
+    Xtr, Xte = np.ascontiguousarray(X[:n]), np.ascontiguousarray(X[n:])
+    del X
+    ytr, yte = y[:n], y[n:]
+    t0 = _now()
+    model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
+    fit_s = _now() - t0
+    return Task(f"synthetic binary n={n} d={d}", "logistic", 1, Xtr, ytr, ytr.astype(np.float64), Xte, yte,
+                yte.astype(np.float64), model, fit_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one task × dtype
+
+@dataclass
+class Row:
+    step: str
+    flops: float
+    pyi: Optional[float]                 # median seconds
+    numpy: Dict[str, float]              # variant → median seconds
+    note: str = ""
+    spread: Dict[str, float] = field(default_factory=dict)   # impl → IQR / median
+
+    @property
+    def np_best(self) -> Tuple[str, float]:
+        k = min(self.numpy, key=self.numpy.get)
+        return k, self.numpy[k]
+
+
+def _med(ts: np.ndarray) -> float:
+    return float(np.median(ts))
+
+
+def _iqr(ts: np.ndarray) -> float:
+    q1, q3 = np.percentile(ts, [25, 75])
+    return float((q3 - q1) / max(np.median(ts), 1e-300))
+
+
+def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int, mem_scaling: bool,
+             log) -> dict:
+    dt = np.dtype(dtype)
+    X = task.X if dt == np.float64 else np.ascontiguousarray(task.X, dtype=dt)
+    y = np.ascontiguousarray(task.y_core, dtype=dt)
+    Xt = np.ascontiguousarray(task.Xt, dtype=dt)
+    yt = np.ascontiguousarray(task.yt_core, dtype=dt)
+    W = np.ascontiguousarray(task.model.theta_, dtype=dt)
+    n, d = X.shape
+    p, K, m = task.p, task.K, Xt.shape[0]
+    spec = core.ModelSpec(task.family, K, True, False, L2)
+    prob = nb.Problem(task.family, K, L2)
+    hess_variants = ["syrk", "kron"] if task.family == "multinomial" else ["syrk"]
+    rows: List[Row] = []
+    checks: Dict[str, str] = {}
+
+    def add(step, flops, res, pyi_key, np_keys, note=""):
+        row = Row(step, flops, _med(res[pyi_key]) if pyi_key else None,
+                  {k: _med(res[v]) for k, v in np_keys.items()}, note)
+        row.spread = {"pyi": _iqr(res[pyi_key]), "np": _iqr(res[np_keys[row.np_best[0]]])}
+        rows.append(row)
+        return row
+
+    # --- correctness (once) ----------------------------------------------------------------------------
+    eng = core.LinearEngine(spec, X, y, W, 0.0)
+    if not eng.factorized:
+        raise RuntimeError("pyinfluence engine failed to factorise")
+    st = {hv: nb.build(prob, X, y, W, hv) for hv in hess_variants}
+    st0 = st["syrk"]
+    tol = 1e-8 if dt == np.float64 else 1e-3
+    H_core = core.hessian(spec, X, y, W)
+    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core) for hv in hess_variants}
+    U_core = eng.up_loss(Xt, yt)
+    for uv, f in nb.UP_LOSS.items():
+        errs[f"up_loss ({uv})"] = nb.max_rel_err(f(st0, Xt, yt), U_core)
+    errs["self_influence"] = nb.max_rel_err(nb.self_influence(st0), eng.self_influence())
+    tk_c = eng.top_k(Xt, yt, TOPK)
+    tk_n = nb.top_k(st0, Xt, yt, TOPK)
+    errs["top_k scores"] = max(nb.max_rel_err(tk_n[1], tk_c[1]), nb.max_rel_err(tk_n[3], tk_c[3]))
+    idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0]) + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
+    worst = max(errs.values())
+    checks["max relative error vs numpy"] = f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; " + \
+        ", ".join(f"{k} {v:.0e}" for k, v in errs.items()) + ")"
+    checks["top_k index agreement"] = f"{idx_agree:.4f}"
+    del H_core, U_core
+
+    # --- Hessian assembly, factorisation ---------------------------------------------------------------
+    log(f"  [{task.name} {dtype}] hessian / factor")
+    H_np = nb.hessian_syrk(prob, X, y, W)
+    X1, y1 = np.ascontiguousarray(X[:1]), np.ascontiguousarray(y[:1])
+    impls = {"pyi hessian": lambda: core.hessian(spec, X, y, W),
+             "pyi hessian+factor": lambda: core.LinearEngine(spec, X, y, W, 0.0),
+             "pyi factor": lambda: core.LinearEngine(spec, X1, y1, W, 0.0)}
+    for hv in hess_variants:
+        impls[f"np hessian {hv}"] = (lambda hv=hv: nb.HESSIANS[hv](prob, X, y, W))
+    gauge = nb.gauge_indices(prob, d)
+    impls["np factor"] = lambda: nb.factor(H_np, gauge=gauge)
+    for hv in hess_variants:
+        impls[f"np hessian+factor {hv}"] = (lambda hv=hv: nb.build(prob, X, y, W, hv))
+    res = interleaved(impls, repeats)
+    add("Hessian assembly", n * p * p, res, "pyi hessian", {hv: f"np hessian {hv}" for hv in hess_variants},
+        "pyinfluence: _core.hessian")
+    add("Cholesky factorisation", p**3 / 3, res, "pyi factor", {"cho_factor": "np factor"},
+        "pyinfluence: LinearEngine on a 1-row training set (same p; assembly negligible)")
+    add("Hessian + factorisation", n * p * p + p**3 / 3, res, "pyi hessian+factor",
+        {hv: f"np hessian+factor {hv}" for hv in hess_variants}, "pyinfluence: LinearEngine constructor")
+    best_h = min(hess_variants, key=lambda hv: _med(res[f"np hessian {hv}"]))
+    del H_np
+
+    # --- up_loss, top-k, self-influence -----------------------------------------------------------------
+    log(f"  [{task.name} {dtype}] up_loss / top_k / self_influence")
+    impls = {"pyi up_loss": lambda: eng.up_loss(Xt, yt)}
+    for uv, f in nb.UP_LOSS.items():
+        impls[f"np up_loss {uv}"] = (lambda f=f: f(st0, Xt, yt))
+    res = interleaved(impls, repeats)
+    add(f"up_loss matrix (n×m, m={m})", 2 * n * p * m, res, "pyi up_loss",
+        {uv: f"np up_loss {uv}" for uv in nb.UP_LOSS}, "pyinfluence: LinearEngine.up_loss (cached residuals)")
+    best_u = min(nb.UP_LOSS, key=lambda uv: _med(res[f"np up_loss {uv}"]))
+
+    impls = {"pyi top_k": lambda: eng.top_k(Xt, yt, TOPK)}
+    for uv in nb.UP_LOSS:
+        impls[f"np top_k {uv}"] = (lambda uv=uv: nb.top_k(st0, Xt, yt, TOPK, uv))
+    res = interleaved(impls, repeats)
+    add(f"top-k (k={TOPK}, both ends)", 2 * n * p * m, res, "pyi top_k",
+        {uv: f"np top_k {uv}" for uv in nb.UP_LOSS}, "numpy: up_loss matrix + argpartition")
+
+    res = interleaved({"pyi self": lambda: eng.self_influence(), "np self": lambda: nb.self_influence(st0)},
+                      repeats)
+    add("self-influence (all n)", n * p * p, res, "pyi self", {"trsm": "np self"})
+
+    # --- end to end -------------------------------------------------------------------------------------
+    log(f"  [{task.name} {dtype}] end to end")
+    model = task.model
+    Xpub = X  # the public API takes the user's arrays as they are (float64 or float32 → that dtype)
+
+    def pub():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pyinfluence.LinearInfluence(model, Xpub, task.y_labels).up_loss(Xt, task.yt_labels)
+
+    impls = {"pyi e2e": lambda: core.LinearEngine(spec, X, y, W, 0.0).up_loss(Xt, yt),
+             "pyi public e2e": pub}
+    for hv in hess_variants:
+        impls[f"np e2e {hv}"] = (lambda hv=hv: nb.end_to_end(prob, X, y, W, Xt, yt, hv, best_u))
+    res = interleaved(impls, repeats)
+    e2e_flops = n * p * p + p**3 / 3 + 2 * n * p * m
+    npk = {hv: f"np e2e {hv}" for hv in hess_variants}
+    add("end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk, "pyinfluence: _core.LinearEngine")
+    add("end to end, public API", e2e_flops, res, "pyi public e2e", npk,
+        "LinearInfluence(model, X, y).up_loss(X_test, y_test)")
+
+    # --- per-call overhead of a single-test-point query ---------------------------------------------------
+    log(f"  [{task.name} {dtype}] per-call overhead")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf = pyinfluence.LinearInfluence(model, Xpub, task.y_labels)
+    x1, y1lab = Xt[0], task.yt_labels[0]
+    x1m, y1m = np.ascontiguousarray(Xt[:1]), np.ascontiguousarray(yt[:1])
+    G = nb.gradients(prob, X, st0.R)
+    s1 = nb.s_test(st0, x1m, y1m)[:, 0].copy()
+    if K == 1:
+        w1 = np.ascontiguousarray(s1[:d])
+        bare = (lambda: X @ w1)
+        bare_note = "X @ s (n×d matvec)"
+    else:
+        bare = (lambda: G @ s1)
+        bare_note = "G @ s (n×p matvec, G cached)"
+    if K == 1:
+        np_query = (lambda: nb.up_loss_factored(st0, x1m, y1m))
+        np_query_note = "test gradient + cho_solve + r ∘ (X̃ s)"
+    else:
+        np_query = (lambda: nb.single_query(st0, G, x1m, y1m))
+        np_query_note = "test gradient + cho_solve + G @ s"
+    impls = {"public": lambda: inf.up_loss(x1, y1lab),
+             "engine": lambda: eng.up_loss(x1m, y1m),
+             "numpy query": np_query,
+             "bare matvec": bare}
+    rounds = 20 if calls >= 200 else 10
+    pc = per_call(impls, calls, rounds)
+    percall = {k: _med(v) for k, v in pc.items()}
+    percall_note = (bare_note, np_query_note)
+    del G
+
+    # --- memory ---------------------------------------------------------------------------------------
+    log(f"  [{task.name} {dtype}] memory")
+    mem: Dict[str, Dict[str, int]] = {}
+    if hwm_supported():
+        mem["pyinfluence top_k (streaming)"] = {"rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
+        mem["pyinfluence up_loss (dense n×m)"] = {"rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
+        mem["pyinfluence self_influence"] = {"rss": rss_peak_delta(lambda: eng.self_influence())}
+    for nm, f in (("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
+                  ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
+                  ("numpy self_influence", lambda: nb.self_influence(st0))):
+        mem[nm] = {"tracemalloc": tracemalloc_peak(f)}
+        if hwm_supported():
+            mem[nm]["rss"] = rss_peak_delta(f)
+    scaling = []
+    if mem_scaling and hwm_supported():
+        for frac in (4, 2, 1):
+            nn = n // frac
+            Xs, ys = (X, y) if frac == 1 else (np.ascontiguousarray(X[:nn]), np.ascontiguousarray(y[:nn]))
+            e2 = eng if frac == 1 else core.LinearEngine(spec, Xs, ys, W, 0.0)
+            scaling.append((nn, rss_peak_delta(lambda: e2.top_k(Xt, yt, TOPK)),
+                            rss_peak_delta(lambda: e2.up_loss(Xt, yt))))
+            del e2, Xs, ys
+
+    return {"task": task, "dtype": dtype, "n": n, "d": d, "p": p, "m": m, "rows": rows, "checks": checks,
+            "percall": percall, "percall_note": percall_note, "calls": calls, "mem": mem, "scaling": scaling,
+            "best_h": best_h, "best_u": best_u, "repeats": repeats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+
+def _fmt_t(s: Optional[float]) -> str:
+    if s is None or not np.isfinite(s):
+        return "–"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms" if s < 0.01 else f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def _fmt_b(b: Optional[int]) -> str:
+    if b is None:
+        return "–"
+    if b < 2**20:
+        return f"{b / 2**10:.0f} KiB"
+    if b < 2**30:
+        return f"{b / 2**20:.1f} MiB"
+    return f"{b / 2**30:.2f} GiB"
+
+
+def _gf(flops: float, s: Optional[float]) -> Optional[float]:
+    if s is None or not s > 0:
+        return None
+    return flops / s / 1e9
+
+
+def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], gemm_n: int,
+                   title: str, label: str) -> Tuple[str, List[str]]:
+    """Markdown for one thread configuration: (text, list of steps with ratio > 1)."""
+    out: List[str] = [f"## {title}", ""]
+    flagged: List[str] = []
+    out.append(f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end of the "
+               "configuration pooled):\n")
+    out.append("| dtype | GFLOP/s median | best |")
+    out.append("|---|---:|---:|")
+    for dt, (a, b) in gemm.items():
+        out.append(f"| {dt} | {a:.1f} | {b:.1f} |")
+    out.append("")
+    for R in results:
+        t: Task = R["task"]
+        dt = R["dtype"]
+        g_med = gemm[dt][0]
+        out.append(f"### {t.name} — {dt}  (n={R['n']}, d={R['d']}, p={R['p']}, m={R['m']}; "
+                   f"median of {R['repeats']} interleaved repeats)\n")
+        out.append("| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | GFLOP/s pyi | "
+                   "GFLOP/s numpy | pyi / GEMM rate | spread pyi / np (IQR/median) | numpy variants | note |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for row in R["rows"]:
+            v, tn = row.np_best
+            ratio = row.pyi / tn if row.pyi is not None and tn > 0 else None
+            gp, gn = _gf(row.flops, row.pyi), _gf(row.flops, tn)
+            variants = ", ".join(f"{k} {_fmt_t(s)}" for k, s in row.numpy.items())
+            mark = ""
+            if ratio is not None and ratio > 1.0:
+                mark = " **>1**"
+                flagged.append(f"{label} — {t.name} {dt}: {row.step}: ratio {ratio:.2f} "
+                               f"({_fmt_t(row.pyi)} vs {_fmt_t(tn)})")
+            sp = f"{row.spread.get('pyi', float('nan')):.0%} / {row.spread.get('np', float('nan')):.0%}"
+            out.append(f"| {row.step} | {row.flops / 1e9:.3g} | {_fmt_t(row.pyi)} | {_fmt_t(tn)} ({v}) | "
+                       f"{'–' if ratio is None else f'{ratio:.2f}'}{mark} | "
+                       f"{'–' if gp is None else f'{gp:.1f}'} | {'–' if gn is None else f'{gn:.1f}'} | "
+                       f"{'–' if gp is None else f'{gp / g_med:.0%}'} | {sp} | {variants} | {row.note} |")
+        out.append("")
+        pc = R["percall"]
+        out.append(f"Single-test-point `up_loss` on a cached engine (median per call over interleaved rounds, "
+                   f"{R['calls']} calls each):\n")
+        out.append("| call | time | × bare matvec |")
+        out.append("|---|---:|---:|")
+        labels = {"public": "LinearInfluence.up_loss(x, y) (public API)",
+                  "engine": "_core.LinearEngine.up_loss(X_test[:1], y_test[:1])",
+                  "numpy query": f"numpy: {R['percall_note'][1]}",
+                  "bare matvec": f"numpy bare matvec: {R['percall_note'][0]}"}
+        for k, lab in labels.items():
+            out.append(f"| {lab} | {_fmt_t(pc[k])} | {pc[k] / pc['bare matvec']:.2f} |")
+        out.append(f"\nPython-layer overhead (public − engine): {_fmt_t(pc['public'] - pc['engine'])}; "
+                   f"engine − numpy query: {_fmt_t(pc['engine'] - pc['numpy query'])}.\n")
+        out.append("Peak memory above the resident baseline (results included):\n")
+        out.append("| computation | VmHWM delta | tracemalloc peak |")
+        out.append("|---|---:|---:|")
+        for nm, v in R["mem"].items():
+            out.append(f"| {nm} | {_fmt_b(v.get('rss'))} | {_fmt_b(v.get('tracemalloc'))} |")
+        if R["scaling"]:
+            out.append("\npyinfluence top-k vs dense up_loss memory as n grows (VmHWM delta):\n")
+            out.append("| n | top_k (streaming) | up_loss (dense n×m) |")
+            out.append("|---:|---:|---:|")
+            for nn, a, b in R["scaling"]:
+                out.append(f"| {nn} | {_fmt_b(a)} | {_fmt_b(b)} |")
+        out.append("\nChecks: " + "; ".join(f"{k}: {v}" for k, v in R["checks"].items()) + "\n")
+    return "\n".join(out), flagged
+
+
+def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], tasks: List[Task],
+                wall: float) -> str:
+    lines = ["# pyinfluence linear benchmark: results", "",
+             f"Generated by `python bench/linear.py {' '.join(sys.argv[1:])}` on "
+             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
+             f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how to reproduce.",
+             "", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
+    lines += ["Flop conventions: Hessian assembly n·p² (a SYRK computes one triangle: the GEMM-equivalent "
+              "2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring GEMM; the p×m solve and the "
+              "test gradients are not counted); self-influence n·p² (triangular solve with n right-hand sides); "
+              "end to end the sum. GFLOP/s = these counts / median time; 'pyi / GEMM rate' divides by the "
+              "median numpy matmul rate of the same dtype in the same thread configuration. The ratio compares "
+              "pyinfluence with the FASTEST numpy variant of the step.", ""]
+    lines += ["## Steps where pyinfluence is slower than the best numpy (ratio > 1)", ""]
+    flagged = [f for _, fl in sections for f in fl]
+    lines += [f"- {f}" for f in flagged] or ["- none"]
+    lines += [""]
+    for text, _ in sections:
+        lines += [text, ""]
+    fit = ", ".join(f"{t.name}: {t.fit_s:.2f} s" for t in tasks)
+    lines += [f"Model fits (pyinfluence.LogisticRegression, float64, 1 thread; not part of the "
+              f"comparison): {fit}.", ""]
+    return "\n".join(lines)
+
+
+def _apply_threads(cfg: str, core):
+    """Limit every thread pool to cfg threads (or leave them alone for 'default'); returns (handle, title)."""
+    if cfg == "default":
+        return None, f"Default threads (each library's own setting: core max_threads = {core.max_threads()})"
+    nthr = int(cfg)
+    handle = {"core": core.max_threads() if hasattr(core, "max_threads") else None}
+    try:
+        from threadpoolctl import threadpool_limits
+        handle["tpc"] = threadpool_limits(limits=nthr)
+    except ImportError:
+        handle["tpc"] = None
+    if hasattr(core, "set_max_threads"):
+        core.set_max_threads(nthr)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        handle["torch"] = torch.get_num_threads()
+        torch.set_num_threads(nthr)
+    return handle, f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on every BLAS and " \
+                   f"OpenMP pool, _core.set_max_threads({nthr}))"
+
+
+def _restore_threads(handle, core) -> None:
+    if not handle:
+        return
+    if handle.get("tpc") is not None:
+        handle["tpc"].restore_original_limits()
+    if handle.get("core") is not None:
+        core.set_max_threads(handle["core"])
+    if handle.get("torch") is not None:
+        sys.modules["torch"].set_num_threads(handle["torch"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run (< 30 s)")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown file to write ('' = none)")
+    ap.add_argument("--tasks", default="digits,synthetic", help="comma-separated: digits, synthetic")
+    ap.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per step (default: by size)")
+    ap.add_argument("--n", type=int, default=None, help="synthetic task: training points (default 200000)")
+    ap.add_argument("--d", type=int, default=None, help="synthetic task: features (default 500)")
+    ap.add_argument("--calls", type=int, default=None, help="single-point calls for the overhead measurement")
+    ap.add_argument("--gemm-n", type=int, default=None, help="matrix size for the GEMM rate (default 4000)")
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated thread configurations to run, each 'default' (the libraries' own "
+                         "settings) or N (every BLAS/OpenMP/torch pool limited to N via threadpoolctl and "
+                         "_core.set_max_threads); default: 'default,1' ('1' with --quick)")
+    ap.add_argument("--no-torch", action="store_true", help="do not import torch (its thread pool stays unloaded)")
+    args = ap.parse_args(argv)
+    t_start = _now()
+    q = args.quick
+    n_syn = args.n or (20000 if q else 200000)
+    d_syn = args.d or (100 if q else 500)
+    args.gemm_n = args.gemm_n or (1000 if q else 4000)
+    task_names = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+    if args.threads is None:
+        args.threads = "1" if q else "default,1"
+    thread_cfgs = [s.strip() for s in args.threads.split(",") if s.strip()]
+    for cfg in thread_cfgs:
+        if cfg != "default" and not (cfg.isdigit() and int(cfg) > 0):
+            ap.error(f"--threads entries must be 'default' or a positive integer, got {cfg!r}")
+    for tk in task_names:
+        if tk not in ("digits", "synthetic"):
+            ap.error(f"unknown task {tk!r} (digits, synthetic)")
+    for dt in dtypes:
+        if dt not in ("float64", "float32"):
+            ap.error(f"unknown dtype {dt!r} (float64, float32)")
+
+    def log(msg):
+        print(f"[{_now() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    if not args.no_torch:
+        try:  # load torch's thread pool too: the library's users have it loaded (DESIGN.md §5)
+            import torch
+            (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
+        except ImportError:
+            pass
+    import pyinfluence
+    from pyinfluence import _core as core
+
+    machine = machine_description(pyinfluence, core)
+    tasks_built: List[Task] = []
+    fit_limit, _ = _apply_threads("1", core)  # the fits are not measured; one thread is robust on a busy machine
+    try:
+        for tk in task_names:
+            log(f"task {tk}: data + model fit")
+            tasks_built.append(make_digits(pyinfluence) if tk == "digits"
+                               else make_synthetic(pyinfluence, n_syn, d_syn))
+    finally:
+        _restore_threads(fit_limit, core)
+
+    sections = []
+    for cfg in thread_cfgs:
+        limiter, title = _apply_threads(cfg, core)
+        try:
+            log(f"[threads={cfg}] GEMM rate (n={args.gemm_n})")
+            g1 = measure_gemm(args.gemm_n, dtypes, 2 if q else 3)
+            results = []
+            for task in tasks_built:
+                for dt in dtypes:
+                    if args.repeats:
+                        reps = args.repeats
+                    elif task.family == "multinomial":
+                        reps = 5 if q else 25
+                    else:
+                        reps = 3
+                    calls = args.calls or ((200 if q else 2000) if task.family == "multinomial" else (20 if q else 100))
+                    results.append(run_case(task, dt, reps, pyinfluence, core, calls,
+                                            mem_scaling=(task.family == "logistic"), log=log))
+                    gc.collect()
+            log(f"[threads={cfg}] GEMM rate again")
+            g2 = measure_gemm(args.gemm_n, dtypes, 2 if q else 3)
+        finally:
+            _restore_threads(limiter, core)
+        gemm = {}
+        for dt in dtypes:  # pool start and end: the machine is shared and its speed drifts
+            rates = np.concatenate([g1[dt], g2[dt]])
+            gemm[dt] = (float(np.median(rates)), float(rates.max()))
+        text, flagged = render_section(results, gemm, args.gemm_n, title, f"threads={cfg}")
+        print(text, flush=True)
+        sections.append((text, flagged))
+    md = render_file(sections, machine, tasks_built, _now() - t_start)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
