@@ -43,12 +43,18 @@ def _now() -> float:
     return time.perf_counter()
 
 
+BUDGET_S: Optional[float] = None   # per step group: stop repeating once this many seconds have passed
+MIN_REPEATS = 5                    # ... but only after at least this many repeats (or all, if fewer asked)
+
+
 def interleaved(impls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, np.ndarray]:
     """Run every implementation once per repeat, alternating the order; return the per-repeat seconds.
 
-    The garbage collector is off while timing; each result is dropped before the next call starts.
+    The garbage collector is off while timing; each result is dropped before the next call starts. With a
+    time budget (--budget), repeating stops early once the budget is spent and MIN_REPEATS are done.
     """
     names = list(impls)
+    t_begin = _now()
     for _ in range(warmup):
         for nm in names:
             out = impls[nm]()
@@ -58,6 +64,8 @@ def interleaved(impls: Dict[str, Callable[[], object]], repeats: int, warmup: in
     gc.disable()
     try:
         for r in range(repeats):
+            if BUDGET_S is not None and r >= MIN_REPEATS and _now() - t_begin > BUDGET_S:
+                break
             order = names if r % 2 == 0 else names[::-1]
             for nm in order:
                 t0 = _now()
@@ -74,6 +82,7 @@ def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) ->
     """Per-call seconds of small calls: `rounds` rounds of calls/rounds back-to-back calls each, interleaved."""
     names = list(impls)
     per_round = max(1, calls // rounds)
+    t_begin = _now()
     for nm in names:  # warm up
         for _ in range(min(per_round, 20)):
             impls[nm]()
@@ -82,6 +91,8 @@ def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) ->
     gc.disable()
     try:
         for r in range(rounds):
+            if BUDGET_S is not None and r >= MIN_REPEATS and _now() - t_begin > BUDGET_S:
+                break
             order = names if r % 2 == 0 else names[::-1]
             for nm in order:
                 f = impls[nm]
@@ -222,7 +233,7 @@ def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarra
     for dt in dtypes:
         A = rng.standard_normal((n, n)).astype(dt)
         B = rng.standard_normal((n, n)).astype(dt)
-        ts = interleaved({"gemm": lambda: A @ B}, repeats)["gemm"]
+        ts = interleaved({"gemm": lambda: A @ B}, repeats, warmup=0)["gemm"]
         out[dt] = 2 * n**3 / ts / 1e9
     return out
 
@@ -327,9 +338,11 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     prob = nb.Problem(task.family, K, L2)
     hess_variants = ["syrk", "kron"] if task.family == "multinomial" else ["syrk"]
     rows: List[Row] = []
+    n_rep: List[int] = []
     checks: Dict[str, str] = {}
 
     def add(step, flops, res, pyi_key, np_keys, note=""):
+        n_rep.append(len(res[pyi_key]))
         row = Row(step, flops, _med(res[pyi_key]) if pyi_key else None,
                   {k: _med(res[v]) for k, v in np_keys.items()}, note)
         row.spread = {"pyi": _iqr(res[pyi_key]), "np": _iqr(res[np_keys[row.np_best[0]]])}
@@ -452,6 +465,7 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
              "bare matvec": bare}
     rounds = 20 if calls >= 200 else 10
     pc = per_call(impls, calls, rounds)
+    calls_done = len(pc["public"]) * max(1, calls // rounds)
     percall = {k: _med(v) for k, v in pc.items()}
     percall_note = (bare_note, np_query_note)
     del G
@@ -481,7 +495,8 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
 
     return {"task": task, "dtype": dtype, "n": n, "d": d, "p": p, "m": m, "rows": rows, "checks": checks,
             "percall": percall, "percall_note": percall_note, "calls": calls, "mem": mem, "scaling": scaling,
-            "best_h": best_h, "best_u": best_u, "repeats": repeats}
+            "best_h": best_h, "best_u": best_u, "repeats": f"{min(n_rep)}–{max(n_rep)}" if min(n_rep) != max(n_rep)
+            else str(n_rep[0]), "calls_done": calls_done}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -552,7 +567,7 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
         out.append("")
         pc = R["percall"]
         out.append(f"Single-test-point `up_loss` on a cached engine (median per call over interleaved rounds, "
-                   f"{R['calls']} calls each):\n")
+                   f"{R['calls_done']} calls each):\n")
         out.append("| call | time | × bare matvec |")
         out.append("|---|---:|---:|")
         labels = {"public": "LinearInfluence.up_loss(x, y) (public API)",
@@ -651,18 +666,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default=None,
                     help="comma-separated thread configurations to run, each 'default' (the libraries' own "
                          "settings) or N (every BLAS/OpenMP/torch pool limited to N via threadpoolctl and "
-                         "_core.set_max_threads); default: 'default,1' ('1' with --quick)")
+                         "_core.set_max_threads); default: '1,default' ('1' with --quick)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds per step group after which repeating stops (at least 5 repeats); "
+                         "default 10 (3 with --quick); 0 = no budget")
     ap.add_argument("--no-torch", action="store_true", help="do not import torch (its thread pool stays unloaded)")
     args = ap.parse_args(argv)
     t_start = _now()
     q = args.quick
+    global BUDGET_S
+    budget = args.budget if args.budget is not None else (3.0 if q else 10.0)
+    BUDGET_S = budget if budget > 0 else None
     n_syn = args.n or (20000 if q else 200000)
     d_syn = args.d or (100 if q else 500)
     args.gemm_n = args.gemm_n or (1000 if q else 4000)
     task_names = [s.strip() for s in args.tasks.split(",") if s.strip()]
     dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
     if args.threads is None:
-        args.threads = "1" if q else "default,1"
+        args.threads = "1" if q else "1,default"
     thread_cfgs = [s.strip() for s in args.threads.split(",") if s.strip()]
     for cfg in thread_cfgs:
         if cfg != "default" and not (cfg.isdigit() and int(cfg) > 0):
@@ -702,7 +723,7 @@ def main(argv=None) -> int:
         limiter, title = _apply_threads(cfg, core)
         try:
             log(f"[threads={cfg}] GEMM rate (n={args.gemm_n})")
-            g1 = measure_gemm(args.gemm_n, dtypes, 2 if q else 3)
+            g1 = measure_gemm(args.gemm_n, dtypes, 2)
             results = []
             for task in tasks_built:
                 for dt in dtypes:
@@ -717,7 +738,7 @@ def main(argv=None) -> int:
                                             mem_scaling=(task.family == "logistic"), log=log))
                     gc.collect()
             log(f"[threads={cfg}] GEMM rate again")
-            g2 = measure_gemm(args.gemm_n, dtypes, 2 if q else 3)
+            g2 = measure_gemm(args.gemm_n, dtypes, 2)
         finally:
             _restore_threads(limiter, core)
         gemm = {}

@@ -178,6 +178,7 @@ class PyLinearEngine {
   Index n_train() const { return float32_ ? e32_->n_train() : e64_->n_train(); }
   Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
   bool factorized() const { return (float32_ ? e32_->status() : e64_->status()) == Status::Ok; }
+  Index failed_pivot() const { return float32_ ? e32_->failed_pivot() : e64_->failed_pivot(); }
 
   py::array hessian() const {
     if (float32_) return to_numpy(ColMatrix<float>(e32_->hessian()));
@@ -414,6 +415,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_train", &PyLinearEngine::n_train)
       .def_property_readonly("n_params", &PyLinearEngine::n_params)
       .def_property_readonly("factorized", &PyLinearEngine::factorized)
+      .def_property_readonly("failed_pivot", &PyLinearEngine::failed_pivot,
+                              "index of the failing Cholesky pivot when factorized is False, else -1")
       .def("hessian", &PyLinearEngine::hessian)
       .def("gradients", &PyLinearEngine::gradients, py::arg("X"), py::arg("y"))
       .def("solve", &PyLinearEngine::solve, py::arg("B"))
