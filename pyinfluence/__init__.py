@@ -31,6 +31,23 @@ from pyinfluence.models import (  # noqa: E402
 
 __version__ = _core.__version__
 
+
+def set_num_threads(n: int) -> None:
+    """Threads used by pyinfluence's C++ core: its OpenMP regions and its own OpenBLAS pool.
+
+    numpy's and torch's thread pools are not touched. On a machine whose cores are busy with other work, one
+    thread is often faster than several (spinning workers wait on each other); see bench/RESULTS.md.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    _core.set_max_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads of pyinfluence's own BLAS pool (or of its OpenMP regions when the BLAS is not its own)."""
+    blas = _core.blas_threads()
+    return blas if blas > 0 else _core.max_threads()
+
 __all__ = [
     "ConvergenceError",
     "LinearInfluence",
@@ -42,4 +59,6 @@ __all__ = [
     "SmoothHingeSVM",
     "TopK",
     "from_sklearn",
+    "get_num_threads",
+    "set_num_threads",
 ]

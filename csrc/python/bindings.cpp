@@ -331,7 +331,9 @@ PYBIND11_MODULE(_core, m) {
   m.attr("has_cuda") = false;
   m.attr("blas") = PYINFLUENCE_BLAS_NAME;
   m.def("max_threads", &max_threads, "Threads the core's OpenMP regions may use");
-  m.def("set_max_threads", &set_max_threads, py::arg("n"));
+  m.def("blas_threads", &blas_threads, "Threads of the core's own BLAS pool (-1: a BLAS pyinfluence does not control)");
+  m.def("set_max_threads", &set_max_threads, py::arg("n"),
+        "Threads for the core's OpenMP regions and its own BLAS pool (numpy's and torch's pools are not touched)");
 
   // Error mapping. NotPositiveDefiniteError lives in pyinfluence.errors (a ValueError subclass).
   py::register_exception_translator([](std::exception_ptr p) {
