@@ -397,8 +397,9 @@ class LinearInfluence:
         θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no
         damping), found by Newton's method warm-started from θ̂. One refit per index in
         ``train_idx`` → shape (k, m); with ``group=True`` the points are removed together → (m,).
-        Cost: one Newton fit per row (n·p² + p³ per iteration); meant for checking the
-        approximations on a few points. Raises ConvergenceError if a refit does not converge.
+        Cost per refit (float64): g·p² + p³/3 to set up chord (simplified Newton) steps on the cached
+        Hessian, then n·p per step, polished to rounding level; full Newton (n·p² + p³/3 per iteration) is the
+        fallback. Raises ConvergenceError if a refit does not converge.
         """
         group = check_bool("group", group)
         Xt, yt = self._test(X_test, y_test)
@@ -420,21 +421,14 @@ class LinearInfluence:
         base = np.asarray(_core.per_example(spec, Xt, yt, theta0)[0])
         groups = [idx] if group else [idx[i : i + 1] for i in range(idx.size)]
         out = np.empty((len(groups), Xt.shape[0]), dtype=f64)
-        w = np.empty(self._n, dtype=f64)
         for r, g in enumerate(groups):
             if g.size >= self._n:
                 raise ValueError(
                     f"train_idx removes all {self._n} training points; at least one must remain"
                 )
-            # Weights n/(n-g) on the kept points: the weighted mean is the mean over the kept
-            # points whether the core normalises by the weight sum or by n.
-            w.fill(self._n / (self._n - g.size))
-            w[g] = 0.0
             removed = g.tolist()[:10]
             try:
-                theta, n_iter, gnorm, converged = _core.fit_newton(
-                    spec, X, y, theta0, w, tol, max_iter
-                )
+                theta, n_iter, gnorm, converged = self._refit_without(g, spec, X, y, theta0, tol, max_iter)
             except _CORE_NPD as exc:
                 raise ConvergenceError(
                     f"retrain_loo: refitting without training point(s) {removed} met a Hessian "
@@ -447,13 +441,27 @@ class LinearInfluence:
                     f"converge in {n_iter} Newton iterations (gradient norm {gnorm:.3g} > "
                     f"tol={tol:g}); pass a larger tol"
                 )
-            # One more Newton step: convergence is quadratic, so this takes θ̂₋ from ‖∇R₋‖ ≈ tol
-            # to rounding level for the price of one iteration (ground truth should be exact).
+            out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
+        return out[0] if group else out
+
+    def _refit_without(self, g, spec, X, y, theta0, tol, max_iter):
+        """θ̂ refit without the training points g (float64): (theta, n_iter, grad_norm, converged).
+
+        A float64 engine refits in C++ with chord steps on its cached Hessian (g·p² + p³/3 to set up, then
+        n·p per step, polished to rounding); a float32 engine's ground truth is a float64 Newton fit,
+        polished by one extra Newton step (quadratic convergence takes it to rounding level).
+        """
+        if self._dtype == np.float64:
+            return self._engine.refit_without(g, tol, max_iter)
+        # Weights n/(n-g) on the kept points: the weighted mean is the mean over the kept points.
+        w = np.full(self._n, self._n / (self._n - g.size), dtype=np.float64)
+        w[g] = 0.0
+        theta, n_iter, gnorm, converged = _core.fit_newton(spec, X, y, theta0, w, tol, max_iter)
+        if converged:
             try:
                 polished, _, gnorm2, _ = _core.fit_newton(spec, X, y, theta, w, 0.0, 1)
                 if gnorm2 <= gnorm and np.all(np.isfinite(polished)):
-                    theta = polished
+                    theta, gnorm = polished, gnorm2
             except (ValueError, RuntimeError):
                 pass
-            out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
-        return out[0] if group else out
+        return theta, n_iter, gnorm, converged

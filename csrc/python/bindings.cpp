@@ -284,6 +284,19 @@ class PyLinearEngine {
       return to_numpy(std::move(out));
     });
   }
+  py::tuple refit_without(const py::array& idx, double tol, int max_iter) const {
+    return call<py::tuple>([&](auto& e, auto tag) {
+      using S = decltype(tag);
+      auto im = index_arg(idx, "train_idx");
+      NewtonResult<S> res;
+      { py::gil_scoped_release r; res = e.refit_without(im, tol, max_iter); }
+      if (res.status == Status::NotPositiveDefinite)
+        throw NotPositiveDefinite("the leave-out training Hessian is singular or indefinite");
+      if (res.status == Status::NonFinite) throw std::invalid_argument("the leave-out objective became NaN or inf");
+      const bool converged = res.status == Status::Ok;
+      return py::make_tuple(to_numpy(std::move(res.W)), res.iterations, res.grad_norm, converged);
+    });
+  }
   py::array loo_newton_group(const py::array& Xt, const py::array& yt, const py::array& idx) const {
     return call<py::array>([&](auto& e, auto tag) {
       using S = decltype(tag);
@@ -430,6 +443,10 @@ PYBIND11_MODULE(_core, m) {
       .def("self_influence", &PyLinearEngine::self_influence, py::arg("X") = py::none(), py::arg("y") = py::none())
       .def("top_k", &PyLinearEngine::top_k, py::arg("X_test"), py::arg("y_test"), py::arg("k"))
       .def("loo_newton", &PyLinearEngine::loo_newton, py::arg("X_test"), py::arg("y_test"), py::arg("train_idx"))
+      .def("refit_without", &PyLinearEngine::refit_without, py::arg("train_idx"), py::arg("tol") = 1e-10,
+           py::arg("max_iter") = 100,
+           "exact retraining without train_idx (removed together), warm-started at theta: "
+           "(theta, n_iter, grad_norm, converged)")
       .def("loo_newton_group", &PyLinearEngine::loo_newton_group, py::arg("X_test"), py::arg("y_test"),
            py::arg("train_idx"));
 }
