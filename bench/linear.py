@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark: pyinfluence's exact linear-model influence (C++/Eigen core) against hand-written numpy.
+"""Benchmark: pyinfluence's exact linear-model influence (C++/Eigen) against hand-written numpy.
 
-Both implementations run side by side in ONE process, interleaved (each repeat runs every implementation of a
-step once, alternating the order), and we report medians. See bench/README.md for what each number means.
+Both implementations run side by side in ONE process, interleaved (each repeat runs every
+implementation of a step once, alternating the order), and we report medians. See bench/README.md
+for what each number means.
 
-    python bench/linear.py                       # full run (a few minutes), writes bench/RESULTS.md
+    python bench/linear.py                       # full run (minutes), writes bench/RESULTS.md
     python bench/linear.py --quick --out /tmp/r.md   # smoke run (< 30 s)
     python bench/linear.py --tasks digits --dtypes float64
 """
@@ -18,6 +19,7 @@ import gc
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -37,22 +39,24 @@ L2 = 1e-3
 M_TEST = 50
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # timing
 
 def _now() -> float:
     return time.perf_counter()
 
 
-BUDGET_S: Optional[float] = None   # per step group: stop repeating once this many seconds have passed
-MIN_REPEATS = 5                    # ... but only after at least this many repeats (or all, if fewer asked)
+BUDGET_S: Optional[float] = None  # per step group: stop repeating after this many seconds ...
+MIN_REPEATS = 5                   # ... once at least this many repeats are done (or all asked for)
 
 
-def interleaved(impls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, np.ndarray]:
-    """Run every implementation once per repeat, alternating the order; return the per-repeat seconds.
+def interleaved(impls: Dict[str, Callable[[], object]], repeats: int,
+                warmup: int = 1) -> Dict[str, np.ndarray]:
+    """Run every implementation once per repeat, alternating the order; the per-repeat seconds.
 
-    The garbage collector is off while timing; each result is dropped before the next call starts. With a
-    time budget (--budget), repeating stops early once the budget is spent and MIN_REPEATS are done.
+    The garbage collector is off while timing; each result is dropped before the next call starts.
+    With a time budget (--budget), repeating stops early once the budget is spent and MIN_REPEATS
+    are done.
     """
     names = list(impls)
     t_begin = _now()
@@ -79,8 +83,9 @@ def interleaved(impls: Dict[str, Callable[[], object]], repeats: int, warmup: in
     return {nm: np.asarray(v) for nm, v in times.items()}
 
 
-def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) -> Dict[str, np.ndarray]:
-    """Per-call seconds of small calls: `rounds` rounds of calls/rounds back-to-back calls each, interleaved."""
+def per_call(impls: Dict[str, Callable[[], object]], calls: int,
+             rounds: int) -> Dict[str, np.ndarray]:
+    """Per-call seconds of small calls: `rounds` interleaved rounds of calls/rounds calls each."""
     names = list(impls)
     per_round = max(1, calls // rounds)
     t_begin = _now()
@@ -106,7 +111,7 @@ def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) ->
     return {nm: np.asarray(v) for nm, v in out.items()}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # memory
 
 _LIBC = None
@@ -140,8 +145,9 @@ def hwm_supported() -> bool:
 def rss_peak_delta(fn: Callable[[], object]) -> int:
     """Bytes by which the process's resident peak (VmHWM) rose above its resident size during fn().
 
-    Frees cached heap first (gc + malloc_trim), resets the high-water mark (echo 5 > /proc/self/clear_refs),
-    then reads VmHWM after the call. Counts every allocation (C++, BLAS buffers, numpy), and the result.
+    Frees cached heap first (gc + malloc_trim), resets the high-water mark (echo 5 >
+    /proc/self/clear_refs), then reads VmHWM after the call. Counts every allocation (C++, BLAS
+    buffers, numpy), and the result.
     """
     gc.collect()
     _malloc_trim()
@@ -155,7 +161,10 @@ def rss_peak_delta(fn: Callable[[], object]) -> int:
 
 
 def tracemalloc_peak(fn: Callable[[], object]) -> int:
-    """Peak bytes traced by tracemalloc during fn() (numpy registers its data buffers; BLAS workspaces are not)."""
+    """Peak bytes traced by tracemalloc during fn().
+
+    numpy registers its data buffers with tracemalloc; BLAS workspaces are not seen.
+    """
     gc.collect()
     tracemalloc.start()
     try:
@@ -169,7 +178,7 @@ def tracemalloc_peak(fn: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # machine
 
 def machine_description(pyinfluence, core) -> Dict[str, str]:
@@ -210,6 +219,7 @@ def machine_description(pyinfluence, core) -> Dict[str, str]:
     except ImportError:
         info["torch"] = "not installed"
     info["pyinfluence"] = getattr(pyinfluence, "__version__", "?")
+    info["pyinfluence build"] = build_stamp(core)
     info["pyinfluence._core.blas"] = str(getattr(core, "blas", "?"))
     info["pyinfluence._core.has_openmp"] = str(getattr(core, "has_openmp", "?"))
     if hasattr(core, "max_threads"):
@@ -227,6 +237,30 @@ def machine_description(pyinfluence, core) -> Dict[str, str]:
     return info
 
 
+def build_stamp(core) -> str:
+    """Where the compiled core was loaded from, its mtime, and the source tree's git state."""
+    path = getattr(core, "__file__", "?")
+    try:
+        mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone()
+        mtime = mtime.isoformat(timespec="seconds")
+    except OSError:
+        mtime = "?"
+    git = "?"
+    try:
+        root = os.path.dirname(HERE)
+
+        def run(*cmd):
+            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+
+        head = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--", "csrc", "CMakeLists.txt")
+        git = f"git {head}" + (" with uncommitted changes in csrc/" if dirty else " (csrc clean)")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{os.path.basename(path)} built {mtime}; {git}"
+
+
 def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarray]:
     """numpy matmul GFLOP/s on n×n matrices, one entry per repeat."""
     rng = np.random.default_rng(1)
@@ -239,7 +273,7 @@ def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarra
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tasks
 
 @dataclass
@@ -294,11 +328,11 @@ def make_synthetic(pyinfluence, n: int, d: int) -> Task:
     t0 = _now()
     model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
     fit_s = _now() - t0
-    return Task(f"synthetic binary n={n} d={d}", "logistic", 1, Xtr, ytr, ytr.astype(np.float64), Xte, yte,
-                yte.astype(np.float64), model, fit_s)
+    return Task(f"synthetic binary n={n} d={d}", "logistic", 1, Xtr, ytr, ytr.astype(np.float64),
+                Xte, yte, yte.astype(np.float64), model, fit_s)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # one task × dtype
 
 @dataclass
@@ -309,6 +343,7 @@ class Row:
     numpy: Dict[str, float]              # variant → median seconds
     note: str = ""
     spread: Dict[str, float] = field(default_factory=dict)   # impl → IQR / median
+    min_ratio: float = float("nan")      # fastest pyinfluence run / fastest numpy run
 
     @property
     def np_best(self) -> Tuple[str, float]:
@@ -338,7 +373,7 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     spec = core.ModelSpec(task.family, K, True, False, L2)
     prob = nb.Problem(task.family, K, L2)
     hess_variants = ["syrk", "kron"] if task.family == "multinomial" else ["syrk"]
-    warm = 0 if n * p * p > 5e9 else 1   # large task: every call takes seconds; no untimed warm-up round
+    warm = 0 if n * p * p > 5e9 else 1   # large task: calls take seconds; no untimed warm-up
     rows: List[Row] = []
     n_rep: List[int] = []
     checks: Dict[str, str] = {}
@@ -348,10 +383,11 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
         row = Row(step, flops, _med(res[pyi_key]) if pyi_key else None,
                   {k: _med(res[v]) for k, v in np_keys.items()}, note)
         row.spread = {"pyi": _iqr(res[pyi_key]), "np": _iqr(res[np_keys[row.np_best[0]]])}
+        row.min_ratio = float(res[pyi_key].min() / min(res[v].min() for v in np_keys.values()))
         rows.append(row)
         return row
 
-    # --- correctness (once) ----------------------------------------------------------------------------
+    # --- correctness (once) -----------------------------------------------------------------------
     eng = core.LinearEngine(spec, X, y, W, 0.0)
     if not eng.factorized:
         raise RuntimeError("pyinfluence engine failed to factorise")
@@ -359,7 +395,8 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     st0 = st["syrk"]
     tol = 1e-8 if dt == np.float64 else 1e-3
     H_core = core.hessian(spec, X, y, W)
-    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core) for hv in hess_variants}
+    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core)
+            for hv in hess_variants}
     U_core = eng.up_loss(Xt, yt)
     for uv, f in nb.UP_LOSS.items():
         errs[f"up_loss ({uv})"] = nb.max_rel_err(f(st0, Xt, yt), U_core)
@@ -367,14 +404,16 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     tk_c = eng.top_k(Xt, yt, TOPK)
     tk_n = nb.top_k(st0, Xt, yt, TOPK)
     errs["top_k scores"] = max(nb.max_rel_err(tk_n[1], tk_c[1]), nb.max_rel_err(tk_n[3], tk_c[3]))
-    idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0]) + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
+    idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0])
+                      + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
     worst = max(errs.values())
-    checks["max relative error vs numpy"] = f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; " + \
-        ", ".join(f"{k} {v:.0e}" for k, v in errs.items()) + ")"
+    checks["max relative error vs numpy"] = (
+        f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; "
+        + ", ".join(f"{k} {v:.0e}" for k, v in errs.items()) + ")")
     checks["top_k index agreement"] = f"{idx_agree:.4f}"
     del H_core, U_core
 
-    # --- Hessian assembly, factorisation ---------------------------------------------------------------
+    # --- Hessian assembly, factorisation ----------------------------------------------------------
     log(f"  [{task.name} {dtype}] hessian / factor")
     H_np = nb.hessian_syrk(prob, X, y, W)
     X1, y1 = np.ascontiguousarray(X[:1]), np.ascontiguousarray(y[:1])
@@ -388,23 +427,25 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     for hv in hess_variants:
         impls[f"np hessian+factor {hv}"] = (lambda hv=hv: nb.build(prob, X, y, W, hv))
     res = interleaved(impls, repeats, warm)
-    add("Hessian assembly", n * p * p, res, "pyi hessian", {hv: f"np hessian {hv}" for hv in hess_variants},
-        "pyinfluence: _core.hessian")
+    add("Hessian assembly", n * p * p, res, "pyi hessian",
+        {hv: f"np hessian {hv}" for hv in hess_variants}, "pyinfluence: _core.hessian")
     add("Cholesky factorisation", p**3 / 3, res, "pyi factor", {"cho_factor": "np factor"},
         "pyinfluence: LinearEngine on a 1-row training set (same p; assembly negligible)")
     add("Hessian + factorisation", n * p * p + p**3 / 3, res, "pyi hessian+factor",
-        {hv: f"np hessian+factor {hv}" for hv in hess_variants}, "pyinfluence: LinearEngine constructor")
+        {hv: f"np hessian+factor {hv}" for hv in hess_variants},
+        "pyinfluence: LinearEngine constructor")
     best_h = min(hess_variants, key=lambda hv: _med(res[f"np hessian {hv}"]))
     del H_np
 
-    # --- up_loss, top-k, self-influence -----------------------------------------------------------------
+    # --- up_loss, top-k, self-influence -----------------------------------------------------------
     log(f"  [{task.name} {dtype}] up_loss / top_k / self_influence")
     impls = {"pyi up_loss": lambda: eng.up_loss(Xt, yt)}
     for uv, f in nb.UP_LOSS.items():
         impls[f"np up_loss {uv}"] = (lambda f=f: f(st0, Xt, yt))
     res = interleaved(impls, repeats, warm)
     add(f"up_loss matrix (n×m, m={m})", 2 * n * p * m, res, "pyi up_loss",
-        {uv: f"np up_loss {uv}" for uv in nb.UP_LOSS}, "pyinfluence: LinearEngine.up_loss (cached residuals)")
+        {uv: f"np up_loss {uv}" for uv in nb.UP_LOSS},
+        "pyinfluence: LinearEngine.up_loss (cached residuals)")
     best_u = min(nb.UP_LOSS, key=lambda uv: _med(res[f"np up_loss {uv}"]))
 
     impls = {"pyi top_k": lambda: eng.top_k(Xt, yt, TOPK),
@@ -413,19 +454,20 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     add(f"top-k (k={TOPK}, both ends)", 2 * n * p * m, res, "pyi top_k",
         {best_u: f"np top_k {best_u}"}, "numpy: the faster up_loss variant + argpartition")
 
-    res = interleaved({"pyi self": lambda: eng.self_influence(), "np self": lambda: nb.self_influence(st0)},
-                      repeats, warm)
+    res = interleaved({"pyi self": lambda: eng.self_influence(),
+                       "np self": lambda: nb.self_influence(st0)}, repeats, warm)
     add("self-influence (all n)", n * p * p, res, "pyi self", {"trsm": "np self"})
 
-    # --- end to end -------------------------------------------------------------------------------------
+    # --- end to end -------------------------------------------------------------------------------
     log(f"  [{task.name} {dtype}] end to end")
     model = task.model
-    Xpub = X  # the public API takes the user's arrays as they are (float64 or float32 → that dtype)
+    Xpub = X  # the public API takes the user's arrays as they are (float32 stays float32)
 
     def pub():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pyinfluence.LinearInfluence(model, Xpub, task.y_labels).up_loss(Xt, task.yt_labels)
+            li = pyinfluence.LinearInfluence(model, Xpub, task.y_labels)
+            return li.up_loss(Xt, task.yt_labels)
 
     impls = {"pyi e2e": lambda: core.LinearEngine(spec, X, y, W, 0.0).up_loss(Xt, yt),
              "pyi public e2e": pub}
@@ -434,11 +476,12 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     res = interleaved(impls, repeats, warm)
     e2e_flops = n * p * p + p**3 / 3 + 2 * n * p * m
     npk = {hv: f"np e2e {hv}" for hv in hess_variants}
-    add("end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk, "pyinfluence: _core.LinearEngine")
+    add("end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk,
+        "pyinfluence: _core.LinearEngine")
     add("end to end, public API", e2e_flops, res, "pyi public e2e", npk,
         "LinearInfluence(model, X, y).up_loss(X_test, y_test)")
 
-    # --- per-call overhead of a single-test-point query ---------------------------------------------------
+    # --- per-call overhead of a single-test-point query -------------------------------------------
     log(f"  [{task.name} {dtype}] per-call overhead")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -474,18 +517,21 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     percall_note = (bare_note, np_query_note)
     del G
 
-    # --- memory ---------------------------------------------------------------------------------------
+    # --- memory -----------------------------------------------------------------------------------
     log(f"  [{task.name} {dtype}] memory")
     mem: Dict[str, Dict[str, int]] = {}
     if hwm_supported():
-        mem["pyinfluence top_k (streaming)"] = {"rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
-        mem["pyinfluence up_loss (dense n×m)"] = {"rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
+        mem["pyinfluence top_k (streaming)"] = {
+            "rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
+        mem["pyinfluence up_loss (dense n×m)"] = {
+            "rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
         mem["pyinfluence self_influence"] = {"rss": rss_peak_delta(lambda: eng.self_influence())}
-    for nm, f in (("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
-                  ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
-                  ("numpy self_influence", lambda: nb.self_influence(st0))):
+    for nm, f in (
+            ("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
+            ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
+            ("numpy self_influence", lambda: nb.self_influence(st0))):
         mem[nm] = {}
-        if warm or not hwm_supported():   # large task: VmHWM only (the two agree within 1% there)
+        if warm or not hwm_supported():   # large task: VmHWM only (the two agree within 1%)
             mem[nm]["tracemalloc"] = tracemalloc_peak(f)
         if hwm_supported():
             mem[nm]["rss"] = rss_peak_delta(f)
@@ -493,19 +539,23 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     if mem_scaling and hwm_supported():
         for frac in (4, 2, 1):
             nn = n // frac
-            Xs, ys = (X, y) if frac == 1 else (np.ascontiguousarray(X[:nn]), np.ascontiguousarray(y[:nn]))
+            if frac == 1:
+                Xs, ys = X, y
+            else:
+                Xs, ys = np.ascontiguousarray(X[:nn]), np.ascontiguousarray(y[:nn])
             e2 = eng if frac == 1 else core.LinearEngine(spec, Xs, ys, W, 0.0)
             scaling.append((nn, rss_peak_delta(lambda: e2.top_k(Xt, yt, TOPK)),
                             rss_peak_delta(lambda: e2.up_loss(Xt, yt))))
             del e2, Xs, ys
 
-    return {"task": task, "dtype": dtype, "n": n, "d": d, "p": p, "m": m, "rows": rows, "checks": checks,
-            "percall": percall, "percall_note": percall_note, "calls": calls, "mem": mem, "scaling": scaling,
-            "best_h": best_h, "best_u": best_u, "repeats": f"{min(n_rep)}–{max(n_rep)}" if min(n_rep) != max(n_rep)
-            else str(n_rep[0]), "calls_done": calls_done}
+    reps = f"{min(n_rep)}–{max(n_rep)}" if min(n_rep) != max(n_rep) else str(n_rep[0])
+    return {"task": task, "dtype": dtype, "n": n, "d": d, "p": p, "m": m, "rows": rows,
+            "checks": checks, "percall": percall, "percall_note": percall_note, "calls": calls,
+            "mem": mem, "scaling": scaling, "best_h": best_h, "best_u": best_u, "repeats": reps,
+            "calls_done": calls_done}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # report
 
 def _fmt_t(s: Optional[float]) -> str:
@@ -539,8 +589,8 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
     """Markdown for one thread configuration: (text, list of steps with ratio > 1)."""
     out: List[str] = [f"## {title}", ""]
     flagged: List[str] = []
-    out.append(f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end of the "
-               "configuration pooled):\n")
+    out.append(f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end "
+               "of the configuration pooled):\n")
     out.append("| dtype | GFLOP/s median | best |")
     out.append("|---|---:|---:|")
     for dt, (a, b) in gemm.items():
@@ -552,9 +602,10 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
         g_med = gemm[dt][0]
         out.append(f"### {t.name} — {dt}  (n={R['n']}, d={R['d']}, p={R['p']}, m={R['m']}; "
                    f"median of {R['repeats']} interleaved repeats)\n")
-        out.append("| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | GFLOP/s pyi | "
-                   "GFLOP/s numpy | pyi / GEMM rate | spread pyi / np (IQR/median) | numpy variants | note |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        out.append("| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | "
+                   "ratio of minima | GFLOP/s pyi | GFLOP/s numpy | pyi / GEMM rate | "
+                   "spread pyi / np (IQR/median) | numpy variants | note |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for row in R["rows"]:
             v, tn = row.np_best
             ratio = row.pyi / tn if row.pyi is not None and tn > 0 else None
@@ -565,15 +616,17 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
                 mark = " **>1**"
                 flagged.append(f"{label} — {t.name} {dt}: {row.step}: ratio {ratio:.2f} "
                                f"({_fmt_t(row.pyi)} vs {_fmt_t(tn)})")
-            sp = f"{row.spread.get('pyi', float('nan')):.0%} / {row.spread.get('np', float('nan')):.0%}"
-            out.append(f"| {row.step} | {row.flops / 1e9:.3g} | {_fmt_t(row.pyi)} | {_fmt_t(tn)} ({v}) | "
-                       f"{'–' if ratio is None else f'{ratio:.2f}'}{mark} | "
-                       f"{'–' if gp is None else f'{gp:.1f}'} | {'–' if gn is None else f'{gn:.1f}'} | "
-                       f"{'–' if gp is None else f'{gp / g_med:.0%}'} | {sp} | {variants} | {row.note} |")
+            nan = float("nan")
+            sp = f"{row.spread.get('pyi', nan):.0%} / {row.spread.get('np', nan):.0%}"
+            cells = [row.step, f"{row.flops / 1e9:.3g}", _fmt_t(row.pyi), f"{_fmt_t(tn)} ({v})",
+                     ("–" if ratio is None else f"{ratio:.2f}") + mark, f"{row.min_ratio:.2f}",
+                     "–" if gp is None else f"{gp:.1f}", "–" if gn is None else f"{gn:.1f}",
+                     "–" if gp is None else f"{gp / g_med:.0%}", sp, variants, row.note]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
         pc = R["percall"]
-        out.append(f"Single-test-point `up_loss` on a cached engine (median per call over interleaved rounds, "
-                   f"{R['calls_done']} calls each):\n")
+        out.append(f"Single-test-point `up_loss` on a cached engine (median per call over "
+                   f"interleaved rounds, {R['calls_done']} calls each):\n")
         out.append("| call | time | × bare matvec |")
         out.append("|---|---:|---:|")
         labels = {"public": "LinearInfluence.up_loss(x, y) (public API)",
@@ -584,8 +637,10 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
         for k, lab in labels.items():
             out.append(f"| {lab} | {_fmt_t(pc[k])} | {pc[k] / pc['bare matvec']:.2f} |")
         floor = pc["bare matvec"] + pc["bare solve"]
-        out.append(f"| floor: bare matvec + bare solve | {_fmt_t(floor)} | {floor / pc['bare matvec']:.2f} |")
-        out.append(f"\nPython-layer overhead (public − engine): {_fmt_t(pc['public'] - pc['engine'])}; "
+        out.append(f"| floor: bare matvec + bare solve | {_fmt_t(floor)} | "
+                   f"{floor / pc['bare matvec']:.2f} |")
+        out.append(f"\nPython-layer overhead (public − engine): "
+                   f"{_fmt_t(pc['public'] - pc['engine'])}; "
                    f"engine − floor: {_fmt_t(pc['engine'] - floor)}; "
                    f"engine / numpy query: {pc['engine'] / pc['numpy query']:.2f}.\n")
         out.append("Peak memory above the resident baseline (results included):\n")
@@ -608,16 +663,18 @@ def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], 
     lines = ["# pyinfluence linear benchmark: results", "",
              f"Generated by `python bench/linear.py {' '.join(sys.argv[1:])}` on "
              f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
-             f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how to reproduce.",
+             f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how "
+             "to reproduce.",
              "", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
-    lines += ["Flop conventions: Hessian assembly n·p² (a SYRK computes one triangle: the GEMM-equivalent "
-              "2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring GEMM; the p×m solve and the "
-              "test gradients are not counted); self-influence n·p² (triangular solve with n right-hand sides); "
-              "end to end the sum. GFLOP/s = these counts / median time; 'pyi / GEMM rate' divides by the "
-              "median numpy matmul rate of the same dtype in the same thread configuration. The ratio compares "
-              "pyinfluence with the FASTEST numpy variant of the step.", ""]
+    lines += ["Flop conventions: Hessian assembly n·p² (a SYRK computes one triangle: the "
+              "GEMM-equivalent 2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring "
+              "GEMM; the p×m solve and the test gradients are not counted); self-influence n·p² "
+              "(triangular solve with n right-hand sides); end to end the sum. GFLOP/s = these "
+              "counts / median time; 'pyi / GEMM rate' divides by the median numpy matmul rate of "
+              "the same dtype in the same thread configuration. The ratio compares pyinfluence with "
+              "the FASTEST numpy variant of the step.", ""]
     lines += ["## Steps where pyinfluence is slower than the best numpy (ratio > 1)", ""]
     flagged = [f for _, fl in sections for f in fl]
     lines += [f"- {f}" for f in flagged] or ["- none"]
@@ -631,9 +688,10 @@ def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], 
 
 
 def _apply_threads(cfg: str, core):
-    """Limit every thread pool to cfg threads (or leave them alone for 'default'); returns (handle, title)."""
+    """Limit every thread pool to cfg threads ('default': leave them); returns (handle, title)."""
     if cfg == "default":
-        return None, f"Default threads (each library's own setting: core max_threads = {core.max_threads()})"
+        return None, ("Default threads (each library's own setting: core max_threads = "
+                      f"{core.max_threads()})")
     nthr = int(cfg)
     handle = {"core": core.max_threads() if hasattr(core, "max_threads") else None}
     try:
@@ -647,8 +705,8 @@ def _apply_threads(cfg: str, core):
         torch = sys.modules["torch"]
         handle["torch"] = torch.get_num_threads()
         torch.set_num_threads(nthr)
-    return handle, f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on every BLAS and " \
-                   f"OpenMP pool, _core.set_max_threads({nthr}))"
+    return handle, (f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on "
+                    f"every BLAS and OpenMP pool, _core.set_max_threads({nthr}))")
 
 
 def _restore_threads(handle, core) -> None:
@@ -663,24 +721,35 @@ def _restore_threads(handle, core) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run (< 30 s)")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown file to write ('' = none)")
-    ap.add_argument("--tasks", default="digits,synthetic", help="comma-separated: digits, synthetic")
-    ap.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per step (default: by size)")
-    ap.add_argument("--n", type=int, default=None, help="synthetic task: training points (default 200000)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes and few repeats: a smoke run (< 30 s)")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
+                    help="markdown file to write ('' = none)")
+    ap.add_argument("--tasks", default="digits,synthetic",
+                    help="comma-separated: digits, synthetic")
+    ap.add_argument("--dtypes", default="float64,float32",
+                    help="comma-separated: float64, float32")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved repeats per step (default: 25 digits, 3 synthetic)")
+    ap.add_argument("--n", type=int, default=None,
+                    help="synthetic task: training points (default 200000)")
     ap.add_argument("--d", type=int, default=None, help="synthetic task: features (default 500)")
-    ap.add_argument("--calls", type=int, default=None, help="single-point calls for the overhead measurement")
-    ap.add_argument("--gemm-n", type=int, default=None, help="matrix size for the GEMM rate (default 4000)")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="single-point calls for the overhead measurement")
+    ap.add_argument("--gemm-n", type=int, default=None,
+                    help="matrix size for the GEMM rate (default 4000)")
     ap.add_argument("--threads", default=None,
-                    help="comma-separated thread configurations to run, each 'default' (the libraries' own "
-                         "settings) or N (every BLAS/OpenMP/torch pool limited to N via threadpoolctl and "
-                         "_core.set_max_threads); default: '1,default' ('1' with --quick)")
+                    help="comma-separated thread configurations to run, each 'default' (the "
+                         "libraries' own settings) or N (every BLAS/OpenMP/torch pool limited to N "
+                         "via threadpoolctl and _core.set_max_threads); default: '1'; "
+                         "bench/RESULTS.md is made with '1,default'")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds per step group after which repeating stops (at least 5 repeats); "
-                         "default 10 (3 with --quick); 0 = no budget")
-    ap.add_argument("--no-torch", action="store_true", help="do not import torch (its thread pool stays unloaded)")
+                    help="seconds per step group after which repeating stops (at least 5 "
+                         "repeats); default 10 (3 with --quick); 0 = no budget")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="do not import torch (its thread pool stays unloaded)")
     args = ap.parse_args(argv)
     t_start = _now()
     q = args.quick
@@ -693,7 +762,7 @@ def main(argv=None) -> int:
     task_names = [s.strip() for s in args.tasks.split(",") if s.strip()]
     dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
     if args.threads is None:
-        args.threads = "1" if q else "1,default"
+        args.threads = "1"
     thread_cfgs = [s.strip() for s in args.threads.split(",") if s.strip()]
     for cfg in thread_cfgs:
         if cfg != "default" and not (cfg.isdigit() and int(cfg) > 0):
@@ -748,7 +817,7 @@ def main(argv=None) -> int:
                                             mem_scaling=(task.family == "logistic"), log=log))
                     gc.collect()
             log(f"[threads={cfg}] GEMM rate again")
-            g2 = measure_gemm(args.gemm_n, dtypes, 2)
+            g2 = measure_gemm(args.gemm_n, dtypes, 1)
         finally:
             _restore_threads(limiter, core)
         gemm = {}
@@ -758,6 +827,10 @@ def main(argv=None) -> int:
         text, flagged = render_section(results, gemm, args.gemm_n, title, f"threads={cfg}")
         print(text, flush=True)
         sections.append((text, flagged))
+    stamp_end = build_stamp(core)
+    if stamp_end != machine["pyinfluence build"]:
+        machine["WARNING"] = f"the compiled core on disk changed during the run (now: {stamp_end}); the process " \
+                             "kept the one it loaded at the start"
     md = render_file(sections, machine, tasks_built, _now() - t_start)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,27 +1,31 @@
-"""Hand-written numpy/scipy implementation of the linear-model influence formulas (the benchmark baseline).
+"""Hand-written numpy/scipy implementation of the linear-model influence formulas.
 
-Same conventions as pyinfluence (Koh & Liang 2017; /work/shared/DESIGN.md):
+The baseline of bench/linear.py. Same conventions as pyinfluence (Koh & Liang 2017;
+/work/shared/DESIGN.md):
 
     R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖²   (P masks the unpenalised intercept)
     θ = W (K, d_eff) flattened row-major, x̃ = [x, 1], ∇θL(z) = r ⊗ x̃, r = dL/ds (K,)
     up_loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)        (n, m)
     self_influence(z)   = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) = −‖L⁻¹g‖²   (n,)
 
-Families: "logistic" (K = 1, y ∈ {0,1}) and "multinomial" (K classes, y the class index). The Hessian is
-exactly ∇²R. For the undamped multinomial model with an unpenalised intercept, H is singular along the
-shift of all intercepts; like the core we factorise H + γ·1_b1_bᵀ (γ = 1, the gauge term (γ/2)(Σ_k b_k)²),
-which changes no influence value (every gradient is orthogonal to that direction).
+Families: "logistic" (K = 1, y ∈ {0,1}) and "multinomial" (K classes, y the class index). The
+Hessian is exactly ∇²R. For the undamped multinomial model with an unpenalised intercept, H is
+singular along the shift of all intercepts; like the core we factorise H + γ·1_b1_bᵀ (γ = 1, the
+gauge term (γ/2)(Σ_k b_k)²), which changes no influence value (every gradient is orthogonal to that
+direction).
 
-This is meant to be the fastest numpy a careful user would reasonably write: everything is a BLAS call or a
-single vectorised pass, the Hessian exploits symmetry (numpy's ``np.dot(B.T, B)`` is dispatched to SYRK),
-the factorisation and solves are LAPACK (scipy.linalg.cho_factor / cho_solve / solve_triangular). Where two
-reasonable formulations exist, both are given and the benchmark times both and compares against the faster:
+This is meant to be the fastest numpy a careful user would reasonably write: everything is a BLAS
+call or a single vectorised pass, the Hessian exploits symmetry (numpy's ``np.dot(B.T, B)`` is
+dispatched to SYRK), the factorisation and solves are LAPACK (scipy.linalg.cho_factor / cho_solve /
+solve_triangular). Where two reasonable formulations exist, both are given and the benchmark times
+both and compares against the faster:
 
-- Hessian, multinomial: ``hessian_syrk`` (blockdiag(X̃ᵀdiag(p_a)X̃) − GᵀG with G_i = p_i ⊗ x̃_i, one SYRK of
-  n·p² flops — what the core does) and ``hessian_kron`` (Kronecker structure H = Σ_i D_i ⊗ x̃_i x̃_iᵀ as one
-  GEMM over the unique (a ≤ b) × (j ≤ l) index pairs: ≈ n·p²/2 flops).
-- up_loss: ``up_loss_G`` (the per-example gradient matrix G (n×p), then −G @ S) and ``up_loss_factored``
-  (−Σ_a r_a ∘ (X̃ Ŝ_a): the same GEMM flops without materialising G).
+- Hessian, multinomial: ``hessian_syrk`` (blockdiag(X̃ᵀdiag(p_a)X̃) − GᵀG with G_i = p_i ⊗ x̃_i,
+  one SYRK of n·p² flops — what the core does) and ``hessian_kron`` (Kronecker structure
+  H = Σ_i D_i ⊗ x̃_i x̃_iᵀ as one GEMM over the unique (a ≤ b) × (j ≤ l) index pairs: ≈ n·p²/2
+  flops).
+- up_loss: ``up_loss_G`` (the per-example gradient matrix G (n×p), then −G @ S) and
+  ``up_loss_factored`` (−Σ_a r_a ∘ (X̃ Ŝ_a): the same GEMM flops without materialising G).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class Problem:
         return self.family == "multinomial" and self.fit_intercept and not self.penalize_intercept
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # per-example quantities
 
 def augment(X: np.ndarray, fit_intercept: bool = True) -> np.ndarray:
@@ -74,8 +78,12 @@ def scores(prob: Problem, X: np.ndarray, W: np.ndarray) -> np.ndarray:
     return S
 
 
-def residuals(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(r = dL/ds (n, K), curvature): logistic → c = σ(1−σ) (n, 1); multinomial → p = softmax(s) (n, K)."""
+def residuals(prob: Problem, X: np.ndarray, y: np.ndarray,
+              W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(r = dL/ds (n, K), curvature).
+
+    Curvature: logistic → c = σ(1−σ) (n, 1); multinomial → p = softmax(s) (n, K).
+    """
     S = scores(prob, X, W)
     if prob.family == "logistic":
         p = scipy.special.expit(S)
@@ -114,7 +122,7 @@ def gauge_indices(prob: Problem, d: int) -> Optional[np.ndarray]:
     return np.arange(prob.K) * prob.d_eff(d) + d
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hessian assembly
 
 def hessian_syrk(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
@@ -133,7 +141,7 @@ def hessian_syrk(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
         np.multiply(X, sc[:, None], out=B[:, :d])
         if prob.fit_intercept:
             B[:, d] = sc
-        H = np.dot(B.T, B)                       # numpy dispatches Bᵀ·B to SYRK (+ symmetrising copy)
+        H = np.dot(B.T, B)          # numpy dispatches Bᵀ·B to SYRK (+ a symmetrising copy)
     else:
         G = gradients(prob, X, C)                # G_i = p_i ⊗ x̃_i
         H = np.dot(G.T, G)                       # SYRK, n·p²
@@ -149,7 +157,9 @@ def hessian_syrk(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
 
 def hessian_kron(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
                  C: Optional[np.ndarray] = None) -> np.ndarray:
-    """Multinomial H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ as ONE GEMM over unique index pairs.
+    """Multinomial H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ as ONE GEMM.
+
+    The GEMM runs over the unique index pairs only:
 
     T[(a≤b), (j≤l)] = Σ_i D_i[a, b] x̃_ij x̃_il = Dpairsᵀ · Mpairs, Dpairs (n, K(K+1)/2), Mpairs
     (n, de(de+1)/2): 2·n·(K(K+1)/2)·(de(de+1)/2) ≈ n·p²/2 flops, then a scatter of p² entries.
@@ -181,14 +191,16 @@ def hessian_kron(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
 HESSIANS = {"syrk": hessian_syrk, "kron": hessian_kron}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # factorisation, queries
 
-def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False, gauge: Optional[np.ndarray] = None):
+def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False,
+           gauge: Optional[np.ndarray] = None):
     """scipy.linalg.cho_factor of H + λI (lower); ``overwrite`` lets it factorise H in place.
 
-    Undamped (λ = 0) multinomial models with an unpenalised intercept: like the core, factorise H + γ·1_b1_bᵀ
-    (``gauge`` = the intercept positions from :func:`gauge_indices`), which leaves every influence unchanged.
+    Undamped (λ = 0) multinomial models with an unpenalised intercept: like the core, factorise H +
+    γ·1_b1_bᵀ (``gauge`` = the intercept positions from :func:`gauge_indices`), which leaves every
+    influence unchanged.
     """
     A = H if overwrite else H.copy()
     if damping:
@@ -200,7 +212,7 @@ def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False, gauge: 
 
 @dataclass
 class State:
-    """What a numpy user keeps after 'fitting' the influence engine (mirrors the core's cached state)."""
+    """What a numpy user keeps after 'fitting' the influence engine (as the core caches)."""
     prob: Problem
     X: np.ndarray
     y: np.ndarray
@@ -214,7 +226,8 @@ def build(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray, hessian: s
     """Hessian assembly + Cholesky, keeping the training residuals (the numpy 'engine')."""
     R, C = residuals(prob, X, y, W)
     H = HESSIANS[hessian](prob, X, y, W, C)
-    return State(prob, X, y, W, R, factor(H, damping, overwrite=True, gauge=gauge_indices(prob, X.shape[1])))
+    cf = factor(H, damping, overwrite=True, gauge=gauge_indices(prob, X.shape[1]))
+    return State(prob, X, y, W, R, cf)
 
 
 def s_test(st: State, X_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
@@ -234,7 +247,7 @@ def up_loss_G(st: State, X_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
 
 
 def up_loss_factored(st: State, X_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
-    """−Σ_a r_a ∘ (X̃ Ŝ_a): the same GEMM without forming G. Ŝ_a is the a-th (d_eff, m) block of S."""
+    """−Σ_a r_a ∘ (X̃ Ŝ_a): the same GEMM without forming G (Ŝ_a: the a-th (d_eff, m) block)."""
     prob, X, R = st.prob, st.X, st.R
     n, d = X.shape
     de, K = prob.d_eff(d), prob.K
@@ -280,18 +293,19 @@ def top_k(st: State, X_test: np.ndarray, y_test: np.ndarray, k: int, up_loss: st
 def self_influence(st: State) -> np.ndarray:
     """−‖L⁻¹ g_i‖² for every training point: one triangular solve with n right-hand sides (TRSM)."""
     G = gradients(st.prob, st.X, st.R)           # (n, p) C-order → G.T is Fortran-ordered: no copy
-    Y = scipy.linalg.solve_triangular(st.cf[0], G.T, lower=True, overwrite_b=True, check_finite=False)
+    Y = scipy.linalg.solve_triangular(st.cf[0], G.T, lower=True, overwrite_b=True,
+                                      check_finite=False)
     return -np.einsum("pn,pn->n", Y, Y)
 
 
 def single_query(st: State, G_train: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """up_loss for ONE test point on cached state and cached G: test gradient, cho_solve, one matvec."""
+    """up_loss for ONE test point on cached state and G: test gradient, cho_solve, one matvec."""
     s = s_test(st, x, y)[:, 0]
     return -(G_train @ s)
 
 
-def end_to_end(prob: Problem, X, y, W, X_test, y_test, hessian: str = "syrk", up_loss: str = "factored",
-               damping: float = 0.0) -> np.ndarray:
+def end_to_end(prob: Problem, X, y, W, X_test, y_test, hessian: str = "syrk",
+               up_loss: str = "factored", damping: float = 0.0) -> np.ndarray:
     """Hessian + factorisation + the full up_loss matrix for m test points."""
     st = build(prob, X, y, W, hessian, damping)
     return UP_LOSS[up_loss](st, X_test, y_test)

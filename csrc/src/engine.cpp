@@ -144,16 +144,9 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_params(const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                               const Eigen::Ref<const Vector<S>>& y_test,
-                                               const Eigen::Ref<const RowMatrix<S>>& X,
-                                               const Eigen::Ref<const Vector<S>>& y) const {
-  check_points("", X, y);
-  const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
-  const Index k = X.rows(), m = X_test.rows(), K = spec_.n_outputs;
-  RowMatrix<S> scores, R(k, K), C(k, K);
-  compute_scores<S>(spec_, X, W_, scores);
-  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
+                                                 const ColMatrix<S>& Shat, Index m) const {
+  const Index k = X.rows();
   RowMatrix<S> out(k, m), Z;
   const Index block = rows_per_block(k, Shat.cols() + Shat.rows(), sizeof(S));
   for (Index start = 0; start < k; start += block) {
@@ -164,17 +157,24 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<
 }
 
 template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
+                                               const Eigen::Ref<const Vector<S>>& y_test,
+                                               const Eigen::Ref<const RowMatrix<S>>& X,
+                                               const Eigen::Ref<const Vector<S>>& y) const {
+  check_points("", X, y);
+  const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
+  const Index k = X.rows(), K = spec_.n_outputs;
+  RowMatrix<S> scores, R(k, K), C(k, K);
+  compute_scores<S>(spec_, X, W_, scores);
+  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+  return score_all(X, R, Shat, X_test.rows());
+}
+
+template <class S>
 RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
                                                      const Eigen::Ref<const Vector<S>>& y_test) const {
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
-  const Index n = X_.rows(), m = X_test.rows();
-  RowMatrix<S> out(n, m), Z;
-  const Index block = rows_per_block(n, Shat.cols() + Shat.rows(), sizeof(S));
-  for (Index start = 0; start < n; start += block) {
-    const Index b = std::min(block, n - start);
-    score_block(X_, residual_, Shat, m, start, b, Z, out.middleRows(start, b));
-  }
-  return out;
+  return score_all(X_, residual_, Shat, X_test.rows());  // cached training residuals
 }
 
 template <class S>

@@ -98,6 +98,9 @@ class LinearInfluenceEngine {
   void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
                    Index m, Index start, Index rows, RowMatrix<S>& Z,
                    Eigen::Ref<RowMatrix<S>> out) const;
+  // All rows of (X, R) in blocks: the (k×m) up_loss matrix.
+  RowMatrix<S> score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
+                         Index m) const;
 
   ModelSpec spec_;
   Eigen::Ref<const RowMatrix<S>> X_;
