@@ -672,9 +672,9 @@ def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], 
               "GEMM-equivalent 2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring "
               "GEMM; the p×m solve and the test gradients are not counted); self-influence n·p² "
               "(triangular solve with n right-hand sides); end to end the sum. GFLOP/s = these "
-              "counts / median time; 'pyi / GEMM rate' divides by the median numpy matmul rate of "
-              "the same dtype in the same thread configuration. The ratio compares pyinfluence with "
-              "the FASTEST numpy variant of the step.", ""]
+              "counts / median time; 'pyi / GEMM rate' divides by the median numpy matmul rate "
+              "of the same dtype in the same thread configuration. The ratio compares pyinfluence "
+              "with the FASTEST numpy variant of the step.", ""]
     lines += ["## Steps where pyinfluence is slower than the best numpy (ratio > 1)", ""]
     flagged = [f for _, fl in sections for f in fl]
     lines += [f"- {f}" for f in flagged] or ["- none"]
@@ -788,7 +788,8 @@ def main(argv=None) -> int:
 
     machine = machine_description(pyinfluence, core)
     tasks_built: List[Task] = []
-    fit_limit, _ = _apply_threads("1", core)  # the fits are not measured; one thread is robust on a busy machine
+    # The fits are not measured; one thread is robust on a busy machine.
+    fit_limit, _ = _apply_threads("1", core)
     try:
         for tk in task_names:
             log(f"task {tk}: data + model fit")
@@ -812,7 +813,8 @@ def main(argv=None) -> int:
                         reps = 5 if q else 25
                     else:
                         reps = 3
-                    calls = args.calls or ((200 if q else 2000) if task.family == "multinomial" else 20)
+                    small = task.family == "multinomial"
+                    calls = args.calls or ((200 if q else 2000) if small else 20)
                     results.append(run_case(task, dt, reps, pyinfluence, core, calls,
                                             mem_scaling=(task.family == "logistic"), log=log))
                     gc.collect()
@@ -829,8 +831,8 @@ def main(argv=None) -> int:
         sections.append((text, flagged))
     stamp_end = build_stamp(core)
     if stamp_end != machine["pyinfluence build"]:
-        machine["WARNING"] = f"the compiled core on disk changed during the run (now: {stamp_end}); the process " \
-                             "kept the one it loaded at the start"
+        machine["WARNING"] = (f"the compiled core on disk changed during the run (now: "
+                              f"{stamp_end}); the process kept the one it loaded at the start")
     md = render_file(sections, machine, tasks_built, _now() - t_start)
     if args.out:
         with open(args.out, "w") as f:
