@@ -1,5 +1,7 @@
 #include "pyinfluence/engine.hpp"
 
+#include "pyinfluence/threads.hpp"
+
 #include <Eigen/LU>
 #include <algorithm>
 #include <limits>
@@ -249,6 +251,7 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   std::vector<std::vector<Cand>> helpful(m), harmful(m);
   const Index block = std::max<Index>(rows_per_block(n, Shat.cols() + m, sizeof(S), std::size_t(4) << 20), k);
   RowMatrix<S> scores(block, m), Z;
+  ExceptionCarrier carrier;
   // Lexicographic order on (score, index) keeps results deterministic under ties.
   const auto less = [](const Cand& a, const Cand& b) { return a.first < b.first || (a.first == b.first && a.second < b.second); };
   const auto greater = [](const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
@@ -259,16 +262,19 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
 #pragma omp parallel for schedule(static) if (m * b > 200000)
 #endif
     for (Index t = 0; t < m; ++t) {
-      auto keep = [&](std::vector<Cand>& best, auto cmp) {
-        for (Index i = 0; i < b; ++i) best.emplace_back(scores(i, t), std::int64_t(start + i));
-        if (Index(best.size()) > k) {
-          std::nth_element(best.begin(), best.begin() + k, best.end(), cmp);
-          best.resize(k);
-        }
-      };
-      keep(helpful[t], less);
-      keep(harmful[t], greater);
+      carrier.run([&] {
+        auto keep = [&](std::vector<Cand>& best, auto cmp) {
+          for (Index i = 0; i < b; ++i) best.emplace_back(scores(i, t), std::int64_t(start + i));
+          if (Index(best.size()) > k) {
+            std::nth_element(best.begin(), best.begin() + k, best.end(), cmp);
+            best.resize(k);
+          }
+        };
+        keep(helpful[t], less);
+        keep(harmful[t], greater);
+      });
     }
+    carrier.rethrow();
   }
   TopK<S> out;
   out.helpful_idx.resize(m, k);
@@ -357,38 +363,42 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
   for (Index a = 0; a < K; ++a)
     for (Index b = a; b < K; ++b) XA[a * K + b] = Xk_t * Ainv.block(a * de, b * de, de, de);
   RowMatrix<S> out(k, m);
+  ExceptionCarrier carrier;
 #ifdef PYINFLUENCE_HAS_OPENMP
 #pragma omp parallel for schedule(static) if (k * m * K > 20000)
 #endif
   for (Index i = 0; i < k; ++i) {
-    const Index row = idx[i];
-    ColMatrix<S> M(K, K), DM(K, K), V(K * m, 1);
-    for (Index a = 0; a < K; ++a)
-      for (Index b = a; b < K; ++b) M(a, b) = M(b, a) = XA[a * K + b].row(i).dot(Xk_t.row(i));
-    const S* r = residual_.row(row).data();
-    const S* cv = curvature_.row(row).data();
-    Vector<S> rv = Eigen::Map<const Vector<S>>(r, K);
-    Vector<S> u = U0.row(i).transpose() - c * (M * rv);
-    Vector<S> Du(K), w(K);
-    apply_curvature(spec_, cv, u.data(), Du.data());
-    for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
-    ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
-    if (K == 1) w[0] = Du[0] / system(0, 0);
-    else w = system.partialPivLu().solve(Du);
-    const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
-    Vector<S> new_scores(K), new_loss(1);
-    RowMatrix<S> sc(1, K);
-    for (Index t = 0; t < m; ++t) {
-      for (Index a = 0; a < K; ++a) {
-        S vc = 0;
-        for (Index b = 0; b < K; ++b) vc += Z(i, b * K * m + a * m + t) * coef[b];
-        sc(0, a) = test_scores(t, a) - base[a * m + t] - c * vc;
+    carrier.run([&] {
+      const Index row = idx[i];
+      ColMatrix<S> M(K, K), DM(K, K);
+      for (Index a = 0; a < K; ++a)
+        for (Index b = a; b < K; ++b) M(a, b) = M(b, a) = XA[a * K + b].row(i).dot(Xk_t.row(i));
+      const S* r = residual_.row(row).data();
+      const S* cv = curvature_.row(row).data();
+      Vector<S> rv = Eigen::Map<const Vector<S>>(r, K);
+      Vector<S> u = U0.row(i).transpose() - c * (M * rv);
+      Vector<S> Du(K), w(K);
+      apply_curvature(spec_, cv, u.data(), Du.data());
+      for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
+      ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
+      if (K == 1) w[0] = Du[0] / system(0, 0);
+      else w = system.partialPivLu().solve(Du);
+      const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
+      Vector<S> new_scores(K), new_loss(1);
+      RowMatrix<S> sc(1, K);
+      for (Index t = 0; t < m; ++t) {
+        for (Index a = 0; a < K; ++a) {
+          S vc = 0;
+          for (Index b = 0; b < K; ++b) vc += Z(i, b * K * m + a * m + t) * coef[b];
+          sc(0, a) = test_scores(t, a) - base[a * m + t] - c * vc;
+        }
+        S l;
+        loss_from_scores<S>(spec_, sc, y_test.segment(t, 1), &l);
+        out(i, t) = l - test_loss0[t];
       }
-      S l;
-      loss_from_scores<S>(spec_, sc, y_test.segment(t, 1), &l);
-      out(i, t) = l - test_loss0[t];
-    }
+    });
   }
+  carrier.rethrow();
   return out;
 }
 

@@ -1,7 +1,33 @@
 // Build features and thread control of the core.
 #pragma once
 
+#include <exception>
+#include <mutex>
+
 namespace pyinfluence {
+
+// Carries the first exception thrown inside an OpenMP loop body back to the calling thread (an exception
+// escaping a parallel region would terminate the process). Use: carrier.run([&] { body }); after the loop,
+// carrier.rethrow().
+class ExceptionCarrier {
+ public:
+  template <class F>
+  void run(F&& body) noexcept {
+    try {
+      body();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::mutex mutex_;
+};
 
 bool has_openmp();
 // Threads the core's OpenMP regions may use (1 without OpenMP).
