@@ -249,7 +249,7 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   const Index m = X_test.rows();
   using Cand = std::pair<S, std::int64_t>;
   std::vector<std::vector<Cand>> helpful(m), harmful(m);
-  const Index block = std::max<Index>(rows_per_block(n, Shat.cols() + m, sizeof(S), std::size_t(4) << 20), k);
+  const Index block = std::max<Index>(rows_per_block(n, Shat.cols() + m, sizeof(S), std::size_t(16) << 20), k);
   RowMatrix<S> scores(block, m), Z;
   ExceptionCarrier carrier;
   // Lexicographic order on (score, index) keeps results deterministic under ties.

@@ -55,6 +55,6 @@ void check_problem(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& 
                    const Eigen::Ref<const Vector<S>>& weights);
 
 // Rows per block so that a block of `width` values per row stays near `budget_bytes`.
-Index rows_per_block(Index n, Index width, std::size_t scalar_size, std::size_t budget_bytes = std::size_t(8) << 20);
+Index rows_per_block(Index n, Index width, std::size_t scalar_size, std::size_t budget_bytes = std::size_t(32) << 20);
 
 }  // namespace pyinfluence
