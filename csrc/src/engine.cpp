@@ -222,13 +222,14 @@ Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMat
   check_points("", X, y);
   const Index k = X.rows(), p = n_params();
   Vector<S> out(k);
-  const Index block = rows_per_block(k, 2 * p, sizeof(S));
-  ColMatrix<S> Y;
+  const Index block = rows_per_block(k, p, sizeof(S));
+  RowMatrix<S> G;
   for (Index start = 0; start < k; start += block) {
     const Index b = std::min(block, k - start);
-    Y = gradients(X.middleRows(start, b), y.segment(start, b)).transpose();
-    llt_.matrixL().solveInPlace(Y);
-    out.segment(start, b) = -Y.colwise().squaredNorm().transpose();
+    G = gradients(X.middleRows(start, b), y.segment(start, b));
+    // G L⁻ᵀ = (L⁻¹ Gᵀ)ᵀ: a right-sided triangular solve on the row-major block, no transposed copy.
+    llt_.matrixU().template solveInPlace<Eigen::OnTheRight>(G);
+    out.segment(start, b) = -G.rowwise().squaredNorm();
   }
   return out;
 }
