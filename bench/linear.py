@@ -127,6 +127,27 @@ def _malloc_trim() -> None:
         pass
 
 
+def keep_heap() -> bool:
+    """Make glibc keep freed memory in the process (no mmap for big blocks, no automatic trimming).
+
+    On the VM this was written on, memory returned to the kernel is reported to the host after
+    ~2 s and discarded; touching it again costs ~1.3 ms per MB. A step that allocates a big
+    temporary right after the other implementation ran for a few seconds then pays up to 2×
+    (measured: building numpy's 800 MB B took 0.23 s after a numpy step, 1.0–1.5 s after a
+    pyinfluence step). Keeping the heap removes that order-dependent penalty for both sides;
+    memory measurements still work because they call malloc_trim(0) first.
+    """
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        ok = bool(_LIBC.mallopt(m_mmap_max, 0))
+        return ok and bool(_LIBC.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
@@ -693,7 +714,11 @@ def _apply_threads(cfg: str, core):
         return None, ("Default threads (each library's own setting: core max_threads = "
                       f"{core.max_threads()})")
     nthr = int(cfg)
+    # Read every current setting BEFORE limiting anything: torch and the core report the OpenMP
+    # setting that threadpoolctl is about to change.
     handle = {"core": core.max_threads() if hasattr(core, "max_threads") else None}
+    if "torch" in sys.modules:
+        handle["torch"] = sys.modules["torch"].get_num_threads()
     try:
         from threadpoolctl import threadpool_limits
         handle["tpc"] = threadpool_limits(limits=nthr)
@@ -702,9 +727,7 @@ def _apply_threads(cfg: str, core):
     if hasattr(core, "set_max_threads"):
         core.set_max_threads(nthr)
     if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        handle["torch"] = torch.get_num_threads()
-        torch.set_num_threads(nthr)
+        sys.modules["torch"].set_num_threads(nthr)
     return handle, (f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on "
                     f"every BLAS and OpenMP pool, _core.set_max_threads({nthr}))")
 
@@ -714,10 +737,10 @@ def _restore_threads(handle, core) -> None:
         return
     if handle.get("tpc") is not None:
         handle["tpc"].restore_original_limits()
-    if handle.get("core") is not None:
-        core.set_max_threads(handle["core"])
     if handle.get("torch") is not None:
         sys.modules["torch"].set_num_threads(handle["torch"])
+    if handle.get("core") is not None:
+        core.set_max_threads(handle["core"])
 
 
 def main(argv=None) -> int:
@@ -744,10 +767,13 @@ def main(argv=None) -> int:
                     help="comma-separated thread configurations to run, each 'default' (the "
                          "libraries' own settings) or N (every BLAS/OpenMP/torch pool limited to N "
                          "via threadpoolctl and _core.set_max_threads); default: '1'; "
-                         "bench/RESULTS.md is made with '1,default'")
+                         "bench/RESULTS.md is made with 'default,1'")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per step group after which repeating stops (at least 5 "
                          "repeats); default 10 (3 with --quick); 0 = no budget")
+    ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                    help="'keep' (default): glibc keeps freed memory in the process (mallopt "
+                         "M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1); 'default': stock glibc settings")
     ap.add_argument("--no-torch", action="store_true",
                     help="do not import torch (its thread pool stays unloaded)")
     args = ap.parse_args(argv)
@@ -787,6 +813,13 @@ def main(argv=None) -> int:
     from pyinfluence import _core as core
 
     machine = machine_description(pyinfluence, core)
+    if args.allocator == "keep":
+        ok = keep_heap()
+        machine["allocator"] = ("glibc keeps freed memory (mallopt M_MMAP_MAX=0, "
+                                "M_TRIM_THRESHOLD=2**31-1); see bench/README.md" if ok
+                                else "could not set mallopt; stock glibc settings")
+    else:
+        machine["allocator"] = "stock glibc settings (--allocator default)"
     tasks_built: List[Task] = []
     # The fits are not measured; one thread is robust on a busy machine.
     fit_limit, _ = _apply_threads("1", core)

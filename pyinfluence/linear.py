@@ -137,8 +137,7 @@ class LinearInfluence:
             raise NotPositiveDefiniteError(
                 self._npd_message(f"Cholesky factorisation failed{where}")
             )
-        _, grad = _core.objective(self._spec, X, y, self._theta, None)
-        self.grad_norm_ = float(np.linalg.norm(np.asarray(grad, dtype=np.float64)))
+        self.grad_norm_ = float(self._engine.grad_norm)  # ‖∇R(θ̂)‖, from the engine's cached residuals
         limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
         if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
             warnings.warn(

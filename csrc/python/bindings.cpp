@@ -179,6 +179,7 @@ class PyLinearEngine {
   Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
   bool factorized() const { return (float32_ ? e32_->status() : e64_->status()) == Status::Ok; }
   Index failed_pivot() const { return float32_ ? e32_->failed_pivot() : e64_->failed_pivot(); }
+  double grad_norm() const { return float32_ ? e32_->grad_norm() : e64_->grad_norm(); }
 
   py::array hessian() const {
     if (float32_) return to_numpy(ColMatrix<float>(e32_->hessian()));
@@ -430,6 +431,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_train", &PyLinearEngine::n_train)
       .def_property_readonly("n_params", &PyLinearEngine::n_params)
       .def_property_readonly("factorized", &PyLinearEngine::factorized)
+      .def_property_readonly("grad_norm", &PyLinearEngine::grad_norm, "||grad R(theta)||_2 on the training set")
       .def_property_readonly("failed_pivot", &PyLinearEngine::failed_pivot,
                               "index of the failing Cholesky pivot when factorized is False, else -1")
       .def("hessian", &PyLinearEngine::hessian)

@@ -32,6 +32,16 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eig
   residual_.resize(n, K);
   curvature_.resize(n, K);
   per_example_from_scores<S>(spec_, scores, y_, nullptr, residual_.data(), curvature_.data());
+  {  // ∇R(θ̂) = Rᵀ X̃ / n + l2 P θ̂ from the cached residuals (one pass over X)
+    const Index d = X_.cols(), de = spec_.d_eff(d);
+    RowMatrix<S> grad(K, de);
+    grad.leftCols(d).noalias() = residual_.transpose() * X_;
+    if (spec_.fit_intercept) grad.col(d) = residual_.colwise().sum().transpose();
+    grad /= S(n);
+    for (Index j = 0; j < de; ++j)
+      if (spec_.penalized(j, d)) grad.col(j) += S(spec_.l2) * W_.col(j);
+    grad_norm_ = double(grad.norm());
+  }
   H_ = pyinfluence::hessian<S>(spec_, X_, y_, W_, no_weights<S>());
   ColMatrix<S> A = H_;
   // Undamped, the multinomial intercept gauge makes H invertible (pseudo-inverse answers, families.hpp);
@@ -82,19 +92,27 @@ void LinearInfluenceEngine<S>::check_points(const char* what, const Eigen::Ref<c
 }
 
 template <class S>
+void LinearInfluenceEngine<S>::gradient_rows(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
+                                             Index start, Index b, RowMatrix<S>& G) const {
+  const Index d = X.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
+  G.resize(b, K * de);
+  for (Index i = 0; i < b; ++i)
+    for (Index a = 0; a < K; ++a) {
+      const S r = R(start + i, a);
+      G.row(i).segment(a * de, d) = r * X.row(start + i);
+      if (spec_.fit_intercept) G(i, a * de + d) = r;
+    }
+}
+
+template <class S>
 RowMatrix<S> LinearInfluenceEngine<S>::gradients(const Eigen::Ref<const RowMatrix<S>>& X,
                                                  const Eigen::Ref<const Vector<S>>& y) const {
   check_points("", X, y);
-  const Index k = X.rows(), d = X.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
-  RowMatrix<S> scores, R(k, K), C(k, K);
+  const Index k = X.rows(), K = spec_.n_outputs;
+  RowMatrix<S> scores, R(k, K), C(k, K), G;
   compute_scores<S>(spec_, X, W_, scores);
   per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
-  RowMatrix<S> G(k, K * de);
-  for (Index i = 0; i < k; ++i)
-    for (Index a = 0; a < K; ++a) {
-      G.row(i).segment(a * de, d) = R(i, a) * X.row(i);
-      if (spec_.fit_intercept) G(i, a * de + d) = R(i, a);
-    }
+  gradient_rows(X, R, 0, k, G);
   return G;
 }
 
@@ -215,18 +233,16 @@ RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMatrix<S>>& X,
-                                                   const Eigen::Ref<const Vector<S>>& y) const {
+Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const RowMatrix<S>>& X,
+                                                        const RowMatrix<S>& R) const {
   // −g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹ g_i‖²: one triangular solve per block of gradients.
-  require_factor();
-  check_points("", X, y);
   const Index k = X.rows(), p = n_params();
   Vector<S> out(k);
   const Index block = rows_per_block(k, p, sizeof(S));
   RowMatrix<S> G;
   for (Index start = 0; start < k; start += block) {
     const Index b = std::min(block, k - start);
-    G = gradients(X.middleRows(start, b), y.segment(start, b));
+    gradient_rows(X, R, start, b, G);
     // G L⁻ᵀ = (L⁻¹ Gᵀ)ᵀ: a right-sided triangular solve on the row-major block, no transposed copy.
     llt_.matrixU().template solveInPlace<Eigen::OnTheRight>(G);
     out.segment(start, b) = -G.rowwise().squaredNorm();
@@ -235,8 +251,21 @@ Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMat
 }
 
 template <class S>
+Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMatrix<S>>& X,
+                                                   const Eigen::Ref<const Vector<S>>& y) const {
+  require_factor();
+  check_points("", X, y);
+  const Index k = X.rows(), K = spec_.n_outputs;
+  RowMatrix<S> scores, R(k, K), C(k, K);
+  compute_scores<S>(spec_, X, W_, scores);
+  per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
+  return self_influence_from(X, R);
+}
+
+template <class S>
 Vector<S> LinearInfluenceEngine<S>::self_influence_train() const {
-  return self_influence(X_, y_);
+  require_factor();
+  return self_influence_from(X_, residual_);  // cached training residuals
 }
 
 template <class S>

@@ -100,17 +100,23 @@ ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatri
   const bool weighted = weights.size() != 0;
   ColMatrix<S> H = ColMatrix<S>::Zero(p, p);
   const Index block = rows_per_block(n, p + de + 2 * K, sizeof(S));
-  RowMatrix<S> scores, R(block, K), C(block, K), xbuf, B, G;
+  RowMatrix<S> scores, R(block, K), C(block, K), B, G;
   for (Index start = 0; start < n; start += block) {
     const Index b = std::min(block, n - start);
     compute_scores<S>(spec, X.middleRows(start, b), W, scores);
     per_example_from_scores<S>(spec, scores, y.segment(start, b), nullptr, R.data(), C.data());
     auto Cb = C.topRows(b);
     if (weighted) Cb.array().colwise() *= weights.segment(start, b).array();
-    const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec, X, start, b, xbuf);
+    const auto Xb = X.middleRows(start, b);
+    // B = diag(scale) X̃ for the block, built in one pass over X (the intercept's 1 becomes the scale).
+    const auto scaled_rows = [&](const auto& scale) {
+      B.resize(b, de);
+      B.leftCols(d) = scale.asDiagonal() * Xb;
+      if (spec.fit_intercept) B.col(d) = scale;
+    };
     if (spec.family != Family::Multinomial) {
       // Binary: D_i = c_i ≥ 0, so Σ c_i x̃x̃ᵀ = BᵀB with B = diag(√c) X̃  (one SYRK).
-      B = Cb.col(0).array().sqrt().matrix().asDiagonal() * Xt;
+      scaled_rows(Cb.col(0).array().sqrt().matrix());
       H.template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
     } else {
       // Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃x̃ᵀ = blockdiag_a(X̃ᵀ diag(p_a) X̃) − GᵀG,  G_i = p_i ⊗ x̃_i.
@@ -118,11 +124,15 @@ ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatri
       G.resize(b, p);
       for (Index i = 0; i < b; ++i) {
         const S scale = weighted ? (weights[start + i] > S(0) ? S(1) / std::sqrt(weights[start + i]) : S(0)) : S(1);
-        for (Index a = 0; a < K; ++a) G.row(i).segment(a * de, de) = (scale * Cb(i, a)) * Xt.row(i);
+        for (Index a = 0; a < K; ++a) {
+          const S coef = scale * Cb(i, a);
+          G.row(i).segment(a * de, d) = coef * Xb.row(i);
+          if (spec.fit_intercept) G(i, a * de + d) = coef;
+        }
       }
       H.template selfadjointView<Eigen::Lower>().rankUpdate(G.transpose(), S(-1));
       for (Index a = 0; a < K; ++a) {
-        B = Cb.col(a).array().sqrt().matrix().asDiagonal() * Xt;
+        scaled_rows(Cb.col(a).array().sqrt().matrix());
         H.block(a * de, a * de, de, de).template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
       }
     }

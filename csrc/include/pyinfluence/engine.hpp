@@ -48,6 +48,8 @@ class LinearInfluenceEngine {
   Index n_params() const { return spec_.n_params(X_.cols()); }
   const ModelSpec& spec() const { return spec_; }
   const ColMatrix<S>& hessian() const { return H_; }  // ∇²R(θ̂), l2 included, no damping
+  // ‖∇R(θ̂)‖₂ on the training set (from the cached residuals): influence assumes θ̂ is the minimiser.
+  double grad_norm() const { return grad_norm_; }
 
   // Explicit per-example gradients (k×p). For checks and small k; the scoring paths never form them.
   RowMatrix<S> gradients(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
@@ -91,6 +93,10 @@ class LinearInfluenceEngine {
 
  private:
   void require_factor() const;
+  // Rows [start, start+b) of the explicit gradients r_i ⊗ x̃_i from residuals R (rows aligned with X) into G (b×p).
+  void gradient_rows(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, Index start, Index b,
+                     RowMatrix<S>& G) const;
+  Vector<S> self_influence_from(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R) const;
   void check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
   // Ŝ: the d_eff × (K·m) rearrangement of S (p×m): Ŝ(:, k·m + t) = S(k·d_eff : (k+1)·d_eff, t).
   ColMatrix<S> reshape_for_contraction(const ColMatrix<S>& Sm) const;
@@ -110,6 +116,7 @@ class LinearInfluenceEngine {
   RowMatrix<S> residual_, curvature_;  // n×K each, at θ̂
   ColMatrix<S> H_;
   Eigen::LLT<ColMatrix<S>> llt_;
+  double grad_norm_ = 0.0;
   Status status_ = Status::Ok;
   Index failed_pivot_ = -1;
 };
