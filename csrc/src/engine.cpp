@@ -433,12 +433,9 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
-    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+Vector<S> LinearInfluenceEngine<S>::removal_weights(
     const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
-  // One Newton step from θ̂ on the objective without the group (mean over the remaining points).
-  const Index n = X_.rows(), p = n_params(), m = X_test.rows();
-  check_points("_test", X_test, y_test);
+  const Index n = X_.rows();
   Vector<S> weights = Vector<S>::Ones(n);
   for (Index j = 0; j < idx.size(); ++j) {
     if (idx[j] < 0 || idx[j] >= n)
@@ -446,8 +443,46 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
                                   std::to_string(n) + " training points");
     weights[idx[j]] = S(0);
   }
-  if (!(weights.sum() > S(0))) throw std::invalid_argument("the group cannot contain every training point");
-  ColMatrix<S> Hg = pyinfluence::hessian<S>(spec_, X_, y_, W_, weights);
+  if (!(weights.sum() > S(0))) throw std::invalid_argument("cannot remove every training point");
+  return weights;
+}
+
+template <class S>
+ColMatrix<S> LinearInfluenceEngine<S>::leave_out_hessian(const Vector<S>& weights) const {
+  // ∇²R₋(θ̂) = (n·H_data − g·H_data(removed))/(n − g) + l2P, with H_data = H − l2P the mean over all n:
+  // g·p² work for the removed rows instead of re-assembling n·p².
+  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  const Index kept = Index((weights.array() > S(0)).count()), g = n - kept;
+  Vector<S> penalty = Vector<S>::Zero(p);
+  for (Index a = 0; a < K; ++a)
+    for (Index j = 0; j < de; ++j)
+      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
+  ColMatrix<S> M = H_;
+  M.diagonal() -= penalty;
+  M *= S(n);
+  if (g > 0) {
+    RowMatrix<S> Xg(g, d);
+    Vector<S> yg(g);
+    Index r = 0;
+    for (Index i = 0; i < n; ++i)
+      if (!(weights[i] > S(0))) { Xg.row(r) = X_.row(i); yg[r] = y_[i]; ++r; }
+    const Vector<S> no_w;
+    M -= S(g) * data_hessian<S>(spec_, Xg, yg, W_, no_w);
+  }
+  M /= S(kept);
+  M.diagonal() += penalty;
+  return M;
+}
+
+template <class S>
+Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
+    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
+    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
+  // One Newton step from θ̂ on the objective without the group (mean over the remaining points).
+  const Index p = n_params(), m = X_test.rows();
+  check_points("_test", X_test, y_test);
+  const Vector<S> weights = removal_weights(idx);
+  ColMatrix<S> Hg = leave_out_hessian(weights);
   Hg.diagonal().array() += S(damping_);
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), Hg);
   Eigen::LLT<ColMatrix<S>> llt(Hg);
@@ -467,38 +502,12 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
 template <class S>
 NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
     const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx, double tol, int max_iter) const {
-  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  const Index d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
   if (!(tol >= 0.0)) throw std::invalid_argument("tol must be >= 0");
   if (max_iter < 1) throw std::invalid_argument("max_iter must be >= 1");
-  Vector<S> weights = Vector<S>::Ones(n);
-  for (Index j = 0; j < idx.size(); ++j) {
-    if (idx[j] < 0 || idx[j] >= n)
-      throw std::invalid_argument("train index " + std::to_string(idx[j]) + " is out of range for " +
-                                  std::to_string(n) + " training points");
-    weights[idx[j]] = S(0);
-  }
-  const Index kept = Index(weights.sum());
-  const Index g = n - kept;
-  if (kept == 0) throw std::invalid_argument("cannot remove every training point");
-  // Chord matrix ∇²R₋(θ̂) from the cached H: H_data = H − l2P is the mean over n; remove the g points' share.
-  ColMatrix<S> M = H_;
-  Vector<S> penalty = Vector<S>::Zero(p);
-  for (Index a = 0; a < K; ++a)
-    for (Index j = 0; j < de; ++j)
-      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
-  M.diagonal() -= penalty;
-  M *= S(n);
-  if (g > 0) {
-    RowMatrix<S> Xg(g, d);
-    Vector<S> yg(g);
-    Index r = 0;
-    for (Index i = 0; i < n; ++i)
-      if (weights[i] == S(0)) { Xg.row(r) = X_.row(i); yg[r] = y_[i]; ++r; }
-    const Vector<S> no_w;
-    M -= S(g) * data_hessian<S>(spec_, Xg, yg, W_, no_w);
-  }
-  M /= S(kept);
-  M.diagonal() += penalty;
+  const Vector<S> weights = removal_weights(idx);
+  // Chord matrix: ∇²R₋(θ̂), from the cached H.
+  ColMatrix<S> M = leave_out_hessian(weights);
   add_intercept_gauge<S>(spec_, d, M);
   Eigen::LLT<ColMatrix<S>> chord(M);
   NewtonResult<S> res;

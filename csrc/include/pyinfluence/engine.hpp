@@ -96,6 +96,10 @@ class LinearInfluenceEngine {
   // Rows [start, start+b) of the explicit gradients r_i ⊗ x̃_i from residuals R (rows aligned with X) into G (b×p).
   void gradient_rows(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, Index start, Index b,
                      RowMatrix<S>& G) const;
+  // Weights 1 for kept and 0 for removed training points; validates the indices.
+  Vector<S> removal_weights(const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+  // ∇²R₋(θ̂) of the objective without the zero-weight points (mean over the kept ones), from the cached H.
+  ColMatrix<S> leave_out_hessian(const Vector<S>& weights) const;
   Vector<S> self_influence_from(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R) const;
   void check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
   // Ŝ: the d_eff × (K·m) rearrangement of S (p×m): Ŝ(:, k·m + t) = S(k·d_eff : (k+1)·d_eff, t).
