@@ -122,6 +122,16 @@ inline S one_example(const ModelSpec& spec, const S* s, S yi, S* r, S* c) {
 }  // namespace
 
 template <class S>
+S per_example_row(const ModelSpec& spec, const S* scores, S y, S* residual, S* curvature) {
+  return one_example(spec, scores, y, residual, curvature);
+}
+
+template <class S>
+void check_labels(const ModelSpec& spec, const Eigen::Ref<const Vector<S>>& y) {
+  for (Index i = 0; i < y.size(); ++i) check_label(spec, i, y[i]);
+}
+
+template <class S>
 void per_example_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
                              const Eigen::Ref<const Vector<S>>& y, S* loss, S* residual, S* curvature) {
   const Index b = scores.rows(), K = spec.n_outputs;
@@ -163,6 +173,8 @@ Eigen::Ref<const RowMatrix<S>> augmented_rows(const ModelSpec& spec, const Eigen
 }
 
 #define PYINFLUENCE_INSTANTIATE(S)                                                                              \
+  template S per_example_row<S>(const ModelSpec&, const S*, S, S*, S*);                                        \
+  template void check_labels<S>(const ModelSpec&, const Eigen::Ref<const Vector<S>>&);                         \
   template void per_example_from_scores<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,           \
                                            const Eigen::Ref<const Vector<S>>&, S*, S*, S*);                   \
   template void loss_from_scores<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                  \

@@ -55,6 +55,14 @@ template <class S>
 void per_example_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
                              const Eigen::Ref<const Vector<S>>& y, S* loss, S* residual, S* curvature);
 
+// One example from its K scores: returns the loss, writes residual and curvature rows (length K). The label is
+// NOT validated (call check_labels first): for fused per-row loops.
+template <class S>
+S per_example_row(const ModelSpec& spec, const S* scores, S y, S* residual, S* curvature);
+// Throws std::invalid_argument naming the first invalid label.
+template <class S>
+void check_labels(const ModelSpec& spec, const Eigen::Ref<const Vector<S>>& y);
+
 // Only the losses (cheaper: used by line searches and test-loss evaluation).
 template <class S>
 void loss_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
