@@ -31,6 +31,32 @@ from pyinfluence.models import (  # noqa: E402
 
 __version__ = _core.__version__
 
+# The torch path is imported on first use, so that `import pyinfluence` for the linear path does not pay for
+# importing torch: name -> module that defines it.
+_LAZY = {
+    "CG": "pyinfluence.solvers",
+    "Exact": "pyinfluence.solvers",
+    "LiSSA": "pyinfluence.solvers",
+    "SolveResult": "pyinfluence.solvers",
+    "Solver": "pyinfluence.solvers",
+    "resolve_solver": "pyinfluence.solvers",
+}
+
+
+def __getattr__(name: str):  # PEP 562: lazy attributes of the package
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyinfluence' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 def set_num_threads(n: int) -> None:
     """Threads used by pyinfluence's C++ core: its OpenMP regions and its own OpenBLAS pool.
@@ -49,7 +75,10 @@ def get_num_threads() -> int:
     return blas if blas > 0 else _core.max_threads()
 
 __all__ = [
+    "CG",
     "ConvergenceError",
+    "Exact",
+    "LiSSA",
     "LinearInfluence",
     "LogisticRegression",
     "NotAtOptimumWarning",
@@ -57,8 +86,11 @@ __all__ = [
     "NotPositiveDefiniteError",
     "RidgeRegression",
     "SmoothHingeSVM",
+    "SolveResult",
+    "Solver",
     "TopK",
     "from_sklearn",
     "get_num_threads",
+    "resolve_solver",
     "set_num_threads",
 ]

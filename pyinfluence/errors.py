@@ -5,7 +5,8 @@ All exceptions subclass a builtin so that generic ``except ValueError`` /
 
 - :class:`NotPositiveDefiniteError` (``ValueError``): the Hessian ``H + λI`` could not be
   Cholesky-factorised. The usual cure is damping (``damping=λ > 0``) or more L2 regularisation.
-- :class:`ConvergenceError` (``RuntimeError``): Newton training did not reach its tolerance.
+- :class:`ConvergenceError` (``RuntimeError``): an iterative method failed: Newton training or conjugate
+  gradients did not reach their tolerance, or LiSSA's recursion diverged.
 - :class:`NotFittedError` (``ValueError``, ``AttributeError``): a model was used before ``fit``.
 - :class:`NotAtOptimumWarning` (``UserWarning``): the parameters are not a minimiser of the
   training objective, so influence values (which assume ``∇R(θ̂) = 0``) are approximate.
@@ -37,7 +38,15 @@ class NotPositiveDefiniteError(PyInfluenceError, ValueError):
 
 
 class ConvergenceError(PyInfluenceError, RuntimeError):
-    """Newton's method did not reach the requested gradient tolerance."""
+    """An iterative method failed: Newton's method or conjugate gradients did not reach the requested
+    tolerance within its iteration limit, or the LiSSA recursion diverged (its iterates grew without bound or
+    became NaN/inf — raise ``scale`` or ``damping``).
+
+    Solvers attach their partial :class:`~pyinfluence.solvers.SolveResult` as ``.result`` where one exists
+    (``None`` otherwise), so the residual reached can be inspected.
+    """
+
+    result = None
 
 
 class NotFittedError(PyInfluenceError, ValueError, AttributeError):

@@ -336,6 +336,71 @@ class PyLinearEngine {
   std::unique_ptr<LinearInfluenceEngine<double>> e64_;
 };
 
+// Cholesky factor of a symmetric matrix A + damping·I, for solvers written in Python (the torch path's Exact).
+class PyCholeskyFactor {
+ public:
+  PyCholeskyFactor(const py::array& A, double damping) : float32_(array_is_float32(A)) {
+    if (float32_) make<float>(A, damping);
+    else make<double>(A, damping);
+  }
+  Index size() const { return float32_ ? f32_.size() : f64_.size(); }
+  py::dtype dtype() const { return float32_ ? py::dtype::of<float>() : py::dtype::of<double>(); }
+  py::array solve(const py::array& B) const {
+    if (float32_) return solve_impl<float>(f32_, B);
+    return solve_impl<double>(f64_, B);
+  }
+
+ private:
+  template <class S>
+  void make(const py::array& A, double damping) {
+    auto Am = matrix_arg<S>(A, "A");
+    if (Am.rows() != Am.cols())
+      throw std::invalid_argument("A must be square, got shape (" + std::to_string(Am.rows()) + ", " +
+                                  std::to_string(Am.cols()) + ")");
+    CholeskyFactor<S>& f = factor<S>();
+    Status st;
+    {
+      py::gil_scoped_release r;
+      // One copy into column-major storage (A's lower triangle as numpy indexes it), then factorised in place.
+      st = f.compute(ColMatrix<S>(Am), damping);
+    }
+    if (st == Status::NonFinite) throw std::invalid_argument(f.failure_message("A + damping*I"));
+    if (st != Status::Ok) throw NotPositiveDefinite(f.failure_message("A + damping*I"));
+  }
+  template <class S>
+  CholeskyFactor<S>& factor() {
+    if constexpr (std::is_same_v<S, float>) return f32_;
+    else return f64_;
+  }
+  template <class S>
+  py::array solve_impl(const CholeskyFactor<S>& f, const py::array& B) const {
+    if (B.ndim() == 1) {
+      auto b = vector_arg<S>(B, "B");
+      if (b.size() != f.size())
+        throw std::invalid_argument("B must have " + std::to_string(f.size()) + " entries, got " +
+                                    std::to_string(b.size()));
+      ColMatrix<S> X = b;
+      { py::gil_scoped_release r; f.solve_in_place(X); }
+      Vector<S> out = Eigen::Map<const Vector<S>>(X.data(), X.rows());
+      return vector_to_numpy<S>(std::move(out));
+    }
+    auto Bm = matrix_arg<S>(B, "B");
+    if (Bm.rows() != f.size())
+      throw std::invalid_argument("B must have " + std::to_string(f.size()) + " rows, got " + std::to_string(Bm.rows()));
+    ColMatrix<S> X;
+    {
+      py::gil_scoped_release r;
+      X = Bm;
+      f.solve_in_place(X);
+    }
+    return to_numpy(std::move(X));
+  }
+
+  bool float32_;
+  CholeskyFactor<float> f32_;
+  CholeskyFactor<double> f64_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -344,6 +409,9 @@ PYBIND11_MODULE(_core, m) {
   m.attr("has_openmp") = has_openmp();
   m.attr("has_cuda") = false;
   m.attr("blas") = PYINFLUENCE_BLAS_NAME;
+  m.def("partition_threads", &partition_threads, py::arg("rows"), py::arg("work_flops"),
+        "Threads a row-partitioned kernel (Hessian assembly, up_loss, self-influence) would use for this work "
+        "(1: the single-accumulator path with a multi-threaded BLAS)");
   m.def("max_threads", &max_threads, "Threads the core's OpenMP regions may use");
   m.def("blas_threads", &blas_threads, "Threads of the core's own BLAS pool (-1: a BLAS pyinfluence does not control)");
   m.def("set_max_threads", &set_max_threads, py::arg("n"),
@@ -423,6 +491,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta0"), py::arg("sample_weight") = py::none(),
         py::arg("tol") = 1e-10, py::arg("max_iter") = 100,
         "Newton's method with line search: (theta (K, d_eff), n_iter, grad_norm, converged)");
+
+  py::class_<PyCholeskyFactor>(m, "CholeskyFactor",
+                               "Cholesky factor L Lᵀ = A + damping·I of a symmetric (p, p) float32/float64 matrix "
+                               "(C-contiguous; its lower triangle is read). Raises NotPositiveDefiniteError naming the "
+                               "failing pivot, also for numerically singular matrices (pivot² ≤ p·eps·max diag).")
+      .def(py::init<const py::array&, double>(), py::arg("A"), py::arg("damping") = 0.0)
+      .def_property_readonly("size", &PyCholeskyFactor::size)
+      .def_property_readonly("dtype", &PyCholeskyFactor::dtype)
+      .def("solve", &PyCholeskyFactor::solve, py::arg("B"),
+           "(A + damping·I)⁻¹ B for B of shape (p,) or (p, r), same dtype; returns the same shape");
 
   py::class_<PyLinearEngine>(m, "LinearEngine")
       .def(py::init<const ModelSpec&, const py::array&, const py::array&, const py::array&, double>(), py::arg("spec"),

@@ -47,27 +47,9 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eig
   // Undamped, the multinomial intercept gauge makes H invertible (pseudo-inverse answers, families.hpp);
   // damped, H + λI is already positive definite along that direction and we solve it as it is.
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), A);
-  A.diagonal().array() += S(damping_);
-  const S max_diag = A.diagonal().cwiseAbs().maxCoeff();
-  llt_.compute(A);
-  const auto& L = llt_.matrixLLT();
-  if (llt_.info() != Eigen::Success) {
-    status_ = Status::NotPositiveDefinite;
-    // Locate the first failing pivot for the error message: the first leading minor that is not PD.
-    for (Index j = 0; j < L.rows(); ++j)
-      if (!(L(j, j) > S(0)) || !std::isfinite(double(L(j, j)))) { failed_pivot_ = j; break; }
-  } else {
-    // Cholesky "succeeds" on a singular matrix when rounding leaves a tiny positive pivot (e.g. duplicated
-    // features with l2 = 0); such a factor yields meaningless solves. Treat a pivot L_jj² below
-    // p·ε·max_j A_jj as numerically singular.
-    const S threshold = S(A.rows()) * std::numeric_limits<S>::epsilon() * max_diag;
-    Index j_min;
-    const S min_pivot = L.diagonal().minCoeff(&j_min);
-    if (!(min_pivot * min_pivot > threshold)) {
-      status_ = Status::NotPositiveDefinite;
-      failed_pivot_ = j_min;
-    }
-  }
+  status_ = factor_.compute(std::move(A), damping_);
+  if (status_ == Status::NonFinite) status_ = Status::NotPositiveDefinite;
+  failed_pivot_ = factor_.failed_pivot();
 }
 
 template <class S>
@@ -121,7 +103,7 @@ ColMatrix<S> LinearInfluenceEngine<S>::solve(const Eigen::Ref<const ColMatrix<S>
   require_factor();
   if (B.rows() != n_params())
     throw std::invalid_argument("B must have " + std::to_string(n_params()) + " rows (one per parameter)");
-  return llt_.solve(B);
+  return factor_.solve(B);
 }
 
 template <class S>
@@ -130,7 +112,7 @@ ColMatrix<S> LinearInfluenceEngine<S>::s_test(const Eigen::Ref<const RowMatrix<S
   require_factor();
   check_points("_test", X_test, y_test);
   const RowMatrix<S> G = gradients(X_test, y_test);
-  return llt_.solve(G.transpose());
+  return factor_.solve(G.transpose());
 }
 
 template <class S>
@@ -160,19 +142,24 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_params(const Eigen::Ref<const RowMatri
                                                  const Eigen::Ref<const Vector<S>>& y) const {
   require_factor();
   const RowMatrix<S> G = gradients(X, y);
-  return -llt_.solve(G.transpose()).transpose();
+  return -factor_.solve(G.transpose()).transpose();
 }
 
 template <class S>
 RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
                                                  const ColMatrix<S>& Shat, Index m) const {
   const Index k = X.rows();
-  RowMatrix<S> out(k, m), Z;
-  const Index block = rows_per_block(k, Shat.cols() + Shat.rows(), sizeof(S));
-  for (Index start = 0; start < k; start += block) {
-    const Index b = std::min(block, k - start);
-    score_block(X, R, Shat, m, start, b, Z, out.middleRows(start, b));
-  }
+  RowMatrix<S> out(k, m);
+  const int threads = partition_threads(k, 2.0 * double(k) * double(Shat.rows()) * double(Shat.cols()));
+  run_row_partition(threads, k, [&](int, Index first, Index last) {
+    RowMatrix<S> Z;
+    const Index block =
+        rows_per_block(last - first, Shat.cols() + Shat.rows(), sizeof(S), (std::size_t(32) << 20) / threads);
+    for (Index start = first; start < last; start += block) {
+      const Index b = std::min(block, last - start);
+      score_block(X, R, Shat, m, start, b, Z, out.middleRows(start, b));
+    }
+  });
   return out;
 }
 
@@ -238,15 +225,18 @@ Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const R
   // −g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹ g_i‖²: one triangular solve per block of gradients.
   const Index k = X.rows(), p = n_params();
   Vector<S> out(k);
-  const Index block = rows_per_block(k, p, sizeof(S));
-  RowMatrix<S> G;
-  for (Index start = 0; start < k; start += block) {
-    const Index b = std::min(block, k - start);
-    gradient_rows(X, R, start, b, G);
-    // G L⁻ᵀ = (L⁻¹ Gᵀ)ᵀ: a right-sided triangular solve on the row-major block, no transposed copy.
-    llt_.matrixU().template solveInPlace<Eigen::OnTheRight>(G);
-    out.segment(start, b) = -G.rowwise().squaredNorm();
-  }
+  const int threads = partition_threads(k, double(k) * double(p) * double(p));
+  run_row_partition(threads, k, [&](int, Index first, Index last) {
+    RowMatrix<S> G;
+    const Index block = rows_per_block(last - first, p, sizeof(S), (std::size_t(32) << 20) / threads);
+    for (Index start = first; start < last; start += block) {
+      const Index b = std::min(block, last - start);
+      gradient_rows(X, R, start, b, G);
+      // G L⁻ᵀ = (L⁻¹ Gᵀ)ᵀ: a right-sided triangular solve on the row-major block, no transposed copy.
+      factor_.whiten_rows_in_place(G);
+      out.segment(start, b) = -G.rowwise().squaredNorm();
+    }
+  });
   return out;
 }
 
@@ -356,9 +346,10 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
   A.diagonal() += penalty;
   A.diagonal().array() += S(damping_);
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, d, A);
-  Eigen::LLT<ColMatrix<S>> lltA(A);
-  if (lltA.info() != Eigen::Success) throw std::domain_error("the leave-one-out Hessian is not positive definite");
-  const ColMatrix<S> Ainv = lltA.solve(ColMatrix<S>::Identity(p, p));
+  CholeskyFactor<S> factorA;
+  if (factorA.compute(std::move(A)) != Status::Ok) throw std::domain_error(factorA.failure_message("the leave-one-out Hessian"));
+  ColMatrix<S> Ainv = ColMatrix<S>::Identity(p, p);
+  factorA.solve_in_place(Ainv);
   // v0 = c Σ_j g_j + l2 P θ̂.
   RowMatrix<S> xbuf;
   RowMatrix<S> gsum(K, de);
@@ -485,10 +476,10 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
   ColMatrix<S> Hg = leave_out_hessian(weights);
   Hg.diagonal().array() += S(damping_);
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), Hg);
-  Eigen::LLT<ColMatrix<S>> llt(Hg);
-  if (llt.info() != Eigen::Success) throw std::domain_error("the leave-group-out Hessian is not positive definite");
+  CholeskyFactor<S> factor;
+  if (factor.compute(std::move(Hg)) != Status::Ok) throw std::domain_error(factor.failure_message("the leave-group-out Hessian"));
   const ObjectiveValue<S> obj = objective<S>(spec_, X_, y_, W_, weights, true);
-  const Vector<S> step = llt.solve(Eigen::Map<const Vector<S>>(obj.grad.data(), p));
+  const Vector<S> step = factor.solve(Eigen::Map<const Vector<S>>(obj.grad.data(), p));
   const RowMatrix<S> W1 = W_ - Eigen::Map<const RowMatrix<S>>(step.data(), W_.rows(), W_.cols());
   RowMatrix<S> s0, s1;
   compute_scores<S>(spec_, X_test, W_, s0);
@@ -509,7 +500,8 @@ NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
   // Chord matrix: ∇²R₋(θ̂), from the cached H.
   ColMatrix<S> M = leave_out_hessian(weights);
   add_intercept_gauge<S>(spec_, d, M);
-  Eigen::LLT<ColMatrix<S>> chord(M);
+  CholeskyFactor<S> chord;
+  chord.compute(std::move(M));
   NewtonResult<S> res;
   res.W = W_;
   const auto gauged = [&](const RowMatrix<S>& W) {
@@ -517,7 +509,7 @@ NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
     add_intercept_gauge<S>(spec_, W, v);
     return v;
   };
-  bool fallback = chord.info() != Eigen::Success;
+  bool fallback = !chord.ok();
   if (!fallback) {
     ObjectiveValue<S> cur = gauged(res.W);
     double gnorm = double(cur.grad.norm());

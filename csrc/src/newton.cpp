@@ -1,6 +1,6 @@
 #include "pyinfluence/newton.hpp"
 
-#include <Eigen/Cholesky>
+#include "pyinfluence/cholesky.hpp"
 #include <cmath>
 #include <limits>
 
@@ -21,7 +21,7 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
     return v;
   };
   ObjectiveValue<S> cur = gauged_objective(res.W);
-  Eigen::LLT<ColMatrix<S>> llt;
+  CholeskyFactor<S> factor;
   const double eps = double(std::numeric_limits<S>::epsilon());
   for (res.iterations = 0; res.iterations < max_iter; ++res.iterations) {
     const double gnorm = double(cur.grad.norm());
@@ -32,13 +32,12 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
     if (gnorm <= tol) break;
     ColMatrix<S> H = hessian<S>(spec, X, y, res.W, weights);
     add_intercept_gauge<S>(spec, X.cols(), H);
-    llt.compute(H);
-    if (llt.info() != Eigen::Success) {
+    if (factor.compute(std::move(H)) != Status::Ok) {
       res.status = Status::NotPositiveDefinite;
       break;
     }
     const Vector<S> g = Eigen::Map<const Vector<S>>(cur.grad.data(), p);
-    const Vector<S> step = llt.solve(g);  // Newton direction is −step
+    const Vector<S> step = factor.solve(g);  // Newton direction is −step
     const double decrement = double(g.dot(step));  // gᵀ H⁻¹ g ≥ 0
     double alpha = 1.0;
     bool accepted = false;

@@ -1,5 +1,8 @@
 #include "pyinfluence/objective.hpp"
 
+#include "pyinfluence/threads.hpp"
+
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -93,69 +96,121 @@ ObjectiveValue<S> objective(const ModelSpec& spec, const Eigen::Ref<const RowMat
   return out;
 }
 
+namespace {
+
+// Adds the data curvature of rows [start, start+b) of (X, y) to the LOWER triangle of H (unnormalised:
+// Σ_i ω_i ∇²_θ L_i). Buffers are reused across calls. `parallel_rows` lets the memory-bound first pass use the
+// core's OpenMP threads (off when the caller already runs one accumulator per thread).
 template <class S>
-ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                          const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                          const Eigen::Ref<const Vector<S>>& weights) {
-  const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
-  const bool weighted = weights.size() != 0;
-  ColMatrix<S> H = ColMatrix<S>::Zero(p, p);
-  const Index block = rows_per_block(n, p + de + 2 * K, sizeof(S));
-  RowMatrix<S> R(block, K), C(block, K), B, G;
-  check_labels<S>(spec, y);
-  const auto Wx = W.leftCols(d);
-  for (Index start = 0; start < n; start += block) {
-    const Index b = std::min(block, n - start);
-    const auto Xb = X.middleRows(start, b);
-    auto Cb = C.topRows(b);
-    // One fused, parallel pass over the block's rows while each row is in cache: scores s = W x̃, residual and
-    // curvature, and (binary families) the SYRK operand row B_i = √(ω_i c_i) x̃_i. Reading X once matters at
-    // large n: this pass is memory-bound, the SYRK is not.
-    const bool binary = spec.family != Family::Multinomial;
-    if (binary) B.resize(b, de);
+class CurvatureAccumulator {
+ public:
+  CurvatureAccumulator(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                       const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                       const Eigen::Ref<const Vector<S>>& weights, Index block)
+      : spec_(spec), X_(X), y_(y), W_(W), weights_(weights), R_(block, spec.n_outputs), C_(block, spec.n_outputs) {}
+
+  void add_rows(Index start, Index b, ColMatrix<S>& H, bool parallel_rows) {
+    const Index d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+    const bool weighted = weights_.size() != 0;
+    const bool binary = spec_.family != Family::Multinomial;
+    const auto Xb = X_.middleRows(start, b);
+    const auto Wx = W_.leftCols(d);
+    auto Cb = C_.topRows(b);
+    // One fused pass over the block's rows while each row is in cache: scores s = W x̃, residual and curvature,
+    // and (binary families) the SYRK operand row B_i = √(ω_i c_i) x̃_i. Reading X once matters at large n: this
+    // pass is memory-bound, the SYRK is not.
+    if (binary) B_.resize(b, de);
+    (void)parallel_rows;
 #ifdef PYINFLUENCE_HAS_OPENMP
-#pragma omp parallel for schedule(static) if (b * de > 200000)
+#pragma omp parallel for schedule(static) if (parallel_rows && b * de > 200000)
 #endif
     for (Index i = 0; i < b; ++i) {
       S stack_scores[64];  // K scores of row i (heap only for more than 64 classes)
       std::vector<S> heap_scores;
       S* sc = stack_scores;
-      if (K > 64) { heap_scores.resize(K); sc = heap_scores.data(); }
-      for (Index a = 0; a < K; ++a) sc[a] = Xb.row(i).dot(Wx.row(a)) + (spec.fit_intercept ? W(a, d) : S(0));
-      per_example_row<S>(spec, sc, y[start + i], &R(i, 0), &C(i, 0));
-      if (weighted) for (Index a = 0; a < K; ++a) C(i, a) *= weights[start + i];
+      if (K > 64) {
+        heap_scores.resize(K);
+        sc = heap_scores.data();
+      }
+      for (Index a = 0; a < K; ++a) sc[a] = Xb.row(i).dot(Wx.row(a)) + (spec_.fit_intercept ? W_(a, d) : S(0));
+      per_example_row<S>(spec_, sc, y_[start + i], &R_(i, 0), &C_(i, 0));
+      if (weighted)
+        for (Index a = 0; a < K; ++a) C_(i, a) *= weights_[start + i];
       if (binary) {
-        const S root = std::sqrt(C(i, 0));
-        B.row(i).head(d) = root * Xb.row(i);
-        if (spec.fit_intercept) B(i, d) = root;
+        const S root = std::sqrt(C_(i, 0));
+        B_.row(i).head(d) = root * Xb.row(i);
+        if (spec_.fit_intercept) B_(i, d) = root;
       }
     }
-    const auto scaled_rows = [&](const auto& scale) {
-      B.resize(b, de);
-      B.leftCols(d) = scale.asDiagonal() * Xb;
-      if (spec.fit_intercept) B.col(d) = scale;
-    };
-    if (spec.family != Family::Multinomial) {
-      // Binary: D_i = c_i ≥ 0, so Σ c_i x̃x̃ᵀ = BᵀB with B = diag(√c) X̃  (one SYRK; B built above).
-      H.template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
-    } else {
-      // Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃x̃ᵀ = blockdiag_a(X̃ᵀ diag(p_a) X̃) − GᵀG,  G_i = p_i ⊗ x̃_i.
-      // With weights ω, C already holds ω_i p_i; G_i = √ω_i p_i ⊗ x̃_i, so rescale by 1/√ω_i.
-      G.resize(b, p);
-      for (Index i = 0; i < b; ++i) {
-        const S scale = weighted ? (weights[start + i] > S(0) ? S(1) / std::sqrt(weights[start + i]) : S(0)) : S(1);
-        for (Index a = 0; a < K; ++a) {
-          const S coef = scale * Cb(i, a);
-          G.row(i).segment(a * de, d) = coef * Xb.row(i);
-          if (spec.fit_intercept) G(i, a * de + d) = coef;
-        }
-      }
-      H.template selfadjointView<Eigen::Lower>().rankUpdate(G.transpose(), S(-1));
+    if (binary) {
+      // Binary: D_i = c_i ≥ 0, so Σ c_i x̃x̃ᵀ = BᵀB with B = diag(√c) X̃ (one SYRK).
+      H.template selfadjointView<Eigen::Lower>().rankUpdate(B_.transpose());
+      return;
+    }
+    // Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃x̃ᵀ = blockdiag_a(X̃ᵀ diag(p_a) X̃) − GᵀG,  G_i = p_i ⊗ x̃_i.
+    // With weights ω, C already holds ω_i p_i; G_i = √ω_i p_i ⊗ x̃_i, so rescale by 1/√ω_i.
+    G_.resize(b, p);
+    for (Index i = 0; i < b; ++i) {
+      const S scale =
+          weighted ? (weights_[start + i] > S(0) ? S(1) / std::sqrt(weights_[start + i]) : S(0)) : S(1);
       for (Index a = 0; a < K; ++a) {
-        scaled_rows(Cb.col(a).array().sqrt().matrix());
-        H.block(a * de, a * de, de, de).template selfadjointView<Eigen::Lower>().rankUpdate(B.transpose());
+        const S coef = scale * Cb(i, a);
+        G_.row(i).segment(a * de, d) = coef * Xb.row(i);
+        if (spec_.fit_intercept) G_(i, a * de + d) = coef;
       }
     }
+    H.template selfadjointView<Eigen::Lower>().rankUpdate(G_.transpose(), S(-1));
+    B_.resize(b, de);
+    for (Index a = 0; a < K; ++a) {
+      B_.leftCols(d) = Cb.col(a).array().sqrt().matrix().asDiagonal() * Xb;
+      if (spec_.fit_intercept) B_.col(d) = Cb.col(a).array().sqrt().matrix();
+      H.block(a * de, a * de, de, de).template selfadjointView<Eigen::Lower>().rankUpdate(B_.transpose());
+    }
+  }
+
+ private:
+  const ModelSpec& spec_;
+  const Eigen::Ref<const RowMatrix<S>>& X_;
+  const Eigen::Ref<const Vector<S>>& y_;
+  const Eigen::Ref<const RowMatrix<S>>& W_;
+  const Eigen::Ref<const Vector<S>>& weights_;
+  RowMatrix<S> R_, C_, B_, G_;
+};
+
+// Extra memory the row-partitioned assembly may spend on per-thread Hessian accumulators.
+constexpr std::size_t partial_hessian_budget = std::size_t(512) << 20;
+
+}  // namespace
+
+template <class S>
+ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
+                          const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
+                          const Eigen::Ref<const Vector<S>>& weights) {
+  const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
+  check_labels<S>(spec, y);
+  ColMatrix<S> H = ColMatrix<S>::Zero(p, p);
+  const Index width = p + de + 2 * K;
+  int threads = partition_threads(n, double(n) * double(p) * double(p));
+  if (threads > 1 && std::size_t(threads - 1) * std::size_t(p) * std::size_t(p) * sizeof(S) > partial_hessian_budget)
+    threads = 1;
+  if (threads == 1) {
+    // One accumulator; the BLAS and the first pass each use all threads.
+    const Index block = rows_per_block(n, width, sizeof(S));
+    CurvatureAccumulator<S> acc(spec, X, y, W, weights, block);
+    for (Index start = 0; start < n; start += block) acc.add_rows(start, std::min(block, n - start), H, true);
+  } else {
+    // Row partition: thread t accumulates its rows into its own H_t with a single-threaded BLAS, then
+    // H = Σ_t H_t. No hand-off between thread pools per block; (T−1)·p² extra memory (budgeted above).
+    std::vector<ColMatrix<S>> partial(std::size_t(threads - 1));
+    run_row_partition(threads, n, [&](int t, Index first, Index last) {
+      ColMatrix<S>& Ht = t == 0 ? H : partial[std::size_t(t - 1)];
+      if (t > 0) Ht.setZero(p, p);
+      const Index block = rows_per_block(last - first, width, sizeof(S), (std::size_t(32) << 20) / threads);
+      CurvatureAccumulator<S> acc(spec, X, y, W, weights, block);
+      for (Index start = first; start < last; start += block)
+        acc.add_rows(start, std::min(block, last - start), Ht, false);
+    });
+    for (const auto& Ht : partial) H += Ht;
   }
   H /= weight_sum<S>(weights, n);
   H.template triangularView<Eigen::StrictlyUpper>() = H.transpose();

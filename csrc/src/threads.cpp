@@ -1,5 +1,7 @@
 #include "pyinfluence/threads.hpp"
 
+#include <algorithm>
+
 #ifdef PYINFLUENCE_HAS_OPENMP
 #include <omp.h>
 #endif
@@ -35,6 +37,37 @@ void set_max_threads(int n) {
 #endif
 #ifdef PYINFLUENCE_BLAS_SCIPY_OPENBLAS
   scipy_openblas_set_num_threads(n);
+#endif
+}
+
+int partition_threads(Index rows, double work_flops) {
+#ifdef PYINFLUENCE_HAS_OPENMP
+#if defined(PYINFLUENCE_BLAS_SCIPY_OPENBLAS) || defined(PYINFLUENCE_BLAS_NONE)
+  if (omp_in_parallel()) return 1;
+  const int threads = omp_get_max_threads();
+  if (threads < 2 || work_flops < 1e7) return 1;
+  return int(std::max<Index>(1, std::min<Index>(threads, rows / 64)));
+#else
+  (void)rows;
+  (void)work_flops;
+  return 1;
+#endif
+#else
+  (void)rows;
+  (void)work_flops;
+  return 1;
+#endif
+}
+
+SingleThreadedBlas::SingleThreadedBlas() : saved_(blas_threads()) {
+#ifdef PYINFLUENCE_BLAS_SCIPY_OPENBLAS
+  if (saved_ > 1) scipy_openblas_set_num_threads(1);
+#endif
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+#ifdef PYINFLUENCE_BLAS_SCIPY_OPENBLAS
+  if (saved_ > 1) scipy_openblas_set_num_threads(saved_);
 #endif
 }
 

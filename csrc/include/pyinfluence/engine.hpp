@@ -11,10 +11,10 @@
 // K×d_eff reshaping of s_test: one GEMM X̃ Ŝ per block of training rows, never the k×p gradient matrix.
 #pragma once
 
-#include <Eigen/Cholesky>
 #include <memory>
 #include <vector>
 
+#include "pyinfluence/cholesky.hpp"
 #include "pyinfluence/families.hpp"
 #include "pyinfluence/newton.hpp"
 #include "pyinfluence/objective.hpp"
@@ -119,7 +119,7 @@ class LinearInfluenceEngine {
   double damping_;
   RowMatrix<S> residual_, curvature_;  // n×K each, at θ̂
   ColMatrix<S> H_;
-  Eigen::LLT<ColMatrix<S>> llt_;
+  CholeskyFactor<S> factor_;  // of H + λI (+ gauge), in its own storage
   double grad_norm_ = 0.0;
   Status status_ = Status::Ok;
   Index failed_pivot_ = -1;

@@ -1,6 +1,7 @@
 // Umbrella header of the pyinfluence C++ core.
 #pragma once
 
+#include "pyinfluence/cholesky.hpp"
 #include "pyinfluence/engine.hpp"
 #include "pyinfluence/families.hpp"
 #include "pyinfluence/newton.hpp"

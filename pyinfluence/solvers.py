@@ -1,0 +1,1230 @@
+"""Solvers for (H + λI) X = V: the inverse-Hessian-vector products of influence functions.
+
+Influence functions (Koh & Liang 2017, §2–3) need ``s = (H + λI)⁻¹ v`` for many right-hand sides
+``v`` (test-loss gradients for ``up_loss``, training gradients for ``up_params``). ``H = ∇²R(θ̂)``
+is the Hessian of the training objective ``R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²`` (the L2 term
+included) and ``λ ≥ 0`` is the damping (Koh & Liang §4: a damping term makes the local quadratic
+model of a non-convex loss convex). The solvers here never form ``H⁻¹``: they factorise or iterate.
+
+Three interchangeable solvers share one contract::
+
+    solver = CG(tol=1e-8)                       # or Exact(), LiSSA(...), or resolve_solver("cg")
+    prepared = solver.prepare(op, damping=0.01) # one-off work (Exact: factorise; LiSSA: choose scale)
+    result = prepared.solve(V)                  # V (p, r): r right-hand sides at once
+    result.solution                             # (p, r) = (H + λI)⁻¹ V, same dtype/device as V
+    result.residual                             # (r,) ‖(H + λI) x − v‖ / ‖v‖ per column
+
+- :class:`Exact`: materialise H (``op.dense()``), symmetrise, Cholesky-factorise ``H + λI`` once
+  (in float64 by default), then solve any number of right-hand sides by two triangular solves.
+  Cost: p² memory, p³/3 flops once, 2p²·r per solve. For p up to ~20 000.
+- :class:`CG`: block conjugate gradients (Hestenes & Stiefel 1952; on Hessians via
+  Hessian-vector products as in Martens 2010, "Deep learning via Hessian-free optimization"):
+  every iteration is one batched HVP for all still-unconverged columns. Cost: ≤ ``max_iter``
+  HVPs of up to r columns, plus one to report the true residual. Needs H + λI positive definite
+  and detects when it is not.
+- :class:`LiSSA`: the stochastic Neumann-series estimator of Agarwal, Bullins & Hazan 2016
+  ("Second-order stochastic optimization for machine learning in linear time"), as used by
+  Koh & Liang §3: minibatch HVPs only, for training sets too large for a full HVP per iteration.
+  Cost: ``repeats · depth`` minibatch HVPs of r columns, plus one full HVP for the residual.
+
+The Hessian is accessed only through a *Hessian operator* (see :class:`HessianOperatorLike`):
+``matvec`` (full training set), ``sample_matvec`` (one minibatch, for LiSSA) and ``dense``
+(for Exact). Everything is torch: CPU or CUDA, float32 or float64; the iterative solvers keep
+their state on the operator's device and synchronise with the host only every few iterations.
+
+Errors: :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ``ValueError``) when H + λI is
+not positive definite, with a suggested damping; :class:`~pyinfluence.errors.ConvergenceError`
+(a ``RuntimeError``) when CG does not reach its tolerance or LiSSA diverges. No solver returns
+NaN or infinity.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _core
+from ._validation import (
+    check_bool,
+    check_damping,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+)
+from .errors import ConvergenceError, NotPositiveDefiniteError
+from .models import _CORE_NPD
+
+__all__ = [
+    "CG",
+    "Exact",
+    "HessianOperatorLike",
+    "LiSSA",
+    "PreparedSolver",
+    "SolveResult",
+    "Solver",
+    "resolve_solver",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+# Exact: below this many parameters a failed factorisation computes all eigenvalues of H
+# (float64 eigvalsh, ~9p³ flops: 0.3 s at p = 2000) to suggest a damping value.
+_EIGVALSH_MAX_P = 2000
+# LiSSA: power iterations per probed minibatch when choosing the scale automatically.
+_PROBE_ITERS = 10
+# LiSSA: iterates are checked for divergence every this many steps (one host synchronisation).
+_LISSA_CHECK_EVERY = 10
+# CG: on CUDA, convergence is checked every this many iterations (one host synchronisation).
+_CG_CUDA_CHECK_EVERY = 10
+
+
+# ==============================================================================================
+# The Hessian operator the solvers consume
+# ==============================================================================================
+@runtime_checkable
+class HessianOperatorLike(Protocol):
+    """What a solver needs from a Hessian: ``H = ∇²R(θ̂)`` for the selected parameters.
+
+    ``R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²``; H includes the L2 term and never the damping
+    (solvers add λI themselves). Implemented for torch models by
+    ``pyinfluence._torch_ops.HessianOperator``; any object with these members works.
+
+    - ``n_params`` p, ``dtype`` (float32/float64), ``device``, ``n_train`` n.
+    - ``matvec(V)``: V (p, r) → H V (p, r) over the full training set.
+    - ``sample_matvec(V, batch_size, generator)``: an unbiased estimate of H V from one uniform
+      minibatch of ``batch_size`` training points drawn with ``generator`` (the same minibatch
+      for all r columns). Used by LiSSA only.
+    - ``dense()``: H as a (p, p) tensor. Used by Exact only.
+    """
+
+    n_params: int
+    dtype: torch.dtype
+    device: torch.device
+    n_train: int
+
+    def matvec(self, V: Tensor) -> Tensor: ...
+
+    def sample_matvec(self, V: Tensor, batch_size: int, generator: torch.Generator) -> Tensor: ...
+
+    def dense(self) -> Tensor: ...
+
+
+# ==============================================================================================
+# Results
+# ==============================================================================================
+@dataclass(repr=False)
+class SolveResult:
+    """The solution of (H + λI) X = V for a block of right-hand sides, with diagnostics.
+
+    - ``solution``: X, shape (p, r) (or (p,) for a 1-D V), same dtype and device as V.
+    - ``solver``: ``"exact"``, ``"cg"`` or ``"lissa"``.
+    - ``iterations``: CG: iterations of the slowest column (one batched HVP each); LiSSA: the
+      recursion depth; Exact: None.
+    - ``residual``: (r,) relative residual ‖(H + λI)x − v‖ / ‖v‖ of each returned column (0 for a
+      zero column), computed once at the end from the true operator (not a recursively updated
+      estimate). Exact: against the dense matrix it factorised; CG and LiSSA: one extra batched
+      full-training-set HVP. Same dtype as the solution; None if the solver was told not to
+      compute it.
+    - ``spread``: LiSSA with ``repeats ≥ 2``: (r,) relative standard deviation across repeats,
+      sqrt(Σ_k ‖x_k − x̄‖² / (repeats − 1)) / ‖x̄‖ per column — the Monte-Carlo noise of one
+      repeat (the returned mean has about 1/sqrt(repeats) of it). Otherwise None.
+    - ``time_s``: wall-clock seconds of this solve (device work included; preparation excluded).
+    - ``info``: everything else, e.g. ``damping``, ``converged`` (CG, per column), ``scale`` and
+      ``lambda_max_estimate`` (LiSSA), ``matvec_calls`` / ``matvec_columns`` (operator calls and
+      the total number of column HVPs they computed: the cost of the solve).
+    """
+
+    solution: Tensor
+    solver: str
+    iterations: int | None
+    residual: Tensor | None
+    spread: Tensor | None
+    time_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_residual(self) -> float | None:
+        """The largest relative residual over the columns (0.0 for no columns), or None."""
+        if self.residual is None:
+            return None
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    def __repr__(self) -> str:
+        sol = self.solution
+        parts = [
+            f"solver={self.solver!r}",
+            f"solution={tuple(sol.shape)} {str(sol.dtype).replace('torch.', '')} {sol.device}",
+        ]
+        if self.iterations is not None:
+            parts.append(f"iterations={self.iterations}")
+        if self.residual is not None:
+            parts.append(f"max_residual={self.max_residual:.3g}")
+        if self.spread is not None and self.spread.numel():
+            parts.append(f"max_spread={float(self.spread.max()):.3g}")
+        if "scale" in self.info:
+            parts.append(f"scale={self.info['scale']:.4g}")
+        parts.append(f"time_s={self.time_s:.4g}")
+        return f"SolveResult({', '.join(parts)})"
+
+    def summary(self) -> str:
+        """A multi-line, human-readable account of the solve and all its diagnostics."""
+        lines = [repr(self)]
+
+        def stats(name: str, t: Tensor | None) -> None:
+            if t is None or t.numel() == 0:
+                return
+            tf = t.detach().double().cpu()
+            lines.append(
+                f"  {name}: max {float(tf.max()):.3g}, median {float(tf.median()):.3g}, "
+                f"min {float(tf.min()):.3g} over {tf.numel()} column(s)"
+            )
+
+        stats("residual ‖(H+λI)x−v‖/‖v‖", self.residual)
+        stats("spread (relative std across repeats)", self.spread)
+        for key, value in self.info.items():
+            if isinstance(value, Tensor):
+                if value.numel() <= 8:
+                    value = value.tolist()
+                else:
+                    value = f"tensor of shape {tuple(value.shape)}"
+            elif isinstance(value, float):
+                value = f"{value:.6g}"
+            lines.append(f"  {key}: {value}")
+        return "\n".join(lines)
+
+
+# ==============================================================================================
+# Solver base classes
+# ==============================================================================================
+class Solver(abc.ABC):
+    """Configuration of a linear solver for (H + λI) X = V. Immutable; validated on creation.
+
+    ``prepare(op, damping)`` does the one-off work for one Hessian and returns a
+    :class:`PreparedSolver`, whose ``solve(V)`` can be called many times.
+    """
+
+    name: ClassVar[str] = "solver"
+
+    @abc.abstractmethod
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> PreparedSolver:
+        """One-off work for the Hessian behind ``op`` and damping λ; returns the prepared solver."""
+
+    def solve(self, op: HessianOperatorLike, V: Tensor, damping: float = 0.0) -> SolveResult:
+        """``prepare(op, damping).solve(V)`` in one call (prepares anew on every call)."""
+        return self.prepare(op, damping).solve(V)
+
+
+class PreparedSolver(abc.ABC):
+    """A solver bound to one Hessian operator and damping; ``solve(V)`` for any number of V.
+
+    Attributes: ``solver`` (the configuration), ``op``, ``damping`` λ, ``n_params`` p,
+    ``prepare_time_s`` and ``info`` (what preparation found, e.g. LiSSA's scale).
+    """
+
+    def __init__(
+        self,
+        solver: Solver,
+        op: HessianOperatorLike,
+        damping: float,
+        info: dict[str, Any],
+        prepare_time_s: float,
+    ) -> None:
+        self.solver = solver
+        self.op = op
+        self.damping = damping
+        self.n_params = int(op.n_params)
+        self.dtype: torch.dtype = op.dtype
+        self.device = _normalise_device(op.device)
+        self.info = info
+        self.prepare_time_s = prepare_time_s
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"Prepared{type(self.solver).__name__}(n_params={self.n_params}, "
+            f"damping={self.damping:g}, dtype={str(self.dtype).replace('torch.', '')}, "
+            f"device={self.device}, solver={self.solver!r})"
+        )
+
+    def solve(self, V: Tensor) -> SolveResult:
+        """Solve (H + λI) X = V.
+
+        ``V``: a (p, r) tensor of r right-hand sides (r may be 0), or a (p,) tensor for one; on the
+        operator's device, any floating dtype (the computation runs in the operator's dtype and
+        the solution is returned in V's dtype). Zero columns give zero solutions.
+        """
+        V2, one_d = _check_rhs(V, self.n_params, self.device)
+        start = self._started = time.perf_counter()
+        work = V2.to(self.dtype) if V2.dtype != self.dtype else V2
+        r = work.shape[1]
+        if r == 0:
+            sol, iters, res, spread, info = _empty_solution(work, self.solver.name)
+        else:
+            sol, iters, res, spread, info = self._solve(work)
+        info = {"damping": self.damping, **info}
+        sol = sol.to(V.dtype) if sol.dtype != V.dtype else sol
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        return SolveResult(
+            solution=sol.reshape(-1) if one_d else sol,
+            solver=self.solver.name,
+            iterations=iters,
+            residual=None if res is None else res.to(sol.dtype),
+            spread=None if spread is None else spread.to(sol.dtype),
+            time_s=elapsed,
+            info=info,
+        )
+
+    @abc.abstractmethod
+    def _solve(
+        self, V: Tensor
+    ) -> tuple[Tensor, int | None, Tensor | None, Tensor | None, dict[str, Any]]:
+        """V (p, r ≥ 1) in the operator's dtype → (X, iterations, residual, spread, info)."""
+
+
+def _empty_solution(V: Tensor, name: str):
+    z = V.new_zeros((0,))
+    return V.clone(), (None if name == "exact" else 0), z, (z if name == "lissa" else None), {}
+
+
+# ==============================================================================================
+# Input checks
+# ==============================================================================================
+def _normalise_device(device: Any) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _check_operator(op: Any, needs: tuple[str, ...]) -> None:
+    missing = [m for m in ("n_params", "dtype", "device") + needs if not hasattr(op, m)]
+    if missing:
+        raise TypeError(
+            f"op must be a Hessian operator with n_params, dtype, device and {', '.join(needs)} "
+            f"(see pyinfluence.solvers.HessianOperatorLike); {type(op).__name__} lacks "
+            f"{', '.join(missing)}"
+        )
+    p = op.n_params
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"op.n_params must be a positive int, got {p!r}")
+    if op.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"op.dtype must be torch.float32 or torch.float64, got {op.dtype}")
+
+
+def _check_rhs(V: Any, p: int, device: torch.device) -> tuple[Tensor, bool]:
+    """V → (a (p, r) tensor, whether V was 1-D). Raises naming ``V``."""
+    if not isinstance(V, Tensor):
+        raise TypeError(
+            f"V must be a torch.Tensor of shape (p, r) = ({p}, r), got {type(V).__name__}"
+        )
+    if V.is_complex() or not V.is_floating_point():
+        raise TypeError(f"V must be a real floating-point tensor, got dtype {V.dtype}")
+    if V.ndim not in (1, 2) or V.shape[0] != p:
+        raise ValueError(
+            f"V must have shape (p, r) = ({p}, r) (or ({p},) for one right-hand side), got "
+            f"{tuple(V.shape)}; columns are right-hand sides"
+        )
+    if _normalise_device(V.device) != device:
+        raise ValueError(
+            f"V is on device '{V.device}' but the Hessian operator is on '{device}'; "
+            f"pass V.to('{device}')"
+        )
+    V = V.detach()
+    one_d = V.ndim == 1
+    if one_d:
+        V = V.unsqueeze(1)
+    if V.numel() and not bool(torch.isfinite(V).all()):
+        bad = (~torch.isfinite(V)).any(dim=0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"V contains NaN or infinity (in column(s) {bad[:10]}{'…' if len(bad) > 10 else ''})"
+        )
+    return V, one_d
+
+
+def _matvec(op: HessianOperatorLike, X: Tensor, damping: float) -> Tensor:
+    """(H + λI) X with one operator call; checks the operator's output shape."""
+    out = op.matvec(X)
+    if not isinstance(out, Tensor) or out.shape != X.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(f"op.matvec returned {shape} for an input of shape {tuple(X.shape)}")
+    out = out.detach()
+    if damping:
+        out = out.add(X, alpha=damping)
+    return out
+
+
+def _sample_matvec(
+    op: HessianOperatorLike, X: Tensor, damping: float, batch_size: int | None, gen: torch.Generator
+) -> Tensor:
+    """(H_B + λI) X for one minibatch B drawn with ``gen`` (full H when batch_size is None)."""
+    if batch_size is None:
+        return _matvec(op, X, damping)
+    out = op.sample_matvec(X, batch_size, gen)
+    if not isinstance(out, Tensor) or out.shape != X.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"op.sample_matvec returned {shape} for an input of shape {tuple(X.shape)}"
+        )
+    out = out.detach()
+    if damping:
+        out = out.add(X, alpha=damping)
+    return out
+
+
+def _col_norms(X: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X, dim=0)
+
+
+def _relative(num: Tensor, den: Tensor) -> Tensor:
+    """num / den per column, with 0 where den == 0 (a zero right-hand side, solved exactly)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), num)
+
+
+def _true_residual(
+    op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float
+) -> tuple[Tensor, int]:
+    """(‖(H + λI)x − v‖ / ‖v‖ per column, columns multiplied): one batched full HVP.
+
+    Zero columns of V, whose solution is exactly zero, are not multiplied (residual 0).
+    """
+    vn = _col_norms(V)
+    nz = torch.nonzero(vn > 0).flatten()
+    k = int(nz.numel())
+    if k == V.shape[1]:
+        return _relative(_col_norms(_matvec(op, X, damping) - V), vn), k
+    res = torch.zeros_like(vn)
+    if k:
+        Xs, Vs = X.index_select(1, nz), V.index_select(1, nz)
+        res.index_copy_(0, nz, _relative(_col_norms(_matvec(op, Xs, damping) - Vs), vn[nz]))
+    return res, k
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _round_up(x: float) -> float:
+    """A value ≥ x with two significant digits (for suggested damping values)."""
+    if not x > 0:
+        return x
+    e = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / e) * e
+
+
+def _check_dtype_option(name: str, value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"float32": torch.float32, "float64": torch.float64}.get(value, value)
+    if value not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be torch.float64, torch.float32 or None, got {value!r}")
+    return value
+
+
+def _check_seed(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    return check_int(name, value, 0, 2**63 - 1)
+
+
+def _as_fraction(name: str, value: Any) -> float:
+    v = check_nonnegative_float(name, value)
+    if v > 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {v}")
+    return v
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclass: normalise fields in __post_init__
+
+
+# ==============================================================================================
+# Exact: dense Cholesky
+# ==============================================================================================
+class _CoreFactor:
+    """Cholesky factor of A + λI by the C++ core (CPU). ``solve`` maps torch ↔ numpy zero-copy."""
+
+    backend = "core"
+
+    def __init__(self, A: Tensor, damping: float) -> None:
+        self._f = _core.CholeskyFactor(A.contiguous().numpy(), float(damping))
+
+    def solve(self, B: Tensor) -> Tensor:
+        out = self._f.solve(B.contiguous().numpy())
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+
+class _TorchFactor:
+    """Cholesky factor of A + λI by torch.linalg.cholesky_ex (any device)."""
+
+    backend = "torch"
+
+    def __init__(self, A: Tensor, damping: float) -> None:
+        M = A.clone()
+        if damping:
+            M.diagonal().add_(damping)
+        L, info = torch.linalg.cholesky_ex(M)
+        del M
+        bad = int(info)
+        if bad:
+            raise NotPositiveDefiniteError(
+                f"the Cholesky factorisation of H + λI failed at pivot {bad - 1} (0-based): the "
+                f"leading {bad}×{bad} block is not positive definite"
+            )
+        self._L = L
+
+    def solve(self, B: Tensor) -> Tensor:
+        return torch.cholesky_solve(B, self._L)
+
+
+def _factorise(A: Tensor, damping: float) -> _CoreFactor | _TorchFactor:
+    """Cholesky-factorise A + λI (A symmetric, lower triangle used); one place to swap backends.
+
+    CPU tensors use the C++ core's ``CholeskyFactor`` when the installed extension has it, else
+    ``torch.linalg.cholesky_ex``; CUDA tensors always factorise on the device. Raises
+    NotPositiveDefiniteError (message naming the failing pivot; callers add the advice).
+    """
+    if A.device.type == "cpu" and hasattr(_core, "CholeskyFactor"):
+        try:
+            return _CoreFactor(A, damping)
+        except _CORE_NPD as exc:
+            # keep the core's diagnosis (the failing pivot), not its generic advice: ours is better
+            reason = str(exc).split(". Influence needs")[0].strip().rstrip(".")
+            raise NotPositiveDefiniteError(reason) from None
+    return _TorchFactor(A, damping)
+
+
+def _spectrum_advice(A: Tensor, damping: float) -> str:
+    """Advice on the damping that makes A + λI positive definite, from A's spectrum.
+
+    p ≤ 2000: exact extreme eigenvalues (float64 eigvalsh). Larger: λ_max by 30 power iterations
+    on the dense matrix, and a relative suggestion.
+    """
+    p = A.shape[0]
+    A64 = A.to(torch.float64)
+    if p <= _EIGVALSH_MAX_P:
+        ev = torch.linalg.eigvalsh(A64)
+        lo, hi = float(ev[0]), float(ev[-1])
+        if lo + damping <= 0:
+            need = -lo
+            suggest = _round_up(max(2.0 * need, need + 1e-4 * abs(hi), 1e-12))
+            return (
+                f"The smallest eigenvalue of H is {_fmt(lo)} (the largest {_fmt(hi)}): H + λI is "
+                f"positive definite only for damping > {_fmt(need)}; pass e.g. damping={suggest:g} "
+                f"(damping={damping:g} now)."
+            )
+        suggest = _round_up(max(1e-6 * abs(hi), damping * 10, 1e-12))
+        f64 = " or factor_dtype=torch.float64" if A.dtype != torch.float64 else ""
+        return (
+            f"H + λI has eigenvalues in [{_fmt(lo + damping)}, {_fmt(hi + damping)}] (condition "
+            f"number {_fmt((hi + damping) / max(lo + damping, 1e-300))}): numerically singular "
+            f"in {str(A.dtype).replace('torch.', '')}; pass a larger damping (e.g. "
+            f"damping={suggest:g}){f64}."
+        )
+    u = torch.randn(p, 1, dtype=torch.float64, device=A.device, generator=_generator(A.device, 0))
+    lam = 0.0
+    for _ in range(30):
+        w = A64 @ u
+        lam = float(torch.linalg.vector_norm(w))
+        if lam == 0:
+            break
+        u = w / lam
+    suggest = _round_up(max(1e-3 * lam, 1e-12))
+    return (
+        f"The largest eigenvalue magnitude of H is about {_fmt(lam)}; pass damping=λ > 0, e.g. "
+        f"damping={suggest:g} (1e-3·λ_max), and increase it tenfold until the factorisation "
+        f"succeeds (damping={damping:g} now)."
+    )
+
+
+@dataclass(frozen=True)
+class Exact(Solver):
+    """Dense Cholesky solve: materialise H, factorise H + λI once, solve many right-hand sides.
+
+    Parameters
+    ----------
+    max_params : int, default 20 000
+        Refuse Hessians with more parameters: the dense (p, p) matrix takes 8p² bytes in float64
+        (3.2 GB at p = 20 000; peak memory ≈ 3 such matrices) and the factorisation p³/3 flops.
+        Above it, use :class:`CG` or :class:`LiSSA`, or select fewer parameters (``params=``).
+    factor_dtype : torch.float64 (default), torch.float32 or None
+        The dtype in which H + λI is symmetrised, factorised and solved; None = the operator's
+        dtype. float64 by default even for float32 models (as kronfluence does): Hessians of
+        neural networks are often so ill-conditioned that a float32 Cholesky fails or loses all
+        digits (its error grows like p·κ·ε), while the float64 factorisation only carries the
+        float32 rounding of H itself. Solutions are returned in V's dtype. On GPUs with slow
+        float64 (consumer cards), ``factor_dtype=None`` is much faster.
+    compute_residual : bool, default True
+        Report ‖(H + λI)x − v‖/‖v‖ per column, computed with the dense matrix (2p²·r flops,
+        as much as the solve itself). Keeps H in memory beside its factor; False frees it.
+
+    ``prepare``: one ``op.dense()``, then the factorisation — with the C++ core's
+    ``CholeskyFactor`` on the CPU (when the installed extension has it), with
+    ``torch.linalg.cholesky_ex`` otherwise and on CUDA. Raises NotPositiveDefiniteError with a
+    suggested damping (from H's eigenvalues when p ≤ 2000) when H + λI is not positive definite.
+    ``solve``: two triangular solves per column block, no HVPs.
+    """
+
+    max_params: int = 20_000
+    factor_dtype: torch.dtype | None = torch.float64
+    compute_residual: bool = True
+
+    name: ClassVar[str] = "exact"
+
+    def __post_init__(self) -> None:
+        _set(self, "max_params", check_int("max_params", self.max_params, 1))
+        _set(self, "factor_dtype", _check_dtype_option("factor_dtype", self.factor_dtype))
+        _set(self, "compute_residual", check_bool("compute_residual", self.compute_residual))
+
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedExact:
+        _check_operator(op, ("dense",))
+        damping = check_damping(damping)
+        p = op.n_params
+        if p > self.max_params:
+            gb = 8.0 * p * p / 1e9
+            raise ValueError(
+                f"Exact: the Hessian has p = {p} parameters, more than max_params="
+                f"{self.max_params} (its dense matrix alone would take {gb:.3g} GB in float64 and "
+                f"its factorisation {p**3 / 3e12:.3g} TFLOP). Use solver='cg' (CG) or 'lissa' "
+                f"(LiSSA), select fewer parameters with params=..., or raise "
+                f"Exact(max_params=...) if the memory is there"
+            )
+        start = time.perf_counter()
+        H = op.dense()
+        if not isinstance(H, Tensor) or H.shape != (p, p):
+            shape = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
+            raise RuntimeError(f"op.dense() returned {shape}; expected ({p}, {p})")
+        H = H.detach()
+        if not bool(torch.isfinite(H).all()):
+            raise ValueError(
+                "the Hessian contains NaN or infinity (check the model's parameters and loss at "
+                "these weights)"
+            )
+        fdtype = self.factor_dtype or op.dtype
+        A = H.to(fdtype)
+        del H
+        A = (A + A.mT).mul_(0.5)  # exactly symmetric, whatever the operator's rounding
+        try:
+            factor = _factorise(A, damping)
+        except NotPositiveDefiniteError as exc:
+            raise NotPositiveDefiniteError(
+                f"Exact: H + λI is not positive definite: {exc}. {_spectrum_advice(A, damping)} "
+                f"Hessians of non-convex models (or of models with more parameters than training "
+                f"points, or l2 = 0) often have zero or negative eigenvalues; damping λ adds λI "
+                f"(Koh & Liang §4)."
+            ) from None
+        info = {
+            "backend": factor.backend,
+            "factor_dtype": str(fdtype).replace("torch.", ""),
+            "n_params": p,
+        }
+        return _PreparedExact(
+            self,
+            op,
+            damping,
+            info,
+            time.perf_counter() - start,
+            factor,
+            A if self.compute_residual else None,
+            fdtype,
+        )
+
+
+class _PreparedExact(PreparedSolver):
+    def __init__(self, solver, op, damping, info, prepare_time_s, factor, A, fdtype) -> None:
+        super().__init__(solver, op, damping, info, prepare_time_s)
+        self._factor = factor
+        self._A = A
+        self._fdtype = fdtype
+
+    def _solve(self, V: Tensor):
+        B = V.to(self._fdtype)
+        X = self._factor.solve(B).to(device=V.device)
+        X = X.to(V.dtype)
+        res = None
+        if self._A is not None:
+            Xf = X.to(self._fdtype)
+            R = torch.addmm(B, self._A, Xf, beta=-1.0)
+            if self.damping:
+                R.add_(Xf, alpha=self.damping)
+            res = _relative(_col_norms(R), _col_norms(B))
+        if not bool(torch.isfinite(X).all()):  # cannot happen for a successful factorisation
+            raise NotPositiveDefiniteError(
+                "Exact: the triangular solves produced NaN or infinity: H + λI is numerically "
+                "singular; pass a larger damping"
+            )
+        return X, None, res, None, {"matvec_calls": 0, "matvec_columns": 0}
+
+
+# ==============================================================================================
+# CG: block conjugate gradients
+# ==============================================================================================
+@dataclass(frozen=True)
+class CG(Solver):
+    """Block conjugate gradients on (H + λI) X = V, one batched HVP per iteration.
+
+    Each column runs its own CG recursion (its own step sizes α and β) from x₀ = 0, but all
+    columns that have not converged yet share one ``op.matvec`` call per iteration; converged
+    columns are frozen and dropped from the batch. Stops a column when its (recursively updated)
+    residual satisfies ‖r‖ ≤ tol·‖v‖. At the end one more batched HVP recomputes the true
+    residuals ‖(H + λI)x − v‖/‖v‖ reported in the result (in float32 they stall near
+    1e-7·cond(H + λI) even when the recursive residual goes lower). CG on Hessian-vector
+    products follows Martens 2010 ("Deep learning via Hessian-free optimization").
+
+    Parameters
+    ----------
+    tol : float, default 1e-8
+        Relative residual tolerance, 0 < tol < 1.
+    max_iter : int or None, default None
+        Iterations (batched HVPs) at most. None: min(10·p, 1000) — in exact arithmetic CG ends in
+        ≤ p iterations; in floating point, ill-conditioned systems need a few times more.
+    raise_on_nonconvergence : bool, default True
+        If some column has not reached ``tol`` after ``max_iter`` iterations, raise
+        ConvergenceError (its ``result`` attribute holds the unconverged SolveResult); with
+        False, warn (RuntimeWarning) and return it, ``info["converged"]`` marking the columns.
+    check_every : int or None, default None
+        Check convergence (a host synchronisation) every this many iterations. None: every
+        iteration on the CPU, every 10 on CUDA (so the GPU is never stalled by the host; columns
+        that converge in between are frozen on the device, so the result is the same).
+
+    Raises NotPositiveDefiniteError if a search direction has non-positive curvature
+    pᵀ(H + λI)p ≤ 0: H + λI is not positive definite (the message suggests a damping).
+
+    Cost per solve: iterations × one batched HVP (over the columns still active), plus one
+    batched HVP of the nonzero columns for the reported residuals; memory about six (p, r)
+    blocks besides the HVP's own. In float32, tolerances below about 1e-6 cost iterations
+    without lowering the true residual further (``info["recursive_residual"]`` shows the
+    recursion's own estimate).
+    """
+
+    tol: float = 1e-8
+    max_iter: int | None = None
+    raise_on_nonconvergence: bool = True
+    check_every: int | None = None
+
+    name: ClassVar[str] = "cg"
+
+    def __post_init__(self) -> None:
+        tol = check_positive_float("tol", self.tol)
+        if tol >= 1:
+            raise ValueError(f"tol must be < 1 (a relative residual), got {tol}")
+        _set(self, "tol", tol)
+        if self.max_iter is not None:
+            _set(self, "max_iter", check_int("max_iter", self.max_iter, 1))
+        _set(
+            self,
+            "raise_on_nonconvergence",
+            check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
+        )
+        if self.check_every is not None:
+            _set(self, "check_every", check_int("check_every", self.check_every, 1))
+
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedCG:
+        _check_operator(op, ("matvec",))
+        damping = check_damping(damping)
+        p = op.n_params
+        max_iter = self.max_iter if self.max_iter is not None else min(10 * p, 1000)
+        dev = _normalise_device(op.device)
+        check_every = self.check_every or (_CG_CUDA_CHECK_EVERY if dev.type == "cuda" else 1)
+        info = {"max_iter": max_iter, "tol": self.tol}
+        return _PreparedCG(self, op, damping, info, 0.0, max_iter, check_every)
+
+
+class _PreparedCG(PreparedSolver):
+    def __init__(self, solver, op, damping, info, prepare_time_s, max_iter, check_every) -> None:
+        super().__init__(solver, op, damping, info, prepare_time_s)
+        self._max_iter = max_iter
+        self._check_every = check_every
+
+    def _solve(self, V: Tensor):
+        op, lam, tol = self.op, self.damping, self.solver.tol
+        r = V.shape[1]
+        dev = V.device
+        X = torch.zeros_like(V)
+        bnorm = _col_norms(V)
+        iters = torch.zeros(r, dtype=torch.long, device=dev)
+        rr_all = bnorm.square()
+        thresh_all = (tol * bnorm).square()
+        act = torch.nonzero(bnorm > 0).flatten()  # zero columns: x = 0 exactly, never iterated
+        R = V.index_select(1, act)
+        P = R.clone()
+        Xa = torch.zeros_like(R)
+        rr = rr_all.index_select(0, act)
+        th = thresh_all.index_select(0, act)
+        it_a = torch.zeros_like(act)
+        done = torch.zeros_like(act, dtype=torch.bool)
+        bad = torch.zeros_like(done)  # columns that met non-positive curvature
+        broken = torch.zeros_like(done)  # columns whose HVP was NaN/inf
+        curv_min = torch.zeros_like(rr)  # its Rayleigh quotient pᵀAp/pᵀp
+        rq_max = torch.zeros((), dtype=V.dtype, device=dev)  # λ_max(H+λI) lower estimate
+        calls = columns = 0
+        n_it = 0
+        n_active = int(act.numel())
+        while n_active and n_it < self._max_iter:
+            AP = _matvec(op, P, lam)
+            calls += 1
+            columns += n_active
+            pAp = (P * AP).sum(0)
+            pp = (P * P).sum(0)
+            live = ~done
+            finite = torch.isfinite(pAp)
+            broken |= live & ~finite
+            neg = live & (pAp <= 0)
+            ok = live & finite & (pAp > 0)
+            rq = pAp / torch.where(pp > 0, pp, torch.ones_like(pp))
+            curv_min = torch.where(neg & ~bad, rq, curv_min)
+            bad |= neg
+            rq_max = torch.maximum(rq_max, torch.where(finite, rq, 0.0).max())
+            alpha = torch.where(ok, rr / torch.where(ok, pAp, torch.ones_like(pAp)), 0.0)
+            Xa.add_(P * alpha)
+            R.sub_(AP * alpha)
+            rr_new = (R * R).sum(0)
+            beta = torch.where(ok, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), 0.0)
+            P = torch.addcmul(R, P, beta)
+            rr = torch.where(ok, rr_new, rr)
+            it_a += ok
+            done |= rr <= th
+            n_it += 1
+            if n_it % self._check_every == 0 or n_it == self._max_iter:
+                if bool(bad.any()):
+                    self._raise_npd(curv_min[bad], rq_max, n_it)
+                if bool(broken.any()) or not bool(torch.isfinite(rr).all()):
+                    raise ConvergenceError(
+                        f"CG: the residuals became NaN or infinite at iteration {n_it}: the "
+                        f"Hessian-vector products returned non-finite values (check the model "
+                        f"and loss at these weights) or H + λI is extremely ill-conditioned "
+                        f"(add damping; damping={lam:g} now)"
+                    )
+                if bool(done.any()):  # write back and drop the converged columns
+                    idx = act[done]
+                    X.index_copy_(1, idx, Xa[:, done])
+                    rr_all.index_copy_(0, idx, rr[done])
+                    iters.index_copy_(0, idx, it_a[done])
+                    keep = ~done
+                    act, Xa, R, P = act[keep], Xa[:, keep], R[:, keep], P[:, keep]
+                    rr, th, it_a = rr[keep], th[keep], it_a[keep]
+                    bad, curv_min, broken = bad[keep], curv_min[keep], broken[keep]
+                    done = done[keep]
+                    n_active = int(act.numel())
+        if n_active:
+            X.index_copy_(1, act, Xa)
+            rr_all.index_copy_(0, act, rr)
+            iters.index_copy_(0, act, it_a)
+        converged = rr_all <= thresh_all
+        res, k = _true_residual(op, X, V, lam)
+        calls += int(k > 0)
+        columns += k
+        n_iter = int(iters.max()) if r else 0
+        info = {
+            "converged": converged,
+            "iterations_per_column": iters,
+            "recursive_residual": _relative(rr_all.sqrt(), bnorm),
+            "lambda_max_estimate": float(rq_max),
+            "matvec_calls": calls,
+            "matvec_columns": columns,
+        }
+        if n_active:
+            n_bad = int((~converged).sum())
+            msg = (
+                f"CG did not converge for {n_bad} of {r} right-hand side(s) in max_iter="
+                f"{self._max_iter} iterations: relative residual reached "
+                f"{_fmt(float(res[~converged].max()))} (tol={tol:g}). Increase max_iter, loosen "
+                f"tol, or add damping, which improves the conditioning of H + λI (damping="
+                f"{lam:g} now; the largest eigenvalue of H + λI is at least "
+                f"{_fmt(float(rq_max))})"
+            )
+            result = SolveResult(
+                X,
+                self.solver.name,
+                n_iter,
+                res,
+                None,
+                time.perf_counter() - self._started,
+                {"damping": lam, **info},
+            )
+            if self.solver.raise_on_nonconvergence:
+                err = ConvergenceError(msg)
+                err.result = result  # type: ignore[attr-defined]
+                raise err
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return X, n_iter, res, None, info
+
+    def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:
+        c = float(curv.min())
+        lam = self.damping
+        top = float(rq_max)
+        need = lam - c  # λ_min(H) ≤ c − λ, so damping must exceed λ − c
+        suggest = _round_up(max(lam + 2.0 * (-c), lam + 1e-4 * top, need * 1.5, 1e-12))
+        raise NotPositiveDefiniteError(
+            f"CG: H + λI is not positive definite: a search direction p at iteration {n_it} "
+            f"has curvature pᵀ(H + λI)p / pᵀp = {_fmt(c)} ≤ 0 (the largest seen is {_fmt(top)}). "
+            f"The Hessian has an eigenvalue ≤ {_fmt(c - lam)}, so damping must exceed "
+            f"{_fmt(max(need, 0.0))}: pass e.g. damping={suggest:g} (damping={lam:g} now), "
+            f"larger if this recurs. Non-convex models (Koh & Liang §4) need damping; see also "
+            f"Exact, which reports the exact smallest eigenvalue for small models."
+        )
+
+
+# ==============================================================================================
+# LiSSA: stochastic Neumann series
+# ==============================================================================================
+@dataclass(frozen=True)
+class LiSSA(Solver):
+    """LiSSA: the stochastic Neumann-series estimate of (H + λI)⁻¹ V (Agarwal et al. 2016).
+
+    As in Koh & Liang §3, for each repeat and each column v::
+
+        h₀ = v,   h_j = v + (I − (H_Bj + λI) / scale) h_{j−1},   j = 1 … depth
+        estimate = h_depth / scale                          (average_tail = 0: the paper's)
+        estimate = mean(h_j, last ⌈average_tail·depth⌉ steps) / scale       (the default)
+
+    with H_Bj the Hessian of a fresh uniform minibatch B_j of ``batch_size`` training points
+    (one minibatch per step, shared by all r columns; one batched ``op.sample_matvec`` call).
+    The result is the mean over ``repeats`` independent runs. Averaging the tail of the
+    recursion (Polyak–Ruppert averaging) does not change the expectation once the recursion has
+    converged, but divides the minibatch noise of one repeat by about sqrt(steps averaged /
+    (scale/λ_min)) — on well-conditioned problems a tenfold smaller error for the same HVPs —
+    at the price of slightly more truncation bias when depth is too small. In expectation
+    h_depth / scale = Σ_{i=0}^{depth} (I − A/scale)^i v / scale → A⁻¹ v, A = H + λI, which
+    converges if and only if 0 < eig(A) < 2·scale; the error along an eigenvalue μ of A decays like
+    (1 − μ/scale)^depth, so depth must be large beside scale/λ_min(A): directions of small
+    curvature converge last (and with λ_min(A) = 0 never). :meth:`suggest_depth` computes it.
+    A solution far from converged shows as a large ``residual`` (near 1 for directions not
+    reached at all); the noise of the minibatches as ``spread``.
+
+    Parameters
+    ----------
+    depth : int, default 1000
+        Recursion steps per repeat (minibatch HVPs).
+    scale : float or None, default None
+        The scale of the recursion. None (recommended): chosen in ``prepare`` as
+        ``safety · μ̂``, where μ̂ is the largest estimated eigenvalue magnitude of H + λI and of
+        H_B + λI for a few sampled minibatches B (power iteration, below). This keeps every step's
+        factor I − (H_B + λI)/scale within [−1, 1] with margin for minibatches like those probed
+        (any with eigenvalues up to 2·scale), so the recursion contracts. A hand-picked scale
+        that is too small makes the iterates grow exponentially: detected, ConvergenceError.
+    repeats : int, default 4
+        Independent runs averaged (each with its own minibatch sequence). ≥ 2 reports ``spread``.
+    batch_size : int or None, default 64
+        Training points per minibatch HVP. None, or ≥ the training-set size, uses the full
+        Hessian (``op.matvec``): the recursion is then deterministic (Richardson iteration), so
+        one repeat is run whatever ``repeats`` says.
+    average_tail : float in [0, 1], default 0.5
+        Fraction of the final steps whose iterates are averaged (above); 0 = the classic
+        estimate h_depth/scale. Not used with the full Hessian (deterministic iterates).
+    seed : int or None, default 0
+        Seed of the ``torch.Generator`` (on the operator's device) that draws the minibatches.
+        Every ``solve`` restarts from it, so results are reproducible and a column's estimate
+        does not depend on which other columns are solved with it. None: fresh randomness.
+    safety : float, default 1.1
+        Automatic scale = safety · μ̂ (> 0.5; below 1 converges faster but is less robust).
+    power_iters : int, default 30
+        Power iterations (full-Hessian HVPs of one column) to estimate λ_max(H + λI), stopped
+        early once the estimate changes by less than ``power_tol`` (relative) between iterations.
+        The power-iteration estimate approaches λ_max from below.
+    power_tol : float, default 1e-3
+    probe_batches : int, default 4
+        Minibatches whose Hessian's largest eigenvalue is also estimated (10 power iterations
+        each, from the full Hessian's top vector, re-drawing the same minibatch by restoring the
+        generator state — this needs ``op.sample_matvec`` to draw its minibatch from the
+        generator only, as the operator contract requires). Minibatch Hessians have larger
+        eigenvalues than the full one — the smaller the batch, the larger — so a scale from H
+        alone could make single steps expand. 0 disables probing.
+    divergence_factor : float, default 100
+        Every 10 steps, ‖h_j‖ is compared with divergence_factor · (j + 1) · ‖v‖: for a positive
+        definite A and contracting steps ‖h_j‖ ≤ (j + 1)‖v‖ always, so exceeding the bound (or
+        a non-finite value) means divergence (scale too small, or H + λI not positive definite)
+        and raises ConvergenceError instead of returning NaN/inf.
+
+    Cost: ``prepare`` (automatic scale only): ≤ ``power_iters`` full HVPs of one column plus
+    10·``probe_batches`` minibatch HVPs. ``solve``: ``repeats · depth`` minibatch HVPs of r columns
+    plus one full HVP of r columns for the residual.
+    """
+
+    depth: int = 1000
+    scale: float | None = None
+    repeats: int = 4
+    batch_size: int | None = 64
+    seed: int | None = 0
+    average_tail: float = 0.5
+    safety: float = 1.1
+    power_iters: int = 30
+    power_tol: float = 1e-3
+    probe_batches: int = 4
+    divergence_factor: float = 100.0
+
+    name: ClassVar[str] = "lissa"
+
+    def __post_init__(self) -> None:
+        _set(self, "depth", check_int("depth", self.depth, 1))
+        if self.scale is not None:
+            _set(self, "scale", check_positive_float("scale", self.scale))
+        _set(self, "repeats", check_int("repeats", self.repeats, 1))
+        if self.batch_size is not None:
+            _set(self, "batch_size", check_int("batch_size", self.batch_size, 1))
+        _set(self, "seed", _check_seed("seed", self.seed))
+        tail = _as_fraction("average_tail", self.average_tail)
+        _set(self, "average_tail", tail)
+        safety = check_positive_float("safety", self.safety)
+        if safety <= 0.5:
+            raise ValueError(
+                f"safety must be > 0.5 (scale = safety·λ_max; the recursion diverges when "
+                f"scale < λ_max/2), got {safety}"
+            )
+        _set(self, "safety", safety)
+        _set(self, "power_iters", check_int("power_iters", self.power_iters, 1))
+        _set(self, "power_tol", check_positive_float("power_tol", self.power_tol))
+        _set(self, "probe_batches", check_int("probe_batches", self.probe_batches, 0))
+        factor = check_positive_float("divergence_factor", self.divergence_factor)
+        if factor < 1:
+            raise ValueError(f"divergence_factor must be >= 1, got {factor}")
+        _set(self, "divergence_factor", factor)
+
+    @staticmethod
+    def suggest_depth(scale: float, lambda_min: float, rtol: float = 1e-2) -> int:
+        """Depth at which the expected LiSSA error along eigenvalue ``lambda_min`` of H + λI
+        has decayed to ``rtol``: (1 − λ_min/scale)^depth ≤ rtol, i.e. about
+        ln(1/rtol) · scale / λ_min steps (noise not counted)."""
+        scale = check_positive_float("scale", scale)
+        lambda_min = check_positive_float("lambda_min", lambda_min)
+        rtol = check_positive_float("rtol", rtol)
+        if rtol >= 1:
+            return 1
+        q = min(lambda_min / scale, 1.0)
+        if q >= 1.0:
+            return 1
+        return max(1, math.ceil(math.log(rtol) / math.log1p(-q)))
+
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedLiSSA:
+        _check_operator(op, ("matvec", "sample_matvec"))
+        damping = check_damping(damping)
+        start = time.perf_counter()
+        dev = _normalise_device(op.device)
+        n_train = getattr(op, "n_train", None)
+        batch = self.batch_size
+        if batch is not None and isinstance(n_train, int) and batch >= n_train:
+            batch = None  # the full Hessian is as cheap as a minibatch that large
+        info: dict[str, Any] = {
+            "depth": self.depth,
+            "batch_size": batch if batch is not None else n_train,
+            "full_batch": batch is None,
+            "repeats": 1 if batch is None else self.repeats,
+            # deterministic full-batch iterates are not averaged (it would only add bias)
+            "averaged_steps": (
+                1 if batch is None else max(1, math.ceil(self.average_tail * self.depth))
+            ),
+        }
+        if self.scale is not None:
+            scale = self.scale
+            info.update(scale=scale, scale_source="user")
+        else:
+            lam_full, lam_batch = self._estimate_lambda_max(op, damping, batch, dev)
+            scale = self.safety * max(lam_full, lam_batch)
+            info.update(
+                scale=scale,
+                scale_source="auto",
+                lambda_max_estimate=lam_full,
+                minibatch_lambda_max_estimate=lam_batch,
+            )
+        return _PreparedLiSSA(self, op, damping, info, time.perf_counter() - start, scale, batch)
+
+    def _estimate_lambda_max(
+        self, op: HessianOperatorLike, damping: float, batch: int | None, dev: torch.device
+    ) -> tuple[float, float]:
+        """(λ̂_max(H + λI), max over probed minibatches of λ̂_max(H_B + λI)) by power iteration.
+
+        Estimates are ‖A u‖ for the final unit vector u (a lower bound of the spectral radius).
+        Raises NotPositiveDefiniteError when the dominant eigenvalue of H + λI is negative.
+        """
+        p = op.n_params
+        gen = _generator(dev, None if self.seed is None else self.seed + 1)
+        u = torch.randn(p, 1, dtype=op.dtype, device=dev, generator=gen)
+        u /= torch.linalg.vector_norm(u)
+        est = rq = 0.0
+        for k in range(self.power_iters):
+            w = _matvec(op, u, damping)
+            nrm = float(torch.linalg.vector_norm(w))
+            rq = float((u * w).sum())
+            if not math.isfinite(nrm):
+                raise ConvergenceError(
+                    "LiSSA: the Hessian-vector product returned NaN or infinity while estimating "
+                    "the largest eigenvalue; check the model and loss at these weights"
+                )
+            if nrm == 0.0:
+                raise NotPositiveDefiniteError(
+                    "LiSSA: H + λI maps a random vector to zero (the Hessian is zero and "
+                    f"damping={damping:g}); pass damping > 0"
+                )
+            converged = k > 0 and abs(nrm - est) <= self.power_tol * nrm
+            est = nrm
+            u = w / nrm
+            if converged:
+                break
+        if rq <= 0:
+            suggest = _round_up(damping + 2.0 * est)
+            raise NotPositiveDefiniteError(
+                f"LiSSA: H + λI is not positive definite: its dominant eigenvalue is negative "
+                f"(≈ {_fmt(rq)}, Rayleigh quotient of the power iteration), so the LiSSA "
+                f"recursion cannot converge. Pass a damping larger than the most negative "
+                f"eigenvalue's magnitude, e.g. damping={suggest:g} (damping={damping:g} now)"
+            )
+        lam_batch = 0.0
+        if batch is not None and self.probe_batches:
+            for _ in range(self.probe_batches):
+                state = gen.get_state()
+                v = u
+                nrm = 0.0
+                for _ in range(_PROBE_ITERS):
+                    gen.set_state(state)  # the same minibatch on every iteration of this probe
+                    w = _sample_matvec(op, v, damping, batch, gen)
+                    nrm_t = torch.linalg.vector_norm(w)
+                    v = w / torch.where(nrm_t > 0, nrm_t, torch.ones_like(nrm_t))
+                nrm = float(nrm_t)
+                if not math.isfinite(nrm):
+                    raise ConvergenceError(
+                        "LiSSA: a minibatch Hessian-vector product returned NaN or infinity "
+                        "while estimating the scale; check the model and loss at these weights"
+                    )
+                lam_batch = max(lam_batch, nrm)
+        return est, lam_batch
+
+
+class _PreparedLiSSA(PreparedSolver):
+    def __init__(self, solver, op, damping, info, prepare_time_s, scale, batch) -> None:
+        super().__init__(solver, op, damping, info, prepare_time_s)
+        self.scale = float(scale)
+        self._batch = batch
+        # seed None: one random stream for the lifetime of this object (not reproducible)
+        self._gen = None if solver.seed is not None else _generator(self.device, None)
+
+    def _solve(self, V: Tensor):
+        cfg: LiSSA = self.solver  # type: ignore[assignment]
+        op, lam, s = self.op, self.damping, self.scale
+        depth, batch = cfg.depth, self._batch
+        repeats = cfg.repeats if batch is not None else 1
+        gen = self._gen if self._gen is not None else _generator(self.device, cfg.seed)
+        r = V.shape[1]
+        vnorm = _col_norms(V)
+        mean = torch.zeros_like(V)
+        m2 = torch.zeros_like(vnorm)  # Σ_k ‖x_k − x̄‖² per column (Welford)
+        keep = 1.0 - lam / s
+        calls = columns = 0
+        # iterates h_j with j > depth − n_avg are averaged (n_avg = 1: the classic h_depth)
+        n_avg = self.info["averaged_steps"]
+        for k in range(repeats):
+            h = V.clone()
+            acc = torch.zeros_like(V) if n_avg > 1 else None
+            for j in range(1, depth + 1):
+                Ah = _sample_matvec(op, h, 0.0, batch, gen)  # damping applied in `keep`
+                calls += 1
+                columns += r
+                h.mul_(keep).add_(V).sub_(Ah, alpha=1.0 / s)
+                if acc is not None and j > depth - n_avg:
+                    acc.add_(h)
+                if j % _LISSA_CHECK_EVERY == 0 or j == depth:
+                    self._watch(h, vnorm, j, k)
+            x = h.div_(s) if acc is None else acc.div_(n_avg * s)
+            delta = x - mean
+            mean.add_(delta, alpha=1.0 / (k + 1))
+            m2.add_((delta * (x - mean)).sum(0))
+        res, k = _true_residual(op, mean, V, lam)
+        calls += int(k > 0)
+        columns += k
+        spread = None
+        if repeats >= 2:
+            spread = _relative(torch.sqrt(m2.clamp_min(0) / (repeats - 1)), _col_norms(mean))
+        info = {
+            "scale": s,
+            "scale_source": self.info["scale_source"],
+            "repeats": repeats,
+            "batch_size": self.info["batch_size"],
+            "matvec_calls": calls,
+            "matvec_columns": columns,
+        }
+        for key in ("lambda_max_estimate", "minibatch_lambda_max_estimate"):
+            if key in self.info:
+                info[key] = self.info[key]
+        return mean, depth, res, spread, info
+
+    def _watch(self, h: Tensor, vnorm: Tensor, j: int, k: int) -> None:
+        hn = _col_norms(h)
+        bound = vnorm * (self.solver.divergence_factor * (j + 1))
+        bad = ~torch.isfinite(hn) | (hn > bound)
+        if not bool(bad.any()):
+            return
+        finite = bool(torch.isfinite(hn[bad]).all())
+        ratio = _relative(hn, vnorm)[bad].max()
+        what = (
+            f"‖h‖/‖v‖ reached {_fmt(float(ratio))}, beyond the bound "
+            f"{self.solver.divergence_factor:g}·(j+1) = {_fmt(self.solver.divergence_factor * (j + 1))}"
+            if finite
+            else "the iterates became NaN or infinite"
+        )
+        s, lam = self.scale, self.damping
+        if self.info.get("scale_source") == "auto":
+            cause = (
+                f"The scale was chosen automatically ({_fmt(s)} = {self.solver.safety:g} × the "
+                f"estimated largest eigenvalue {_fmt(s / self.solver.safety)}), so H + λI most "
+                f"likely has negative eigenvalues (a non-convex model): pass a larger damping "
+                f"(damping={lam:g} now), or a larger batch_size or scale if some minibatch "
+                f"Hessians are much larger than the probed ones"
+            )
+        else:
+            cause = (
+                f"The recursion contracts only if every minibatch Hessian satisfies 0 < eig(H_B + "
+                f"λI) < 2·scale: scale={_fmt(s)} is probably too small — pass scale=None to have "
+                f"it estimated, or a larger scale — or H + λI has negative eigenvalues: pass a "
+                f"larger damping (damping={lam:g} now)"
+            )
+        raise ConvergenceError(
+            f"LiSSA diverged at step {j} of {self.solver.depth} (repeat {k + 1}): {what}. {cause}."
+        )
+
+
+# ==============================================================================================
+# Selection by name
+# ==============================================================================================
+_SOLVERS: dict[str, type[Solver]] = {"exact": Exact, "cg": CG, "lissa": LiSSA}
+
+
+def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") -> Solver:
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"lissa"``; case-insensitive; default
+    settings), a solver class (``CG`` → ``CG()``) or a solver object (returned as is).
+
+    Raises ValueError for an unknown name and TypeError for anything else, naming ``name``.
+    """
+    if isinstance(solver, Solver):
+        return solver
+    if isinstance(solver, type) and issubclass(solver, Solver) and not inspect.isabstract(solver):
+        return solver()
+    if isinstance(solver, str):
+        key = solver.strip().lower()
+        if key in _SOLVERS:
+            return _SOLVERS[key]()
+        raise ValueError(
+            f"{name} must be one of 'exact', 'cg', 'lissa' or a solver object such as "
+            f"pyinfluence.CG(tol=1e-6), got {solver!r}"
+        )
+    raise TypeError(
+        f"{name} must be a solver name ('exact', 'cg', 'lissa') or a solver object such as "
+        f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
+    )
