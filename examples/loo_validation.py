@@ -2,6 +2,9 @@
 
     python examples/loo_validation.py
 
+Experiment 1 is pyinfluence.applications.validate_loo (which also draws the scatter plots:
+``result.plot()``); the datasets and fit statistics come from pyinfluence.applications as well.
+
 1. Multinomial logistic regression (10 classes, standardised features, l2 = 1e-3, intercept
    unpenalised, fixed stratified 80/20 split, random_state=0 -> n = 1437, p = 650). Test point: the
    test image with the highest loss. Training points: the 50 with the largest |up_loss| for it plus 50
@@ -45,81 +48,41 @@ import time
 import warnings
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import pyinfluence
+from pyinfluence.applications import (
+    digits_even_odd,
+    digits_multiclass,
+    fit_stats,
+    highest_loss_points,
+    validate_loo,
+)
 
 SPLIT_SEED = 0
 PAPER_FIG3 = {0.0: 0.63, 0.001: 0.95, 0.1: 0.91}
 ISSUE_HAND = "first order R 0.93–0.98, slope ≈ 1.9–2.0; Newton step R ≈ 0.997, slope ≈ 1.0"
 
 
-def fit_stats(actual, predicted):
-    """Pearson R, slope through the origin and OLS slope of actual regressed on predicted."""
-    a = np.asarray(actual, dtype=np.float64).ravel()
-    p = np.asarray(predicted, dtype=np.float64).ravel()
-    return {
-        "pearson": float(np.corrcoef(a, p)[0, 1]),
-        "slope_origin": float(p @ a / (p @ p)),
-        "slope_ols": float(np.polyfit(p, a, 1)[0]),
-    }
-
-
-def _split(X, y, seed):
-    return train_test_split(X, y, test_size=0.2, random_state=seed, stratify=y)
-
-
-def digits_multiclass(seed=SPLIT_SEED):
-    """Standardised digits (train mean/std; constant pixels divided by 1), 80/20 stratified split."""
-    X, y = load_digits(return_X_y=True)
-    X_train, X_test, y_train, y_test = _split(X, y, seed)
-    mean, std = X_train.mean(axis=0), X_train.std(axis=0)
-    std[std == 0] = 1.0
-    return (X_train - mean) / std, y_train, (X_test - mean) / std, y_test
-
-
-def digits_even_odd(seed=SPLIT_SEED):
-    """All digits, label −1 for even and +1 for odd, pixels scaled to [0, 1], 80/20 stratified split."""
-    X, y = load_digits(return_X_y=True)
-    y = np.where(y % 2 == 1, 1, -1)
-    X_train, X_test, y_train, y_test = _split(X / 16.0, y, seed)
-    return X_train, y_train, X_test, y_test
-
-
 def multinomial_experiment(n_top=50, n_random=50, l2=1e-3, seed=SPLIT_SEED):
-    """Experiment 1; returns a dict with the data, the model, the chosen points and the statistics."""
+    """Experiment 1 (pyinfluence.applications.validate_loo on the highest-loss test point); returns a
+    dict with the data, the model, the chosen points and the statistics."""
     t_start = time.perf_counter()
     X_train, y_train, X_test, y_test = digits_multiclass(seed)
-    n = len(y_train)
     model = pyinfluence.LogisticRegression(l2=l2).fit(X_train, y_train)
     infl = pyinfluence.LinearInfluence(model, X_train, y_train)
 
-    test_losses = model.loss(X_test, y_test)
-    j = int(np.argmax(test_losses))  # the worst test point (deterministic)
-    x_t, y_t = X_test[j], y_test[j]
-
-    up = infl.up_loss(x_t, y_t)[:, 0]
-    top = np.argsort(-np.abs(up), kind="stable")[:n_top]
-    rng = np.random.default_rng(seed)
-    others = rng.choice(np.setdiff1d(np.arange(n), top), n_random, replace=False)
-    idx = np.concatenate([top, others])
-
-    t0 = time.perf_counter()
-    first = infl.loo_change(x_t, y_t, idx, method="influence")[:, 0]
-    newton = infl.loo_change(x_t, y_t, idx, method="newton")[:, 0]
-    t_pred = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    actual = infl.retrain_loo(x_t, y_t, idx)[:, 0]
-    t_retrain = time.perf_counter() - t0
+    j = int(highest_loss_points(model, X_test, y_test, k=1)[0])  # the worst test point (deterministic)
+    res = validate_loo(infl, X_test[j:j + 1], y_test[j:j + 1], n_top=n_top, n_random=n_random, seed=seed,
+                       methods=("influence", "newton"))
     return {
         "X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test,
-        "model": model, "influence": infl, "l2": l2,
-        "test_index": j, "test_label": int(y_t), "test_prediction": int(model.predict(X_test[j:j + 1])[0]),
-        "test_loss": float(test_losses[j]),
-        "train_idx": idx, "actual": actual, "first_order": first, "newton": newton,
-        "first_order_stats": fit_stats(actual, first), "newton_stats": fit_stats(actual, newton),
-        "time_predict_s": t_pred, "time_retrain_s": t_retrain,
+        "model": model, "influence": infl, "l2": l2, "result": res,
+        "test_index": j, "test_label": int(y_test[j]), "test_prediction": int(model.predict(X_test[j:j + 1])[0]),
+        "test_loss": float(res.test_losses[0]),
+        "train_idx": res.train_idx[0], "actual": res.actual[0],
+        "first_order": res.predicted["influence"][0], "newton": res.predicted["newton"][0],
+        "first_order_stats": res.stats["influence"], "newton_stats": res.stats["newton"],
+        "time_predict_s": res.time_predict_s, "time_retrain_s": res.time_retrain_s,
         "time_total_s": time.perf_counter() - t_start,
     }
 

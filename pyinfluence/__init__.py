@@ -38,6 +38,8 @@ _LAZY = {
     "Exact": "pyinfluence.solvers",
     "LiSSA": "pyinfluence.solvers",
     "SolveResult": "pyinfluence.solvers",
+    "TorchInfluence": "pyinfluence.torch_influence",
+    "smooth_hinge_loss": "pyinfluence.losses",
     "Solver": "pyinfluence.solvers",
     "resolve_solver": "pyinfluence.solvers",
 }
@@ -89,8 +91,10 @@ __all__ = [
     "SolveResult",
     "Solver",
     "TopK",
+    "TorchInfluence",
     "from_sklearn",
     "get_num_threads",
     "resolve_solver",
     "set_num_threads",
+    "smooth_hinge_loss",
 ]

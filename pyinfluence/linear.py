@@ -28,7 +28,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _core
+from . import _core, _cuda
 from ._validation import (
     as_float_matrix,
     as_index_array,
@@ -54,12 +54,15 @@ class TopK:
     helpful first. ``harmful_idx``/``harmful_scores`` (m, k): the most POSITIVE ``up_loss``,
     most harmful first. Scores are ``up_loss`` values, I_up,loss(z, z_test) = −∇θL(z_test)ᵀ
     (H+λI)⁻¹ ∇θL(z) (no 1/n factor; the predicted leave-one-out change is −score/n).
+
+    :class:`LinearInfluence` fills it with numpy arrays, :class:`~pyinfluence.TorchInfluence` with torch
+    tensors on its device.
     """
 
-    helpful_idx: NDArray[np.int64]
-    helpful_scores: NDArray[np.floating]
-    harmful_idx: NDArray[np.int64]
-    harmful_scores: NDArray[np.floating]
+    helpful_idx: Any  # NDArray[np.int64] | torch.Tensor
+    helpful_scores: Any
+    harmful_idx: Any
+    harmful_scores: Any
 
 
 class LinearInfluence:
@@ -76,6 +79,10 @@ class LinearInfluence:
     - ``damping`` λ ≥ 0: every solve uses H + λI.
     - ``dtype``: float32 or float64 for the computation; default: ``X_train``'s dtype if it is
       float32/float64, else float64.
+    - ``device``: None or ``"cpu"`` (the C++ core on the CPU), ``"cuda"``/``"cuda:N"`` (its CUDA kernels
+      for the Hessian, ``up_loss`` and ``top_k``; needs a build with ``PYINFLUENCE_CUDA=1``, a CUDA torch and
+      a GPU, else a RuntimeError says which is missing). Default: the CPU, or the GPU that holds ``X_train``
+      if it is a CUDA tensor. Inputs may be CUDA tensors; results are numpy arrays either way.
 
     H + λI is assembled and Cholesky-factorised once, here; raises
     :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ValueError) if it is not positive
@@ -96,6 +103,7 @@ class LinearInfluence:
         y_train: ArrayLike,
         damping: float = 0.0,
         dtype: DTypeLike = None,
+        device: Any = None,
     ) -> None:
         if not isinstance(model, _LinearModel):
             mod = type(model).__module__ or ""
@@ -110,6 +118,9 @@ class LinearInfluence:
             )
         model._check_fitted()
         self._damping = check_damping(damping)
+        self._device = _cuda.resolve_device(device, X_train)  # None: the CPU engine
+        if self._device is not None:
+            X_train, y_train = _cuda.to_host(X_train), _cuda.to_host(y_train)
         X = as_float_matrix(
             "X_train",
             X_train,
@@ -128,7 +139,12 @@ class LinearInfluence:
         self._theta = np.ascontiguousarray(model.theta_, dtype=dt)
         self._spec = model._spec(dt)
         try:
-            self._engine = _core.LinearEngine(self._spec, X, y, self._theta, self._damping)
+            if self._device is None:
+                self._engine = _core.LinearEngine(self._spec, X, y, self._theta, self._damping)
+            else:
+                self._engine = _cuda.CudaLinearEngine(
+                    self._spec, X, y, self._theta, self._damping, self._device
+                )
         except _CORE_NPD as exc:
             raise NotPositiveDefiniteError(self._npd_message(str(exc))) from None
         if not getattr(self._engine, "factorized", True):
@@ -194,6 +210,11 @@ class LinearInfluence:
         return self._dtype
 
     @property
+    def device(self) -> str:
+        """Where the engine runs: ``"cpu"`` or ``"cuda:N"``."""
+        return "cpu" if self._device is None else str(self._device)
+
+    @property
     def model(self) -> _LinearModel:
         """The model whose influence is computed."""
         return self._model
@@ -206,6 +227,8 @@ class LinearInfluence:
 
     # -- input helpers ---------------------------------------------------------------------------
     def _test(self, X_test: Any, y_test: Any) -> Tuple[np.ndarray, np.ndarray]:
+        if self._device is not None:
+            X_test, y_test = _cuda.to_host(X_test), _cuda.to_host(y_test)
         Xt = as_float_matrix("X_test", X_test, self._dtype, allow_1d=True, n_features=self._d)
         single = np.ndim(X_test) == 1
         yt = self._model._encode("y_test", y_test, self._dtype, allow_scalar=single)
@@ -234,9 +257,10 @@ class LinearInfluence:
     def hessian(self) -> NDArray[np.floating]:
         """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p).
 
-        For multinomial models with an unpenalised intercept, R includes the core's gauge term
-        (γ/2)(Σ_k b_k)², which fixes the softmax's free intercept shift without changing any
-        prediction or influence value.
+        For multinomial models with an unpenalised intercept this H is exactly singular along "shift every
+        intercept by the same amount" (the softmax is invariant to it). The undamped solves behind every
+        influence value add the gauge (γ/2)(Σ_k b_k)² to fix that direction; it is NOT included here, and it
+        changes no prediction or influence value (every gradient is orthogonal to that direction).
         """
         return np.asarray(self._engine.hessian())
 

@@ -12,6 +12,9 @@
 #include <utility>
 
 #include "pyinfluence/pyinfluence.hpp"
+#ifdef PYINFLUENCE_HAS_CUDA
+#include "pyinfluence/cuda.hpp"
+#endif
 
 namespace py = pybind11;
 using namespace pyinfluence;
@@ -403,11 +406,106 @@ class PyCholeskyFactor {
 
 }  // namespace
 
+#ifdef PYINFLUENCE_HAS_CUDA
+// ---------------------------------------------------------------------------------------------------------------
+// CUDA kernels (pyinfluence/cuda.hpp). Arrays arrive as raw device pointers (torch's tensor.data_ptr()) and the stream
+// as an integer (torch.cuda.current_stream().cuda_stream); pyinfluence/_cuda.py checks shapes, dtypes, devices and
+// contiguity before calling these, so here only the pointers are passed through, with the GIL released.
+// ---------------------------------------------------------------------------------------------------------------
+namespace cuda_binding {
+
+cuda::DeviceModel device_model(const ModelSpec& s) {
+  s.validate();
+  cuda::DeviceModel m;
+  m.family = cuda::DeviceFamily(int(s.family));
+  m.n_outputs = s.n_outputs;
+  m.fit_intercept = s.fit_intercept;
+  m.penalize_intercept = s.penalize_intercept;
+  m.l2 = s.l2;
+  m.temperature = s.temperature;
+  return m;
+}
+
+cuda::DType dtype(const std::string& name) {
+  if (name == "float64") return cuda::DType::Float64;
+  if (name == "float32") return cuda::DType::Float32;
+  throw std::invalid_argument("dtype must be 'float32' or 'float64', got '" + name + "'");
+}
+
+template <class P = void>
+P* ptr(std::uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+void add_to_module(py::module_& m) {
+  m.def("cuda_device_count", &cuda::device_count, "CUDA devices the driver reports (0 without a driver or GPU)");
+  m.def("cuda_version", &cuda::version_info, "CUDA runtime (built in) and driver versions");
+  m.def(
+      "cuda_per_example",
+      [](const ModelSpec& spec, const std::string& dt, int device, std::uintptr_t stream, std::uintptr_t X,
+         std::uintptr_t y, std::uintptr_t W, std::int64_t n, std::int64_t d, std::uintptr_t loss, std::uintptr_t R,
+         std::uintptr_t C) {
+        const auto model = device_model(spec);
+        const auto t = dtype(dt);
+        py::gil_scoped_release release;
+        cuda::per_example(model, t, device, ptr(stream), ptr(X), ptr(y), ptr(W), n, d, ptr(loss), ptr(R), ptr(C));
+      },
+      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("y"),
+      py::arg("W"), py::arg("n"), py::arg("d"), py::arg("loss"), py::arg("residual"), py::arg("curvature"),
+      "loss (n, or 0), residual (n, K), curvature (n, K) from device arrays X (n, d), y (n), W (K, d_eff)");
+  m.def(
+      "cuda_hessian",
+      [](const ModelSpec& spec, const std::string& dt, int device, std::uintptr_t stream, std::uintptr_t X,
+         std::uintptr_t C, std::int64_t n, std::int64_t d, std::uintptr_t H) {
+        const auto model = device_model(spec);
+        const auto t = dtype(dt);
+        py::gil_scoped_release release;
+        cuda::hessian(model, t, device, ptr(stream), ptr(X), ptr(C), n, d, ptr(H));
+      },
+      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("curvature"),
+      py::arg("n"), py::arg("d"), py::arg("H"), "H (p, p) = (1/n) sum_i D_i (x) x_i x_i^T + l2 P on the device");
+  m.def(
+      "cuda_up_loss",
+      [](const ModelSpec& spec, const std::string& dt, int device, std::uintptr_t stream, std::uintptr_t X,
+         std::uintptr_t R, std::int64_t n, std::int64_t d, std::uintptr_t S, std::int64_t m_test, std::uintptr_t out) {
+        const auto model = device_model(spec);
+        const auto t = dtype(dt);
+        py::gil_scoped_release release;
+        cuda::up_loss(model, t, device, ptr(stream), ptr(X), ptr(R), n, d, ptr(S), m_test, ptr(out));
+      },
+      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("residual"),
+      py::arg("n"), py::arg("d"), py::arg("S"), py::arg("m"), py::arg("out"),
+      "out (n, m) = -grad L(z_i)^T s_t for the rows s_t of S (m, p)");
+  m.def(
+      "cuda_top_k",
+      [](const ModelSpec& spec, const std::string& dt, int device, std::uintptr_t stream, std::uintptr_t X,
+         std::uintptr_t R, std::int64_t n, std::int64_t d, std::uintptr_t S, std::int64_t m_test, std::int64_t k,
+         std::uintptr_t help_idx, std::uintptr_t help_val, std::uintptr_t harm_idx, std::uintptr_t harm_val) {
+        const auto model = device_model(spec);
+        const auto t = dtype(dt);
+        py::gil_scoped_release release;
+        cuda::top_k(model, t, device, ptr(stream), ptr(X), ptr(R), n, d, ptr(S), m_test, k,
+                    ptr<std::int64_t>(help_idx), ptr(help_val), ptr<std::int64_t>(harm_idx), ptr(harm_val));
+      },
+      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("residual"),
+      py::arg("n"), py::arg("d"), py::arg("S"), py::arg("m"), py::arg("k"), py::arg("helpful_idx"),
+      py::arg("helpful_val"), py::arg("harmful_idx"), py::arg("harmful_val"),
+      "streaming top-k of up_loss into (m, k) device arrays (int64 indices, values of dtype)");
+}
+
+}  // namespace cuda_binding
+#endif  // PYINFLUENCE_HAS_CUDA
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pyinfluence C++ core (Eigen): exact influence functions for linear models";
   m.attr("__version__") = PYINFLUENCE_VERSION;
   m.attr("has_openmp") = has_openmp();
+#ifdef PYINFLUENCE_HAS_CUDA
+  m.attr("has_cuda") = true;  // the CUDA kernels were compiled in (a GPU may still be absent: cuda_device_count())
+  cuda_binding::add_to_module(m);
+#else
   m.attr("has_cuda") = false;
+#endif
   m.attr("blas") = PYINFLUENCE_BLAS_NAME;
   m.def("partition_threads", &partition_threads, py::arg("rows"), py::arg("work_flops"),
         "Threads a row-partitioned kernel (Hessian assembly, up_loss, self-influence) would use for this work "

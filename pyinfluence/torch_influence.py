@@ -1,0 +1,615 @@
+"""Influence functions for any torch model (Koh & Liang 2017, §3–4), with the same API as
+:class:`~pyinfluence.LinearInfluence`.
+
+Notation (signs exactly as in the paper):
+
+    R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²,   θ̂ = the model's parameters,   H = ∇²R(θ̂)
+
+θ is the flat vector of the *selected* parameters (``params=``; default: all trainable ones), in
+``model.named_parameters()`` order, p entries; the L2 term applies to them only and every other
+parameter and buffer is held fixed. Every solve uses ``H + λI`` with the damping λ.
+
+- ``up_params``  I_up,params(z)        = −(H+λI)⁻¹ ∇θL(z)                         (k, p)
+- ``up_loss``    I_up,loss(z, z_test)  = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)            (k, m)
+- ``pert_loss``  I_pert,loss(z, z_test)= −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)         (k, m, *input_shape)
+- ``self_influence``  I_up,loss(z, z)  (≤ 0)                                      (k,)
+- ``loo_change`` L(z_test, θ̂₋z) − L(z_test, θ̂) ≈ −(1/n)·I_up,loss(z, z_test)     (k, m)
+
+``up_*`` have no 1/n factor; ``loo_change`` has it. Positive ``up_loss`` = harmful (upweighting z
+raises the test loss), negative = helpful.
+
+Per-example gradients are ``torch.func.vmap(grad(...))`` over ``functional_call``; Hessian-vector
+products (for a block of vectors at once) are double backward passes over the training set in
+batches (or over one minibatch, for LiSSA) — reverse-over-reverse measured faster than
+forward-over-reverse on CPU; see ``_torch_ops.FunctionalModel.hvp_rows``; the dense Hessian (for
+:class:`~pyinfluence.solvers.Exact`) is built from blocks of HVPs with identity columns and kept
+for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._torch_ops import (
+    FunctionalModel,
+    HessianOperator,
+    ParamSelection,
+    TensorData,
+    _per_example,
+    as_tensor_pair,
+    check_model_mode,
+    select_params,
+)
+from ._validation import (
+    as_index_array,
+    check_bool,
+    check_damping,
+    check_int,
+    check_nonnegative_float,
+)
+from .errors import NotAtOptimumWarning
+from .linear import TopK
+from .solvers import CG, Exact, PreparedSolver, Solver, SolveResult, resolve_solver
+
+__all__ = ["TorchInfluence"]
+
+# solver="auto": Exact up to this many parameters (the dense build costs ~p HVPs over the
+# training set and p² memory), CG above.
+AUTO_EXACT_MAX_PARAMS = 10_000
+# Byte budget for one block of per-example gradients (block × p) or pert_loss outputs.
+_BLOCK_BYTES = 64 << 20
+# Test sets whose s_test vectors are kept (least recently used dropped first).
+_CACHE_SIZE = 8
+
+IndexLike = Union[int, Any, None]
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python ≥ 3.11
+        exc.add_note(text)
+
+
+class TorchInfluence:
+    """Influence functions of a trained torch model on its training set.
+
+    ``TorchInfluence(model, loss_fn, train_data, *, params=None, l2=0.0, damping=0.0,
+    solver="auto", batch_size=None, device=None, progress=False, optimum_tol=1e-2)``
+
+    - ``model``: any ``torch.nn.Module`` taking one input tensor (batch first). Put it in eval
+      mode first if it has BatchNorm or Dropout (a model in training mode with such layers is
+      refused: per-example gradients are undefined with batch statistics or random masks);
+      buffers (e.g. BatchNorm running statistics) are used as they are.
+    - ``loss_fn(outputs, targets)``: the training loss **per example**, shape (batch,) (a trailing
+      dimension of size 1 is accepted), e.g. ``torch.nn.CrossEntropyLoss(reduction="none")`` or
+      ``lambda out, y: F.binary_cross_entropy_with_logits(out.squeeze(-1), y,
+      reduction="none")``. TorchInfluence averages it itself; a reduced (scalar) loss is refused.
+      See also :func:`pyinfluence.losses.smooth_hinge_loss`.
+    - ``train_data``: the training set the model was fitted on: an ``(inputs, targets)`` pair of
+      tensors, a ``Dataset`` yielding ``(x, y)`` or a ``DataLoader`` with ``shuffle=False``. It
+      is materialised once as two tensors on ``device`` (floating inputs/targets converted to the
+      parameters' dtype). Training index i is the i-th example in that order.
+    - ``params``: which parameters θ are, ``None`` = all with ``requires_grad``; a name or list of
+      names / module prefixes (``["fc"]`` = ``fc.weight``, ``fc.bias``); or a predicate
+      ``f(name)`` / ``f(name, parameter) -> bool``. All selected parameters must share one dtype
+      (float32 or float64). Influence is computed with every other parameter held fixed (e.g.
+      the paper's Inception experiment: the top layer only).
+    - ``l2``: the weight decay that was part of the training objective: R includes
+      (l2/2)‖θ‖² over the selected parameters (SGD's ``weight_decay=wd`` is ``l2=wd``). Its term
+      is in the Hessian.
+    - ``damping`` λ ≥ 0: every solve uses H + λI (Koh & Liang §4: the Hessian of a non-convex
+      model at its trained parameters — rarely an exact local minimum — often has small negative
+      eigenvalues; λ larger than their magnitude makes the local quadratic model convex). Values
+      then approximate the undamped ones; e.g. λ = 1e-3…1e-2 × the largest eigenvalue.
+    - ``solver``: ``"auto"`` (default: :class:`~pyinfluence.solvers.Exact` when p ≤ 10 000, else
+      :class:`~pyinfluence.solvers.CG`), ``"exact"``, ``"cg"``, ``"lissa"`` or a configured
+      solver object such as ``CG(tol=1e-6)`` or ``LiSSA(depth=2000)``.
+    - ``batch_size``: the most training examples per pass (per-example gradient blocks, HVP
+      batches); default: chosen from the memory of a (batch × p) gradient block (64 MiB).
+    - ``device``: where the computation runs; default: the selected parameters' device. The model
+      itself is not moved (its parameters and buffers are copied to ``device`` if needed).
+    - ``progress``: show tqdm progress bars on long loops (requires ``tqdm``; ImportError if
+      missing).
+    - ``optimum_tol``: warn (:class:`~pyinfluence.errors.NotAtOptimumWarning`) when
+      ‖∇R(θ̂)‖ > optimum_tol · RMS_i ‖∇θL(z_i)‖ (the RMS over the first batch of training
+      examples): influence functions assume ∇R(θ̂) = 0. The relative form suits deep models,
+      which are rarely exactly at an optimum; ``None`` disables the check. ``grad_norm_`` holds
+      ‖∇R(θ̂)‖.
+
+    θ̂ (the selected parameters) is copied here; the other parameters and buffers are used as they
+    are, so do not change the model while using this object. The solver is prepared (Exact: the
+    dense Hessian is built and factorised) on the first call that needs a solve, or by
+    :meth:`prepare`; a non-positive-definite H + λI raises
+    :class:`~pyinfluence.errors.NotPositiveDefiniteError` then, with a suggested damping.
+
+    Conventions for every method (see the module docstring): signs as in Koh & Liang, ``up_*``
+    without the 1/n factor, ``loo_change`` with it. **Outputs are torch tensors on ``device``** in
+    the parameters' dtype (:class:`~pyinfluence.LinearInfluence` returns numpy arrays).
+
+    Test data, for every method taking ``X_test, y_test``: inputs ``X_test`` (m, *input_shape)
+    with targets ``y_test`` (m, *target_shape) (tensors or arrays), a single example without the
+    batch axis (``x`` of shape input_shape with a scalar/target-shaped ``y``; then m = 1 and the
+    m axis is kept in the output), **or** one ``(inputs, targets)`` pair, ``Dataset`` or
+    ``DataLoader`` as ``X_test`` with ``y_test`` omitted. ``train_idx`` selects k training
+    points: None (all n), an int, a sequence/array/tensor of ints (negative from the end) or a
+    boolean mask of length n.
+
+    The vectors s_test = (H+λI)⁻¹ ∇θL(z_test) are cached per test set (compared by value; the 8
+    most recent sets), so ``up_loss``, ``pert_loss``, ``top_k``, ``loo_change`` and ``s_test`` on
+    the same test data solve once. ``last_solve`` is the :class:`~pyinfluence.solvers.SolveResult`
+    of the most recent solve (residual, iterations, time, …); ``n_solves`` counts solves.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        train_data: Any,
+        *,
+        params: ParamSelection = None,
+        l2: float = 0.0,
+        damping: float = 0.0,
+        solver: str | Solver = "auto",
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        optimum_tol: float | None = 1e-2,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable (outputs, targets) -> per-example losses, got "
+                f"{type(loss_fn).__name__}"
+            )
+        red = getattr(loss_fn, "reduction", None)
+        if isinstance(loss_fn, nn.Module) and red in ("mean", "sum", "batchmean"):
+            raise ValueError(
+                f"loss_fn is {type(loss_fn).__name__}(reduction={red!r}), which returns one number "
+                f"per batch; TorchInfluence needs one loss per example: use "
+                f"{type(loss_fn).__name__}(reduction='none') (the mean is taken internally)"
+            )
+        check_model_mode(model)
+        named = select_params(model, params)
+        self._l2 = check_nonnegative_float("l2", l2)
+        self._damping = check_damping(damping)
+        self._progress = check_bool("progress", progress)
+        if self._progress:
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "progress=True needs the tqdm package (pip install tqdm); or pass "
+                    "progress=False"
+                ) from None
+        if optimum_tol is not None:
+            optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
+        dev = named[0][1].device if device is None else torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={dev} requested but CUDA is not available")
+        dtype = named[0][1].dtype
+        self._solver_cfg = self._pick_solver(solver, sum(int(p.numel()) for _, p in named))
+
+        data, _ = as_tensor_pair("train_data", train_data, device=dev, dtype=dtype)
+        fm = FunctionalModel(model, loss_fn, named, dev)
+        self._model = model
+        self._fm = fm
+        self._data = data
+        self._n = len(data)
+        self._device = dev
+        self._dtype = dtype
+        self._check_callables()
+
+        p = fm.n_params
+        item = torch.finfo(dtype).bits // 8
+        act = fm.activation_numel(data.inputs)
+        if batch_size is None:
+            self._batch = int(min(self._n, max(16, _BLOCK_BYTES // ((p + act) * item))))
+        else:
+            self._batch = check_int("batch_size", batch_size, 1)
+        self._op = HessianOperator(
+            fm, data, self._l2, self._batch, self._bar if self._progress else None
+        )
+        self._prep: PreparedSolver | None = None
+        self._cache: list[tuple[TensorData, Tensor]] = []
+        self.last_solve: SolveResult | None = None
+        self.n_solves = 0
+
+        # ‖∇R(θ̂)‖ and the optimum check
+        g = self._op.gradient()
+        self.grad_norm_ = float(torch.linalg.vector_norm(g))
+        if optimum_tol is not None:
+            b = min(self._n, self._batch, 256)
+            G0 = fm.per_example_grads(data.inputs[:b], data.targets[:b])
+            rms = float(torch.linalg.vector_norm(G0)) / math.sqrt(b)
+            ratio = self.grad_norm_ / rms if rms > 0 else (math.inf if self.grad_norm_ > 0 else 0.0)
+            if not math.isfinite(self.grad_norm_) or ratio > optimum_tol:
+                warnings.warn(
+                    f"the model's parameters are not at an optimum of the training objective "
+                    f"R(θ) = mean loss + (l2/2)‖θ‖² on train_data: ‖∇R(θ̂)‖ = "
+                    f"{self.grad_norm_:.3g}, {ratio:.3g} × the RMS per-example gradient norm "
+                    f"(> optimum_tol={optimum_tol:g}). Influence functions assume ∇R(θ̂) = 0, so "
+                    f"their values are approximate. Check that l2 matches the training weight "
+                    f"decay and that train_data is the training set; train longer; or pass "
+                    f"optimum_tol=None to silence this",
+                    NotAtOptimumWarning,
+                    stacklevel=2,
+                )
+
+    # -- construction helpers ------------------------------------------------------------------
+    @staticmethod
+    def _pick_solver(solver: Any, p: int) -> Solver:
+        if isinstance(solver, str):
+            key = solver.strip().lower()
+            if key == "auto":
+                return Exact() if p <= AUTO_EXACT_MAX_PARAMS else CG()
+            if key not in ("exact", "cg", "lissa"):
+                raise ValueError(
+                    f"solver must be 'auto', 'exact', 'cg', 'lissa' or a solver object such as "
+                    f"pyinfluence.CG(tol=1e-6), got {solver!r}"
+                )
+        return resolve_solver(solver)
+
+    def _check_callables(self) -> None:
+        """Run the model and loss on two training examples: shapes, reduction, torch.func."""
+        fm, d = self._fm, self._data
+        X, Y = d.inputs[:2], d.targets[:2]
+        try:
+            with torch.no_grad():
+                out = fm.forward(fm.params, X)
+        except Exception as exc:
+            _note(exc, f"(TorchInfluence: calling the model on training inputs of shape "
+                       f"{tuple(X.shape)} failed)")
+            raise
+        try:
+            with torch.no_grad():
+                losses = fm.loss_fn(out, Y)
+        except Exception as exc:
+            _note(exc, f"(TorchInfluence: calling loss_fn(outputs, targets) on outputs of shape "
+                       f"{tuple(getattr(out, 'shape', ()))} and targets of shape "
+                       f"{tuple(Y.shape)} failed)")
+            raise
+        losses = _per_example(losses, X.shape[0])
+        if not losses.is_floating_point():
+            raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
+        if not bool(torch.isfinite(losses).all()):
+            raise ValueError(
+                "loss_fn returned NaN or infinity on the first training examples at the model's "
+                "parameters"
+            )
+        try:
+            fm.per_example_grads(X, Y)
+        except Exception as exc:  # torch.func limitations, e.g. in-place buffer updates
+            raise RuntimeError(
+                f"per-example gradients (torch.func.vmap over torch.func.grad of "
+                f"functional_call(model, ...)) failed: {type(exc).__name__}: {exc}. The model and "
+                f"loss must be pure functions of parameters and inputs (no in-place updates of "
+                f"buffers, no .item() or data-dependent Python control flow)"
+            ) from exc
+
+    def _bar(self, it: Iterable, total: int | None = None, desc: str = "") -> Iterable:
+        if not self._progress:
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=False)
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        """p, the number of selected parameters."""
+        return self._fm.n_params
+
+    @property
+    def n_train(self) -> int:
+        """n, the number of training points."""
+        return self._n
+
+    @property
+    def params(self) -> Tensor:
+        """θ̂, the selected parameters flattened in ``param_names`` order, shape (p,) (a copy)."""
+        return self._fm.theta.clone()
+
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the selected parameters, in the order they are flattened into θ."""
+        return list(self._fm.names)
+
+    @property
+    def damping(self) -> float:
+        """λ, added to the Hessian diagonal in every solve."""
+        return self._damping
+
+    @property
+    def l2(self) -> float:
+        """The L2 coefficient of R(θ) (on the selected parameters)."""
+        return self._l2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the computation (the selected parameters' dtype)."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the computation and of every returned tensor."""
+        return self._device
+
+    @property
+    def model(self) -> nn.Module:
+        """The model whose influence is computed."""
+        return self._model
+
+    @property
+    def solver(self) -> Solver:
+        """The solver configuration in use."""
+        return self._solver_cfg
+
+    @property
+    def operator(self) -> HessianOperator:
+        """The Hessian operator (``matvec``, ``sample_matvec``, ``dense``) of R at θ̂."""
+        return self._op
+
+    def __repr__(self) -> str:
+        return (
+            f"TorchInfluence({type(self._model).__name__}, n_train={self._n}, "
+            f"n_params={self.n_params}, l2={self._l2:g}, damping={self._damping:g}, "
+            f"solver={self._solver_cfg.name}, dtype={str(self._dtype).replace('torch.', '')}, "
+            f"device={self._device})"
+        )
+
+    # -- solving -----------------------------------------------------------------------------------
+    def prepare(self) -> TorchInfluence:
+        """Do the solver's one-off work now (Exact: build and factorise H + λI); returns self."""
+        if self._prep is None:
+            self._prep = self._solver_cfg.prepare(self._op, self._damping)
+        return self
+
+    def _solve(self, V: Tensor) -> Tensor:
+        self.prepare()
+        assert self._prep is not None
+        res = self._prep.solve(V)
+        self.last_solve = res
+        self.n_solves += 1
+        return res.solution
+
+    def clear_cache(self) -> None:
+        """Forget the cached s_test vectors."""
+        self._cache.clear()
+
+    # -- input helpers ---------------------------------------------------------------------------
+    def _test(self, X_test: Any, y_test: Any) -> TensorData:
+        data, _ = as_tensor_pair(
+            "X_test",
+            X_test,
+            y_test,
+            device=self._device,
+            dtype=self._dtype,
+            like=self._data,
+            names=("X_test", "y_test"),
+        )
+        return data
+
+    def _idx(self, train_idx: IndexLike, **kw: Any) -> Tensor | None:
+        if train_idx is None:
+            return None
+        if isinstance(train_idx, Tensor) and train_idx.device.type != "cpu":
+            train_idx = train_idx.cpu()
+        idx = as_index_array("train_idx", train_idx, self._n, **kw)
+        return torch.from_numpy(idx).to(self._device)
+
+    def _train(self, idx: Tensor | None) -> TensorData:
+        return self._data.take(idx)
+
+    def _grad_rows(self) -> int:
+        return self._batch
+
+    def _blocks(self, data: TensorData, rows: int, desc: str):
+        it = data.blocks(rows)
+        if self._progress:
+            it = self._bar(it, total=math.ceil(len(data) / rows), desc=desc)
+        return it
+
+    def _s_test(self, test: TensorData) -> Tensor:
+        for i, (d, s) in enumerate(self._cache):
+            if (
+                d.inputs.shape == test.inputs.shape
+                and d.targets.shape == test.targets.shape
+                and d.inputs.dtype == test.inputs.dtype
+                and d.targets.dtype == test.targets.dtype
+                and torch.equal(d.inputs, test.inputs)
+                and torch.equal(d.targets, test.targets)
+            ):
+                if i:
+                    self._cache.insert(0, self._cache.pop(i))
+                return s
+        G = self._per_example_grads(test, "test gradients")  # (m, p)
+        s = self._solve(G.t())
+        self._cache.insert(0, (test, s))
+        del self._cache[_CACHE_SIZE:]
+        return s
+
+    def _per_example_grads(self, data: TensorData, desc: str = "gradients") -> Tensor:
+        n = len(data)
+        out = torch.empty((n, self.n_params), dtype=self._dtype, device=self._device)
+        for s, X, Y in self._blocks(data, self._grad_rows(), desc):
+            out[s : s + X.shape[0]] = self._fm.per_example_grads(X, Y)
+        return out
+
+    # -- core quantities ---------------------------------------------------------------------
+    def s_test(self, X_test: Any, y_test: Any = None) -> Tensor:
+        """s_test = (H+λI)⁻¹ ∇θL(z_test) for each test point, shape (p, m) (cached per test set).
+
+        ``up_loss[i, j] = −∇θL(z_i)ᵀ s_test[:, j]``.
+        """
+        return self._s_test(self._test(X_test, y_test)).clone()
+
+    def hessian(self, max_params: int = 20_000) -> Tensor:
+        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p), exactly symmetric.
+
+        Costs about p Hessian-vector products over the training set and p² memory; refused
+        (ValueError) above ``max_params`` parameters.
+        """
+        max_params = check_int("max_params", max_params, 1)
+        if self.n_params > max_params:
+            raise ValueError(
+                f"the Hessian has p = {self.n_params} parameters, more than max_params="
+                f"{max_params} ({self.n_params ** 2 * (torch.finfo(self._dtype).bits // 8) / 1e9:.3g}"
+                f" GB); select fewer parameters (params=...) or raise max_params"
+            )
+        return self._op.dense()
+
+    def gradients(self, train_idx: IndexLike = None) -> Tensor:
+        """Per-example loss gradients ∇θL(z_i, θ̂) (no 1/n, no L2 term), shape (k, p)."""
+        return self._per_example_grads(self._train(self._idx(train_idx)))
+
+    def up_params(self, train_idx: IndexLike = None) -> Tensor:
+        """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
+
+        Removing z changes θ̂ by ≈ −(1/n)·I_up,params(z) (this method has no 1/n factor).
+        Rows follow ``train_idx`` (default: all n training points). One solve per block of
+        ``batch_size`` training points.
+        """
+        data = self._train(self._idx(train_idx))
+        k = len(data)
+        out = torch.empty((k, self.n_params), dtype=self._dtype, device=self._device)
+        for s, X, Y in self._blocks(data, self._grad_rows(), "up_params"):
+            G = self._fm.per_example_grads(X, Y)
+            out[s : s + X.shape[0]] = self._solve(G.t()).t().neg()
+        return out
+
+    def up_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
+        """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
+
+        Entry [i, j]: derivative of test loss j with respect to upweighting training point i.
+        Positive = harmful (upweighting raises the test loss), negative = helpful.
+        No 1/n factor: the predicted leave-one-out change is −up_loss/n (see ``loo_change``).
+        """
+        test = self._test(X_test, y_test)
+        S = self._s_test(test)  # (p, m)
+        data = self._train(self._idx(train_idx))
+        out = torch.empty((len(data), S.shape[1]), dtype=self._dtype, device=self._device)
+        for s, X, Y in self._blocks(data, self._grad_rows(), "up_loss"):
+            G = self._fm.per_example_grads(X, Y)
+            torch.matmul(G, S, out=out[s : s + X.shape[0]])
+        return out.neg_()
+
+    def pert_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
+        """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, *input_shape).
+
+        Entry [i, j]: gradient, with respect to the input x_i of training point i, of the test
+        loss j after upweighting z_i (Koh & Liang §2.2), i.e. ∇x[−s_testᵀ ∇θL(x_i, y_i)]: moving
+        x_i by a small δ changes test loss j by ≈ (1/n)·⟨pert_loss[i, j], δ⟩ (no 1/n factor
+        here). Computed by differentiating through the training input (jvp over θ of the input
+        gradient). Needs floating-point inputs.
+        """
+        if not self._data.inputs.is_floating_point():
+            raise TypeError(
+                f"pert_loss differentiates with respect to the training inputs, which have dtype "
+                f"{self._data.inputs.dtype}; it needs floating-point inputs"
+            )
+        test = self._test(X_test, y_test)
+        S = self._s_test(test)
+        St = S.t().contiguous()  # (m, p)
+        m = St.shape[0]
+        data = self._train(self._idx(train_idx))
+        in_shape = tuple(self._data.inputs.shape[1:])
+        out = torch.empty((len(data), m) + in_shape, dtype=self._dtype, device=self._device)
+        item = torch.finfo(self._dtype).bits // 8
+        per = max(1, m * (math.prod(in_shape) + self._fm.activation_numel(self._data.inputs)) * item)
+        rows = int(max(1, min(self._batch, _BLOCK_BYTES // per)))
+        for s, X, Y in self._blocks(data, rows, "pert_loss"):
+            J = self._fm.mixed_input_grad(St, X, Y)  # (m, B, *in)
+            out[s : s + X.shape[0]] = J.transpose(0, 1).neg()
+        return out
+
+    def self_influence(self, train_idx: IndexLike = None) -> Tensor:
+        """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
+
+        Large magnitude = the point's own loss depends strongly on it (outliers, mislabelled
+        points). No 1/n factor. One solve per block of ``batch_size`` training points.
+        """
+        data = self._train(self._idx(train_idx))
+        out = torch.empty((len(data),), dtype=self._dtype, device=self._device)
+        for s, X, Y in self._blocks(data, self._grad_rows(), "self_influence"):
+            G = self._fm.per_example_grads(X, Y)  # (B, p)
+            Z = self._solve(G.t())  # (p, B)
+            out[s : s + X.shape[0]] = -(G * Z.t()).sum(dim=1)
+        return out
+
+    def loo_change(
+        self,
+        X_test: Any,
+        y_test: Any = None,
+        train_idx: IndexLike = None,
+        method: str = "influence",
+        group: bool = False,
+    ) -> Tensor:
+        """Predicted change of the test loss when training points are removed and the model refit:
+        L(z_test, θ̂₋) − L(z_test, θ̂) ≈ −(1/n)·up_loss. Positive = removal raises the test loss
+        (a helpful point).
+
+        ``method="influence"`` (the only one on the torch path): first order, shape (k, m); with
+        ``group=True`` the points in ``train_idx`` are removed together: −(1/n)·Σ_i up_loss[i],
+        shape (m,). ``train_idx`` default: all n points one at a time (required with
+        ``group=True``).
+        """
+        if method != "influence":
+            if method == "newton":
+                raise ValueError(
+                    "method='newton' is available for LinearInfluence only; the torch path "
+                    "supports method='influence'"
+                )
+            raise ValueError(f"method must be 'influence', got {method!r}")
+        group = check_bool("group", group)
+        if group:
+            if train_idx is None:
+                raise ValueError(
+                    "train_idx is required with group=True (the points removed together)"
+                )
+            idx = self._idx(train_idx, unique=True, allow_empty=False)
+            assert idx is not None
+            if idx.numel() >= self._n:
+                raise ValueError(
+                    f"train_idx removes all {self._n} training points; at least one must remain"
+                )
+        else:
+            idx = self._idx(train_idx)
+        up = self.up_loss(X_test, y_test, idx)
+        up.mul_(-1.0 / self._n)
+        return up.sum(dim=0) if group else up
+
+    def top_k(self, X_test: Any, y_test: Any = None, k: int = 10) -> TopK:
+        """The k most helpful and k most harmful training points for each test point.
+
+        Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first,
+        harmful = most positive first. Scores have no 1/n factor (the predicted leave-one-out
+        change of the test loss is −score/n). Returns :class:`~pyinfluence.TopK` holding four
+        (m, k) **tensors** on ``device`` (int64 indices). Streams over blocks of training points
+        (memory m·(k + batch_size), never the n × m score matrix). ``k``: 1 to n_train.
+        """
+        k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
+        test = self._test(X_test, y_test)
+        S = self._s_test(test)
+        m = S.shape[1]
+        dev, dt = self._device, self._dtype
+        hv = torch.empty((m, 0), dtype=dt, device=dev)
+        hi = torch.empty((m, 0), dtype=torch.int64, device=dev)
+        rv, ri = hv, hi
+        for s, X, Y in self._blocks(self._data, self._grad_rows(), "top_k"):
+            G = self._fm.per_example_grads(X, Y)
+            sc = (G @ S).neg_().t()  # (m, B)
+            ids = torch.arange(s, s + X.shape[0], device=dev).expand(m, -1)
+            cv, ci = torch.cat([hv, sc], 1), torch.cat([hi, ids], 1)
+            kk = min(k, cv.shape[1])
+            v, j = torch.topk(cv, kk, dim=1, largest=False, sorted=True)
+            hv, hi = v, ci.gather(1, j)
+            cv, ci = torch.cat([rv, sc], 1), torch.cat([ri, ids], 1)
+            v, j = torch.topk(cv, kk, dim=1, largest=True, sorted=True)
+            rv, ri = v, ci.gather(1, j)
+        return TopK(hi, hv, ri, rv)
