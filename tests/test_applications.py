@@ -721,13 +721,15 @@ def test_plots_into_given_axes_and_no_pyplot_figures(digits):
     assert plt.get_fignums() == before  # nothing registered with pyplot
 
 
-def test_importing_applications_has_no_heavy_or_global_side_effects():
+def test_importing_applications_has_no_heavy_or_global_side_effects(tmp_path):
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the source tree's
+    # pyinfluence/ (without the compiled _core of a non-editable install) would shadow the installed one.
     code = (
         "import sys, pyinfluence.applications as a; "
         "print(*(int(m in sys.modules) for m in ('matplotlib', 'sklearn', 'tqdm')))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     ).stdout.split()
     assert out == ["0", "0", "0"]
 
