@@ -1,0 +1,8 @@
+"""``python -m pyinfluence``: the same command line as the ``pyinfluence`` console script."""
+
+import sys
+
+from pyinfluence.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
