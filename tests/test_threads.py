@@ -25,16 +25,63 @@ pytestmark = pytest.mark.skipif(
     not _core.has_openmp or THREADS < 2, reason="row partitioning needs OpenMP and 2 threads"
 )
 
-# (family, K, d, n): n·p² ≥ 1e7 so that partition_threads() picks more than one thread
+# (family, K, d, n): n·p² ≥ 1e7, the threshold the fixture below sets, so that partition_threads() picks more
+# than one thread (the default threshold, 2e9 flops, would run problems this small on one thread)
 PROBLEMS = [("logistic", 1, 60, 3000), ("multinomial", 3, 30, 3000), ("squared", 1, 60, 3000)]
 
 
 @pytest.fixture(autouse=True)
 def two_threads():
     before = pyinfluence.get_num_threads()
+    threshold = _core.parallel_min_flops()
     pyinfluence.set_num_threads(THREADS)
+    _core.set_parallel_min_flops(1e7)
     yield
+    _core.set_parallel_min_flops(threshold)
     pyinfluence.set_num_threads(before)
+
+
+def test_small_work_runs_on_one_thread():
+    _core.set_parallel_min_flops(2e9)  # the default
+    assert _core.parallel_min_flops() == 2e9
+    assert _core.partition_threads(3000, 1.9e9) == 1
+    assert _core.partition_threads(100_000, 2.1e9) == THREADS
+    _core.set_parallel_min_flops(-5.0)  # negative counts as 0: always split when rows allow
+    assert _core.parallel_min_flops() == 0.0
+    assert _core.partition_threads(3000, 1.0) == THREADS
+
+
+@pytest.mark.skipif(_core.blas_threads() < 0, reason="the core's BLAS pool is not one pyinfluence controls")
+def test_serial_sections_restore_blas_threads_across_caller_threads():
+    # Small calls (below the threshold) switch the core's BLAS pool to one thread while they run. Several Python
+    # threads in the core at once (the GIL is released) must leave the pool as configured, not at 1.
+    import threading
+
+    _core.set_parallel_min_flops(2e9)
+    spec, cs, X, y, Xt, yt, theta = _setup("multinomial", 3, 30, 3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = _core.LinearEngine(cs, X, y, theta, 0.05)
+    want = engine.up_loss(Xt, yt, None, None)
+    assert _core.blas_threads() == THREADS
+    errors = []
+
+    def work():
+        try:
+            for _ in range(30):
+                got = engine.up_loss(Xt, yt, None, None)
+                assert np.array_equal(got, want) or rel(got, want) <= 1e-12
+                engine.self_influence(None, None)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert _core.blas_threads() == THREADS
 
 
 def _setup(family, K, d, n, dtype=np.float64):

@@ -509,7 +509,12 @@ PYBIND11_MODULE(_core, m) {
   m.attr("blas") = PYINFLUENCE_BLAS_NAME;
   m.def("partition_threads", &partition_threads, py::arg("rows"), py::arg("work_flops"),
         "Threads a row-partitioned kernel (Hessian assembly, up_loss, self-influence) would use for this work "
-        "(1: the single-accumulator path with a multi-threaded BLAS)");
+        "(1: one thread, or the single-accumulator path with a multi-threaded BLAS)");
+  m.def("parallel_min_flops", &parallel_min_flops,
+        "Work (flops) below which a core call runs on one thread, its BLAS included (default 2e9: ~50 ms of "
+        "one core's work, measured no faster split on 2 cores)");
+  m.def("set_parallel_min_flops", &set_parallel_min_flops, py::arg("flops"),
+        "Sets parallel_min_flops() (e.g. lower on machines with many idle cores; 0 = always split)");
   m.def("max_threads", &max_threads, "Threads the core's OpenMP regions may use");
   m.def("blas_threads", &blas_threads, "Threads of the core's own BLAS pool (-1: a BLAS pyinfluence does not control)");
   m.def("set_max_threads", &set_max_threads, py::arg("n"),

@@ -1,4 +1,5 @@
 #include "pyinfluence/cholesky.hpp"
+#include "pyinfluence/threads.hpp"
 
 #include <Eigen/Cholesky>
 #include <cmath>
@@ -26,6 +27,7 @@ Status CholeskyFactor<S>::compute(ColMatrix<S> A, double shift) {
       return status_ = Status::NonFinite;
     }
   const S max_diag = L_.diagonal().cwiseAbs().maxCoeff();
+  const SerialIfSmall serial(double(p) * double(p) * double(p) / 3.0);
   // Eigen's blocked in-place kernel (LAPACK potrf when the build routes Eigen to a BLAS/LAPACK) returns the
   // first failing column, or −1. It works on L_'s storage: no copy of the p×p matrix.
   const Index failed = Eigen::internal::llt_inplace<S, Eigen::Lower>::blocked(L_);
@@ -62,6 +64,7 @@ void CholeskyFactor<S>::solve_in_place(Eigen::Ref<ColMatrix<S>> B) const {
   if (B.rows() != L_.rows())
     throw std::invalid_argument("the right-hand side must have " + std::to_string(L_.rows()) + " rows, got " +
                                 std::to_string(B.rows()));
+  const SerialIfSmall serial(2.0 * double(L_.rows()) * double(L_.rows()) * double(B.cols()));
   const auto L = L_.template triangularView<Eigen::Lower>();
   L.solveInPlace(B);            // L y = b
   L.adjoint().solveInPlace(B);  // Lᵀ x = y

@@ -27,6 +27,8 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eig
   check_problem<S>(spec_, X_, y_, W_, no_weights<S>());
   if (!(damping >= 0.0) || !std::isfinite(damping)) throw std::invalid_argument("damping must be a finite number >= 0");
   const Index n = X_.rows(), K = spec_.n_outputs;
+  const double p = double(K * spec_.d_eff(X_.cols()));
+  const SerialIfSmall serial(double(n) * p * p + p * p * p / 3.0);  // assembly + factorisation
   RowMatrix<S> scores;
   compute_scores<S>(spec_, X_, W_, scores);
   residual_.resize(n, K);
@@ -169,6 +171,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<
                                                const Eigen::Ref<const RowMatrix<S>>& X,
                                                const Eigen::Ref<const Vector<S>>& y) const {
   check_points("", X, y);
+  const SerialIfSmall serial(scoring_flops(X.rows(), X_test.rows()));
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
   const Index k = X.rows(), K = spec_.n_outputs;
   RowMatrix<S> scores, R(k, K), C(k, K);
@@ -180,6 +183,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<
 template <class S>
 RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
                                                      const Eigen::Ref<const Vector<S>>& y_test) const {
+  const SerialIfSmall serial(scoring_flops(X_.rows(), X_test.rows()));
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
   return score_all(X_, residual_, Shat, X_test.rows());  // cached training residuals
 }
@@ -224,6 +228,7 @@ Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const R
                                                         const RowMatrix<S>& R) const {
   // −g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹ g_i‖²: one triangular solve per block of gradients.
   const Index k = X.rows(), p = n_params();
+  const SerialIfSmall serial(double(k) * double(p) * double(p));
   Vector<S> out(k);
   const int threads = partition_threads(k, double(k) * double(p) * double(p));
   run_row_partition(threads, k, [&](int, Index first, Index last) {
@@ -265,6 +270,7 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   if (k < 1 || k > n)
     throw std::invalid_argument("k must be between 1 and the number of training points (" + std::to_string(n) +
                                 "); got " + std::to_string(k));
+  const SerialIfSmall serial(scoring_flops(n, X_test.rows()));
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
   const Index m = X_test.rows();
   using Cand = std::pair<S, std::int64_t>;

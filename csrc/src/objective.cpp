@@ -188,6 +188,7 @@ ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatri
                           const Eigen::Ref<const Vector<S>>& weights) {
   const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
   check_labels<S>(spec, y);
+  const SerialIfSmall serial(double(n) * double(p) * double(p));
   ColMatrix<S> H = ColMatrix<S>::Zero(p, p);
   const Index width = p + de + 2 * K;
   int threads = partition_threads(n, double(n) * double(p) * double(p));

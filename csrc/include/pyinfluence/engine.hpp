@@ -108,6 +108,12 @@ class LinearInfluenceEngine {
   void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
                    Index m, Index start, Index rows, RowMatrix<S>& Z,
                    Eigen::Ref<RowMatrix<S>> out) const;
+  // Flops of scoring k training points against m test points: the p×m solve (2p²m) and the scoring GEMM (2kpm);
+  // sizes the thread choice (SerialIfSmall).
+  double scoring_flops(Index k, Index m) const {
+    const double p = double(n_params());
+    return 2.0 * p * double(m) * (p + double(k));
+  }
   // All rows of (X, R) in blocks: the (k×m) up_loss matrix.
   RowMatrix<S> score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
                          Index m) const;
