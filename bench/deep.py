@@ -37,6 +37,8 @@ from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 import pyinfluence._torch_ops as ops
 from pyinfluence import _core
+from pyinfluence.bench.tasks import SmallCNN  # the models and trainer of `pyinfluence bench`
+from pyinfluence.bench.tasks import lbfgs_fit as lbfgs
 from pyinfluence.solvers import CG, Exact, LiSSA
 from pyinfluence.torch_influence import TorchInfluence
 
@@ -130,50 +132,11 @@ def digits():
     return X[:N_TRAIN], y[:N_TRAIN], X[N_TRAIN:], y[N_TRAIN:]
 
 
-def objective(model: nn.Module, X, y, l2: float = L2):
-    ps = list(model.parameters())
-    return ce(model(X), y).mean() + 0.5 * l2 * sum((p**2).sum() for p in ps)
-
-
-def lbfgs(model: nn.Module, X, y, max_iter: int, l2: float = L2, tol: float = 1e-10) -> float:
-    ps = list(model.parameters())
-    opt = torch.optim.LBFGS(ps, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        R = objective(model, X, y, l2)
-        R.backward()
-        return R
-
-    opt.step(closure)
-    opt.zero_grad()
-    R = objective(model, X, y, l2)
-    g = torch.autograd.grad(R, ps)
-    return float(torch.cat([t.reshape(-1) for t in g]).norm())
-
-
 def make_mlp(Xtr, ytr):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     gn = lbfgs(model, Xtr, ytr, 300, tol=1e-9)
     return model, gn
-
-
-class SmallCNN(nn.Module):
-    """8×8 digits: conv 3×3 (1→4) tanh, max-pool 2, conv 3×3 (4→8) tanh, fc 128→64 tanh, fc 64→10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.f1 = nn.Linear(8 * 4 * 4, 64)
-        self.f2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(torch.tanh(self.c1(x)), 2)
-        x = torch.tanh(self.c2(x)).flatten(1)
-        return self.f2(torch.tanh(self.f1(x)))
 
 
 def make_cnn(Xtr, ytr, iters: int):

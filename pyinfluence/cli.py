@@ -8,6 +8,10 @@ Subcommands:
   for each test point, the training rows that helped and harmed its prediction most.
 - ``pyinfluence mislabels DATA [--label COL] [--model ...]``: training rows ranked by
   self-influence, most suspicious (likely mislabeled) first.
+- ``pyinfluence bench [--quick] [--tasks LIST] [--n N --d D] [--repeats R] [--out DIR] [--peers]
+  [--peer-python PATH] [--scaling] [--json]``: accuracy against time of every solver setting on
+  standard tasks (see :mod:`pyinfluence.bench`); writes DIR/bench.json, bench.md and
+  bench_accuracy_vs_time.png and prints the table.
 
 Signs follow Koh & Liang (2017): ``influence`` is I_up,loss(z, z_test) — negative = helpful
 (upweighting the training row lowers the test loss), positive = harmful; removing the row changes
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--report", metavar="DIR", help="write an HTML report into DIR")
         sp.add_argument("--quiet", action="store_true", help="no table on screen")
         sp.set_defaults(func=_cmd_explain if name == "explain" else _cmd_mislabels)
+    _add_bench_parser(sub, common)
     return parser
 
 
@@ -288,6 +293,149 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# ================================================================================================
+# bench
+# ================================================================================================
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    bench = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="benchmark influence solvers: accuracy against time on standard tasks",
+        description=(
+            "Time every applicable solver setting (C++ exact linear path, torch Exact, CG at "
+            "several tolerances, LiSSA at several depths, and any solver added later) on "
+            "standard tasks (scikit-learn digits and synthetic data; nothing is downloaded), "
+            "measure accuracy against ground truth (exact solve, or CG at tol 1e-10 where exact "
+            "is unaffordable) and against leave-one-out retraining. Writes DIR/bench.json, "
+            "bench.md and bench_accuracy_vs_time.png and prints the table. See bench/README.md."
+        ),
+    )
+    bench.add_argument("--quick", action="store_true",
+                       help="small grid, 1 repeat, 20 test points, no CNN: about a minute or two "
+                            "on 2 cores")
+    bench.add_argument("--tasks", metavar="LIST",
+                       help="comma-separated tasks (default: all; quick: all but digits-cnn): "
+                            "digits-logreg, digits-svm, digits-mlp, digits-cnn, synthetic-linear")
+    bench.add_argument("--solvers", metavar="LIST",
+                       help="only these solver families, e.g. linear-exact,exact,cg,lissa")
+    bench.add_argument("--n", type=_positive_int, help="synthetic-linear: training points "
+                       "(default 20000; quick 5000)")
+    bench.add_argument("--d", type=_positive_int, help="synthetic-linear: features "
+                       "(default 200; quick 100)")
+    bench.add_argument("--m", type=_positive_int, help="test points per task (default: 50, "
+                       "CNN 10; quick 20, CNN 5)")
+    bench.add_argument("--repeats", type=_positive_int,
+                       help="timed runs per setting, median reported (default 3; quick 1)")
+    bench.add_argument("--budget", type=_positive_float, metavar="SECONDS",
+                       help="stop repeating a setting after this many seconds (default 30; "
+                            "quick 10)")
+    bench.add_argument("--seed", type=_nonnegative_int, default=0,
+                       help="data split / generator and initial weights (default 0)")
+    bench.add_argument("--out", default="pyinfluence-bench", metavar="DIR",
+                       help="output folder (default: ./pyinfluence-bench)")
+    bench.add_argument("--peers", nargs="?", const="captum,pydvl", default=None, metavar="LIST",
+                       help="also run other influence libraries when installed (default list: "
+                            "captum,pydvl); skipped cleanly when absent")
+    bench.add_argument("--peer-python", metavar="PATH",
+                       help="python interpreter of a separate environment holding the peers")
+    bench.add_argument("--peer-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                       help="time limit per peer run (default 600)")
+    bench.add_argument("--scaling", action="store_true",
+                       help="also run the scaling sweep of the exact linear path (time against "
+                            "n and d)")
+    bench.add_argument("--no-loo", action="store_true",
+                       help="skip the leave-one-out retraining check on linear tasks")
+    bench.add_argument("--loo-deep", action="store_true",
+                       help="also retrain the deep tasks for the leave-one-out check (slow)")
+    bench.add_argument("--no-plot", action="store_true", help="do not draw the figure")
+    bench.add_argument("--threads", type=_nonnegative_int, default=1,
+                       help="threads for torch, pyinfluence's core and (with threadpoolctl) the "
+                            "BLAS/OpenMP pools during the run (default 1: on a shared 2-core "
+                            "machine, 2-thread pools waiting on each other made the quick run 3x "
+                            "slower; 0 = leave the libraries' defaults)")
+    bench.add_argument("--json", action="store_true",
+                       help="print the JSON document instead of the table")
+    bench.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    bench.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from .bench import run_bench
+
+    t0 = time.perf_counter()
+    limits: Any = None
+    restore: Any = None
+    if args.threads:
+        import torch
+
+        from . import get_num_threads, set_num_threads
+
+        before = (torch.get_num_threads(), get_num_threads())
+        restore = lambda: (torch.set_num_threads(before[0]), set_num_threads(before[1]))  # noqa: E731
+        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
+        try:  # numpy's / scipy's BLAS and OpenMP too, where threadpoolctl is installed
+            from threadpoolctl import threadpool_limits
+
+            limits = threadpool_limits(limits=args.threads)
+        except ImportError:
+            pass
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        report = _run_bench_from_args(args, run_bench, log)
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        if restore is not None:
+            restore()
+    paths = report.save(args.out, plot=not args.no_plot)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.table(), end="")
+        print(f"wall time {time.perf_counter() - t0:.1f} s")
+        for key in ("json", "markdown", "plot", "scaling_plot"):
+            if key in paths:
+                print(f"{key}: {paths[key].resolve()}")
+    return EXIT_OK
+
+
+def _run_bench_from_args(args: argparse.Namespace, run_bench: Any, log: Any) -> Any:
+    return run_bench(
+        tasks=args.tasks,
+        quick=args.quick,
+        repeats=args.repeats,
+        seed=args.seed,
+        n=args.n,
+        d=args.d,
+        m=args.m,
+        solvers=args.solvers,
+        peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else False,
+        peer_python=args.peer_python,
+        peer_timeout_s=args.peer_timeout,
+        scaling=args.scaling,
+        loo=not args.no_loo,
+        loo_deep=args.loo_deep,
+        budget_s=args.budget,
+        progress=None if args.quiet else log,
+    )
 
 
 # ================================================================================================
