@@ -34,6 +34,7 @@ __version__ = _core.__version__
 # The torch path is imported on first use, so that `import pyinfluence` for the linear path does not pay for
 # importing torch: name -> module that defines it.
 _LAZY = {
+    "BlockCG": "pyinfluence.solvers",
     "CG": "pyinfluence.solvers",
     "Exact": "pyinfluence.solvers",
     "LiSSA": "pyinfluence.solvers",
@@ -77,6 +78,7 @@ def get_num_threads() -> int:
     return blas if blas > 0 else _core.max_threads()
 
 __all__ = [
+    "BlockCG",
     "CG",
     "ConvergenceError",
     "Exact",

@@ -329,7 +329,7 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="comma-separated tasks (default: all; quick: all but digits-cnn): "
                             "digits-logreg, digits-svm, digits-mlp, digits-cnn, synthetic-linear")
     bench.add_argument("--solvers", metavar="LIST",
-                       help="only these solver families, e.g. linear-exact,exact,cg,lissa")
+                       help="only these solver families, e.g. linear-exact,exact,cg,block_cg,lissa")
     bench.add_argument("--n", type=_positive_int, help="synthetic-linear: training points "
                        "(default 20000; quick 5000)")
     bench.add_argument("--d", type=_positive_int, help="synthetic-linear: features "

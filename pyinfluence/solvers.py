@@ -65,6 +65,7 @@ from .models import _CORE_NPD
 
 __all__ = [
     "CG",
+    "BlockCG",
     "Exact",
     "HessianOperatorLike",
     "LiSSA",
@@ -884,6 +885,142 @@ class _PreparedCG(PreparedSolver):
         )
 
 
+@dataclass(frozen=True)
+class BlockCG(CG):
+    """True block conjugate gradients: all right-hand sides share one Krylov space.
+
+    :class:`CG` runs an independent recursion per column (batched into one HVP call). Block CG
+    (O'Leary 1980) searches, at iteration k, the span of all columns' Krylov spaces: with r
+    right-hand sides the search space grows by up to r dimensions per batched HVP, so on the
+    clustered spectra of ML Hessians it needs far fewer iterations (each costs the same batched
+    HVP of the unconverged columns' directions). Rank deficiency of the search block — the usual
+    breakdown of block CG when columns become (nearly) linearly dependent — is handled as in Ji &
+    Li 2017 ("A breakdown-free block conjugate gradient method"): the new block is orthonormalised
+    by an SVD and directions with singular values below ``rank_tol`` × the largest are dropped.
+
+    Iteration (P orthonormal, p×s; R the p×r residuals; A = H + λI)::
+
+        Q = A P;  Pᵀ A P = Pᵀ Q (s×s, SPD iff A is on span P)
+        α = (PᵀQ)⁻¹ Pᵀ R;  X += P α;  R −= Q α
+        β = −(PᵀQ)⁻¹ Qᵀ R_active;  P = orth(R_active + P β)
+
+    Parameters are those of :class:`CG` (``tol`` per column on the recursively updated residual,
+    ``max_iter``, ``raise_on_nonconvergence``; ``check_every`` is ignored: every iteration
+    synchronises to factorise PᵀQ), plus ``rank_tol`` (default 1e-10 in float64, 1e-5 in float32
+    when None). The reported residuals are true ones, from one extra batched HVP, as for CG.
+    Raises NotPositiveDefiniteError when PᵀAP is not positive definite (a Ritz value ≤ 0).
+    Memory: a few (p, r) blocks, like CG.
+    """
+
+    rank_tol: float | None = None
+
+    name: ClassVar[str] = "block_cg"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank_tol is not None:
+            rt = check_positive_float("rank_tol", self.rank_tol)
+            if rt >= 1:
+                raise ValueError(f"rank_tol must be < 1 (relative to the largest singular value), got {rt}")
+            _set(self, "rank_tol", rt)
+
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedBlockCG:
+        base = super().prepare(op, damping)
+        return _PreparedBlockCG(self, op, base.damping, dict(base.info), 0.0, base._max_iter, 1)
+
+
+class _PreparedBlockCG(_PreparedCG):
+    def _orth(self, Z: Tensor) -> Tensor:
+        """Orthonormal basis of span Z, rank-revealing (drops directions below rank_tol·σ_max)."""
+        U, sv, _ = torch.linalg.svd(Z, full_matrices=False)
+        if sv.numel() == 0 or not bool(sv[0] > 0):
+            return U[:, :0]
+        rt = self.solver.rank_tol
+        if rt is None:
+            rt = 1e-10 if Z.dtype == torch.float64 else 1e-5
+        return U[:, sv > rt * sv[0]]
+
+    def _solve(self, V: Tensor):
+        op, lam, tol = self.op, self.damping, self.solver.tol
+        r = V.shape[1]
+        X = torch.zeros_like(V)
+        bnorm = _col_norms(V)
+        thresh = tol * bnorm
+        R = V.clone()
+        active = bnorm > 0  # zero columns: x = 0 exactly
+        calls = columns = 0
+        n_it = 0
+        iters = torch.zeros(r, dtype=torch.long, device=V.device)
+        rq_max = 0.0
+        rnorm = bnorm.clone()
+        P = self._orth(R[:, active]) if bool(active.any()) else R[:, :0]
+        while P.shape[1] and n_it < self._max_iter:
+            Q = _matvec(op, P, lam)
+            calls += 1
+            columns += int(P.shape[1])
+            PtQ = P.T @ Q
+            PtQ = 0.5 * (PtQ + PtQ.T)
+            if not bool(torch.isfinite(PtQ).all()):
+                raise ConvergenceError(
+                    f"block CG: the Hessian-vector products returned non-finite values at "
+                    f"iteration {n_it + 1} (check the model and loss at these weights, or add "
+                    f"damping; damping={lam:g} now)"
+                )
+            ritz = torch.linalg.eigvalsh(PtQ)  # Ritz values of H + λI on span P
+            rq_max = max(rq_max, float(ritz[-1]))
+            if not bool(ritz[0] > 0):
+                self._raise_npd(ritz[:1], torch.tensor(rq_max), n_it + 1)
+            L = torch.linalg.cholesky(PtQ)
+            alpha = torch.cholesky_solve(P.T @ R, L)  # (s, r): all columns take the step
+            X.addmm_(P, alpha)
+            R.sub_(Q @ alpha)
+            n_it += 1
+            rnorm = _col_norms(R)
+            iters += active.long()
+            active = active & (rnorm > thresh)
+            if not bool(active.any()):
+                break
+            Ra = R[:, active]
+            beta = -torch.cholesky_solve(Q.T @ Ra, L)
+            P = self._orth(Ra + P @ beta)
+        converged = rnorm <= thresh
+        res, k = _true_residual(op, X, V, lam)
+        calls += int(k > 0)
+        columns += k
+        info = {
+            "converged": converged,
+            "iterations_per_column": iters,
+            "recursive_residual": _relative(rnorm, bnorm),
+            "lambda_max_estimate": rq_max,
+            "matvec_calls": calls,
+            "matvec_columns": columns,
+        }
+        if not bool(converged.all()):
+            n_bad = int((~converged).sum())
+            msg = (
+                f"block CG did not converge for {n_bad} of {r} right-hand side(s) in max_iter="
+                f"{self._max_iter} iterations: relative residual reached "
+                f"{_fmt(float(res[~converged].max()))} (tol={tol:g}). Increase max_iter, loosen "
+                f"tol, or add damping (damping={lam:g} now)"
+            )
+            result = SolveResult(
+                X, self.solver.name, n_it, res, None, time.perf_counter() - self._started,
+                {"damping": lam, **info},
+            )
+            if self.solver.raise_on_nonconvergence:
+                err = ConvergenceError(msg)
+                err.result = result  # type: ignore[attr-defined]
+                raise err
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return X, n_it, res, None, info
+
+    def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:
+        try:
+            super()._raise_npd(curv, rq_max, n_it)
+        except NotPositiveDefiniteError as exc:
+            raise NotPositiveDefiniteError(str(exc).replace("CG: ", "block CG: ", 1)) from None
+
+
 # ==============================================================================================
 # LiSSA: stochastic Neumann series
 # ==============================================================================================
@@ -1203,11 +1340,11 @@ class _PreparedLiSSA(PreparedSolver):
 # ==============================================================================================
 # Selection by name
 # ==============================================================================================
-_SOLVERS: dict[str, type[Solver]] = {"exact": Exact, "cg": CG, "lissa": LiSSA}
+_SOLVERS: dict[str, type[Solver]] = {"exact": Exact, "cg": CG, "block_cg": BlockCG, "lissa": LiSSA}
 
 
 def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") -> Solver:
-    """A solver object from a name (``"exact"``, ``"cg"``, ``"lissa"``; case-insensitive; default
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``; case-insensitive; default
     settings), a solver class (``CG`` → ``CG()``) or a solver object (returned as is).
 
     Raises ValueError for an unknown name and TypeError for anything else, naming ``name``.
@@ -1221,10 +1358,10 @@ def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") ->
         if key in _SOLVERS:
             return _SOLVERS[key]()
         raise ValueError(
-            f"{name} must be one of 'exact', 'cg', 'lissa' or a solver object such as "
+            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa' or a solver object such as "
             f"pyinfluence.CG(tol=1e-6), got {solver!r}"
         )
     raise TypeError(
-        f"{name} must be a solver name ('exact', 'cg', 'lissa') or a solver object such as "
+        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa') or a solver object such as "
         f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
     )

@@ -1,4 +1,4 @@
-"""The solvers of pyinfluence.solvers (Exact, CG, LiSSA) on explicit matrices.
+"""The solvers of pyinfluence.solvers (Exact, CG, BlockCG, LiSSA) on explicit matrices.
 
 Every solution is checked against an independent float64 ``np.linalg.solve`` of the explicit
 matrix H + λI built here in numpy — never against another solver of the package. The Hessian
@@ -20,6 +20,7 @@ import pyinfluence
 from pyinfluence.errors import ConvergenceError, NotPositiveDefiniteError
 from pyinfluence.solvers import (
     CG,
+    BlockCG,
     Exact,
     HessianOperatorLike,
     LiSSA,
@@ -128,6 +129,7 @@ def suggested_damping(message: str) -> float:
 DIRECT = [
     pytest.param(Exact(), id="exact"),
     pytest.param(CG(tol=1e-13), id="cg"),
+    pytest.param(BlockCG(tol=1e-13), id="block_cg"),
 ]
 
 
@@ -158,7 +160,9 @@ def test_float64_matches_numpy_solve(solver, damping):
 
 
 @pytest.mark.parametrize(
-    "solver", [Exact(), Exact(factor_dtype=None), CG()], ids=["exact", "exact-f32-factor", "cg"]
+    "solver",
+    [Exact(), Exact(factor_dtype=None), CG(), BlockCG(tol=1e-6)],
+    ids=["exact", "exact-f32-factor", "cg", "block_cg"],
 )
 def test_float32_matches_numpy_solve(solver):
     op = make_op(dtype=torch.float32, decay=1.0)
@@ -228,7 +232,9 @@ def test_cg_checking_every_few_iterations_gives_the_same_solution():
     assert torch.equal(a.info["iterations_per_column"], b.info["iterations_per_column"])
 
 
-@pytest.mark.parametrize("solver", [Exact(), CG(), LiSSA(depth=5)], ids=["exact", "cg", "lissa"])
+@pytest.mark.parametrize(
+    "solver", [Exact(), CG(), BlockCG(), LiSSA(depth=5)], ids=["exact", "cg", "block_cg", "lissa"]
+)
 def test_zero_and_empty_right_hand_sides(solver):
     op = make_op(p=6)
     prepared = solver.prepare(op, 0.1)
@@ -240,7 +246,9 @@ def test_zero_and_empty_right_hand_sides(solver):
     assert empty.max_residual == 0.0
 
 
-@pytest.mark.parametrize("solver", [Exact(), CG(tol=1e-12)], ids=["exact", "cg"])
+@pytest.mark.parametrize(
+    "solver", [Exact(), CG(tol=1e-12), BlockCG(tol=1e-12)], ids=["exact", "cg", "block_cg"]
+)
 def test_one_dimensional_rhs_and_dtype_conversion(solver):
     op = make_op(p=8)
     v = rhs(8, 1).reshape(-1)
@@ -291,6 +299,62 @@ def test_cg_not_positive_definite():
     lam_min = np.linalg.eigvalsh(op.reference())[0]
     res = CG(tol=1e-12).prepare(op, -lam_min + 0.1).solve(rhs(10, 4))
     assert rel_err(res.solution, ref_solve(op, rhs(10, 4), -lam_min + 0.1)) <= 1e-9
+
+
+def test_block_cg_shares_the_krylov_space_fewer_hvps_than_cg():
+    # Block CG searches all columns' Krylov spaces at once: on the same system and tolerance it needs
+    # fewer batched HVPs (and HVP columns) than independent CG recursions. Both are checked against
+    # np.linalg.solve.
+    op = make_op(n=400, p=60, decay=2.0, l2=1e-3, seed=3)
+    V = rhs(60, 12, seed=5)
+    ref = ref_solve(op, V, 0.0)
+    cg = CG(tol=1e-10).prepare(op).solve(V)
+    bcg = BlockCG(tol=1e-10).prepare(op).solve(V)
+    assert rel_err(cg.solution, ref) <= 1e-8 and rel_err(bcg.solution, ref) <= 1e-8
+    assert bcg.max_residual <= 1e-9
+    np.testing.assert_allclose(
+        bcg.residual.numpy(), true_residual(op, bcg.solution, V), rtol=1e-3, atol=1e-14
+    )
+    assert bcg.iterations < cg.iterations
+    assert bcg.info["matvec_columns"] < cg.info["matvec_columns"]
+    assert bcg.info["converged"].all()
+
+
+def test_block_cg_rank_deficient_right_hand_sides_do_not_break_down():
+    # Duplicate and dependent columns make the search block rank deficient (the classic breakdown of
+    # block CG); the SVD orthonormalisation drops the dependent directions.
+    op = make_op(p=20, decay=1.0)
+    V0 = rhs(20, 3)
+    V = torch.cat([V0, V0[:, :1], 2.0 * V0[:, 1:2] - V0[:, 2:3], torch.zeros(20, 1, dtype=V0.dtype)], 1)
+    res = BlockCG(tol=1e-12).prepare(op, 0.05).solve(V)
+    assert torch.isfinite(res.solution).all()
+    assert rel_err(res.solution, ref_solve(op, V, 0.05)) <= 1e-9
+    assert torch.equal(res.solution[:, 5], torch.zeros(20, dtype=torch.float64))
+    assert res.max_residual <= 1e-10
+
+
+def test_block_cg_not_positive_definite_suggests_a_damping_that_works():
+    op = indefinite_op()
+    with pytest.raises(NotPositiveDefiniteError, match="damping") as exc:
+        BlockCG().prepare(op).solve(rhs(10, 4))
+    assert "block CG" in str(exc.value)
+    damping = suggested_damping(str(exc.value))
+    lam_min = np.linalg.eigvalsh(op.reference())[0]
+    assert damping > 0
+    ok = max(damping, -lam_min + 0.1)
+    res = BlockCG(tol=1e-12).prepare(op, ok).solve(rhs(10, 4))
+    assert rel_err(res.solution, ref_solve(op, rhs(10, 4), ok)) <= 1e-9
+
+
+def test_block_cg_max_iter():
+    op = make_op(p=30, decay=2.0, l2=1e-3)
+    V = rhs(30, 2)
+    with pytest.raises(ConvergenceError, match="residual reached") as exc:
+        BlockCG(max_iter=1).prepare(op).solve(V)
+    assert exc.value.result.residual.shape == (2,)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = BlockCG(max_iter=1, raise_on_nonconvergence=False).prepare(op).solve(V)
+    assert not res.info["converged"].all()
 
 
 def test_cg_max_iter_raises_convergence_error_with_the_residual():
@@ -546,6 +610,9 @@ def test_lissa_suggest_depth():
         (CG, {"max_iter": 2.5}, "max_iter", TypeError),
         (CG, {"raise_on_nonconvergence": 1}, "raise_on_nonconvergence", TypeError),
         (CG, {"check_every": 0}, "check_every", ValueError),
+        (BlockCG, {"tol": 0.0}, "tol", ValueError),
+        (BlockCG, {"rank_tol": 1.5}, "rank_tol", ValueError),
+        (BlockCG, {"rank_tol": -1e-3}, "rank_tol", ValueError),
         (Exact, {"max_params": -1}, "max_params", ValueError),
         (Exact, {"factor_dtype": torch.int64}, "factor_dtype", ValueError),
         (Exact, {"compute_residual": "yes"}, "compute_residual", TypeError),
@@ -582,10 +649,11 @@ def test_resolve_solver():
     assert isinstance(resolve_solver("exact"), Exact)
     assert isinstance(resolve_solver(" CG "), CG)
     assert isinstance(resolve_solver("LiSSA"), LiSSA)
+    assert isinstance(resolve_solver("block_cg"), BlockCG)
     cg = CG(tol=1e-4)
     assert resolve_solver(cg) is cg
     assert resolve_solver(LiSSA) == LiSSA()
-    with pytest.raises(ValueError, match="'exact', 'cg', 'lissa'.*'newton'"):
+    with pytest.raises(ValueError, match="'exact', 'cg', 'block_cg', 'lissa'.*'newton'"):
         resolve_solver("newton")
     with pytest.raises(TypeError, match="solver must be"):
         resolve_solver(3)

@@ -25,7 +25,7 @@ from torch import nn
 import pyinfluence
 from pyinfluence.errors import ConvergenceError, NotAtOptimumWarning, NotPositiveDefiniteError
 from pyinfluence.losses import smooth_hinge_loss
-from pyinfluence.solvers import CG, Exact, LiSSA
+from pyinfluence.solvers import CG, BlockCG, Exact, LiSSA
 from pyinfluence.torch_influence import TorchInfluence
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -122,7 +122,7 @@ def linear_case(request):
     return c
 
 
-@pytest.mark.parametrize("solver", ["exact", CG(tol=1e-12)])
+@pytest.mark.parametrize("solver", ["exact", CG(tol=1e-12), BlockCG(tol=1e-12)])
 def test_linear_models_match_linear_influence(linear_case, solver):
     c = linear_case
     ref = c.ref
@@ -150,7 +150,7 @@ def test_linear_models_match_linear_influence(linear_case, solver):
         assert rel(ti.hessian(), ref["hessian"][np.ix_(P, P)]) <= 1e-12
         assert ti.last_solve.solver == "exact"
     else:
-        assert ti.last_solve.solver == "cg" and ti.last_solve.iterations > 0
+        assert ti.last_solve.solver == solver.name and ti.last_solve.iterations > 0
     assert float(ti.last_solve.residual.max()) < 1e-8
 
 
@@ -256,6 +256,17 @@ def test_mlp_cg_matches_exact(digits_mlp):
     assert rel(cg.pert_loss(m.Xt, m.yt, idx), m.exact.pert_loss(m.Xt, m.yt, idx)) <= 1e-6
     assert rel(cg.self_influence(idx), m.exact.self_influence(idx)) <= 1e-6
     assert cg.n_solves == 2  # up_loss and pert_loss share s_test; self_influence solves once
+
+
+def test_mlp_block_cg_matches_exact_with_fewer_hvps_than_cg(digits_mlp):
+    m = digits_mlp
+    bcg = _mlp_influence(m, BlockCG(tol=1e-10))
+    assert rel(bcg.up_loss(m.Xt, m.yt), m.up) <= 1e-6
+    res = bcg.last_solve
+    assert res.solver == "block_cg" and float(res.residual.max()) <= 1e-9
+    cg = _mlp_influence(m, CG(tol=1e-10))
+    cg.up_loss(m.Xt, m.yt)
+    assert res.info["matvec_columns"] < cg.last_solve.info["matvec_columns"]
 
 
 def test_mlp_lissa_correlates_with_exact(digits_mlp):
@@ -513,3 +524,11 @@ def test_cuda_matches_cpu(small):
     lc = lc.cuda()
     tg = TorchInfluence(lc, s.loss, (s.X.cuda(), s.y.cuda()), l2=s.model.l2, solver=LiSSA(depth=50))
     assert tg.up_loss(s.Xt.cuda(), s.yt.cuda()).device.type == "cuda"
+
+
+def test_auto_solver_is_exact_for_small_models_and_block_cg_above():
+    from pyinfluence.torch_influence import AUTO_EXACT_MAX_PARAMS
+
+    assert isinstance(TorchInfluence._pick_solver("auto", AUTO_EXACT_MAX_PARAMS), Exact)
+    assert type(TorchInfluence._pick_solver("auto", AUTO_EXACT_MAX_PARAMS + 1)) is BlockCG
+    assert type(TorchInfluence._pick_solver("block_cg", 10)) is BlockCG

@@ -163,6 +163,8 @@ def setting_label(solver: Any) -> str:
         return "Exact (torch)"
     if cls == "CG":
         return f"CG tol={solver.tol:g}"
+    if cls == "BlockCG":
+        return f"block CG tol={solver.tol:g}"
     if cls == "LiSSA":
         b = "full" if solver.batch_size is None else solver.batch_size
         sc = "" if solver.scale is None else f" scale={solver.scale:g}"
@@ -237,6 +239,13 @@ def _cg_grid(ctx: GridContext) -> list:
     return [CG(tol=t, raise_on_nonconvergence=False) for t in tols]
 
 
+def _block_cg_grid(ctx: GridContext) -> list:
+    from ..solvers import BlockCG
+
+    tols = [1e-2, 1e-6] if ctx.quick else [1e-2, 1e-4, 1e-6, 1e-8]
+    return [BlockCG(tol=t, raise_on_nonconvergence=False) for t in tols]
+
+
 def _lissa_grid(ctx: GridContext) -> list:
     from ..solvers import LiSSA
 
@@ -248,10 +257,11 @@ def _lissa_grid(ctx: GridContext) -> list:
 
 
 def _ensure_default_grids() -> None:
-    from ..solvers import CG, Exact, LiSSA
+    from ..solvers import CG, BlockCG, Exact, LiSSA
 
     _GRIDS.setdefault(Exact, _exact_grid)
     _GRIDS.setdefault(CG, _cg_grid)
+    _GRIDS.setdefault(BlockCG, _block_cg_grid)
     _GRIDS.setdefault(LiSSA, _lissa_grid)
 
 
@@ -329,7 +339,7 @@ def _as_setting(s: Any, name: str = "solvers") -> Setting:
             return Setting(resolve_solver(key, name))
         except ValueError:
             raise ValueError(
-                f"{name} entries must be 'linear-exact', 'exact', 'cg', 'lissa' or solver objects "
+                f"{name} entries must be 'linear-exact', 'exact', 'cg', 'block_cg', 'lissa' or solver objects "
                 f"such as pyinfluence.CG(tol=1e-6), got {s!r}") from None
     if isinstance(s, Solver) or (isinstance(s, type) and issubclass(s, Solver)):
         return Setting(resolve_solver(s, name))
@@ -1178,6 +1188,6 @@ def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
 
 
 def _family_of_class(cls: type) -> str:
-    if cls.__name__ in ("Exact", "CG", "LiSSA"):
+    if cls.__name__ in ("Exact", "CG", "BlockCG", "LiSSA"):
         return str(getattr(cls, "name", cls.__name__.lower()))
     return cls.__name__.lower()
