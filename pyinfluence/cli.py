@@ -787,22 +787,28 @@ def _settings_rows(payload: Dict[str, Any]) -> List[List[Any]]:
     return [[k.replace("_", " "), "–" if v is None else v] for k, v in payload["settings"].items()]
 
 
+def _report_with_settings(
+    args: argparse.Namespace, fitted: Dict[str, Any], payload: Dict[str, Any], command: str
+) -> Any:
+    """A new HTML report for ``command`` on the user's data, opening with the table of settings."""
+    from .report import Report
+
+    rep = Report(
+        args.report,
+        f"pyinfluence {command}: {pathlib.Path(fitted['data'].source).name}",
+        intro=payload["sign_convention"] + ".",
+    )
+    rep.section("Setting", "setting").table(["setting", "value"], _settings_rows(payload))
+    return rep
+
+
 def _explain_report(
     args: argparse.Namespace,
     fitted: Dict[str, Any],
     points: List[Dict[str, Any]],
     payload: Dict[str, Any],
 ) -> pathlib.Path:
-    from .report import Report
-
-    ud = fitted["data"]
-    rep = Report(
-        args.report,
-        f"pyinfluence explain: {pathlib.Path(ud.source).name}",
-        intro=payload["sign_convention"] + ".",
-    )
-    sec = rep.section("Setting", "setting")
-    sec.table(["setting", "value"], _settings_rows(payload))
+    rep = _report_with_settings(args, fitted, payload, "explain")
     show = points[:12]
     fig = _new_figure((9.0, 1.0 + 2.2 * len(show)))
     axs = fig.subplots(len(show), 1, squeeze=False)[:, 0]
@@ -857,16 +863,7 @@ def _mislabel_report(
     rows: List[Dict[str, Any]],
     payload: Dict[str, Any],
 ) -> pathlib.Path:
-    from .report import Report
-
-    ud = fitted["data"]
-    rep = Report(
-        args.report,
-        f"pyinfluence mislabels: {pathlib.Path(ud.source).name}",
-        intro=payload["sign_convention"] + ".",
-    )
-    sec = rep.section("Setting", "setting")
-    sec.table(["setting", "value"], _settings_rows(payload))
+    rep = _report_with_settings(args, fitted, payload, "mislabels")
     mags = np.array([abs(r["self_influence"]) for r in rows])
     fig = _new_figure((6.0, 3.6))
     a = fig.subplots()

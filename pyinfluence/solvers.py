@@ -844,30 +844,34 @@ class _PreparedCG(PreparedSolver):
             "matvec_columns": columns,
         }
         if n_active:
-            n_bad = int((~converged).sum())
-            msg = (
-                f"CG did not converge for {n_bad} of {r} right-hand side(s) in max_iter="
-                f"{self._max_iter} iterations: relative residual reached "
-                f"{_fmt(float(res[~converged].max()))} (tol={tol:g}). Increase max_iter, loosen "
-                f"tol, or add damping, which improves the conditioning of H + λI (damping="
-                f"{lam:g} now; the largest eigenvalue of H + λI is at least "
-                f"{_fmt(float(rq_max))})"
+            self._not_converged(
+                "CG", X, n_iter, res, converged, info,
+                f"add damping, which improves the conditioning of H + λI (damping={lam:g} now; "
+                f"the largest eigenvalue of H + λI is at least {_fmt(float(rq_max))})",
             )
-            result = SolveResult(
-                X,
-                self.solver.name,
-                n_iter,
-                res,
-                None,
-                time.perf_counter() - self._started,
-                {"damping": lam, **info},
-            )
-            if self.solver.raise_on_nonconvergence:
-                err = ConvergenceError(msg)
-                err.result = result  # type: ignore[attr-defined]
-                raise err
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return X, n_iter, res, None, info
+
+    def _not_converged(
+        self, what: str, X: Tensor, n_iter: int, res: Tensor, converged: Tensor,
+        info: dict[str, Any], damping_advice: str,
+    ) -> None:
+        """Some columns missed tol within max_iter: raise ConvergenceError (carrying the
+        unconverged SolveResult as ``.result``) or, with raise_on_nonconvergence=False, warn."""
+        n_bad = int((~converged).sum())
+        msg = (
+            f"{what} did not converge for {n_bad} of {converged.numel()} right-hand side(s) in "
+            f"max_iter={self._max_iter} iterations: relative residual reached "
+            f"{_fmt(float(res[~converged].max()))} (tol={self.solver.tol:g}). Increase max_iter, "
+            f"loosen tol, or {damping_advice}"
+        )
+        if self.solver.raise_on_nonconvergence:
+            err = ConvergenceError(msg)
+            err.result = SolveResult(  # type: ignore[attr-defined]
+                X, self.solver.name, n_iter, res, None, time.perf_counter() - self._started,
+                {"damping": self.damping, **info},
+            )
+            raise err
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
     def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:
         c = float(curv.min())
@@ -996,22 +1000,11 @@ class _PreparedBlockCG(_PreparedCG):
             "matvec_columns": columns,
         }
         if not bool(converged.all()):
-            n_bad = int((~converged).sum())
-            msg = (
-                f"block CG did not converge for {n_bad} of {r} right-hand side(s) in max_iter="
-                f"{self._max_iter} iterations: relative residual reached "
-                f"{_fmt(float(res[~converged].max()))} (tol={tol:g}). Increase max_iter, loosen "
-                f"tol, or add damping (damping={lam:g} now)"
+            self._not_converged(
+                "block CG", X, n_it, res, converged, info,
+                f"add damping, which improves the conditioning of H + λI (damping={lam:g} now; "
+                f"the largest eigenvalue of H + λI is at least {_fmt(rq_max)})",
             )
-            result = SolveResult(
-                X, self.solver.name, n_it, res, None, time.perf_counter() - self._started,
-                {"damping": lam, **info},
-            )
-            if self.solver.raise_on_nonconvergence:
-                err = ConvergenceError(msg)
-                err.result = result  # type: ignore[attr-defined]
-                raise err
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return X, n_it, res, None, info
 
     def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:

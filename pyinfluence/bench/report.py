@@ -80,7 +80,8 @@ _ERR_FLOOR = 1e-16
 
 
 def _clean(v: Any) -> Any:
-    """JSON-safe copy: NaN/inf → None, numpy scalars → Python, tuples → lists."""
+    """JSON-safe copy: NaN/inf → None, numpy scalars and arrays → Python, tuples → lists, anything
+    else (torch dtypes, devices, ...) → its string without the ``torch.`` prefix."""
     if isinstance(v, dict):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -96,7 +97,7 @@ def _clean(v: Any) -> Any:
         return f if math.isfinite(f) else None
     if v is None or isinstance(v, str):
         return v
-    return str(v)
+    return str(v).replace("torch.", "")
 
 
 def machine_info() -> dict[str, Any]:

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from . import metrics as M
+from .report import _clean as _jsonable  # one JSON-safe conversion for the package
 
 __all__ = [
     "EXACT_MAX_PARAMS",
@@ -136,20 +137,6 @@ class Setting:
             return {}
 
 
-def _jsonable(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return _jsonable(float(v))
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return str(v).replace("torch.", "")
 
 
 def setting_label(solver: Any) -> str:
