@@ -152,7 +152,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatri
                                                  const ColMatrix<S>& Shat, Index m) const {
   const Index k = X.rows();
   RowMatrix<S> out(k, m);
-  const int threads = partition_threads(k, 2.0 * double(k) * double(Shat.rows()) * double(Shat.cols()));
+  const int threads = partition_threads(k, scoring_flops(k, m));
   run_row_partition(threads, k, [&](int, Index first, Index last) {
     RowMatrix<S> Z;
     const Index block =

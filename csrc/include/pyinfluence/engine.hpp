@@ -11,6 +11,8 @@
 // K×d_eff reshaping of s_test: one GEMM X̃ Ŝ per block of training rows, never the k×p gradient matrix.
 #pragma once
 
+#include <algorithm>
+
 #include <memory>
 #include <vector>
 
@@ -108,11 +110,13 @@ class LinearInfluenceEngine {
   void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
                    Index m, Index start, Index rows, RowMatrix<S>& Z,
                    Eigen::Ref<RowMatrix<S>> out) const;
-  // Flops of scoring k training points against m test points: the p×m solve (2p²m) and the scoring GEMM (2kpm);
-  // sizes the thread choice (SerialIfSmall).
+  // Work of scoring k training points against m test points, in flops, to size the thread choice (SerialIfSmall):
+  // the p×m solve (2p²m) and the scoring GEMM (2kpm), or — when larger — the time of reading the k×d_eff training
+  // block counted as ~32 flops per element (~10 GB/s of memory against ~40 GFLOP/s per core): a single-test-point
+  // query (m = 1) is a memory-bound matvec, which a second thread does speed up at large k.
   double scoring_flops(Index k, Index m) const {
-    const double p = double(n_params());
-    return 2.0 * p * double(m) * (p + double(k));
+    const double p = double(n_params()), d_eff = p / double(spec_.n_outputs);
+    return std::max(2.0 * p * double(m) * (p + double(k)), 32.0 * double(k) * d_eff);
   }
   // All rows of (X, R) in blocks: the (k×m) up_loss matrix.
   RowMatrix<S> score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
