@@ -11,24 +11,62 @@ Formats:
 Every problem is a :class:`DataError` (a ``ValueError``) with a one-line message naming the file,
 the line and the column: missing file, missing label column, non-numeric or missing (NaN) values,
 ragged rows, a single class, mismatched feature counts between training and test data.
+
+Quirks of real files that are handled rather than misread:
+
+- An unnamed first column (header cell empty, or pandas' ``Unnamed: 0``) holding exactly
+  0, 1, ..., n-1 is the row index that pandas' ``DataFrame.to_csv`` writes by default; it is
+  dropped (not used as a feature) and a note says so (:attr:`UserData.notes`).
+- Limits, checked before anything large is read: a CSV file larger than ``max_bytes`` (default
+  :data:`DEFAULT_MAX_INPUT_BYTES`, 1 GiB), an ``.npz`` whose members decompress (sizes from the
+  zip headers and the ``.npy`` headers) to more than ``max_bytes`` in total, and a CSV with more
+  than ``max_features`` feature columns are refused. A file with NUL bytes (``/dev/zero``, a
+  binary file) is not a CSV and is refused at its first chunk. Streams (pipes) are read in chunks
+  and refused as soon as they pass the limit.
 """
 
 from __future__ import annotations
 
+import array
+import codecs
 import csv
+import io
 import math
+import os
 import pathlib
 import re
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["DataError", "UserData", "check_classes", "load_user_data", "parse_indices"]
+__all__ = [
+    "DEFAULT_MAX_INPUT_BYTES",
+    "DataError",
+    "UserData",
+    "check_classes",
+    "format_bytes",
+    "CONTINUOUS_MAX_ROWS_PER_VALUE",
+    "CONTINUOUS_MIN_DISTINCT",
+    "labels_look_continuous",
+    "load_user_data",
+    "parse_indices",
+]
 
 PathLike = Union[str, pathlib.Path]
 
 _MISSING = {"", "nan", "na", "n/a", "null", "none", "?"}
+
+#: Default limit on what is read from one input file: a CSV's size, an .npz's decompressed size.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+
+#: Header names of a column without a name (pandas writes "" for its index, and reads it back
+#: as "Unnamed: 0").
+_UNNAMED_INDEX_HEADERS = ("", "Unnamed: 0")
+
+_READ_CHUNK = 1 << 20
 
 
 class DataError(ValueError):
@@ -53,6 +91,8 @@ class UserData:
     y_test: Optional[np.ndarray] = None
     test_rows: Optional[np.ndarray] = None
     test_source: str = ""
+    #: what was done to the input on the user's behalf (one line each), e.g. a dropped index column
+    notes: List[str] = field(default_factory=list)
 
     @property
     def n_train(self) -> int:
@@ -63,15 +103,60 @@ class UserData:
         return self.X_test is not None
 
 
-def _read_text(path: pathlib.Path) -> str:
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path} is a folder, not a data file")
+def format_bytes(n: int) -> str:
+    """A byte count for messages: '1 GiB', '512 MiB', '1.4 GiB', '300 bytes'."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(path: pathlib.Path, what: str, max_bytes: int) -> DataError:
+    return DataError(
+        f"{path}: {what}, more than the input limit of {format_bytes(max_bytes)} "
+        f"(raise it with --max-input-size)"
+    )
+
+
+def _check_input_path(path: pathlib.Path) -> os.stat_result:
+    """The file's stat; one-line errors for a missing file or a folder."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path} is a folder, not a data file")
+    return st
+
+
+def _read_text(path: pathlib.Path, max_bytes: Optional[int]) -> str:
+    """The file as text (UTF-8, an optional BOM dropped), read in chunks so that a stream or a
+    device is refused once it passes ``max_bytes`` (None: no limit) or shows a NUL byte."""
+    st = _check_input_path(path)
+    if max_bytes is not None and stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+        raise _too_large(path, f"{format_bytes(st.st_size)}", max_bytes)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    parts: List[str] = []
+    total = 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_READ_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise _too_large(path, f"more than {format_bytes(max_bytes)} read", max_bytes)
+            if b"\x00" in chunk:
+                raise DataError(f"{path}: contains NUL bytes; not a text (CSV) file")
+            try:
+                parts.append(decoder.decode(chunk))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not a UTF-8 text (CSV) file") from None
+    try:
+        parts.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text (CSV) file") from None
+    return "".join(parts)
 
 
 def _sniff_delimiter(header: str) -> str:
@@ -118,84 +203,203 @@ def _convert_labels(values: List[str], lines: List[int], where: str, numeric: bo
     return a
 
 
+class CsvTable(NamedTuple):
+    """What :func:`read_csv` returns."""
+
+    X: np.ndarray  # (n, d) float64
+    y: Optional[np.ndarray]  # (n,) or None without a label column
+    feature_names: List[str]
+    label_name: str  # "" without a label column
+    notes: List[str]  # what was done on the user's behalf (a dropped index column)
+
+
+def _column_name(header: List[str], j: int) -> str:
+    """A column's name for messages: 'name', or 'column 3 (unnamed)'."""
+    return repr(header[j]) if header[j] else f"column {j + 1} (unnamed)"
+
+
+def _resolve_label_column(p: pathlib.Path, header: List[str], label: str) -> int:
+    if label in header:
+        return header.index(label)
+    try:
+        k = int(label)
+    except ValueError:
+        k = None
+    if k is None or not -len(header) <= k < len(header):
+        shown = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
+        raise DataError(f"{p}: no label column {label!r} (columns: {shown})")
+    return k % len(header)
+
+
+def _row_features(
+    p: pathlib.Path, line: int, row: List[str], feat_idx: List[int], header: List[str]
+) -> List[float]:
+    """The feature cells of one row as floats; a one-line error naming the line and column for a
+    non-number, a missing value or an infinite value."""
+    try:
+        values = [float(row[j]) for j in feat_idx]  # fast path: every cell a plain number
+        if all(math.isfinite(x) for x in values):
+            return values
+    except ValueError:
+        pass
+    for j in feat_idx:  # slow path: find the first bad cell and say what is wrong with it
+        where = f"{p}, line {line}, column {_column_name(header, j)}"
+        try:
+            x = _parse_number(row[j])
+        except ValueError:
+            raise DataError(f"{where}: {row[j].strip()!r} is not a number") from None
+        if not math.isfinite(x):
+            what = "a missing value (NaN)" if math.isnan(x) else "an infinite value"
+            raise DataError(f"{where}: {what}")
+    raise AssertionError("unreachable: a row failed the fast path but has no bad cell")
+
+
+def _csv_error(p: pathlib.Path, line: int, exc: csv.Error) -> DataError:
+    msg = str(exc)
+    if "field larger than field limit" in msg:
+        msg = (
+            f"a field longer than {csv.field_size_limit():,} characters (no number is that "
+            f"long: is this a CSV file?)"
+        )
+    return DataError(f"{p}, line {line}: cannot parse the CSV ({msg})")
+
+
 def read_csv(
     path: PathLike,
     label: Optional[str],
     *,
     numeric_labels: bool = False,
     require_label: bool = True,
-) -> Tuple[np.ndarray, Optional[np.ndarray], List[str], str]:
-    """(X (n, d) float64, y (n,) or None, feature names, label column name) from a CSV file."""
+    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
+    max_features: Optional[int] = None,
+) -> CsvTable:
+    """Features, labels and names from a CSV file with a header row.
+
+    ``max_bytes``: refuse a larger file (None: no limit). ``max_features``: refuse more feature
+    columns, from the header alone, before the rows are parsed (None: no limit). An unnamed first
+    column equal to 0..n-1 (pandas' default index) is dropped with a note."""
     p = pathlib.Path(path)
-    text = _read_text(p)
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
+    text = _read_text(p, max_bytes)
+    end = text.find("\n")
+    first_line = text if end < 0 else text[:end]
+    if not first_line.strip():
         raise DataError(f"{p}: empty file (a header row is expected)")
-    delim = _sniff_delimiter(lines[0])
-    rows = list(csv.reader(lines, delimiter=delim))
-    header = [h.strip() for h in rows[0]]
-    # (line number in the file, cells) of the non-blank data rows
-    numbered = [(k + 1, r) for k, r in enumerate(rows) if k > 0 and any(c.strip() for c in r)]
-    body = [r for _, r in numbered]
-    if not body:
-        raise DataError(f"{p}: no data rows after the header")
-    if len(set(header)) != len(header):
-        dup = sorted({h for h in header if header.count(h) > 1})
-        raise DataError(f"{p}: duplicate column name(s) {', '.join(repr(d) for d in dup)}")
-    li: Optional[int] = None
-    if label is not None:
-        if label in header:
-            li = header.index(label)
-        else:
-            try:
-                k = int(label)
-            except ValueError:
-                k = None
-            if k is None or not -len(header) <= k < len(header):
-                shown = ", ".join(header[:12]) + (", ..." if len(header) > 12 else "")
-                raise DataError(f"{p}: no label column {label!r} (columns: {shown})")
-            li = k % len(header)
-    elif require_label:
-        raise DataError(f"{p}: name the label column with --label")
-    feat_idx = [j for j in range(len(header)) if j != li]
-    if not feat_idx:
-        raise DataError(f"{p}: no feature columns besides the label column")
-    X = np.empty((len(body), len(feat_idx)), dtype=np.float64)
-    labels: List[str] = []
-    for r, (line, row) in enumerate(numbered):
-        if len(row) != len(header):
-            raise DataError(f"{p}, line {line}: {len(row)} fields but the header has {len(header)}")
-        for c, j in enumerate(feat_idx):
-            try:
-                x = _parse_number(row[j])
-            except ValueError:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first_line))
+    try:
+        header = [h.strip() for h in next(reader)]
+        if len(set(header)) != len(header):
+            dup = sorted({h for h in header if header.count(h) > 1})
+            raise DataError(f"{p}: duplicate column name(s) {', '.join(repr(d) for d in dup)}")
+        li: Optional[int] = None
+        if label is not None:
+            li = _resolve_label_column(p, header, label)
+        elif require_label:
+            raise DataError(f"{p}: name the label column with --label")
+        feat_idx = [j for j in range(len(header)) if j != li]
+        if not feat_idx:
+            raise DataError(f"{p}: no feature columns besides the label column")
+        maybe_index = feat_idx[0] == 0 and header[0] in _UNNAMED_INDEX_HEADERS
+        n_features = len(feat_idx) - int(maybe_index)
+        if max_features is not None and n_features > max_features:
+            raise DataError(
+                f"{p}: {n_features:,} feature columns, more than the limit of {max_features:,} "
+                f"features (each adds a model parameter; raise the limit with --max-params)"
+            )
+        values = array.array("d")  # the features, row after row: 8 bytes a cell
+        labels: List[str] = []
+        label_lines: List[int] = []
+        for row in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in row):
+                continue  # a blank line
+            if len(row) != len(header):
                 raise DataError(
-                    f"{p}, line {line}, column {header[j]!r}: {row[j].strip()!r} is not a number"
-                ) from None
-            if not math.isfinite(x):
-                what = "a missing value (NaN)" if math.isnan(x) else "an infinite value"
-                raise DataError(f"{p}, line {line}, column {header[j]!r}: {what}")
-            X[r, c] = x
-        if li is not None:
-            labels.append(row[li])
+                    f"{p}, line {line}: {len(row)} fields but the header has {len(header)}"
+                )
+            values.extend(_row_features(p, line, row, feat_idx, header))
+            if li is not None:
+                labels.append(row[li])
+                label_lines.append(line)
+    except csv.Error as exc:
+        raise _csv_error(p, reader.line_num, exc) from None
+    n = len(values) // len(feat_idx)
+    if n == 0:
+        raise DataError(f"{p}: no data rows after the header")
+    X = np.frombuffer(values, dtype=np.float64).reshape(n, len(feat_idx)).copy()
+    notes: List[str] = []
+    if maybe_index and np.array_equal(X[:, 0], np.arange(n)):
+        # pandas' DataFrame.to_csv writes the row index as an unnamed first column by default
+        X, feat_idx = np.ascontiguousarray(X[:, 1:]), feat_idx[1:]
+        notes.append(
+            f"{p}: dropped the unnamed first column: it holds 0..{n - 1}, the row index that "
+            f"pandas' to_csv writes by default (index=False leaves it out), not a feature"
+        )
+        if not feat_idx:
+            raise DataError(f"{p}: no feature columns besides the row index and the label")
     y = None
     if li is not None:
-        y = _convert_labels(
-            labels, [ln for ln, _ in numbered], f"{p}, label column {header[li]!r}", numeric_labels
+        where = f"{p}, label column {header[li]!r}"
+        y = _convert_labels(labels, label_lines, where, numeric_labels)
+    return CsvTable(
+        X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes
+    )
+
+
+def _npy_declared_bytes(fh: "zipfile.ZipExtFile") -> Optional[int]:
+    """The data size an .npy header declares (shape × item size), or None if it cannot be read
+    (np.load then reports the problem)."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0  # 3.0 differs only in the text encoding
         )
-    return X, y, [header[j] for j in feat_idx], (header[li] if li is not None else "")
+        shape, _, dtype = read_header(fh)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return None
+    return math.prod(int(s) for s in shape) * int(dtype.itemsize)
 
 
-def _npz_arrays(path: PathLike) -> dict:
+def _check_npz_sizes(p: pathlib.Path, max_bytes: int) -> None:
+    """Refuse an .npz whose arrays would take more than ``max_bytes`` once read, from the zip
+    directory (decompressed sizes) and the .npy headers (declared shapes), before reading any
+    array."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = zf.infolist()
+            total = sum(m.file_size for m in members)
+            if total > max_bytes:
+                what = f"its arrays take {format_bytes(total)} decompressed"
+                raise _too_large(p, what, max_bytes)
+            declared = 0
+            for m in members:
+                if m.filename.endswith(".npy"):
+                    with zf.open(m) as fh:
+                        declared += _npy_declared_bytes(fh) or 0
+            if declared > max_bytes:
+                raise _too_large(
+                    p, f"its array headers declare {format_bytes(declared)}", max_bytes
+                )
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise DataError(f"{p}: not a valid .npz file ({exc})") from None
+
+
+def _npz_arrays(path: PathLike, max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES) -> dict:
     p = pathlib.Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file")
+    st = _check_input_path(p)
+    if max_bytes is not None:
+        if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+            raise _too_large(p, format_bytes(st.st_size), max_bytes)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{p}: an .npz must be a regular file (not a pipe or a device)")
+        _check_npz_sizes(p, max_bytes)
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except ValueError as exc:
         raise DataError(f"{p}: cannot read the .npz file ({str(exc).splitlines()[0]})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{p}: not a valid .npz file ({exc})") from None
 
 
@@ -235,12 +439,17 @@ def _check_y(y: np.ndarray, n: int, where: str, numeric: bool) -> np.ndarray:
 
 
 def read_npz(
-    path: PathLike, *, numeric_labels: bool = False, test_file: bool = False
+    path: PathLike,
+    *,
+    numeric_labels: bool = False,
+    test_file: bool = False,
+    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
 ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """(X_train, y_train, X_test or None, y_test or None) from an .npz file (for a separate test
-    file: its (X_test, y_test) or (X, y) as the first two)."""
+    file: its (X_test, y_test) or (X, y) as the first two). ``max_bytes``: see
+    :func:`load_user_data`."""
     p = pathlib.Path(path)
-    arrs = _npz_arrays(p)
+    arrs = _npz_arrays(p, max_bytes)
     names = ", ".join(sorted(arrs)) or "none"
     if test_file:
         for kx, ky in (("X_test", "y_test"), ("X", "y")):
@@ -263,45 +472,68 @@ def read_npz(
     return X, y, Xt, yt
 
 
+_RANGE = re.compile(r"(\d+)-(\d+)")
+
+
 def parse_indices(text: str, n: int, what: str) -> np.ndarray:
     """'0,5,10-12' → [0, 5, 10, 11, 12] (0-based, negative counts from the end), checked against
-    ``n`` rows; duplicates removed, order kept."""
-    out: List[int] = []
+    ``n`` rows; duplicates removed, order of first appearance kept.
+
+    Every bound is checked before a range is expanded, and duplicates are dropped with a
+    "seen" mask over the n rows, so time and memory are linear in n plus the text's length."""
+    seen = bytearray(n)  # seen[j] == 1 once row j is taken
+    seen_mask = np.frombuffer(seen, dtype=bool) if n else np.zeros(0, dtype=bool)
+    chunks: List[np.ndarray] = []
+    singles: List[int] = []  # taken single indices not yet moved into chunks
+
+    def check(i: int) -> int:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise DataError(f"{what}: index {i} is out of range for {n} rows")
+        return j
+
     for part in str(text).replace(" ", "").split(","):
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        m = _RANGE.fullmatch(part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise DataError(f"{what}: the range {part!r} is reversed; write {hi}-{lo}")
+            span = np.arange(check(lo), check(hi) + 1, dtype=np.int64)
+            new = span[~seen_mask[span]]
+            seen_mask[new] = True
+            chunks += [np.asarray(singles, dtype=np.int64), new]
+            singles = []
+            continue
         try:
-            if m:
-                lo, hi = int(m.group(1)), int(m.group(2))
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+            index = int(part)
         except ValueError:
             raise DataError(
                 f"{what}: {part!r} is not an index or a range like 10-12 (in {text!r})"
             ) from None
-    if not out:
+        j = check(index)
+        if not seen[j]:
+            seen[j] = 1
+            singles.append(j)
+    chunks.append(np.asarray(singles, dtype=np.int64))
+    result = np.concatenate(chunks)
+    if result.size == 0:  # the first index given is always new: nothing was given
         raise DataError(f"{what}: no indices given")
-    res = []
-    for i in out:
-        j = i + n if i < 0 else i
-        if not 0 <= j < n:
-            raise DataError(f"{what}: index {i} is out of range for {n} rows")
-        if j not in res:
-            res.append(j)
-    return np.asarray(res, dtype=np.int64)
+    return result
 
 
 def _is_npz(path: PathLike) -> bool:
+    """Whether the file is an .npz: by its suffix, or (for a regular file only: reading a pipe
+    would consume it) by the zip signature that np.savez writes."""
     p = pathlib.Path(path)
     if p.suffix.lower() == ".npz":
         return True
     try:
+        if not p.is_file():
+            return False
         with open(p, "rb") as fh:
-            return fh.read(4) == b"PK\x03\x04"  # a zip archive, as np.savez writes
+            return fh.read(4) == b"PK\x03\x04"
     except OSError:
         return False
 
@@ -313,6 +545,8 @@ def load_user_data(
     test: Optional[PathLike] = None,
     test_indices: Optional[str] = None,
     numeric_labels: bool = False,
+    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
+    max_features: Optional[int] = None,
 ) -> UserData:
     """Read the training (and test) data for the CLI.
 
@@ -323,20 +557,36 @@ def load_user_data(
     - ``test_indices``: e.g. ``"0,5,10-12"``: rows of the test set to use; when there is no test
       set (a CSV without ``test``), rows of ``data`` held out of training as test points.
     - ``numeric_labels``: labels must be numbers (ridge regression).
+    - ``max_bytes``: refuse a CSV larger than this, or an .npz whose arrays take more once
+      decompressed (None: no limit). ``max_features``: refuse more feature columns (None: no
+      limit); a CSV is refused from its header alone.
     """
     dpath = pathlib.Path(data)
-    if not dpath.exists():
-        raise DataError(f"{dpath}: no such file")
+    _check_input_path(dpath)
+    notes: List[str] = []
     if _is_npz(dpath):
         if label is not None:
             raise DataError("--label applies to CSV files; an .npz file has X_train and y_train")
-        X, y, Xt, yt = read_npz(dpath, numeric_labels=numeric_labels)
+        X, y, Xt, yt = read_npz(dpath, numeric_labels=numeric_labels, max_bytes=max_bytes)
         names = [f"x{j}" for j in range(X.shape[1])]
         label_name = "y"
     else:
-        X, y, names, label_name = read_csv(dpath, label, numeric_labels=numeric_labels)
+        table = read_csv(
+            dpath,
+            label,
+            numeric_labels=numeric_labels,
+            max_bytes=max_bytes,
+            max_features=max_features,
+        )
+        X, y, names, label_name = table.X, table.y, table.feature_names, table.label_name
+        notes += table.notes
         Xt = yt = None
     assert y is not None
+    if max_features is not None and X.shape[1] > max_features:
+        raise DataError(
+            f"{dpath}: {X.shape[1]:,} features, more than the limit of {max_features:,} "
+            f"features (each adds a model parameter; raise the limit with --max-params)"
+        )
     ud = UserData(
         X_train=X,
         y_train=y,
@@ -344,6 +594,7 @@ def load_user_data(
         label_name=label_name,
         train_rows=np.arange(X.shape[0], dtype=np.int64),
         source=str(dpath),
+        notes=notes,
     )
     if Xt is not None:
         ud.X_test, ud.y_test = Xt, yt
@@ -353,14 +604,23 @@ def load_user_data(
         if Xt is not None:
             raise DataError(f"{dpath} already has X_test/y_test; do not also pass --test")
         tpath = pathlib.Path(test)
-        if not tpath.exists():
-            raise DataError(f"{tpath}: no such file")
+        _check_input_path(tpath)
         if _is_npz(tpath):
-            Xt, yt, _, _ = read_npz(tpath, numeric_labels=numeric_labels, test_file=True)
+            Xt, yt, _, _ = read_npz(
+                tpath, numeric_labels=numeric_labels, test_file=True, max_bytes=max_bytes
+            )
         else:
             if _is_npz(dpath):
                 raise DataError(f"{tpath}: a CSV test file needs a CSV data file (got {dpath})")
-            Xt, yt, tnames, _ = read_csv(tpath, label_name, numeric_labels=numeric_labels)
+            ttable = read_csv(
+                tpath,
+                label_name,
+                numeric_labels=numeric_labels,
+                max_bytes=max_bytes,
+                max_features=max_features,
+            )
+            Xt, yt, tnames = ttable.X, ttable.y, ttable.feature_names
+            ud.notes += ttable.notes
             if tnames != names:
                 missing = [c for c in names if c not in tnames]
                 extra = [c for c in tnames if c not in names]
@@ -397,8 +657,44 @@ def load_user_data(
     return ud
 
 
+#: A numeric label column is read as a continuous target (not classes) when some value is not an
+#: integer, or when it has more than this many distinct values ...
+CONTINUOUS_MIN_DISTINCT = 20
+#: ... and fewer than this many rows per distinct value on average.
+CONTINUOUS_MAX_ROWS_PER_VALUE = 5
+
+
+def labels_look_continuous(y: np.ndarray) -> Optional[str]:
+    """Why numeric labels look like a continuous (regression) target rather than classes, or
+    None. The rule: some value is not an integer, or there are more than
+    ``CONTINUOUS_MIN_DISTINCT`` (20) distinct values with fewer than
+    ``CONTINUOUS_MAX_ROWS_PER_VALUE`` (5) rows per value on average. Text labels are always
+    classes."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "biuf" or y.size == 0:
+        return None
+    if y.dtype.kind == "f":
+        fractional = y[y != np.round(y)]
+        if fractional.size:
+            return f"non-integer values such as {fractional[0].item():.6g}"
+    distinct = np.unique(y).size
+    if (
+        distinct > CONTINUOUS_MIN_DISTINCT
+        and distinct * CONTINUOUS_MAX_ROWS_PER_VALUE > y.size
+    ):
+        return f"{distinct} distinct values for {y.size} rows"
+    return None
+
+
 def check_classes(y: np.ndarray, model_name: str, where: str) -> None:
-    """One-line errors for labels a classifier cannot use."""
+    """One-line errors for labels a classifier cannot use: a continuous target (see
+    :func:`labels_look_continuous`), a single class, more than 2 classes for the SVM."""
+    continuous = labels_look_continuous(y)
+    if continuous:
+        raise DataError(
+            f"{where}: the labels look like a continuous target ({continuous}), not classes; "
+            f"--model {model_name} is a classifier: use --model ridge for regression"
+        )
     classes = np.unique(y)
     if classes.size < 2:
         only = classes[0].item() if hasattr(classes[0], "item") else classes[0]

@@ -18,24 +18,48 @@ Signs follow Koh & Liang (2017): ``influence`` is I_up,loss(z, z_test) — negat
 the test loss by about −influence/n (``loss_change_if_removed``).
 
 Errors in the input (missing file or column, non-numeric values, NaN, a single class, mismatched
-feature counts, ...) end the program with a one-line message on stderr and exit status 1; usage
-errors with status 2. ``--debug`` shows the traceback instead.
+feature counts, a continuous target given to a classifier, a file over the size limits, an output
+path that cannot be written, ...) end the program with a one-line message on stderr and exit
+status 1, before any computation where they can be seen up front; usage errors with status 2.
+Any other failure is one line too (``--debug`` shows the traceback instead). Results are never
+written with a non-finite number in them.
+
+Guards of ``explain`` / ``mislabels`` (see ``--help``):
+
+- Inputs: a CSV over ``--max-input-size`` (default 1 GiB), an .npz whose arrays decompress to
+  more, and a problem with more than ``--max-params`` model parameters (default 10,000: the exact
+  Hessian alone takes 8·p² bytes, 800 MB) are refused before they are read or fitted.
+- Labels: a classifier (``logistic``, ``svm``) refuses a continuous-looking target (a
+  non-integer value, or more than 20 distinct values with fewer than 5 rows per value on
+  average) and suggests ``--model ridge``.
+- Scale: features are used as given; when they look unscaled (see :func:`feature_scale_warning`)
+  a warning on stderr (also in the JSON and the report) suggests ``--standardize``.
+- Outputs: written files never follow a symbolic link; text cells of the CSV output that a
+  spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+  return, and not a number) get a leading single quote (OWASP's advice against CSV injection).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
+import os
 import pathlib
+import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-__all__ = ["main", "build_parser"]
+from ._userdata import format_bytes
+from .errors import PyInfluenceError
+
+__all__ = ["main", "build_parser", "feature_scale_warning"]
 
 PROG = "pyinfluence"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -61,6 +85,12 @@ _MISLABEL_COLUMNS = [
     "self_influence",
     "loss_change_if_removed",
 ]
+
+
+#: Default of --max-params: the exact linear path forms the p×p Hessian (8·p² bytes: 800 MB here)
+DEFAULT_MAX_PARAMS = 10_000
+#: Default of --max-input-size (a CSV's size; an .npz's decompressed size).
+DEFAULT_MAX_INPUT_SIZE = "1G"
 
 
 class CLIError(ValueError):
@@ -98,6 +128,27 @@ def _nonnegative_float(text: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return v
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> Optional[int]:
+    """'1G', '500M', '2e9', '4096' → bytes (K, M, G, T: powers of 1024); '0' or 'none': no
+    limit (None)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t in ("0", "NONE"):
+        return None
+    m = re.fullmatch(r"([0-9.eE+]+)\s*([KMGT]?)", t)
+    try:
+        v = float(m.group(1)) * _SIZE_UNITS[m.group(2)] if m else -1.0
+    except ValueError:
+        v = -1.0
+    if not math.isfinite(v) or v < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 500M, 1G or 2e9 (bytes), or 0 for no limit; got {text!r}"
+        )
+    return int(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
             choices=("logistic", "svm", "ridge"),
             default="logistic",
             help="model family (default logistic; svm: smooth-hinge linear SVM, "
-            "binary; ridge: ridge regression)",
+            "binary; ridge: ridge regression). The classifiers refuse a label that looks "
+            "continuous: a non-integer value, or more than 20 distinct values with fewer than "
+            "5 rows per value on average (text labels are always classes)",
         )
         sp.add_argument(
             "--l2",
@@ -224,7 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--standardize",
             action="store_true",
-            help="standardise each feature with the training mean and std first",
+            help="standardise each feature with the training mean and std first. Without it "
+            "the features are used as given (influence values and the L2 penalty depend on "
+            "their scale) and a warning suggests it when they look unscaled: the largest "
+            "|value| of one column over 1000 times another's, or above 1e4, or all below 1e-4",
+        )
+        sp.add_argument(
+            "--max-input-size",
+            type=_byte_size,
+            default=_byte_size(DEFAULT_MAX_INPUT_SIZE),
+            metavar="SIZE",
+            help="refuse a CSV larger than SIZE, or an .npz whose arrays take more once "
+            "decompressed, before reading it (default 1G; K, M, G, T are powers of 1024; 0: "
+            "no limit)",
+        )
+        sp.add_argument(
+            "--max-params",
+            type=_positive_int,
+            default=DEFAULT_MAX_PARAMS,
+            metavar="N",
+            help="refuse more than N model parameters (features + 1, times the number of "
+            "classes for 3 or more classes) before fitting: the exact Hessian takes 8*N^2 "
+            f"bytes (default {DEFAULT_MAX_PARAMS:,}: 800 MB)",
         )
         sp.add_argument(
             "-k",
@@ -246,9 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="test points printed on screen (default 5; the files have all)",
             )
-        sp.add_argument("--out", metavar="DIR", help=f"write {name}.csv and {name}.json into DIR")
-        sp.add_argument("--out-csv", metavar="FILE", help="write the table as CSV")
-        sp.add_argument("--out-json", metavar="FILE", help="write the results as JSON")
+        sp.add_argument(
+            "--out",
+            metavar="DIR",
+            help=f"write {name}.csv and {name}.json into DIR. Every output path is checked "
+            "before the computation; an existing symbolic link is refused, never written through",
+        )
+        sp.add_argument(
+            "--out-csv",
+            metavar="FILE",
+            help="write the table as CSV (text cells starting with = + - @ get a leading ' so "
+            "that spreadsheets do not run them as formulas)",
+        )
+        sp.add_argument(
+            "--out-json",
+            metavar="FILE",
+            help="write the results as JSON (with model_fit: training and test accuracy, or R^2 "
+            "for ridge; notes; warnings)",
+        )
         sp.add_argument("--report", metavar="DIR", help="write an HTML report into DIR")
         sp.add_argument("--quiet", action="store_true", help="no table on screen")
         sp.set_defaults(func=_cmd_explain if name == "explain" else _cmd_mislabels)
@@ -268,6 +357,9 @@ def _version() -> str:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         msg = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, MemoryError):
+        detail = str(exc)
+        msg = "out of memory" + (f" ({detail})" if detail and detail != "std::bad_alloc" else "")
     else:
         msg = str(exc) or type(exc).__name__
     return " ".join(msg.split())
@@ -275,8 +367,6 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    from .errors import PyInfluenceError
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -292,6 +382,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, never a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(
+            f"{PROG} {args.command}: error: {type(exc).__name__}: {_one_line(exc)} "
+            f"(unexpected; --debug shows the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
 
 
@@ -458,6 +557,157 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ================================================================================================
 # explain / mislabels on the user's data
 # ================================================================================================
+def _tell(args: argparse.Namespace, kind: str, message: str) -> None:
+    """A note or warning on stderr (one line), beside the results on stdout."""
+    print(f"{PROG} {args.command}: {kind}: {message}", file=sys.stderr)
+
+
+#: Feature magnitudes (a column's largest |value|) that make the scale warning fire: one column
+#: over _SCALE_RATIO times another, or any above _SCALE_HIGH, or all below _SCALE_LOW.
+_SCALE_RATIO, _SCALE_HIGH, _SCALE_LOW = 1e3, 1e4, 1e-4
+#: Feature values this large overflow float64 products (squares reach 1e200 and beyond).
+_OVERFLOW_RISK = 1e100
+
+
+def feature_scale_warning(X: np.ndarray, names: Sequence[str], source: str) -> Optional[str]:
+    """A one-line warning when the features look unscaled, or None.
+
+    A column's magnitude is its largest |value| (all-zero columns are ignored). The features look
+    unscaled when the largest magnitude is more than 1000 times the smallest, or above 1e4, or
+    below 1e-4: influence values, the L2 penalty and the Hessian's conditioning all depend on the
+    feature scale, and defaults such as ``--l2 1e-3`` are meant for features of order 1."""
+    mags = np.max(np.abs(X), axis=0) if X.size else np.zeros(0)
+    used = np.flatnonzero(mags > 0)
+    if used.size == 0:
+        return None
+    hi, lo = used[np.argmax(mags[used])], used[np.argmin(mags[used])]
+    big, small = float(mags[hi]), float(mags[lo])
+    if big > _SCALE_RATIO * small:
+        why = (
+            f"|values| reach {big:.3g} in column {names[hi]!r} but only {small:.3g} in column "
+            f"{names[lo]!r}"
+        )
+    elif big > _SCALE_HIGH:
+        why = f"|values| reach {big:.3g} in column {names[hi]!r}"
+    elif big < _SCALE_LOW:
+        why = f"every |value| is below {_SCALE_LOW:g} (largest {big:.3g}, column {names[hi]!r})"
+    else:
+        return None
+    return (
+        f"{source}: the features look unscaled ({why}); influence values and the L2 penalty "
+        f"depend on the feature scale: pass --standardize to standardise them"
+    )
+
+
+def _standardize(
+    X: np.ndarray, Xt: Optional[np.ndarray]
+) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, np.ndarray]]:
+    """(X - mean) / std per column with the training mean and std (constant columns only
+    centred). Each column is first divided by its largest |value|, so that values near the float64
+    limit (1e200) neither overflow the variance nor standardise to zeros."""
+    scale = np.max(np.abs(X), axis=0)
+    scale[scale == 0] = 1.0
+    unit = X / scale
+    mu, sd = unit.mean(axis=0), unit.std(axis=0)
+    sd[sd == 0] = 1.0
+    Xs = (unit - mu) / sd
+    Xts = None if Xt is None else (Xt / scale - mu) / sd
+    return Xs, Xts, {"mean": mu * scale, "std": sd * scale}
+
+
+def _n_params(model: str, ud: Any) -> int:
+    """Parameters of the linear model: (features + 1) per output; multinomial logistic regression
+    has one output per class."""
+    outputs = 1
+    if model == "logistic":
+        n_classes = int(np.unique(ud.y_train).size)
+        outputs = n_classes if n_classes > 2 else 1
+    return outputs * (int(ud.X_train.shape[1]) + 1)
+
+
+def _largest_value(ud: Any) -> Tuple[float, str, str, bool]:
+    """(|value|, column name, source, in the training data) of the largest feature value."""
+    best = (0.0, "", ud.source, True)
+    for X, source, training in ((ud.X_train, ud.source, True), (ud.X_test, ud.test_source, False)):
+        if X is None or X.size == 0:
+            continue
+        mags = np.max(np.abs(X), axis=0)
+        j = int(np.argmax(mags))
+        if mags[j] > best[0]:
+            best = (float(mags[j]), ud.feature_names[j], source, training)
+    return best
+
+
+def _scale_hint(ud: Any, standardized: bool) -> str:
+    """Which input to rescale: the column with the largest |feature value| and its file."""
+    value, column, source, training = _largest_value(ud)
+    fix = "pass --standardize or rescale it" if training and not standardized else "rescale it"
+    return f"the largest |feature value| is {value:.3g}, in column {column!r} of {source}: {fix}"
+
+
+@contextlib.contextmanager
+def _numerics_guard(args: argparse.Namespace, ud: Any, n_params: int) -> Iterator[None]:
+    """Turn out-of-memory and the numerical failures of extreme feature values into one-line
+    errors that name the input and its size."""
+    try:
+        yield
+    except MemoryError:
+        n, d = ud.X_train.shape
+        raise CLIError(
+            f"out of memory on {ud.source}: {n:,} training rows x {d:,} features ({n_params:,} "
+            f"model parameters; the Hessian alone takes {format_bytes(8 * n_params**2)}); use "
+            f"fewer features or rows, or a machine with more memory"
+        ) from None
+    except (PyInfluenceError, ArithmeticError, ValueError) as exc:
+        if _largest_value(ud)[0] < _OVERFLOW_RISK:
+            raise
+        raise CLIError(f"{_one_line(exc)}; {_scale_hint(ud, args.standardize)}") from exc
+
+
+def _fit_quality(
+    model_kind: str,
+    model: Any,
+    X: np.ndarray,
+    y: np.ndarray,
+    X_test: Optional[np.ndarray],
+    y_test: Optional[np.ndarray],
+) -> Dict[str, Any]:
+    """How well the model fits: accuracy for the classifiers, R^2 for ridge, on the training
+    data and (when there are test points) the test data; None where undefined (R^2 of targets
+    that do not vary)."""
+
+    def score(Xs: np.ndarray, ys: np.ndarray) -> Optional[float]:
+        pred = model.predict(Xs)
+        if model_kind != "ridge":
+            return float(np.mean(pred == ys))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: reported as undefined
+            total = float(np.sum((ys - np.mean(ys)) ** 2))
+            r2 = 1.0 - float(np.sum((ys - pred) ** 2)) / total if total > 0 else math.nan
+        return r2 if math.isfinite(r2) else None
+
+    has_test = X_test is not None and y_test is not None
+    return {
+        "metric": "R^2" if model_kind == "ridge" else "accuracy",
+        "train": score(X, y),
+        "test": score(X_test, y_test) if has_test else None,  # type: ignore[arg-type]
+        "n_train": int(X.shape[0]),
+        "n_test": int(X_test.shape[0]) if has_test else 0,  # type: ignore[union-attr]
+    }
+
+
+def _fit_line(quality: Dict[str, Any]) -> str:
+    """'model fit: training accuracy 0.9735 (567 rows), test accuracy 1 (2 points)'."""
+    metric = quality["metric"]
+
+    def shown(v: Optional[float]) -> str:
+        return "undefined" if v is None else f"{v:.4g}"
+
+    line = f"model fit: training {metric} {shown(quality['train'])} ({quality['n_train']} rows)"
+    if quality["n_test"]:
+        line += f", test {metric} {shown(quality['test'])} ({quality['n_test']} points)"
+    return line
+
+
 def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
     """Read the data, fit the model family, build the LinearInfluence."""
     import warnings
@@ -471,7 +721,11 @@ def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
         test=args.test,
         test_indices=args.test_indices,
         numeric_labels=args.model == "ridge",
+        max_bytes=args.max_input_size,
+        max_features=args.max_params - 1,  # p >= features + 1 (the intercept)
     )
+    for note in ud.notes:
+        _tell(args, "note", note)
     if need_test and not ud.has_test:
         raise CLIError(
             f"{ud.source} has no test points: pass --test FILE, --test-indices LIST (rows held "
@@ -479,22 +733,57 @@ def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
         )
     if args.model != "ridge":
         check_classes(ud.y_train, args.model, ud.source)
+    n_params = _n_params(args.model, ud)
+    if n_params > args.max_params:
+        raise CLIError(
+            f"{ud.source}: the model has {n_params:,} parameters, more than the limit of "
+            f"{args.max_params:,} (the exact Hessian would take {format_bytes(8 * n_params**2)}); "
+            f"raise it with --max-params"
+        )
     X, Xt = ud.X_train, ud.X_test
     scaling = None
+    scale_warnings: List[str] = []
     if args.standardize:
-        mu, sd = X.mean(axis=0), X.std(axis=0)
-        sd[sd == 0] = 1.0
-        X = (X - mu) / sd
-        Xt = None if Xt is None else (Xt - mu) / sd
-        scaling = {"mean": mu, "std": sd}
+        X, Xt, scaling = _standardize(X, Xt)
+    else:
+        warning = feature_scale_warning(X, ud.feature_names, ud.source)
+        if warning:
+            scale_warnings.append(warning)
+            _tell(args, "warning", warning)
     model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[
         args.model
     ](l2=args.l2)
-    model.fit(X, ud.y_train)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
-        inf = LinearInfluence(model, X, ud.y_train, damping=args.damping)
-    return {"data": ud, "X": X, "X_test": Xt, "model": model, "inf": inf, "scaling": scaling}
+    with _numerics_guard(args, ud, n_params):
+        model.fit(X, ud.y_train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
+            inf = LinearInfluence(model, X, ud.y_train, damping=args.damping)
+        quality = _fit_quality(args.model, model, X, ud.y_train, Xt, ud.y_test)
+    return {
+        "data": ud,
+        "X": X,
+        "X_test": Xt,
+        "model": model,
+        "inf": inf,
+        "scaling": scaling,
+        "n_params": n_params,
+        "fit_quality": quality,
+        "notes": list(ud.notes),
+        "warnings": scale_warnings,
+        "args": args,
+    }
+
+
+def _require_finite(fitted: Dict[str, Any], what: str, *arrays: np.ndarray) -> None:
+    """Refuse to report results with NaN or inf in them (defence in depth: the library raises
+    too): a one-line error naming the input whose scale is the likely cause."""
+    if all(np.all(np.isfinite(np.asarray(a, dtype=np.float64))) for a in arrays):
+        return
+    args = fitted["args"]
+    raise CLIError(
+        f"non-finite {what} (the float64 arithmetic overflowed), so nothing is written; "
+        f"{_scale_hint(fitted['data'], args.standardize)}"
+    )
 
 
 def _label(v: Any) -> Any:
@@ -517,41 +806,133 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = 
     return "\n".join(lines)
 
 
-def _write_outputs(
-    args: argparse.Namespace,
-    name: str,
-    columns: Sequence[str],
-    rows: Sequence[Dict[str, Any]],
-    payload: Dict[str, Any],
-) -> List[pathlib.Path]:
-    from .report import jsonable
+# ------------------------------------------------------------------------------------------------
+# output files: checked before the computation, written without following symbolic links
+# ------------------------------------------------------------------------------------------------
+def _check_output_folder(folder: pathlib.Path, flag: str) -> None:
+    """``folder`` is a writable folder, or can be created (its nearest existing ancestor is)."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise CLIError(f"{flag} {folder}: exists and is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CLIError(f"{flag} {folder}: the folder is not writable")
+        return
+    ancestor = folder.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"{flag} {folder}: cannot be created, {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {folder}: cannot be created, {ancestor} is not writable")
 
-    targets: List[tuple] = []
+
+def _check_output_file(path: pathlib.Path, in_new_folder: bool = False) -> None:
+    """``path`` can be written: not a symbolic link (never written through), not a folder, in
+    a writable folder (``in_new_folder``: one that the command creates, checked already)."""
+    if path.is_symlink():
+        raise CLIError(
+            f"{path}: is a symbolic link; refusing to write through it (remove it or choose "
+            f"another path)"
+        )
+    if path.is_dir():
+        raise CLIError(f"{path}: is a folder, not a file")
+    if in_new_folder and not path.parent.exists():
+        return
+    parent = path.parent
+    if not parent.exists():
+        raise CLIError(f"{path}: the folder {parent} does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{path}: the folder {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CLIError(f"{path}: the file is not writable")
+
+
+def _report_files(name: str) -> List[str]:
+    from .report import Report
+
+    figure = {"explain": "explain_top.png", "mislabels": "self_influence.png"}[name]
+    return [Report.HTML_NAME, Report.JSON_NAME, figure]
+
+
+def _output_targets(args: argparse.Namespace, name: str) -> List[Tuple[str, pathlib.Path]]:
+    """The ("csv" | "json", path) files to write, every output path (the report's too) checked
+    now, before any computation: a path that cannot be written fails here, not after minutes."""
+    targets: List[Tuple[str, pathlib.Path]] = []
     if args.out:
-        d = pathlib.Path(args.out)
-        if d.exists() and not d.is_dir():
-            raise CLIError(f"--out {d}: exists and is not a folder")
-        d.mkdir(parents=True, exist_ok=True)
-        targets += [("csv", d / f"{name}.csv"), ("json", d / f"{name}.json")]
+        folder = pathlib.Path(args.out)
+        _check_output_folder(folder, "--out")
+        targets += [("csv", folder / f"{name}.csv"), ("json", folder / f"{name}.json")]
     if args.out_csv:
         targets.append(("csv", pathlib.Path(args.out_csv)))
     if args.out_json:
         targets.append(("json", pathlib.Path(args.out_json)))
+    for _, path in targets:
+        in_out_folder = bool(args.out) and path.parent == pathlib.Path(args.out)
+        _check_output_file(path, in_new_folder=in_out_folder)
+    resolved = [os.path.realpath(p) for _, p in targets]
+    if len(set(resolved)) != len(resolved):
+        raise CLIError("the same output file is named twice (--out, --out-csv, --out-json)")
+    if args.report:
+        folder = pathlib.Path(args.report)
+        _check_output_folder(folder, "--report")
+        for filename in _report_files(name):
+            _check_output_file(folder / filename, in_new_folder=True)
+    return targets
+
+
+#: First characters that make a spreadsheet run a cell as a formula (OWASP, CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with a single quote (so it
+    shows as text); numbers and other text unchanged."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value  # a number written as text, e.g. "-1.5": not a formula
+    except ValueError:
+        return "'" + value
+
+
+def _write_text_nofollow(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` (created or truncated) without following a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link appeared after the check
+            raise CLIError(f"{path}: is a symbolic link; refusing to write through it") from None
+        raise
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+
+
+def _write_outputs(
+    targets: Sequence[Tuple[str, pathlib.Path]],
+    columns: Sequence[str],
+    rows: Sequence[Dict[str, Any]],
+    payload: Dict[str, Any],
+) -> List[pathlib.Path]:
+    """Write the checked ``targets`` (from :func:`_output_targets`); return their paths."""
+    from .report import jsonable
+
     written = []
     for kind, path in targets:
-        if path.parent and not path.parent.exists():
-            raise CLIError(f"{path}: the folder {path.parent} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "csv":
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
             w.writeheader()
             for r in rows:
-                w.writerow({k: r[k] for k in columns})
-            path.write_text(buf.getvalue(), encoding="utf-8")
+                w.writerow({k: _spreadsheet_safe(r[k]) for k in columns})
+            text = buf.getvalue()
         else:
-            path.write_text(
-                json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n", encoding="utf-8"
-            )
+            text = json.dumps(jsonable(payload), indent=1, allow_nan=False) + "\n"
+        _write_text_nofollow(path, text)
         written.append(path)
     return written
 
@@ -570,6 +951,19 @@ def _settings(args: argparse.Namespace, fitted: Dict[str, Any]) -> Dict[str, Any
     }
 
 
+def _common_payload(
+    command: str, args: argparse.Namespace, fitted: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The JSON fields that explain and mislabels share."""
+    return {
+        "command": command,
+        "settings": _settings(args, fitted),
+        "model_fit": fitted["fit_quality"],
+        "notes": fitted["notes"],
+        "warnings": fitted["warnings"],
+    }
+
+
 def explain_points(fitted: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     """Per test point: its label, prediction, loss and the top-k helpful and harmful training
     rows (train_index in the source file, label, influence = up_loss, loss change if removed =
@@ -577,9 +971,14 @@ def explain_points(fitted: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     ud, model, inf = fitted["data"], fitted["model"], fitted["inf"]
     Xt, yt = fitted["X_test"], ud.y_test
     n = inf.n_train
-    tk = inf.top_k(Xt, yt, k=min(k, n))
-    pred = model.predict(Xt)
-    loss = model.loss(Xt, yt)
+    with _numerics_guard(fitted["args"], ud, fitted["n_params"]):
+        tk = inf.top_k(Xt, yt, k=min(k, n))
+        pred = model.predict(Xt)
+        loss = model.loss(Xt, yt)
+    _require_finite(fitted, "influence values", tk.helpful_scores, tk.harmful_scores)
+    _require_finite(fitted, "test losses", loss)
+    if pred.dtype.kind == "f":  # ridge: the predictions are numbers too
+        _require_finite(fitted, "test predictions", pred)
     points = []
     for j in range(Xt.shape[0]):
         pt: Dict[str, Any] = {
@@ -624,12 +1023,12 @@ def _explain_table(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    targets = _output_targets(args, "explain")
     fitted = _fit(args, need_test=True)
     n = fitted["inf"].n_train
     points = explain_points(fitted, args.k)
     payload = {
-        "command": "explain",
-        "settings": _settings(args, fitted),
+        **_common_payload("explain", args, fitted),
         "sign_convention": (
             "influence = I_up,loss(z_train, z_test): negative = helpful (upweighting the training "
             "row lowers the test loss), positive = harmful; loss_change_if_removed = "
@@ -640,7 +1039,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     }
     if not args.quiet:
         _print_explain(points, fitted, args, sys.stdout)
-    for p in _write_outputs(args, "explain", _EXPLAIN_COLUMNS, _explain_table(points), payload):
+    for p in _write_outputs(targets, _EXPLAIN_COLUMNS, _explain_table(points), payload):
         print(f"wrote {p}")
     if args.report:
         path = _explain_report(args, fitted, points, payload)
@@ -657,6 +1056,7 @@ def _print_explain(
         f"from {ud.test_source}",
         file=out,
     )
+    print(_fit_line(fitted["fit_quality"]), file=out)
     print("influence < 0: helpful, > 0: harmful; loss change if removed = -influence/n", file=out)
     cols = ["rank", "train row", "label", "influence", "loss change if removed"]
     for pt in points[: args.show]:
@@ -698,15 +1098,18 @@ def _print_explain(
 def mislabel_rows(fitted: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Every training row ranked by |self-influence|, most suspicious first."""
     ud, model, inf = fitted["data"], fitted["model"], fitted["inf"]
-    from .applications import find_mislabeled
-
-    ranking = find_mislabeled(inf)
+    with _numerics_guard(fitted["args"], ud, fitted["n_params"]):
+        self_influence = np.asarray(inf.self_influence(), dtype=np.float64).ravel()
+        loss = model.loss(fitted["X"], ud.y_train)
+        pred = model.predict(fitted["X"])
+    _require_finite(fitted, "self-influence values", self_influence)
+    _require_finite(fitted, "training losses", loss)
+    # the ranking of applications.find_mislabeled: |self-influence| descending, ties by index
+    order = np.argsort(-np.abs(self_influence), kind="stable")
     n = inf.n_train
-    loss = model.loss(fitted["X"], ud.y_train)
-    pred = model.predict(fitted["X"])
     rows = []
-    for r, (i, si) in enumerate(zip(ranking.indices, ranking.self_influence), start=1):
-        i = int(i)
+    for r, i in enumerate(order, start=1):
+        i, si = int(i), self_influence[i]
         rows.append(
             {
                 "rank": r,
@@ -722,12 +1125,12 @@ def mislabel_rows(fitted: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _cmd_mislabels(args: argparse.Namespace) -> int:
+    targets = _output_targets(args, "mislabels")
     fitted = _fit(args, need_test=False)
     ud = fitted["data"]
     rows = mislabel_rows(fitted)
     payload: Dict[str, Any] = {
-        "command": "mislabels",
-        "settings": _settings(args, fitted),
+        **_common_payload("mislabels", args, fitted),
         "sign_convention": (
             "self_influence = I_up,loss(z, z) <= 0; rows are ranked by its magnitude (most "
             "suspicious first); loss_change_if_removed = -self_influence/n, the predicted rise "
@@ -735,15 +1138,13 @@ def _cmd_mislabels(args: argparse.Namespace) -> int:
         ),
         "rows": rows,
     }
-    if ud.has_test:
-        pred = fitted["model"].predict(fitted["X_test"])
-        if args.model != "ridge":
-            payload["test_accuracy"] = float(np.mean(pred == ud.y_test))
     if not args.quiet:
         k = min(args.k, len(rows))
+        print(f"{fitted['model']!r} on {ud.source}")
+        print(_fit_line(fitted["fit_quality"]))
         print(
-            f"{fitted['model']!r} on {ud.source}: {len(rows)} training rows ranked by "
-            f"|self-influence| (most suspicious first); top {k}:"
+            f"{len(rows)} training rows ranked by |self-influence| (most suspicious first); "
+            f"top {k}:"
         )
         cols = ["rank", "train row", "label", "prediction", "training loss", "self-influence"]
         print(
@@ -762,7 +1163,7 @@ def _cmd_mislabels(args: argparse.Namespace) -> int:
                 ],
             )
         )
-    for p in _write_outputs(args, "mislabels", _MISLABEL_COLUMNS, rows, payload):
+    for p in _write_outputs(targets, _MISLABEL_COLUMNS, rows, payload):
         print(f"wrote {p}")
     if args.report:
         path = _mislabel_report(args, fitted, rows, payload)
@@ -798,7 +1199,19 @@ def _report_with_settings(
         f"pyinfluence {command}: {pathlib.Path(fitted['data'].source).name}",
         intro=payload["sign_convention"] + ".",
     )
-    rep.section("Setting", "setting").table(["setting", "value"], _settings_rows(payload))
+    sec = rep.section("Setting", "setting")
+    for message in payload["warnings"]:
+        sec.note(f"Warning: {message}")
+    for message in payload["notes"]:
+        sec.note(f"Note: {message}")
+    sec.table(["setting", "value"], _settings_rows(payload))
+    quality = payload["model_fit"]
+    sec.table(
+        ["data", quality["metric"], "points"],
+        [["training", quality["train"], quality["n_train"]]]
+        + ([["test", quality["test"], quality["n_test"]]] if quality["n_test"] else []),
+        caption="Model fit",
+    )
     return rep
 
 
