@@ -240,7 +240,12 @@ def _lissa_grid(ctx: GridContext) -> list:
         cfg = [(50, 1, 128), (100, 1, 128)]
     else:
         cfg = [(100, 1, 128), (300, 1, 128), (1000, 1, 128), (300, 4, 128)]
-    return [LiSSA(depth=d, repeats=r, batch_size=b, seed=0) for d, r, b in cfg]
+    # like CG's grid: a setting that misses LiSSA's tol is a row with its residual and accuracy (and
+    # the ConvergenceWarning in its warnings), not an error row, so the accuracy-time curve is complete
+    return [
+        LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False)
+        for d, r, b in cfg
+    ]
 
 
 def _ensure_default_grids() -> None:
