@@ -17,6 +17,7 @@ with _blas.polite_thread_pools():
     from pyinfluence import _core
 from pyinfluence.errors import (  # noqa: E402
     ConvergenceError,
+    NonFiniteError,
     NotAtOptimumWarning,
     NotFittedError,
     NotPositiveDefiniteError,
@@ -67,8 +68,13 @@ def set_num_threads(n: int) -> None:
     numpy's and torch's thread pools are not touched. On a machine whose cores are busy with other work, one
     thread is often faster than several (spinning workers wait on each other); see bench/RESULTS.md.
     """
+    import os
+
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    most = max(1024, 4 * (os.cpu_count() or 1))  # OpenMP would try to start every one of them
+    if n > most:
+        raise ValueError(f"n must be at most {most} (this machine has {os.cpu_count()} cores), got {n}")
     _core.set_max_threads(n)
 
 
@@ -85,6 +91,7 @@ __all__ = [
     "LiSSA",
     "LinearInfluence",
     "LogisticRegression",
+    "NonFiniteError",
     "NotAtOptimumWarning",
     "NotFittedError",
     "NotPositiveDefiniteError",

@@ -25,7 +25,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
-from .errors import NotPositiveDefiniteError
+from .errors import NonFiniteError, NotPositiveDefiniteError
 
 __all__ = ["CudaLinearEngine", "resolve_device", "to_host"]
 
@@ -107,6 +107,7 @@ class CudaLinearEngine:
         self._tdtype = torch.float64 if X.dtype == np.float64 else torch.float32
         self._host = (X, y, theta)  # the CPU engine's inputs, should a query need it
         self._cpu_engine = None
+        self._train_bound: Optional[float] = None  # see _score_bound
         self._n, self._d = X.shape
         self._K = int(spec.n_outputs)
         self._de = self._d + (1 if spec.fit_intercept else 0)
@@ -181,9 +182,11 @@ class CudaLinearEngine:
             idx = torch.arange(self._K, device=self._device) * self._de + self._d
             A[idx[:, None], idx[None, :]] += 1.0  # (γ/2)(Σ_k b_k)², γ = 1: see families.hpp
         self._failed_pivot = -1
+        self._non_finite = False
         max_diag = float(A.diagonal().abs().max()) if self._p else 0.0
-        if not bool(torch.isfinite(A).all()):
-            self._failed_pivot, self._L = 0, None
+        if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(self._R).all()):
+            # an overflow of X_train's magnitude, not an indefinite H: damping would not help
+            self._non_finite, self._L = True, None
             return
         L, info = torch.linalg.cholesky_ex(A)
         info = int(info)
@@ -199,6 +202,11 @@ class CudaLinearEngine:
         self._L = L
 
     def _require_factor(self) -> None:
+        if self._non_finite:
+            raise NonFiniteError(
+                "the training Hessian H (or the training residuals) overflowed to inf or NaN: X_train's values "
+                "are too large in magnitude for this floating-point type"
+            )
         if self._L is None:
             raise NotPositiveDefiniteError(
                 f"the Hessian H + damping*I ({self._p} x {self._p}) is not positive definite (Cholesky failed at "
@@ -209,8 +217,31 @@ class CudaLinearEngine:
         """s_t = (H + λI)⁻¹ ∇θL(z_t) as the rows of an (m, p) device tensor."""
         self._require_factor()
         Xd, R = self._points(Xt, yt)
-        G = self._gradients(Xd, R)
-        return self._torch.cholesky_solve(G.T, self._L).T.contiguous()
+        G = self._finite(self._gradients(Xd, R), "the per-example gradients")
+        S = self._torch.cholesky_solve(G.T, self._L).T.contiguous()
+        return self._finite(S, "s_test = (H + damping*I)^-1 grad L(z_test)")
+
+    def _finite(self, t, what: str):
+        """t itself, after checking that it holds no inf or NaN (as the CPU engine checks its results)."""
+        if not bool(self._torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{what} overflowed to inf or NaN (the inputs are finite, but too large in magnitude for this "
+                f"floating-point type)"
+            )
+        return t
+
+    def _score_bound(self, S) -> float:
+        """An upper bound on |up_loss| over the whole training set for the s_test rows S (m, p):
+        |Σ_a r_ia (x̃_i · S_t,a)| ≤ (Σ_a |r_ia|)·‖x̃_i‖·max_a ‖S_t,a‖ (Cauchy–Schwarz), which also bounds every
+        partial sum of the kernel, so a finite bound below the dtype's maximum means no score can overflow."""
+        torch = self._torch
+        if self._train_bound is None:
+            norms = torch.linalg.vector_norm(self._X.double(), dim=1)
+            if self._spec.fit_intercept:
+                norms = torch.sqrt(norms * norms + 1.0)
+            self._train_bound = float((self._R.double().abs().sum(dim=1) * norms).max()) if self._n else 0.0
+        s_max = float(torch.linalg.vector_norm(S.double().reshape(S.shape[0], self._K, self._de), dim=2).max())
+        return self._train_bound * s_max
 
     def _cpu(self):
         if self._cpu_engine is None:
@@ -240,6 +271,13 @@ class CudaLinearEngine:
         return self._L is not None
 
     @property
+    def status(self) -> str:
+        """As ``_core.LinearEngine.status``: 'ok', 'not_positive_definite' or 'non_finite'."""
+        if self._non_finite:
+            return "non_finite"
+        return "ok" if self._L is not None else "not_positive_definite"
+
+    @property
     def failed_pivot(self) -> int:
         return self._failed_pivot
 
@@ -256,7 +294,7 @@ class CudaLinearEngine:
 
     def gradients(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         with self._on_device():
-            return self._numpy(self._gradients(*self._points(X, y)))
+            return self._numpy(self._finite(self._gradients(*self._points(X, y)), "the per-example gradients"))
 
     def solve(self, B: np.ndarray) -> np.ndarray:
         self._require_factor()
@@ -266,8 +304,8 @@ class CudaLinearEngine:
     def up_params(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         self._require_factor()
         with self._on_device():
-            G = self._gradients(*self._points(X, y))
-            return self._numpy(-self._torch.cholesky_solve(G.T, self._L).T)
+            G = self._finite(self._gradients(*self._points(X, y)), "the per-example gradients")
+            return self._numpy(self._finite(-self._torch.cholesky_solve(G.T, self._L).T, "up_params"))
 
     def up_loss(self, Xt: np.ndarray, yt: np.ndarray, X: Optional[np.ndarray] = None,
                 y: Optional[np.ndarray] = None) -> np.ndarray:
@@ -278,13 +316,20 @@ class CudaLinearEngine:
             out = self._torch.empty((k, m), dtype=self._tdtype, device=self._device)
             _core.cuda_up_loss(self._spec, self._dtype_name, self._device.index, self._stream(), Xd.data_ptr(),
                                R.data_ptr(), k, self._d, S.data_ptr(), m, out.data_ptr())
-            return self._numpy(out)
+            return self._numpy(self._finite(out, "the influence scores up_loss"))
 
     def top_k(self, Xt: np.ndarray, yt: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
         torch = self._torch
         with self._on_device():
             S = self._s_test(Xt, yt)
             m = S.shape[0]
+            # The kernel streams the scores without storing them: rule out an overflow (a NaN that it would
+            # rank) beforehand, from a bound, rather than afterwards.
+            if not self._score_bound(S) < float(torch.finfo(self._tdtype).max):
+                raise NonFiniteError(
+                    "the influence scores ranked by top_k could overflow to inf or NaN (the inputs are finite, but "
+                    "too large in magnitude for this floating-point type)"
+                )
             hi = torch.empty((m, k), dtype=torch.int64, device=self._device)
             ri = torch.empty_like(hi)
             hv = torch.empty((m, k), dtype=self._tdtype, device=self._device)
@@ -307,7 +352,7 @@ class CudaLinearEngine:
                 G = self._gradients(Xd[s : s + block], R[s : s + block])
                 Z = torch.linalg.solve_triangular(self._L, G.T, upper=False)
                 out[s : s + block] = -(Z * Z).sum(dim=0)
-            return self._numpy(out)
+            return self._numpy(self._finite(out, "self_influence"))
 
     # Queries without a CUDA kernel: the CPU engine (same inputs, same results).
     def pert_loss(self, Xt, yt, X=None, y=None):

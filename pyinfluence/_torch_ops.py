@@ -22,8 +22,11 @@ gradient of the summed loss with respect to the inputs is the per-example input 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -34,6 +37,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 __all__ = [
     "FunctionalModel",
+    "check_class_labels",
+    "resolve_device",
     "HessianOperator",
     "ParamSelection",
     "TensorData",
@@ -64,6 +69,36 @@ _HVP_MODE = "auto"
 _AUTOGRAD_MAX_ROWS = 32
 # The dense Hessian is kept for reuse when it takes at most this many bytes.
 _DENSE_KEEP_BYTES = 256 << 20
+
+
+# ==============================================================================================
+# a private module tree per thread
+
+def module_tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A copy of ``module``'s tree of module objects that shares every parameter, buffer and other
+    attribute value with the original (no tensor is copied).
+
+    ``torch.func.functional_call`` swaps the tensors it is given into the module's attributes for
+    the duration of the call and then swaps the originals back. Two threads calling it on the same
+    module see each other's tensors (and a user calling the model meanwhile sees ours), so each
+    thread gets its own tree: every module object is copied shallowly and its dict-valued
+    attributes (``_parameters``, ``_buffers``, ``_modules``, the hook dicts) are new dicts, so that
+    a swap or a hook registered on the copy never reaches the original. A module reused at two
+    places of the tree stays one object in the copy.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = copy.copy(module)  # a new object and __dict__, attribute values shared
+    memo[id(module)] = new
+    for name, value in list(vars(new).items()):
+        if isinstance(value, dict):
+            vars(new)[name] = copy.copy(value)  # keeps OrderedDict and friends
+    children = vars(new)["_modules"]
+    for name, child in children.items():
+        if child is not None:
+            children[name] = module_tree_copy(child, memo)
+    return new
 
 
 # ==============================================================================================
@@ -344,6 +379,59 @@ def _check_finite(name: str, t: Tensor) -> None:
     )
 
 
+def resolve_device(device: Any, default: torch.device) -> torch.device:
+    """``device`` as a torch.device where the computation can run (``default`` for None), or a ValueError
+    naming the argument: a string torch cannot parse, a device type with no data (``"meta"``) or no support
+    here, or a CUDA device that is not available."""
+    if device is None:
+        return default
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(
+            f"device must be None, a string such as 'cpu' or 'cuda:0', an int (a CUDA device index) or a "
+            f"torch.device, got {type(device).__name__}"
+        )
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device must be a CUDA device index >= 0, got {device}")
+        device = f"cuda:{device}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"device must be 'cpu', 'cuda' or 'cuda:N' (or a torch.device), got {device!r}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(dev)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(dev)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(
+            f"device={str(dev)!r} is not supported: TorchInfluence computes on 'cpu' or 'cuda' devices"
+            + (" ('meta' tensors hold no values)" if dev.type == "meta" else "")
+        )
+    return dev
+
+
+def check_class_labels(name: str, targets: Tensor, n_outputs: int | None) -> None:
+    """Integer targets of a model with ``n_outputs`` ≥ 2 scores per example are class labels: refuse any
+    outside 0 … n_outputs − 1 with a message naming the argument (the loss would fail deep inside vmap, or
+    index out of bounds)."""
+    if n_outputs is None or n_outputs < 2 or targets.is_floating_point() or targets.dtype == torch.bool:
+        return
+    if targets.numel() == 0:
+        return
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= n_outputs:
+        bad = targets[(targets < 0) | (targets >= n_outputs)]
+        raise ValueError(
+            f"{name} has class labels outside 0..{n_outputs - 1} (the model has {n_outputs} outputs per "
+            f"example): {sorted(set(bad.reshape(-1).tolist()))[:10]}"
+        )
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -432,6 +520,14 @@ def as_tensor_pair(
             Y = Y.to(ref)
         elif ref.is_floating_point and not Y.is_floating_point():
             Y = Y.to(dtype)
+        if like.inputs.is_floating_point() and not X.is_floating_point():
+            X = X.to(dtype)  # integer features (e.g. raw pixels) for a model trained on real-valued ones
+        elif not like.inputs.is_floating_point() and X.is_floating_point():
+            raise TypeError(
+                f"{in_name} are floating-point ({str(X.dtype).replace('torch.', '')}) but the training "
+                f"inputs are {str(like.inputs.dtype).replace('torch.', '')} (e.g. token ids for an "
+                f"embedding); pass {in_name} of the same kind"
+            )
     if X.is_floating_point() and X.dtype != dtype:
         X = X.to(dtype)
     if Y.is_floating_point() and Y.dtype != dtype:
@@ -505,6 +601,19 @@ class FunctionalModel:
         self.n_params = int(self.theta.numel())
         self._pe_grad = vmap(grad(self._one_loss), in_dims=(None, 0, 0))
         self._act: int | None = None
+        self._per_thread = threading.local()
+        try:
+            self._per_thread.module = module_tree_copy(model)
+            self._shared_module_lock: threading.RLock | None = None
+        except Exception:  # an exotic module that cannot be copied: serialise instead
+            self._shared_module_lock = threading.RLock()
+
+    def _thread_module(self) -> nn.Module:
+        """This thread's private copy of the module tree (see the class docstring)."""
+        module = getattr(self._per_thread, "module", None)
+        if module is None:
+            module = self._per_thread.module = module_tree_copy(self.model)
+        return module
 
     # -- flat <-> dict ---------------------------------------------------------------------------
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
@@ -521,7 +630,11 @@ class FunctionalModel:
 
     # -- plain evaluation ----------------------------------------------------------------------
     def forward(self, ps: dict[str, Tensor], X: Tensor) -> Any:
-        return functional_call(self.model, {**self.fixed, **ps}, (X,))
+        tensors = {**self.fixed, **ps}
+        if self._shared_module_lock is None:
+            return functional_call(self._thread_module(), tensors, (X,))
+        with self._shared_module_lock:  # the swap lasts only for the call itself
+            return functional_call(self.model, tensors, (X,))
 
     def losses(self, ps: dict[str, Tensor], X: Tensor, Y: Tensor) -> Tensor:
         """Per-example losses (B,) at the parameters ``ps``."""
@@ -662,17 +775,20 @@ class FunctionalModel:
                 if isinstance(o, Tensor):
                     total[0] += int(o.numel())
 
-        handles = [
-            m.register_forward_hook(hook)
-            for m in self.model.modules()
-            if not any(True for _ in m.children())
-        ]
-        try:
-            with torch.no_grad():
-                out = self.forward(self.params, x1[:1])
-        finally:
-            for h in handles:
-                h.remove()
+        shared = self._shared_module_lock
+        module = self.model if shared is not None else self._thread_module()
+        with shared if shared is not None else contextlib.nullcontext():
+            handles = [
+                m.register_forward_hook(hook)
+                for m in module.modules()
+                if not any(True for _ in m.children())
+            ]
+            try:
+                with torch.no_grad():
+                    out = self.forward(self.params, x1[:1])
+            finally:
+                for h in handles:
+                    h.remove()
         out_numel = int(out.numel()) if isinstance(out, Tensor) else 1
         self._act = max(total[0], 4 * out_numel, 16)
         return self._act

@@ -325,6 +325,10 @@ def check_damping(damping: Any) -> float:
     return check_nonnegative_float("damping", damping)
 
 
+# The C++ core's int: iteration counts and the like above this would not reach it intact.
+INT32_MAX = 2**31 - 1
+
+
 def check_int(
     name: str,
     value: Any,
@@ -373,7 +377,10 @@ def as_index_array(
     if isinstance(idx, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer index or an array of indices, got bool {idx!r}")
     if isinstance(idx, numbers.Integral):
-        a = np.array([operator.index(idx)], dtype=np.int64)
+        i = operator.index(idx)
+        if not -n <= i < n:  # also keeps Python ints beyond int64 out of numpy
+            raise IndexError(f"{name} is {i}, out of range for {n} training points")
+        a = np.array([i], dtype=np.int64)
     else:
         a = _to_numpy(name, idx)
         if a.ndim == 0:
@@ -410,3 +417,23 @@ def as_index_array(
             f"{name} contains repeated indices; each training point can be removed once"
         )
     return a
+
+
+def overflow_message(what: str, dtype_name: str, magnitudes: dict[str, float], float_max: float) -> str:
+    """The message of a :class:`~pyinfluence.errors.NonFiniteError`: what overflowed, the largest magnitude of
+    each input involved (``magnitudes``: name → max |value|), the likely culprit (the largest) and the cure.
+    ``float_max``: the largest finite value of the computation's dtype (float32: suggest float64)."""
+    what = what.split(" (the inputs are finite")[0]
+    culprit = max(magnitudes, key=magnitudes.__getitem__) if magnitudes else "X_train"
+    shown = ", ".join(f"largest |{k}| = {v:.3g}" for k, v in magnitudes.items())
+    f32 = (
+        f"; or compute in float64 ({dtype_name}'s range ends at {float_max:.3g})"
+        if dtype_name == "float32"
+        else ""
+    )
+    return (
+        f"{what}: the inputs are finite but too large in magnitude for {dtype_name}"
+        f"{' (' + shown + ')' if shown else ''}. {culprit} is the likely cause: standardise the "
+        f"features (zero mean, unit variance per feature, with the training set's statistics) and "
+        f"refit{f32}. No influence value is returned or ranked when this happens."
+    )

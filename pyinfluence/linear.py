@@ -30,14 +30,16 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core, _cuda
 from ._validation import (
+    INT32_MAX,
     as_float_matrix,
     as_index_array,
     check_bool,
     check_damping,
     check_int,
+    overflow_message,
     resolve_dtype,
 )
-from .errors import ConvergenceError, NotAtOptimumWarning, NotPositiveDefiniteError
+from .errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
 from .models import _CORE_NPD, OPTIMUM_GRAD_TOL, _LinearModel
 
 __all__ = ["LinearInfluence", "TopK"]
@@ -147,6 +149,13 @@ class LinearInfluence:
                 )
         except _CORE_NPD as exc:
             raise NotPositiveDefiniteError(self._npd_message(str(exc))) from None
+        if self._engine.status == "non_finite":
+            raise NonFiniteError(
+                self._overflow_message(
+                    "the training Hessian H (or the training residuals) overflowed to inf or NaN",
+                    train=X,
+                )
+            )
         if not getattr(self._engine, "factorized", True):
             pivot = getattr(self._engine, "failed_pivot", None)
             where = f" at pivot {int(pivot)}" if pivot is not None and int(pivot) >= 0 else ""
@@ -182,6 +191,26 @@ class LinearInfluence:
             f"(e.g. damping=1e-3; influence values then approximate the undamped ones), or fit "
             f"the model with a larger l2."
         )
+
+    def _overflow_message(
+        self, what: str, test: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None
+    ) -> str:
+        """What overflowed, which input is the likely cause (the largest in magnitude) and the cure."""
+        sizes = {
+            name: float(np.max(np.abs(a)))
+            for name, a in (("X_test", test), ("X_train", train))
+            if a is not None and a.size
+        }
+        return overflow_message(what, self._dtype.name, sizes, float(np.finfo(self._dtype).max))
+
+    def _query(self, method: str, *args: Any, test: Optional[np.ndarray] = None,
+               train: Optional[np.ndarray] = None) -> Any:
+        """``self._engine.<method>(*args)``, naming the overflowing input if its result is not finite (the
+        engine checks every result it returns; ``test`` / ``train`` are the feature arrays involved)."""
+        try:
+            return getattr(self._engine, method)(*args)
+        except NonFiniteError as exc:
+            raise NonFiniteError(self._overflow_message(str(exc), test, train)) from None
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -269,7 +298,7 @@ class LinearInfluence:
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
-        return np.asarray(self._engine.gradients(X, y))
+        return np.asarray(self._query("gradients", X, y, train=X))
 
     def up_params(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
         """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
@@ -280,7 +309,7 @@ class LinearInfluence:
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
-        return np.asarray(self._engine.up_params(X, y))
+        return np.asarray(self._query("up_params", X, y, train=X))
 
     def up_loss(
         self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
@@ -294,11 +323,11 @@ class LinearInfluence:
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._engine.up_loss(Xt, yt, None, None))
+            return np.asarray(self._query("up_loss", Xt, yt, None, None, test=Xt, train=self._X))
         if idx.size == 0:
             return np.empty((0, Xt.shape[0]), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._engine.up_loss(Xt, yt, X, y))
+        return np.asarray(self._query("up_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def pert_loss(
         self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
@@ -312,11 +341,11 @@ class LinearInfluence:
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._engine.pert_loss(Xt, yt, None, None))
+            return np.asarray(self._query("pert_loss", Xt, yt, None, None, test=Xt, train=self._X))
         if idx.size == 0:
             return np.empty((0, Xt.shape[0], self._d), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._engine.pert_loss(Xt, yt, X, y))
+        return np.asarray(self._query("pert_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def self_influence(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
         """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
@@ -326,11 +355,11 @@ class LinearInfluence:
         """
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._engine.self_influence(None, None))
+            return np.asarray(self._query("self_influence", None, None, train=self._X))
         if idx.size == 0:
             return np.empty((0,), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._engine.self_influence(X, y))
+        return np.asarray(self._query("self_influence", X, y, train=X))
 
     def loo_change(
         self,
@@ -380,12 +409,12 @@ class LinearInfluence:
         if idx is None:
             idx = np.arange(self._n, dtype=np.int64)
         if group:
-            return np.asarray(self._engine.loo_newton_group(Xt, yt, idx))
+            return np.asarray(self._query("loo_newton_group", Xt, yt, idx, test=Xt, train=self._X))
         if idx.size == 0:
             return np.empty((0, Xt.shape[0]), dtype=self._dtype)
         if self._n < 2:
             raise ValueError("leave-one-out needs at least 2 training points")
-        return np.asarray(self._engine.loo_newton(Xt, yt, idx))
+        return np.asarray(self._query("loo_newton", Xt, yt, idx, test=Xt, train=self._X))
 
     def top_k(self, X_test: ArrayLike, y_test: ArrayLike, k: int = 10) -> TopK:
         """The k most helpful and k most harmful training points for each test point.
@@ -397,7 +426,7 @@ class LinearInfluence:
         """
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
         Xt, yt = self._test(X_test, y_test)
-        hi, hv, ri, rv = self._engine.top_k(Xt, yt, k)
+        hi, hv, ri, rv = self._query("top_k", Xt, yt, k, test=Xt, train=self._X)
         return TopK(
             np.asarray(hi, dtype=np.int64),
             np.asarray(hv),
@@ -432,7 +461,7 @@ class LinearInfluence:
             )
         idx = as_index_array("train_idx", train_idx, self._n, unique=group, allow_empty=not group)
         tol = self._model._tol() if tol is None else float(tol)
-        max_iter = check_int("max_iter", max_iter, 1)
+        max_iter = check_int("max_iter", max_iter, 1, INT32_MAX)
         # Ground truth is computed in float64 whatever the engine's dtype.
         f64 = np.float64
         X = self._X if self._dtype == f64 else self._X.astype(f64)
@@ -464,7 +493,12 @@ class LinearInfluence:
                     f"converge in {n_iter} Newton iterations (gradient norm {gnorm:.3g} > "
                     f"tol={tol:g}); pass a larger tol"
                 )
-            out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clear error
+                out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
+        if not np.isfinite(out).all():
+            raise NonFiniteError(
+                self._overflow_message("retrain_loo's test-loss changes overflowed", Xt, X)
+            )
         return out[0] if group else out
 
     def _refit_without(self, g, spec, X, y, theta0, tol, max_iter):

@@ -26,6 +26,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _core
 from ._validation import (
+    INT32_MAX,
     as_float_matrix,
     as_float_vector,
     as_label_array,
@@ -82,7 +83,7 @@ class _LinearModel:
         check_bool("penalize_intercept", self.penalize_intercept)
         if self.tol is not None:
             check_positive_float("tol", self.tol)
-        check_int("max_iter", self.max_iter, 1)
+        check_int("max_iter", self.max_iter, 1, INT32_MAX)
 
     @property
     def _temperature(self) -> float:

@@ -29,6 +29,7 @@ for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Union
@@ -43,7 +44,9 @@ from ._torch_ops import (
     TensorData,
     _per_example,
     as_tensor_pair,
+    check_class_labels,
     check_model_mode,
+    resolve_device,
     select_params,
 )
 from ._validation import (
@@ -52,8 +55,9 @@ from ._validation import (
     check_damping,
     check_int,
     check_nonnegative_float,
+    overflow_message,
 )
-from .errors import NotAtOptimumWarning
+from .errors import NonFiniteError, NotAtOptimumWarning
 from .linear import TopK
 from .solvers import BlockCG, Exact, PreparedSolver, Solver, SolveResult, resolve_solver
 
@@ -68,11 +72,6 @@ _BLOCK_BYTES = 64 << 20
 _CACHE_SIZE = 8
 
 IndexLike = Union[int, Any, None]
-
-
-def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):  # Python ≥ 3.11
-        exc.add_note(text)
 
 
 class TorchInfluence:
@@ -145,6 +144,13 @@ class TorchInfluence:
     most recent sets), so ``up_loss``, ``pert_loss``, ``top_k``, ``loo_change`` and ``s_test`` on
     the same test data solve once. ``last_solve`` is the :class:`~pyinfluence.solvers.SolveResult`
     of the most recent solve (residual, iterations, time, …); ``n_solves`` counts solves.
+
+    **Threads**: one object may be shared by many threads and every call returns exactly what
+    it returns when called alone (tested bit for bit). The model is evaluated on a private copy
+    of its module tree per thread (sharing all tensors; the user's module is never touched), so
+    gradient passes and scoring run concurrently; the solver's preparation, the solves and the
+    s_test cache are shared and serialised by a lock. With several threads, ``last_solve`` is
+    the most recent solve of any thread.
     """
 
     def __init__(
@@ -191,9 +197,7 @@ class TorchInfluence:
                 ) from None
         if optimum_tol is not None:
             optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
-        dev = named[0][1].device if device is None else torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={dev} requested but CUDA is not available")
+        dev = resolve_device(device, named[0][1].device)
         dtype = named[0][1].dtype
         self._solver_cfg = self._pick_solver(solver, sum(int(p.numel()) for _, p in named))
 
@@ -219,12 +223,15 @@ class TorchInfluence:
         )
         self._prep: PreparedSolver | None = None
         self._cache: list[tuple[TensorData, Tensor]] = []
+        # guards _prep, _cache, last_solve and n_solves, and serialises solves (see Threads above)
+        self._solve_lock = threading.RLock()
         self.last_solve: SolveResult | None = None
         self.n_solves = 0
 
         # ‖∇R(θ̂)‖ and the optimum check
         g = self._op.gradient()
         self.grad_norm_ = float(torch.linalg.vector_norm(g))
+        self._finite(g, "the training-loss gradient ∇R(θ̂)")  # an overflow of X_train's magnitude
         if optimum_tol is not None:
             b = min(self._n, self._batch, 256)
             G0 = fm.per_example_grads(data.inputs[:b], data.targets[:b])
@@ -261,21 +268,37 @@ class TorchInfluence:
         """Run the model and loss on two training examples: shapes, reduction, torch.func."""
         fm, d = self._fm, self._data
         X, Y = d.inputs[:2], d.targets[:2]
+        dt = str(X.dtype).replace("torch.", "")
         try:
             with torch.no_grad():
                 out = fm.forward(fm.params, X)
         except Exception as exc:
-            _note(exc, f"(TorchInfluence: calling the model on training inputs of shape "
-                       f"{tuple(X.shape)} failed)")
-            raise
+            hint = (
+                f" They are {dt}: integer inputs reach the model unchanged (as token ids for an "
+                f"embedding would); if they are real-valued features, pass them as floats (X.float())."
+                if not X.is_floating_point()
+                else ""
+            )
+            raise ValueError(
+                f"calling the model on train_data's inputs (shape {tuple(X.shape)} for two examples, "
+                f"dtype {dt}) failed with {type(exc).__name__}: {exc}. train_data's inputs must be a "
+                f"batch the model accepts, examples first.{hint}"
+            ) from exc
+        # Integer targets of a model with C ≥ 2 outputs per example are class labels 0..C−1.
+        self._n_outputs = (
+            int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim == 2 else None
+        )
+        check_class_labels("train_data's targets", d.targets, self._n_outputs)
         try:
             with torch.no_grad():
                 losses = fm.loss_fn(out, Y)
         except Exception as exc:
-            _note(exc, f"(TorchInfluence: calling loss_fn(outputs, targets) on outputs of shape "
-                       f"{tuple(getattr(out, 'shape', ()))} and targets of shape "
-                       f"{tuple(Y.shape)} failed)")
-            raise
+            raise ValueError(
+                f"calling loss_fn(outputs, targets) on the model's outputs for train_data (shape "
+                f"{tuple(getattr(out, 'shape', ()))}) and train_data's targets (shape "
+                f"{tuple(Y.shape)}, dtype {str(Y.dtype).replace('torch.', '')}) failed with "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         losses = _per_example(losses, X.shape[0])
         if not losses.is_floating_point():
             raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
@@ -368,21 +391,24 @@ class TorchInfluence:
     # -- solving -----------------------------------------------------------------------------------
     def prepare(self) -> TorchInfluence:
         """Do the solver's one-off work now (Exact: build and factorise H + λI); returns self."""
-        if self._prep is None:
-            self._prep = self._solver_cfg.prepare(self._op, self._damping)
+        with self._solve_lock:
+            if self._prep is None:
+                self._prep = self._solver_cfg.prepare(self._op, self._damping)
         return self
 
     def _solve(self, V: Tensor) -> Tensor:
-        self.prepare()
-        assert self._prep is not None
-        res = self._prep.solve(V)
-        self.last_solve = res
-        self.n_solves += 1
+        with self._solve_lock:
+            self.prepare()
+            assert self._prep is not None
+            res = self._prep.solve(V)
+            self.last_solve = res
+            self.n_solves += 1
         return res.solution
 
     def clear_cache(self) -> None:
         """Forget the cached s_test vectors."""
-        self._cache.clear()
+        with self._solve_lock:
+            self._cache.clear()
 
     # -- input helpers ---------------------------------------------------------------------------
     def _test(self, X_test: Any, y_test: Any) -> TensorData:
@@ -395,6 +421,7 @@ class TorchInfluence:
             like=self._data,
             names=("X_test", "y_test"),
         )
+        check_class_labels("y_test", data.targets, self._n_outputs)
         return data
 
     def _idx(self, train_idx: IndexLike, **kw: Any) -> Tensor | None:
@@ -417,24 +444,43 @@ class TorchInfluence:
             it = self._bar(it, total=math.ceil(len(data) / rows), desc=desc)
         return it
 
+    def _finite(self, t: Tensor, what: str, test: TensorData | None = None) -> Tensor:
+        """``t`` itself after checking it holds no inf or NaN; else NonFiniteError naming the inputs involved
+        (every returned tensor and every block that top_k ranks passes through here)."""
+        if bool(torch.isfinite(t).all()):
+            return t
+        sizes = {}
+        for name, data in (("X_test", test), ("X_train", self._data)):
+            x = None if data is None else data.inputs
+            if x is not None and x.numel() and x.is_floating_point():
+                sizes[name] = float(x.abs().max())
+        raise NonFiniteError(
+            overflow_message(
+                f"{what} overflowed to inf or NaN", str(self._dtype).replace("torch.", ""), sizes,
+                float(torch.finfo(self._dtype).max),
+            )
+        )
+
     def _s_test(self, test: TensorData) -> Tensor:
-        for i, (d, s) in enumerate(self._cache):
-            if (
-                d.inputs.shape == test.inputs.shape
-                and d.targets.shape == test.targets.shape
-                and d.inputs.dtype == test.inputs.dtype
-                and d.targets.dtype == test.targets.dtype
-                and torch.equal(d.inputs, test.inputs)
-                and torch.equal(d.targets, test.targets)
-            ):
-                if i:
-                    self._cache.insert(0, self._cache.pop(i))
-                return s
-        G = self._per_example_grads(test, "test gradients")  # (m, p)
-        s = self._solve(G.t())
-        self._cache.insert(0, (test, s))
-        del self._cache[_CACHE_SIZE:]
-        return s
+        # under the lock: a second thread asking for the same test set waits and reuses the solve
+        with self._solve_lock:
+            for i, (d, s) in enumerate(self._cache):
+                if (
+                    d.inputs.shape == test.inputs.shape
+                    and d.targets.shape == test.targets.shape
+                    and d.inputs.dtype == test.inputs.dtype
+                    and d.targets.dtype == test.targets.dtype
+                    and torch.equal(d.inputs, test.inputs)
+                    and torch.equal(d.targets, test.targets)
+                ):
+                    if i:
+                        self._cache.insert(0, self._cache.pop(i))
+                    return s
+            G = self._finite(self._per_example_grads(test, "test gradients"), "the test gradients", test)
+            s = self._finite(self._solve(G.t()), "s_test = (H + λI)⁻¹ ∇θL(z_test)", test)
+            self._cache.insert(0, (test, s))
+            del self._cache[_CACHE_SIZE:]
+            return s
 
     def _per_example_grads(self, data: TensorData, desc: str = "gradients") -> Tensor:
         n = len(data)
@@ -464,11 +510,12 @@ class TorchInfluence:
                 f"{max_params} ({self.n_params ** 2 * (torch.finfo(self._dtype).bits // 8) / 1e9:.3g}"
                 f" GB); select fewer parameters (params=...) or raise max_params"
             )
-        return self._op.dense()
+        with self._solve_lock:  # shares the dense build with Exact's preparation
+            return self._op.dense()
 
     def gradients(self, train_idx: IndexLike = None) -> Tensor:
         """Per-example loss gradients ∇θL(z_i, θ̂) (no 1/n, no L2 term), shape (k, p)."""
-        return self._per_example_grads(self._train(self._idx(train_idx)))
+        return self._finite(self._per_example_grads(self._train(self._idx(train_idx))), "the gradients")
 
     def up_params(self, train_idx: IndexLike = None) -> Tensor:
         """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
@@ -483,7 +530,7 @@ class TorchInfluence:
         for s, X, Y in self._blocks(data, self._grad_rows(), "up_params"):
             G = self._fm.per_example_grads(X, Y)
             out[s : s + X.shape[0]] = self._solve(G.t()).t().neg()
-        return out
+        return self._finite(out, "up_params")
 
     def up_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
         """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
@@ -499,7 +546,7 @@ class TorchInfluence:
         for s, X, Y in self._blocks(data, self._grad_rows(), "up_loss"):
             G = self._fm.per_example_grads(X, Y)
             torch.matmul(G, S, out=out[s : s + X.shape[0]])
-        return out.neg_()
+        return self._finite(out.neg_(), "the influence scores up_loss", test)
 
     def pert_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
         """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, *input_shape).
@@ -528,7 +575,7 @@ class TorchInfluence:
         for s, X, Y in self._blocks(data, rows, "pert_loss"):
             J = self._fm.mixed_input_grad(St, X, Y)  # (m, B, *in)
             out[s : s + X.shape[0]] = J.transpose(0, 1).neg()
-        return out
+        return self._finite(out, "pert_loss", test)
 
     def self_influence(self, train_idx: IndexLike = None) -> Tensor:
         """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
@@ -542,7 +589,7 @@ class TorchInfluence:
             G = self._fm.per_example_grads(X, Y)  # (B, p)
             Z = self._solve(G.t())  # (p, B)
             out[s : s + X.shape[0]] = -(G * Z.t()).sum(dim=1)
-        return out
+        return self._finite(out, "self_influence")
 
     def loo_change(
         self,
@@ -605,7 +652,7 @@ class TorchInfluence:
         rv, ri = hv, hi
         for s, X, Y in self._blocks(self._data, self._grad_rows(), "top_k"):
             G = self._fm.per_example_grads(X, Y)
-            sc = (G @ S).neg_().t()  # (m, B)
+            sc = self._finite((G @ S).neg_().t(), "the influence scores ranked by top_k", test)  # (m, B)
             ids = torch.arange(s, s + X.shape[0], device=dev).expand(m, -1)
             cv, ci = torch.cat([hv, sc], 1), torch.cat([hi, ids], 1)
             kk = min(k, cv.shape[1])

@@ -164,7 +164,7 @@ def test_worker_error_path_on_bad_payload(tmp_path):
 def test_worker_never_imports_pyinfluence():
     tree = ast.parse(open(worker.__file__).read())
     allowed = {"__future__", "json", "logging", "math", "os", "sys", "time", "traceback",
-               "warnings", "resource", "importlib", "collections", "numpy", "torch", "captum",
+               "warnings", "resource", "importlib", "collections", "hashlib", "io", "numpy", "torch", "captum",
                "pydvl"}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -209,12 +209,56 @@ def test_model_payload_round_trip(tmp_path):
     Xc = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     (tmp_path / "fx").mkdir()
     desc = peers._save_model(cnn, str(tmp_path / "fx" / "model.pt"), Xc)
-    assert desc == {"format": "fx"}
-    back = worker._load_model(str(tmp_path / "fx"), desc, torch.float64)
+    assert desc["format"] == "fx" and len(desc["sha256"]) == 64
+    with pytest.raises(ValueError, match="refusing to unpickle"):  # no digest in the environment
+        worker._load_model(str(tmp_path / "fx"), desc, torch.float64)
+    os.environ[worker.MODEL_DIGEST_ENV] = desc["sha256"]
+    try:
+        back = worker._load_model(str(tmp_path / "fx"), desc, torch.float64)
+    finally:
+        del os.environ[worker.MODEL_DIGEST_ENV]
     assert type(back) is not _SmallCNN and isinstance(back, torch.fx.GraphModule)
     assert sorted(n for n, _ in back.named_parameters()) == sorted(
         n for n, _ in cnn.named_parameters())
     torch.testing.assert_close(back(Xc), cnn(Xc), rtol=0, atol=0)
+
+
+class _Payload:
+    """Unpickling this runs code: the attack that a replaced model.pt would carry."""
+
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ["PYINFLUENCE_TEST_PWNED"],))
+
+
+def test_worker_refuses_a_replaced_model_file(tmp_path, monkeypatch):
+    """The worker unpickles model.pt (the torch.fx format) only if its bytes are the ones the benchmark
+    wrote; a file swapped in by someone else is refused before any of it is unpickled (issue 13.7)."""
+    cnn = _SmallCNN().double().eval()
+    Xc = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    desc = peers._save_model(cnn, str(tmp_path / "model.pt"), Xc)
+    monkeypatch.setenv(worker.MODEL_DIGEST_ENV, desc["sha256"])
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("PYINFLUENCE_TEST_PWNED", str(pwned))
+    torch.save(_Payload(), str(tmp_path / "model.pt"))  # the attacker's file
+    with pytest.raises(ValueError, match="SHA-256 does not match"):
+        worker._load_model(str(tmp_path), desc, torch.float64)
+    assert not pwned.exists()
+
+
+def test_kept_payloads_live_in_a_private_folder(tmp_path, monkeypatch):
+    """keep_dir may be shared: the payloads (the worker script among them) go to a new 0700 folder in it."""
+    task = _tiny_task()
+    _install_fake_captum(tmp_path, monkeypatch)
+    keep = tmp_path / "shared"
+    keep.mkdir(mode=0o777)
+    (run,) = peers.run_peers(task, peers=("captum",), num_threads=1, warm_up=False, keep_dir=str(keep),
+                             methods=[{"library": "captum", "method": "NaiveInfluenceFunction",
+                                       "label": "exact",
+                                       "settings": {"projection_dim": "p", "fake_mode": "exact"}}])
+    assert run.error is None, run.error
+    (private,) = list(keep.iterdir())
+    assert private.name.startswith("peers-") and (private.stat().st_mode & 0o777) == 0o700
+    assert (private / "_peer_worker.py").exists() and (private / "data" / "model.pt").exists()
 
 
 def test_loss_identification_matches_pyinfluence_losses():

@@ -225,6 +225,27 @@ def test_gpu_path_not_positive_definite_on_cpu(host_gpu_path) -> None:
     assert np.all(np.isfinite(inf.up_loss(X[:2], y[:2])))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the numpy host kernels
+def test_gpu_path_never_returns_or_ranks_non_finite_values_on_cpu(host_gpu_path) -> None:
+    """The GPU path's checks (issue 13.3), with the host kernels: an overflowing test point is named; the streaming
+    top-k kernel is refused beforehand when a bound says its scores could overflow; an overflowing training set is
+    an overflow, not a damping problem."""
+    X, y, model = _problem("ridge")
+    gpu = pi.LinearInfluence(model, X, y, device="cuda")
+    for query in (lambda Xt, yt: gpu.up_loss(Xt, yt), lambda Xt, yt: gpu.top_k(Xt, yt, 3)):
+        with pytest.raises(pi.NonFiniteError, match="X_test is the likely cause"):
+            query(X[:2] * 1e200, y[:2])
+    np.testing.assert_array_equal(gpu.top_k(X[:2], y[:2], 3).helpful_idx,
+                                  pi.LinearInfluence(model, X, y).top_k(X[:2], y[:2], 3).helpful_idx)
+    gpu32 = pi.LinearInfluence(model, X, y, device="cuda", dtype=np.float32)
+    with pytest.raises(pi.NonFiniteError, match="float32"):
+        gpu32.top_k(X[:2] * 1e19, y[:2], 3)  # gradients and s_test finite, the scores would not be
+    X_bad = X.copy()
+    X_bad[3] = 1e160
+    with pytest.raises(pi.NonFiniteError, match="X_train is the likely cause"):
+        pi.LinearInfluence(model, X_bad, y, device="cuda")
+
+
 # -- GPU against CPU (skipped without a GPU) ----------------------------------------------------------------------
 def _compare(gpu, cpu, X, y, dtype) -> None:
     """Every query of two LinearInfluence objects on the same problem (X, y): accelerated ones to the tolerance of

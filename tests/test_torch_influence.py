@@ -499,7 +499,8 @@ def test_bad_construction(small):
     with pytest.raises(ValueError, match=r"model.eval\(\)"):
         TorchInfluence(bn, loss, (X, y))
     TorchInfluence(bn.eval(), loss, (X, y), optimum_tol=None)  # eval mode is fine
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied|size mismatch|mat1"):
+    with pytest.raises(ValueError, match=r"calling the model on train_data's inputs.*(shapes cannot be "
+                                          r"multiplied|size mismatch|mat1)"):
         TorchInfluence(lin, loss, (X[:, :4], y))
 
 

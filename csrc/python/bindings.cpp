@@ -1,6 +1,7 @@
 // pyinfluence._core: the one pybind11 file. It validates array layouts (C-contiguous, matching dtype — no
 // silent conversion), releases the GIL around every kernel, and maps C++ errors to Python exceptions:
-// std::invalid_argument → ValueError, std::domain_error → pyinfluence.errors.NotPositiveDefiniteError.
+// std::invalid_argument → ValueError, std::domain_error → pyinfluence.errors.NotPositiveDefiniteError,
+// pyinfluence::NonFiniteError → pyinfluence.errors.NonFiniteError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -180,7 +181,17 @@ class PyLinearEngine {
   std::string dtype() const { return float32_ ? "float32" : "float64"; }
   Index n_train() const { return float32_ ? e32_->n_train() : e64_->n_train(); }
   Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
-  bool factorized() const { return (float32_ ? e32_->status() : e64_->status()) == Status::Ok; }
+  bool factorized() const { return status() == Status::Ok; }
+  Status status() const { return float32_ ? e32_->status() : e64_->status(); }
+  // "ok", "not_positive_definite" or "non_finite" (H overflowed: the cure is scaling X, not damping)
+  std::string status_name() const {
+    switch (status()) {
+      case Status::Ok: return "ok";
+      case Status::NotPositiveDefinite: return "not_positive_definite";
+      case Status::NonFinite: return "non_finite";
+      default: return "not_converged";
+    }
+  }
   Index failed_pivot() const { return float32_ ? e32_->failed_pivot() : e64_->failed_pivot(); }
   double grad_norm() const { return float32_ ? e32_->grad_norm() : e64_->grad_norm(); }
 
@@ -520,22 +531,25 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_max_threads", &set_max_threads, py::arg("n"),
         "Threads for the core's OpenMP regions and its own BLAS pool (numpy's and torch's pools are not touched)");
 
-  // Error mapping. NotPositiveDefiniteError lives in pyinfluence.errors (a ValueError subclass).
+  // Error mapping to pyinfluence.errors' classes (NotPositiveDefiniteError: a ValueError; NonFiniteError: an
+  // ArithmeticError), or to those builtins should pyinfluence.errors not import.
   py::register_exception_translator([](std::exception_ptr p) {
+    const auto raise_as = [](const char* name, PyObject* fallback, const std::string& msg) {
+      try {
+        PyErr_SetString(py::module_::import("pyinfluence.errors").attr(name).ptr(), msg.c_str());
+      } catch (py::error_already_set&) {
+        PyErr_SetString(fallback, msg.c_str());
+      }
+    };
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const NonFiniteError& e) {
+      raise_as("NonFiniteError", PyExc_ArithmeticError, e.what());
     } catch (const std::domain_error& e) {
-      std::string msg = std::string(e.what()) +
-                        ". Influence needs H + damping*I to be positive definite: pass damping > 0 (e.g. damping=1e-3; "
-                        "results then approximate the undamped influence) or increase l2.";
-      py::object cls;
-      try {
-        cls = py::module_::import("pyinfluence.errors").attr("NotPositiveDefiniteError");
-      } catch (py::error_already_set&) {
-        PyErr_SetString(PyExc_ValueError, msg.c_str());
-        return;
-      }
-      PyErr_SetString(cls.ptr(), msg.c_str());
+      raise_as("NotPositiveDefiniteError", PyExc_ValueError,
+               std::string(e.what()) +
+                   ". Influence needs H + damping*I to be positive definite: pass damping > 0 (e.g. damping=1e-3; "
+                   "results then approximate the undamped influence) or increase l2.");
     }
   });
 
@@ -612,6 +626,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("n_train", &PyLinearEngine::n_train)
       .def_property_readonly("n_params", &PyLinearEngine::n_params)
       .def_property_readonly("factorized", &PyLinearEngine::factorized)
+      .def_property_readonly("status", &PyLinearEngine::status_name,
+                              "'ok', 'not_positive_definite' or 'non_finite' (H overflowed to inf/NaN)")
       .def_property_readonly("grad_norm", &PyLinearEngine::grad_norm, "||grad R(theta)||_2 on the training set")
       .def_property_readonly("failed_pivot", &PyLinearEngine::failed_pivot,
                               "index of the failing Cholesky pivot when factorized is False, else -1")

@@ -2,8 +2,10 @@
 
 #include "pyinfluence/threads.hpp"
 
+#include <Eigen/Cholesky>
 #include <Eigen/LU>
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -16,6 +18,19 @@ template <class S>
 const Eigen::Ref<const Vector<S>> no_weights() {
   static const Vector<S> empty;
   return empty;
+}
+
+[[noreturn]] void throw_non_finite(const char* what) {
+  throw NonFiniteError(std::string(what) + " overflowed to inf or NaN (the inputs are finite, but too large in "
+                                           "magnitude for this floating-point type)");
+}
+
+// Every query's result passes through here: a single vectorised pass, small beside the products that made it
+// (the large k×m score matrices are checked block by block instead, while in cache: score_all, top_k).
+template <class M>
+M require_finite(M&& out, const char* what) {
+  if (!out.allFinite()) throw_non_finite(what);
+  return std::forward<M>(out);
 }
 }  // namespace
 
@@ -45,17 +60,23 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eig
     grad_norm_ = double(grad.norm());
   }
   H_ = pyinfluence::hessian<S>(spec_, X_, y_, W_, no_weights<S>());
+  if (!H_.allFinite() || !residual_.allFinite() || !std::isfinite(grad_norm_)) {
+    status_ = Status::NonFinite;  // an overflow, not an indefinite H: damping would not help
+    return;
+  }
   ColMatrix<S> A = H_;
   // Undamped, the multinomial intercept gauge makes H invertible (pseudo-inverse answers, families.hpp);
   // damped, H + λI is already positive definite along that direction and we solve it as it is.
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), A);
   status_ = factor_.compute(std::move(A), damping_);
-  if (status_ == Status::NonFinite) status_ = Status::NotPositiveDefinite;
   failed_pivot_ = factor_.failed_pivot();
 }
 
 template <class S>
 void LinearInfluenceEngine<S>::require_factor() const {
+  if (status_ == Status::NonFinite)
+    throw NonFiniteError("the training Hessian H (or the training residuals) overflowed to inf or NaN: X_train's "
+                         "values are too large in magnitude for this floating-point type");
   if (status_ != Status::Ok)
     throw std::domain_error("the Hessian H + damping*I (" + std::to_string(n_params()) + " x " +
                             std::to_string(n_params()) + ") is not positive definite (Cholesky failed at pivot " +
@@ -97,7 +118,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::gradients(const Eigen::Ref<const RowMatri
   compute_scores<S>(spec_, X, W_, scores);
   per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
   gradient_rows(X, R, 0, k, G);
-  return G;
+  return require_finite(std::move(G), "the per-example gradients");
 }
 
 template <class S>
@@ -113,8 +134,8 @@ ColMatrix<S> LinearInfluenceEngine<S>::s_test(const Eigen::Ref<const RowMatrix<S
                                               const Eigen::Ref<const Vector<S>>& y_test) const {
   require_factor();
   check_points("_test", X_test, y_test);
-  const RowMatrix<S> G = gradients(X_test, y_test);
-  return factor_.solve(G.transpose());
+  const RowMatrix<S> G = gradients(X_test, y_test);  // checked finite there
+  return require_finite(factor_.solve(G.transpose()), "s_test = (H + damping*I)^-1 grad L(z_test)");
 }
 
 template <class S>
@@ -144,7 +165,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_params(const Eigen::Ref<const RowMatri
                                                  const Eigen::Ref<const Vector<S>>& y) const {
   require_factor();
   const RowMatrix<S> G = gradients(X, y);
-  return -factor_.solve(G.transpose()).transpose();
+  return require_finite(RowMatrix<S>(-factor_.solve(G.transpose()).transpose()), "up_params");
 }
 
 template <class S>
@@ -153,6 +174,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatri
   const Index k = X.rows();
   RowMatrix<S> out(k, m);
   const int threads = partition_threads(k, scoring_flops(k, m));
+  std::atomic<bool> finite{true};
   run_row_partition(threads, k, [&](int, Index first, Index last) {
     RowMatrix<S> Z;
     const Index block =
@@ -160,8 +182,11 @@ RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatri
     for (Index start = first; start < last; start += block) {
       const Index b = std::min(block, last - start);
       score_block(X, R, Shat, m, start, b, Z, out.middleRows(start, b));
+      // checked while the block is still in cache (a separate pass over a large k×m result costs ~5-10 %)
+      if (!out.middleRows(start, b).allFinite()) finite = false;
     }
   });
+  if (!finite) throw_non_finite("the influence scores up_loss");  // outside the parallel region
   return out;
 }
 
@@ -220,7 +245,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatri
   out.noalias() = -(R * S3);
   Eigen::Map<RowMatrix<S>> out_rows(out.data(), k * m, d);
   out_rows.noalias() -= DA * W_.leftCols(d);
-  return out;
+  return require_finite(std::move(out), "pert_loss");
 }
 
 template <class S>
@@ -242,7 +267,7 @@ Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const R
       out.segment(start, b) = -G.rowwise().squaredNorm();
     }
   });
-  return out;
+  return require_finite(std::move(out), "self_influence");
 }
 
 template <class S>
@@ -284,6 +309,7 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   for (Index start = 0; start < n; start += block) {
     const Index b = std::min(block, n - start);
     score_block(X_, residual_, Shat, m, start, b, Z, scores.topRows(b));
+    if (!scores.topRows(b).allFinite()) throw_non_finite("the influence scores ranked by top_k");  // never rank a NaN
 #ifdef PYINFLUENCE_HAS_OPENMP
 #pragma omp parallel for schedule(static) if (m * b > 200000)
 #endif
@@ -391,6 +417,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
     for (Index b = a; b < K; ++b) XA[a * K + b] = Xk_t * Ainv.block(a * de, b * de, de, de);
   RowMatrix<S> out(k, m);
   ExceptionCarrier carrier;
+  std::atomic<Index> singular{-1};  // a training index whose removal leaves a singular Hessian
 #ifdef PYINFLUENCE_HAS_OPENMP
 #pragma omp parallel for schedule(static) if (k * m * K > 20000)
 #endif
@@ -408,6 +435,29 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
       apply_curvature(spec_, cv, u.data(), Du.data());
       for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
       ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
+      // ∇²R₋ᵢ + λI = A^{1/2} (I − c A^{-1/2} U D Uᵀ A^{-1/2}) A^{1/2}, and the middle factor's eigenvalues other
+      // than 1 are those of I − c D M (D, M positive semi-definite). Removing the point leaves a Hessian that is
+      // not positive definite iff one of them is ≤ 0 (numerically: below p·eps, the Cholesky test of the group
+      // path), and then the step would be inf or garbage. K = 1: the scalar itself. K > 1: I − cDM is similar
+      // to I − c M^{1/2} D M^{1/2}, which is positive definite iff M − c M D M = M^{1/2}(…)M^{1/2} is (M ≻ 0;
+      // a point with x̃ = 0 has M = 0 and changes nothing): a K×K Cholesky with the pivot test of cholesky.cpp.
+      bool singular_removal;
+      const S tiny = S(p) * std::numeric_limits<S>::epsilon();
+      if (K == 1) {
+        singular_removal = !(system(0, 0) > tiny);
+      } else {
+        const ColMatrix<S> T = M - c * (M * DM);
+        const Eigen::LLT<ColMatrix<S>> llt(T.template selfadjointView<Eigen::Lower>());
+        const S max_diag = M.diagonal().cwiseAbs().maxCoeff();
+        singular_removal = max_diag > S(0) && (llt.info() != Eigen::Success ||
+                                               !(llt.matrixLLT().diagonal().array().square().minCoeff() >
+                                                 tiny * max_diag));
+      }
+      if (singular_removal) {
+        Index expected = -1;
+        singular.compare_exchange_strong(expected, row);  // report one; no exception inside the parallel loop
+        return;
+      }
       if (K == 1) w[0] = Du[0] / system(0, 0);
       else w = system.partialPivLu().solve(Du);
       const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
@@ -426,7 +476,11 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
     });
   }
   carrier.rethrow();
-  return out;
+  if (singular.load() >= 0)
+    throw std::domain_error("the leave-one-out Hessian without training point " + std::to_string(singular.load()) +
+                            " is singular or indefinite (removing it leaves too little data to determine every "
+                            "parameter)");
+  return require_finite(std::move(out), "the Newton-step leave-one-out loss change");
 }
 
 template <class S>
@@ -493,7 +547,7 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
   Vector<S> l0(m), l1(m);
   loss_from_scores<S>(spec_, s0, y_test, l0.data());
   loss_from_scores<S>(spec_, s1, y_test, l1.data());
-  return l1 - l0;
+  return require_finite(Vector<S>(l1 - l0), "the Newton-step leave-group-out loss change");
 }
 
 template <class S>

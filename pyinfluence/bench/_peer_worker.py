@@ -168,16 +168,35 @@ def _build_from_spec(spec: dict):
     return cls(**kw)
 
 
+# The SHA-256 of model.pt as the parent process wrote it, passed in the environment rather than in the
+# payload folder (whoever could replace the file could also rewrite a digest stored beside it).
+MODEL_DIGEST_ENV = "PYINFLUENCE_PEER_MODEL_SHA256"
+
+
 def _load_model(payload_dir: str, desc: dict, dtype):
+    import hashlib
+    import io
+
     import torch
 
     path = os.path.join(payload_dir, "model.pt")
+    with open(path, "rb") as f:
+        blob = f.read()  # read once: what is checked is what is loaded
     if desc["format"] == "spec":
         model = _build_from_spec(desc["spec"]).to(dtype)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     elif desc["format"] == "fx":
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        # A torch.fx GraphModule is a pickle (its generated code): unpickling runs code, so load only the
+        # exact bytes that the parent process wrote, as its digest proves.
+        expected = os.environ.get(MODEL_DIGEST_ENV, "")
+        if not expected or hashlib.sha256(blob).hexdigest() != expected:
+            raise ValueError(
+                f"refusing to unpickle {path}: its SHA-256 does not match the one the benchmark wrote "
+                f"({MODEL_DIGEST_ENV}); the file was replaced or the worker was not started by "
+                f"pyinfluence.bench"
+            )
+        model = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
     else:
         raise ValueError(f"unknown model format {desc['format']!r}")
     model.eval()

@@ -37,6 +37,7 @@ own (see bench/README.md)::
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -247,7 +248,9 @@ def _save_model(model: Any, path: str, X: Any) -> dict:
         raise ValueError("torch.fx trace of the model does not reproduce its outputs")
     gm = gm.cpu()
     torch.save(gm, path)
-    return {"format": "fx"}
+    with open(path, "rb") as f:  # the worker unpickles only these exact bytes (see _peer_worker)
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"format": "fx", "sha256": digest}
 
 
 _HINGE_TEMPERATURES = (0.1, 0.01, 0.001, 1.0, 0.5, 0.05, 0.2, 0.02, 0.005, 2.0)
@@ -316,8 +319,11 @@ def _resolve_params(model: Any, params: Any) -> Optional[list[str]]:
     return out
 
 
-def _child_env(python: str) -> dict:
+def _child_env(python: str, model_sha256: Optional[str] = None) -> dict:
     env = dict(os.environ)
+    env.pop(_worker.MODEL_DIGEST_ENV, None)
+    if model_sha256:
+        env[_worker.MODEL_DIGEST_ENV] = model_sha256
     if os.path.realpath(python) != os.path.realpath(sys.executable):
         env.pop("PYTHONPATH", None)  # another venv: do not leak this environment's packages
         env.pop("PYTHONHOME", None)
@@ -366,7 +372,8 @@ def _run_one(python: str, worker: str, run_dir: str, payload: dict, timeout_s: f
     proc = subprocess.Popen([python, worker, run_dir, run_dir], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True,
-                            env=_child_env(python), cwd=run_dir)
+                            env=_child_env(python, payload.get("model", {}).get("sha256")),
+                            cwd=run_dir)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -440,7 +447,8 @@ def run_peers(task: Any, peers: Sequence[str] = PEERS, *, peer_python: Optional[
     - ``methods``: None = every default setting in ``PEER_METHODS``; or a list of labels /
       class names, or of ``{"library", "method", "label", "settings"}`` dicts, or a dict
       {peer: such a list}.
-    - ``keep_dir``: write payloads and results there (kept) instead of a temporary directory.
+    - ``keep_dir``: keep payloads and results in a new private folder (mode 0700, ``peers-*``) inside
+      ``keep_dir`` instead of a temporary directory.
     - ``num_threads``: torch threads in the worker (default: this process's
       ``torch.get_num_threads()``).
     - ``warm_up``: before the timed work, pay torch's one-off first-use costs (torch.func
@@ -457,11 +465,14 @@ def run_peers(task: Any, peers: Sequence[str] = PEERS, *, peer_python: Optional[
         peers = (peers,)
     nthreads = int(num_threads or torch.get_num_threads())
     tmp = None
-    base = keep_dir
-    if base is None:
+    if keep_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="pyinfluence-peers-")
         base = tmp.name
-    os.makedirs(base, exist_ok=True)
+    else:
+        # a new folder that only this user can enter (mkdtemp: mode 0700), so no one else can swap the
+        # worker script or the model file that the workers run and load
+        os.makedirs(keep_dir, exist_ok=True)
+        base = tempfile.mkdtemp(prefix="peers-", dir=keep_dir)
     runs: list[PeerRun] = []
     try:
         plan = []

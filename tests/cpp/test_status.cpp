@@ -1,7 +1,9 @@
 // Numerical failure is a Status value; misuse throws std::invalid_argument (status.hpp):
 //   - an engine on a singular Hessian reports NotPositiveDefinite (and its pivot); its queries throw domain_error;
 //   - fit_newton reports NotConverged when it runs out of iterations, NotPositiveDefinite on a singular Hessian;
-//   - bad shapes, labels, weights, damping, k, indices and model settings throw std::invalid_argument.
+//   - bad shapes, labels, weights, damping, k, indices and model settings throw std::invalid_argument;
+//   - an overflow is NonFinite (engine) or a NonFiniteError (query), never a returned inf/NaN or a ranked NaN;
+//   - a leave-one-out Newton step whose removal leaves a singular Hessian throws domain_error, as the group one.
 #include <limits>
 
 #include "test_util.hpp"
@@ -29,6 +31,50 @@ int main() {
     CHECK(damped.status() == Status::Ok);
     CHECK(damped.failed_pivot() == -1);
     CHECK(damped.up_loss_train(P.X, P.y).allFinite());
+  }
+
+  section("overflow: NonFinite status, NonFiniteError from queries");
+  {
+    Problem<double> P = make_problem<double>(make_spec(Family::Squared, 1, true, 1e-2), 60, 3, 6);
+    fit(P);
+    RowMatrix<double> Xbig = P.X;
+    Xbig.row(5).setConstant(1e160);  // H ∝ Σ x xᵀ overflows: an overflow, not an indefinite H
+    const LinearInfluenceEngine<double> bad(P.spec, Xbig, P.y, P.W, 0.0);
+    CHECK(bad.status() == Status::NonFinite);
+    CHECK_THROWS(bad.up_loss_train(P.X.topRows(2), P.y.head(2)), NonFiniteError);
+    const LinearInfluenceEngine<double> engine(P.spec, P.X, P.y, P.W, 0.0);
+    CHECK(engine.status() == Status::Ok);
+    const RowMatrix<double> Xt = P.X.topRows(2) * 1e200;  // finite inputs, gradients beyond double's range
+    CHECK_THROWS(engine.up_loss_train(Xt, P.y.head(2)), NonFiniteError);
+    CHECK_THROWS(engine.top_k(Xt, P.y.head(2), 3), NonFiniteError);
+    CHECK_THROWS(engine.up_loss(Xt, P.y.head(2), P.X, P.y), NonFiniteError);
+    CHECK_THROWS(engine.pert_loss(Xt, P.y.head(2), P.X, P.y), NonFiniteError);
+    CHECK(engine.up_loss_train(P.X.topRows(2), P.y.head(2)).allFinite());
+    // float (range ends at 3.4e38): test features of 1e19 overflow the gradients or the scores; never ranked
+    Problem<float> F = make_problem<float>(make_spec(Family::Squared, 1, true, 1e-2), 60, 3, 7);
+    fit(F);
+    const LinearInfluenceEngine<float> engine32(F.spec, F.X, F.y, F.W, 0.0);
+    const RowMatrix<float> Xt32 = F.X.topRows(2) * 1e19f;
+    CHECK_THROWS(engine32.top_k(Xt32, F.y.head(2), 3), NonFiniteError);
+    CHECK_THROWS(engine32.up_loss_train(Xt32, F.y.head(2)), NonFiniteError);
+  }
+
+  section("leave-one-out Newton step on a removal that leaves a singular Hessian");
+  {
+    // ridge, l2 = 0, no intercept, n = p = 2: without either point one equation remains for two parameters
+    const ModelSpec spec = make_spec(Family::Squared, 1, false, 0.0);
+    RowMatrix<double> X(2, 2);
+    X << 1.0, 0.0, 0.0, 1.0;
+    Vector<double> y(2);
+    y << 1.0, 2.0;
+    RowMatrix<double> W(1, 2);
+    W << 1.0, 2.0;  // the exact fit
+    const LinearInfluenceEngine<double> engine(spec, X, y, W, 0.0);
+    CHECK(engine.status() == Status::Ok);
+    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> idx(1);
+    idx << 0;
+    CHECK_THROWS(engine.loo_newton(X, y, idx), std::domain_error);
+    CHECK_THROWS(engine.loo_newton_group(X, y, idx), std::domain_error);
   }
 
   section("fit_newton status codes");
