@@ -17,6 +17,7 @@ with _blas.polite_thread_pools():
     from pyinfluence import _core
 from pyinfluence.errors import (  # noqa: E402
     ConvergenceError,
+    ConvergenceWarning,
     NonFiniteError,
     NotAtOptimumWarning,
     NotFittedError,
@@ -87,6 +88,7 @@ __all__ = [
     "BlockCG",
     "CG",
     "ConvergenceError",
+    "ConvergenceWarning",
     "Exact",
     "LiSSA",
     "LinearInfluence",
