@@ -91,6 +91,11 @@ class LinearInfluence:
     definite (pass ``damping > 0``). Issues :class:`~pyinfluence.errors.NotAtOptimumWarning` if
     ‖∇R(θ̂)‖ on (X_train, y_train) is not tiny (the model was fitted elsewhere, or loosely).
 
+    No method returns or ranks inf or NaN: a result that overflows from finite inputs (features of very
+    large magnitude, or float32 beyond its range) raises :class:`~pyinfluence.errors.NonFiniteError`
+    naming the input with the largest magnitude (here already if H overflows). The object is read-only
+    after construction and safe to share between threads.
+
     Conventions for every method (see the module docstring): signs as in Koh & Liang,
     ``up_*`` without the 1/n factor, ``loo_change`` with it. Test inputs ``X_test`` are (m, d)
     with ``y_test`` (m,), or a single point as a 1-D ``x`` (d,) with a scalar ``y`` (then m = 1;
