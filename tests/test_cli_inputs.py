@@ -18,16 +18,15 @@ import threading
 import zipfile
 
 import numpy as np
+import pandas as pd  # the test extra installs it: the files here are written the way pandas users write them
 import pytest
+from sklearn import datasets
 
-pd = pytest.importorskip("pandas")
-datasets = pytest.importorskip("sklearn.datasets")
-
-import pyinfluence  # noqa: E402
-from pyinfluence import cli  # noqa: E402
-from pyinfluence._userdata import labels_look_continuous, parse_indices  # noqa: E402
-from pyinfluence.cli import main  # noqa: E402
-from pyinfluence.errors import PyInfluenceError  # noqa: E402
+import pyinfluence
+from pyinfluence import cli
+from pyinfluence._userdata import labels_look_continuous, parse_indices
+from pyinfluence.cli import main
+from pyinfluence.errors import PyInfluenceError
 
 
 def _run(capsys, *argv: str):
