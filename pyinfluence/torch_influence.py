@@ -445,16 +445,20 @@ class TorchInfluence:
         return it
 
     def _finite(self, t: Tensor, what: str, test: TensorData | None = None) -> Tensor:
-        """``t`` itself after checking it holds no inf or NaN; else NonFiniteError naming the inputs involved
-        (every returned tensor and every block that top_k ranks passes through here)."""
+        """``t`` itself after checking it holds no inf or NaN; else :meth:`_non_finite_error` (every
+        returned tensor passes through here; top_k checks its blocks with one device flag)."""
         if bool(torch.isfinite(t).all()):
             return t
+        raise self._non_finite_error(what, test)
+
+    def _non_finite_error(self, what: str, test: TensorData | None) -> NonFiniteError:
+        """NonFiniteError for ``what``, naming the inputs involved with their largest magnitudes."""
         sizes = {}
         for name, data in (("X_test", test), ("X_train", self._data)):
             x = None if data is None else data.inputs
             if x is not None and x.numel() and x.is_floating_point():
                 sizes[name] = float(x.abs().max())
-        raise NonFiniteError(
+        return NonFiniteError(
             overflow_message(
                 f"{what} overflowed to inf or NaN", str(self._dtype).replace("torch.", ""), sizes,
                 float(torch.finfo(self._dtype).max),
@@ -650,9 +654,13 @@ class TorchInfluence:
         hv = torch.empty((m, 0), dtype=dt, device=dev)
         hi = torch.empty((m, 0), dtype=torch.int64, device=dev)
         rv, ri = hv, hi
+        # one flag on the device for all blocks: no host synchronisation per block (on CUDA); checked before
+        # anything is returned, so no ranking that saw a NaN or inf ever leaves this method
+        finite = torch.ones((), dtype=torch.bool, device=dev)
         for s, X, Y in self._blocks(self._data, self._grad_rows(), "top_k"):
             G = self._fm.per_example_grads(X, Y)
-            sc = self._finite((G @ S).neg_().t(), "the influence scores ranked by top_k", test)  # (m, B)
+            sc = (G @ S).neg_().t()  # (m, B)
+            finite &= torch.isfinite(sc).all()
             ids = torch.arange(s, s + X.shape[0], device=dev).expand(m, -1)
             cv, ci = torch.cat([hv, sc], 1), torch.cat([hi, ids], 1)
             kk = min(k, cv.shape[1])
@@ -661,4 +669,6 @@ class TorchInfluence:
             cv, ci = torch.cat([rv, sc], 1), torch.cat([ri, ids], 1)
             v, j = torch.topk(cv, kk, dim=1, largest=True, sorted=True)
             rv, ri = v, ci.gather(1, j)
+        if not bool(finite):
+            raise self._non_finite_error("the influence scores ranked by top_k", test)
         return TopK(hi, hv, ri, rv)
