@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-import pyinfluence._torch_ops as ops
 from pyinfluence import _core
 from pyinfluence.bench.tasks import SmallCNN  # the models and trainer of `pyinfluence bench`
 from pyinfluence.bench.tasks import lbfgs_fit as lbfgs
-from pyinfluence.solvers import CG, Exact, LiSSA
-from pyinfluence.torch_influence import TorchInfluence
+from pyinfluence.torch import hessian as torch_hessian
+from pyinfluence.torch.influence import TorchInfluence
+from pyinfluence.torch.solvers import CG, Exact, LiSSA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 START, END = "<!-- deep:start -->", "<!-- deep:end -->"
@@ -87,7 +87,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     gc.disable()
     try:
         for r in range(repeats):
-            for k, f in (items if r % 2 == 0 else items[::-1]):
+            for k, f in items if r % 2 == 0 else items[::-1]:
                 t, c = time.perf_counter(), time.process_time()
                 res = f()
                 out[k][0].append(time.perf_counter() - t)
@@ -222,11 +222,17 @@ def naive_exact(model, Xtr, ytr, Xte, yte, damping):
 
     def R(p):
         return ce(functional_call(model, p, (Xtr,)), ytr).mean() + 0.5 * L2 * sum(
-            (t**2).sum() for t in p.values())
+            (t**2).sum() for t in p.values()
+        )
 
     Hd = hessian(R)(params)
-    H = torch.cat([torch.cat([Hd[a][b].reshape(params[a].numel(), params[b].numel())
-                              for b in names], 1) for a in names], 0)
+    H = torch.cat(
+        [
+            torch.cat([Hd[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
+            for a in names
+        ],
+        0,
+    )
     H = H.double()
     H.diagonal().add_(damping)
     L = torch.linalg.cholesky(H)
@@ -246,13 +252,15 @@ def naive_exact(model, Xtr, ytr, Xte, yte, damping):
 def exact_matrix(model, Xtr, ytr, Xte, yte, damping, repeats: int):
     def ours(method):
         def f():
-            ops._DENSE_METHOD = method
+            torch_hessian._DENSE_METHOD = method
             try:
-                ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=damping, solver="exact",
-                                    optimum_tol=None)
+                ti = TorchInfluence(
+                    model, ce, (Xtr, ytr), l2=L2, damping=damping, solver="exact", optimum_tol=None
+                )
                 return ti.up_loss(Xte, yte)
             finally:
-                ops._DENSE_METHOD = "triangular"
+                torch_hessian._DENSE_METHOD = "triangular"
+
         return f
 
     fns = {
@@ -261,8 +269,11 @@ def exact_matrix(model, Xtr, ytr, Xte, yte, damping, repeats: int):
         "naive torch.func exact": lambda: naive_exact(model, Xtr, ytr, Xte, yte, damping),
     }
     ref = fns["naive torch.func exact"]()
-    checks = {k: (pearson(f(), ref), float((f() - ref).abs().max() / ref.abs().max()))
-              for k, f in fns.items() if not k.startswith("naive")}
+    checks = {
+        k: (pearson(f(), ref), float((f() - ref).abs().max() / ref.abs().max()))
+        for k, f in fns.items()
+        if not k.startswith("naive")
+    }
     res = interleaved(fns, repeats, warmup=0)
     return res, checks
 
@@ -270,11 +281,13 @@ def exact_matrix(model, Xtr, ytr, Xte, yte, damping, repeats: int):
 def exact_breakdown(model, Xtr, ytr, Xte, yte, damping, repeats: int):
     """dense build, prepare (dense kept: conversion + factorisation), up_loss; and the bare
     Cholesky of the float64 matrix by the core and by torch side by side."""
-    out = {"dense Hessian build": [], "Exact.prepare (H kept: checks, float64 copy, factorise)": [],
-           "up_loss (gradients, solve, scores)": []}
+    out = {
+        "dense Hessian build": [],
+        "Exact.prepare (H kept: checks, float64 copy, factorise)": [],
+        "up_loss (gradients, solve, scores)": [],
+    }
     for _ in range(repeats):
-        ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=damping, solver="exact",
-                            optimum_tol=None)
+        ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=damping, solver="exact", optimum_tol=None)
         t = time.perf_counter()
         H = ti.operator.dense()
         out["dense Hessian build"].append(time.perf_counter() - t)
@@ -288,10 +301,13 @@ def exact_breakdown(model, Xtr, ytr, Xte, yte, damping, repeats: int):
     A = (A + A.T) / 2
     A.diagonal().add_(damping)
     An = A.numpy()
-    chol = interleaved({
-        "pyinfluence._core.CholeskyFactor (float64)": lambda: _core.CholeskyFactor(An, 0.0),
-        "torch.linalg.cholesky (float64)": lambda: torch.linalg.cholesky(A),
-    }, max(5, repeats * 2))
+    chol = interleaved(
+        {
+            "pyinfluence._core.CholeskyFactor (float64)": lambda: _core.CholeskyFactor(An, 0.0),
+            "torch.linalg.cholesky (float64)": lambda: torch.linalg.cholesky(A),
+        },
+        max(5, repeats * 2),
+    )
     return out, chol
 
 
@@ -303,8 +319,7 @@ def run_solver(model, Xtr, ytr, Xte, yte, damping, solver, one_point=True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=damping, solver=solver,
-                            optimum_tol=None)
+        ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=damping, solver=solver, optimum_tol=None)
         ti.prepare()
         t1 = time.perf_counter()
         up = ti.up_loss(Xte, yte)
@@ -329,14 +344,20 @@ def solver_table(model, Xtr, ytr, Xte, yte, damping, configs, ref, ref_label):
             rows.append(dict(label=label, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
             continue
         info = last.info if last is not None else {}
-        rows.append(dict(
-            label=label, prepare=prep, full=full, one=one,
-            r_all=pearson(up, ref), r_col=col_pearson(up, ref),
-            rel=float((up - ref).abs().max() / ref.abs().max()),
-            resid=last.max_residual if last is not None else math.nan,
-            iters=last.iterations if last is not None else None,
-            hvps=info.get("matvec_columns"),
-        ))
+        rows.append(
+            dict(
+                label=label,
+                prepare=prep,
+                full=full,
+                one=one,
+                r_all=pearson(up, ref),
+                r_col=col_pearson(up, ref),
+                rel=float((up - ref).abs().max() / ref.abs().max()),
+                resid=last.max_residual if last is not None else math.nan,
+                iters=last.iterations if last is not None else None,
+                hvps=info.get("matvec_columns"),
+            )
+        )
     return rows
 
 
@@ -352,11 +373,12 @@ def figure2(model, Xtr, ytr, Xte, yte, damping, up_ref_col, test_idx, k, retrain
     from pyinfluence.errors import NotPositiveDefiniteError
 
     n = len(Xtr)
-    x, y = Xte[test_idx: test_idx + 1], yte[test_idx: test_idx + 1]
+    x, y = Xte[test_idx : test_idx + 1], yte[test_idx : test_idx + 1]
     lam = FIG2_DAMPING
     try:
-        ti = TorchInfluence(model, ce, (Xtr, ytr), l2=L2, damping=lam,
-                            solver=CG(tol=1e-10, max_iter=3000), optimum_tol=None)
+        ti = TorchInfluence(
+            model, ce, (Xtr, ytr), l2=L2, damping=lam, solver=CG(tol=1e-10, max_iter=3000), optimum_tol=None
+        )
         up_col = ti.up_loss(x, y)[:, 0]
     except NotPositiveDefiniteError:
         lam, up_col = damping, up_ref_col
@@ -391,9 +413,24 @@ def figure2(model, Xtr, ytr, Xte, yte, damping, up_ref_col, test_idx, k, retrain
     r_c = float(np.corrcoef(preds, acts_c)[0, 1])
     r_main = float(np.corrcoef(preds_main, acts_c)[0, 1])
     slope = float(np.polyfit(preds, acts_c, 1)[0])
-    return dict(r=r, r_c=r_c, r_main=r_main, lam=lam, lam_main=damping, slope=slope,
-                preds_main=preds_main, preds=preds, acts=acts, acts_c=acts_c, idx=top.tolist(), drift=drift,
-                secs=secs, test_idx=test_idx, base=base, iters=retrain_iters)
+    return dict(
+        r=r,
+        r_c=r_c,
+        r_main=r_main,
+        lam=lam,
+        lam_main=damping,
+        slope=slope,
+        preds_main=preds_main,
+        preds=preds,
+        acts=acts,
+        acts_c=acts_c,
+        idx=top.tolist(),
+        drift=drift,
+        secs=secs,
+        test_idx=test_idx,
+        base=base,
+        iters=retrain_iters,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,10 +496,15 @@ def machine(threads) -> list[str]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "pyinfluence"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", HERE, "status", "--porcelain", "pyinfluence"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit, dirty = "?", ""
     return [
@@ -474,147 +516,215 @@ def machine(threads) -> list[str]:
     ]
 
 
-def section(args, meta, hvp_rows, exact_res, exact_checks, breakdown, chol, mlp_rows, cnn_rows,
-            fig2, cnn_info, mlp_info) -> str:
+def section(
+    args,
+    meta,
+    hvp_rows,
+    exact_res,
+    exact_checks,
+    breakdown,
+    chol,
+    mlp_rows,
+    cnn_rows,
+    fig2,
+    cnn_info,
+    mlp_info,
+) -> str:
     L = [START, "", "# Deep models (bench/deep.py)", ""]
-    L.append(f"Generated by `python bench/deep.py {' '.join(sys.argv[1:])}` on {meta['date']} "
-             f"(wall time {meta['wall']:.0f} s). See bench/README.md (\"deep\") for the method.")
+    L.append(
+        f"Generated by `python bench/deep.py {' '.join(sys.argv[1:])}` on {meta['date']} "
+        f'(wall time {meta["wall"]:.0f} s). See bench/README.md ("deep") for the method.'
+    )
     L += ["", "## Machine", ""] + meta["machine"]
-    L += [f"- load average at start: {meta['load0']}; at end: {meta['load1']} (2 cores shared "
-          "with other jobs: wall times move with their load; CPU times (1 thread) much less)", ""]
-    L += ["## Models", "",
-          f"- **digits MLP** 64-32-10 tanh, {mlp_info['p']} parameters, n = {N_TRAIN}, l2 = {L2:g}, "
-          f"damping {MLP_DAMPING:g}, fitted by L-BFGS in float64 (‖∇R‖ = {mlp_info['gn']:.1e}); "
-          "timed in **float32** (the model cast; Exact factorises in float64). Reference for "
-          "accuracy: pyinfluence Exact on the float64 model.",
-          f"- **digits CNN** conv3×3(1→4) tanh, max-pool 2, conv3×3(4→8) tanh, fc 128→64 tanh, "
-          f"fc 64→10: {cnn_info['p']} parameters (all of them; no params= restriction), l2 = {L2:g}, "
-          f"damping {CNN_DAMPING:g}, L-BFGS in float64 (‖∇R‖ = {cnn_info['gn']:.1e}), timed in "
-          "**float64**. Exact is unaffordable here (p² = "
-          f"{cnn_info['p'] ** 2 * 8 / 1e9:.1f} GB and ~p HVPs), so the accuracy reference is "
-          f"**CG at tol 1e-10** ({cnn_info['ref_time']:.1f} s, max residual "
-          f"{cnn_info['ref_resid']:.1e}).", ""]
+    L += [
+        f"- load average at start: {meta['load0']}; at end: {meta['load1']} (2 cores shared "
+        "with other jobs: wall times move with their load; CPU times (1 thread) much less)",
+        "",
+    ]
+    L += [
+        "## Models",
+        "",
+        f"- **digits MLP** 64-32-10 tanh, {mlp_info['p']} parameters, n = {N_TRAIN}, l2 = {L2:g}, "
+        f"damping {MLP_DAMPING:g}, fitted by L-BFGS in float64 (‖∇R‖ = {mlp_info['gn']:.1e}); "
+        "timed in **float32** (the model cast; Exact factorises in float64). Reference for "
+        "accuracy: pyinfluence Exact on the float64 model.",
+        f"- **digits CNN** conv3×3(1→4) tanh, max-pool 2, conv3×3(4→8) tanh, fc 128→64 tanh, "
+        f"fc 64→10: {cnn_info['p']} parameters (all of them; no params= restriction), l2 = {L2:g}, "
+        f"damping {CNN_DAMPING:g}, L-BFGS in float64 (‖∇R‖ = {cnn_info['gn']:.1e}), timed in "
+        "**float64**. Exact is unaffordable here (p² = "
+        f"{cnn_info['p'] ** 2 * 8 / 1e9:.1f} GB and ~p HVPs), so the accuracy reference is "
+        f"**CG at tol 1e-10** ({cnn_info['ref_time']:.1f} s, max residual "
+        f"{cnn_info['ref_resid']:.1e}).",
+        "",
+    ]
 
     L += ["## Targets (issue 3)", ""]
     full_new = med(exact_res["pyinfluence Exact (block-triangular dense Hessian)"][0])
     naive = med(exact_res["naive torch.func exact"][0])
     ratio = full_new / naive
-    L.append(f"- Exact full 1437 × 50 up_loss matrix (MLP, float32): **{full_new:.2f} s** median wall "
-             f"({min(exact_res['pyinfluence Exact (block-triangular dense Hessian)'][0]):.2f} s "
-             f"best); naive torch.func exact in the same process {naive:.2f} s, ratio "
-             f"**{ratio:.3f}**. Target ≤ 2.5 s (1/3 of pyDVL's quoted 7.6 s); in ratio terms "
-             f"≤ 2.5/10.7 = 0.234 of torch.func exact (the issue's figures are from the same kind "
-             f"of machine): **{'met' if ratio <= 0.234 else 'NOT met'}** by the ratio, "
-             f"**{'met' if full_new <= 2.5 else 'not met'}** by the absolute median.")
+    L.append(
+        f"- Exact full 1437 × 50 up_loss matrix (MLP, float32): **{full_new:.2f} s** median wall "
+        f"({min(exact_res['pyinfluence Exact (block-triangular dense Hessian)'][0]):.2f} s "
+        f"best); naive torch.func exact in the same process {naive:.2f} s, ratio "
+        f"**{ratio:.3f}**. Target ≤ 2.5 s (1/3 of pyDVL's quoted 7.6 s); in ratio terms "
+        f"≤ 2.5/10.7 = 0.234 of torch.func exact (the issue's figures are from the same kind "
+        f"of machine): **{'met' if ratio <= 0.234 else 'NOT met'}** by the ratio, "
+        f"**{'met' if full_new <= 2.5 else 'not met'}** by the absolute median."
+    )
     ex = [r for r in mlp_rows if r["label"].startswith("Exact") and "error" not in r]
     if ex:
-        L.append(f"- Exact accuracy (float32 model vs float64 Exact): Pearson {ex[0]['r_all']:.6f} "
-                 f"(target ≥ 0.9999: **{'met' if ex[0]['r_all'] >= 0.9999 else 'NOT met'}**).")
-    good = [r for r in mlp_rows if r["label"].startswith("LiSSA") and "error" not in r
-            and r["r_col"] >= 0.98]
+        L.append(
+            f"- Exact accuracy (float32 model vs float64 Exact): Pearson {ex[0]['r_all']:.6f} "
+            f"(target ≥ 0.9999: **{'met' if ex[0]['r_all'] >= 0.9999 else 'NOT met'}**)."
+        )
+    good = [r for r in mlp_rows if r["label"].startswith("LiSSA") and "error" not in r and r["r_col"] >= 0.98]
     if good:
         b = min(good, key=lambda r: r["full"])
-        L.append(f"- LiSSA at Pearson ≥ 0.98 (MLP, median per test point): fastest setting "
-                 f"`{b['label']}` in {b['full']:.2f} s for the full 1437 × 100 matrix (whole-matrix "
-                 f"Pearson {b['r_all']:.4f}); other libraries' LiSSA reached 0.87–0.91 in ≥ 29 s "
-                 f"(quoted): **met**.")
+        L.append(
+            f"- LiSSA at Pearson ≥ 0.98 (MLP, median per test point): fastest setting "
+            f"`{b['label']}` in {b['full']:.2f} s for the full 1437 × 100 matrix (whole-matrix "
+            f"Pearson {b['r_all']:.4f}); other libraries' LiSSA reached 0.87–0.91 in ≥ 29 s "
+            f"(quoted): **met**."
+        )
     else:
         L.append("- LiSSA at Pearson ≥ 0.98: **not reached** by the settings below.")
     ovh = [r for r in hvp_rows if r[1].startswith("pyinfluence")]
-    L.append("- HVP overhead (HessianOperator.matvec / fastest bare torch HVP, median): "
-             + ", ".join(f"r = {r[0]}: **{r[4]:.2f}×**" for r in ovh)
-             + f" (target ≤ 1.2×: **{'met' if all(r[4] <= 1.2 for r in ovh) else 'NOT met'}**).")
+    L.append(
+        "- HVP overhead (HessianOperator.matvec / fastest bare torch HVP, median): "
+        + ", ".join(f"r = {r[0]}: **{r[4]:.2f}×**" for r in ovh)
+        + f" (target ≤ 1.2×: **{'met' if all(r[4] <= 1.2 for r in ovh) else 'NOT met'}**)."
+    )
     if fig2:
-        L.append(f"- Figure 2 check (CNN): Pearson R = **{fig2['r_c']:.3f}** between predicted and "
-                 f"actual leave-one-out change (retrained minus the control retraining) for the "
-                 f"{len(fig2['preds'])} most influential training points at damping "
-                 f"{fig2['lam']:g}; {fig2['r_main']:.3f} with the predictions at damping "
-                 f"{fig2['lam_main']:g} (paper: 0.86 printed; 0.875 in the authors' notebook).")
+        L.append(
+            f"- Figure 2 check (CNN): Pearson R = **{fig2['r_c']:.3f}** between predicted and "
+            f"actual leave-one-out change (retrained minus the control retraining) for the "
+            f"{len(fig2['preds'])} most influential training points at damping "
+            f"{fig2['lam']:g}; {fig2['r_main']:.3f} with the predictions at damping "
+            f"{fig2['lam_main']:g} (paper: 0.86 printed; 0.875 in the authors' notebook)."
+        )
     L.append("")
 
-    L += ["## (c) Exact, full 1437 × 50 up_loss matrix (digits MLP, float32)", "",
-          "Each call builds a fresh `TorchInfluence` (which computes ∇R; optimum warning off) and computes "
-          "`up_loss` for 50 test points. Interleaved repeats, wall and CPU seconds.", "",
-          "| implementation | wall median | wall best | CPU median | ratio to naive torch.func "
-          "(median) | Pearson / max rel. diff vs naive |", "|---|---:|---:|---:|---:|---:|"]
+    L += [
+        "## (c) Exact, full 1437 × 50 up_loss matrix (digits MLP, float32)",
+        "",
+        "Each call builds a fresh `TorchInfluence` (which computes ∇R; optimum warning off) and computes "
+        "`up_loss` for 50 test points. Interleaved repeats, wall and CPU seconds.",
+        "",
+        "| implementation | wall median | wall best | CPU median | ratio to naive torch.func "
+        "(median) | Pearson / max rel. diff vs naive |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for k, (w, c) in exact_res.items():
         chk = exact_checks.get(k)
         chk_s = f"{chk[0]:.7f} / {chk[1]:.1e}" if chk else "reference"
-        L.append(f"| {k} | {fmt_t(med(w))} | {fmt_t(min(w))} | {fmt_t(med(c))} | "
-                 f"{med(w) / naive:.3f} | {chk_s} |")
+        L.append(
+            f"| {k} | {fmt_t(med(w))} | {fmt_t(min(w))} | {fmt_t(med(c))} | {med(w) / naive:.3f} | {chk_s} |"
+        )
     L += ["", "Breakdown of pyinfluence Exact (median wall over repeats):", ""]
     for k, v in breakdown.items():
         L.append(f"- {k}: {fmt_t(med(v))}")
     L += ["", "Cholesky of the float64 2410 × 2410 matrix, side by side:", ""]
     for k, (w, c) in chol.items():
         L.append(f"- {k}: {fmt_t(med(w))} wall median ({fmt_t(min(w))} best), CPU {fmt_t(med(c))}")
-    L += ["", "Quoted from issue 3 / PEERS.md — **not measured here** (same kind of 2-core machine, "
-          "float32, full 1437 × 50 matrix):", "",
-          "| library | time | Pearson vs exact |", "|---|---:|---:|"]
+    L += [
+        "",
+        "Quoted from issue 3 / PEERS.md — **not measured here** (same kind of 2-core machine, "
+        "float32, full 1437 × 50 matrix):",
+        "",
+        "| library | time | Pearson vs exact |",
+        "|---|---:|---:|",
+    ]
     for a, b, c in QUOTED:
         L.append(f"| {a} | {b} | {c} |")
     L.append("")
 
-    L += ["## (a) HVP throughput (digits MLP, float32, full training set)", "",
-          "r columns per call; the bare versions compute (1/n)·Σ∇²L v + l2·v with torch directly "
-          "on the same model and data (checked equal).", "",
-          "| r | implementation | median | best | ratio to fastest bare (median) |",
-          "|---:|---|---:|---:|---:|"]
+    L += [
+        "## (a) HVP throughput (digits MLP, float32, full training set)",
+        "",
+        "r columns per call; the bare versions compute (1/n)·Σ∇²L v + l2·v with torch directly "
+        "on the same model and data (checked equal).",
+        "",
+        "| r | implementation | median | best | ratio to fastest bare (median) |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for r, k, m, b, q in hvp_rows:
         L.append(f"| {r} | {k} | {fmt_t(m)} | {fmt_t(b)} | {q:.2f} |")
     L.append("")
 
     def table(title, rows, ref_label, m):
-        L.extend([f"## (b) {title}", "",
-                  f"Accuracy against {ref_label}: Pearson r of the whole up_loss matrix (all "
-                  f"training points × {m} test points) and the median over test points of the "
-                  "per-test-point Pearson r. `full` = a fresh TorchInfluence + prepare + up_loss "
-                  f"for {m} test points; `per point` = one more up_loss for a single new test point "
-                  "on the prepared object (Exact: two triangular solves; CG/LiSSA: a new solve).", "",
-                  f"| solver | prepare | full (×{m}) | per point | Pearson (matrix) | Pearson "
-                  "(median per point) | max rel. diff | residual | iterations | HVP columns |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"])
+        L.extend(
+            [
+                f"## (b) {title}",
+                "",
+                f"Accuracy against {ref_label}: Pearson r of the whole up_loss matrix (all "
+                f"training points × {m} test points) and the median over test points of the "
+                "per-test-point Pearson r. `full` = a fresh TorchInfluence + prepare + up_loss "
+                f"for {m} test points; `per point` = one more up_loss for a single new test point "
+                "on the prepared object (Exact: two triangular solves; CG/LiSSA: a new solve).",
+                "",
+                f"| solver | prepare | full (×{m}) | per point | Pearson (matrix) | Pearson "
+                "(median per point) | max rel. diff | residual | iterations | HVP columns |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+        )
         for r in rows:
             if "error" in r:
                 L.append(f"| {r['label']} | – | – | – | – | – | – | – | – | {r['error']} |")
                 continue
-            L.append(f"| {r['label']} | {fmt_t(r['prepare'])} | {fmt_t(r['full'])} | "
-                     f"{fmt_t(r['one'])} | {r['r_all']:.6f} | {r['r_col']:.6f} | {r['rel']:.1e} | "
-                     f"{r['resid']:.1e} | {r['iters'] if r['iters'] is not None else '–'} | "
-                     f"{r['hvps'] if r['hvps'] is not None else '–'} |")
+            L.append(
+                f"| {r['label']} | {fmt_t(r['prepare'])} | {fmt_t(r['full'])} | "
+                f"{fmt_t(r['one'])} | {r['r_all']:.6f} | {r['r_col']:.6f} | {r['rel']:.1e} | "
+                f"{r['resid']:.1e} | {r['iters'] if r['iters'] is not None else '–'} | "
+                f"{r['hvps'] if r['hvps'] is not None else '–'} |"
+            )
         L.append("")
 
     table("Solvers on the digits MLP (float32)", mlp_rows, "Exact on the float64 model", 100)
-    table(f"Solvers on the digits CNN (float64; all training points × {cnn_info['m']} test "
-          "points, not 100: one CG iteration for 100 columns takes several seconds here)",
-          cnn_rows, "CG at tol 1e-10", cnn_info["m"])
-    L += ["## (d) Accuracy versus time", "",
-          "![accuracy vs time](deep_accuracy_vs_time.png)", "",
-          "`bench/deep_accuracy_vs_time.png`: 1 − Pearson (whole matrix) against the full-matrix "
-          "time, per solver setting; the Pareto front (no other setting both faster and more "
-          "accurate) is the green step line with circled points.", ""]
+    table(
+        f"Solvers on the digits CNN (float64; all training points × {cnn_info['m']} test "
+        "points, not 100: one CG iteration for 100 columns takes several seconds here)",
+        cnn_rows,
+        "CG at tol 1e-10",
+        cnn_info["m"],
+    )
+    L += [
+        "## (d) Accuracy versus time",
+        "",
+        "![accuracy vs time](deep_accuracy_vs_time.png)",
+        "",
+        "`bench/deep_accuracy_vs_time.png`: 1 − Pearson (whole matrix) against the full-matrix "
+        "time, per solver setting; the Pareto front (no other setting both faster and more "
+        "accurate) is the green step line with circled points.",
+        "",
+    ]
     if fig2:
-        L += ["## (e) Figure 2 check: predicted vs actual leave-one-out (digits CNN, float64)", "",
-              f"Test image {fig2['test_idx']} (test loss {fig2['base']:.4f}); the "
-              f"{len(fig2['preds'])} training points with the largest |up_loss| (CG 1e-10, damping "
-              f"{fig2['lam']:g}). "
-              "Predicted = −up_loss/n (`loo_change`); actual = test loss after retraining without "
-              "the point, warm-started from θ̂ with full-batch L-BFGS on the same objective (same "
-              f"l2, {fig2['iters']} iterations), minus the test loss of the **control**: the same "
-              "retraining from θ̂ with nothing removed (it moves the test loss by "
-              f"{fig2['drift']:.1e}, since L-BFGS leaves θ̂ near, not at, the minimum; the paper "
-              "compared with θ̂ itself, shown as \"actual vs θ̂\"). Retraining took "
-              f"{fig2['secs']:.0f} s in all.", "",
-              f"**Pearson R = {fig2['r_c']:.3f}** (damping {fig2['lam']:g}, actual vs control; "
-              f"{fig2['r']:.3f} actual vs θ̂; least-squares slope actual/predicted "
-              f"{fig2['slope']:.2f}). With the predictions at the benchmark's damping "
-              f"{fig2['lam_main']:g}: R = {fig2['r_main']:.3f} (damping shrinks the predicted "
-              "changes). Paper, CNN on MNIST: 0.86 printed; 0.875 in the authors' notebook.", "",
-              f"| train idx | predicted (λ={fig2['lam']:g}) | predicted (λ={fig2['lam_main']:g}) | "
-              "actual (vs control) | actual (vs θ̂) |",
-              "|---:|---:|---:|---:|---:|"]
-        for i, p_, pm, a, b in zip(fig2["idx"], fig2["preds"], fig2["preds_main"], fig2["acts_c"],
-                                   fig2["acts"]):
+        L += [
+            "## (e) Figure 2 check: predicted vs actual leave-one-out (digits CNN, float64)",
+            "",
+            f"Test image {fig2['test_idx']} (test loss {fig2['base']:.4f}); the "
+            f"{len(fig2['preds'])} training points with the largest |up_loss| (CG 1e-10, damping "
+            f"{fig2['lam']:g}). "
+            "Predicted = −up_loss/n (`loo_change`); actual = test loss after retraining without "
+            "the point, warm-started from θ̂ with full-batch L-BFGS on the same objective (same "
+            f"l2, {fig2['iters']} iterations), minus the test loss of the **control**: the same "
+            "retraining from θ̂ with nothing removed (it moves the test loss by "
+            f"{fig2['drift']:.1e}, since L-BFGS leaves θ̂ near, not at, the minimum; the paper "
+            'compared with θ̂ itself, shown as "actual vs θ̂"). Retraining took '
+            f"{fig2['secs']:.0f} s in all.",
+            "",
+            f"**Pearson R = {fig2['r_c']:.3f}** (damping {fig2['lam']:g}, actual vs control; "
+            f"{fig2['r']:.3f} actual vs θ̂; least-squares slope actual/predicted "
+            f"{fig2['slope']:.2f}). With the predictions at the benchmark's damping "
+            f"{fig2['lam_main']:g}: R = {fig2['r_main']:.3f} (damping shrinks the predicted "
+            "changes). Paper, CNN on MNIST: 0.86 printed; 0.875 in the authors' notebook.",
+            "",
+            f"| train idx | predicted (λ={fig2['lam']:g}) | predicted (λ={fig2['lam_main']:g}) | "
+            "actual (vs control) | actual (vs θ̂) |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for i, p_, pm, a, b in zip(
+            fig2["idx"], fig2["preds"], fig2["preds_main"], fig2["acts_c"], fig2["acts"]
+        ):
             L.append(f"| {i} | {p_:.3e} | {pm:.3e} | {a:.3e} | {b:.3e} |")
         L.append("")
     L.append(END)
@@ -640,8 +750,11 @@ def write_section(path: str, text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and settings (~2 min)")
-    ap.add_argument("--threads", default="1", help="torch intra-op threads (comma list; the last "
-                    "setting's results are written)")
+    ap.add_argument(
+        "--threads",
+        default="1",
+        help="torch intra-op threads (comma list; the last setting's results are written)",
+    )
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="'' = stdout only")
     ap.add_argument("--figure", default=os.path.join(HERE, "deep_accuracy_vs_time.png"))
     ap.add_argument("--fig2-points", type=int, default=16)
@@ -669,25 +782,32 @@ def run(args, threads: int, q: bool) -> None:
     hvp_rows = hvp_overhead(mlp32, X32, ytr, 5 if q else 20)
 
     log("(c) Exact full matrix vs naive torch.func ...")
-    exact_res, exact_checks = exact_matrix(mlp32, X32, ytr, Xte32[:50], yte[:50], MLP_DAMPING,
-                                           1 if q else 3)
-    breakdown, chol = exact_breakdown(mlp32, X32, ytr, Xte32[:50], yte[:50], MLP_DAMPING,
-                                      1 if q else 3)
+    exact_res, exact_checks = exact_matrix(mlp32, X32, ytr, Xte32[:50], yte[:50], MLP_DAMPING, 1 if q else 3)
+    breakdown, chol = exact_breakdown(mlp32, X32, ytr, Xte32[:50], yte[:50], MLP_DAMPING, 1 if q else 3)
 
     log("(b) solvers on the MLP ...")
-    ref_ti = TorchInfluence(mlp64, ce, (Xtr, ytr), l2=L2, damping=MLP_DAMPING, solver="exact",
-                            optimum_tol=None)
+    ref_ti = TorchInfluence(
+        mlp64, ce, (Xtr, ytr), l2=L2, damping=MLP_DAMPING, solver="exact", optimum_tol=None
+    )
     mlp_ref = ref_ti.up_loss(Xte[:m_test], yte[:m_test]).float()
     mlp_cfgs = [("Exact", Exact())]
-    mlp_cfgs += [(f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
-                 for t in ([1e-2, 1e-4] if q else [1e-2, 1e-3, 1e-4, 1e-6])]
-    lissa = [(100, 1, 128), (300, 2, 128)] if q else [(100, 1, 128), (300, 1, 128), (300, 2, 128),
-                                                        (1000, 2, 128)]
-    mlp_cfgs += [(f"LiSSA depth={d} repeats={r} batch={b}",
-                  LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False))
-                 for d, r, b in lissa]
-    mlp_rows = solver_table(mlp32, X32, ytr, Xte32[:m_test], yte[:m_test], MLP_DAMPING, mlp_cfgs,
-                            mlp_ref, "Exact float64")
+    mlp_cfgs += [
+        (f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
+        for t in ([1e-2, 1e-4] if q else [1e-2, 1e-3, 1e-4, 1e-6])
+    ]
+    lissa = (
+        [(100, 1, 128), (300, 2, 128)] if q else [(100, 1, 128), (300, 1, 128), (300, 2, 128), (1000, 2, 128)]
+    )
+    mlp_cfgs += [
+        (
+            f"LiSSA depth={d} repeats={r} batch={b}",
+            LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False),
+        )
+        for d, r, b in lissa
+    ]
+    mlp_rows = solver_table(
+        mlp32, X32, ytr, Xte32[:m_test], yte[:m_test], MLP_DAMPING, mlp_cfgs, mlp_ref, "Exact float64"
+    )
 
     log("(b) CNN: fitting ...")
     Xc, Xcte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
@@ -695,45 +815,79 @@ def run(args, threads: int, q: bool) -> None:
     mc = 5 if q else M_CNN
     p_cnn = sum(p.numel() for p in cnn.parameters())
     log(f"  CNN p={p_cnn} grad norm {cnn_gn:.2e}; reference CG 1e-10 ...")
-    prep, full, _, cnn_ref, last = run_solver(cnn, Xc, ytr, Xcte[:mc], yte[:mc],
-                                              CNN_DAMPING, CG(tol=1e-10, max_iter=2000),
-                                              one_point=False)
+    prep, full, _, cnn_ref, last = run_solver(
+        cnn, Xc, ytr, Xcte[:mc], yte[:mc], CNN_DAMPING, CG(tol=1e-10, max_iter=2000), one_point=False
+    )
     cnn_info = dict(p=p_cnn, gn=cnn_gn, ref_time=full, ref_resid=last.max_residual, m=mc)
-    cnn_cfgs = [(f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
-                for t in ([1e-3] if q else [1e-2, 1e-4, 1e-6])]
+    cnn_cfgs = [
+        (f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
+        for t in ([1e-3] if q else [1e-2, 1e-4, 1e-6])
+    ]
     cl = [(50, 1, 64)] if q else [(100, 1, 64), (300, 1, 64)]
-    cnn_cfgs += [(f"LiSSA depth={d} repeats={r} batch={b}",
-                  LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False))
-                 for d, r, b in cl]
+    cnn_cfgs += [
+        (
+            f"LiSSA depth={d} repeats={r} batch={b}",
+            LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False),
+        )
+        for d, r, b in cl
+    ]
     log("(b) solvers on the CNN ...")
-    cnn_rows = solver_table(cnn, Xc, ytr, Xcte[:mc], yte[:mc], CNN_DAMPING, cnn_cfgs,
-                            cnn_ref, "CG tol 1e-10")
+    cnn_rows = solver_table(cnn, Xc, ytr, Xcte[:mc], yte[:mc], CNN_DAMPING, cnn_cfgs, cnn_ref, "CG tol 1e-10")
 
     log("(e) Figure 2 check ...")
     with torch.no_grad():
         test_losses = ce(cnn(Xcte[:mc]), yte[:mc])
     j = int(torch.argmax(test_losses))  # the highest-loss test image among those scored
     try:
-        fig2 = figure2(cnn, Xc, ytr, Xcte, yte, CNN_DAMPING, cnn_ref[:, j], j,
-                       5 if q else args.fig2_points, 50 if q else 150)
+        fig2 = figure2(
+            cnn,
+            Xc,
+            ytr,
+            Xcte,
+            yte,
+            CNN_DAMPING,
+            cnn_ref[:, j],
+            j,
+            5 if q else args.fig2_points,
+            50 if q else 150,
+        )
     except Exception as exc:  # report the rest anyway
         log(f"figure 2 check failed: {type(exc).__name__}: {exc}")
         fig2 = None
 
     log("(d) figure ...")
     try:
-        plot([("digits MLP (float32), 1437 × 100", mlp_rows, "Exact (float64)"),
-          (f"digits CNN (float64, p = {p_cnn}), 1437 × {mc}", cnn_rows, "CG tol 1e-10")],
-         args.figure)
+        plot(
+            [
+                ("digits MLP (float32), 1437 × 100", mlp_rows, "Exact (float64)"),
+                (f"digits CNN (float64, p = {p_cnn}), 1437 × {mc}", cnn_rows, "CG tol 1e-10"),
+            ],
+            args.figure,
+        )
     except Exception as exc:
         log(f"figure failed: {type(exc).__name__}: {exc}")
 
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                wall=time.perf_counter() - t_start, machine=machine(threads), load0=load0,
-                load1=" ".join(f"{x:.2f}" for x in os.getloadavg()))
-    text = section(args, meta, hvp_rows, exact_res, exact_checks, breakdown, chol, mlp_rows,
-                   cnn_rows, fig2, cnn_info,
-                   dict(p=sum(p.numel() for p in mlp64.parameters()), gn=mlp_gn))
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        wall=time.perf_counter() - t_start,
+        machine=machine(threads),
+        load0=load0,
+        load1=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+    )
+    text = section(
+        args,
+        meta,
+        hvp_rows,
+        exact_res,
+        exact_checks,
+        breakdown,
+        chol,
+        mlp_rows,
+        cnn_rows,
+        fig2,
+        cnn_info,
+        dict(p=sum(p.numel() for p in mlp64.parameters()), gn=mlp_gn),
+    )
     print(text)
     if args.out:
         write_section(args.out, text)

@@ -42,16 +42,18 @@ M_TEST = 50
 # --------------------------------------------------------------------------------------------------
 # timing
 
+
 def _now() -> float:
     return time.perf_counter()
 
 
 BUDGET_S: Optional[float] = None  # per step group: stop repeating after this many seconds ...
-MIN_REPEATS = 5                   # ... once at least this many repeats are done (or all asked for)
+MIN_REPEATS = 5  # ... once at least this many repeats are done (or all asked for)
 
 
-def interleaved(impls: Dict[str, Callable[[], object]], repeats: int,
-                warmup: int = 1) -> Dict[str, np.ndarray]:
+def interleaved(
+    impls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> Dict[str, np.ndarray]:
     """Run every implementation once per repeat, alternating the order; the per-repeat seconds.
 
     The garbage collector is off while timing; each result is dropped before the next call starts.
@@ -83,8 +85,7 @@ def interleaved(impls: Dict[str, Callable[[], object]], repeats: int,
     return {nm: np.asarray(v) for nm, v in times.items()}
 
 
-def per_call(impls: Dict[str, Callable[[], object]], calls: int,
-             rounds: int) -> Dict[str, np.ndarray]:
+def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) -> Dict[str, np.ndarray]:
     """Per-call seconds of small calls: `rounds` interleaved rounds of calls/rounds calls each."""
     names = list(impls)
     per_round = max(1, calls // rounds)
@@ -202,6 +203,7 @@ def tracemalloc_peak(fn: Callable[[], object]) -> int:
 # --------------------------------------------------------------------------------------------------
 # machine
 
+
 def machine_description(pyinfluence, core) -> Dict[str, str]:
     info: Dict[str, str] = {}
     cpu = platform.processor() or "?"
@@ -232,10 +234,12 @@ def machine_description(pyinfluence, core) -> Dict[str, str]:
     info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["python"] = platform.python_version()
     import scipy
+
     info["numpy"] = np.__version__
     info["scipy"] = scipy.__version__
     try:
         import torch
+
         info["torch"] = torch.__version__ + f" (intra-op threads {torch.get_num_threads()})"
     except ImportError:
         info["torch"] = "not installed"
@@ -247,13 +251,26 @@ def machine_description(pyinfluence, core) -> Dict[str, str]:
         info["pyinfluence._core.max_threads()"] = str(core.max_threads())
     try:
         from threadpoolctl import threadpool_info
-        pools = [f"{p['internal_api']} {p.get('version') or ''} {os.path.basename(p['filepath'])} "
-                 f"({p['num_threads']} threads)" for p in threadpool_info()]
+
+        pools = [
+            f"{p['internal_api']} {p.get('version') or ''} {os.path.basename(p['filepath'])} "
+            f"({p['num_threads']} threads)"
+            for p in threadpool_info()
+        ]
         info["thread pools loaded"] = "; ".join(pools)
     except ImportError:
         pass
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                      "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "OMP_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OMP_WAIT_POLICY",
+            "GOMP_SPINCOUNT",
+        )
+        if k in os.environ
+    }
     info["thread env"] = ", ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"
     return info
 
@@ -271,8 +288,9 @@ def build_stamp(core) -> str:
         root = os.path.dirname(HERE)
 
         def run(*cmd):
-            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
 
         head = run("rev-parse", "--short", "HEAD")
         dirty = run("status", "--porcelain", "--", "csrc", "CMakeLists.txt")
@@ -297,18 +315,19 @@ def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarra
 # --------------------------------------------------------------------------------------------------
 # tasks
 
+
 @dataclass
 class Task:
     name: str
     family: str
     K: int
-    X: np.ndarray          # float64 training features (n, d), C-contiguous
-    y_labels: np.ndarray   # original labels (for the public API)
-    y_core: np.ndarray     # float64 encoded labels (0/1 or class index)
-    Xt: np.ndarray         # (m, d) test features
+    X: np.ndarray  # float64 training features (n, d), C-contiguous
+    y_labels: np.ndarray  # original labels (for the public API)
+    y_core: np.ndarray  # float64 encoded labels (0/1 or class index)
+    Xt: np.ndarray  # (m, d) test features
     yt_labels: np.ndarray
     yt_core: np.ndarray
-    model: object          # fitted pyinfluence LogisticRegression
+    model: object  # fitted pyinfluence LogisticRegression
     fit_s: float
 
     @property
@@ -324,6 +343,7 @@ def make_digits(pyinfluence) -> Task:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
+
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=0)
     sc = StandardScaler().fit(Xtr)
@@ -333,8 +353,19 @@ def make_digits(pyinfluence) -> Task:
     t0 = _now()
     model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
     fit_s = _now() - t0
-    return Task("digits", "multinomial", 10, Xtr, ytr, ytr.astype(np.float64), Xte, yte,
-                yte.astype(np.float64), model, fit_s)
+    return Task(
+        "digits",
+        "multinomial",
+        10,
+        Xtr,
+        ytr,
+        ytr.astype(np.float64),
+        Xte,
+        yte,
+        yte.astype(np.float64),
+        model,
+        fit_s,
+    )
 
 
 def make_synthetic(pyinfluence, n: int, d: int) -> Task:
@@ -349,22 +380,34 @@ def make_synthetic(pyinfluence, n: int, d: int) -> Task:
     t0 = _now()
     model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
     fit_s = _now() - t0
-    return Task(f"synthetic binary n={n} d={d}", "logistic", 1, Xtr, ytr, ytr.astype(np.float64),
-                Xte, yte, yte.astype(np.float64), model, fit_s)
+    return Task(
+        f"synthetic binary n={n} d={d}",
+        "logistic",
+        1,
+        Xtr,
+        ytr,
+        ytr.astype(np.float64),
+        Xte,
+        yte,
+        yte.astype(np.float64),
+        model,
+        fit_s,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # one task × dtype
 
+
 @dataclass
 class Row:
     step: str
     flops: float
-    pyi: Optional[float]                 # median seconds
-    numpy: Dict[str, float]              # variant → median seconds
+    pyi: Optional[float]  # median seconds
+    numpy: Dict[str, float]  # variant → median seconds
     note: str = ""
-    spread: Dict[str, float] = field(default_factory=dict)   # impl → IQR / median
-    min_ratio: float = float("nan")      # fastest pyinfluence run / fastest numpy run
+    spread: Dict[str, float] = field(default_factory=dict)  # impl → IQR / median
+    min_ratio: float = float("nan")  # fastest pyinfluence run / fastest numpy run
 
     @property
     def np_best(self) -> Tuple[str, float]:
@@ -381,8 +424,9 @@ def _iqr(ts: np.ndarray) -> float:
     return float((q3 - q1) / max(np.median(ts), 1e-300))
 
 
-def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int, mem_scaling: bool,
-             log) -> dict:
+def run_case(
+    task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int, mem_scaling: bool, log
+) -> dict:
     dt = np.dtype(dtype)
     X = task.X if dt == np.float64 else np.ascontiguousarray(task.X, dtype=dt)
     y = np.ascontiguousarray(task.y_core, dtype=dt)
@@ -394,15 +438,20 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     spec = core.ModelSpec(task.family, K, True, False, L2)
     prob = nb.Problem(task.family, K, L2)
     hess_variants = ["syrk", "kron"] if task.family == "multinomial" else ["syrk"]
-    warm = 0 if n * p * p > 5e9 else 1   # large task: calls take seconds; no untimed warm-up
+    warm = 0 if n * p * p > 5e9 else 1  # large task: calls take seconds; no untimed warm-up
     rows: List[Row] = []
     n_rep: List[int] = []
     checks: Dict[str, str] = {}
 
     def add(step, flops, res, pyi_key, np_keys, note=""):
         n_rep.append(len(res[pyi_key]))
-        row = Row(step, flops, _med(res[pyi_key]) if pyi_key else None,
-                  {k: _med(res[v]) for k, v in np_keys.items()}, note)
+        row = Row(
+            step,
+            flops,
+            _med(res[pyi_key]) if pyi_key else None,
+            {k: _med(res[v]) for k, v in np_keys.items()},
+            note,
+        )
         row.spread = {"pyi": _iqr(res[pyi_key]), "np": _iqr(res[np_keys[row.np_best[0]]])}
         row.min_ratio = float(res[pyi_key].min() / min(res[v].min() for v in np_keys.values()))
         rows.append(row)
@@ -416,8 +465,7 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     st0 = st["syrk"]
     tol = 1e-8 if dt == np.float64 else 1e-3
     H_core = core.hessian(spec, X, y, W)
-    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core)
-            for hv in hess_variants}
+    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core) for hv in hess_variants}
     U_core = eng.up_loss(Xt, yt)
     for uv, f in nb.UP_LOSS.items():
         errs[f"up_loss ({uv})"] = nb.max_rel_err(f(st0, Xt, yt), U_core)
@@ -425,12 +473,13 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     tk_c = eng.top_k(Xt, yt, TOPK)
     tk_n = nb.top_k(st0, Xt, yt, TOPK)
     errs["top_k scores"] = max(nb.max_rel_err(tk_n[1], tk_c[1]), nb.max_rel_err(tk_n[3], tk_c[3]))
-    idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0])
-                      + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
+    idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0]) + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
     worst = max(errs.values())
     checks["max relative error vs numpy"] = (
         f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; "
-        + ", ".join(f"{k} {v:.0e}" for k, v in errs.items()) + ")")
+        + ", ".join(f"{k} {v:.0e}" for k, v in errs.items())
+        + ")"
+    )
     checks["top_k index agreement"] = f"{idx_agree:.4f}"
     del H_core, U_core
 
@@ -438,25 +487,46 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     log(f"  [{task.name} {dtype}] hessian / factor")
     H_np = nb.hessian_syrk(prob, X, y, W)
     gauge = nb.gauge_indices(prob, d)
-    A_gauged = np.array(H_np, order="C")  # what both factorisations see: H (+ the multinomial intercept gauge when undamped)
+    A_gauged = np.array(
+        H_np, order="C"
+    )  # what both factorisations see: H (+ the multinomial intercept gauge when undamped)
     if gauge is not None:
         A_gauged[np.ix_(gauge, gauge)] += nb.GAUGE
-    impls = {"pyi hessian": lambda: core.hessian(spec, X, y, W),
-             "pyi hessian+factor": lambda: core.LinearEngine(spec, X, y, W, 0.0),
-             "pyi factor": lambda: core.CholeskyFactor(A_gauged, 0.0)}
+    impls = {
+        "pyi hessian": lambda: core.hessian(spec, X, y, W),
+        "pyi hessian+factor": lambda: core.LinearEngine(spec, X, y, W, 0.0),
+        "pyi factor": lambda: core.CholeskyFactor(A_gauged, 0.0),
+    }
     for hv in hess_variants:
-        impls[f"np hessian {hv}"] = (lambda hv=hv: nb.HESSIANS[hv](prob, X, y, W))
+        impls[f"np hessian {hv}"] = lambda hv=hv: nb.HESSIANS[hv](prob, X, y, W)
     impls["np factor"] = lambda: nb.factor(H_np, gauge=gauge)
     for hv in hess_variants:
-        impls[f"np hessian+factor {hv}"] = (lambda hv=hv: nb.build(prob, X, y, W, hv))
+        impls[f"np hessian+factor {hv}"] = lambda hv=hv: nb.build(prob, X, y, W, hv)
     res = interleaved(impls, repeats, warm)
-    add("Hessian assembly", n * p * p, res, "pyi hessian",
-        {hv: f"np hessian {hv}" for hv in hess_variants}, "pyinfluence: _core.hessian")
-    add("Cholesky factorisation", p**3 / 3, res, "pyi factor", {"cho_factor": "np factor"},
-        "pyinfluence: _core.CholeskyFactor (copy + in-place factorisation, as cho_factor)")
-    add("Hessian + factorisation", n * p * p + p**3 / 3, res, "pyi hessian+factor",
+    add(
+        "Hessian assembly",
+        n * p * p,
+        res,
+        "pyi hessian",
+        {hv: f"np hessian {hv}" for hv in hess_variants},
+        "pyinfluence: _core.hessian",
+    )
+    add(
+        "Cholesky factorisation",
+        p**3 / 3,
+        res,
+        "pyi factor",
+        {"cho_factor": "np factor"},
+        "pyinfluence: _core.CholeskyFactor (copy + in-place factorisation, as cho_factor)",
+    )
+    add(
+        "Hessian + factorisation",
+        n * p * p + p**3 / 3,
+        res,
+        "pyi hessian+factor",
         {hv: f"np hessian+factor {hv}" for hv in hess_variants},
-        "pyinfluence: LinearEngine constructor")
+        "pyinfluence: LinearEngine constructor",
+    )
     best_h = min(hess_variants, key=lambda hv: _med(res[f"np hessian {hv}"]))
     del H_np, A_gauged
 
@@ -464,21 +534,35 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     log(f"  [{task.name} {dtype}] up_loss / top_k / self_influence")
     impls = {"pyi up_loss": lambda: eng.up_loss(Xt, yt)}
     for uv, f in nb.UP_LOSS.items():
-        impls[f"np up_loss {uv}"] = (lambda f=f: f(st0, Xt, yt))
+        impls[f"np up_loss {uv}"] = lambda f=f: f(st0, Xt, yt)
     res = interleaved(impls, repeats, warm)
-    add(f"up_loss matrix (n×m, m={m})", 2 * n * p * m, res, "pyi up_loss",
+    add(
+        f"up_loss matrix (n×m, m={m})",
+        2 * n * p * m,
+        res,
+        "pyi up_loss",
         {uv: f"np up_loss {uv}" for uv in nb.UP_LOSS},
-        "pyinfluence: LinearEngine.up_loss (cached residuals)")
+        "pyinfluence: LinearEngine.up_loss (cached residuals)",
+    )
     best_u = min(nb.UP_LOSS, key=lambda uv: _med(res[f"np up_loss {uv}"]))
 
-    impls = {"pyi top_k": lambda: eng.top_k(Xt, yt, TOPK),
-             f"np top_k {best_u}": lambda: nb.top_k(st0, Xt, yt, TOPK, best_u)}
+    impls = {
+        "pyi top_k": lambda: eng.top_k(Xt, yt, TOPK),
+        f"np top_k {best_u}": lambda: nb.top_k(st0, Xt, yt, TOPK, best_u),
+    }
     res = interleaved(impls, repeats, warm)
-    add(f"top-k (k={TOPK}, both ends)", 2 * n * p * m, res, "pyi top_k",
-        {best_u: f"np top_k {best_u}"}, "numpy: the faster up_loss variant + argpartition")
+    add(
+        f"top-k (k={TOPK}, both ends)",
+        2 * n * p * m,
+        res,
+        "pyi top_k",
+        {best_u: f"np top_k {best_u}"},
+        "numpy: the faster up_loss variant + argpartition",
+    )
 
-    res = interleaved({"pyi self": lambda: eng.self_influence(),
-                       "np self": lambda: nb.self_influence(st0)}, repeats, warm)
+    res = interleaved(
+        {"pyi self": lambda: eng.self_influence(), "np self": lambda: nb.self_influence(st0)}, repeats, warm
+    )
     add("self-influence (all n)", n * p * p, res, "pyi self", {"trsm": "np self"})
 
     # --- end to end -------------------------------------------------------------------------------
@@ -492,17 +576,23 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
             li = pyinfluence.LinearInfluence(model, Xpub, task.y_labels)
             return li.up_loss(Xt, task.yt_labels)
 
-    impls = {"pyi e2e": lambda: core.LinearEngine(spec, X, y, W, 0.0).up_loss(Xt, yt),
-             "pyi public e2e": pub}
+    impls = {"pyi e2e": lambda: core.LinearEngine(spec, X, y, W, 0.0).up_loss(Xt, yt), "pyi public e2e": pub}
     for hv in hess_variants:
-        impls[f"np e2e {hv}"] = (lambda hv=hv: nb.end_to_end(prob, X, y, W, Xt, yt, hv, best_u))
+        impls[f"np e2e {hv}"] = lambda hv=hv: nb.end_to_end(prob, X, y, W, Xt, yt, hv, best_u)
     res = interleaved(impls, repeats, warm)
     e2e_flops = n * p * p + p**3 / 3 + 2 * n * p * m
     npk = {hv: f"np e2e {hv}" for hv in hess_variants}
-    add("end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk,
-        "pyinfluence: _core.LinearEngine")
-    add("end to end, public API", e2e_flops, res, "pyi public e2e", npk,
-        "LinearInfluence(model, X, y).up_loss(X_test, y_test)")
+    add(
+        "end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk, "pyinfluence: _core.LinearEngine"
+    )
+    add(
+        "end to end, public API",
+        e2e_flops,
+        res,
+        "pyi public e2e",
+        npk,
+        "LinearInfluence(model, X, y).up_loss(X_test, y_test)",
+    )
 
     # --- per-call overhead of a single-test-point query -------------------------------------------
     log(f"  [{task.name} {dtype}] per-call overhead")
@@ -515,24 +605,26 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     s1 = nb.s_test(st0, x1m, y1m)[:, 0].copy()
     if K == 1:
         w1 = np.ascontiguousarray(s1[:d])
-        bare = (lambda: X @ w1)
+        bare = lambda: X @ w1
         bare_note = "X @ s (n×d matvec)"
     else:
-        bare = (lambda: G @ s1)
+        bare = lambda: G @ s1
         bare_note = "G @ s (n×p matvec, G cached)"
     if K == 1:
-        np_query = (lambda: nb.up_loss_factored(st0, x1m, y1m))
+        np_query = lambda: nb.up_loss_factored(st0, x1m, y1m)
         np_query_note = "test gradient + cho_solve + r ∘ (X̃ s)"
     else:
-        np_query = (lambda: nb.single_query(st0, G, x1m, y1m))
+        np_query = lambda: nb.single_query(st0, G, x1m, y1m)
         np_query_note = "test gradient + cho_solve + G @ s"
     g1 = nb.gradients(prob, x1m, nb.residuals(prob, x1m, y1m, W)[0]).T.copy()
     cf = st0.cf
-    impls = {"public": lambda: inf.up_loss(x1, y1lab),
-             "engine": lambda: eng.up_loss(x1m, y1m),
-             "numpy query": np_query,
-             "bare matvec": bare,
-             "bare solve": lambda: scipy.linalg.cho_solve(cf, g1, check_finite=False)}
+    impls = {
+        "public": lambda: inf.up_loss(x1, y1lab),
+        "engine": lambda: eng.up_loss(x1m, y1m),
+        "numpy query": np_query,
+        "bare matvec": bare,
+        "bare solve": lambda: scipy.linalg.cho_solve(cf, g1, check_finite=False),
+    }
     rounds = 20 if calls >= 200 else 10
     pc = per_call(impls, calls, rounds)
     calls_done = len(pc["public"]) * max(1, calls // rounds)
@@ -544,17 +636,16 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
     log(f"  [{task.name} {dtype}] memory")
     mem: Dict[str, Dict[str, int]] = {}
     if hwm_supported():
-        mem["pyinfluence top_k (streaming)"] = {
-            "rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
-        mem["pyinfluence up_loss (dense n×m)"] = {
-            "rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
+        mem["pyinfluence top_k (streaming)"] = {"rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
+        mem["pyinfluence up_loss (dense n×m)"] = {"rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
         mem["pyinfluence self_influence"] = {"rss": rss_peak_delta(lambda: eng.self_influence())}
     for nm, f in (
-            ("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
-            ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
-            ("numpy self_influence", lambda: nb.self_influence(st0))):
+        ("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
+        ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
+        ("numpy self_influence", lambda: nb.self_influence(st0)),
+    ):
         mem[nm] = {}
-        if warm or not hwm_supported():   # large task: VmHWM only (the two agree within 1%)
+        if warm or not hwm_supported():  # large task: VmHWM only (the two agree within 1%)
             mem[nm]["tracemalloc"] = tracemalloc_peak(f)
         if hwm_supported():
             mem[nm]["rss"] = rss_peak_delta(f)
@@ -567,19 +658,40 @@ def run_case(task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int
             else:
                 Xs, ys = np.ascontiguousarray(X[:nn]), np.ascontiguousarray(y[:nn])
             e2 = eng if frac == 1 else core.LinearEngine(spec, Xs, ys, W, 0.0)
-            scaling.append((nn, rss_peak_delta(lambda: e2.top_k(Xt, yt, TOPK)),
-                            rss_peak_delta(lambda: e2.up_loss(Xt, yt))))
+            scaling.append(
+                (
+                    nn,
+                    rss_peak_delta(lambda: e2.top_k(Xt, yt, TOPK)),
+                    rss_peak_delta(lambda: e2.up_loss(Xt, yt)),
+                )
+            )
             del e2, Xs, ys
 
     reps = f"{min(n_rep)}–{max(n_rep)}" if min(n_rep) != max(n_rep) else str(n_rep[0])
-    return {"task": task, "dtype": dtype, "n": n, "d": d, "p": p, "m": m, "rows": rows,
-            "checks": checks, "percall": percall, "percall_note": percall_note, "calls": calls,
-            "mem": mem, "scaling": scaling, "best_h": best_h, "best_u": best_u, "repeats": reps,
-            "calls_done": calls_done}
+    return {
+        "task": task,
+        "dtype": dtype,
+        "n": n,
+        "d": d,
+        "p": p,
+        "m": m,
+        "rows": rows,
+        "checks": checks,
+        "percall": percall,
+        "percall_note": percall_note,
+        "calls": calls,
+        "mem": mem,
+        "scaling": scaling,
+        "best_h": best_h,
+        "best_u": best_u,
+        "repeats": reps,
+        "calls_done": calls_done,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # report
+
 
 def _fmt_t(s: Optional[float]) -> str:
     if s is None or not np.isfinite(s):
@@ -607,13 +719,16 @@ def _gf(flops: float, s: Optional[float]) -> Optional[float]:
     return flops / s / 1e9
 
 
-def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], gemm_n: int,
-                   title: str, label: str) -> Tuple[str, List[str]]:
+def render_section(
+    results: List[dict], gemm: Dict[str, Tuple[float, float]], gemm_n: int, title: str, label: str
+) -> Tuple[str, List[str]]:
     """Markdown for one thread configuration: (text, list of steps with ratio > 1)."""
     out: List[str] = [f"## {title}", ""]
     flagged: List[str] = []
-    out.append(f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end "
-               "of the configuration pooled):\n")
+    out.append(
+        f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end "
+        "of the configuration pooled):\n"
+    )
     out.append("| dtype | GFLOP/s median | best |")
     out.append("|---|---:|---:|")
     for dt, (a, b) in gemm.items():
@@ -623,11 +738,15 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
         t: Task = R["task"]
         dt = R["dtype"]
         g_med = gemm[dt][0]
-        out.append(f"### {t.name} — {dt}  (n={R['n']}, d={R['d']}, p={R['p']}, m={R['m']}; "
-                   f"median of {R['repeats']} interleaved repeats)\n")
-        out.append("| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | "
-                   "ratio of minima | GFLOP/s pyi | GFLOP/s numpy | pyi / GEMM rate | "
-                   "spread pyi / np (IQR/median) | numpy variants | note |")
+        out.append(
+            f"### {t.name} — {dt}  (n={R['n']}, d={R['d']}, p={R['p']}, m={R['m']}; "
+            f"median of {R['repeats']} interleaved repeats)\n"
+        )
+        out.append(
+            "| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | "
+            "ratio of minima | GFLOP/s pyi | GFLOP/s numpy | pyi / GEMM rate | "
+            "spread pyi / np (IQR/median) | numpy variants | note |"
+        )
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for row in R["rows"]:
             v, tn = row.np_best
@@ -637,35 +756,52 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
             mark = ""
             if ratio is not None and ratio > 1.0:
                 mark = " **>1**"
-                flagged.append(f"{label} — {t.name} {dt}: {row.step}: ratio {ratio:.2f} "
-                               f"({_fmt_t(row.pyi)} vs {_fmt_t(tn)})")
+                flagged.append(
+                    f"{label} — {t.name} {dt}: {row.step}: ratio {ratio:.2f} "
+                    f"({_fmt_t(row.pyi)} vs {_fmt_t(tn)})"
+                )
             nan = float("nan")
             sp = f"{row.spread.get('pyi', nan):.0%} / {row.spread.get('np', nan):.0%}"
-            cells = [row.step, f"{row.flops / 1e9:.3g}", _fmt_t(row.pyi), f"{_fmt_t(tn)} ({v})",
-                     ("–" if ratio is None else f"{ratio:.2f}") + mark, f"{row.min_ratio:.2f}",
-                     "–" if gp is None else f"{gp:.1f}", "–" if gn is None else f"{gn:.1f}",
-                     "–" if gp is None else f"{gp / g_med:.0%}", sp, variants, row.note]
+            cells = [
+                row.step,
+                f"{row.flops / 1e9:.3g}",
+                _fmt_t(row.pyi),
+                f"{_fmt_t(tn)} ({v})",
+                ("–" if ratio is None else f"{ratio:.2f}") + mark,
+                f"{row.min_ratio:.2f}",
+                "–" if gp is None else f"{gp:.1f}",
+                "–" if gn is None else f"{gn:.1f}",
+                "–" if gp is None else f"{gp / g_med:.0%}",
+                sp,
+                variants,
+                row.note,
+            ]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         pc = R["percall"]
-        out.append(f"Single-test-point `up_loss` on a cached engine (median per call over "
-                   f"interleaved rounds, {R['calls_done']} calls each):\n")
+        out.append(
+            f"Single-test-point `up_loss` on a cached engine (median per call over "
+            f"interleaved rounds, {R['calls_done']} calls each):\n"
+        )
         out.append("| call | time | × bare matvec |")
         out.append("|---|---:|---:|")
-        labels = {"public": "LinearInfluence.up_loss(x, y) (public API)",
-                  "engine": "_core.LinearEngine.up_loss(X_test[:1], y_test[:1])",
-                  "numpy query": f"numpy: {R['percall_note'][1]}",
-                  "bare matvec": f"numpy bare matvec: {R['percall_note'][0]}",
-                  "bare solve": "numpy bare solve: scipy.linalg.cho_solve for one right-hand side"}
+        labels = {
+            "public": "LinearInfluence.up_loss(x, y) (public API)",
+            "engine": "_core.LinearEngine.up_loss(X_test[:1], y_test[:1])",
+            "numpy query": f"numpy: {R['percall_note'][1]}",
+            "bare matvec": f"numpy bare matvec: {R['percall_note'][0]}",
+            "bare solve": "numpy bare solve: scipy.linalg.cho_solve for one right-hand side",
+        }
         for k, lab in labels.items():
             out.append(f"| {lab} | {_fmt_t(pc[k])} | {pc[k] / pc['bare matvec']:.2f} |")
         floor = pc["bare matvec"] + pc["bare solve"]
-        out.append(f"| floor: bare matvec + bare solve | {_fmt_t(floor)} | "
-                   f"{floor / pc['bare matvec']:.2f} |")
-        out.append(f"\nPython-layer overhead (public − engine): "
-                   f"{_fmt_t(pc['public'] - pc['engine'])}; "
-                   f"engine − floor: {_fmt_t(pc['engine'] - floor)}; "
-                   f"engine / numpy query: {pc['engine'] / pc['numpy query']:.2f}.\n")
+        out.append(f"| floor: bare matvec + bare solve | {_fmt_t(floor)} | {floor / pc['bare matvec']:.2f} |")
+        out.append(
+            f"\nPython-layer overhead (public − engine): "
+            f"{_fmt_t(pc['public'] - pc['engine'])}; "
+            f"engine − floor: {_fmt_t(pc['engine'] - floor)}; "
+            f"engine / numpy query: {pc['engine'] / pc['numpy query']:.2f}.\n"
+        )
         out.append("Peak memory above the resident baseline (results included):\n")
         out.append("| computation | VmHWM delta | tracemalloc peak |")
         out.append("|---|---:|---:|")
@@ -681,23 +817,32 @@ def render_section(results: List[dict], gemm: Dict[str, Tuple[float, float]], ge
     return "\n".join(out), flagged
 
 
-def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], tasks: List[Task],
-                wall: float) -> str:
-    lines = ["# pyinfluence linear benchmark: results", "",
-             f"Generated by `python bench/linear.py {' '.join(sys.argv[1:])}` on "
-             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
-             f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how "
-             "to reproduce.",
-             "", "## Machine", ""]
+def render_file(
+    sections: List[Tuple[str, List[str]]], machine: Dict[str, str], tasks: List[Task], wall: float
+) -> str:
+    lines = [
+        "# pyinfluence linear benchmark: results",
+        "",
+        f"Generated by `python bench/linear.py {' '.join(sys.argv[1:])}` on "
+        f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
+        f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how "
+        "to reproduce.",
+        "",
+        "## Machine",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     lines += [f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", ""]
-    lines += ["Flop conventions: Hessian assembly n·p² (a SYRK computes one triangle: the "
-              "GEMM-equivalent 2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring "
-              "GEMM; the p×m solve and the test gradients are not counted); self-influence n·p² "
-              "(triangular solve with n right-hand sides); end to end the sum. GFLOP/s = these "
-              "counts / median time; 'pyi / GEMM rate' divides by the median numpy matmul rate "
-              "of the same dtype in the same thread configuration. The ratio compares pyinfluence "
-              "with the FASTEST numpy variant of the step.", ""]
+    lines += [
+        "Flop conventions: Hessian assembly n·p² (a SYRK computes one triangle: the "
+        "GEMM-equivalent 2·n·p²/2); Cholesky p³/3; up_loss and top-k 2·n·p·m (the scoring "
+        "GEMM; the p×m solve and the test gradients are not counted); self-influence n·p² "
+        "(triangular solve with n right-hand sides); end to end the sum. GFLOP/s = these "
+        "counts / median time; 'pyi / GEMM rate' divides by the median numpy matmul rate "
+        "of the same dtype in the same thread configuration. The ratio compares pyinfluence "
+        "with the FASTEST numpy variant of the step.",
+        "",
+    ]
     lines += ["## Steps where pyinfluence is slower than the best numpy (ratio > 1)", ""]
     flagged = [f for _, fl in sections for f in fl]
     lines += [f"- {f}" for f in flagged] or ["- none"]
@@ -705,16 +850,19 @@ def render_file(sections: List[Tuple[str, List[str]]], machine: Dict[str, str], 
     for text, _ in sections:
         lines += [text, ""]
     fit = ", ".join(f"{t.name}: {t.fit_s:.2f} s" for t in tasks)
-    lines += [f"Model fits (pyinfluence.LogisticRegression, float64, 1 thread; not part of the "
-              f"comparison): {fit}.", ""]
+    lines += [
+        f"Model fits (pyinfluence.LogisticRegression, float64, 1 thread; not part of the comparison): {fit}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _apply_threads(cfg: str, core):
     """Limit every thread pool to cfg threads ('default': leave them); returns (handle, title)."""
     if cfg == "default":
-        return None, ("Default threads (each library's own setting: core max_threads = "
-                      f"{core.max_threads()})")
+        return None, (
+            f"Default threads (each library's own setting: core max_threads = {core.max_threads()})"
+        )
     nthr = int(cfg)
     # Read every current setting BEFORE limiting anything: torch and the core report the OpenMP
     # setting that threadpoolctl is about to change.
@@ -723,6 +871,7 @@ def _apply_threads(cfg: str, core):
         handle["torch"] = sys.modules["torch"].get_num_threads()
     try:
         from threadpoolctl import threadpool_limits
+
         handle["tpc"] = threadpool_limits(limits=nthr)
     except ImportError:
         handle["tpc"] = None
@@ -730,8 +879,10 @@ def _apply_threads(cfg: str, core):
         core.set_max_threads(nthr)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(nthr)
-    return handle, (f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on "
-                    f"every BLAS and OpenMP pool, _core.set_max_threads({nthr}))")
+    return handle, (
+        f"{nthr} thread{'s' if nthr > 1 else ''} per pool (threadpoolctl limits on "
+        f"every BLAS and OpenMP pool, _core.set_max_threads({nthr}))"
+    )
 
 
 def _restore_threads(handle, core) -> None:
@@ -746,38 +897,48 @@ def _restore_threads(handle, core) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="small sizes and few repeats: a smoke run (< 30 s)")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
-                    help="markdown file to write ('' = none)")
-    ap.add_argument("--tasks", default="digits,synthetic",
-                    help="comma-separated: digits, synthetic")
-    ap.add_argument("--dtypes", default="float64,float32",
-                    help="comma-separated: float64, float32")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved repeats per step (default: 25 digits, 3 synthetic)")
-    ap.add_argument("--n", type=int, default=None,
-                    help="synthetic task: training points (default 200000)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run (< 30 s)")
+    ap.add_argument(
+        "--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown file to write ('' = none)"
+    )
+    ap.add_argument("--tasks", default="digits,synthetic", help="comma-separated: digits, synthetic")
+    ap.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repeats per step (default: 25 digits, 3 synthetic)",
+    )
+    ap.add_argument("--n", type=int, default=None, help="synthetic task: training points (default 200000)")
     ap.add_argument("--d", type=int, default=None, help="synthetic task: features (default 500)")
-    ap.add_argument("--calls", type=int, default=None,
-                    help="single-point calls for the overhead measurement")
-    ap.add_argument("--gemm-n", type=int, default=None,
-                    help="matrix size for the GEMM rate (default 4000)")
-    ap.add_argument("--threads", default=None,
-                    help="comma-separated thread configurations to run, each 'default' (the "
-                         "libraries' own settings) or N (every BLAS/OpenMP/torch pool limited to N "
-                         "via threadpoolctl and _core.set_max_threads); default: '1'; "
-                         "bench/RESULTS.md is made with 'default,1'")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds per step group after which repeating stops (at least 5 "
-                         "repeats); default 10 (3 with --quick); 0 = no budget")
-    ap.add_argument("--allocator", choices=("keep", "default"), default="keep",
-                    help="'keep' (default): glibc keeps freed memory in the process (mallopt "
-                         "M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1); 'default': stock glibc settings")
-    ap.add_argument("--no-torch", action="store_true",
-                    help="do not import torch (its thread pool stays unloaded)")
+    ap.add_argument("--calls", type=int, default=None, help="single-point calls for the overhead measurement")
+    ap.add_argument("--gemm-n", type=int, default=None, help="matrix size for the GEMM rate (default 4000)")
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread configurations to run, each 'default' (the "
+        "libraries' own settings) or N (every BLAS/OpenMP/torch pool limited to N "
+        "via threadpoolctl and _core.set_max_threads); default: '1'; "
+        "bench/RESULTS.md is made with 'default,1'",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per step group after which repeating stops (at least 5 "
+        "repeats); default 10 (3 with --quick); 0 = no budget",
+    )
+    ap.add_argument(
+        "--allocator",
+        choices=("keep", "default"),
+        default="keep",
+        help="'keep' (default): glibc keeps freed memory in the process (mallopt "
+        "M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1); 'default': stock glibc settings",
+    )
+    ap.add_argument(
+        "--no-torch", action="store_true", help="do not import torch (its thread pool stays unloaded)"
+    )
     args = ap.parse_args(argv)
     t_start = _now()
     q = args.quick
@@ -808,6 +969,7 @@ def main(argv=None) -> int:
     if not args.no_torch:
         try:  # load torch's thread pool too: the library's users have it loaded (DESIGN.md §5)
             import torch
+
             (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
         except ImportError:
             pass
@@ -817,9 +979,11 @@ def main(argv=None) -> int:
     machine = machine_description(pyinfluence, core)
     if args.allocator == "keep":
         ok = keep_heap()
-        machine["allocator"] = ("glibc keeps freed memory (mallopt M_MMAP_MAX=0, "
-                                "M_TRIM_THRESHOLD=2**31-1); see bench/README.md" if ok
-                                else "could not set mallopt; stock glibc settings")
+        machine["allocator"] = (
+            "glibc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1); see bench/README.md"
+            if ok
+            else "could not set mallopt; stock glibc settings"
+        )
     else:
         machine["allocator"] = "stock glibc settings (--allocator default)"
     tasks_built: List[Task] = []
@@ -828,8 +992,9 @@ def main(argv=None) -> int:
     try:
         for tk in task_names:
             log(f"task {tk}: data + model fit")
-            tasks_built.append(make_digits(pyinfluence) if tk == "digits"
-                               else make_synthetic(pyinfluence, n_syn, d_syn))
+            tasks_built.append(
+                make_digits(pyinfluence) if tk == "digits" else make_synthetic(pyinfluence, n_syn, d_syn)
+            )
     finally:
         _restore_threads(fit_limit, core)
 
@@ -850,8 +1015,18 @@ def main(argv=None) -> int:
                         reps = 3
                     small = task.family == "multinomial"
                     calls = args.calls or ((200 if q else 2000) if small else 20)
-                    results.append(run_case(task, dt, reps, pyinfluence, core, calls,
-                                            mem_scaling=(task.family == "logistic"), log=log))
+                    results.append(
+                        run_case(
+                            task,
+                            dt,
+                            reps,
+                            pyinfluence,
+                            core,
+                            calls,
+                            mem_scaling=(task.family == "logistic"),
+                            log=log,
+                        )
+                    )
                     gc.collect()
             log(f"[threads={cfg}] GEMM rate again")
             g2 = measure_gemm(args.gemm_n, dtypes, 1)
@@ -866,8 +1041,10 @@ def main(argv=None) -> int:
         sections.append((text, flagged))
     stamp_end = build_stamp(core)
     if stamp_end != machine["pyinfluence build"]:
-        machine["WARNING"] = (f"the compiled core on disk changed during the run (now: "
-                              f"{stamp_end}); the process kept the one it loaded at the start")
+        machine["WARNING"] = (
+            f"the compiled core on disk changed during the run (now: "
+            f"{stamp_end}); the process kept the one it loaded at the start"
+        )
     md = render_file(sections, machine, tasks_built, _now() - t_start)
     if args.out:
         with open(args.out, "w") as f:

@@ -8,6 +8,7 @@ last repeat, and the relative error of each solution against CG at tol 1e-10.
 
     python bench/lissa_checks.py [--commit REV] [--tasks digits-mlp,digits-cnn]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,14 @@ import numpy as np
 import torch
 
 import pyinfluence
-from pyinfluence import solvers as current
 from pyinfluence.bench.tasks import make_task
+from pyinfluence.torch import solvers as current
 
 
 def load_old_solvers(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:pyinfluence/solvers.py"], check=True, capture_output=True,
-                            text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:pyinfluence/solvers.py"], check=True, capture_output=True, text=True
+    ).stdout
     path = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
     path.write(source)
     path.close()
@@ -48,12 +50,21 @@ def main() -> None:
     old = load_old_solvers(args.commit)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    print("| task | depth | before: total (prepare) | now: total (prepare) | now / before | rel. error before / now |")
+    print(
+        "| task | depth | before: total (prepare) | now: total (prepare) | now / before | rel. error before / now |"
+    )
     print("|---|---|---|---|---|---|")
     for name in args.tasks.split(","):
         task = make_task(name)
-        inf = pyinfluence.TorchInfluence(task.model, task.loss_fn, (task.X_train, task.y_train), l2=task.l2,
-                                         damping=task.damping, optimum_tol=None, solver="cg")
+        inf = pyinfluence.TorchInfluence(
+            task.model,
+            task.loss_fn,
+            (task.X_train, task.y_train),
+            l2=task.l2,
+            damping=task.damping,
+            optimum_tol=None,
+            solver="cg",
+        )
         X_test = torch.as_tensor(task.X_test)[:50]
         X_test = X_test.to(inf.dtype) if X_test.is_floating_point() else X_test
         V = inf._fm.per_example_grads(X_test, torch.as_tensor(task.y_test)[:50]).T.contiguous()
@@ -76,8 +87,11 @@ def main() -> None:
                     prep[label] = prepared.prepare_time_s
                     err[label] = float(torch.linalg.norm(out.solution - ref) / torch.linalg.norm(ref))
             tb, tn = float(np.median(times["before"])), float(np.median(times["now"]))
-            print(f"| {name} | {depth} | {tb:.2f} s ({prep['before']:.2f} s) | {tn:.2f} s ({prep['now']:.2f} s) | "
-                  f"{tn / tb:.2f} | {err['before']:.3g} / {err['now']:.3g} |", flush=True)
+            print(
+                f"| {name} | {depth} | {tb:.2f} s ({prep['before']:.2f} s) | {tn:.2f} s ({prep['now']:.2f} s) | "
+                f"{tn / tb:.2f} | {err['before']:.3g} / {err['now']:.3g} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ GAUGE = 1.0  # the core's intercept gauge γ (ModelSpec::intercept_gauge)
 
 @dataclass
 class Problem:
-    family: str          # "logistic" or "multinomial"
-    K: int               # number of score outputs (1 for logistic)
+    family: str  # "logistic" or "multinomial"
+    K: int  # number of score outputs (1 for logistic)
     l2: float
     fit_intercept: bool = True
     penalize_intercept: bool = False
@@ -57,6 +57,7 @@ class Problem:
 
 # --------------------------------------------------------------------------------------------------
 # per-example quantities
+
 
 def augment(X: np.ndarray, fit_intercept: bool = True) -> np.ndarray:
     """X̃ = [X, 1] (a copy, C-contiguous) or X itself."""
@@ -78,8 +79,7 @@ def scores(prob: Problem, X: np.ndarray, W: np.ndarray) -> np.ndarray:
     return S
 
 
-def residuals(prob: Problem, X: np.ndarray, y: np.ndarray,
-              W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def residuals(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(r = dL/ds (n, K), curvature).
 
     Curvature: logistic → c = σ(1−σ) (n, 1); multinomial → p = softmax(s) (n, K).
@@ -125,8 +125,10 @@ def gauge_indices(prob: Problem, d: int) -> Optional[np.ndarray]:
 # --------------------------------------------------------------------------------------------------
 # Hessian assembly
 
-def hessian_syrk(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
-                 C: Optional[np.ndarray] = None) -> np.ndarray:
+
+def hessian_syrk(
+    prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray, C: Optional[np.ndarray] = None
+) -> np.ndarray:
     """H (p, p) with SYRKs: binary (1/n)·BᵀB, B = diag(√c) X̃; multinomial blockdiag − GᵀG.
 
     ``C``: the curvature from :func:`residuals` if already computed (else computed here).
@@ -141,22 +143,23 @@ def hessian_syrk(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
         np.multiply(X, sc[:, None], out=B[:, :d])
         if prob.fit_intercept:
             B[:, d] = sc
-        H = np.dot(B.T, B)          # numpy dispatches Bᵀ·B to SYRK (+ a symmetrising copy)
+        H = np.dot(B.T, B)  # numpy dispatches Bᵀ·B to SYRK (+ a symmetrising copy)
     else:
-        G = gradients(prob, X, C)                # G_i = p_i ⊗ x̃_i
-        H = np.dot(G.T, G)                       # SYRK, n·p²
+        G = gradients(prob, X, C)  # G_i = p_i ⊗ x̃_i
+        H = np.dot(G.T, G)  # SYRK, n·p²
         H *= -1
         Xt = augment(X, prob.fit_intercept)
         for a in range(prob.K):
             B = Xt * np.sqrt(C[:, a])[:, None]
-            H[a * de:(a + 1) * de, a * de:(a + 1) * de] += np.dot(B.T, B)
+            H[a * de : (a + 1) * de, a * de : (a + 1) * de] += np.dot(B.T, B)
     H /= n
     _add_penalty(prob, H, d)
     return H
 
 
-def hessian_kron(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
-                 C: Optional[np.ndarray] = None) -> np.ndarray:
+def hessian_kron(
+    prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray, C: Optional[np.ndarray] = None
+) -> np.ndarray:
     """Multinomial H = (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x̃_i x̃_iᵀ as ONE GEMM.
 
     The GEMM runs over the unique index pairs only:
@@ -172,10 +175,10 @@ def hessian_kron(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray,
     Xt = augment(X, prob.fit_intercept)
     ju, lu = np.triu_indices(de)
     au, bu = np.triu_indices(K)
-    M = Xt[:, ju] * Xt[:, lu]                    # (n, de(de+1)/2)
-    D = -(P[:, au] * P[:, bu])                   # (n, K(K+1)/2): D_ab = δ_ab p_a − p_a p_b
+    M = Xt[:, ju] * Xt[:, lu]  # (n, de(de+1)/2)
+    D = -(P[:, au] * P[:, bu])  # (n, K(K+1)/2): D_ab = δ_ab p_a − p_a p_b
     D[:, au == bu] += P
-    T = D.T @ M                                  # (K(K+1)/2, de(de+1)/2)
+    T = D.T @ M  # (K(K+1)/2, de(de+1)/2)
     Tf = np.empty((T.shape[0], de, de), dtype=T.dtype)
     Tf[:, ju, lu] = T
     Tf[:, lu, ju] = T
@@ -194,8 +197,8 @@ HESSIANS = {"syrk": hessian_syrk, "kron": hessian_kron}
 # --------------------------------------------------------------------------------------------------
 # factorisation, queries
 
-def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False,
-           gauge: Optional[np.ndarray] = None):
+
+def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False, gauge: Optional[np.ndarray] = None):
     """scipy.linalg.cho_factor of H + λI (lower); ``overwrite`` lets it factorise H in place.
 
     Undamped (λ = 0) multinomial models with an unpenalised intercept: like the core, factorise H +
@@ -213,16 +216,18 @@ def factor(H: np.ndarray, damping: float = 0.0, overwrite: bool = False,
 @dataclass
 class State:
     """What a numpy user keeps after 'fitting' the influence engine (as the core caches)."""
+
     prob: Problem
     X: np.ndarray
     y: np.ndarray
     W: np.ndarray
-    R: np.ndarray        # training residuals (n, K)
-    cf: tuple            # cho_factor output
+    R: np.ndarray  # training residuals (n, K)
+    cf: tuple  # cho_factor output
 
 
-def build(prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray, hessian: str = "syrk",
-          damping: float = 0.0) -> State:
+def build(
+    prob: Problem, X: np.ndarray, y: np.ndarray, W: np.ndarray, hessian: str = "syrk", damping: float = 0.0
+) -> State:
     """Hessian assembly + Cholesky, keeping the training residuals (the numpy 'engine')."""
     R, C = residuals(prob, X, y, W)
     H = HESSIANS[hessian](prob, X, y, W, C)
@@ -251,10 +256,10 @@ def up_loss_factored(st: State, X_test: np.ndarray, y_test: np.ndarray) -> np.nd
     prob, X, R = st.prob, st.X, st.R
     n, d = X.shape
     de, K = prob.d_eff(d), prob.K
-    S = s_test(st, X_test, y_test)               # (K·de, m)
+    S = s_test(st, X_test, y_test)  # (K·de, m)
     m = S.shape[1]
-    Sh = S.reshape(K, de, m).transpose(1, 0, 2).reshape(de, K * m)   # Ŝ (de, K·m)
-    Z = X @ Sh[:d]                               # (n, K·m)
+    Sh = S.reshape(K, de, m).transpose(1, 0, 2).reshape(de, K * m)  # Ŝ (de, K·m)
+    Z = X @ Sh[:d]  # (n, K·m)
     if prob.fit_intercept:
         Z += Sh[d]
     Z = Z.reshape(n, K, m)
@@ -264,7 +269,7 @@ def up_loss_factored(st: State, X_test: np.ndarray, y_test: np.ndarray) -> np.nd
         return U
     U = Z[:, 0, :] * -R[:, :1]
     for a in range(1, K):
-        U -= Z[:, a, :] * R[:, a:a + 1]
+        U -= Z[:, a, :] * R[:, a : a + 1]
     return U
 
 
@@ -275,8 +280,8 @@ def top_k_from_matrix(U: np.ndarray, k: int):
     """Per column: k most negative (helpful) and k most positive (harmful), sorted; each (m, k)."""
     n = U.shape[0]
     k = min(k, n)
-    hi = np.argpartition(U, k - 1, axis=0)[:k]                    # (k, m)
-    ri = np.argpartition(U, n - k, axis=0)[n - k:]
+    hi = np.argpartition(U, k - 1, axis=0)[:k]  # (k, m)
+    ri = np.argpartition(U, n - k, axis=0)[n - k :]
     hv = np.take_along_axis(U, hi, axis=0)
     rv = np.take_along_axis(U, ri, axis=0)
     oh = np.argsort(hv, axis=0, kind="stable")
@@ -292,9 +297,8 @@ def top_k(st: State, X_test: np.ndarray, y_test: np.ndarray, k: int, up_loss: st
 
 def self_influence(st: State) -> np.ndarray:
     """−‖L⁻¹ g_i‖² for every training point: one triangular solve with n right-hand sides (TRSM)."""
-    G = gradients(st.prob, st.X, st.R)           # (n, p) C-order → G.T is Fortran-ordered: no copy
-    Y = scipy.linalg.solve_triangular(st.cf[0], G.T, lower=True, overwrite_b=True,
-                                      check_finite=False)
+    G = gradients(st.prob, st.X, st.R)  # (n, p) C-order → G.T is Fortran-ordered: no copy
+    Y = scipy.linalg.solve_triangular(st.cf[0], G.T, lower=True, overwrite_b=True, check_finite=False)
     return -np.einsum("pn,pn->n", Y, Y)
 
 
@@ -304,8 +308,17 @@ def single_query(st: State, G_train: np.ndarray, x: np.ndarray, y: np.ndarray) -
     return -(G_train @ s)
 
 
-def end_to_end(prob: Problem, X, y, W, X_test, y_test, hessian: str = "syrk",
-               up_loss: str = "factored", damping: float = 0.0) -> np.ndarray:
+def end_to_end(
+    prob: Problem,
+    X,
+    y,
+    W,
+    X_test,
+    y_test,
+    hessian: str = "syrk",
+    up_loss: str = "factored",
+    damping: float = 0.0,
+) -> np.ndarray:
     """Hessian + factorisation + the full up_loss matrix for m test points."""
     st = build(prob, X, y, W, hessian, damping)
     return UP_LOSS[up_loss](st, X_test, y_test)

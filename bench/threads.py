@@ -67,8 +67,10 @@ def main() -> None:
         for c in configs:
             results[c].append(run(c))
     keys = list(results[configs[0]][0])
-    lines = ["| call (median µs, median over rounds) | " + " | ".join(configs) + " | default / polite |",
-             "|---|" + "---|" * (len(configs) + 1)]
+    lines = [
+        "| call (median µs, median over rounds) | " + " | ".join(configs) + " | default / polite |",
+        "|---|" + "---|" * (len(configs) + 1),
+    ]
     for k in keys:
         vals = [sorted(r[k] for r in results[c])[len(results[c]) // 2] for c in configs]
         lines.append(f"| {k} | " + " | ".join(f"{v:.0f}" for v in vals) + f" | {vals[1] / vals[0]:.2f} |")

@@ -28,9 +28,7 @@ from pyinfluence.applications.presets import DIGITS_PRESETS
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="smaller settings (well under a minute)"
-    )
+    parser.add_argument("--quick", action="store_true", help="smaller settings (well under a minute)")
     parser.add_argument("--out", default="pyinfluence-applications", help="output folder")
     args = parser.parse_args(argv)
     P = DIGITS_PRESETS["quick" if args.quick else "default"]
@@ -61,9 +59,7 @@ def main(argv=None):
     times["loo"] = time.perf_counter() - t0
     print(
         f"1. LOO ({len(j)} test points x {p['n_top']}+{p['n_random']} training points): "
-        + ", ".join(
-            f"{m}: R={s['pearson']:.4f} slope={s['slope_origin']:.2f}" for m, s in loo.stats.items()
-        )
+        + ", ".join(f"{m}: R={s['pearson']:.4f} slope={s['slope_origin']:.2f}" for m, s in loo.stats.items())
         + f"  [{times['loo']:.1f} s]"
     )
 

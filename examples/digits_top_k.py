@@ -44,15 +44,20 @@ def render(images, titles, width=2):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", type=int, default=None,
-                        help="test image to explain (index into the test split); default: first misclassified")
+    parser.add_argument(
+        "--index",
+        type=int,
+        default=None,
+        help="test image to explain (index into the test split); default: first misclassified",
+    )
     parser.add_argument("-k", type=int, default=5, help="how many helpful and harmful points to show")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     images, labels = load_digits(return_X_y=True)  # bundled with scikit-learn: no download
-    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
-                                           stratify=labels)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels
+    )
     mean = images[idx_train].mean(axis=0)
     std = images[idx_train].std(axis=0)
     std[std == 0] = 1.0  # a few border pixels are always 0
@@ -63,8 +68,10 @@ def main(argv=None):
 
     model = pyinfluence.LogisticRegression(l2=1e-3).fit(X_train, y_train)  # exact optimum (Newton)
     pred = model.predict(X_test)
-    print(f"multinomial logistic regression on digits: n_train={n}, n_test={len(y_test)}, "
-          f"l2=1e-3, test accuracy {np.mean(pred == y_test):.3f}")
+    print(
+        f"multinomial logistic regression on digits: n_train={n}, n_test={len(y_test)}, "
+        f"l2=1e-3, test accuracy {np.mean(pred == y_test):.3f}"
+    )
 
     if args.index is None:
         wrong = np.flatnonzero(pred != y_test)
@@ -76,20 +83,30 @@ def main(argv=None):
 
     infl = pyinfluence.LinearInfluence(model, X_train, y_train)  # Hessian assembled and factorised once
     top = infl.top_k(X_test[j], y_test[j], k=args.k)  # one test point: arrays of shape (1, k)
-    proba = model.predict_proba(X_test[j:j + 1])[0]
-    loss = model.loss(X_test[j:j + 1], y_test[j:j + 1])[0]
+    proba = model.predict_proba(X_test[j : j + 1])[0]
+    loss = model.loss(X_test[j : j + 1], y_test[j : j + 1])[0]
 
-    print(f"\ntest image #{j}: true label {y_test[j]}, predicted {pred[j]} "
-          f"(p={proba.max():.3f}; p(true)={proba[list(model.classes_).index(y_test[j])]:.3f}), "
-          f"test loss {loss:.3f}")
+    print(
+        f"\ntest image #{j}: true label {y_test[j]}, predicted {pred[j]} "
+        f"(p={proba.max():.3f}; p(true)={proba[list(model.classes_).index(y_test[j])]:.3f}), "
+        f"test loss {loss:.3f}"
+    )
     print(render([images[idx_test[j]]], [f"test #{j} y={y_test[j]}"]))
 
     header = f"{'rank':>4}  {'train idx':>9}  {'label':>5}  {'up_loss':>10}  {'loo = -up_loss/n':>16}"
     for name, ids, scores, note in (
-        ("helpful", top.helpful_idx[0], top.helpful_scores[0],
-         "upweighting lowers the test loss; removing raises it"),
-        ("harmful", top.harmful_idx[0], top.harmful_scores[0],
-         "upweighting raises the test loss; removing lowers it"),
+        (
+            "helpful",
+            top.helpful_idx[0],
+            top.helpful_scores[0],
+            "upweighting lowers the test loss; removing raises it",
+        ),
+        (
+            "harmful",
+            top.harmful_idx[0],
+            top.harmful_scores[0],
+            "upweighting raises the test loss; removing lowers it",
+        ),
     ):
         print(f"\nmost {name} training points ({note}):")
         print(header)

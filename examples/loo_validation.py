@@ -72,29 +72,50 @@ def multinomial_experiment(n_top=50, n_random=50, l2=1e-3, seed=SPLIT_SEED):
     infl = pyinfluence.LinearInfluence(model, X_train, y_train)
 
     j = int(highest_loss_points(model, X_test, y_test, k=1)[0])  # the worst test point (deterministic)
-    res = validate_loo(infl, X_test[j:j + 1], y_test[j:j + 1], n_top=n_top, n_random=n_random, seed=seed,
-                       methods=("influence", "newton"))
+    res = validate_loo(
+        infl,
+        X_test[j : j + 1],
+        y_test[j : j + 1],
+        n_top=n_top,
+        n_random=n_random,
+        seed=seed,
+        methods=("influence", "newton"),
+    )
     return {
-        "X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test,
-        "model": model, "influence": infl, "l2": l2, "result": res,
-        "test_index": j, "test_label": int(y_test[j]), "test_prediction": int(model.predict(X_test[j:j + 1])[0]),
+        "X_train": X_train,
+        "y_train": y_train,
+        "X_test": X_test,
+        "y_test": y_test,
+        "model": model,
+        "influence": infl,
+        "l2": l2,
+        "result": res,
+        "test_index": j,
+        "test_label": int(y_test[j]),
+        "test_prediction": int(model.predict(X_test[j : j + 1])[0]),
         "test_loss": float(res.test_losses[0]),
-        "train_idx": res.train_idx[0], "actual": res.actual[0],
-        "first_order": res.predicted["influence"][0], "newton": res.predicted["newton"][0],
-        "first_order_stats": res.stats["influence"], "newton_stats": res.stats["newton"],
-        "time_predict_s": res.time_predict_s, "time_retrain_s": res.time_retrain_s,
+        "train_idx": res.train_idx[0],
+        "actual": res.actual[0],
+        "first_order": res.predicted["influence"][0],
+        "newton": res.predicted["newton"][0],
+        "first_order_stats": res.stats["influence"],
+        "newton_stats": res.stats["newton"],
+        "time_predict_s": res.time_predict_s,
+        "time_retrain_s": res.time_retrain_s,
         "time_total_s": time.perf_counter() - t_start,
     }
 
 
-def hinge_experiment(temperatures=(0.001, 0.1), hinge_temperature=1e-5, l2=0.01, n_points=100,
-                     seed=SPLIT_SEED):
+def hinge_experiment(
+    temperatures=(0.001, 0.1), hinge_temperature=1e-5, l2=0.01, n_points=100, seed=SPLIT_SEED
+):
     """Experiment 2 (Figure 3); returns a dict with the data, models, points and Pearson R per t."""
     t_start = time.perf_counter()
     X_train, y_train, X_test, y_test = digits_even_odd(seed)
     n = len(y_train)
-    hinge = pyinfluence.SmoothHingeSVM(l2=l2, temperature=hinge_temperature, fit_intercept=False,
-                                       max_iter=1000).fit(X_train, y_train)
+    hinge = pyinfluence.SmoothHingeSVM(
+        l2=l2, temperature=hinge_temperature, fit_intercept=False, max_iter=1000
+    ).fit(X_train, y_train)
     infl_hinge = pyinfluence.LinearInfluence(hinge, X_train, y_train)
 
     margins_test = y_test * hinge.decision_function(X_test)
@@ -104,9 +125,9 @@ def hinge_experiment(temperatures=(0.001, 0.1), hinge_temperature=1e-5, l2=0.01,
     # The paper's "t = 0" influence: hinge (sub)gradients and zero loss curvature, so H = l2·I.
     # Gradients of the t0-smoothed hinge are the hinge's subgradients (−y·x inside the margin, 0 outside,
     # a value in between for the points on the margin).
-    g_train = infl_hinge.gradients()            # (n, p)
+    g_train = infl_hinge.gradients()  # (n, p)
     g_test = -y_t * x_t * (1.0 - _sigmoid((margins_test[j] - 1.0) / hinge_temperature))
-    pred_t0 = g_train @ g_test / (l2 * n)       # −(1/n)·up_loss with H = l2·I
+    pred_t0 = g_train @ g_test / (l2 * n)  # −(1/n)·up_loss with H = l2·I
     idx = np.argsort(-np.abs(pred_t0), kind="stable")[:n_points]
 
     t0 = time.perf_counter()
@@ -122,12 +143,23 @@ def hinge_experiment(temperatures=(0.001, 0.1), hinge_temperature=1e-5, l2=0.01,
         predicted[t] = infl_t.loo_change(x_t, y_t, idx, method="influence")[:, 0]
     margins_train = y_train * hinge.decision_function(X_train)
     return {
-        "X_train": X_train, "y_train": y_train, "X_test": X_test, "y_test": y_test,
-        "model": hinge, "influence": infl_hinge, "l2": l2, "hinge_temperature": hinge_temperature,
-        "test_index": j, "test_margin": float(margins_test[j]), "train_idx": idx,
-        "margins_train": margins_train, "actual": actual, "predicted": predicted,
+        "X_train": X_train,
+        "y_train": y_train,
+        "X_test": X_test,
+        "y_test": y_test,
+        "model": hinge,
+        "influence": infl_hinge,
+        "l2": l2,
+        "hinge_temperature": hinge_temperature,
+        "test_index": j,
+        "test_margin": float(margins_test[j]),
+        "train_idx": idx,
+        "margins_train": margins_train,
+        "actual": actual,
+        "predicted": predicted,
         "stats": {t: fit_stats(actual, p) for t, p in predicted.items()},
-        "n_iter_fit": int(hinge.n_iter_), "time_retrain_s": t_retrain,
+        "n_iter_fit": int(hinge.n_iter_),
+        "time_retrain_s": t_retrain,
         "time_total_s": time.perf_counter() - t_start,
     }
 
@@ -139,34 +171,48 @@ def _sigmoid(z):
 def main():
     r = multinomial_experiment()
     n = len(r["y_train"])
-    print("1. Influence predicts retraining: digits, 10-class multinomial logistic regression, "
-          f"standardised, l2={r['l2']:g}, n={n}, p={r['influence'].n_params}")
-    print(f"   test point #{r['test_index']} (label {r['test_label']}, predicted {r['test_prediction']}, "
-          f"loss {r['test_loss']:.3f}: the highest test loss); 50 most influential + 50 random training "
-          f"points, actual change by exact retraining")
+    print(
+        "1. Influence predicts retraining: digits, 10-class multinomial logistic regression, "
+        f"standardised, l2={r['l2']:g}, n={n}, p={r['influence'].n_params}"
+    )
+    print(
+        f"   test point #{r['test_index']} (label {r['test_label']}, predicted {r['test_prediction']}, "
+        f"loss {r['test_loss']:.3f}: the highest test loss); 50 most influential + 50 random training "
+        f"points, actual change by exact retraining"
+    )
     print(f"   {'estimate':<28}{'Pearson R':>10}{'slope (origin)':>16}{'slope (OLS)':>13}")
     for name, key in (("first order (-up_loss/n)", "first_order_stats"), ("Newton step", "newton_stats")):
         s = r[key]
         print(f"   {name:<28}{s['pearson']:>10.4f}{s['slope_origin']:>16.3f}{s['slope_ols']:>13.3f}")
     print(f"   issue's hand measurements: {ISSUE_HAND}")
-    print(f"   slope = actual regressed on predicted; max |actual| = {np.abs(r['actual']).max():.3f}; "
-          f"retraining 100 points {r['time_retrain_s']:.1f} s, estimates {r['time_predict_s']:.2f} s, "
-          f"total {r['time_total_s']:.1f} s")
+    print(
+        f"   slope = actual regressed on predicted; max |actual| = {np.abs(r['actual']).max():.3f}; "
+        f"retraining 100 points {r['time_retrain_s']:.1f} s, estimates {r['time_predict_s']:.2f} s, "
+        f"total {r['time_total_s']:.1f} s"
+    )
 
     h = hinge_experiment()
     m = h["margins_train"]
-    print("\n2. Figure 3 (hinge loss): digits even vs odd, linear SVM without intercept, x/16, "
-          f"l2={h['l2']:g}, n={len(h['y_train'])}")
-    print(f"   hinge = SmoothHingeSVM(temperature={h['hinge_temperature']:g}) "
-          f"({h['n_iter_fit']} Newton iterations); support vectors: {np.sum(m < 1 - 1e-3)} inside the "
-          f"margin, {np.sum(np.abs(m - 1) <= 1e-3)} on it")
-    print(f"   test point #{h['test_index']} (margin {h['test_margin']:.3f}, the smallest); the 100 "
-          f"training points with the largest |t=0 influence|; actual = hinge retrained without each")
+    print(
+        "\n2. Figure 3 (hinge loss): digits even vs odd, linear SVM without intercept, x/16, "
+        f"l2={h['l2']:g}, n={len(h['y_train'])}"
+    )
+    print(
+        f"   hinge = SmoothHingeSVM(temperature={h['hinge_temperature']:g}) "
+        f"({h['n_iter_fit']} Newton iterations); support vectors: {np.sum(m < 1 - 1e-3)} inside the "
+        f"margin, {np.sum(np.abs(m - 1) <= 1e-3)} on it"
+    )
+    print(
+        f"   test point #{h['test_index']} (margin {h['test_margin']:.3f}, the smallest); the 100 "
+        f"training points with the largest |t=0 influence|; actual = hinge retrained without each"
+    )
     print(f"   {'influence computed with':<30}{'Pearson R':>10}{'paper':>8}{'slope (origin)':>16}")
     for t, s in h["stats"].items():
         name = "t = 0 (hinge, H = l2·I)" if t == 0.0 else f"smooth hinge, t = {t:g}"
-        print(f"   {name:<30}{s['pearson']:>10.3f}{PAPER_FIG3.get(t, float('nan')):>8.2f}"
-              f"{s['slope_origin']:>16.3f}")
+        print(
+            f"   {name:<30}{s['pearson']:>10.3f}{PAPER_FIG3.get(t, float('nan')):>8.2f}"
+            f"{s['slope_origin']:>16.3f}"
+        )
     print(f"   retraining 100 points {h['time_retrain_s']:.1f} s, total {h['time_total_s']:.1f} s")
 
 

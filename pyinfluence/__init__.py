@@ -15,7 +15,7 @@ from pyinfluence import _blas
 with _blas.polite_thread_pools():
     _blas.preload_scipy_openblas()
     from pyinfluence import _core
-from pyinfluence.errors import (  # noqa: E402
+from pyinfluence.errors import (
     ConvergenceError,
     ConvergenceWarning,
     NonFiniteError,
@@ -23,11 +23,12 @@ from pyinfluence.errors import (  # noqa: E402
     NotFittedError,
     NotPositiveDefiniteError,
 )
-from pyinfluence.linear import LinearInfluence, TopK  # noqa: E402
-from pyinfluence.models import (  # noqa: E402
+from pyinfluence.linear import (
+    LinearInfluence,
     LogisticRegression,
     RidgeRegression,
     SmoothHingeSVM,
+    TopK,
     from_sklearn,
 )
 
@@ -36,15 +37,15 @@ __version__ = _core.__version__
 # The torch path is imported on first use, so that `import pyinfluence` for the linear path does not pay for
 # importing torch: name -> module that defines it.
 _LAZY = {
-    "BlockCG": "pyinfluence.solvers",
-    "CG": "pyinfluence.solvers",
-    "Exact": "pyinfluence.solvers",
-    "LiSSA": "pyinfluence.solvers",
-    "SolveResult": "pyinfluence.solvers",
-    "TorchInfluence": "pyinfluence.torch_influence",
-    "smooth_hinge_loss": "pyinfluence.losses",
-    "Solver": "pyinfluence.solvers",
-    "resolve_solver": "pyinfluence.solvers",
+    "BlockCG": "pyinfluence.torch.solvers",
+    "CG": "pyinfluence.torch.solvers",
+    "Exact": "pyinfluence.torch.solvers",
+    "LiSSA": "pyinfluence.torch.solvers",
+    "SolveResult": "pyinfluence.torch.solvers",
+    "TorchInfluence": "pyinfluence.torch.influence",
+    "smooth_hinge_loss": "pyinfluence.torch.losses",
+    "Solver": "pyinfluence.torch.solvers",
+    "resolve_solver": "pyinfluence.torch.solvers",
 }
 
 
@@ -83,6 +84,7 @@ def get_num_threads() -> int:
     """Threads of pyinfluence's own BLAS pool (or of its OpenMP regions when the BLAS is not its own)."""
     blas = _core.blas_threads()
     return blas if blas > 0 else _core.max_threads()
+
 
 __all__ = [
     "BlockCG",

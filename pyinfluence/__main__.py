@@ -2,7 +2,7 @@
 
 import sys
 
-from pyinfluence.cli import main
+from pyinfluence.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

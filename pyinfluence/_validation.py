@@ -80,9 +80,7 @@ def _torch_to_numpy(name: str, X: Any) -> np.ndarray:
         X = X.resolve_conj().resolve_neg()
         return X.numpy()
     except (TypeError, RuntimeError) as exc:
-        raise TypeError(
-            f"{name}: cannot convert torch tensor of dtype {X.dtype} to numpy: {exc}"
-        ) from exc
+        raise TypeError(f"{name}: cannot convert torch tensor of dtype {X.dtype} to numpy: {exc}") from exc
 
 
 def _to_numpy(name: str, X: Any) -> np.ndarray:
@@ -116,9 +114,7 @@ def _float_dtype_for(name: str, A: np.ndarray, dtype: Optional[np.dtype]) -> np.
     if kind == "c":
         raise TypeError(f"{name} has complex dtype {A.dtype}; real values are required")
     if kind not in "fiub":
-        raise TypeError(
-            f"{name} has dtype {A.dtype}; a numeric (float, int or bool) array is required"
-        )
+        raise TypeError(f"{name} has dtype {A.dtype}; a numeric (float, int or bool) array is required")
     if dtype is not None:
         return dtype
     if A.dtype in _FLOAT_DTYPES:
@@ -177,11 +173,7 @@ def as_float_matrix(
                 f"{name}.reshape(1, -1) for a single sample"
             )
         else:
-            expect = (
-                "(n_features,) or (n_samples, n_features)"
-                if allow_1d
-                else "(n_samples, n_features)"
-            )
+            expect = "(n_features,) or (n_samples, n_features)" if allow_1d else "(n_samples, n_features)"
             raise ValueError(
                 f"{name} must be {'1-D or ' if allow_1d else ''}2-D with shape {expect}, "
                 f"got {A.ndim}-D array of shape {A.shape}"
@@ -191,9 +183,7 @@ def as_float_matrix(
             f"{name} is empty (shape {A.shape}); at least one sample and one feature are required"
         )
     if n_features is not None and A.shape[1] != n_features:
-        raise ValueError(
-            f"{name} has {A.shape[1]} features but the model was trained on {n_features}"
-        )
+        raise ValueError(f"{name} has {A.shape[1]} features but the model was trained on {n_features}")
     if A.dtype != dt or not A.flags.c_contiguous:
         A = np.ascontiguousarray(A, dtype=dt)
     _check_finite(name, A)
@@ -244,9 +234,7 @@ def _length_message(name: str, got: int, n: int) -> str:
     return f"{name} has {got} entries but the features have {n} rows; they must match"
 
 
-def as_label_array(
-    name: str, y: Any, *, n: Optional[int] = None, allow_scalar: bool = False
-) -> np.ndarray:
+def as_label_array(name: str, y: Any, *, n: Optional[int] = None, allow_scalar: bool = False) -> np.ndarray:
     """Class labels -> 1-D ndarray (any orderable dtype: ints, floats, strings, bools).
 
     Rejects NaN/inf in float labels, None in object labels, complex labels, wrong ndim and a
@@ -276,17 +264,13 @@ def as_label_array(
 def check_n_features(name: str, X: np.ndarray, n_features: int) -> None:
     """Raise ``ValueError`` if ``X.shape[1] != n_features``."""
     if X.shape[1] != n_features:
-        raise ValueError(
-            f"{name} has {X.shape[1]} features but the model was trained on {n_features}"
-        )
+        raise ValueError(f"{name} has {X.shape[1]} features but the model was trained on {n_features}")
 
 
 def check_same_length(name_X: str, X: np.ndarray, name_y: str, y: np.ndarray) -> None:
     """Raise ``ValueError`` if ``X`` and ``y`` have different numbers of samples."""
     if X.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{name_X} has {X.shape[0]} samples but {name_y} has {y.shape[0]}; they must match"
-        )
+        raise ValueError(f"{name_X} has {X.shape[0]} samples but {name_y} has {y.shape[0]}; they must match")
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,9 +327,7 @@ def check_int(
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(
-            f"{name} must be an integer, got {type(value).__name__} {value!r}"
-        ) from None
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     if maximum is not None and v > maximum:
@@ -413,9 +395,7 @@ def as_index_array(
     if a.dtype != np.int64 or not a.flags.c_contiguous:
         a = np.ascontiguousarray(a, dtype=np.int64)
     if unique and a.size > 1 and np.unique(a).size != a.size:
-        raise ValueError(
-            f"{name} contains repeated indices; each training point can be removed once"
-        )
+        raise ValueError(f"{name} contains repeated indices; each training point can be removed once")
     return a
 
 

@@ -49,6 +49,7 @@ Signatures (spec = Spec(...); X (n, d); y (n,); theta (K, d_eff) or (p,); idx = 
     null_space_projector(spec, d)  -> (p, p) projector removing the direction (1_K ⊗ e_intercept) that
         is a null direction of a multinomial objective with unpenalised intercept (identity otherwise)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -198,8 +199,9 @@ def _test_arrays(X_test, y_test):
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def make_problem(family: str, n: int, d: int, n_classes: int = 3, seed: int = 0, m_test: int = 5,
-                 dtype=np.float64):
+def make_problem(
+    family: str, n: int, d: int, n_classes: int = 3, seed: int = 0, m_test: int = 5, dtype=np.float64
+):
     """Random (X, y, X_test, y_test) with labels in the family's convention; X has a nonzero mean
     so that the intercept matters. Classes are all present in the training labels."""
     rng = np.random.default_rng(seed)
@@ -228,8 +230,12 @@ def make_problem(family: str, n: int, d: int, n_classes: int = 3, seed: int = 0,
             continue
         X = X.astype(dtype)
         y = y.astype(dtype)
-        return (np.ascontiguousarray(X[:n]), np.ascontiguousarray(y[:n]),
-                np.ascontiguousarray(X[n:]), np.ascontiguousarray(y[n:]))
+        return (
+            np.ascontiguousarray(X[:n]),
+            np.ascontiguousarray(y[:n]),
+            np.ascontiguousarray(X[n:]),
+            np.ascontiguousarray(y[n:]),
+        )
     raise RuntimeError("could not draw a problem with all classes present")
 
 
@@ -360,8 +366,14 @@ def fit_scipy(spec: Spec, X, y, theta0=None, weights=None, gtol: float = 1e-10) 
         t = _t(x)
         return float(R(t)), _np(gR(t))
 
-    res = scipy.optimize.minimize(fun, x0, jac=True, hess=lambda x: _np(hR(_t(x))),
-                                  method="trust-exact", options={"gtol": gtol, "maxiter": 500})
+    res = scipy.optimize.minimize(
+        fun,
+        x0,
+        jac=True,
+        hess=lambda x: _np(hR(_t(x))),
+        method="trust-exact",
+        options={"gtol": gtol, "maxiter": 500},
+    )
     return np.asarray(res.x, dtype=np.float64)
 
 
@@ -448,8 +460,9 @@ def loo_newton_steps(spec: Spec, X, y, theta, idx, damping: float = 0.0, group: 
     return out[0] if group else out
 
 
-def loo_newton(spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.0,
-               group: bool = False) -> np.ndarray:
+def loo_newton(
+    spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.0, group: bool = False
+) -> np.ndarray:
     Xt, yt = _test_arrays(X_test, y_test)
     th = np.asarray(theta, np.float64).reshape(-1)
     steps = loo_newton_steps(spec, X, y, th, idx, damping, group)
@@ -458,8 +471,9 @@ def loo_newton(spec: Spec, X, y, theta, X_test, y_test, idx, damping: float = 0.
     return np.array([_test_loss_change(spec, Xt, yt, th + dl, th) for dl in steps])
 
 
-def retrain_loo(spec: Spec, X, y, theta, X_test, y_test, idx, group: bool = False,
-                tol: float = 1e-10) -> np.ndarray:
+def retrain_loo(
+    spec: Spec, X, y, theta, X_test, y_test, idx, group: bool = False, tol: float = 1e-10
+) -> np.ndarray:
     X = np.asarray(X, np.float64)
     y = np.asarray(y, np.float64)
     Xt, yt = _test_arrays(X_test, y_test)
@@ -479,7 +493,7 @@ def top_k(ul: np.ndarray, k: int):
     """From a full (n_train, m) up_loss matrix: per test point the k most negative (helpful, ascending)
     and the k most positive (harmful, descending), by a full stable argsort."""
     ul = np.asarray(ul, np.float64)
-    asc = np.argsort(ul, axis=0, kind="stable")[:k].T          # (m, k)
-    desc = np.argsort(-ul, axis=0, kind="stable")[:k].T        # (m, k)
+    asc = np.argsort(ul, axis=0, kind="stable")[:k].T  # (m, k)
+    desc = np.argsort(-ul, axis=0, kind="stable")[:k].T  # (m, k)
     cols = np.arange(ul.shape[1])[:, None]
     return asc, ul[asc, cols], desc, ul[desc, cols]

@@ -110,9 +110,7 @@ def test_fit_stats_against_numpy():
     a = 2.0 * p + 0.1 * rng.standard_normal(40)
     s = app.fit_stats(a, p)
     assert s["pearson"] == pytest.approx(np.corrcoef(a, p)[0, 1], rel=1e-12)
-    assert s["slope_origin"] == pytest.approx(
-        np.linalg.lstsq(p[:, None], a, rcond=None)[0][0], rel=1e-12
-    )
+    assert s["slope_origin"] == pytest.approx(np.linalg.lstsq(p[:, None], a, rcond=None)[0][0], rel=1e-12)
     assert s["slope_ols"] == pytest.approx(np.polyfit(p, a, 1)[0], rel=1e-10)
     assert s["n"] == 40
     assert np.isnan(app.fit_stats([1.0], [2.0])["pearson"])
@@ -232,13 +230,9 @@ def test_validate_loo_with_a_retrain_callable_and_bad_input(digits):
         calls.append(np.asarray(idx).copy())
         return inf.retrain_loo(Xq, yq, idx)
 
-    res = app.validate_loo(
-        inf, x, y, n_top=3, n_random=1, methods=("influence",), retrain=retrain, chunk=2
-    )
+    res = app.validate_loo(inf, x, y, n_top=3, n_random=1, methods=("influence",), retrain=retrain, chunk=2)
     union = np.unique(np.concatenate(res.train_idx))
-    np.testing.assert_array_equal(
-        np.sort(np.concatenate(calls)), union
-    )  # each point retrained once
+    np.testing.assert_array_equal(np.sort(np.concatenate(calls)), union)  # each point retrained once
     assert max(c.size for c in calls) <= 2
     assert list(res.predicted) == ["influence"]
 
@@ -275,9 +269,7 @@ def test_find_mislabeled_ranks_by_self_influence_magnitude(digits):
     r = app.find_mislabeled(inf, k=20)
     si = inf.self_influence()
     assert np.all(si <= 1e-12)
-    np.testing.assert_array_equal(
-        r.indices, np.argsort(si, kind="stable")[:20]
-    )  # most negative first
+    np.testing.assert_array_equal(r.indices, np.argsort(si, kind="stable")[:20])  # most negative first
     np.testing.assert_allclose(r.scores, -r.self_influence)
     assert np.all(np.diff(r.scores) <= 0)
     assert app.find_mislabeled(inf).indices.size == inf.n_train
@@ -291,11 +283,7 @@ def test_find_mislabeled_ranks_by_self_influence_magnitude(digits):
 def test_flip_labels():
     y = np.repeat(np.arange(5), 20)
     yf, idx = app.flip_labels(y, 0.1, np.random.default_rng(1))
-    assert (
-        idx.size == 10
-        and np.all(yf[idx] != y[idx])
-        and np.all(np.delete(yf, idx) == np.delete(y, idx))
-    )
+    assert idx.size == 10 and np.all(yf[idx] != y[idx]) and np.all(np.delete(yf, idx) == np.delete(y, idx))
     assert set(np.unique(yf)) <= set(range(5))
     yf2, _ = app.flip_labels(y, 0.1, np.random.default_rng(1))
     np.testing.assert_array_equal(yf, yf2)
@@ -323,9 +311,7 @@ def test_mislabel_experiment_self_influence_beats_loss_and_random():
     # independent recomputation of "found" for seed 1, the loss ranking, 10% checked
     rng = np.random.default_rng(1)
     n = ds.y_train.size
-    flip = np.sort(
-        rng.choice(n, 20, replace=False)
-    )  # flip_labels: sorted indices, then the class shifts
+    flip = np.sort(rng.choice(n, 20, replace=False))  # flip_labels: sorted indices, then the class shifts
     y_fl = ds.y_train.copy()
     y_fl[flip] = (ds.y_train[flip] + rng.integers(1, 10, 20)) % 10
     m = pyinfluence.LogisticRegression(l2=1e-2).fit(ds.X_train, y_fl)  # from scratch
@@ -333,10 +319,7 @@ def test_mislabel_experiment_self_influence_beats_loss_and_random():
     assert res.found["loss"][1, 1] == pytest.approx(np.isin(top, flip).sum() / 20)
 
     d = _json(res)
-    assert (
-        set(d["found_mean"]) == {"influence", "loss", "random"}
-        and len(d["found_mean"]["loss"]) == 4
-    )
+    assert set(d["found_mean"]) == {"influence", "loss", "random"} and len(d["found_mean"]["loss"]) == 4
     fig = res.plot()
     assert isinstance(fig, Figure) and len(fig.axes) == 2
 
@@ -393,9 +376,7 @@ def test_attack_stays_in_the_ball_and_raises_the_retrained_loss(unit_small):
     m2 = pyinfluence.LogisticRegression(l2=1e-3).fit(Xp, ds.y_train)
     loss_after = m2.loss(ds.X_test[t : t + 1], ds.y_test[t : t + 1])[0]
     assert res.loss_after == pytest.approx(loss_after, rel=1e-6, abs=1e-9)
-    assert res.loss_before == pytest.approx(
-        model.loss(ds.X_test[t : t + 1], ds.y_test[t : t + 1])[0]
-    )
+    assert res.loss_before == pytest.approx(model.loss(ds.X_test[t : t + 1], ds.y_test[t : t + 1])[0])
     assert res.loss_after > res.loss_before and res.loss_change > 0
     assert res.predicted_loss_change > 0
     assert res.flipped == (m2.predict(ds.X_test[t : t + 1])[0] != ds.y_test[t])
@@ -427,9 +408,7 @@ def test_attack_without_refits_is_one_signed_step(unit_small):
     P = inf.pert_loss(ds.X_test[t], ds.y_test[t], [3, 7])[:, 0, :]
     x0 = ds.X_train[[3, 7]]
     want = np.clip(x0 + 0.1 * np.sign(P), np.maximum(x0 - 0.1, 0), np.minimum(x0 + 0.1, 1))
-    np.testing.assert_allclose(
-        res.x_perturbed, want, atol=1e-12
-    )  # 5 steps of 0.05 reach the corner
+    np.testing.assert_allclose(res.x_perturbed, want, atol=1e-12)  # 5 steps of 0.05 reach the corner
     assert res.predicted_loss_change == pytest.approx(np.sum(P * (want - x0)) / inf.n_train)
     assert res.loss_history.size == 0 and np.isfinite(res.loss_after)
     res2 = app.training_set_attack(
@@ -441,11 +420,7 @@ def test_attack_without_refits_is_one_signed_step(unit_small):
         refit_each_step=False,
         retrain=False,
     )
-    assert (
-        np.isnan(res2.loss_after)
-        and not res2.flipped
-        and res2.prediction_after == res2.prediction_before
-    )
+    assert np.isnan(res2.loss_after) and not res2.flipped and res2.prediction_after == res2.prediction_before
     _json(res2)
 
 
@@ -496,9 +471,7 @@ def test_attack_many_pick_targets_and_bad_input(unit_small):
     P = model.predict_proba(ds.X_test)
     correct = np.flatnonzero(model.predict(ds.X_test) == ds.y_test)
     srt = np.sort(P, axis=1)
-    margin = P[np.arange(len(P)), ds.y_test] - np.where(
-        P.argmax(1) == ds.y_test, srt[:, -2], srt[:, -1]
-    )
+    margin = P[np.arange(len(P)), ds.y_test] - np.where(P.argmax(1) == ds.y_test, srt[:, -2], srt[:, -1])
     np.testing.assert_array_equal(tg, correct[np.argsort(margin[correct], kind="stable")[:3]])
     rnd = app.pick_targets(model, ds.X_test, ds.y_test, 3, how="random", seed=1)
     assert np.all(model.predict(ds.X_test[rnd]) == ds.y_test[rnd])
@@ -562,9 +535,7 @@ def test_feature_contributions_sum_to_up_loss_binary_numpy():
     G = (p - dm.y_train)[:, None] * X
     up = -G @ s_test
     np.testing.assert_allclose(C.sum(axis=1), up, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(
-        C, -G * s_test[None, :], rtol=1e-8, atol=1e-10
-    )  # C_ij = −r_i x̃_ij s_j
+    np.testing.assert_allclose(C, -G * s_test[None, :], rtol=1e-8, atol=1e-10)  # C_ij = −r_i x̃_ij s_j
     np.testing.assert_allclose(up, inf.up_loss(x, y)[:, 0], rtol=1e-8, atol=1e-10)
 
 
@@ -664,21 +635,15 @@ def test_compare_models(unit_small):
     )
     up = inf_rbf.up_loss(Ft, yte).T
     np.testing.assert_allclose(cm.influence["RBF"], up)
-    np.testing.assert_array_equal(
-        cm.helpful_idx["RBF"], np.argsort(up, axis=1, kind="stable")[:, :4]
-    )
-    np.testing.assert_array_equal(
-        cm.harmful_idx["pixels"][:, 0], np.argmax(inf.up_loss(Xte, yte), axis=0)
-    )
+    np.testing.assert_array_equal(cm.helpful_idx["RBF"], np.argsort(up, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(cm.harmful_idx["pixels"][:, 0], np.argmax(inf.up_loss(Xte, yte), axis=0))
     np.testing.assert_allclose(
         cm.distance, np.linalg.norm(Xte[:, None] - ds.X_train[None], axis=-1), atol=1e-10
     )
     for name in cm.names:
         for j in range(3):
             want = spearmanr(np.abs(cm.influence[name][j]), cm.distance[j]).statistic
-            assert cm.stats[name][j]["spearman_abs_influence_distance"] == pytest.approx(
-                want, abs=1e-10
-            )
+            assert cm.stats[name][j]["spearman_abs_influence_distance"] == pytest.approx(want, abs=1e-10)
     # the narrow-kernel model's helpful points are closer neighbours than the pixel model's
     ratio = {n: np.mean([s["helpful_distance_ratio"] for s in cm.stats[n]]) for n in cm.names}
     assert ratio["RBF"] < ratio["pixels"]
@@ -691,9 +656,7 @@ def test_compare_models(unit_small):
     with pytest.raises(ValueError, match="expected \\(n_train, n_test\\)"):
         app.compare_models({"bad": TorchOut()}, ds.X_train[:10], ds.y_train[:10], Xte, yte)
     with pytest.raises(ValueError, match="not among influences"):
-        app.compare_models(
-            {"a": inf}, ds.X_train, ds.y_train, Xte, yte, test_inputs={"b": (Xte, yte)}
-        )
+        app.compare_models({"a": inf}, ds.X_train, ds.y_train, Xte, yte, test_inputs={"b": (Xte, yte)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,9 +673,7 @@ def test_plots_into_given_axes_and_no_pyplot_figures(digits):
     assert res.plot(axs) is fig
     fig2 = Figure()
     assert res.plot(fig2) is fig2 and len(fig2.axes) == 2
-    one = app.validate_loo(
-        inf, ds.X_test[:1], ds.y_test[:1], n_top=2, n_random=0, methods=("influence",)
-    )
+    one = app.validate_loo(inf, ds.X_test[:1], ds.y_test[:1], n_top=2, n_random=0, methods=("influence",))
     f3 = Figure()
     ax = f3.add_subplot()
     assert one.plot(ax) is f3
@@ -739,7 +700,7 @@ def test_importing_applications_has_no_heavy_or_global_side_effects(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_applications_accept_torch_influence(unit_small):
     torch = pytest.importorskip("torch")
-    ti_mod = pytest.importorskip("pyinfluence.torch_influence")
+    ti_mod = pytest.importorskip("pyinfluence.torch.influence")
     ds, _, _ = unit_small
     l2 = 1e-2
     # penalised intercept: the same objective as TorchInfluence's l2 over all parameters
@@ -761,18 +722,21 @@ def test_applications_accept_torch_influence(unit_small):
     np.testing.assert_allclose(r_t.scores, r_l.scores, rtol=1e-6)
 
     cm = app.compare_models(
-        {"torch": tinf, "linear": inf}, ds.X_train, ds.y_train, ds.X_test[:3], ds.y_test[:3],
-        test_inputs={"torch": (Xq, yq)}, k=3,
+        {"torch": tinf, "linear": inf},
+        ds.X_train,
+        ds.y_train,
+        ds.X_test[:3],
+        ds.y_test[:3],
+        test_inputs={"torch": (Xq, yq)},
+        k=3,
     )
     np.testing.assert_allclose(cm.influence["torch"], cm.influence["linear"], rtol=1e-6, atol=1e-9)
 
     def retrain(X, y, idx):  # stands in for retraining the network from its trained weights
         return inf.retrain_loo(np.asarray(X), np.asarray(y), idx)
 
-    v = app.validate_loo(tinf, Xq[:1], yq[:1], n_top=4, n_random=2, methods=("influence",),
-                         retrain=retrain)
-    w = app.validate_loo(inf, ds.X_test[:1], ds.y_test[:1], n_top=4, n_random=2,
-                         methods=("influence",))
+    v = app.validate_loo(tinf, Xq[:1], yq[:1], n_top=4, n_random=2, methods=("influence",), retrain=retrain)
+    w = app.validate_loo(inf, ds.X_test[:1], ds.y_test[:1], n_top=4, n_random=2, methods=("influence",))
     np.testing.assert_array_equal(v.train_idx[0], w.train_idx[0])
     np.testing.assert_allclose(v.predicted["influence"][0], w.predicted["influence"][0], rtol=1e-6)
     _json(v)

@@ -35,8 +35,9 @@ from pyinfluence.bench import (
     topk_overlap,
 )
 from pyinfluence.bench.metrics import max_rel_err, rankdata
-from pyinfluence.solvers import CG, Exact, LiSSA
-from pyinfluence.torch_influence import TorchInfluence
+from pyinfluence.torch.influence import TorchInfluence
+from pyinfluence.torch.solvers import CG, Exact, LiSSA
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -57,13 +58,34 @@ def _one_thread():
 
 
 ROW_KEYS = {
-    "task": str, "label": str, "path": str, "family": str, "solver": str, "settings": dict,
-    "status": str, "warnings": list, "repeats": int, "times_s": list, "reference": bool,
+    "task": str,
+    "label": str,
+    "path": str,
+    "family": str,
+    "solver": str,
+    "settings": dict,
+    "status": str,
+    "warnings": list,
+    "repeats": int,
+    "times_s": list,
+    "reference": bool,
     "pareto": bool,
 }
-ROW_NUMBERS = ["time_s", "prepare_s", "solve_s", "peak_mem_mb", "flops", "max_residual",
-               "pearson", "spearman", "top10_overlap", "top10_helpful", "top10_harmful",
-               "max_rel_err", "loo_pearson"]
+ROW_NUMBERS = [
+    "time_s",
+    "prepare_s",
+    "solve_s",
+    "peak_mem_mb",
+    "flops",
+    "max_residual",
+    "pearson",
+    "spearman",
+    "top10_overlap",
+    "top10_helpful",
+    "top10_harmful",
+    "max_rel_err",
+    "loo_pearson",
+]
 ROW_INTS = ["hvp_columns", "minibatch_hvp_columns", "iterations"]
 
 
@@ -88,8 +110,17 @@ def _strict_json(text: str):
 
 def check_schema(doc: dict) -> None:
     assert doc["schema"] == SCHEMA == "pyinfluence.bench/1"
-    assert set(doc) >= {"schema", "created", "machine", "settings", "tasks", "rows", "peers",
-                        "scaling", "notes"}
+    assert set(doc) >= {
+        "schema",
+        "created",
+        "machine",
+        "settings",
+        "tasks",
+        "rows",
+        "peers",
+        "scaling",
+        "notes",
+    }
     assert isinstance(doc["machine"], dict) and isinstance(doc["machine"]["cores"], int)
     assert isinstance(doc["tasks"], list) and doc["tasks"]
     assert isinstance(doc["rows"], list) and doc["rows"]
@@ -207,7 +238,7 @@ def _numpy_multinomial_up_loss(task) -> np.ndarray:
     for a in range(K):
         for b in range(K):
             w = P[:, a] * ((a == b) - P[:, b])
-            H[a * d1:(a + 1) * d1, b * d1:(b + 1) * d1] = (Xtr * w[:, None]).T @ Xtr / n
+            H[a * d1 : (a + 1) * d1, b * d1 : (b + 1) * d1] = (Xtr * w[:, None]).T @ Xtr / n
     H += task.l2 * np.eye(K * d1)
     S = np.linalg.solve(H, grads(Xte, yte).T)
     return -grads(Xtr, ytr) @ S
@@ -231,7 +262,7 @@ def test_quick_loo_metric(quick):
     for t, j in enumerate(loo["test_idx"]):
         idx = loo["train_idx"][t]
         # the LOO set is the top-|up_loss| training points of that test column
-        top = np.argsort(-np.abs(ref[:, j]), kind="stable")[:len(idx)]
+        top = np.argsort(-np.abs(ref[:, j]), kind="stable")[: len(idx)]
         assert sorted(idx) == sorted(top.tolist())
         pred += list(-ref[idx, j] / loo["n_train"])
         act += loo["actual"][t]
@@ -248,9 +279,12 @@ def test_quick_table_and_pareto(quick):
     # brute force: on the front iff no other point is at least as good in both and better in one
     for r in ok:
         dominated = any(
-            o["time_s"] <= r["time_s"] and (1 - o["pearson"]) <= (1 - r["pearson"])
+            o["time_s"] <= r["time_s"]
+            and (1 - o["pearson"]) <= (1 - r["pearson"])
             and (o["time_s"] < r["time_s"] or o["pearson"] > r["pearson"])
-            for o in ok if o is not r)
+            for o in ok
+            if o is not r
+        )
         assert r["pareto"] == (not dominated), r["label"]
 
 
@@ -260,9 +294,29 @@ def test_quick_table_and_pareto(quick):
 def test_cli_bench_quick(tmp_path):
     out = tmp_path / "bench-out"
     proc = subprocess.run(
-        [sys.executable, "-m", "pyinfluence", "bench", "--quick", "--tasks", "digits-svm",
-         "--m", "8", "--out", str(out), "--json", "--quiet", "--threads", "1"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pyinfluence",
+            "bench",
+            "--quick",
+            "--tasks",
+            "digits-svm",
+            "--m",
+            "8",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = _strict_json(proc.stdout)
     check_schema(doc)
@@ -276,7 +330,7 @@ def test_cli_bench_quick(tmp_path):
 
 
 def test_cli_bench_bad_arguments(tmp_path):
-    from pyinfluence.cli import main
+    from pyinfluence.cli.commands import main
 
     assert main(["bench", "--tasks", "no-such-task", "--out", str(tmp_path)]) == 1
     assert main(["bench", "--solvers", "newton", "--out", str(tmp_path)]) == 1
@@ -290,15 +344,12 @@ def test_metrics_against_scipy():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((40, 3))
     b = a + 0.5 * rng.standard_normal((40, 3))
-    assert pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a.ravel(), b.ravel())[0],
-                                          abs=1e-12)
-    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a.ravel(), b.ravel())[0],
-                                           abs=1e-12)
+    assert pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a.ravel(), b.ravel())[0], abs=1e-12)
+    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a.ravel(), b.ravel())[0], abs=1e-12)
     # ties: average ranks, as scipy
     c = np.round(a, 0)
     d = np.round(b, 1)
-    assert spearman(c, d) == pytest.approx(scipy.stats.spearmanr(c.ravel(), d.ravel())[0],
-                                           abs=1e-12)
+    assert spearman(c, d) == pytest.approx(scipy.stats.spearmanr(c.ravel(), d.ravel())[0], abs=1e-12)
     np.testing.assert_allclose(rankdata(c.ravel()), scipy.stats.rankdata(c.ravel()))
     # torch tensors are accepted
     assert pearson(torch.from_numpy(a), b) == pytest.approx(pearson(a, b), abs=1e-15)
@@ -340,14 +391,14 @@ def test_topk_overlap_brute_force():
 
 def test_pareto_front_hand_made():
     pts = [
-        (1.0, 0.5),      # 0 front
-        (2.0, 0.1),      # 1 front
-        (3.0, 0.2),      # 2 dominated by 1
-        (0.5, 0.9),      # 3 front (fastest)
-        (2.0, 0.3),      # 4 dominated by 1 (same time, worse)
-        (5.0, 0.0),      # 5 front (most accurate)
-        (4.0, math.nan), # 6 never
-        (6.0, 0.0),      # 7 dominated by 5 (slower, same accuracy)
+        (1.0, 0.5),  # 0 front
+        (2.0, 0.1),  # 1 front
+        (3.0, 0.2),  # 2 dominated by 1
+        (0.5, 0.9),  # 3 front (fastest)
+        (2.0, 0.3),  # 4 dominated by 1 (same time, worse)
+        (5.0, 0.0),  # 5 front (most accurate)
+        (4.0, math.nan),  # 6 never
+        (6.0, 0.0),  # 7 dominated by 5 (slower, same accuracy)
     ]
     assert pareto_front(pts) == [3, 0, 1, 5]
     assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0, 1]  # exact duplicates are both kept
@@ -370,8 +421,9 @@ def tiny():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     ps = list(model.parameters())
-    opt = torch.optim.LBFGS(ps, max_iter=500, tolerance_grad=1e-12, tolerance_change=0,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        ps, max_iter=500, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe"
+    )
     ce = nn.CrossEntropyLoss(reduction="none")
 
     def closure():
@@ -384,8 +436,7 @@ def tiny():
     model.eval()
 
     def factory(solver):
-        return TorchInfluence(model, ce, (X, y), l2=L2, damping=DAMP, solver=solver,
-                              optimum_tol=None)
+        return TorchInfluence(model, ce, (X, y), l2=L2, damping=DAMP, solver=solver, optimum_tol=None)
 
     return model, ce, X, y, Xt, yt, factory
 
@@ -400,7 +451,7 @@ def _autograd_up_loss(model, ce, X, y, Xt, yt):
     def params(theta):
         out, s = {}, 0
         for nm, sh, k in zip(names, shapes, sizes):
-            out[nm] = theta[s:s + k].reshape(sh)
+            out[nm] = theta[s : s + k].reshape(sh)
             s += k
         return out
 
@@ -417,7 +468,7 @@ def _autograd_up_loss(model, ce, X, y, Xt, yt):
         rows = []
         for i in range(len(yb)):
             th = theta0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(loss(th, Xb[i:i + 1], yb[i:i + 1]).sum(), [th])
+            (g,) = torch.autograd.grad(loss(th, Xb[i : i + 1], yb[i : i + 1]).sum(), [th])
             rows.append(g.numpy())
         return np.stack(rows)
 
@@ -427,8 +478,9 @@ def _autograd_up_loss(model, ce, X, y, Xt, yt):
 def test_compare_solvers_tiny_model(tiny):
     model, ce, X, y, Xt, yt, factory = tiny
     diverging = LiSSA(depth=50, scale=1e-4, batch_size=None)
-    rep = compare_solvers(factory, (Xt, yt), solvers=[Exact(), CG(tol=1e-10), diverging],
-                          repeats=2, name="tiny")
+    rep = compare_solvers(
+        factory, (Xt, yt), solvers=[Exact(), CG(tol=1e-10), diverging], repeats=2, name="tiny"
+    )
     check_schema(_strict_json(rep.to_json()))
     rows = {r["label"]: r for r in rep.rows}
     assert rep.tasks[0]["reference"]["label"] == "Exact (torch)"
@@ -450,8 +502,9 @@ def test_compare_solvers_default_grid_and_loo(tiny):
     exact = factory(Exact()).up_loss(Xt, yt).numpy()
     # a made-up "actual" change exactly equal to the prediction of Exact: r = 1 for Exact
     idx = [0, 3, 5, 7, 11]
-    loo = LooTruth(test_idx=[1], train_idx=[idx], actual=[list(-exact[idx, 1] / 80)],
-                   n_train=80, method="synthetic")
+    loo = LooTruth(
+        test_idx=[1], train_idx=[idx], actual=[list(-exact[idx, 1] / 80)], n_train=80, method="synthetic"
+    )
     rep = compare_solvers(factory, (Xt, yt), quick=True, repeats=1, loo=loo, memory=False)
     fams = {r["family"] for r in rep.rows}
     assert {"exact", "cg", "lissa"} <= fams and "linear-exact" not in fams

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,8 +86,7 @@ def _numpy_up_loss(task: StandInTask) -> np.ndarray:
         xa = np.append(X[i], 1.0)  # (w_k, then b): reorder below
         Hi = np.kron(S, np.outer(xa, xa))  # per class blocks of (d+1)
         # permutation from (class, [x, 1]) to (W row-major, b)
-        idx = [k * (d + 1) + j for k in range(K) for j in range(d)] + [k * (d + 1) + d
-                                                                     for k in range(K)]
+        idx = [k * (d + 1) + j for k in range(K) for j in range(d)] + [k * (d + 1) + d for k in range(K)]
         H += Hi[np.ix_(idx, idx)] / len(X)
     H += (task.l2 + task.damping) * np.eye(H.shape[0])
     G = grads(X, y)
@@ -140,8 +140,9 @@ def test_worker_error_path_on_bad_payload(tmp_path):
     cases = {
         "garbage": "{this is not json",
         "unknown_peer": json.dumps({"peer": "nosuch", "method": "X", "settings": {}}),
-        "no_data": json.dumps({"peer": "captum", "method": "NaiveInfluenceFunction",
-                               "settings": {}, "warm_up": False}),
+        "no_data": json.dumps(
+            {"peer": "captum", "method": "NaiveInfluenceFunction", "settings": {}, "warm_up": False}
+        ),
     }
     for name, text in cases.items():
         d = tmp_path / name
@@ -162,10 +163,28 @@ def test_worker_error_path_on_bad_payload(tmp_path):
 
 
 def test_worker_never_imports_pyinfluence():
-    tree = ast.parse(open(worker.__file__).read())
-    allowed = {"__future__", "json", "logging", "math", "os", "sys", "time", "traceback",
-               "warnings", "resource", "importlib", "collections", "hashlib", "io", "numpy", "torch", "captum",
-               "pydvl"}
+    tree = ast.parse(pathlib.Path(worker.__file__).read_text())
+    allowed = {
+        "__future__",
+        "contextlib",
+        "json",
+        "logging",
+        "math",
+        "os",
+        "sys",
+        "time",
+        "traceback",
+        "warnings",
+        "resource",
+        "importlib",
+        "collections",
+        "hashlib",
+        "io",
+        "numpy",
+        "torch",
+        "captum",
+        "pydvl",
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import in the worker"
@@ -173,8 +192,9 @@ def test_worker_never_imports_pyinfluence():
         elif isinstance(node, ast.Import):
             for a in node.names:
                 assert a.name.split(".")[0] in allowed, a.name
-    r = subprocess.run([sys.executable, worker.__file__, "--probe"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, worker.__file__, "--probe"], capture_output=True, text=True, timeout=60
+    )
     info = json.loads(r.stdout)
     assert set(info["peers"]) == {"captum", "pydvl"} and info["torch"]
 
@@ -195,8 +215,13 @@ class _SmallCNN(nn.Module):
 def test_model_payload_round_trip(tmp_path):
     torch.manual_seed(0)
     X = torch.randn(6, 64, dtype=torch.float64)
-    seq = nn.Sequential(nn.Linear(64, 5), nn.Tanh(), nn.Sequential(nn.ReLU(), nn.Linear(5, 3)),
-                        nn.Softplus(beta=2.0)).double().eval()
+    seq = (
+        nn.Sequential(
+            nn.Linear(64, 5), nn.Tanh(), nn.Sequential(nn.ReLU(), nn.Linear(5, 3)), nn.Softplus(beta=2.0)
+        )
+        .double()
+        .eval()
+    )
     desc = peers._save_model(seq, str(tmp_path / "model.pt"), X)
     assert desc["format"] == "spec"
     json.dumps(desc)
@@ -218,8 +243,7 @@ def test_model_payload_round_trip(tmp_path):
     finally:
         del os.environ[worker.MODEL_DIGEST_ENV]
     assert type(back) is not _SmallCNN and isinstance(back, torch.fx.GraphModule)
-    assert sorted(n for n, _ in back.named_parameters()) == sorted(
-        n for n, _ in cnn.named_parameters())
+    assert sorted(n for n, _ in back.named_parameters()) == sorted(n for n, _ in cnn.named_parameters())
     torch.testing.assert_close(back(Xc), cnn(Xc), rtol=0, atol=0)
 
 
@@ -251,10 +275,21 @@ def test_kept_payloads_live_in_a_private_folder(tmp_path, monkeypatch):
     _install_fake_captum(tmp_path, monkeypatch)
     keep = tmp_path / "shared"
     keep.mkdir(mode=0o777)
-    (run,) = peers.run_peers(task, peers=("captum",), num_threads=1, warm_up=False, keep_dir=str(keep),
-                             methods=[{"library": "captum", "method": "NaiveInfluenceFunction",
-                                       "label": "exact",
-                                       "settings": {"projection_dim": "p", "fake_mode": "exact"}}])
+    (run,) = peers.run_peers(
+        task,
+        peers=("captum",),
+        num_threads=1,
+        warm_up=False,
+        keep_dir=str(keep),
+        methods=[
+            {
+                "library": "captum",
+                "method": "NaiveInfluenceFunction",
+                "label": "exact",
+                "settings": {"projection_dim": "p", "fake_mode": "exact"},
+            }
+        ],
+    )
     assert run.error is None, run.error
     (private,) = list(keep.iterdir())
     assert private.name.startswith("peers-") and (private.stat().st_mode & 0o777) == 0o700
@@ -264,7 +299,7 @@ def test_kept_payloads_live_in_a_private_folder(tmp_path, monkeypatch):
 def test_loss_identification_matches_pyinfluence_losses():
     import functools
 
-    from pyinfluence.losses import smooth_hinge_loss
+    from pyinfluence.torch.losses import smooth_hinge_loss
 
     torch.manual_seed(0)
     X = torch.randn(20, 5, dtype=torch.float64)
@@ -280,12 +315,15 @@ def test_loss_identification_matches_pyinfluence_losses():
     got = peers._identify_loss(_ce, lin3, X, y3)
     assert got == {"name": "cross_entropy"}
     assert peers._identify_loss(logistic, lin1, X, y01) == {"name": "logistic"}
-    assert peers._identify_loss(smooth_hinge_loss, lin1, X, ypm) == {"name": "smooth_hinge",
-                                                                     "temperature": 0.1}
+    assert peers._identify_loss(smooth_hinge_loss, lin1, X, ypm) == {
+        "name": "smooth_hinge",
+        "temperature": 0.1,
+    }
     hinge3 = functools.partial(smooth_hinge_loss, temperature=0.37)
     assert peers._identify_loss(hinge3, lin1, X, ypm)["temperature"] == 0.37
-    mse = peers._identify_loss(lambda o, y: ((o - y) ** 2).mean(1), lin3, X,
-                               torch.randn(20, 3, dtype=torch.float64))
+    mse = peers._identify_loss(
+        lambda o, y: ((o - y) ** 2).mean(1), lin3, X, torch.randn(20, 3, dtype=torch.float64)
+    )
     assert mse == {"name": "mse_mean"}
     with pytest.raises(ValueError, match="cannot tell which loss"):
         peers._identify_loss(lambda o, y: o.reshape(-1).abs() ** 3, lin1, X, ypm)
@@ -382,12 +420,21 @@ def test_end_to_end_with_stand_in_peer(tmp_path, monkeypatch):
     assert peers.available_peers()["captum"] is None
 
     def cfg(label, mode):
-        return {"library": "captum", "method": "NaiveInfluenceFunction", "label": label,
-                "settings": {"projection_dim": "p", "fake_mode": mode}}
+        return {
+            "library": "captum",
+            "method": "NaiveInfluenceFunction",
+            "label": label,
+            "settings": {"projection_dim": "p", "fake_mode": mode},
+        }
 
-    runs = peers.run_peers(task, peers=("captum",), num_threads=1, warm_up=False,
-                           keep_dir=str(tmp_path / "k"),
-                           methods=[cfg("exact", "exact"), cfg("nan", "nan")])
+    runs = peers.run_peers(
+        task,
+        peers=("captum",),
+        num_threads=1,
+        warm_up=False,
+        keep_dir=str(tmp_path / "k"),
+        methods=[cfg("exact", "exact"), cfg("nan", "nan")],
+    )
     ok, nan = runs
     assert ok.error is None, (ok.error, ok.details.get("traceback"))
     assert ok.up_loss.shape == (40, 7) and ok.up_loss.dtype == np.float64
@@ -401,15 +448,18 @@ def test_end_to_end_with_stand_in_peer(tmp_path, monkeypatch):
     # exception inside the peer is a PeerRun with the peer's message and traceback
     torch.manual_seed(0)
     Xc = torch.randn(12, 1, 4, 4, dtype=torch.float64)
-    cnn_task = StandInTask(_SmallCNN().double().eval(), _ce, Xc, torch.arange(12) % 3, Xc[:3],
-                           torch.arange(3), 0.01, 0.1)
-    (err,) = peers.run_peers(cnn_task, peers=("captum",), num_threads=1, warm_up=False,
-                             methods=[cfg("raise", "raise")])
+    cnn_task = StandInTask(
+        _SmallCNN().double().eval(), _ce, Xc, torch.arange(12) % 3, Xc[:3], torch.arange(3), 0.01, 0.1
+    )
+    (err,) = peers.run_peers(
+        cnn_task, peers=("captum",), num_threads=1, warm_up=False, methods=[cfg("raise", "raise")]
+    )
     assert err.up_loss is None and "fake failure inside the peer" in err.error
     assert "RuntimeError" in err.details["traceback"]
     # timeout: killed, reported, no exception
-    (slow,) = peers.run_peers(task, peers=("captum",), timeout_s=1.5, warm_up=False,
-                              methods=[cfg("sleep", "sleep")])
+    (slow,) = peers.run_peers(
+        task, peers=("captum",), timeout_s=1.5, warm_up=False, methods=[cfg("sleep", "sleep")]
+    )
     assert slow.error.startswith("timeout") and slow.up_loss is None
 
 
@@ -420,8 +470,9 @@ def test_captum_normalised_equals_closed_form():
     pytest.importorskip("captum", reason="Captum not installed: pip install 'pyinfluence[compare]'")
     task = _tiny_task()
     ref = _numpy_up_loss(task)
-    (r,) = peers.run_peers(task, peers=("captum",), methods=["NaiveInfluenceFunction"],
-                           num_threads=1, warm_up=False)
+    (r,) = peers.run_peers(
+        task, peers=("captum",), methods=["NaiveInfluenceFunction"], num_threads=1, warm_up=False
+    )
     assert r.error is None, (r.error, r.details.get("traceback"))
     # Captum adds hessian_reg through a float32 identity: ~1e-8 relative, not 1e-15
     err = np.abs(r.up_loss - ref).max() / np.abs(ref).max()
@@ -435,8 +486,9 @@ def test_pydvl_normalised_equals_closed_form():
         pytest.skip(f"pyDVL not available: {reason[:120]}")
     task = _tiny_task()
     ref = _numpy_up_loss(task)
-    runs = peers.run_peers(task, peers=("pydvl",), peer_python=py, num_threads=1, warm_up=False,
-                           methods=["DirectInfluence"])  # the same normalisation for all
+    runs = peers.run_peers(
+        task, peers=("pydvl",), peer_python=py, num_threads=1, warm_up=False, methods=["DirectInfluence"]
+    )  # the same normalisation for all
     assert len(runs) == 1
     for r in runs:
         assert r.error is None, (r.method, r.error, r.details.get("traceback"))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 _MPL_BEFORE = "matplotlib" in sys.modules
-from pyinfluence import _core
-from pyinfluence.bench import scaling
-from pyinfluence.bench.scaling import (
+from pyinfluence import _core  # noqa: E402  (after _MPL_BEFORE: the import must not load matplotlib)
+from pyinfluence.bench import scaling  # noqa: E402
+from pyinfluence.bench.scaling import (  # noqa: E402
     ScalingResult,
     fit_loglog_slope,
     fit_power_law,
@@ -81,20 +81,14 @@ def test_tiny_sweep_schema(tiny):
             assert sl["full"] == pytest.approx(_polyfit_slope(sw["sizes"], t["median"]), abs=1e-9)
             i = sw["sizes"].index(sl["upper_from"])
             assert len(sw["sizes"]) - i == 3  # 4 sizes: the upper range is the last 3
-            assert sl["upper"] == pytest.approx(
-                _polyfit_slope(sw["sizes"][i:], t["median"][i:]), abs=1e-9
-            )
+            assert sl["upper"] == pytest.approx(_polyfit_slope(sw["sizes"][i:], t["median"][i:]), abs=1e-9)
             assert sl["upper_se"] is not None and sl["upper_se"] >= 0
             assert sl["deviation"] == pytest.approx(sl["upper"] - sl["expected"])
             assert sl["verdict"] in ("matches", "steeper", "shallower")
             assert (sl["offset_fit"] is None) == (EXPECTED[step][ax] == 0)
     m = d["machine"]
     assert m["cpu_count"] >= 1 and m["core_threads"] >= 1 and isinstance(m["blas"], str)
-    assert (
-        d["settings"]["m"] == 3
-        and d["settings"]["dtype"] == "float64"
-        and d["settings"]["repeats"] == 2
-    )
+    assert d["settings"]["m"] == 3 and d["settings"]["dtype"] == "float64" and d["settings"]["repeats"] == 2
     assert all(isinstance(n, str) and n for n in d["notes"])
 
 

@@ -1,4 +1,5 @@
 """pyinfluence._core.CholeskyFactor against numpy's dense solves (independent LAPACK getrf path)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -21,8 +21,8 @@ import pytest
 import sklearn  # noqa: F401
 
 import pyinfluence
-from pyinfluence.cli import main
-from pyinfluence.report import PNG_SIGNATURE, Report, format_value
+from pyinfluence.cli.commands import main
+from pyinfluence.cli.report import PNG_SIGNATURE, Report, format_value
 
 
 def _run_module(*args: str, cwd: pathlib.Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -173,16 +173,15 @@ def test_report_escapes_strings_and_rejects_bad_names(tmp_path):
 
 def test_limited_threads_restores_settings():
     torch = pytest.importorskip("torch")
-    from pyinfluence.demo import limited_threads
+    from pyinfluence.cli.demo import limited_threads
 
     before = (torch.get_num_threads(), pyinfluence.get_num_threads())
     with limited_threads(1):
         assert torch.get_num_threads() == 1
         assert pyinfluence.get_num_threads() == 1
     assert (torch.get_num_threads(), pyinfluence.get_num_threads()) == before
-    with pytest.raises(ValueError, match="threads"):
-        with limited_threads(0):
-            pass
+    with pytest.raises(ValueError, match="threads"), limited_threads(0):
+        pass
 
 
 # ================================================================================================
@@ -246,9 +245,7 @@ def test_explain_csv_with_held_out_rows_matches_linear_influence(tmp_path, capsy
             assert [e["rank"] for e in got] == [1, 2, 3, 4]
             assert [e["train_index"] for e in got] == keep[idx].tolist()  # rows of the CSV file
             np.testing.assert_allclose([e["influence"] for e in got], up[idx, j], rtol=1e-9)
-            np.testing.assert_allclose(
-                [e["loss_change_if_removed"] for e in got], -up[idx, j] / n, rtol=1e-9
-            )
+            np.testing.assert_allclose([e["loss_change_if_removed"] for e in got], -up[idx, j] / n, rtol=1e-9)
             assert [e["train_label"] for e in got] == species[y[keep[idx]]].tolist()
 
     import csv
@@ -258,9 +255,7 @@ def test_explain_csv_with_held_out_rows_matches_linear_influence(tmp_path, capsy
     assert len(rows) == 3 * 2 * 4
     first = rows[0]
     assert first["kind"] == "helpful" and int(first["test_index"]) == 0
-    assert float(first["influence"]) == pytest.approx(
-        res["test_points"][0]["helpful"][0]["influence"]
-    )
+    assert float(first["influence"]) == pytest.approx(res["test_points"][0]["helpful"][0]["influence"])
 
 
 def test_explain_npz_ridge_and_csv_test_file_svm(tmp_path):
@@ -358,9 +353,7 @@ def test_mislabels_ranks_by_self_influence(tmp_path, capsys):
     assert len(rows) == len(y)
     assert [r["train_index"] for r in rows] == order.tolist()
     np.testing.assert_allclose([r["self_influence"] for r in rows], si[order], rtol=1e-9)
-    np.testing.assert_allclose(
-        [r["loss_change_if_removed"] for r in rows], -si[order] / len(y), rtol=1e-9
-    )
+    np.testing.assert_allclose([r["loss_change_if_removed"] for r in rows], -si[order] / len(y), rtol=1e-9)
     assert {5, 17} <= {r["train_index"] for r in rows[:5]}
     html = (tmp_path / "rep" / "report.html").read_text()
     assert 'src="self_influence.png"' in html
@@ -474,7 +467,7 @@ def test_usage_errors_exit_2(files, capsys):
 
 
 def test_debug_shows_the_traceback(files):
-    from pyinfluence._userdata import DataError
+    from pyinfluence.cli.userdata import DataError
 
     with pytest.raises(DataError, match="not a number"):
         main(["--debug", "explain", files["nonnum"], "--label", "y", "--test-indices", "0"])

@@ -23,9 +23,9 @@ import pytest
 from sklearn import datasets
 
 import pyinfluence
-from pyinfluence import cli
-from pyinfluence._userdata import labels_look_continuous, parse_indices
-from pyinfluence.cli import main
+from pyinfluence.cli import commands as cli
+from pyinfluence.cli.commands import main
+from pyinfluence.cli.userdata import labels_look_continuous, parse_indices
 from pyinfluence.errors import PyInfluenceError
 
 
@@ -50,7 +50,7 @@ def _assert_one_line_error(rc: int, out: str, err: str, *fragments: str) -> None
         assert fragment in errors[0], (fragment, errors[0])
 
 
-def _iris_frame() -> "pd.DataFrame":
+def _iris_frame() -> pd.DataFrame:
     return datasets.load_iris(as_frame=True).frame
 
 
@@ -134,9 +134,7 @@ def test_unnamed_column_that_is_not_an_index_stays_a_feature(tmp_path, capsys):
 def test_classifier_refuses_a_continuous_target(tmp_path, capsys, model):
     diabetes = datasets.load_diabetes(as_frame=True, scaled=False).frame  # 214 distinct targets
     diabetes.to_csv(tmp_path / "diabetes.csv", index=False)
-    rc, out, err = _run(
-        capsys, "mislabels", tmp_path / "diabetes.csv", "--label", "target", "--model", model
-    )
+    rc, out, err = _run(capsys, "mislabels", tmp_path / "diabetes.csv", "--label", "target", "--model", model)
     _assert_one_line_error(rc, out, err, "continuous", "214 distinct values", "--model ridge")
     rc, out, err = _run(
         capsys, "mislabels", tmp_path / "diabetes.csv", "--label", "target", "--model", "ridge",
@@ -267,9 +265,7 @@ def test_a_csv_cell_over_the_csv_field_limit(tmp_path, capsys):
 
 def test_huge_and_reversed_index_ranges(tmp_path, capsys):
     path = _binary_csv(tmp_path / "d.csv")
-    rc, out, err = _run(
-        capsys, "explain", path, "--label", "y", "--test-indices", "0-1000000000000"
-    )
+    rc, out, err = _run(capsys, "explain", path, "--label", "y", "--test-indices", "0-1000000000000")
     _assert_one_line_error(rc, out, err, "index 1000000000000 is out of range for 40 rows")
     rc, out, err = _run(capsys, "explain", path, "--label", "y", "--test-indices", "5-2")
     _assert_one_line_error(rc, out, err, "'5-2' is reversed", "2-5")
@@ -474,7 +470,7 @@ def test_written_files_do_not_follow_a_link_that_appears_later(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_text_labels_that_look_like_formulas_are_escaped_in_csv(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    names = np.array(["=HYPERLINK(\"http://x\")", "+cmd", "-2+3", "@SUM(A1)"])
+    names = np.array(['=HYPERLINK("http://x")', "+cmd", "-2+3", "@SUM(A1)"])
     centres = rng.normal(scale=3.0, size=(4, 2))
     y = np.arange(80) % 4
     X = centres[y] + rng.normal(size=(80, 2))
@@ -517,9 +513,7 @@ def test_test_features_at_1e200_end_in_an_error_naming_the_input(tmp_path, capsy
     Xt = X[30:] * np.array([1e200, 1.0, 1.0])
     np.savez(tmp_path / "d.npz", X_train=X[:30], y_train=t[:30], X_test=Xt, y_test=t[30:])
     out_json = tmp_path / "r.json"
-    rc, out, err = _run(
-        capsys, "explain", tmp_path / "d.npz", "--model", "ridge", "--out-json", out_json
-    )
+    rc, out, err = _run(capsys, "explain", tmp_path / "d.npz", "--model", "ridge", "--out-json", out_json)
     # either the library raises (a PyInfluenceError) or the CLI's own check does; both name the
     # column and the file to rescale, and nothing is written
     _assert_one_line_error(rc, out, err, "'x0'", "d.npz (X_test)", "rescale")
@@ -551,9 +545,7 @@ def test_training_features_at_1e200(tmp_path, capsys):
             )  # fmt: skip
 
 
-def test_non_finite_scores_are_refused_even_if_the_library_returns_them(
-    tmp_path, capsys, monkeypatch
-):
+def test_non_finite_scores_are_refused_even_if_the_library_returns_them(tmp_path, capsys, monkeypatch):
     path = _binary_csv(tmp_path / "d.csv")
     real_top_k = pyinfluence.LinearInfluence.top_k
 

@@ -71,7 +71,7 @@ def _hammer(inf, test_sets, reference) -> list[str]:
                         problems.append(f"thread {t} call {r}: top_k.{name} differs")
                 if r == 0 and t % 4 == 0:
                     inf.clear_cache()  # the cache changes under the other threads' feet
-        except Exception as exc:  # noqa: BLE001 - reported as a failure below
+        except Exception as exc:
             problems.append(f"thread {t}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(N_THREADS)]
@@ -137,7 +137,7 @@ def test_users_module_is_never_modified_while_influence_runs(problem):
                     out = model(X_test)
                 if not torch.equal(out, expected):
                     wrong.append(f"forward differs by {float((out - expected).abs().max()):.3g}")
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             wrong.append(f"{type(exc).__name__}: {exc}")
 
     user = threading.Thread(target=user_forward)

@@ -43,7 +43,9 @@ def tool(name: str) -> str:
             return str(candidate)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"`{name}` not found; install the test requirements: pip install '.[test]'", pytrace=False)
+        pytest.fail(
+            f"`{name}` not found; install the test requirements: pip install '.[test]'", pytrace=False
+        )
     return found
 
 
@@ -62,18 +64,37 @@ def run(cmd: list, what: str, cwd: Path = ROOT) -> str:
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", "2")
     env.setdefault("CTEST_PARALLEL_LEVEL", "1")
     proc = subprocess.run(
-        [str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=TIMEOUT, check=False,
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-150:])
-        pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}", pytrace=False)
+        pytest.fail(
+            f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}", pytrace=False
+        )
     return proc.stdout
 
 
 def configure_args(build: Path, **defines: str) -> list:
-    args = [tool("cmake"), "-S", ROOT, "-B", build, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
-            "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={eigen_prefix()}", "-DPYINFLUENCE_PYTHON=OFF"]
+    args = [
+        tool("cmake"),
+        "-S",
+        ROOT,
+        "-B",
+        build,
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_PREFIX_PATH={eigen_prefix()}",
+        "-DPYINFLUENCE_PYTHON=OFF",
+    ]
     return args + [f"-D{k}={v}" for k, v in defines.items()]
 
 
@@ -90,8 +111,15 @@ def cpp_build(tmp_path_factory) -> Path:
 def test_ctest(cpp_build: Path) -> None:
     """All of tests/cpp through ctest: the unit tests, then install_core and the consumer (label `install`)."""
     out = run([tool("ctest"), "--test-dir", cpp_build, "--output-on-failure", "--timeout", "900"], "ctest")
-    for name in ("test_cholesky", "test_objective", "test_engine", "test_status", "test_cuda_emulated",
-                 "install_core", "consumer"):
+    for name in (
+        "test_cholesky",
+        "test_objective",
+        "test_engine",
+        "test_status",
+        "test_cuda_emulated",
+        "install_core",
+        "consumer",
+    ):
         assert f" {name} " in out and "Passed" in out, f"ctest did not run {name}:\n{out}"
     assert "100% tests passed" in out, out
     assert "Not Run" not in out and "***Skipped" not in out, out
@@ -101,24 +129,52 @@ def test_install_and_consumer(cpp_build: Path, tmp_path: Path) -> None:
     """cmake --install into a fresh prefix gives a package another project finds and links (tests/cpp/consumer)."""
     prefix = tmp_path / "prefix"
     run([tool("cmake"), "--install", cpp_build, "--prefix", prefix], "cmake --install")
-    headers = ["pyinfluence.hpp", "types.hpp", "families.hpp", "objective.hpp", "cholesky.hpp", "engine.hpp",
-               "newton.hpp", "status.hpp", "threads.hpp"]
+    headers = [
+        "pyinfluence.hpp",
+        "types.hpp",
+        "families.hpp",
+        "objective.hpp",
+        "cholesky.hpp",
+        "engine.hpp",
+        "newton.hpp",
+        "status.hpp",
+        "threads.hpp",
+    ]
     for h in headers:
         assert (prefix / "include" / "pyinfluence" / h).is_file(), f"{h} not installed"
     files = {p.name for p in prefix.rglob("*") if p.is_file()}
     for f in ("pyinfluenceConfig.cmake", "pyinfluenceConfigVersion.cmake", "pyinfluenceTargets.cmake"):
         assert f in files, f"{f} not installed: {sorted(files)}"
-    assert any(f.startswith("libpyinfluence_core") or f == "pyinfluence_core.lib" for f in files), sorted(files)
-    assert not any(".so" in f or f.endswith(".pyd") for f in files), f"Python modules in the C++ install: {files}"
+    assert any(f.startswith("libpyinfluence_core") or f == "pyinfluence_core.lib" for f in files), sorted(
+        files
+    )
+    assert not any(".so" in f or f.endswith(".pyd") for f in files), (
+        f"Python modules in the C++ install: {files}"
+    )
     # The wheel installs only the `python` component: in this build there is none, so it installs nothing.
     python_only = tmp_path / "python-only"
-    run([tool("cmake"), "--install", cpp_build, "--prefix", python_only, "--component", "python"], "install python")
+    run(
+        [tool("cmake"), "--install", cpp_build, "--prefix", python_only, "--component", "python"],
+        "install python",
+    )
     assert not python_only.exists() or not any(p.is_file() for p in python_only.rglob("*"))
 
     consumer = tmp_path / "consumer"
-    run([tool("cmake"), "-S", ROOT / "tests" / "cpp" / "consumer", "-B", consumer, "-G", "Ninja",
-         f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}", "-DCMAKE_BUILD_TYPE=Release",
-         f"-DCMAKE_PREFIX_PATH={prefix};{eigen_prefix()}"], "consumer configure")
+    run(
+        [
+            tool("cmake"),
+            "-S",
+            ROOT / "tests" / "cpp" / "consumer",
+            "-B",
+            consumer,
+            "-G",
+            "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={tool('ninja')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={prefix};{eigen_prefix()}",
+        ],
+        "consumer configure",
+    )
     run([tool("cmake"), "--build", consumer], "consumer build")
     out = run([tool("ctest"), "--test-dir", consumer, "--output-on-failure", "-V"], "consumer ctest")
     assert "100% tests passed" in out and "0 failures" in out, out
@@ -140,10 +196,14 @@ def test_cuda_build_compiles(tmp_path: Path) -> None:
     """
     nvcc = find_nvcc()
     if nvcc is None:
-        pytest.skip("nvcc not found (CUDACXX, PATH, /usr/local/cuda/bin): the CUDA build cannot be compiled here")
+        pytest.skip(
+            "nvcc not found (CUDACXX, PATH, /usr/local/cuda/bin): the CUDA build cannot be compiled here"
+        )
     build = tmp_path / "cuda"
-    out = run(configure_args(build, PYINFLUENCE_CUDA="ON", PYINFLUENCE_BUILD_TESTS="ON", CMAKE_CUDA_COMPILER=nvcc),
-              "cmake configure (CUDA)")
+    out = run(
+        configure_args(build, PYINFLUENCE_CUDA="ON", PYINFLUENCE_BUILD_TESTS="ON", CMAKE_CUDA_COMPILER=nvcc),
+        "cmake configure (CUDA)",
+    )
     assert "pyinfluence: CUDA kernels=ON" in out, f"nvcc is at {nvcc} but CMake did not enable CUDA:\n{out}"
     run([tool("cmake"), "--build", build, "--target", "pyinfluence_cuda", "cuda_smoke"], "CUDA build")
     out = run([build / "tests" / "cpp" / "cuda_smoke"], "cuda_smoke")

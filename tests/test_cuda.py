@@ -103,8 +103,11 @@ CASES = [("logistic", 0.0), ("multinomial", 0.0), ("multinomial", 1e-2), ("svm",
 # -- the Python side of the GPU path, on the CPU (every machine) ----------------------------------------------------
 def _view(address: int, shape, dtype) -> np.ndarray:
     """A writable numpy view of the memory behind a raw pointer (here: a CPU tensor's data_ptr())."""
-    ctype = {np.dtype(np.float64): ctypes.c_double, np.dtype(np.float32): ctypes.c_float,
-             np.dtype(np.int64): ctypes.c_int64}[np.dtype(dtype)]
+    ctype = {
+        np.dtype(np.float64): ctypes.c_double,
+        np.dtype(np.float32): ctypes.c_float,
+        np.dtype(np.int64): ctypes.c_int64,
+    }[np.dtype(dtype)]
     count = int(np.prod(shape))
     return np.ctypeslib.as_array((ctype * count).from_address(address)).reshape(shape)
 
@@ -150,7 +153,7 @@ class _HostKernels:
         for a in range(K):
             for b in range(K):  # D_i[a, b]: binary c_i; multinomial p_a δ_ab − p_a p_b
                 w = Cv[:, 0] if K == 1 else (a == b) * Cv[:, a] - Cv[:, a] * Cv[:, b]
-                out[a * de:(a + 1) * de, b * de:(b + 1) * de] = Xa.T @ (w[:, None] * Xa) / n
+                out[a * de : (a + 1) * de, b * de : (b + 1) * de] = Xa.T @ (w[:, None] * Xa) / n
         pen = np.full((K, de), spec.l2)
         if spec.fit_intercept and not spec.penalize_intercept:
             pen[:, d] = 0.0
@@ -182,7 +185,7 @@ def host_gpu_path(monkeypatch):
     """device="cuda" routed to CudaLinearEngine on CPU tensors, with _HostKernels in place of the kernels."""
     import torch
 
-    from pyinfluence import _cuda
+    from pyinfluence.linear import cuda as _cuda
 
     class HostEngine(_cuda.CudaLinearEngine):
         def _on_device(self):
@@ -192,6 +195,7 @@ def host_gpu_path(monkeypatch):
             return 0
 
     monkeypatch.setattr(_cuda, "_core", _HostKernels())
+
     def resolve(device, X_train=None):  # "cuda…" → the host engine; None/"cpu" → the CPU engine, as before
         return torch.device("cpu") if str(device).startswith("cuda") else None
 
@@ -235,8 +239,10 @@ def test_gpu_path_never_returns_or_ranks_non_finite_values_on_cpu(host_gpu_path)
     for query in (lambda Xt, yt: gpu.up_loss(Xt, yt), lambda Xt, yt: gpu.top_k(Xt, yt, 3)):
         with pytest.raises(pi.NonFiniteError, match="X_test is the likely cause"):
             query(X[:2] * 1e200, y[:2])
-    np.testing.assert_array_equal(gpu.top_k(X[:2], y[:2], 3).helpful_idx,
-                                  pi.LinearInfluence(model, X, y).top_k(X[:2], y[:2], 3).helpful_idx)
+    np.testing.assert_array_equal(
+        gpu.top_k(X[:2], y[:2], 3).helpful_idx,
+        pi.LinearInfluence(model, X, y).top_k(X[:2], y[:2], 3).helpful_idx,
+    )
     gpu32 = pi.LinearInfluence(model, X, y, device="cuda", dtype=np.float32)
     with pytest.raises(pi.NonFiniteError, match="float32"):
         gpu32.top_k(X[:2] * 1e19, y[:2], 3)  # gradients and s_test finite, the scores would not be
@@ -254,7 +260,9 @@ def _compare(gpu, cpu, X, y, dtype) -> None:
     Xt, yt = X[:7] + 0.1, y[:7]
     idx = np.array([5, 0, 17, 299, 42])
     _close(gpu.hessian(), cpu.hessian(), rtol)
-    assert gpu.grad_norm_ == pytest.approx(cpu.grad_norm_, rel=1e-3, abs=1e-12 if dtype == np.float64 else 1e-5)
+    assert gpu.grad_norm_ == pytest.approx(
+        cpu.grad_norm_, rel=1e-3, abs=1e-12 if dtype == np.float64 else 1e-5
+    )
     _close(gpu.up_loss(Xt, yt), cpu.up_loss(Xt, yt), rtol)
     _close(gpu.up_loss(Xt, yt, train_idx=idx), cpu.up_loss(Xt, yt, train_idx=idx), rtol)
     _close(gpu.up_loss(Xt[0], yt[0]), cpu.up_loss(Xt[0], yt[0]), rtol)  # a single test point
@@ -279,8 +287,9 @@ def _compare(gpu, cpu, X, y, dtype) -> None:
         cpu.loo_change(Xt, yt, train_idx=idx, method="newton"),
     )
     if dtype == np.float64:
-        np.testing.assert_array_equal(gpu.retrain_loo(Xt, yt, train_idx=idx[:2]),
-                                      cpu.retrain_loo(Xt, yt, train_idx=idx[:2]))
+        np.testing.assert_array_equal(
+            gpu.retrain_loo(Xt, yt, train_idx=idx[:2]), cpu.retrain_loo(Xt, yt, train_idx=idx[:2])
+        )
 
 
 @needs_gpu

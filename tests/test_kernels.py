@@ -6,6 +6,7 @@ seeds, for the four loss families, fit_intercept ∈ {True, False}, penalize_int
 Tolerance: max|got − want| ≤ 1e-8·max|want| in float64, ≤ 1e-4·max|want| with float32 inputs
 (the reference is always computed in float64 on the same float32 values, at the model's θ̂).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,7 @@ from pyinfluence import _core
 from pyinfluence.errors import NotAtOptimumWarning, NotPositiveDefiniteError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
 
 torch.set_num_threads(1)  # tiny problems: thread wake-ups cost more than they save
 
@@ -53,8 +54,9 @@ class Case:
 
     @property
     def spec(self) -> ref.Spec:
-        return ref.Spec(self.family, self.K, self.fit_intercept, self.penalize_intercept, self.l2,
-                        self.temperature)
+        return ref.Spec(
+            self.family, self.K, self.fit_intercept, self.penalize_intercept, self.l2, self.temperature
+        )
 
     @property
     def singular(self) -> bool:
@@ -63,8 +65,9 @@ class Case:
         return self.family == "multinomial" and self.fit_intercept and not self.penalize_intercept
 
     def core_spec(self):
-        return _core.ModelSpec(self.family, self.K, self.fit_intercept, self.penalize_intercept, self.l2,
-                               self.temperature)
+        return _core.ModelSpec(
+            self.family, self.K, self.fit_intercept, self.penalize_intercept, self.l2, self.temperature
+        )
 
     def model(self):
         kw = dict(l2=self.l2, fit_intercept=self.fit_intercept, penalize_intercept=self.penalize_intercept)
@@ -108,7 +111,7 @@ def assert_close(got, want, tol, what):
 # ------------------------------------------------------------------------------------------------
 # cached problems, fits and reference quantities
 # ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(case: Case, dtype=np.float64):
     """(X, y, X_test, y_test) in `dtype`; the reference uses exactly these values in float64."""
     X, y, Xt, yt = ref.make_problem(case.family, N, D, n_classes=case.K, seed=case.seed, m_test=M)
@@ -119,7 +122,7 @@ def f64(*arrays):
     return tuple(np.asarray(a, dtype=np.float64) for a in arrays)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fitted(case: Case, dtype=np.float64):
     X, y, _, _ = problem(case, dtype)
     return case.model().fit(X, y)
@@ -129,7 +132,7 @@ def theta_hat(case: Case, dtype=np.float64) -> np.ndarray:
     return np.asarray(fitted(case, dtype).theta_, dtype=np.float64).reshape(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def influence(case: Case, dtype, damping):
     X, y, _, _ = problem(case, dtype)
     with warnings.catch_warnings():
@@ -137,7 +140,7 @@ def influence(case: Case, dtype, damping):
         return pyinfluence.LinearInfluence(fitted(case, dtype), X, y, damping=damping)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(case: Case, dtype, damping, what):
     X, y, Xt, yt = f64(*problem(case, dtype))
     th = theta_hat(case, dtype)
@@ -173,7 +176,7 @@ def _influence_params():
     out = []
     for c in CASES:
         for dt, dtid in zip(DTYPES, DT_IDS):
-            for lam in ([DAMP] if c.singular else [0.0, DAMP]):
+            for lam in [DAMP] if c.singular else [0.0, DAMP]:
                 out.append(pytest.param(c, dt, lam, id=f"{c.id}-{dtid}-damp{lam:g}"))
     return out
 
@@ -242,7 +245,9 @@ def test_core_fit_newton(case):
     # example weights: zero weights remove points; the fit equals the reference fit on the rest
     w = np.ones(N)
     w[RETRAIN_IDX] = 0.0
-    thw, _, _, conv = _core.fit_newton(case.core_spec(), X, y, np.asarray(th.reshape(theta0.shape)), w, 1e-10, 100)
+    thw, _, _, conv = _core.fit_newton(
+        case.core_spec(), X, y, np.asarray(th.reshape(theta0.shape)), w, 1e-10, 100
+    )
     assert conv
     keep = w > 0
     th_ref_w, _, _ = ref.fit(case.spec, X[keep], y[keep], theta0=th)
@@ -282,16 +287,25 @@ def test_hessian_and_engine(case, dtype, damping):
     assert_close(inf.hessian(), H, tol, "LinearInfluence.hessian() (no damping)")
     # the raw engine: per-example gradients and the damped solve
     X, y, _, _ = problem(case, dtype)
-    eng = _core.LinearEngine(case.core_spec(), X, y,
-                             np.ascontiguousarray(fitted(case, dtype).theta_.astype(dtype)), damping)
+    eng = _core.LinearEngine(
+        case.core_spec(), X, y, np.ascontiguousarray(fitted(case, dtype).theta_.astype(dtype)), damping
+    )
     Xr, yr = f64(X, y)
     assert_close(eng.hessian(), H, tol, "LinearEngine.hessian()")
-    assert_close(eng.gradients(X, y), ref.per_example_grads(case.spec, Xr, yr, theta_hat(case, dtype)),
-                 tol, "LinearEngine.gradients")
+    assert_close(
+        eng.gradients(X, y),
+        ref.per_example_grads(case.spec, Xr, yr, theta_hat(case, dtype)),
+        tol,
+        "LinearEngine.gradients",
+    )
     B = np.asfortranarray(np.random.default_rng(0).normal(size=(inf.n_params, 3)))
     B = np.ascontiguousarray(B.astype(dtype))
-    assert_close(eng.solve(B), ref.solve_damped(H, B.astype(np.float64), damping), tol * 10,
-                 "LinearEngine.solve = (H+λI)⁻¹B")
+    assert_close(
+        eng.solve(B),
+        ref.solve_damped(H, B.astype(np.float64), damping),
+        tol * 10,
+        "LinearEngine.solve = (H+λI)⁻¹B",
+    )
 
 
 @pytest.mark.parametrize("case,dtype,damping", INFLUENCE_PARAMS)
@@ -341,8 +355,12 @@ def test_loo_change_influence(case, dtype, damping):
     tol = TOL[dtype]
     assert_close(inf.loo_change(Xt, yt), -ul / N, tol, "loo_change(method='influence') = −(1/n) up_loss")
     assert_close(inf.loo_change(Xt, yt, SUBSET), -ul[SUBSET] / N, tol, "loo_change influence (train_idx)")
-    assert_close(inf.loo_change(Xt, yt, GROUP_IDX, group=True), -ul[GROUP_IDX].sum(0) / N, tol,
-                 "loo_change influence (group)")
+    assert_close(
+        inf.loo_change(Xt, yt, GROUP_IDX, group=True),
+        -ul[GROUP_IDX].sum(0) / N,
+        tol,
+        "loo_change influence (group)",
+    )
 
 
 def _newton_float32_slack(case, dtype, damping, group):
@@ -381,7 +399,8 @@ def test_loo_change_newton(case, dtype, damping):
             excess = np.abs(got - want) - tol * np.abs(want).max() - slack
             assert excess.max() <= 0, (
                 f"{what}: |got − want| exceeds 1e-4·max|want| + float32 solve bound by {excess.max():.3e} "
-                f"(max|want| = {np.abs(want).max():.3e}, max|got − want| = {np.abs(got - want).max():.3e})")
+                f"(max|want| = {np.abs(want).max():.3e}, max|got − want| = {np.abs(got - want).max():.3e})"
+            )
 
 
 @pytest.mark.parametrize("case,dtype,damping", INFLUENCE_PARAMS)
@@ -393,21 +412,35 @@ def test_top_k(case, dtype, damping):
     hi, hv, ri, rv = ref.top_k(ul, k)
     got = inf.top_k(Xt, yt, k=k)
     tol = TOL[dtype]
-    for name, g, w in [("helpful_scores", got.helpful_scores, hv), ("harmful_scores", got.harmful_scores, rv)]:
+    for name, g, w in [
+        ("helpful_scores", got.helpful_scores, hv),
+        ("harmful_scores", got.harmful_scores, rv),
+    ]:
         assert_close(g, w, tol, f"top_k {name}")
     gh, gr = np.asarray(got.helpful_idx), np.asarray(got.harmful_idx)
     assert gh.shape == gr.shape == (M, k)
     cols = np.arange(M)[:, None]
     if dtype == np.float64:
-        np.testing.assert_array_equal(gh, hi, err_msg="top_k helpful_idx vs full argsort of reference up_loss")
-        np.testing.assert_array_equal(gr, ri, err_msg="top_k harmful_idx vs full argsort of reference up_loss")
+        np.testing.assert_array_equal(
+            gh, hi, err_msg="top_k helpful_idx vs full argsort of reference up_loss"
+        )
+        np.testing.assert_array_equal(
+            gr, ri, err_msg="top_k harmful_idx vs full argsort of reference up_loss"
+        )
     else:  # float32: near-ties may swap; the chosen points must carry the reference's top-k values
         assert_close(ul[gh, cols], hv, tol, "top_k helpful_idx (reference values at returned indices)")
         assert_close(ul[gr, cols], rv, tol, "top_k harmful_idx (reference values at returned indices)")
 
 
-@pytest.mark.parametrize("case,dtype", [pytest.param(c, dt, id=f"{c.id}-{i}") for c in CASES
-                                         for dt, i in zip(DTYPES, DT_IDS) if dt == np.float64 or c.seed % 3 == 0])
+@pytest.mark.parametrize(
+    "case,dtype",
+    [
+        pytest.param(c, dt, id=f"{c.id}-{i}")
+        for c in CASES
+        for dt, i in zip(DTYPES, DT_IDS)
+        if dt == np.float64 or c.seed % 3 == 0
+    ],
+)
 def test_retrain_loo(case, dtype):
     X, y, Xt, yt = problem(case, dtype)
     inf = influence(case, dtype, DAMP if case.singular else 0.0)
@@ -417,12 +450,24 @@ def test_retrain_loo(case, dtype):
     # the default tol at the accuracy it promises.
     want = reference(case, dtype, 0.0, "retrain")
     want_g = reference(case, dtype, 0.0, "retrain_group")
-    assert_close(inf.retrain_loo(Xt, yt, RETRAIN_IDX, tol=1e-12), want, tol,
-                 "retrain_loo(tol=1e-12) vs reference retraining")
-    assert_close(inf.retrain_loo(Xt, yt, GROUP_IDX, group=True, tol=1e-12), want_g, tol,
-                 "retrain_loo(group=True, tol=1e-12) vs reference retraining")
-    assert_close(inf.retrain_loo(Xt, yt, RETRAIN_IDX), want, max(tol, 1e-6),
-                 "retrain_loo (default tol) vs reference retraining")
+    assert_close(
+        inf.retrain_loo(Xt, yt, RETRAIN_IDX, tol=1e-12),
+        want,
+        tol,
+        "retrain_loo(tol=1e-12) vs reference retraining",
+    )
+    assert_close(
+        inf.retrain_loo(Xt, yt, GROUP_IDX, group=True, tol=1e-12),
+        want_g,
+        tol,
+        "retrain_loo(group=True, tol=1e-12) vs reference retraining",
+    )
+    assert_close(
+        inf.retrain_loo(Xt, yt, RETRAIN_IDX),
+        want,
+        max(tol, 1e-6),
+        "retrain_loo (default tol) vs reference retraining",
+    )
 
 
 # ------------------------------------------------------------------------------------------------

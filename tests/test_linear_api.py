@@ -91,16 +91,12 @@ def test_single_point_and_index_forms(case):
     single = inf.up_loss(X[2], y[2])
     assert single.shape == (X.shape[0], 1)
     np.testing.assert_allclose(single[:, 0], full[:, 2], rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(
-        inf.up_loss(X[:4], y[:4], [3, 0]), full[[3, 0]], rtol=1e-12, atol=1e-15
-    )
+    np.testing.assert_allclose(inf.up_loss(X[:4], y[:4], [3, 0]), full[[3, 0]], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(inf.up_loss(X[:4], y[:4], 5), full[[5]], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(inf.up_loss(X[:4], y[:4], [-1]), full[[-1]], rtol=1e-12, atol=1e-15)
     mask = np.zeros(X.shape[0], dtype=bool)
     mask[[1, 7]] = True
-    np.testing.assert_allclose(
-        inf.up_loss(X[:4], y[:4], mask), full[[1, 7]], rtol=1e-12, atol=1e-15
-    )
+    np.testing.assert_allclose(inf.up_loss(X[:4], y[:4], mask), full[[1, 7]], rtol=1e-12, atol=1e-15)
     assert inf.up_loss(X[:4], y[:4], []).shape == (0, 4)
     assert inf.up_params([]).shape == (0, inf.n_params)
     assert inf.pert_loss(X[:4], y[:4], []).shape == (0, 4, X.shape[1])
@@ -163,9 +159,7 @@ def test_newton_loo_matches_retraining(case):
         np.testing.assert_allclose(g_newton, g_actual, rtol=1e-7, atol=1e-12)
     else:
         np.testing.assert_allclose(newton, actual, rtol=0.05, atol=2e-2 * np.abs(actual).max())
-        np.testing.assert_allclose(
-            g_newton, g_actual, rtol=0.05, atol=2e-2 * np.abs(g_actual).max()
-        )
+        np.testing.assert_allclose(g_newton, g_actual, rtol=0.05, atol=2e-2 * np.abs(g_actual).max())
 
 
 def test_pert_loss_against_finite_differences(case):
@@ -198,9 +192,7 @@ def test_float32_engine_close_to_float64(case):
     u64 = inf.up_loss(X[:3], y[:3])
     np.testing.assert_allclose(u32, u64, rtol=2e-3, atol=2e-3 * np.abs(u64).max())
     inf32b = pi.LinearInfluence(model, X, y, dtype=np.float32)
-    np.testing.assert_allclose(
-        inf32b.up_loss(X[:3], y[:3]), u32, rtol=1e-5, atol=1e-6 * np.abs(u64).max()
-    )
+    np.testing.assert_allclose(inf32b.up_loss(X[:3], y[:3]), u32, rtol=1e-5, atol=1e-6 * np.abs(u64).max())
 
 
 def test_torch_inputs(case):

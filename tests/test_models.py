@@ -92,9 +92,7 @@ def test_logistic_binary_matches_sklearn(cancer, l2, fit_intercept):
     assert ours.grad_norm_ <= 1e-10
     assert np.linalg.norm(_logistic_grad(ours, X, y)) <= 1e-9
     np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
-    np.testing.assert_allclose(
-        ours.predict_log_proba(X[:20]), np.log(ours.predict_proba(X[:20])), atol=1e-10
-    )
+    np.testing.assert_allclose(ours.predict_log_proba(X[:20]), np.log(ours.predict_proba(X[:20])), atol=1e-10)
     np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=1e-4)
     np.testing.assert_array_equal(ours.predict(X), ref.predict(X))
 
@@ -104,9 +102,7 @@ def test_logistic_multinomial_matches_sklearn(digits):
     n = len(y)
     l2 = 1e-2
     ours = pi.LogisticRegression(l2=l2).fit(X, y)
-    ref = sk.LogisticRegression(
-        C=1 / (l2 * n), solver="newton-cholesky", tol=1e-12, max_iter=1000
-    ).fit(X, y)
+    ref = sk.LogisticRegression(C=1 / (l2 * n), solver="newton-cholesky", tol=1e-12, max_iter=1000).fit(X, y)
     assert ours.theta_.shape == (10, 65) and ours.coef_.shape == (10, 64)
     np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-5)
     # softmax intercepts are defined up to a common shift
@@ -193,9 +189,7 @@ def test_binary_label_encoding(cancer, labels):
 
 def test_multinomial_string_labels(digits):
     X, y = digits
-    names = np.array(
-        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    )
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
     X, y = X[y < 3], y[y < 3]
     m = pi.LogisticRegression(l2=1e-2).fit(X, names[y])
     np.testing.assert_array_equal(m.classes_, np.sort(names[:3]))
@@ -338,9 +332,7 @@ def test_from_sklearn_refusals(cancer, regression, digits):
     with pytest.raises(ValueError, match="class_weight"):
         pi.from_sklearn(cw, X, y)
     est = sk.LogisticRegression().fit(X, y)
-    with pytest.raises(
-        ValueError, match="X has 5 features but the LogisticRegression was trained on 30"
-    ):
+    with pytest.raises(ValueError, match="X has 5 features but the LogisticRegression was trained on 30"):
         pi.from_sklearn(est, X[:, :5], y)
     with pytest.raises(ValueError, match=r"y contains label\(s\) 2"):
         pi.from_sklearn(est, X, np.where(y == 1, 2, 0))

@@ -129,8 +129,10 @@ def test_multinomial_loo_newton_singular_removal_raises():
     assert np.isfinite(out).all()
     for i in range(X.shape[0]):  # agrees with the group path, point by point
         np.testing.assert_allclose(
-            out[i], inf.loo_change(X[:2], y[:2], train_idx=[i], method="newton", group=True),
-            rtol=1e-8, atol=1e-12,
+            out[i],
+            inf.loo_change(X[:2], y[:2], train_idx=[i], method="newton", group=True),
+            rtol=1e-8,
+            atol=1e-12,
         )
 
 

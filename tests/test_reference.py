@@ -1,4 +1,5 @@
 """Self-checks of tests/reference.py (needs no pyinfluence): the references are only useful if right."""
+
 import os
 import sys
 
@@ -7,15 +8,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
 
 torch.set_num_threads(1)  # tiny problems: thread wake-ups cost more than they save
 
-CASES = [
-    (fam, fi, pi)
-    for fam in ref.FAMILIES
-    for (fi, pi) in [(True, False), (True, True), (False, False)]
-]
+CASES = [(fam, fi, pi) for fam in ref.FAMILIES for (fi, pi) in [(True, False), (True, True), (False, False)]]
 
 
 def _spec(fam, fi, pi, l2=0.02):
@@ -93,8 +90,9 @@ def test_per_example_gradients_closed_form(fam, fi, pi):
     # objective = mean loss + (l2/2)|Pθ|², gradient = mean per-example gradient + l2 P θ
     m = spec.penalty_mask(X.shape[1])
     assert abs(ref.objective(spec, X, y, th) - (L.mean() + 0.5 * spec.l2 * np.sum((m * th) ** 2))) < 1e-13
-    np.testing.assert_allclose(ref.objective_grad(spec, X, y, th), G.mean(0) + spec.l2 * m * th,
-                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        ref.objective_grad(spec, X, y, th), G.mean(0) + spec.l2 * m * th, rtol=1e-12, atol=1e-14
+    )
 
 
 def test_weights_normalisation():
@@ -105,8 +103,9 @@ def test_weights_normalisation():
     w[[3, 7]] = 0
     keep = w > 0
     assert abs(ref.objective(spec, X, y, th, w) - ref.objective(spec, X[keep], y[keep], th)) < 1e-14
-    np.testing.assert_allclose(ref.hessian(spec, X, y, th, 2.5 * w), ref.hessian(spec, X[keep], y[keep], th),
-                               rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        ref.hessian(spec, X, y, th, 2.5 * w), ref.hessian(spec, X[keep], y[keep], th), rtol=1e-13, atol=1e-15
+    )
 
 
 @pytest.mark.parametrize("fam,fi,pi", CASES)
@@ -130,8 +129,9 @@ def test_squared_trainer_closed_form():
         th_cf = np.linalg.solve(Xa.T @ Xa / len(X) + spec.l2 * np.diag(m), Xa.T @ y / len(X))
         th, _, _ = ref.fit(spec, X, y)
         np.testing.assert_allclose(th, th_cf, rtol=1e-11, atol=1e-12)
-        np.testing.assert_allclose(ref.hessian(spec, X, y, th), Xa.T @ Xa / len(X) + spec.l2 * np.diag(m),
-                                   rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(
+            ref.hessian(spec, X, y, th), Xa.T @ Xa / len(X) + spec.l2 * np.diag(m), rtol=1e-13, atol=1e-14
+        )
 
 
 def test_trainer_matches_sklearn():
@@ -179,11 +179,13 @@ def test_influence_quantities_consistent(fam, fi, pi):
     si = ref.self_influence(spec, X, y, th, None, lam)
     assert np.all(si <= 1e-15)
     np.testing.assert_allclose(si[idx], np.einsum("kp,kp->k", up, G[idx]), rtol=1e-10, atol=1e-15)
-    np.testing.assert_allclose(ref.loo_influence(spec, X, y, th, Xt, yt, idx, lam), -ul[idx] / len(X),
-                               rtol=1e-13, atol=1e-18)
+    np.testing.assert_allclose(
+        ref.loo_influence(spec, X, y, th, Xt, yt, idx, lam), -ul[idx] / len(X), rtol=1e-13, atol=1e-18
+    )
     # single test point as (d,), scalar
-    np.testing.assert_allclose(ref.up_loss(spec, X, y, th, Xt[1], yt[1], idx, lam), ul[idx][:, 1:2],
-                               rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(
+        ref.up_loss(spec, X, y, th, Xt[1], yt[1], idx, lam), ul[idx][:, 1:2], rtol=1e-12, atol=1e-16
+    )
     # top_k ordering
     hi, hv, ai, av = ref.top_k(ul, 4)
     assert hi.shape == (Xt.shape[0], 4)
@@ -202,7 +204,9 @@ def test_pert_loss_finite_differences(fam, fi, pi):
     pl = ref.pert_loss(spec, X, y, th, Xt, yt, [2, 4], lam)
     assert pl.shape == (2, len(Xt), X.shape[1])
     for a, i in enumerate([2, 4]):
-        fd = _fd_jac(lambda x: -(ref.per_example_grads(spec, x[None], y[i:i + 1], th)[0] @ S), X[i], h=1e-6)
+        fd = _fd_jac(
+            lambda x, i=i: -(ref.per_example_grads(spec, x[None], y[i : i + 1], th)[0] @ S), X[i], h=1e-6
+        )
         np.testing.assert_allclose(pl[a], fd, rtol=1e-6, atol=1e-8 * np.abs(pl[a]).max())
 
 

@@ -18,7 +18,7 @@ import torch
 
 import pyinfluence
 from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
-from pyinfluence.solvers import (
+from pyinfluence.torch.solvers import (
     CG,
     BlockCG,
     Exact,
@@ -735,6 +735,4 @@ def test_cuda_lissa_minibatches_and_non_pd():
     with pytest.raises(NotPositiveDefiniteError):
         Exact().prepare(make_op(n=80, p=10, l2=-0.35, seed=4, device="cuda"))
     with pytest.raises(NotPositiveDefiniteError):
-        CG().prepare(make_op(n=80, p=10, l2=-0.35, seed=4, device="cuda")).solve(
-            rhs(10, 2, device="cuda")
-        )
+        CG().prepare(make_op(n=80, p=10, l2=-0.35, seed=4, device="cuda")).solve(rhs(10, 2, device="cuda"))

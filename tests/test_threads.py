@@ -2,6 +2,7 @@
 independent references of tests/reference.py, on problems large enough that the partitioned path runs.
 
 The partitioned path only runs with 2 or more threads; these tests are skipped on a 1-core machine."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import pyinfluence
 from pyinfluence import _core
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
 
 torch.set_num_threads(1)
 

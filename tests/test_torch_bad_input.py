@@ -49,9 +49,7 @@ def test_integer_training_inputs_for_a_real_valued_model(classifier):
 def test_integer_test_inputs_are_converted_like_the_training_inputs(classifier):
     *_, X, y, inf = classifier
     Xi = X[:3].round()
-    np.testing.assert_array_equal(
-        inf.up_loss(Xi.long(), y[:3]).numpy(), inf.up_loss(Xi, y[:3]).numpy()
-    )
+    np.testing.assert_array_equal(inf.up_loss(Xi.long(), y[:3]).numpy(), inf.up_loss(Xi, y[:3]).numpy())
 
 
 def test_three_dimensional_inputs_that_the_model_cannot_take(classifier):

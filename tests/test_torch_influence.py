@@ -24,9 +24,9 @@ from torch import nn
 
 import pyinfluence
 from pyinfluence.errors import ConvergenceError, NotAtOptimumWarning, NotPositiveDefiniteError
-from pyinfluence.losses import smooth_hinge_loss
-from pyinfluence.solvers import CG, BlockCG, Exact, LiSSA
-from pyinfluence.torch_influence import TorchInfluence
+from pyinfluence.torch.influence import TorchInfluence
+from pyinfluence.torch.losses import smooth_hinge_loss
+from pyinfluence.torch.solvers import CG, BlockCG, Exact, LiSSA
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # torch's own forward-mode decompositions call the deprecated torch.jit.script on first use
@@ -199,7 +199,12 @@ def digits_mlp():
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).to(DT)
     ps = list(model.parameters())
     opt = torch.optim.LBFGS(
-        ps, lr=1, max_iter=300, tolerance_grad=1e-9, tolerance_change=0, history_size=20,
+        ps,
+        lr=1,
+        max_iter=300,
+        tolerance_grad=1e-9,
+        tolerance_change=0,
+        history_size=20,
         line_search_fn="strong_wolfe",
     )
 
@@ -235,9 +240,7 @@ def test_mlp_is_near_stationary_but_not_convex(digits_mlp):
 
 
 def _mlp_influence(m, solver):
-    return TorchInfluence(
-        m.model, ce, (m.Xtr, m.ytr), l2=MLP_L2, damping=MLP_DAMPING, solver=solver
-    )
+    return TorchInfluence(m.model, ce, (m.Xtr, m.ytr), l2=MLP_L2, damping=MLP_DAMPING, solver=solver)
 
 
 def test_mlp_cg_matches_exact(digits_mlp):
@@ -305,9 +308,7 @@ def test_mlp_up_params_and_loo(digits_mlp):
         gt.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, ps)]))
     torch.testing.assert_close(Ip @ torch.stack(gt).T, m.up[idx], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(m.exact.loo_change(m.Xt, m.yt, idx), -m.up[idx] / 1437)
-    torch.testing.assert_close(
-        m.exact.loo_change(m.Xt, m.yt, idx, group=True), -m.up[idx].sum(0) / 1437
-    )
+    torch.testing.assert_close(m.exact.loo_change(m.Xt, m.yt, idx, group=True), -m.up[idx].sum(0) / 1437)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,8 +494,11 @@ def test_bad_construction(small):
     with pytest.raises(ValueError, match=r"model.eval\(\)"):
         TorchInfluence(bn, loss, (X, y))
     TorchInfluence(bn.eval(), loss, (X, y), optimum_tol=None)  # eval mode is fine
-    with pytest.raises(ValueError, match=r"calling the model on train_data's inputs.*(shapes cannot be "
-                                          r"multiplied|size mismatch|mat1)"):
+    with pytest.raises(
+        ValueError,
+        match=r"calling the model on train_data's inputs.*(shapes cannot be "
+        r"multiplied|size mismatch|mat1)",
+    ):
         TorchInfluence(lin, loss, (X[:, :4], y))
 
 
@@ -522,7 +526,7 @@ def test_cuda_matches_cpu(small):
 
 
 def test_auto_solver_is_exact_for_small_models_and_block_cg_above():
-    from pyinfluence.torch_influence import AUTO_EXACT_MAX_PARAMS
+    from pyinfluence.torch.influence import AUTO_EXACT_MAX_PARAMS
 
     assert isinstance(TorchInfluence._pick_solver("auto", AUTO_EXACT_MAX_PARAMS), Exact)
     assert type(TorchInfluence._pick_solver("auto", AUTO_EXACT_MAX_PARAMS + 1)) is BlockCG

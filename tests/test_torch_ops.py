@@ -1,4 +1,4 @@
-"""The torch machinery of TorchInfluence (pyinfluence._torch_ops, pyinfluence.losses).
+"""The torch machinery of TorchInfluence (pyinfluence.torch: functional, data, hessian, losses).
 
 References are independent of the code under test: per-example gradients from a slow loop of
 ``torch.autograd.grad`` on the model itself, Hessians from ``torch.func.hessian`` of the mean
@@ -15,8 +15,10 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import pyinfluence
-from pyinfluence import _torch_ops as ops
-from pyinfluence.losses import smooth_hinge_loss
+from pyinfluence.torch import data as torch_data
+from pyinfluence.torch import functional as torch_functional
+from pyinfluence.torch import hessian as torch_hessian
+from pyinfluence.torch.losses import smooth_hinge_loss
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # torch's own forward-mode decompositions call the deprecated torch.jit.script on first use
@@ -48,7 +50,9 @@ def data(n=23, d=5, k=3, seed=0):
 
 
 def fm_for(model, params=None, loss=ce):
-    return ops.FunctionalModel(model, loss, ops.select_params(model, params), torch.device("cpu"))
+    return torch_functional.FunctionalModel(
+        model, loss, torch_functional.select_params(model, params), torch.device("cpu")
+    )
 
 
 def ref_hessian(model, loss, X, Y, names, l2):
@@ -99,7 +103,7 @@ def test_hvp_and_dense_match_torch_func_hessian(l2, batch_size):
     model = mlp(1)
     X, Y = data(seed=1)
     fm = fm_for(model)
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), l2, batch_size)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), l2, batch_size)
     H = ref_hessian(model, ce, X, Y, fm.names, l2)
     V = torch.randn(fm.n_params, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(op.matvec(V), H @ V, rtol=1e-11, atol=1e-12)
@@ -123,7 +127,7 @@ def test_sample_matvec_is_the_minibatch_hessian():
     X, Y = data(seed=2)
     fm = fm_for(model)
     l2 = 0.1
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), l2, 4)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), l2, 4)
     V = torch.randn(fm.n_params, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
     out = op.sample_matvec(V, 9, torch.Generator().manual_seed(7))
     idx = torch.randint(23, (9,), generator=torch.Generator().manual_seed(7))  # same draw
@@ -140,7 +144,7 @@ def test_gradient_of_objective():
     model = mlp(3)
     X, Y = data(seed=3)
     fm = fm_for(model)
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), 0.2, 7)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), 0.2, 7)
     ps = list(model.parameters())
     R = ce(model(X), Y).mean() + 0.1 * sum((p**2).sum() for p in ps)
     ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(R, ps)])
@@ -171,39 +175,48 @@ def test_mixed_input_grad_matches_double_backward():
 def test_select_params_by_names_prefix_and_predicate():
     model = mlp()
     names = [n for n, _ in model.named_parameters()]
-    assert [n for n, _ in ops.select_params(model)] == names
-    assert [n for n, _ in ops.select_params(model, "2")] == ["2.weight", "2.bias"]
-    assert [n for n, _ in ops.select_params(model, ["2.bias", "0.weight"])] == ["0.weight", "2.bias"]
-    assert [n for n, _ in ops.select_params(model, lambda n: n.endswith("bias"))] == ["0.bias", "2.bias"]
-    assert [n for n, _ in ops.select_params(model, lambda n, p: p.ndim == 2)] == ["0.weight", "2.weight"]
+    assert [n for n, _ in torch_functional.select_params(model)] == names
+    assert [n for n, _ in torch_functional.select_params(model, "2")] == ["2.weight", "2.bias"]
+    assert [n for n, _ in torch_functional.select_params(model, ["2.bias", "0.weight"])] == [
+        "0.weight",
+        "2.bias",
+    ]
+    assert [n for n, _ in torch_functional.select_params(model, lambda n: n.endswith("bias"))] == [
+        "0.bias",
+        "2.bias",
+    ]
+    assert [n for n, _ in torch_functional.select_params(model, lambda n, p: p.ndim == 2)] == [
+        "0.weight",
+        "2.weight",
+    ]
     model[0].bias.requires_grad_(False)  # None: trainable only; named: also frozen ones
-    assert "0.bias" not in [n for n, _ in ops.select_params(model)]
-    assert [n for n, _ in ops.select_params(model, ["0.bias"])] == ["0.bias"]
+    assert "0.bias" not in [n for n, _ in torch_functional.select_params(model)]
+    assert [n for n, _ in torch_functional.select_params(model, ["0.bias"])] == ["0.bias"]
 
 
 def test_select_params_errors():
     model = mlp()
     with pytest.raises(ValueError, match="neither a parameter name nor a module prefix"):
-        ops.select_params(model, ["fc.weight"])
+        torch_functional.select_params(model, ["fc.weight"])
     with pytest.raises(ValueError, match="selects no parameters"):
-        ops.select_params(model, [])
+        torch_functional.select_params(model, [])
     with pytest.raises(ValueError, match="selects none"):
-        ops.select_params(model, lambda n: False)
+        torch_functional.select_params(model, lambda n: False)
     with pytest.raises(TypeError, match="params must"):
-        ops.select_params(model, 3)
+        torch_functional.select_params(model, 3)
     mixed = nn.Sequential(nn.Linear(2, 2).double(), nn.Linear(2, 2))
     with pytest.raises(TypeError, match="different dtypes"):
-        ops.select_params(mixed)
-    assert len(ops.select_params(mixed, ["0"])) == 2  # one dtype within the selection is fine
+        torch_functional.select_params(mixed)
+    assert len(torch_functional.select_params(mixed, ["0"])) == 2  # one dtype within the selection is fine
     half = nn.Linear(2, 2).half()
     with pytest.raises(TypeError, match="float32 or float64"):
-        ops.select_params(half)
+        torch_functional.select_params(half)
     frozen = nn.Linear(2, 2)
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="trainable"):
-        ops.select_params(frozen)
+        torch_functional.select_params(frozen)
     with pytest.raises(TypeError, match="nn.Module"):
-        ops.select_params(lambda x: x)
+        torch_functional.select_params(lambda x: x)
 
 
 def test_selected_subset_hessian_is_the_sub_block():
@@ -212,7 +225,7 @@ def test_selected_subset_hessian_is_the_sub_block():
     X, Y = data(seed=5)
     full = ref_hessian(model, ce, X, Y, [n for n, _ in model.named_parameters()], 0.0)
     fm = fm_for(model, ["2"])
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), 0.0, 100)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), 0.0, 100)
     p0 = sum(p.numel() for p in model[0].parameters())
     torch.testing.assert_close(op.dense(), full[p0:, p0:], rtol=1e-11, atol=1e-12)
     G = fm.per_example_grads(X, Y)
@@ -230,11 +243,11 @@ def test_batchnorm_eval_model_uses_running_statistics():
         for _ in range(3):
             model(X * 2 + 1)
     model.eval()
-    ops.check_model_mode(model)
+    torch_functional.check_model_mode(model)
     fm = fm_for(model)
     assert "1.running_mean" in fm.fixed
     torch.testing.assert_close(fm.per_example_grads(X, Y), loop_grads(model, ce, X, Y, fm.names))
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), 0.0, 10)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), 0.0, 10)
     torch.testing.assert_close(op.dense(), ref_hessian(model, ce, X, Y, fm.names, 0.0))
     # the running statistics were not touched
     before = model[1].running_mean.clone()
@@ -249,10 +262,10 @@ def test_training_mode_layers_are_refused(layer):
     model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 2))
     model.train()
     with pytest.raises(ValueError, match=r"model.eval\(\)"):
-        ops.check_model_mode(model)
+        torch_functional.check_model_mode(model)
     model.eval()
-    ops.check_model_mode(model)
-    ops.check_model_mode(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0)).train())  # p = 0: fine
+    torch_functional.check_model_mode(model)
+    torch_functional.check_model_mode(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0)).train())  # p = 0: fine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ class PairDataset(torch.utils.data.Dataset):
 def _pair(*a, **kw):
     kw.setdefault("device", torch.device("cpu"))
     kw.setdefault("dtype", DT)
-    return ops.as_tensor_pair(*a, **kw)
+    return torch_data.as_tensor_pair(*a, **kw)
 
 
 def test_data_forms_agree():
@@ -407,10 +420,10 @@ def test_ops_on_cuda_match_cpu():
     model = mlp(7)
     X, Y = data(seed=7)
     fm = fm_for(model)
-    op = ops.HessianOperator(fm, ops.TensorData(X, Y), 0.1, 10)
+    op = torch_hessian.HessianOperator(fm, torch_data.TensorData(X, Y), 0.1, 10)
     dev = torch.device("cuda")
-    fmc = ops.FunctionalModel(model, ce, ops.select_params(model), dev)
-    opc = ops.HessianOperator(fmc, ops.TensorData(X.to(dev), Y.to(dev)), 0.1, 10)
+    fmc = torch_functional.FunctionalModel(model, ce, torch_functional.select_params(model), dev)
+    opc = torch_hessian.HessianOperator(fmc, torch_data.TensorData(X.to(dev), Y.to(dev)), 0.1, 10)
     torch.testing.assert_close(opc.dense().cpu(), op.dense())
     torch.testing.assert_close(fmc.per_example_grads(X.to(dev), Y.to(dev)).cpu(), fm.per_example_grads(X, Y))
     g = torch.Generator(device=dev).manual_seed(0)

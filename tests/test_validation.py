@@ -7,6 +7,7 @@ LinearInfluence with random shapes/dtypes/values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -77,9 +78,7 @@ def test_float_matrix_keeps_float_dtype_without_copy(dtype):
     assert out is X
 
 
-@pytest.mark.parametrize(
-    "dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.longdouble]
-)
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float16, np.longdouble])
 def test_float_matrix_converts_others_to_float64(dtype):
     X = np.ones((3, 2), dtype=dtype)
     out = as_float_matrix("X", X)
@@ -226,9 +225,7 @@ def test_scalars():
         with pytest.raises(TypeError, match="damping"):
             check_damping(bad)
     assert check_int("k", np.int64(3), 1, 5) == 3
-    with pytest.raises(
-        ValueError, match=r"k must be <= 5 \(the number of training points\), got 6"
-    ):
+    with pytest.raises(ValueError, match=r"k must be <= 5 \(the number of training points\), got 6"):
         check_int("k", 6, 1, 5, maximum_what="the number of training points")
     with pytest.raises(TypeError, match="k must be an integer"):
         check_int("k", 2.0, 1, 5)
@@ -251,9 +248,7 @@ def test_index_array():
         as_index_array("train_idx", [True, False], 10)
     with pytest.raises(TypeError, match="train_idx must be an integer index.*bool"):
         as_index_array("train_idx", True, 10)
-    with pytest.raises(
-        TypeError, match="train_idx must contain integer indices, got dtype float64"
-    ):
+    with pytest.raises(TypeError, match="train_idx must contain integer indices, got dtype float64"):
         as_index_array("train_idx", [1.0, 2.0], 10)
     with pytest.raises(ValueError, match="train_idx must be 1-D"):
         as_index_array("train_idx", [[1, 2]], 10)
@@ -301,9 +296,7 @@ def test_fit_rejects_bad_data():
     Xn[3, 2] = np.nan
     with pytest.raises(ValueError, match="X contains NaN"):
         m.fit(Xn, y)
-    with pytest.raises(
-        ValueError, match="SmoothHingeSVM is a binary classifier but y has 3 classes"
-    ):
+    with pytest.raises(ValueError, match="SmoothHingeSVM is a binary classifier but y has 3 classes"):
         pi.SmoothHingeSVM().fit(X, np.arange(40) % 3)
     with pytest.raises(ValueError, match="y must be a 1-D array"):
         pi.RidgeRegression().fit(X, np.ones((40, 2)))
@@ -340,9 +333,7 @@ def test_singular_fit_without_penalty_is_convergence_error():
         pi.RidgeRegression(l2=0.0).fit(X, y)
 
 
-@pytest.mark.parametrize(
-    "make", [lambda: pi.LogisticRegression(l2=0.0), lambda: pi.SmoothHingeSVM(l2=0.0)]
-)
+@pytest.mark.parametrize("make", [lambda: pi.LogisticRegression(l2=0.0), lambda: pi.SmoothHingeSVM(l2=0.0)])
 def test_separable_classification_without_penalty(make):
     X = np.r_[np.linspace(-3, -1, 10), np.linspace(1, 3, 10)][:, None]
     y = (X[:, 0] > 0).astype(int)
@@ -413,9 +404,7 @@ def test_not_positive_definite_mentions_damping():
     y = X[:, :3] @ np.array([1.0, 2.0, -1.0]) + 0.1 * rng.standard_normal(25)
     model = _ols_from_sklearn(X, y)
     assert model.l2 == 0.0
-    with pytest.raises(
-        NotPositiveDefiniteError, match=r"not positive definite.*damping=λ > 0"
-    ) as info:
+    with pytest.raises(NotPositiveDefiniteError, match=r"not positive definite.*damping=λ > 0") as info:
         pi.LinearInfluence(model, X, y)
     assert isinstance(info.value, ValueError)
     assert "l2=0" in str(info.value)
@@ -482,9 +471,7 @@ def test_query_argument_errors(binary):
         inf.up_params(train_idx=[0.5])
     with pytest.raises(ValueError, match="train_idx is a boolean array of length 3"):
         inf.self_influence(train_idx=[True, False, True])
-    with pytest.raises(
-        ValueError, match=r"k must be <= 40 \(the number of training points\), got 41"
-    ):
+    with pytest.raises(ValueError, match=r"k must be <= 40 \(the number of training points\), got 41"):
         inf.top_k(X[:2], y[:2], k=n + 1)
     with pytest.raises(ValueError, match="k must be >= 1"):
         inf.top_k(X[:2], y[:2], k=0)
@@ -519,6 +506,7 @@ def test_query_errors_regression_and_multinomial(ridge, multi):
 # hypothesis: random shapes/dtypes/values never crash, only clean exceptions
 # ------------------------------------------------------------------------------------------------
 hypothesis = pytest.importorskip("hypothesis")
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
@@ -734,7 +722,5 @@ def test_fuzz_estimators(X, y, est):
         model.fit(X, y)
     except CLEAN:
         return
-    try:
+    with contextlib.suppress(CLEAN):
         pi.LinearInfluence(model, X, y, damping=1e-6)
-    except CLEAN:
-        pass

@@ -16,10 +16,16 @@ the paper: ``up_loss`` negative = helpful, ``loo_change ≈ −up_loss/n``.
   :data:`DIGITS_PRESETS` — measured settings for running all of them on digits (quick / default).
 """
 
-from ._common import Result, fit_stats
-from .attack import AttackResult, AttackSummary, attack_many, pick_targets, training_set_attack
-from .behaviour import ModelComparison, compare_models, rbf_features, rbf_gamma
-from .datasets import (
+from pyinfluence.applications._common import Result, fit_stats
+from pyinfluence.applications.attack import (
+    AttackResult,
+    AttackSummary,
+    attack_many,
+    pick_targets,
+    training_set_attack,
+)
+from pyinfluence.applications.behaviour import ModelComparison, compare_models, rbf_features, rbf_gamma
+from pyinfluence.applications.datasets import (
     DigitsSplit,
     DomainMismatchData,
     digits_even_odd,
@@ -27,16 +33,16 @@ from .datasets import (
     load_digits_split,
     make_readmission_data,
 )
-from .domain import PredictionDebug, debug_prediction, feature_contributions
-from .loo import PAPER_FIG2_PEARSON, LOOValidation, highest_loss_points, validate_loo
-from .mislabel import (
+from pyinfluence.applications.domain import PredictionDebug, debug_prediction, feature_contributions
+from pyinfluence.applications.loo import PAPER_FIG2_PEARSON, LOOValidation, highest_loss_points, validate_loo
+from pyinfluence.applications.mislabel import (
     MislabelExperiment,
     MislabelRanking,
     find_mislabeled,
     flip_labels,
     mislabel_experiment,
 )
-from .presets import DIGITS_PRESETS
+from pyinfluence.applications.presets import DIGITS_PRESETS
 
 __all__ = [
     "DIGITS_PRESETS",

@@ -99,11 +99,7 @@ def fit_stats(actual: ArrayLike, predicted: ArrayLike) -> Dict[str, float]:
         return {"pearson": nan, "slope_origin": nan, "slope_ols": nan, "n": int(a.size)}
     with np.errstate(invalid="ignore", divide="ignore"):
         sa, sp = a.std(), p.std()
-        pearson = (
-            float(np.mean((a - a.mean()) * (p - p.mean())) / (sa * sp))
-            if sa > 0 and sp > 0
-            else nan
-        )
+        pearson = float(np.mean((a - a.mean()) * (p - p.mean())) / (sa * sp)) if sa > 0 and sp > 0 else nan
         pp = float(p @ p)
         slope_origin = float(p @ a / pp) if pp > 0 else nan
         slope_ols = float(np.mean((a - a.mean()) * (p - p.mean())) / sp**2) if sp > 0 else nan
@@ -118,9 +114,7 @@ def fit_stats(actual: ArrayLike, predicted: ArrayLike) -> Dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # argument checks (messages name the argument)
 # ------------------------------------------------------------------------------------------------
-def check_int(
-    name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None
-) -> int:
+def check_int(name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     v = int(value)
@@ -260,9 +254,7 @@ def axes_for(
         return target, axs[:n]
     if hasattr(target, "plot") and hasattr(target, "figure"):  # one Axes
         if n != 1:
-            raise ValueError(
-                f"ax: this plot has {n} panels; pass a Figure, a sequence of {n} Axes or None"
-            )
+            raise ValueError(f"ax: this plot has {n} panels; pass a Figure, a sequence of {n} Axes or None")
         return target.figure, [target]
     try:
         axs = list(target)
@@ -307,7 +299,7 @@ def show_image(
 # influence objects: the linear path's training data and exact refits
 # ------------------------------------------------------------------------------------------------
 def is_linear(inf: Any) -> bool:
-    from ..linear import LinearInfluence
+    from pyinfluence.linear.influence import LinearInfluence
 
     return isinstance(inf, LinearInfluence)
 
@@ -359,12 +351,10 @@ def refit_linear(model: Any, X: np.ndarray, y: Any, theta0: Optional[np.ndarray]
     return new
 
 
-def linear_influence_like(
-    inf: Any, model: Any, X: np.ndarray, y: Any, *, quiet: bool = False
-) -> Any:
+def linear_influence_like(inf: Any, model: Any, X: np.ndarray, y: Any, *, quiet: bool = False) -> Any:
     """A LinearInfluence for ``model`` on (X, y) with ``inf``'s damping and device (float64)."""
-    from ..errors import NotAtOptimumWarning
-    from ..linear import LinearInfluence
+    from pyinfluence.errors import NotAtOptimumWarning
+    from pyinfluence.linear.influence import LinearInfluence
 
     kw: Dict[str, Any] = {"damping": inf.damping}
     device = getattr(inf, "device", "cpu")

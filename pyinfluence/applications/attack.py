@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._common import (
+from pyinfluence.applications._common import (
     Result,
     axes_for,
     check_float,
@@ -180,9 +180,7 @@ class AttackResult(Result):
                     vmin=-e,
                     vmax=e,
                 )
-                show_image(
-                    axs[r, 3], self.x_perturbed[r], self.image_shape, title="perturbed", **grey
-                )
+                show_image(axs[r, 3], self.x_perturbed[r], self.image_shape, title="perturbed", **grey)
             else:
                 a = axs[r, 0]
                 dlt = np.ravel(self.perturbation[r])
@@ -252,8 +250,7 @@ class AttackSummary(Result):
         a.set_xlabel("target")
         a.set_ylabel("target test loss")
         a.set_title(
-            f"{int(self.flipped.sum())}/{len(self.attacks)} targets flipped "
-            f"(epsilon = {self.epsilon:g})",
+            f"{int(self.flipped.sum())}/{len(self.attacks)} targets flipped (epsilon = {self.epsilon:g})",
             fontsize=10,
         )
         a.legend(fontsize=8)
@@ -475,9 +472,7 @@ def training_set_attack(
         loss_history=np.asarray(history),
         refit_each_step=bool(refit_each_step),
         select=select,
-        clip=None
-        if clip is None
-        else (to_numpy(clip[0], np.float64), to_numpy(clip[1], np.float64)),
+        clip=None if clip is None else (to_numpy(clip[0], np.float64), to_numpy(clip[1], np.float64)),
         image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
         eval_flipped=eval_flipped,
         x_target=xt[0],
@@ -513,9 +508,7 @@ def pick_targets(
         raise ValueError("no test point is classified correctly; nothing to attack")
     k = min(k, correct.size)
     if how == "random":
-        return np.sort(np.random.default_rng(seed).choice(correct, k, replace=False)).astype(
-            np.int64
-        )
+        return np.sort(np.random.default_rng(seed).choice(correct, k, replace=False)).astype(np.int64)
     if hasattr(model, "predict_proba"):
         P = to_numpy(model.predict_proba(X_test), np.float64)
         classes = list(to_numpy(model.classes_))
@@ -562,13 +555,9 @@ def attack_many(
     for j in progress_iter(
         range(ya.shape[0]), enabled=progress, total=ya.shape[0], desc="training-set attacks"
     ):
-        attacks.append(
-            training_set_attack(inf, Xa[j : j + 1], ya[j : j + 1], epsilon=epsilon, **kwargs)
-        )
+        attacks.append(training_set_attack(inf, Xa[j : j + 1], ya[j : j + 1], epsilon=epsilon, **kwargs))
     flipped = np.array([a.flipped for a in attacks], dtype=bool)
-    settings = {
-        k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))
-    }
+    settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
     return AttackSummary(
         attacks=attacks,
         target_index=tidx.astype(np.int64),

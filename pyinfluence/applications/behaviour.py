@@ -18,7 +18,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._common import Result, as_labels, as_matrix, check_int, new_figure, show_image, to_numpy
+from pyinfluence.applications._common import (
+    Result,
+    as_labels,
+    as_matrix,
+    check_int,
+    new_figure,
+    show_image,
+    to_numpy,
+)
 
 __all__ = ["ModelComparison", "compare_models", "rbf_features", "rbf_gamma"]
 
@@ -39,16 +47,12 @@ def rbf_gamma(centers: ArrayLike, rule: str = "scale") -> float:
         off = D[~np.eye(C.shape[0], dtype=bool)]
         med = float(np.median(np.maximum(off, 0.0))) if off.size else 0.0
         if med <= 0:
-            raise ValueError(
-                "the median squared distance between centers is 0; pass gamma explicitly"
-            )
+            raise ValueError("the median squared distance between centers is 0; pass gamma explicitly")
         return 1.0 / med
     raise ValueError(f"gamma rule must be 'scale' or 'median', got {rule!r}")
 
 
-def rbf_features(
-    X: ArrayLike, centers: ArrayLike, gamma: Union[float, str] = "scale"
-) -> NDArray[np.float64]:
+def rbf_features(X: ArrayLike, centers: ArrayLike, gamma: Union[float, str] = "scale") -> NDArray[np.float64]:
     """RBF features φ(x)_c = exp(−γ‖x − c‖²) for each centre c: shape (n, n_centers).
 
     A linear model (``LogisticRegression``, ``SmoothHingeSVM``) on these features is the paper's
@@ -143,7 +147,7 @@ class ModelComparison(Result):
         distance and same-label matrices (for scatter plots elsewhere)."""
         d = super().to_dict()
         if include_arrays:
-            from ._common import _jsonable
+            from pyinfluence.applications._common import _jsonable
 
             d["influence"] = _jsonable(self.influence)
             d["distance"] = _jsonable(self.distance)
@@ -175,14 +179,10 @@ class ModelComparison(Result):
                 name = self.names[r // 2]
                 kind = "helpful" if r % 2 == 0 else "harmful"
                 idx = (self.helpful_idx if kind == "helpful" else self.harmful_idx)[name][j][:k]
-                sc = (self.helpful_scores if kind == "helpful" else self.harmful_scores)[name][j][
-                    :k
-                ]
+                sc = (self.helpful_scores if kind == "helpful" else self.harmful_scores)[name][j][:k]
                 a0 = gs[r, 0]
                 if r == 0 and self.test_images is not None:
-                    show_image(
-                        a0, self.test_images[j], self.image_shape, title=f"test, y={self.y_test[j]}"
-                    )
+                    show_image(a0, self.test_images[j], self.image_shape, title=f"test, y={self.y_test[j]}")
                 else:
                     a0.axis("off")
                 a0.text(
@@ -207,9 +207,7 @@ class ModelComparison(Result):
         same = self.same_label[j]
         for a, name in zip(sax, self.names):
             infl = self.influence[name][j]
-            a.scatter(
-                self.distance[j][same], infl[same], s=6, alpha=0.6, color="C0", label="same label"
-            )
+            a.scatter(self.distance[j][same], infl[same], s=6, alpha=0.6, color="C0", label="same label")
             a.scatter(
                 self.distance[j][~same],
                 infl[~same],

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from numpy.typing import NDArray
 
-from ._common import Result, check_float, check_int, check_rng_seed
+from pyinfluence.applications._common import Result, check_float, check_int, check_rng_seed
 
 __all__ = [
     "DigitsSplit",
@@ -109,9 +109,7 @@ def load_digits_split(
         raise ValueError(f"scale must be one of {list(_SCALES)}, got {scale!r}")
     if task not in ("multiclass", "even_odd"):
         raise ValueError(f"task must be 'multiclass' or 'even_odd', got {task!r}")
-    test_size = check_float(
-        "test_size", test_size, low=0.0, high=1.0, low_open=True, high_open=True
-    )
+    test_size = check_float("test_size", test_size, low=0.0, high=1.0, low_open=True, high_open=True)
     seed = check_rng_seed("seed", seed)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._common import (
+from pyinfluence.applications._common import (
     Result,
     as_matrix,
     axes_for,
@@ -55,16 +55,14 @@ def _test_point(inf: Any, x_test: Any, y_test: Any) -> tuple:
         y = y[0]
     if np.ndim(y) != 0:
         raise ValueError(f"y_test must be one label, got shape {np.shape(y)}")
-    y_enc = model._encode(
-        "y_test", y.item() if hasattr(y, "item") else y, np.float64, allow_scalar=True
-    )
+    y_enc = model._encode("y_test", y.item() if hasattr(y, "item") else y, np.float64, allow_scalar=True)
     return X, y_enc, y
 
 
 def point_gradient(inf: Any, x_test: ArrayLike, y_test: Any) -> NDArray[np.float64]:
     """∇θL(z_test, θ̂) of one test point for a LinearInfluence's model, shape (K, d̃) (the flat
     parameter vector is its row-major ravel)."""
-    from .. import _core
+    from pyinfluence import _core
 
     _require_linear(inf, "point_gradient")
     X, y_enc, _ = _test_point(inf, x_test, y_test)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._common import (
+from pyinfluence.applications._common import (
     Result,
     axes_for,
     check_int,
@@ -187,9 +187,7 @@ def validate_loo(
     if n_top + n_random < 2:
         raise ValueError(f"n_top + n_random must be >= 2 (got {n_top} + {n_random})")
     if n_top + n_random > n:
-        raise ValueError(
-            f"n_top + n_random = {n_top + n_random} exceeds the number of training points ({n})"
-        )
+        raise ValueError(f"n_top + n_random = {n_top + n_random} exceeds the number of training points ({n})")
     seed = check_rng_seed("seed", seed)
     chunk = check_int("chunk", chunk, 1)
     methods = check_methods("methods", methods, ("influence", "newton"))
@@ -214,9 +212,7 @@ def validate_loo(
     if len(y_test) != m:
         raise ValueError(f"X_test has {m} points but y_test has {len(y_test)}; they must match")
     if np.ndim(X_test) == 1:
-        raise ValueError(
-            "X_test must have one row per test point; for a single point pass X_test[None]"
-        )
+        raise ValueError("X_test must have one row per test point; for a single point pass X_test[None]")
 
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -243,14 +239,11 @@ def validate_loo(
     union = np.unique(np.concatenate(train_idx))
     blocks = [union[i : i + chunk] for i in range(0, union.size, chunk)]
     rows = []
-    for b in progress_iter(
-        blocks, enabled=progress, total=len(blocks), desc="leave-one-out retraining"
-    ):
+    for b in progress_iter(blocks, enabled=progress, total=len(blocks), desc="leave-one-out retraining"):
         r = to_numpy(retrain(X_test, y_test, b), np.float64)
         if r.shape != (b.size, m):
             raise ValueError(
-                f"retrain returned shape {r.shape}; expected (len(train_idx), n_test) = "
-                f"({b.size}, {m})"
+                f"retrain returned shape {r.shape}; expected (len(train_idx), n_test) = ({b.size}, {m})"
             )
         rows.append(r)
     actual_all = np.concatenate(rows, axis=0)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._common import (
+from pyinfluence.applications._common import (
     Result,
     as_labels,
     as_matrix,
@@ -212,15 +212,13 @@ class MislabelExperiment(Result):
         fr = np.asarray(self.check_fractions)
         hit = np.flatnonzero(np.isclose(fr, fraction))
         if hit.size == 0:
-            raise ValueError(
-                f"fraction {fraction} is not among check_fractions {self.check_fractions}"
-            )
+            raise ValueError(f"fraction {fraction} is not among check_fractions {self.check_fractions}")
         ms = self.mean_std(what)
         return {m: float(v["mean"][hit[0]]) for m, v in ms.items()}
 
     def to_dict(self) -> Dict[str, Any]:
         d = super().to_dict()
-        from ._common import _jsonable
+        from pyinfluence.applications._common import _jsonable
 
         for what in ("found", "accuracy"):
             ms = self.mean_std(what)
@@ -239,9 +237,7 @@ class MislabelExperiment(Result):
                 c = _COLORS.get(m)
                 a.plot(x, v["mean"], "o-", ms=3.5, color=c, label=_LABELS.get(m, m))
                 if len(self.seeds) > 1:
-                    a.fill_between(
-                        x, v["mean"] - v["std"], v["mean"] + v["std"], color=c, alpha=0.15, lw=0
-                    )
+                    a.fill_between(x, v["mean"] - v["std"], v["mean"] + v["std"], color=c, alpha=0.15, lw=0)
             a.set_xlabel("training data checked (%)")
         a1.set_ylabel("fraction of flipped labels found")
         a1.set_ylim(0, 1.02)
@@ -262,13 +258,13 @@ class MislabelExperiment(Result):
 
 
 def _default_model_factory() -> Any:
-    from ..models import LogisticRegression
+    from pyinfluence.linear.models import LogisticRegression
 
     return LogisticRegression(l2=1e-2)
 
 
 def _default_influence_factory(model: Any, X: np.ndarray, y: np.ndarray) -> Any:
-    from ..linear import LinearInfluence
+    from pyinfluence.linear.influence import LinearInfluence
 
     return LinearInfluence(model, X, y)
 
@@ -310,7 +306,7 @@ def mislabel_experiment(
     checked over seeds 0–2: self-influence 0.80, loss 0.75, random 0.12 of the flips found
     (seeds 0–9: 0.78, 0.735, 0.085). About 2 s per seed on one core.
     """
-    from ..models import _LinearModel
+    from pyinfluence.linear.models import _LinearModel
 
     t_start = time.perf_counter()
     Xtr = as_matrix("X_train", X_train)
@@ -319,16 +315,13 @@ def mislabel_experiment(
     Xte = as_matrix("X_test", X_test, d)
     yte = as_labels("y_test", y_test, Xte.shape[0])
     if ytr.dtype.kind == "f" and not np.all(ytr == np.round(ytr)) and np.unique(ytr).size > 20:
-        raise ValueError(
-            "y_train looks continuous; mislabel_experiment is for classification labels"
-        )
+        raise ValueError("y_train looks continuous; mislabel_experiment is for classification labels")
     flip_fraction = check_float(
         "flip_fraction", flip_fraction, low=0.0, high=1.0, low_open=True, high_open=True
     )
     try:
         fractions = [
-            check_float("check_fractions", f, low=0.0, high=1.0, low_open=True)
-            for f in check_fractions
+            check_float("check_fractions", f, low=0.0, high=1.0, low_open=True) for f in check_fractions
         ]
     except TypeError as exc:
         raise TypeError(f"check_fractions must be a sequence of numbers in (0, 1]: {exc}") from None
@@ -339,9 +332,7 @@ def mislabel_experiment(
         raise ValueError("seeds must not be empty")
     methods = check_methods("methods", methods, _METHODS)
     model_factory = _default_model_factory if model_factory is None else model_factory
-    influence_factory = (
-        _default_influence_factory if influence_factory is None else influence_factory
-    )
+    influence_factory = _default_influence_factory if influence_factory is None else influence_factory
     if not callable(model_factory):
         raise TypeError("model_factory must be a callable returning an unfitted model")
     if not callable(influence_factory):
@@ -364,9 +355,7 @@ def mislabel_experiment(
     flipped_acc = np.zeros(S)
     n_flipped = 0
     steps = list(enumerate(seeds))
-    for si, s in progress_iter(
-        steps, enabled=progress, total=S, desc="mislabel experiment (seeds)"
-    ):
+    for si, s in progress_iter(steps, enabled=progress, total=S, desc="mislabel experiment (seeds)"):
         rng = np.random.default_rng(s)
         y_fl, flip_idx = flip_labels(ytr, flip_fraction, rng)
         n_flipped = flip_idx.size

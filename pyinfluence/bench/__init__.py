@@ -25,9 +25,9 @@ path: :mod:`pyinfluence.bench.scaling` (``scaling_sweep``).
 
 from __future__ import annotations
 
-from .metrics import max_rel_err, pareto_front, pearson, spearman, topk_overlap
-from .report import SCHEMA, BenchReport, machine_info
-from .runner import (
+from pyinfluence.bench.metrics import max_rel_err, pareto_front, pearson, spearman, topk_overlap
+from pyinfluence.bench.report import SCHEMA, BenchReport, machine_info
+from pyinfluence.bench.runner import (
     EXACT_MAX_PARAMS,
     GridContext,
     LooTruth,
@@ -39,7 +39,7 @@ from .runner import (
     solver_classes,
     solver_grid,
 )
-from .tasks import TASKS, Task, make_task, task_names
+from pyinfluence.bench.tasks import TASKS, Task, make_task, task_names
 
 __all__ = [
     "EXACT_MAX_PARAMS",
@@ -70,7 +70,7 @@ __all__ = [
 
 def __getattr__(name: str):  # PEP 562: the scaling sweep is imported on first use
     if name == "scaling_sweep":
-        from .scaling import scaling_sweep
+        from pyinfluence.bench.scaling import scaling_sweep
 
         globals()[name] = scaling_sweep
         return scaling_sweep

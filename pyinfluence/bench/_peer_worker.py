@@ -50,6 +50,7 @@ is folded into their regularisation: H + λI = H_mean_loss + (l2 + λ)I exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -112,8 +113,7 @@ def probe() -> dict:
     """Which peers are importable by this interpreter (no heavy imports)."""
     import importlib.util
 
-    out = {"python": sys.executable, "torch": _version("torch"), "numpy": _version("numpy"),
-           "peers": {}}
+    out = {"python": sys.executable, "torch": _version("torch"), "numpy": _version("numpy"), "peers": {}}
     for peer, mods in PEER_PACKAGES.items():
         missing = [m for m in mods if importlib.util.find_spec(m) is None]
         out["peers"][peer] = {
@@ -157,8 +157,7 @@ def _build_from_spec(spec: dict):
     t = spec["type"]
     kw = dict(spec.get("kwargs", {}))
     if t == "Sequential":
-        return nn.Sequential(OrderedDict((name, _build_from_spec(c))
-                                         for name, c in spec["children"]))
+        return nn.Sequential(OrderedDict((name, _build_from_spec(c)) for name, c in spec["children"]))
     for k, v in list(kw.items()):  # JSON turned tuples into lists
         if isinstance(v, list):
             kw[k] = tuple(v)
@@ -210,12 +209,15 @@ def _per_example_loss(spec: dict):
 
     name = spec["name"]
     if name == "cross_entropy":
+
         def f(out, y):
             return F.cross_entropy(out, y.long(), reduction="none")
     elif name == "logistic":
+
         def f(out, y):
             return F.binary_cross_entropy_with_logits(
-                out.reshape(-1), y.reshape(-1).to(out.dtype), reduction="none")
+                out.reshape(-1), y.reshape(-1).to(out.dtype), reduction="none"
+            )
     elif name == "smooth_hinge":
         t = float(spec["temperature"])
 
@@ -259,8 +261,7 @@ def _captum_layers(model, selected):
         if own and all(o in selected for o in own):
             mods.append(mname)
         elif any(o in selected for o in own):
-            raise ValueError(
-                f"Captum selects parameters by layer: module {mname!r} is only partly selected")
+            raise ValueError(f"Captum selects parameters by layer: module {mname!r} is only partly selected")
     return mods
 
 
@@ -317,7 +318,7 @@ def _warm_up(dtype) -> None:
     def Lf(f):
         out, i = {}, 0
         for k, v in ps.items():
-            out[k] = f[i:i + v.numel()].reshape(v.shape)
+            out[k] = f[i : i + v.numel()].reshape(v.shape)
             i += v.numel()
         return L(out, X, Y)
 
@@ -368,16 +369,19 @@ def _run_captum(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res
         proj = min(proj, n_sel)
     else:
         raise ValueError(f"unknown Captum method {p['method']!r}")
-    res["settings_used"] = dict(p["settings"], projection_dim=proj, hessian_reg=hreg,
-                                batch_size=bs, layers=layers, **s)
+    res["settings_used"] = dict(
+        p["settings"], projection_dim=proj, hessian_reg=hreg, batch_size=bs, layers=layers, **s
+    )
     t0 = time.perf_counter()
     inf = cls(model, loader, projection_dim=proj, hessian_reg=hreg, **kw, **s)
     t1 = time.perf_counter()
     scores = inf.influence((Xt, Yt))  # (m, n)
     t2 = time.perf_counter()
     res["fit_s"], res["score_s"] = t1 - t0, t2 - t1
-    res["normalisation"] = (f"up_loss = -n * scores.T with n = {n}; hessian_reg = n*(l2+damping) "
-                            f"= {hreg:g}; projection_dim = {proj} (p = {n_sel})")
+    res["normalisation"] = (
+        f"up_loss = -n * scores.T with n = {n}; hessian_reg = n*(l2+damping) "
+        f"= {hreg:g}; projection_dim = {proj} (p = {n_sel})"
+    )
     return -float(n) * scores.detach().to(torch.float64).T
 
 
@@ -407,8 +411,12 @@ def _run_pydvl(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res:
             margin = float(s.pop("scale_margin", 1.5))
             lam = _power_lambda_max(model, loss, X, Y, reg, it, int(p.get("seed", 0)))
             s["scale"] = margin * lam
-            extra = {"lambda_max_estimate": lam, "power_iters": it, "scale_margin": margin,
-                     "scale_estimate_s": time.perf_counter() - t0}
+            extra = {
+                "lambda_max_estimate": lam,
+                "power_iters": it,
+                "scale_margin": margin,
+                "scale_estimate_s": time.perf_counter() - t0,
+            }
         inf = LissaInfluence(model, mean_loss, regularization=reg, **s)
     else:
         raise ValueError(f"unknown pyDVL method {p['method']!r}")
@@ -426,8 +434,9 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
     warns: list = res.setdefault("warnings", [])
     with open(os.path.join(payload_dir, "payload.json")) as f:
         p = json.load(f)
-    res.update(library=p.get("peer"), method=p.get("method"), label=p.get("label"),
-               settings=p.get("settings", {}))
+    res.update(
+        library=p.get("peer"), method=p.get("method"), label=p.get("label"), settings=p.get("settings", {})
+    )
     peer = p["peer"]
     if peer not in PEER_PACKAGES:
         raise ValueError(f"unknown peer {peer!r}")
@@ -447,13 +456,18 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
         import captum  # noqa: F401  (import time belongs to load_s)
     else:
         import pydvl.influence.torch  # noqa: F401
-    res["versions"] = {"python": sys.version.split()[0], "numpy": np.__version__,
-                       "torch": torch.__version__, peer: _version(PEER_PACKAGES[peer][0])}
+    res["versions"] = {
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        peer: _version(PEER_PACKAGES[peer][0]),
+    }
 
     dtype = getattr(torch, p.get("dtype", "float64"))
     with np.load(os.path.join(data_dir, "data.npz"), allow_pickle=False) as d:
-        X, Y, Xt, Yt = (torch.from_numpy(np.ascontiguousarray(d[k]))
-                        for k in ("X_train", "y_train", "X_test", "y_test"))
+        X, Y, Xt, Yt = (
+            torch.from_numpy(np.ascontiguousarray(d[k])) for k in ("X_train", "y_train", "X_test", "y_test")
+        )
     X, Xt = X.to(dtype), Xt.to(dtype)
     if Y.is_floating_point():
         Y, Yt = Y.to(dtype), Yt.to(dtype)
@@ -490,8 +504,7 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
     res["n_nan"], res["n_inf"] = int(np.isnan(U).sum()), int(np.isinf(U).sum())
     res["max_abs"] = float(np.abs(U[finite]).max()) if finite.any() else None
     if not finite.all():
-        res["error"] = (f"non-finite scores: {res['n_nan']} NaN and {res['n_inf']} inf "
-                        f"of {U.size}")
+        res["error"] = f"non-finite scores: {res['n_nan']} NaN and {res['n_inf']} inf of {U.size}"
         return
     np.savez(os.path.join(out_dir, "result.npz"), up_loss=U)
 
@@ -505,14 +518,17 @@ def main(argv: list) -> int:
         return 2
     payload_dir = argv[1]
     out_dir = argv[2] if len(argv) > 2 else payload_dir
-    res: dict = {"error": None, "traceback": None, "time_s": None, "peak_mem_mb": None,
-                 "python": sys.executable}
+    res: dict = {
+        "error": None,
+        "traceback": None,
+        "time_s": None,
+        "peak_mem_mb": None,
+        "python": sys.executable,
+    }
     try:
         os.makedirs(out_dir, exist_ok=True)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, "result.npz"))
-        except FileNotFoundError:
-            pass
         run(payload_dir, out_dir, res)
     except BaseException as e:  # every failure becomes a result, never a crash without output
         msg = str(e).strip().splitlines()

@@ -152,9 +152,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     for i in ok:
         ti, ei = pts[i]
         dominated = any(
-            (pts[j][0] <= ti and pts[j][1] <= ei and (pts[j][0] < ti or pts[j][1] < ei))
-            for j in ok
-            if j != i
+            (pts[j][0] <= ti and pts[j][1] <= ei and (pts[j][0] < ti or pts[j][1] < ei)) for j in ok if j != i
         )
         if not dominated:
             front.append(i)

@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import _peer_worker as _worker
+from pyinfluence.bench import _peer_worker as _worker
 
 __all__ = ["PeerRun", "PEERS", "PEER_METHODS", "available_peers", "run_peers", "peer_methods"]
 
@@ -62,10 +62,12 @@ PEERS = ("captum", "pydvl")
 ENV_PEER_PYTHON = "PYINFLUENCE_PEER_PYTHON"
 INSTALL_HINT = {
     "captum": 'pip install captum==0.9.0  (or: pip install "pyinfluence[compare]")',
-    "pydvl": ('pyDVL\'s influence extra needs numpy<2: create a separate venv '
-              '(python3 -m venv peers-venv; peers-venv/bin/pip install torch==2.13.0 '
-              '"pydvl[influence]==0.10.0") and set PYINFLUENCE_PEER_PYTHON=peers-venv/bin/python '
-              '(or pass peer_python=)'),
+    "pydvl": (
+        "pyDVL's influence extra needs numpy<2: create a separate venv "
+        "(python3 -m venv peers-venv; peers-venv/bin/pip install torch==2.13.0 "
+        '"pydvl[influence]==0.10.0") and set PYINFLUENCE_PEER_PYTHON=peers-venv/bin/python '
+        "(or pass peer_python=)"
+    ),
 }
 
 # The settings measured by default: (label, class, settings). "p" = the number of parameters.
@@ -75,18 +77,33 @@ INSTALL_HINT = {
 PEER_METHODS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "captum": [
         ("NaiveInfluenceFunction", "NaiveInfluenceFunction", {"projection_dim": "p"}),
-        ("ArnoldiInfluenceFunction(rank 50)", "ArnoldiInfluenceFunction",
-         {"projection_dim": 50, "arnoldi_dim": 200}),
+        (
+            "ArnoldiInfluenceFunction(rank 50)",
+            "ArnoldiInfluenceFunction",
+            {"projection_dim": 50, "arnoldi_dim": 200},
+        ),
     ],
     "pydvl": [
         ("DirectInfluence", "DirectInfluence", {"batch_size": 256}),
-        ("CgInfluence(block)", "CgInfluence", {"solve_simultaneously": True, "rtol": 1e-4,
-                                               "atol": 1e-6}),
-        ("LissaInfluence(defaults)", "LissaInfluence",
-         {"batch_size": 128, "maxiter": 1000, "scale": 10.0, "dampen": 0.0, "rtol": 1e-4}),
-        ("LissaInfluence(scale 1.5·λmax)", "LissaInfluence",
-         {"batch_size": 128, "maxiter": 1000, "scale": "lambda_max", "scale_margin": 1.5,
-          "power_iters": 30, "dampen": 0.0, "rtol": 1e-4}),
+        ("CgInfluence(block)", "CgInfluence", {"solve_simultaneously": True, "rtol": 1e-4, "atol": 1e-6}),
+        (
+            "LissaInfluence(defaults)",
+            "LissaInfluence",
+            {"batch_size": 128, "maxiter": 1000, "scale": 10.0, "dampen": 0.0, "rtol": 1e-4},
+        ),
+        (
+            "LissaInfluence(scale 1.5·λmax)",
+            "LissaInfluence",
+            {
+                "batch_size": 128,
+                "maxiter": 1000,
+                "scale": "lambda_max",
+                "scale_margin": 1.5,
+                "power_iters": 30,
+                "dampen": 0.0,
+                "rtol": 1e-4,
+            },
+        ),
     ],
 }
 
@@ -119,9 +136,15 @@ class PeerRun:
 
     def to_dict(self) -> dict:
         """JSON-friendly (no matrix)."""
-        return {"library": self.library, "method": self.method, "settings": self.settings,
-                "time_s": self.time_s, "peak_mem_mb": self.peak_mem_mb, "error": self.error,
-                "details": self.details}
+        return {
+            "library": self.library,
+            "method": self.method,
+            "settings": self.settings,
+            "time_s": self.time_s,
+            "peak_mem_mb": self.peak_mem_mb,
+            "error": self.error,
+            "details": self.details,
+        }
 
     def __repr__(self) -> str:
         state = f"error={self.error!r}" if self.error else f"time_s={self.time_s:.3g}"
@@ -143,8 +166,13 @@ def _local_ok(peer: str) -> bool:
 def _probe(python: str) -> dict:
     """The worker's ``--probe`` answer for another interpreter ({} if it cannot run)."""
     try:
-        r = subprocess.run([python, _worker_path(), "--probe"], capture_output=True, text=True,
-                           timeout=120, env=_child_env(python))
+        r = subprocess.run(
+            [python, _worker_path(), "--probe"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_child_env(python),
+        )
         return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
     except Exception:
         return {}
@@ -166,8 +194,9 @@ def _resolve(peer: str, peer_python: Optional[str]) -> tuple[Optional[str], Opti
         info = _probe(py).get("peers", {}).get(peer)
         if info and info.get("ok"):
             return py, None
-        where = f" (nor in {py}" + (f": missing {', '.join(info['missing'])})" if info else
-                                   ": it does not run)")
+        where = f" (nor in {py}" + (
+            f": missing {', '.join(info['missing'])})" if info else ": it does not run)"
+        )
     else:
         where = ""
     return None, f"not installed{where}: {INSTALL_HINT[peer]}"
@@ -192,11 +221,31 @@ def peer_methods(peer: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 _LAYER_ATTRS: dict[str, tuple[str, ...]] = {
     "Linear": ("in_features", "out_features"),
-    "Conv1d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-               "groups", "padding_mode"),
-    "Conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-               "groups", "padding_mode"),
-    "Tanh": (), "ReLU": (), "Sigmoid": (), "Identity": (), "SiLU": (),
+    "Conv1d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
+    "Conv2d": (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ),
+    "Tanh": (),
+    "ReLU": (),
+    "Sigmoid": (),
+    "Identity": (),
+    "SiLU": (),
     "Softplus": ("beta", "threshold"),
     "ELU": ("alpha",),
     "LeakyReLU": ("negative_slope",),
@@ -218,8 +267,10 @@ def _describe_module(m: Any) -> dict:
     from torch import nn
 
     if type(m) is nn.Sequential:
-        return {"type": "Sequential",
-                "children": [[name, _describe_module(c)] for name, c in m.named_children()]}
+        return {
+            "type": "Sequential",
+            "children": [[name, _describe_module(c)] for name, c in m.named_children()],
+        }
     name = type(m).__name__
     if name not in _LAYER_ATTRS or type(m) is not getattr(nn, name, None):
         raise _NotDescribable(name)
@@ -256,8 +307,7 @@ def _save_model(model: Any, path: str, X: Any) -> dict:
 _HINGE_TEMPERATURES = (0.1, 0.01, 0.001, 1.0, 0.5, 0.05, 0.2, 0.02, 0.005, 2.0)
 
 
-def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any,
-                   explicit: Optional[dict] = None) -> dict:
+def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any, explicit: Optional[dict] = None) -> dict:
     """The worker's name for ``loss_fn``, found by matching its values numerically.
 
     ``explicit`` (a dict such as ``{"name": "smooth_hinge", "temperature": 0.1}``, from a task's
@@ -286,8 +336,9 @@ def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any,
         try:
             f = _worker._per_example_loss(c)
             with torch.no_grad():
-                ok = all(torch.allclose(f(o, yb).reshape(-1), r, rtol=1e-9, atol=1e-12)
-                         for o, r in zip(outs, refs))
+                ok = all(
+                    torch.allclose(f(o, yb).reshape(-1), r, rtol=1e-9, atol=1e-12) for o, r in zip(outs, refs)
+                )
         except Exception:
             ok = False
         if ok:
@@ -296,7 +347,8 @@ def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any,
         raise ValueError(f"the loss does not match its peer_loss description {explicit}")
     raise ValueError(
         "cannot tell which loss the task uses (known to the peer worker: cross-entropy, binary "
-        "logistic, smooth hinge, squared error); set peer_loss = {'name': ...} on the task")
+        "logistic, smooth hinge, squared error); set peer_loss = {'name': ...} on the task"
+    )
 
 
 def _resolve_params(model: Any, params: Any) -> Optional[list[str]]:
@@ -305,11 +357,13 @@ def _resolve_params(model: Any, params: Any) -> Optional[list[str]]:
         return None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if callable(params):
+
         def pick(n, p):
             try:
                 return bool(params(n, p))
             except TypeError:
                 return bool(params(n))
+
         out = [n for n, p in named if pick(n, p)]
     else:
         sel = [params] if isinstance(params, str) else list(params)
@@ -343,16 +397,26 @@ def _write_data(task: Any, data_dir: str) -> dict:
     model = task.model
     X = task.X_train
     dtype = str(X.dtype).replace("torch.", "") if isinstance(X, torch.Tensor) else "float64"
-    np.savez(os.path.join(data_dir, "data.npz"), X_train=_np(task.X_train),
-             y_train=_np(task.y_train), X_test=_np(task.X_test), y_test=_np(task.y_test))
+    np.savez(
+        os.path.join(data_dir, "data.npz"),
+        X_train=_np(task.X_train),
+        y_train=_np(task.y_train),
+        X_test=_np(task.X_test),
+        y_test=_np(task.y_test),
+    )
     Xt = torch.as_tensor(task.X_train)
     Yt = torch.as_tensor(task.y_train)
     desc = _save_model(model, os.path.join(data_dir, "model.pt"), Xt)
     explicit = getattr(task, "peer_loss", None) or getattr(task.loss_fn, "peer_loss", None)
     loss = _identify_loss(task.loss_fn, model, Xt, Yt, explicit)
-    return {"model": desc, "loss": loss, "dtype": dtype,
-            "params": _resolve_params(model, getattr(task, "params", None)),
-            "l2": float(task.l2), "damping": float(task.damping)}
+    return {
+        "model": desc,
+        "loss": loss,
+        "dtype": dtype,
+        "params": _resolve_params(model, getattr(task, "params", None)),
+        "l2": float(task.l2),
+        "damping": float(task.damping),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,26 +433,32 @@ def _run_one(python: str, worker: str, run_dir: str, payload: dict, timeout_s: f
     with open(os.path.join(run_dir, "payload.json"), "w") as f:
         json.dump(payload, f, indent=1)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([python, worker, run_dir, run_dir], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True,
-                            env=_child_env(python, payload.get("model", {}).get("sha256")),
-                            cwd=run_dir)
+    proc = subprocess.Popen(
+        [python, worker, run_dir, run_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+        env=_child_env(python, payload.get("model", {}).get("sha256")),
+        cwd=run_dir,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill(proc)
         proc.communicate()
-        return {"error": f"timeout: no result after {timeout_s:g} s (killed)",
-                "total_s": time.perf_counter() - t0}
+        return {
+            "error": f"timeout: no result after {timeout_s:g} s (killed)",
+            "total_s": time.perf_counter() - t0,
+        }
     res_path = os.path.join(run_dir, "result.json")
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
     else:
         lines = [ln for ln in (out or "").splitlines() if ln.startswith("RESULT_JSON ")]
-        res = json.loads(lines[-1][12:]) if lines else {
-            "error": _death_message(proc.returncode, out or "")}
+        res = json.loads(lines[-1][12:]) if lines else {"error": _death_message(proc.returncode, out or "")}
     npz = os.path.join(run_dir, "result.npz")
     if res.get("error") is None:
         if os.path.exists(npz):
@@ -419,8 +489,10 @@ def _select_methods(peer: str, methods: Any) -> list[tuple[str, str, dict]]:
 def _death_message(returncode: int, output: str) -> str:
     """Why a worker that wrote no result died: the signal in words, then its last non-warning lines."""
     if returncode == -signal.SIGKILL:
-        why = ("killed by SIGKILL (not by our timeout: most likely the kernel's out-of-memory killer; "
-               "the peer's memory use exceeded what the machine had)")
+        why = (
+            "killed by SIGKILL (not by our timeout: most likely the kernel's out-of-memory killer; "
+            "the peer's memory use exceeded what the machine had)"
+        )
     elif returncode < 0:
         why = f"killed by signal {-returncode}"
     else:
@@ -430,10 +502,18 @@ def _death_message(returncode: int, output: str) -> str:
     return f"worker died without a result ({why})" + (f": {' | '.join(tail[-5:])[-600:]}" if tail else "")
 
 
-def run_peers(task: Any, peers: Sequence[str] = PEERS, *, peer_python: Optional[str] = None,
-              timeout_s: float = 600, methods: Any = None, keep_dir: Optional[str] = None,
-              num_threads: Optional[int] = None, warm_up: bool = True,
-              log: Optional[Callable[[str], None]] = None) -> list[PeerRun]:
+def run_peers(
+    task: Any,
+    peers: Sequence[str] = PEERS,
+    *,
+    peer_python: Optional[str] = None,
+    timeout_s: float = 600,
+    methods: Any = None,
+    keep_dir: Optional[str] = None,
+    num_threads: Optional[int] = None,
+    warm_up: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> list[PeerRun]:
     """Run other libraries' influence methods on ``task``; one :class:`PeerRun` per method.
 
     - ``task``: a :class:`~pyinfluence.bench.tasks.Task` (its torch view: ``model``,
@@ -499,15 +579,25 @@ def run_peers(task: Any, peers: Sequence[str] = PEERS, *, peer_python: Optional[
         shutil.copyfile(_worker_path(), worker)
         for k, (peer, python, reason, label, cls, settings) in enumerate(plan):
             if python is None or data_error:
-                runs.append(PeerRun(peer, label, dict(settings), None, None,
-                                    reason or data_error, None, {"class": cls}))
+                runs.append(
+                    PeerRun(
+                        peer, label, dict(settings), None, None, reason or data_error, None, {"class": cls}
+                    )
+                )
                 continue
             run_dir = os.path.join(base, f"run{k:02d}")
             os.makedirs(run_dir, exist_ok=True)
-            payload = dict(data_fields, peer=peer, method=cls, label=label,
-                           settings=dict(settings), num_threads=nthreads, seed=0,
-                           warm_up=bool(warm_up),
-                           data_dir=os.path.relpath(os.path.join(base, "data"), run_dir))
+            payload = dict(
+                data_fields,
+                peer=peer,
+                method=cls,
+                label=label,
+                settings=dict(settings),
+                num_threads=nthreads,
+                seed=0,
+                warm_up=bool(warm_up),
+                data_dir=os.path.relpath(os.path.join(base, "data"), run_dir),
+            )
             if log:
                 log(f"peer {peer} {label} ...")
             res = _run_one(python, worker, run_dir, payload, timeout_s)
@@ -517,20 +607,41 @@ def run_peers(task: Any, peers: Sequence[str] = PEERS, *, peer_python: Optional[
             if up is not None and up.shape != (n, m):
                 err, up = f"scores of shape {up.shape}, expected {(n, m)}", None
             settings_used = res.pop("settings_used", None) or dict(settings)
-            details = {k2: res.get(k2) for k2 in (
-                "fit_s", "score_s", "load_s", "total_s", "baseline_mem_mb", "warnings",
-                "versions", "normalisation", "n_nan", "n_inf", "max_abs", "traceback")}
+            details = {
+                k2: res.get(k2)
+                for k2 in (
+                    "fit_s",
+                    "score_s",
+                    "load_s",
+                    "total_s",
+                    "baseline_mem_mb",
+                    "warnings",
+                    "versions",
+                    "normalisation",
+                    "n_nan",
+                    "n_inf",
+                    "max_abs",
+                    "traceback",
+                )
+            }
             details.update({"class": cls, "python": python})
             if err and not res.get("traceback"):
                 details["output_tail"] = res.get("output_tail")
             t = res.get("time_s")
-            runs.append(PeerRun(peer, label, settings_used,
-                                float(t) if t is not None and math.isfinite(t) else None,
-                                up if err is None else None, err, res.get("peak_mem_mb"),
-                                details))
+            runs.append(
+                PeerRun(
+                    peer,
+                    label,
+                    settings_used,
+                    float(t) if t is not None and math.isfinite(t) else None,
+                    up if err is None else None,
+                    err,
+                    res.get("peak_mem_mb"),
+                    details,
+                )
+            )
             if log:
-                log(f"peer {peer} {label}: "
-                    + (f"error {err}" if err else f"{runs[-1].time_s:.3g} s"))
+                log(f"peer {peer} {label}: " + (f"error {err}" if err else f"{runs[-1].time_s:.3g} s"))
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -69,13 +69,17 @@ from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 
-from .metrics import pareto_front
+from pyinfluence.bench.metrics import pareto_front
 
 __all__ = ["SCHEMA", "BenchReport", "machine_info"]
 
 SCHEMA = "pyinfluence.bench/1"
-FILES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench_accuracy_vs_time.png",
-         "scaling_plot": "bench_scaling.png"}
+FILES = {
+    "json": "bench.json",
+    "markdown": "bench.md",
+    "plot": "bench_accuracy_vs_time.png",
+    "scaling_plot": "bench_scaling.png",
+}
 _ERR_FLOOR = 1e-16
 
 
@@ -133,12 +137,12 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - torch is a dependency
         info["torch"] = None
     try:
-        from .. import __version__, _core
+        from pyinfluence import __version__, _core
 
         info["pyinfluence"] = str(__version__)
         info["core_blas"] = str(getattr(_core, "blas", "?"))
         info["has_openmp"] = getattr(_core, "has_openmp", None)
-        from .. import get_num_threads
+        from pyinfluence import get_num_threads
 
         info["core_threads"] = get_num_threads()
     except Exception:  # description only
@@ -148,7 +152,9 @@ def machine_info() -> dict[str, Any]:
 
         info["thread_pools"] = [
             f"{p.get('internal_api')} {os.path.basename(str(p.get('filepath')))} "
-            f"({p.get('num_threads')} threads)" for p in threadpool_info()]
+            f"({p.get('num_threads')} threads)"
+            for p in threadpool_info()
+        ]
     except Exception:  # threadpoolctl is optional
         pass
     info["platform"] = platform.platform()
@@ -215,8 +221,9 @@ class BenchReport:
     machine: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(
-        timespec="seconds"))
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
     _references: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- access ---------------------------------------------------------------------------------
@@ -252,10 +259,12 @@ class BenchReport:
         for p in self.peers:
             p["pareto"] = False
         for name in {r["task"] for r in self.rows} | {p["task"] for p in self.peers}:
-            cand = [r for r in self.rows if r["task"] == name] + [
-                p for p in self.peers if p["task"] == name]
-            cand = [r for r in cand if r.get("status") == "ok" and r.get("time_s") is not None
-                    and r.get("pearson") is not None]
+            cand = [r for r in self.rows if r["task"] == name] + [p for p in self.peers if p["task"] == name]
+            cand = [
+                r
+                for r in cand
+                if r.get("status") == "ok" and r.get("time_s") is not None and r.get("pearson") is not None
+            ]
             pts = [(r["time_s"], max(1.0 - r["pearson"], 0.0)) for r in cand]
             for i in pareto_front(pts):
                 cand[i]["pareto"] = True
@@ -266,34 +275,41 @@ class BenchReport:
         scal = self.scaling
         if scal is not None and hasattr(scal, "to_dict"):
             scal = scal.to_dict()
-        return _clean({
-            "schema": SCHEMA,
-            "created": self.created,
-            "machine": self.machine,
-            "settings": self.settings,
-            "tasks": self.tasks,
-            "rows": self.rows,
-            "peers": self.peers,
-            "scaling": scal,
-            "notes": self.notes,
-        })
+        return _clean(
+            {
+                "schema": SCHEMA,
+                "created": self.created,
+                "machine": self.machine,
+                "settings": self.settings,
+                "tasks": self.tasks,
+                "rows": self.rows,
+                "peers": self.peers,
+                "scaling": scal,
+                "notes": self.notes,
+            }
+        )
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "BenchReport":
+    def from_dict(cls, doc: dict[str, Any]) -> BenchReport:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
             raise ValueError(f"not a {SCHEMA} document (schema: {got!r})")
-        return cls(rows=list(doc["rows"]), tasks=list(doc["tasks"]),
-                   peers=list(doc.get("peers") or []), scaling=doc.get("scaling"),
-                   machine=dict(doc.get("machine") or {}),
-                   settings=dict(doc.get("settings") or {}), notes=list(doc.get("notes") or []),
-                   created=doc.get("created", ""))
+        return cls(
+            rows=list(doc["rows"]),
+            tasks=list(doc["tasks"]),
+            peers=list(doc.get("peers") or []),
+            scaling=doc.get("scaling"),
+            machine=dict(doc.get("machine") or {}),
+            settings=dict(doc.get("settings") or {}),
+            notes=list(doc.get("notes") or []),
+            created=doc.get("created", ""),
+        )
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "BenchReport":
+    def load(cls, path: Union[str, os.PathLike]) -> BenchReport:
         """Read a bench.json written by :meth:`save`."""
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
@@ -317,56 +333,109 @@ class BenchReport:
                     sp = out / FILES["scaling_plot"]
                     self.scaling.plot(sp)
                     paths["scaling_plot"] = sp
-                except Exception as exc:  # noqa: BLE001 - a figure must not lose the results
+                except Exception as exc:
                     self.notes.append(f"scaling plot failed: {type(exc).__name__}: {exc}")
         p = out / FILES["markdown"]
-        p.write_text(self.to_markdown(figure=FILES["plot"] if "plot" in paths else None,
-                                      scaling_figure=FILES["scaling_plot"]
-                                      if "scaling_plot" in paths else None), encoding="utf-8")
+        p.write_text(
+            self.to_markdown(
+                figure=FILES["plot"] if "plot" in paths else None,
+                scaling_figure=FILES["scaling_plot"] if "scaling_plot" in paths else None,
+            ),
+            encoding="utf-8",
+        )
         paths["markdown"] = p
         return paths
 
     # -- text ------------------------------------------------------------------------------------
     _COLS: ClassVar[list[str]] = [
-        "setting", "time", "prepare", "solve", "peak MB", "cost", "Pearson", "Spearman", "top-10",
-        "LOO r", "residual"]
+        "setting",
+        "time",
+        "prepare",
+        "solve",
+        "peak MB",
+        "cost",
+        "Pearson",
+        "Spearman",
+        "top-10",
+        "LOO r",
+        "residual",
+    ]
 
     def _cells(self, r: dict[str, Any], reason: bool = True) -> list[str]:
         if r["status"] != "ok":
             note = "skipped" if r["status"] == "skipped" else "ERROR"
-            return [r["label"], note, "", "", "", "", "", "", "", "",
-                    (r.get("error") or "")[:300] if reason else ""]
-        lab = r["label"] + (" (ref)" if r.get("reference") else "") + (
-            " *" if r.get("pareto") else "")
-        return [lab, _fmt_t(r["time_s"]), _fmt_t(r["prepare_s"]), _fmt_t(r["solve_s"]),
-                _fmt_n(None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1)),
-                _fmt_cost(r), _fmt_r(r["pearson"]), _fmt_r(r["spearman"]),
-                "–" if r["top10_overlap"] is None else f"{r['top10_overlap']:.2f}",
-                _fmt_r(r["loo_pearson"]),
-                "–" if r["max_residual"] is None else f"{r['max_residual']:.1e}"]
+            return [
+                r["label"],
+                note,
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                (r.get("error") or "")[:300] if reason else "",
+            ]
+        lab = r["label"] + (" (ref)" if r.get("reference") else "") + (" *" if r.get("pareto") else "")
+        return [
+            lab,
+            _fmt_t(r["time_s"]),
+            _fmt_t(r["prepare_s"]),
+            _fmt_t(r["solve_s"]),
+            _fmt_n(None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1)),
+            _fmt_cost(r),
+            _fmt_r(r["pearson"]),
+            _fmt_r(r["spearman"]),
+            "–" if r["top10_overlap"] is None else f"{r['top10_overlap']:.2f}",
+            _fmt_r(r["loo_pearson"]),
+            "–" if r["max_residual"] is None else f"{r['max_residual']:.1e}",
+        ]
 
     def _peer_cells(self, p: dict[str, Any], reason: bool = True) -> list[str]:
         if p["status"] != "ok":
-            return [f"{p['library']} {p['method']}", _fmt_t(p.get("time_s")), "ERROR", "", "",
-                    "", "", (p.get("error") or "")[:300] if reason else ""]
-        return [f"{p['library']} {p['method']}" + (" *" if p.get("pareto") else ""),
-                _fmt_t(p["time_s"]), _fmt_r(p["pearson"]), _fmt_r(p["spearman"]),
-                "–" if p["top10_overlap"] is None else f"{p['top10_overlap']:.2f}",
-                _fmt_r(p["loo_pearson"]),
-                "–" if p["ratio_at_accuracy"] is None else
-                f"{p['ratio_at_accuracy']:.3g} ({p['pyinfluence_setting_at_accuracy']})",
-                "–" if p["ratio_vs_exact"] is None else f"{p['ratio_vs_exact']:.3g}"]
+            return [
+                f"{p['library']} {p['method']}",
+                _fmt_t(p.get("time_s")),
+                "ERROR",
+                "",
+                "",
+                "",
+                "",
+                (p.get("error") or "")[:300] if reason else "",
+            ]
+        return [
+            f"{p['library']} {p['method']}" + (" *" if p.get("pareto") else ""),
+            _fmt_t(p["time_s"]),
+            _fmt_r(p["pearson"]),
+            _fmt_r(p["spearman"]),
+            "–" if p["top10_overlap"] is None else f"{p['top10_overlap']:.2f}",
+            _fmt_r(p["loo_pearson"]),
+            "–"
+            if p["ratio_at_accuracy"] is None
+            else f"{p['ratio_at_accuracy']:.3g} ({p['pyinfluence_setting_at_accuracy']})",
+            "–" if p["ratio_vs_exact"] is None else f"{p['ratio_vs_exact']:.3g}",
+        ]
 
     _PEER_COLS: ClassVar[list[str]] = [
-        "library / method", "time", "Pearson", "Spearman", "top-10", "LOO r",
-        "pyinfluence/peer time at ≥ accuracy", "pyinfluence exact / peer"]
+        "library / method",
+        "time",
+        "Pearson",
+        "Spearman",
+        "top-10",
+        "LOO r",
+        "pyinfluence/peer time at ≥ accuracy",
+        "pyinfluence exact / peer",
+    ]
 
     def _task_header(self, t: dict[str, Any]) -> str:
         if "error" in t and "kind" not in t:
             return f"{t['name']}: FAILED: {t['error']}"
         ref = t.get("reference") or {}
-        s = (f"{t['name']} ({t.get('kind')}): n = {t.get('n_train')}, p = {t.get('n_params')}, "
-             f"m = {t.get('m_test')}")
+        s = (
+            f"{t['name']} ({t.get('kind')}): n = {t.get('n_train')}, p = {t.get('n_params')}, "
+            f"m = {t.get('m_test')}"
+        )
         if t.get("l2") is not None:
             s += f", l2 = {t['l2']:g}, damping = {t.get('damping', 0):g}"
         s += f"; reference: {ref.get('label', '?')}"
@@ -388,16 +457,17 @@ class BenchReport:
             peers = [p for p in self.peers if p["task"] == t["name"]]
             if peers:
                 lines.append("  other libraries:")
-                lines.append(_text_table(self._PEER_COLS, [self._peer_cells(p, False)
-                                                           for p in peers]))
+                lines.append(_text_table(self._PEER_COLS, [self._peer_cells(p, False) for p in peers]))
                 for p in peers:
                     if p["status"] != "ok" and p.get("error"):
                         lines.append(f"    {p['library']} {p['method']}: {p['error'][:240]}")
             lines.append("")
         if self.rows or self.peers:
-            lines.append("(ref) = the task's ground truth; * = on the Pareto front of time against "
-                         "1 − Pearson; cost: HVP = full-training-set Hessian-vector products "
-                         "(columns), mb-HVP = minibatch ones, GFLOP for exact paths")
+            lines.append(
+                "(ref) = the task's ground truth; * = on the Pareto front of time against "
+                "1 − Pearson; cost: HVP = full-training-set Hessian-vector products "
+                "(columns), mb-HVP = minibatch ones, GFLOP for exact paths"
+            )
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines).rstrip() + "\n"
@@ -405,26 +475,29 @@ class BenchReport:
     def __str__(self) -> str:
         return self.table()
 
-    def to_markdown(self, figure: Optional[str] = None,
-                    scaling_figure: Optional[str] = None) -> str:
+    def to_markdown(self, figure: Optional[str] = None, scaling_figure: Optional[str] = None) -> str:
         """A markdown report: per task its set-up, reference and table; peers; scaling; machine."""
         L = ["# pyinfluence bench", ""]
         st = self.settings
-        L.append(f"Created {self.created}; schema `{SCHEMA}`. "
-                 + ("Quick mode. " if st.get("quick") else "")
-                 + (f"Wall time {st['wall_s']:.0f} s. " if st.get("wall_s") else "")
-                 + f"Repeats per setting: {st.get('repeats', '?')} (median reported).")
+        L.append(
+            f"Created {self.created}; schema `{SCHEMA}`. "
+            + ("Quick mode. " if st.get("quick") else "")
+            + (f"Wall time {st['wall_s']:.0f} s. " if st.get("wall_s") else "")
+            + f"Repeats per setting: {st.get('repeats', '?')} (median reported)."
+        )
         L.append("")
-        L.append("Time = a fresh influence object + the solver's preparation + `up_loss` for all "
-                 "m test points (median over repeats); prepare = construction + `prepare()`, "
-                 "solve = the `up_loss` call. Peak memory = rise of the resident high-water mark "
-                 "during the first repeat. Cost = full-training-set HVP columns / minibatch HVP "
-                 "columns counted at the Hessian operator, or flops for exact paths. Accuracy "
-                 "against the task's reference: Pearson and Spearman over the whole "
-                 "(n_train × m) up_loss matrix, top-10 = mean overlap of the 10 most helpful and "
-                 "10 most harmful training points per test point, LOO r = Pearson of −up_loss/n "
-                 "against actual leave-one-out retraining. **Bold** = on the Pareto front of "
-                 "time against 1 − Pearson.")
+        L.append(
+            "Time = a fresh influence object + the solver's preparation + `up_loss` for all "
+            "m test points (median over repeats); prepare = construction + `prepare()`, "
+            "solve = the `up_loss` call. Peak memory = rise of the resident high-water mark "
+            "during the first repeat. Cost = full-training-set HVP columns / minibatch HVP "
+            "columns counted at the Hessian operator, or flops for exact paths. Accuracy "
+            "against the task's reference: Pearson and Spearman over the whole "
+            "(n_train × m) up_loss matrix, top-10 = mean overlap of the 10 most helpful and "
+            "10 most harmful training points per test point, LOO r = Pearson of −up_loss/n "
+            "against actual leave-one-out retraining. **Bold** = on the Pareto front of "
+            "time against 1 − Pearson."
+        )
         L.append("")
         if figure:
             L += [f"![accuracy versus time]({figure})", ""]
@@ -435,25 +508,35 @@ class BenchReport:
                 L += [f"Task failed: {t['error']}", ""]
                 continue
             desc = str(t.get("description", ""))
-            L.append(f"{desc[:1].upper() + desc[1:]}. n = {t.get('n_train')}, "
-                     f"p = {t.get('n_params')}, m = {t.get('m_test')} test points"
-                     + (f", l2 = {t['l2']:g}, damping = {t.get('damping', 0):g}"
-                        if t.get("l2") is not None else "")
-                     + (f"; ‖∇R(θ̂)‖ = {t['grad_norm']:.1e}" if t.get("grad_norm") is not None
-                        else "")
-                     + (f"; trained by {t['trainer']}" if t.get("trainer") else "") + ".")
+            L.append(
+                f"{desc[:1].upper() + desc[1:]}. n = {t.get('n_train')}, "
+                f"p = {t.get('n_params')}, m = {t.get('m_test')} test points"
+                + (
+                    f", l2 = {t['l2']:g}, damping = {t.get('damping', 0):g}"
+                    if t.get("l2") is not None
+                    else ""
+                )
+                + (f"; ‖∇R(θ̂)‖ = {t['grad_norm']:.1e}" if t.get("grad_norm") is not None else "")
+                + (f"; trained by {t['trainer']}" if t.get("trainer") else "")
+                + "."
+            )
             if t.get("data"):
                 L.append(f"Data: {t['data']}.")
             ref = t.get("reference") or {}
-            L.append(f"Reference (ground truth): **{ref.get('label', '?')}**"
-                     + (f" ({_fmt_t(ref.get('time_s'))})" if ref.get("time_s") else "")
-                     + (f", FAILED: {ref['error']}" if ref.get("error") else "") + ".")
+            L.append(
+                f"Reference (ground truth): **{ref.get('label', '?')}**"
+                + (f" ({_fmt_t(ref.get('time_s'))})" if ref.get("time_s") else "")
+                + (f", FAILED: {ref['error']}" if ref.get("error") else "")
+                + "."
+            )
             loo = t.get("loo")
             if loo:
                 k = sum(len(x) for x in loo["train_idx"])
-                L.append(f"Leave-one-out check: {k} (training point, test point) pairs — test "
-                         f"points {loo['test_idx']}, for each the training points with the "
-                         f"largest |reference up_loss|; actual change by {loo['method']}.")
+                L.append(
+                    f"Leave-one-out check: {k} (training point, test point) pairs — test "
+                    f"points {loo['test_idx']}, for each the training points with the "
+                    f"largest |reference up_loss|; actual change by {loo['method']}."
+                )
             elif ref.get("loo_error"):
                 L.append(f"Leave-one-out check failed: {ref['loo_error']}")
             L.append("")
@@ -466,16 +549,17 @@ class BenchReport:
                     c[0] = f"**{c[0]}**"
                 L.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
             L.append("")
-            warn = [(r["label"], w) for r in self.rows_for(t["name"])
-                    for w in r.get("warnings", [])]
+            warn = [(r["label"], w) for r in self.rows_for(t["name"]) for w in r.get("warnings", [])]
             if warn:
                 L.append("Warnings:")
                 L += [f"- {lab}: {w}" for lab, w in warn]
                 L.append("")
             peers = [p for p in self.peers if p["task"] == t["name"]]
             if peers:
-                L.append("Other libraries on the same model, weights and conventions "
-                         "(normalised to pyinfluence's up_loss):")
+                L.append(
+                    "Other libraries on the same model, weights and conventions "
+                    "(normalised to pyinfluence's up_loss):"
+                )
                 L.append("")
                 L.append("| " + " | ".join(self._PEER_COLS) + " |")
                 L.append("|---|" + "---:|" * (len(self._PEER_COLS) - 1))
@@ -511,19 +595,20 @@ class BenchReport:
             from matplotlib.figure import Figure
             from matplotlib.ticker import NullFormatter
         except ImportError:
-            raise ImportError("plotting needs matplotlib: pip install matplotlib (or "
-                              "'pyinfluence[bench]')") from None
-        names = [t["name"] for t in self.tasks
-                 if any(r["status"] == "ok" and r["pearson"] is not None
-                        for r in self.rows_for(t["name"]))]
+            raise ImportError(
+                "plotting needs matplotlib: pip install matplotlib (or 'pyinfluence[bench]')"
+            ) from None
+        names = [
+            t["name"]
+            for t in self.tasks
+            if any(r["status"] == "ok" and r["pearson"] is not None for r in self.rows_for(t["name"]))
+        ]
         k = max(1, len(names))
         ncol = min(3, k)
         nrow = math.ceil(k / ncol)
-        fig = figure if figure is not None else Figure(figsize=(5.6 * ncol, 4.4 * nrow),
-                                                       layout="constrained")
+        fig = figure if figure is not None else Figure(figsize=(5.6 * ncol, 4.4 * nrow), layout="constrained")
         axes = fig.subplots(nrow, ncol, squeeze=False)
-        colors = {"linear-exact": "black", "exact": "tab:purple", "cg": "tab:blue",
-                  "lissa": "tab:orange"}
+        colors = {"linear-exact": "black", "exact": "tab:purple", "cg": "tab:blue", "lissa": "tab:orange"}
         for idx, ax in enumerate(axes.flat):
             if idx >= len(names):
                 ax.set_axis_off()
@@ -535,42 +620,65 @@ class BenchReport:
                     continue
                 e = max(1.0 - r["pearson"], _ERR_FLOOR)
                 pts.append((r["time_s"], e, bool(r.get("pareto"))))
-                ax.scatter(r["time_s"], e, color=colors.get(r["family"], "tab:gray"), s=36,
-                           zorder=3)
-                short = (r["label"].replace("depth=", "d=").replace("repeats=", "r=")
-                         .replace("batch=", "b="))
-                ax.annotate(short + (" (ref)" if r.get("reference") else ""),
-                            (r["time_s"], e), fontsize=6.5, xytext=(4, 3),
-                            textcoords="offset points")
+                ax.scatter(r["time_s"], e, color=colors.get(r["family"], "tab:gray"), s=36, zorder=3)
+                short = r["label"].replace("depth=", "d=").replace("repeats=", "r=").replace("batch=", "b=")
+                ax.annotate(
+                    short + (" (ref)" if r.get("reference") else ""),
+                    (r["time_s"], e),
+                    fontsize=6.5,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
             for p in self.peers:
-                if (p["task"] != name or p["status"] != "ok" or p["pearson"] is None
-                        or not p.get("time_s")):
+                if p["task"] != name or p["status"] != "ok" or p["pearson"] is None or not p.get("time_s"):
                     continue
                 e = max(1.0 - p["pearson"], _ERR_FLOOR)
                 pts.append((p["time_s"], e, bool(p.get("pareto"))))
                 ax.scatter(p["time_s"], e, marker="x", color="tab:red", s=48, zorder=3)
-                ax.annotate(f"{p['library']} {p['method']}", (p["time_s"], e), fontsize=6.5,
-                            xytext=(4, -8), textcoords="offset points", color="tab:red")
+                ax.annotate(
+                    f"{p['library']} {p['method']}",
+                    (p["time_s"], e),
+                    fontsize=6.5,
+                    xytext=(4, -8),
+                    textcoords="offset points",
+                    color="tab:red",
+                )
             front = sorted([(t, e) for t, e, on in pts if on])
             if front:
-                ax.step([t for t, _ in front], [e for _, e in front], where="post",
-                        color="tab:green", lw=1.4, zorder=2)
-                ax.scatter([t for t, _ in front], [e for _, e in front], facecolors="none",
-                           edgecolors="tab:green", s=130, zorder=4)
+                ax.step(
+                    [t for t, _ in front],
+                    [e for _, e in front],
+                    where="post",
+                    color="tab:green",
+                    lw=1.4,
+                    zorder=2,
+                )
+                ax.scatter(
+                    [t for t, _ in front],
+                    [e for _, e in front],
+                    facecolors="none",
+                    edgecolors="tab:green",
+                    s=130,
+                    zorder=4,
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.margins(x=0.35, y=0.12)
             ax.xaxis.set_minor_formatter(NullFormatter())  # narrow ranges: no crowded labels
             t = next(t for t in self.tasks if t["name"] == name)
             ref = (t.get("reference") or {}).get("label", "?")
-            ax.set_title(f"{name} (n={t.get('n_train')}, p={t.get('n_params')}, "
-                         f"m={t.get('m_test')})", fontsize=9)
+            ax.set_title(
+                f"{name} (n={t.get('n_train')}, p={t.get('n_params')}, m={t.get('m_test')})", fontsize=9
+            )
             ax.set_xlabel("time for the full up_loss matrix [s]")
             ax.set_ylabel(f"1 − Pearson vs {ref}")
             ax.grid(True, which="both", alpha=0.25)
-        fig.suptitle("accuracy against time, one point per setting — black: C++ exact linear, "
-                     "purple: torch Exact, blue: CG, orange: LiSSA, grey: other solvers, red ×: "
-                     "other libraries; green: Pareto front (1 − r floored at 1e-16)", fontsize=8)
+        fig.suptitle(
+            "accuracy against time, one point per setting — black: C++ exact linear, "
+            "purple: torch Exact, blue: CG, orange: LiSSA, grey: other solvers, red ×: "
+            "other libraries; green: Pareto front (1 − r floored at 1e-16)",
+            fontsize=8,
+        )
         if path is None:
             return fig
         fig.savefig(path, dpi=110)

@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from . import metrics as M
-from .report import _clean as _jsonable  # one JSON-safe conversion for the package
+from pyinfluence.bench import metrics as M
+from pyinfluence.bench.report import _clean as _jsonable  # one JSON-safe conversion for the package
 
 __all__ = [
     "EXACT_MAX_PARAMS",
@@ -137,8 +137,6 @@ class Setting:
             return {}
 
 
-
-
 def setting_label(solver: Any) -> str:
     """A short, readable label for a solver setting."""
     if isinstance(solver, str):
@@ -175,11 +173,10 @@ def register_grid(solver_cls: type, grid: GridFn) -> None:
     """Benchmark ``solver_cls`` with the settings ``grid(ctx)`` returns (a list of solver objects
     or :class:`Setting` objects) instead of its default constructor. ``ctx`` is a
     :class:`GridContext` (n_params, n_train, kind, quick)."""
-    from ..solvers import Solver
+    from pyinfluence.torch.solvers import Solver
 
     if not (isinstance(solver_cls, type) and issubclass(solver_cls, Solver)):
-        raise TypeError(f"solver_cls must be a subclass of pyinfluence.solvers.Solver, got "
-                        f"{solver_cls!r}")
+        raise TypeError(f"solver_cls must be a subclass of pyinfluence.solvers.Solver, got {solver_cls!r}")
     if not callable(grid):
         raise TypeError(f"grid must be callable (GridContext) -> list of solvers, got {grid!r}")
     _GRIDS[solver_cls] = grid
@@ -195,7 +192,7 @@ def solver_classes() -> list[type]:
     """Every concrete :class:`~pyinfluence.solvers.Solver` subclass defined so far (found
     recursively through ``__subclasses__``), public ones only (no leading underscore), in
     definition order: Exact, CG, LiSSA first, then anything added later."""
-    from ..solvers import Solver
+    from pyinfluence.torch.solvers import Solver
 
     seen: list[type] = []
     stack = list(Solver.__subclasses__())
@@ -209,32 +206,38 @@ def solver_classes() -> list[type]:
 
 
 def _exact_grid(ctx: GridContext) -> list:
-    from ..solvers import Exact
+    from pyinfluence.torch.solvers import Exact
 
     if ctx.n_params is not None and ctx.n_params > EXACT_MAX_PARAMS:
-        return [Setting(Exact(), skip=(
-            f"p = {ctx.n_params} > {EXACT_MAX_PARAMS}: the dense Hessian "
-            f"({8 * ctx.n_params ** 2 / 1e9:.2g} GB) and its ~p HVP columns are not affordable "
-            f"here; the reference is CG at tol {REFERENCE_CG_TOL:g}"))]
+        return [
+            Setting(
+                Exact(),
+                skip=(
+                    f"p = {ctx.n_params} > {EXACT_MAX_PARAMS}: the dense Hessian "
+                    f"({8 * ctx.n_params**2 / 1e9:.2g} GB) and its ~p HVP columns are not affordable "
+                    f"here; the reference is CG at tol {REFERENCE_CG_TOL:g}"
+                ),
+            )
+        ]
     return [Exact()]
 
 
 def _cg_grid(ctx: GridContext) -> list:
-    from ..solvers import CG
+    from pyinfluence.torch.solvers import CG
 
     tols = [1e-2, 1e-6] if ctx.quick else [1e-2, 1e-4, 1e-6, 1e-8]
     return [CG(tol=t, raise_on_nonconvergence=False) for t in tols]
 
 
 def _block_cg_grid(ctx: GridContext) -> list:
-    from ..solvers import BlockCG
+    from pyinfluence.torch.solvers import BlockCG
 
     tols = [1e-2, 1e-6] if ctx.quick else [1e-2, 1e-4, 1e-6, 1e-8]
     return [BlockCG(tol=t, raise_on_nonconvergence=False) for t in tols]
 
 
 def _lissa_grid(ctx: GridContext) -> list:
-    from ..solvers import LiSSA
+    from pyinfluence.torch.solvers import LiSSA
 
     if ctx.quick:
         cfg = [(50, 1, 128), (100, 1, 128)]
@@ -242,14 +245,11 @@ def _lissa_grid(ctx: GridContext) -> list:
         cfg = [(100, 1, 128), (300, 1, 128), (1000, 1, 128), (300, 4, 128)]
     # like CG's grid: a setting that misses LiSSA's tol is a row with its residual and accuracy (and
     # the ConvergenceWarning in its warnings), not an error row, so the accuracy-time curve is complete
-    return [
-        LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False)
-        for d, r, b in cfg
-    ]
+    return [LiSSA(depth=d, repeats=r, batch_size=b, seed=0, raise_on_nonconvergence=False) for d, r, b in cfg]
 
 
 def _ensure_default_grids() -> None:
-    from ..solvers import CG, BlockCG, Exact, LiSSA
+    from pyinfluence.torch.solvers import CG, BlockCG, Exact, LiSSA
 
     _GRIDS.setdefault(Exact, _exact_grid)
     _GRIDS.setdefault(CG, _cg_grid)
@@ -268,8 +268,9 @@ def _families_filter(families: Optional[Iterable[str]]) -> Optional[set[str]]:
     return out
 
 
-def solver_grid(task_or_ctx: Any = None, quick: bool = False,
-                families: Optional[Iterable[str]] = None) -> list[Setting]:
+def solver_grid(
+    task_or_ctx: Any = None, quick: bool = False, families: Optional[Iterable[str]] = None
+) -> list[Setting]:
     """The settings benchmarked on a task (or a :class:`GridContext`).
 
     ``"linear-exact"`` first for linear tasks, then for every solver class of
@@ -286,8 +287,12 @@ def solver_grid(task_or_ctx: Any = None, quick: bool = False,
     elif isinstance(task_or_ctx, GridContext):
         ctx = dataclasses.replace(task_or_ctx, quick=bool(quick) or task_or_ctx.quick)
     else:
-        ctx = GridContext(n_params=task_or_ctx.n_params, n_train=task_or_ctx.n_train,
-                          kind=task_or_ctx.kind, quick=bool(quick))
+        ctx = GridContext(
+            n_params=task_or_ctx.n_params,
+            n_train=task_or_ctx.n_train,
+            kind=task_or_ctx.kind,
+            quick=bool(quick),
+        )
     keep = _families_filter(families)
     out: list[Setting] = []
     if ctx.kind == "linear":
@@ -319,7 +324,7 @@ class _Unconstructible:
 
 
 def _as_setting(s: Any, name: str = "solvers") -> Setting:
-    from ..solvers import Solver, resolve_solver
+    from pyinfluence.torch.solvers import Solver, resolve_solver
 
     if isinstance(s, Setting):
         return s
@@ -332,11 +337,13 @@ def _as_setting(s: Any, name: str = "solvers") -> Setting:
         except ValueError:
             raise ValueError(
                 f"{name} entries must be 'linear-exact', 'exact', 'cg', 'block_cg', 'lissa' or solver objects "
-                f"such as pyinfluence.CG(tol=1e-6), got {s!r}") from None
+                f"such as pyinfluence.CG(tol=1e-6), got {s!r}"
+            ) from None
     if isinstance(s, Solver) or (isinstance(s, type) and issubclass(s, Solver)):
         return Setting(resolve_solver(s, name))
-    raise TypeError(f"{name} entries must be solver objects, solver names or 'linear-exact', got "
-                    f"{type(s).__name__} {s!r}")
+    raise TypeError(
+        f"{name} entries must be solver objects, solver names or 'linear-exact', got {type(s).__name__} {s!r}"
+    )
 
 
 # ================================================================================================
@@ -407,6 +414,7 @@ class _Counter:
         try:
             op.matvec = matvec
             if smv is not None:
+
                 def sample_matvec(V, *a, **kw):
                     counter.mini += int(V.shape[1]) if getattr(V, "ndim", 1) == 2 else 1
                     return smv(V, *a, **kw)
@@ -449,8 +457,7 @@ def _sync_if_cuda(obj: Any) -> None:
         torch.cuda.synchronize()
 
 
-def _run_once(factory: Callable[[Any], Any], setting: Setting, X_test: Any, y_test: Any,
-              keep: bool) -> _Run:
+def _run_once(factory: Callable[[Any], Any], setting: Setting, X_test: Any, y_test: Any, keep: bool) -> _Run:
     solver = setting.solver
     if isinstance(solver, _Unconstructible):
         raise solver.exc
@@ -478,8 +485,9 @@ def _run_once(factory: Callable[[Any], Any], setting: Setting, X_test: Any, y_te
     return run
 
 
-def _measure(factory, setting, X_test, y_test, repeats: int, budget_s: float,
-             memory: bool) -> tuple[list[_Run], Optional[float], Optional[str], list[str]]:
+def _measure(
+    factory, setting, X_test, y_test, repeats: int, budget_s: float, memory: bool
+) -> tuple[list[_Run], Optional[float], Optional[str], list[str]]:
     """Run a setting ``repeats`` times (fewer once ``budget_s`` is used); returns (runs, peak MB,
     memory method, warnings). Raises the setting's error."""
     runs: list[_Run] = []
@@ -571,11 +579,14 @@ class LooTruth:
         return None if not math.isfinite(r) else r
 
     def to_dict(self) -> dict[str, Any]:
-        return {"test_idx": list(map(int, self.test_idx)),
-                "train_idx": [list(map(int, t)) for t in self.train_idx],
-                "actual": [[float(v) for v in a] for a in self.actual],
-                "n_train": int(self.n_train), "method": self.method,
-                "seconds": self.seconds}
+        return {
+            "test_idx": list(map(int, self.test_idx)),
+            "train_idx": [list(map(int, t)) for t in self.train_idx],
+            "actual": [[float(v) for v in a] for a in self.actual],
+            "n_train": int(self.n_train),
+            "method": self.method,
+            "seconds": self.seconds,
+        }
 
 
 def _top_abs(col: np.ndarray, k: int) -> list[int]:
@@ -594,16 +605,22 @@ def linear_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 2, n_points: int
     train_idx, actual = [], []
     for j in tests:
         idx = _top_abs(ref[:, j], n_points)
-        a = li.retrain_loo(Xt[j:j + 1], yt[j:j + 1], idx)[:, 0]
+        a = li.retrain_loo(Xt[j : j + 1], yt[j : j + 1], idx)[:, 0]
         train_idx.append(idx)
         actual.append([float(v) for v in a])
-    return LooTruth(tests, train_idx, actual, task.n_train,
-                    method="exact refits (LinearInfluence.retrain_loo: Newton from θ̂, no damping)",
-                    seconds=time.perf_counter() - t0)
+    return LooTruth(
+        tests,
+        train_idx,
+        actual,
+        task.n_train,
+        method="exact refits (LinearInfluence.retrain_loo: Newton from θ̂, no damping)",
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def deep_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int = 10,
-                   iters: int = 150) -> LooTruth:
+def deep_loo_truth(
+    task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int = 10, iters: int = 150
+) -> LooTruth:
     """Actual LOO changes for a deep task: retraining without each point with full-batch L-BFGS
     warm-started from θ̂ (``iters`` iterations, same objective), minus the change of the control
     retraining (the same L-BFGS run from θ̂ with nothing removed), as bench/deep.py."""
@@ -611,7 +628,7 @@ def deep_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int =
 
     import torch
 
-    from .tasks import lbfgs_fit
+    from pyinfluence.bench.tasks import lbfgs_fit
 
     t0 = time.perf_counter()
     n = task.n_train
@@ -623,7 +640,7 @@ def deep_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int =
     train_idx = [_top_abs(ref[:, j], n_points) for j in tests]
     actual: list[list[float]] = [[] for _ in tests]
     with torch.no_grad():
-        ctrl = [float(lf(m0(task.X_test[j:j + 1]), task.y_test[j:j + 1])[0]) for j in tests]
+        ctrl = [float(lf(m0(task.X_test[j : j + 1]), task.y_test[j : j + 1])[0]) for j in tests]
     cache: dict[int, Any] = {}
     for t, j in enumerate(tests):
         for i in train_idx[t]:
@@ -634,22 +651,32 @@ def deep_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int =
                 lbfgs_fit(mi, task.X_train[keep], task.y_train[keep], iters, l2=task.l2)
                 cache[i] = mi
             with torch.no_grad():
-                loss = float(lf(cache[i](task.X_test[j:j + 1]), task.y_test[j:j + 1])[0])
+                loss = float(lf(cache[i](task.X_test[j : j + 1]), task.y_test[j : j + 1])[0])
             actual[t].append(loss - ctrl[t])
-    return LooTruth(tests, train_idx, actual, n,
-                    method=f"L-BFGS refits warm-started from θ̂ ({iters} iterations), minus the "
-                           f"control refit with nothing removed",
-                    seconds=time.perf_counter() - t0)
+    return LooTruth(
+        tests,
+        train_idx,
+        actual,
+        n,
+        method=f"L-BFGS refits warm-started from θ̂ ({iters} iterations), minus the "
+        f"control refit with nothing removed",
+        seconds=time.perf_counter() - t0,
+    )
 
 
 # ================================================================================================
 # rows
 # ================================================================================================
-def _accuracy(up: Optional[np.ndarray], ref: Optional[np.ndarray],
-              loo: Optional[LooTruth]) -> dict[str, Any]:
-    out: dict[str, Any] = {"pearson": None, "spearman": None, "top10_overlap": None,
-                           "top10_helpful": None, "top10_harmful": None, "max_rel_err": None,
-                           "loo_pearson": None}
+def _accuracy(up: Optional[np.ndarray], ref: Optional[np.ndarray], loo: Optional[LooTruth]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "pearson": None,
+        "spearman": None,
+        "top10_overlap": None,
+        "top10_helpful": None,
+        "top10_harmful": None,
+        "max_rel_err": None,
+        "loo_pearson": None,
+    }
     if up is None:
         return out
 
@@ -671,27 +698,55 @@ def _accuracy(up: Optional[np.ndarray], ref: Optional[np.ndarray],
 
 def _empty_row(task_name: str, setting: Setting) -> dict[str, Any]:
     return {
-        "task": task_name, "label": setting.label, "path": setting.path,
+        "task": task_name,
+        "label": setting.label,
+        "path": setting.path,
         "family": setting.family,
-        "solver": ("LinearInfluence" if isinstance(setting.solver, str)
-                   else getattr(setting.solver, "cls", type(setting.solver)).__name__),
+        "solver": (
+            "LinearInfluence"
+            if isinstance(setting.solver, str)
+            else getattr(setting.solver, "cls", type(setting.solver)).__name__
+        ),
         "settings": setting.settings_dict(),
-        "status": "skipped" if setting.skip else "ok", "error": setting.skip,
-        "warnings": [], "repeats": 0,
-        "time_s": None, "times_s": [], "prepare_s": None, "solve_s": None,
-        "peak_mem_mb": None, "mem_method": None,
-        "hvp_columns": None, "minibatch_hvp_columns": None, "flops": None,
-        "iterations": None, "max_residual": None,
+        "status": "skipped" if setting.skip else "ok",
+        "error": setting.skip,
+        "warnings": [],
+        "repeats": 0,
+        "time_s": None,
+        "times_s": [],
+        "prepare_s": None,
+        "solve_s": None,
+        "peak_mem_mb": None,
+        "mem_method": None,
+        "hvp_columns": None,
+        "minibatch_hvp_columns": None,
+        "flops": None,
+        "iterations": None,
+        "max_residual": None,
         "reference": False,
-        "pearson": None, "spearman": None, "top10_overlap": None, "top10_helpful": None,
-        "top10_harmful": None, "max_rel_err": None, "loo_pearson": None,
+        "pearson": None,
+        "spearman": None,
+        "top10_overlap": None,
+        "top10_helpful": None,
+        "top10_harmful": None,
+        "max_rel_err": None,
+        "loo_pearson": None,
         "pareto": False,
     }
 
 
-def _bench_setting(task_name: str, factory, setting: Setting, X_test, y_test, m: int,
-                   repeats: int, budget_s: float, memory: bool,
-                   log: ProgressFn) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+def _bench_setting(
+    task_name: str,
+    factory,
+    setting: Setting,
+    X_test,
+    y_test,
+    m: int,
+    repeats: int,
+    budget_s: float,
+    memory: bool,
+    log: ProgressFn,
+) -> tuple[dict[str, Any], Optional[np.ndarray]]:
     row = _empty_row(task_name, setting)
     if setting.skip:
         if log:
@@ -700,8 +755,7 @@ def _bench_setting(task_name: str, factory, setting: Setting, X_test, y_test, m:
     if log:
         log(f"  {setting.label} ...")
     try:
-        runs, peak, method, warns = _measure(factory, setting, X_test, y_test, repeats,
-                                             budget_s, memory)
+        runs, peak, method, warns = _measure(factory, setting, X_test, y_test, repeats, budget_s, memory)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # recorded, never raised
@@ -712,11 +766,16 @@ def _bench_setting(task_name: str, factory, setting: Setting, X_test, y_test, m:
     first = runs[0]
     times = [r.total for r in runs]
     row.update(
-        repeats=len(runs), times_s=times, time_s=float(statistics.median(times)),
+        repeats=len(runs),
+        times_s=times,
+        time_s=float(statistics.median(times)),
         prepare_s=float(statistics.median([r.prepare for r in runs])),
         solve_s=float(statistics.median([r.solve for r in runs])),
-        peak_mem_mb=peak, mem_method=method, warnings=warns,
-        hvp_columns=first.hvp_full, minibatch_hvp_columns=first.hvp_mini,
+        peak_mem_mb=peak,
+        mem_method=method,
+        warnings=warns,
+        hvp_columns=first.hvp_full,
+        minibatch_hvp_columns=first.hvp_mini,
     )
     ls = first.last_solve
     if ls is not None:
@@ -748,11 +807,21 @@ def _check_budget(budget_s: Any) -> float:
     return float(budget_s)
 
 
-def _bench_settings(task_name: str, factory, settings: Sequence[Setting], X_test, y_test,
-                    m: int, reference: Any, repeats: int, budget_s: float, memory: bool,
-                    loo_fn: Optional[Callable[[np.ndarray], Optional[LooTruth]]],
-                    log: ProgressFn, warmup: Optional[Callable[[], Any]] = None,
-                    ) -> tuple[list[dict[str, Any]], dict[str, Any], Optional[LooTruth]]:
+def _bench_settings(
+    task_name: str,
+    factory,
+    settings: Sequence[Setting],
+    X_test,
+    y_test,
+    m: int,
+    reference: Any,
+    repeats: int,
+    budget_s: float,
+    memory: bool,
+    loo_fn: Optional[Callable[[np.ndarray], Optional[LooTruth]]],
+    log: ProgressFn,
+    warmup: Optional[Callable[[], Any]] = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Optional[LooTruth]]:
     """Benchmark the settings; the reference first. Returns (rows, reference info, loo).
 
     ``warmup`` (untimed, errors ignored) runs first: the first torch.func call of a process or
@@ -773,29 +842,38 @@ def _bench_settings(task_name: str, factory, settings: Sequence[Setting], X_test
         ref_up = M.as_matrix(reference, "reference")
         ref_info = {"label": "user-supplied matrix", "kind": "user"}
     else:
-        ref_setting = reference if isinstance(reference, Setting) else _as_setting(reference,
-                                                                                   "reference")
+        ref_setting = reference if isinstance(reference, Setting) else _as_setting(reference, "reference")
         for i, s in enumerate(settings):
             if s.label == ref_setting.label and not s.skip:
                 ref_pos = i
                 break
         if ref_pos is not None:
-            row, up = _bench_setting(task_name, factory, settings[ref_pos], X_test, y_test, m,
-                                     repeats, budget_s, memory, log)
+            row, up = _bench_setting(
+                task_name, factory, settings[ref_pos], X_test, y_test, m, repeats, budget_s, memory, log
+            )
             rows[ref_pos], ups[ref_pos] = row, up
             ref_up = up
-            ref_info = {"label": ref_setting.label, "kind": ref_setting.family,
-                        "time_s": row["time_s"], "max_residual": row["max_residual"],
-                        "error": row["error"]}
+            ref_info = {
+                "label": ref_setting.label,
+                "kind": ref_setting.family,
+                "time_s": row["time_s"],
+                "max_residual": row["max_residual"],
+                "error": row["error"],
+            }
         else:
             if log:
                 log(f"  reference {ref_setting.label} ...")
-            row, up = _bench_setting(task_name, factory, ref_setting, X_test, y_test, m, 1,
-                                     budget_s, False, None)
+            row, up = _bench_setting(
+                task_name, factory, ref_setting, X_test, y_test, m, 1, budget_s, False, None
+            )
             ref_up = up
-            ref_info = {"label": ref_setting.label, "kind": ref_setting.family,
-                        "time_s": row["time_s"], "max_residual": row["max_residual"],
-                        "error": row["error"]}
+            ref_info = {
+                "label": ref_setting.label,
+                "kind": ref_setting.family,
+                "time_s": row["time_s"],
+                "max_residual": row["max_residual"],
+                "error": row["error"],
+            }
     loo = None
     if ref_up is not None and loo_fn is not None:
         try:
@@ -810,8 +888,9 @@ def _bench_settings(task_name: str, factory, settings: Sequence[Setting], X_test
                 log(f"    error: {ref_info['loo_error'][:160]}")
     for i, s in enumerate(settings):
         if rows[i] is None:
-            rows[i], ups[i] = _bench_setting(task_name, factory, s, X_test, y_test, m, repeats,
-                                             budget_s, memory, log)
+            rows[i], ups[i] = _bench_setting(
+                task_name, factory, s, X_test, y_test, m, repeats, budget_s, memory, log
+            )
     out: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         assert row is not None
@@ -828,11 +907,21 @@ def _bench_settings(task_name: str, factory, settings: Sequence[Setting], X_test
 # ================================================================================================
 # public entry points
 # ================================================================================================
-def compare_solvers(influence_factory: Callable[[Any], Any], test_data: Any,
-                    solvers: Optional[Sequence[Any]] = None, reference: Any = None,
-                    repeats: int = 3, *, name: str = "user", loo: Optional[LooTruth] = None,
-                    budget_s: float = DEFAULT_BUDGET_S, memory: bool = True,
-                    quick: bool = False, warmup: bool = True, progress: ProgressFn = None):
+def compare_solvers(
+    influence_factory: Callable[[Any], Any],
+    test_data: Any,
+    solvers: Optional[Sequence[Any]] = None,
+    reference: Any = None,
+    repeats: int = 3,
+    *,
+    name: str = "user",
+    loo: Optional[LooTruth] = None,
+    budget_s: float = DEFAULT_BUDGET_S,
+    memory: bool = True,
+    quick: bool = False,
+    warmup: bool = True,
+    progress: ProgressFn = None,
+):
     """Benchmark solvers on YOUR model: the same table as ``pyinfluence bench``.
 
     - ``influence_factory(solver)``: returns a fresh object with ``.up_loss(X_test, y_test)``
@@ -856,17 +945,20 @@ def compare_solvers(influence_factory: Callable[[Any], Any], test_data: Any,
 
     Returns a :class:`~pyinfluence.bench.BenchReport` with one task entry (``name``).
     """
-    from ..solvers import CG, Exact
-    from .report import BenchReport, machine_info
+    from pyinfluence.bench.report import BenchReport, machine_info
+    from pyinfluence.torch.solvers import CG, Exact
 
     if not callable(influence_factory):
-        raise TypeError(f"influence_factory must be callable (solver) -> influence object, got "
-                        f"{type(influence_factory).__name__}")
+        raise TypeError(
+            f"influence_factory must be callable (solver) -> influence object, got "
+            f"{type(influence_factory).__name__}"
+        )
     if not isinstance(test_data, (tuple, list)) or len(test_data) != 2:
-        raise ValueError(f"test_data must be a pair (X_test, y_test), got "
-                         f"{type(test_data).__name__}"
-                         + (f" of length {len(test_data)}" if hasattr(test_data, "__len__")
-                            else ""))
+        raise ValueError(
+            f"test_data must be a pair (X_test, y_test), got "
+            f"{type(test_data).__name__}"
+            + (f" of length {len(test_data)}" if hasattr(test_data, "__len__") else "")
+        )
     repeats = _check_repeats(repeats)
     budget_s = _check_budget(budget_s)
     if not isinstance(name, str) or not name:
@@ -888,8 +980,7 @@ def compare_solvers(influence_factory: Callable[[Any], Any], test_data: Any,
         damping = getattr(probe, "damping", None)
         del probe
     if solvers is None:
-        settings = solver_grid(GridContext(n_params=n_params, n_train=n_train, kind="user",
-                                           quick=quick))
+        settings = solver_grid(GridContext(n_params=n_params, n_train=n_train, kind="user", quick=quick))
     else:
         if isinstance(solvers, (str, bytes)) or not isinstance(solvers, Iterable):
             raise TypeError(f"solvers must be a list of solvers, got {type(solvers).__name__}")
@@ -899,7 +990,7 @@ def compare_solvers(influence_factory: Callable[[Any], Any], test_data: Any,
     labels = [s.label for s in settings]
     for i, s in enumerate(settings):  # make labels unique
         if labels.count(s.label) > 1:
-            s.label = f"{s.label} #{labels[:i + 1].count(s.label)}"
+            s.label = f"{s.label} #{labels[: i + 1].count(s.label)}"
     if reference is None:
         lin = [s for s in settings if s.family == LINEAR_EXACT and not s.skip]
         if lin:
@@ -908,35 +999,67 @@ def compare_solvers(influence_factory: Callable[[Any], Any], test_data: Any,
             reference = Exact()
         else:
             reference = CG(tol=REFERENCE_CG_TOL, raise_on_nonconvergence=False)
+
     def warm() -> None:
         X2, y2 = (X_test[:2], y_test[:2]) if m >= 2 else (X_test, y_test)
         influence_factory(CG(tol=0.5, raise_on_nonconvergence=False)).up_loss(X2, y2)
 
-    rows, ref_info, loo_t = _bench_settings(name, influence_factory, settings, X_test, y_test, m,
-                                            reference, repeats, budget_s, memory,
-                                            (lambda _ref: loo) if loo is not None else None,
-                                            log=progress, warmup=warm if warmup else None)
+    rows, ref_info, loo_t = _bench_settings(
+        name,
+        influence_factory,
+        settings,
+        X_test,
+        y_test,
+        m,
+        reference,
+        repeats,
+        budget_s,
+        memory,
+        (lambda _ref: loo) if loo is not None else None,
+        log=progress,
+        warmup=warm if warmup else None,
+    )
     ref_up = ref_info.pop("up_loss", None)
     if ref_up is not None:
         n_train = n_train if n_train is not None else int(ref_up.shape[0])
-    task_entry = {"name": name, "kind": "user", "description": "user-supplied model",
-                  "m_test": m, "n_params": n_params, "n_train": n_train, "l2": l2,
-                  "damping": damping,
-                  "reference": ref_info,
-                  "loo": loo_t.to_dict() if loo_t is not None else None}
-    rep = BenchReport(rows=rows, tasks=[task_entry], peers=[], scaling=None,
-                      machine=machine_info(),
-                      settings={"repeats": repeats, "budget_s": budget_s, "quick": quick,
-                                "api": "compare_solvers"})
+    task_entry = {
+        "name": name,
+        "kind": "user",
+        "description": "user-supplied model",
+        "m_test": m,
+        "n_params": n_params,
+        "n_train": n_train,
+        "l2": l2,
+        "damping": damping,
+        "reference": ref_info,
+        "loo": loo_t.to_dict() if loo_t is not None else None,
+    }
+    rep = BenchReport(
+        rows=rows,
+        tasks=[task_entry],
+        peers=[],
+        scaling=None,
+        machine=machine_info(),
+        settings={"repeats": repeats, "budget_s": budget_s, "quick": quick, "api": "compare_solvers"},
+    )
     rep._references[name] = ref_up
     rep.mark_pareto()
     return rep
 
 
-def run_task(task: Any, quick: bool = False, *, solvers: Optional[Iterable[str]] = None,
-             settings: Optional[Sequence[Any]] = None, repeats: int = 3,
-             budget_s: float = DEFAULT_BUDGET_S, memory: bool = True, loo: bool = True,
-             loo_deep: bool = False, progress: ProgressFn = None):
+def run_task(
+    task: Any,
+    quick: bool = False,
+    *,
+    solvers: Optional[Iterable[str]] = None,
+    settings: Optional[Sequence[Any]] = None,
+    repeats: int = 3,
+    budget_s: float = DEFAULT_BUDGET_S,
+    memory: bool = True,
+    loo: bool = True,
+    loo_deep: bool = False,
+    progress: ProgressFn = None,
+):
     """Benchmark every applicable setting on one :class:`~pyinfluence.bench.Task`.
 
     Reference (ground truth): linear tasks — the C++ exact path (``linear-exact``, float64
@@ -948,7 +1071,7 @@ def run_task(task: Any, quick: bool = False, *, solvers: Optional[Iterable[str]]
     ``solvers``: families to keep; ``settings``: explicit settings instead of the grid.
     Returns ``(task_entry, rows, reference_up_loss)``.
     """
-    from ..solvers import CG, Exact
+    from pyinfluence.torch.solvers import CG, Exact
 
     repeats = _check_repeats(repeats)
     budget_s = _check_budget(budget_s)
@@ -961,31 +1084,47 @@ def run_task(task: Any, quick: bool = False, *, solvers: Optional[Iterable[str]]
     elif task.n_params <= EXACT_MAX_PARAMS:
         reference = Setting(Exact())
     else:
-        reference = Setting(CG(tol=REFERENCE_CG_TOL, max_iter=3000, raise_on_nonconvergence=False),
-                            label=f"CG tol={REFERENCE_CG_TOL:g} (reference)")
+        reference = Setting(
+            CG(tol=REFERENCE_CG_TOL, max_iter=3000, raise_on_nonconvergence=False),
+            label=f"CG tol={REFERENCE_CG_TOL:g} (reference)",
+        )
     loo_fn = None
     if loo and task.kind == "linear":
         nt, npt = (1, 20) if quick else (3, 50)
         loo_fn = lambda ref: linear_loo_truth(task, ref, nt, npt)  # noqa: E731
     elif loo_deep and task.kind == "deep":
-        loo_fn = lambda ref: deep_loo_truth(task, ref, 1, 5 if quick else 10,  # noqa: E731
-                                            50 if quick else 150)
+        loo_fn = lambda ref: deep_loo_truth(task, ref, 1, 5 if quick else 10, 50 if quick else 150)  # noqa: E731
 
     def factory(solver: Any) -> Any:
         return task.influence(solver)
 
     if progress:
-        progress(f"{task.name}: n = {task.n_train}, p = {task.n_params}, m = {task.m_test} "
-                 f"({len(sets)} settings)")
+        progress(
+            f"{task.name}: n = {task.n_train}, p = {task.n_params}, m = {task.m_test} ({len(sets)} settings)"
+        )
+
     def warm() -> None:
         task.torch_influence(CG(tol=0.5, raise_on_nonconvergence=False)).up_loss(
-            task.X_test[:2], task.y_test[:2])
+            task.X_test[:2], task.y_test[:2]
+        )
         if task.kind == "linear":
             task.linear_influence().up_loss(task.X_test_np[:2], task.y_test_np[:2])
 
-    rows, ref_info, loo_t = _bench_settings(task.name, factory, sets, task.X_test, task.y_test,
-                                            task.m_test, reference, repeats, budget_s, memory,
-                                            loo_fn, progress, warmup=warm)
+    rows, ref_info, loo_t = _bench_settings(
+        task.name,
+        factory,
+        sets,
+        task.X_test,
+        task.y_test,
+        task.m_test,
+        reference,
+        repeats,
+        budget_s,
+        memory,
+        loo_fn,
+        progress,
+        warmup=warm,
+    )
     ref_up = ref_info.pop("up_loss", None)
     entry = task.to_dict()
     entry["reference"] = ref_info
@@ -993,11 +1132,18 @@ def run_task(task: Any, quick: bool = False, *, solvers: Optional[Iterable[str]]
     return entry, rows, ref_up
 
 
-def _peer_rows(task: Any, ref_up: Optional[np.ndarray], rows: list[dict[str, Any]],
-               loo: Optional[dict[str, Any]], peers: Sequence[str], peer_python: Optional[str],
-               timeout_s: float, log: ProgressFn) -> tuple[list[dict[str, Any]], Optional[str]]:
+def _peer_rows(
+    task: Any,
+    ref_up: Optional[np.ndarray],
+    rows: list[dict[str, Any]],
+    loo: Optional[dict[str, Any]],
+    peers: Sequence[str],
+    peer_python: Optional[str],
+    timeout_s: float,
+    log: ProgressFn,
+) -> tuple[list[dict[str, Any]], Optional[str]]:
     try:
-        from . import peers as peers_mod
+        from pyinfluence.bench import peers as peers_mod
     except ImportError as exc:
         return [], f"pyinfluence.bench.peers is not available: {_one_line(exc)}"
     kw: dict[str, Any] = {}
@@ -1007,12 +1153,16 @@ def _peer_rows(task: Any, ref_up: Optional[np.ndarray], rows: list[dict[str, Any
     except (TypeError, ValueError):
         pass
     try:
-        runs = peers_mod.run_peers(task, peers=tuple(peers), peer_python=peer_python,
-                                   timeout_s=timeout_s, **kw)
+        runs = peers_mod.run_peers(
+            task, peers=tuple(peers), peer_python=peer_python, timeout_s=timeout_s, **kw
+        )
     except Exception as exc:  # the contract says it never raises; be safe anyway
         return [], f"run_peers failed: {_one_line(exc)}"
-    loo_t = LooTruth(**{k: loo[k] for k in ("test_idx", "train_idx", "actual", "n_train",
-                                            "method", "seconds")}) if loo else None
+    loo_t = (
+        LooTruth(**{k: loo[k] for k in ("test_idx", "train_idx", "actual", "n_train", "method", "seconds")})
+        if loo
+        else None
+    )
     ok_rows = [r for r in rows if r["status"] == "ok" and r["time_s"] is not None]
     exact_rows = [r for r in ok_rows if r["family"] in (LINEAR_EXACT, "exact")]
     out = []
@@ -1030,13 +1180,19 @@ def _peer_rows(task: Any, ref_up: Optional[np.ndarray], rows: list[dict[str, Any
         acc = _accuracy(up_ok, ref_up, loo_t)
         t = getattr(pr, "time_s", None)
         row = {
-            "task": task.name, "library": pr.library, "method": pr.method,
+            "task": task.name,
+            "library": pr.library,
+            "method": pr.method,
             "settings": _jsonable(dict(getattr(pr, "settings", {}) or {})),
             "status": "ok" if err is None and up_ok is not None else "error",
-            "error": err, "time_s": t, "peak_mem_mb": getattr(pr, "peak_mem_mb", None),
+            "error": err,
+            "time_s": t,
+            "peak_mem_mb": getattr(pr, "peak_mem_mb", None),
             **acc,
-            "pyinfluence_time_at_accuracy_s": None, "pyinfluence_setting_at_accuracy": None,
-            "ratio_at_accuracy": None, "pyinfluence_exact_time_s": None,
+            "pyinfluence_time_at_accuracy_s": None,
+            "pyinfluence_setting_at_accuracy": None,
+            "ratio_at_accuracy": None,
+            "pyinfluence_exact_time_s": None,
             "ratio_vs_exact": None,
             "details": _jsonable(dict(getattr(pr, "details", {}) or {})),
         }
@@ -1046,8 +1202,7 @@ def _peer_rows(task: Any, ref_up: Optional[np.ndarray], rows: list[dict[str, Any
                 row["pyinfluence_exact_time_s"] = fe["time_s"]
                 row["ratio_vs_exact"] = fe["time_s"] / t
             if acc["pearson"] is not None:
-                good = [r for r in ok_rows
-                        if r["pearson"] is not None and r["pearson"] >= acc["pearson"]]
+                good = [r for r in ok_rows if r["pearson"] is not None and r["pearson"] >= acc["pearson"]]
                 if good:
                     b = min(good, key=lambda r: r["time_s"])
                     row["pyinfluence_time_at_accuracy_s"] = b["time_s"]
@@ -1055,20 +1210,34 @@ def _peer_rows(task: Any, ref_up: Optional[np.ndarray], rows: list[dict[str, Any
                     row["ratio_at_accuracy"] = b["time_s"] / t
         out.append(row)
         if log and "log" not in kw:
-            log(f"  peer {pr.library} {pr.method}: "
+            log(
+                f"  peer {pr.library} {pr.method}: "
                 + (f"{t:.3f} s" if t is not None else "–")
-                + (f", error: {err[:120]}" if err else ""))
+                + (f", error: {err[:120]}" if err else "")
+            )
     return out, None
 
 
-def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
-              repeats: Optional[int] = None, seed: int = 0, n: Optional[int] = None,
-              d: Optional[int] = None, m: Optional[int] = None,
-              solvers: Optional[Iterable[str]] = None, peers: Union[bool, Sequence[str]] = False,
-              peer_python: Optional[str] = None, peer_timeout_s: float = 600.0,
-              scaling: bool = False, loo: bool = True, loo_deep: bool = False,
-              budget_s: Optional[float] = None, memory: bool = True,
-              progress: ProgressFn = None):
+def run_bench(
+    tasks: Optional[Sequence[str]] = None,
+    quick: bool = False,
+    *,
+    repeats: Optional[int] = None,
+    seed: int = 0,
+    n: Optional[int] = None,
+    d: Optional[int] = None,
+    m: Optional[int] = None,
+    solvers: Optional[Iterable[str]] = None,
+    peers: Union[bool, Sequence[str]] = False,
+    peer_python: Optional[str] = None,
+    peer_timeout_s: float = 600.0,
+    scaling: bool = False,
+    loo: bool = True,
+    loo_deep: bool = False,
+    budget_s: Optional[float] = None,
+    memory: bool = True,
+    progress: ProgressFn = None,
+):
     """Run the standard benchmark and return a :class:`~pyinfluence.bench.BenchReport`.
 
     - ``tasks``: names (default: all five; quick: all but ``digits-cnn``).
@@ -1087,8 +1256,8 @@ def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
     - ``loo`` / ``loo_deep``: leave-one-out retraining checks (linear tasks / also deep tasks).
     - ``progress``: a callable for one-line progress messages.
     """
-    from .report import BenchReport, machine_info
-    from .tasks import TASKS, make_task
+    from pyinfluence.bench.report import BenchReport, machine_info
+    from pyinfluence.bench.tasks import TASKS, make_task
 
     t_start = time.perf_counter()
     if tasks is None:
@@ -1101,19 +1270,21 @@ def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
             raise ValueError("tasks must name at least one task")
         bad = [t for t in names if t not in TASKS]
         if bad:
-            raise ValueError(f"tasks: unknown task(s) {', '.join(map(repr, bad))}; choose from "
-                             f"{', '.join(TASKS)}")
+            raise ValueError(
+                f"tasks: unknown task(s) {', '.join(map(repr, bad))}; choose from {', '.join(TASKS)}"
+            )
     reps = _check_repeats(repeats if repeats is not None else (1 if quick else 3))
-    budget = _check_budget(budget_s if budget_s is not None else (10.0 if quick else
-                                                                   DEFAULT_BUDGET_S))
+    budget = _check_budget(budget_s if budget_s is not None else (10.0 if quick else DEFAULT_BUDGET_S))
     fam = _families_filter(solvers)
     if fam is not None:
         known = {LINEAR_EXACT} | {_family_of_class(c) for c in solver_classes()}
         bad = sorted(fam - known)
         if bad:
-            raise ValueError(f"solvers: unknown solver famil{'y' if len(bad) == 1 else 'ies'} "
-                             f"{', '.join(map(repr, bad))}; choose from "
-                             f"{', '.join(sorted(known))}")
+            raise ValueError(
+                f"solvers: unknown solver famil{'y' if len(bad) == 1 else 'ies'} "
+                f"{', '.join(map(repr, bad))}; choose from "
+                f"{', '.join(sorted(known))}"
+            )
     peer_list: list[str] = []
     if peers is True:
         peer_list = ["captum", "pydvl"]
@@ -1140,17 +1311,26 @@ def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
             entries.append({"name": name, "error": _one_line(exc)})
             notes.append(f"{name}: building the task failed: {_one_line(exc)}")
             continue
-        entry, trows, ref_up = run_task(task, quick, solvers=fam, repeats=reps, budget_s=budget,
-                                        memory=memory, loo=loo, loo_deep=loo_deep,
-                                        progress=progress)
+        entry, trows, ref_up = run_task(
+            task,
+            quick,
+            solvers=fam,
+            repeats=reps,
+            budget_s=budget,
+            memory=memory,
+            loo=loo,
+            loo_deep=loo_deep,
+            progress=progress,
+        )
         refs[name] = ref_up
         entries.append(entry)
         rows.extend(trows)
         if peer_list:
             if progress:
                 progress(f"{name}: peers ({', '.join(peer_list)}) ...")
-            prow, note = _peer_rows(task, ref_up, trows, entry.get("loo"), peer_list, peer_python,
-                                    peer_timeout_s, progress)
+            prow, note = _peer_rows(
+                task, ref_up, trows, entry.get("loo"), peer_list, peer_python, peer_timeout_s, progress
+            )
             peer_rows.extend(prow)
             if note and note not in notes:
                 notes.append(note)
@@ -1159,20 +1339,37 @@ def run_bench(tasks: Optional[Sequence[str]] = None, quick: bool = False, *,
         if progress:
             progress("scaling sweep of the exact linear path ...")
         try:
-            from .scaling import scaling_sweep
+            from pyinfluence.bench.scaling import scaling_sweep
 
             scal = scaling_sweep(quick=quick)
         except ImportError as exc:
             notes.append(f"scaling sweep not available: {_one_line(exc)}")
         except Exception as exc:
             notes.append(f"scaling sweep failed: {_one_line(exc)}")
-    settings = {"quick": quick, "repeats": reps, "budget_s": budget, "seed": seed,
-                "tasks": names, "solvers": sorted(fam) if fam else None, "peers": peer_list,
-                "peer_python": peer_python, "scaling": scaling, "loo": loo,
-                "loo_deep": loo_deep, "memory": memory,
-                "wall_s": None}
-    rep = BenchReport(rows=rows, tasks=entries, peers=peer_rows, scaling=scal,
-                      machine=machine_info(), settings=settings, notes=notes)
+    settings = {
+        "quick": quick,
+        "repeats": reps,
+        "budget_s": budget,
+        "seed": seed,
+        "tasks": names,
+        "solvers": sorted(fam) if fam else None,
+        "peers": peer_list,
+        "peer_python": peer_python,
+        "scaling": scaling,
+        "loo": loo,
+        "loo_deep": loo_deep,
+        "memory": memory,
+        "wall_s": None,
+    }
+    rep = BenchReport(
+        rows=rows,
+        tasks=entries,
+        peers=peer_rows,
+        scaling=scal,
+        machine=machine_info(),
+        settings=settings,
+        notes=notes,
+    )
     rep._references.update(refs)
     rep.mark_pareto()
     rep.settings["wall_s"] = time.perf_counter() - t_start

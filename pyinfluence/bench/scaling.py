@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
+from pyinfluence import _core
 
 __all__ = [
     "EXPECTED_SLOPES",
@@ -150,9 +150,7 @@ def fit_power_law(
     """
     s, t = _as_positive_pairs(sizes, times)
     if np.unique(s).size < 4:
-        raise ValueError(
-            "fit_power_law needs at least four distinct sizes (it fits three parameters)"
-        )
+        raise ValueError("fit_power_law needs at least four distinct sizes (it fits three parameters)")
     if not (k_max > 0 and k_step > 0):
         raise ValueError("k_max and k_step must be > 0")
     u = s / s.max()
@@ -213,9 +211,7 @@ def _fit_all(sizes: list[int], times: list[float], expected: float) -> dict[str,
         out["offset_fit"] = fit_power_law(sizes, times)
     dev = out["upper"] - expected
     out["deviation"] = dev
-    out["verdict"] = (
-        "matches" if abs(dev) <= SLOPE_TOLERANCE else ("steeper" if dev > 0 else "shallower")
-    )
+    out["verdict"] = "matches" if abs(dev) <= SLOPE_TOLERANCE else ("steeper" if dev > 0 else "shallower")
     return out
 
 
@@ -278,9 +274,7 @@ class ScalingResult:
     def from_dict(cls, d: dict[str, Any]) -> ScalingResult:
         """Rebuild a result from :meth:`to_dict`'s output (e.g. read back from JSON)."""
         if d.get("schema") != SCHEMA:
-            raise ValueError(
-                f"not a scaling result (schema {d.get('schema')!r}, expected {SCHEMA!r})"
-            )
+            raise ValueError(f"not a scaling result (schema {d.get('schema')!r}, expected {SCHEMA!r})")
         return cls(
             sweeps=d["sweeps"],
             slopes=d["slopes"],
@@ -428,9 +422,7 @@ class ScalingResult:
             ax.set_xlabel(axis)
             ax.set_ylabel("seconds (median)")
             if not sw or len(sw["sizes"]) == 0:
-                ax.text(
-                    0.5, 0.5, f"no {axis} sweep", ha="center", va="center", transform=ax.transAxes
-                )
+                ax.text(0.5, 0.5, f"no {axis} sweep", ha="center", va="center", transform=ax.transAxes)
                 continue
             sizes = np.asarray(sw["sizes"], dtype=float)
             for step in STEPS:
@@ -487,7 +479,7 @@ def _plain(x: Any) -> Any:
 
 def _check_int(name: str, v: Any, minimum: int) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")  # noqa: TRY004 (ValueError by design)
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
     if int(v) < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {int(v)}")
     return int(v)
@@ -500,11 +492,7 @@ def _check_sizes(name: str, v: Any, minimum: int) -> tuple[int, ...]:
         )
     out = []
     for i, x in enumerate(v):
-        if (
-            isinstance(x, (bool, np.bool_))
-            or not isinstance(x, (int, np.integer))
-            or int(x) < minimum
-        ):
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or int(x) < minimum:
             raise ValueError(f"{name}[{i}] must be an int >= {minimum}, got {x!r}")
         out.append(int(x))
     sizes = tuple(sorted(set(out)))
@@ -591,9 +579,7 @@ def _labels(rng: np.random.Generator, X: np.ndarray, w: np.ndarray, dtype: np.dt
     return (rng.random(X.shape[0]) < p).astype(dtype)
 
 
-def _measure_point(
-    spec, X, y, theta, Xt, yt, repeats: int, min_time: float
-) -> dict[str, list[float]]:
+def _measure_point(spec, X, y, theta, Xt, yt, repeats: int, min_time: float) -> dict[str, list[float]]:
     # The engine's constructor assembles and factorises once (untimed): it warms the kernels and
     # pages X in, and gives the cached factor that scoring needs.
     engine = _core.LinearEngine(spec, X, y, theta, 0.0)
@@ -655,7 +641,7 @@ def scaling_sweep(
     average before and after. Returns a :class:`ScalingResult`.
     """
     if not isinstance(quick, (bool, np.bool_)):
-        raise ValueError(f"quick must be True or False, got {quick!r}")  # noqa: TRY004
+        raise ValueError(f"quick must be True or False, got {quick!r}")
     quick = bool(quick)
     dflt = _DEFAULTS[quick]
     ns_ = dflt["ns"] if ns is None else _check_sizes("ns", ns, 2)
@@ -714,18 +700,14 @@ def scaling_sweep(
         if ns_:
             d = fixed_d
             w = rng.standard_normal(d) / math.sqrt(d)
-            Xall = rng.standard_normal(
-                (ns_[-1], d), dtype=np.float64 if dt == np.float64 else np.float32
-            )
+            Xall = rng.standard_normal((ns_[-1], d), dtype=np.float64 if dt == np.float64 else np.float32)
             yall = _labels(rng, Xall, w, dt)
             Xt = rng.standard_normal((m, d)).astype(dt)
             yt = _labels(rng, Xt, w, dt)
             th = theta_for(w)
             times = _empty_times()
             for n in ns_:
-                _record(
-                    times, _measure_point(spec, Xall[:n], yall[:n], th, Xt, yt, repeats, min_time)
-                )
+                _record(times, _measure_point(spec, Xall[:n], yall[:n], th, Xt, yt, repeats, min_time))
             sweeps["n"] = {"fixed": {"d": d, "m": m}, "sizes": list(ns_), "times": times}
             del Xall, yall
         else:
@@ -735,9 +717,7 @@ def scaling_sweep(
         if ds_:
             n = fixed_n
             g = rng.standard_normal(ds_[-1])
-            Xall = rng.standard_normal(
-                (n, ds_[-1]), dtype=np.float64 if dt == np.float64 else np.float32
-            )
+            Xall = rng.standard_normal((n, ds_[-1]), dtype=np.float64 if dt == np.float64 else np.float32)
             Xt_all = rng.standard_normal((m, ds_[-1])).astype(dt)
             times = _empty_times()
             for d in ds_:
@@ -771,9 +751,7 @@ def scaling_sweep(
 
     slopes = {
         step: {
-            ax: _fit_all(
-                sweeps[ax]["sizes"], sweeps[ax]["times"][step]["median"], EXPECTED_SLOPES[step][ax]
-            )
+            ax: _fit_all(sweeps[ax]["sizes"], sweeps[ax]["times"][step]["median"], EXPECTED_SLOPES[step][ax])
             for ax in AXES
         }
         for step in STEPS

@@ -66,7 +66,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "synthetic-linear": ("linear", "binary logistic regression on Gaussian X (n x d)"),
 }
 
-_CACHE: dict[tuple, "Task"] = {}
+_CACHE: dict[tuple, Task] = {}
 
 
 def task_names() -> list[str]:
@@ -131,7 +131,7 @@ class Task:
     def torch_influence(self, solver: Any = "exact", **kw: Any):
         """A fresh :class:`~pyinfluence.TorchInfluence` on this task with ``solver`` (the optimum
         check is off: ``info['grad_norm']`` records how close the training got)."""
-        from ..torch_influence import TorchInfluence
+        from pyinfluence.torch.influence import TorchInfluence
 
         kw.setdefault("optimum_tol", None)
         return TorchInfluence(
@@ -149,10 +149,11 @@ class Task:
         """A fresh :class:`~pyinfluence.LinearInfluence` (C++ exact path); linear tasks only."""
         if self.kind != "linear":
             raise ValueError(f"task {self.name!r} is not linear: it has no C++ exact path")
-        from ..linear import LinearInfluence
+        from pyinfluence.linear.influence import LinearInfluence
 
-        return LinearInfluence(self.linear_model, self.X_train_np, self.y_train_np,
-                               damping=self.damping, **kw)
+        return LinearInfluence(
+            self.linear_model, self.X_train_np, self.y_train_np, damping=self.damping, **kw
+        )
 
     def influence(self, solver: Any):
         """``linear_influence()`` for ``solver == "linear-exact"``, else
@@ -182,9 +183,11 @@ class Task:
         }
 
     def __repr__(self) -> str:
-        return (f"Task({self.name!r}, kind={self.kind!r}, n_train={self.n_train}, "
-                f"m_test={self.m_test}, n_params={self.info.get('n_params')}, "
-                f"l2={self.l2:g}, damping={self.damping:g})")
+        return (
+            f"Task({self.name!r}, kind={self.kind!r}, n_train={self.n_train}, "
+            f"m_test={self.m_test}, n_params={self.info.get('n_params')}, "
+            f"l2={self.l2:g}, damping={self.damping:g})"
+        )
 
 
 # ================================================================================================
@@ -232,7 +235,6 @@ def make_task(name: str, quick: bool = False, seed: int = 0, **size: Any) -> Tas
         return _CACHE[key]
     import time
 
-
     t0 = time.perf_counter()
     builder = {
         "digits-logreg": _digits_logreg,
@@ -269,7 +271,7 @@ def logistic_loss(out: Any, y: Any) -> Any:
 
 def svm_loss(out: Any, y: Any) -> Any:
     """Per-example smooth hinge loss with temperature 0.1 (targets in {−1, +1})."""
-    from ..losses import smooth_hinge_loss
+    from pyinfluence.torch.losses import smooth_hinge_loss
 
     return smooth_hinge_loss(out, y, temperature=SVM_TEMPERATURE)
 
@@ -304,18 +306,29 @@ def _linear_task(name: str, est: Any, Xtr, ytr, Xte, yte, loss_fn, y_torch, extr
         **extra,
     }
     return Task(
-        name=name, kind=kind, description=desc, model=model, loss_fn=loss_fn,
-        X_train=torch.from_numpy(np.ascontiguousarray(Xtr, dtype=np.float64)), y_train=ytr_t,
-        X_test=torch.from_numpy(np.ascontiguousarray(Xte, dtype=np.float64)), y_test=yte_t,
-        l2=L2, damping=0.0, params=None, linear_model=est,
-        X_train_np=np.ascontiguousarray(Xtr, dtype=np.float64), y_train_np=np.asarray(ytr),
-        X_test_np=np.ascontiguousarray(Xte, dtype=np.float64), y_test_np=np.asarray(yte),
+        name=name,
+        kind=kind,
+        description=desc,
+        model=model,
+        loss_fn=loss_fn,
+        X_train=torch.from_numpy(np.ascontiguousarray(Xtr, dtype=np.float64)),
+        y_train=ytr_t,
+        X_test=torch.from_numpy(np.ascontiguousarray(Xte, dtype=np.float64)),
+        y_test=yte_t,
+        l2=L2,
+        damping=0.0,
+        params=None,
+        linear_model=est,
+        X_train_np=np.ascontiguousarray(Xtr, dtype=np.float64),
+        y_train_np=np.asarray(ytr),
+        X_test_np=np.ascontiguousarray(Xte, dtype=np.float64),
+        y_test_np=np.asarray(yte),
         info=info,
     )
 
 
 def _digits(scale: str, task: str, seed: int, sz: dict, m_default: int):
-    from ..applications.datasets import load_digits_split
+    from pyinfluence.applications.datasets import load_digits_split
 
     split = load_digits_split(scale=scale, task=task, seed=seed, n_train=sz.get("n_train"))
     m = sz.get("m", m_default)
@@ -326,12 +339,18 @@ def _digits(scale: str, task: str, seed: int, sz: dict, m_default: int):
 
 def _digits_logreg(quick: bool, seed: int, sz: dict) -> Task:
 
-    from ..models import LogisticRegression
+    from pyinfluence.linear.models import LogisticRegression
 
     Xtr, ytr, Xte, yte, desc = _digits("standardize", "multiclass", seed, sz, 20 if quick else 50)
     est = LogisticRegression(l2=L2, penalize_intercept=True)
     return _linear_task(
-        "digits-logreg", est, Xtr, ytr, Xte, yte, cross_entropy_loss,
+        "digits-logreg",
+        est,
+        Xtr,
+        ytr,
+        Xte,
+        yte,
+        cross_entropy_loss,
         lambda e, y: torch.from_numpy(np.searchsorted(e.classes_, y).astype(np.int64)),
         {"data": desc, "loss": "cross-entropy (softmax over 10 classes)"},
     )
@@ -339,21 +358,26 @@ def _digits_logreg(quick: bool, seed: int, sz: dict) -> Task:
 
 def _digits_svm(quick: bool, seed: int, sz: dict) -> Task:
 
-    from ..models import SmoothHingeSVM
+    from pyinfluence.linear.models import SmoothHingeSVM
 
     Xtr, ytr, Xte, yte, desc = _digits("standardize", "even_odd", seed, sz, 20 if quick else 50)
     est = SmoothHingeSVM(l2=L2, temperature=SVM_TEMPERATURE, penalize_intercept=True)
     return _linear_task(
-        "digits-svm", est, Xtr, ytr, Xte, yte, svm_loss,
-        lambda e, y: torch.from_numpy(
-            (2.0 * np.searchsorted(e.classes_, y) - 1.0).astype(np.float64)),
+        "digits-svm",
+        est,
+        Xtr,
+        ytr,
+        Xte,
+        yte,
+        svm_loss,
+        lambda e, y: torch.from_numpy((2.0 * np.searchsorted(e.classes_, y) - 1.0).astype(np.float64)),
         {"data": desc, "loss": f"smooth hinge, temperature {SVM_TEMPERATURE:g}"},
     )
 
 
 def _synthetic_linear(quick: bool, seed: int, sz: dict) -> Task:
 
-    from ..models import LogisticRegression
+    from pyinfluence.linear.models import LogisticRegression
 
     base = SYNTH_QUICK if quick else SYNTH_DEFAULT
     n, d = sz.get("n", base["n"]), sz.get("d", base["d"])
@@ -366,10 +390,18 @@ def _synthetic_linear(quick: bool, seed: int, sz: dict) -> Task:
     if len(np.unique(y[:n])) < 2:
         raise ValueError(f"n={n} is too small: the generated training labels have one class")
     est = LogisticRegression(l2=L2, penalize_intercept=True)
-    desc = (f"X ~ N(0, 1) of shape ({n} + {m}) x {d} (numpy default_rng({seed})), "
-            f"y ~ Bernoulli(sigmoid(X w + 0.2)), w ~ N(0, 4/d)")
+    desc = (
+        f"X ~ N(0, 1) of shape ({n} + {m}) x {d} (numpy default_rng({seed})), "
+        f"y ~ Bernoulli(sigmoid(X w + 0.2)), w ~ N(0, 4/d)"
+    )
     return _linear_task(
-        "synthetic-linear", est, X[:n], y[:n], X[n:], y[n:], logistic_loss,
+        "synthetic-linear",
+        est,
+        X[:n],
+        y[:n],
+        X[n:],
+        y[n:],
+        logistic_loss,
         lambda e, yy: torch.from_numpy(np.searchsorted(e.classes_, yy).astype(np.float64)),
         {"data": desc, "loss": "binary logistic", "n": n, "d": d},
     )
@@ -381,13 +413,19 @@ def _objective(model: Any, X: Any, y: Any, l2: float):
     return cross_entropy_loss(model(X), y).mean() + 0.5 * l2 * sum((p**2).sum() for p in ps)
 
 
-def lbfgs_fit(model: Any, X: Any, y: Any, max_iter: int, l2: float = L2,
-              tol: float = 1e-10) -> float:
+def lbfgs_fit(model: Any, X: Any, y: Any, max_iter: int, l2: float = L2, tol: float = 1e-10) -> float:
     """Full-batch L-BFGS (strong Wolfe) on mean cross-entropy + (l2/2)‖θ‖²; returns ‖∇R‖."""
 
     ps = list(model.parameters())
-    opt = torch.optim.LBFGS(ps, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        ps,
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -419,8 +457,7 @@ class SmallCNN(nn.Module):
         return self.f2(torch.tanh(self.f1(x)))
 
 
-def _deep_task(name: str, model: Any, Xtr, ytr, Xte, yte, iters: int, desc: str,
-               arch: str) -> Task:
+def _deep_task(name: str, model: Any, Xtr, ytr, Xte, yte, iters: int, desc: str, arch: str) -> Task:
 
     gn = lbfgs_fit(model, Xtr, ytr, iters)
     model.eval()
@@ -440,17 +477,32 @@ def _deep_task(name: str, model: Any, Xtr, ytr, Xte, yte, iters: int, desc: str,
         "data": desc,
         "loss": "cross-entropy",
     }
-    return Task(name=name, kind=kind, description=d, model=model, loss_fn=cross_entropy_loss,
-                X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte, l2=L2, damping=DEEP_DAMPING,
-                info=info)
+    return Task(
+        name=name,
+        kind=kind,
+        description=d,
+        model=model,
+        loss_fn=cross_entropy_loss,
+        X_train=Xtr,
+        y_train=ytr,
+        X_test=Xte,
+        y_test=yte,
+        l2=L2,
+        damping=DEEP_DAMPING,
+        info=info,
+    )
 
 
 def _digits_torch(seed: int, sz: dict, m_default: int):
 
     Xtr, ytr, Xte, yte, desc = _digits("unit", "multiclass", seed, sz, m_default)
-    return (torch.from_numpy(np.ascontiguousarray(Xtr)), torch.from_numpy(ytr.astype(np.int64)),
-            torch.from_numpy(np.ascontiguousarray(Xte)), torch.from_numpy(yte.astype(np.int64)),
-            desc)
+    return (
+        torch.from_numpy(np.ascontiguousarray(Xtr)),
+        torch.from_numpy(ytr.astype(np.int64)),
+        torch.from_numpy(np.ascontiguousarray(Xte)),
+        torch.from_numpy(yte.astype(np.int64)),
+        desc,
+    )
 
 
 def _digits_mlp(quick: bool, seed: int, sz: dict) -> Task:
@@ -458,8 +510,9 @@ def _digits_mlp(quick: bool, seed: int, sz: dict) -> Task:
     Xtr, ytr, Xte, yte, desc = _digits_torch(seed, sz, 20 if quick else 50)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    return _deep_task("digits-mlp", model, Xtr, ytr, Xte, yte, 300, desc,
-                      "Linear(64, 32), Tanh, Linear(32, 10)")
+    return _deep_task(
+        "digits-mlp", model, Xtr, ytr, Xte, yte, 300, desc, "Linear(64, 32), Tanh, Linear(32, 10)"
+    )
 
 
 def _digits_cnn(quick: bool, seed: int, sz: dict) -> Task:
@@ -468,6 +521,14 @@ def _digits_cnn(quick: bool, seed: int, sz: dict) -> Task:
     torch.manual_seed(seed)
     model = SmallCNN().double()
     Xtr, Xte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
-    return _deep_task("digits-cnn", model, Xtr, ytr, Xte, yte, 200 if quick else 1000, desc,
-                      "Conv2d(1,4,3,p=1) tanh maxpool2, Conv2d(4,8,3,p=1) tanh, "
-                      "Linear(128,64) tanh, Linear(64,10)")
+    return _deep_task(
+        "digits-cnn",
+        model,
+        Xtr,
+        ytr,
+        Xte,
+        yte,
+        200 if quick else 1000,
+        desc,
+        "Conv2d(1,4,3,p=1) tanh maxpool2, Conv2d(4,8,3,p=1) tanh, Linear(128,64) tanh, Linear(64,10)",
+    )

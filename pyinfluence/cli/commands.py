@@ -56,8 +56,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from ._userdata import format_bytes
-from .errors import PyInfluenceError
+from pyinfluence.cli.userdata import format_bytes
+from pyinfluence.errors import PyInfluenceError
 
 __all__ = ["main", "build_parser", "feature_scale_warning"]
 
@@ -265,8 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--l2",
             type=_nonnegative_float,
             default=1e-3,
-            help="L2 coefficient of the training objective mean loss + l2/2 |theta|^2 "
-            "(default 1e-3)",
+            help="L2 coefficient of the training objective mean loss + l2/2 |theta|^2 (default 1e-3)",
         )
         sp.add_argument(
             "--damping",
@@ -346,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from pyinfluence import __version__
 
     return str(__version__)
 
@@ -421,51 +420,93 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
             "bench.md and bench_accuracy_vs_time.png and prints the table. See bench/README.md."
         ),
     )
-    bench.add_argument("--quick", action="store_true",
-                       help="small grid, 1 repeat, 20 test points, no CNN: about a minute or two "
-                            "on 2 cores")
-    bench.add_argument("--tasks", metavar="LIST",
-                       help="comma-separated tasks (default: all; quick: all but digits-cnn): "
-                            "digits-logreg, digits-svm, digits-mlp, digits-cnn, synthetic-linear")
-    bench.add_argument("--solvers", metavar="LIST",
-                       help="only these solver families, e.g. linear-exact,exact,cg,block_cg,lissa")
-    bench.add_argument("--n", type=_positive_int, help="synthetic-linear: training points "
-                       "(default 20000; quick 5000)")
-    bench.add_argument("--d", type=_positive_int, help="synthetic-linear: features "
-                       "(default 200; quick 100)")
-    bench.add_argument("--m", type=_positive_int, help="test points per task (default: 50, "
-                       "CNN 10; quick 20, CNN 5)")
-    bench.add_argument("--repeats", type=_positive_int,
-                       help="timed runs per setting, median reported (default 3; quick 1)")
-    bench.add_argument("--budget", type=_positive_float, metavar="SECONDS",
-                       help="stop repeating a setting after this many seconds (default 30; "
-                            "quick 10)")
-    bench.add_argument("--seed", type=_nonnegative_int, default=0,
-                       help="data split / generator and initial weights (default 0)")
-    bench.add_argument("--out", default="pyinfluence-bench", metavar="DIR",
-                       help="output folder (default: ./pyinfluence-bench)")
-    bench.add_argument("--peers", nargs="?", const="captum,pydvl", default=None, metavar="LIST",
-                       help="also run other influence libraries when installed (default list: "
-                            "captum,pydvl); skipped cleanly when absent")
-    bench.add_argument("--peer-python", metavar="PATH",
-                       help="python interpreter of a separate environment holding the peers")
-    bench.add_argument("--peer-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
-                       help="time limit per peer run (default 600)")
-    bench.add_argument("--scaling", action="store_true",
-                       help="also run the scaling sweep of the exact linear path (time against "
-                            "n and d)")
-    bench.add_argument("--no-loo", action="store_true",
-                       help="skip the leave-one-out retraining check on linear tasks")
-    bench.add_argument("--loo-deep", action="store_true",
-                       help="also retrain the deep tasks for the leave-one-out check (slow)")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grid, 1 repeat, 20 test points, no CNN: about a minute or two on 2 cores",
+    )
+    bench.add_argument(
+        "--tasks",
+        metavar="LIST",
+        help="comma-separated tasks (default: all; quick: all but digits-cnn): "
+        "digits-logreg, digits-svm, digits-mlp, digits-cnn, synthetic-linear",
+    )
+    bench.add_argument(
+        "--solvers",
+        metavar="LIST",
+        help="only these solver families, e.g. linear-exact,exact,cg,block_cg,lissa",
+    )
+    bench.add_argument(
+        "--n", type=_positive_int, help="synthetic-linear: training points (default 20000; quick 5000)"
+    )
+    bench.add_argument("--d", type=_positive_int, help="synthetic-linear: features (default 200; quick 100)")
+    bench.add_argument(
+        "--m", type=_positive_int, help="test points per task (default: 50, CNN 10; quick 20, CNN 5)"
+    )
+    bench.add_argument(
+        "--repeats", type=_positive_int, help="timed runs per setting, median reported (default 3; quick 1)"
+    )
+    bench.add_argument(
+        "--budget",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="stop repeating a setting after this many seconds (default 30; quick 10)",
+    )
+    bench.add_argument(
+        "--seed",
+        type=_nonnegative_int,
+        default=0,
+        help="data split / generator and initial weights (default 0)",
+    )
+    bench.add_argument(
+        "--out",
+        default="pyinfluence-bench",
+        metavar="DIR",
+        help="output folder (default: ./pyinfluence-bench)",
+    )
+    bench.add_argument(
+        "--peers",
+        nargs="?",
+        const="captum,pydvl",
+        default=None,
+        metavar="LIST",
+        help="also run other influence libraries when installed (default list: "
+        "captum,pydvl); skipped cleanly when absent",
+    )
+    bench.add_argument(
+        "--peer-python", metavar="PATH", help="python interpreter of a separate environment holding the peers"
+    )
+    bench.add_argument(
+        "--peer-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="time limit per peer run (default 600)",
+    )
+    bench.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also run the scaling sweep of the exact linear path (time against n and d)",
+    )
+    bench.add_argument(
+        "--no-loo", action="store_true", help="skip the leave-one-out retraining check on linear tasks"
+    )
+    bench.add_argument(
+        "--loo-deep",
+        action="store_true",
+        help="also retrain the deep tasks for the leave-one-out check (slow)",
+    )
     bench.add_argument("--no-plot", action="store_true", help="do not draw the figure")
-    bench.add_argument("--threads", type=_nonnegative_int, default=1,
-                       help="threads for torch, pyinfluence's core and (with threadpoolctl) the "
-                            "BLAS/OpenMP pools during the run (default 1: on a shared 2-core "
-                            "machine, 2-thread pools waiting on each other made the quick run 3x "
-                            "slower; 0 = leave the libraries' defaults)")
-    bench.add_argument("--json", action="store_true",
-                       help="print the JSON document instead of the table")
+    bench.add_argument(
+        "--threads",
+        type=_nonnegative_int,
+        default=1,
+        help="threads for torch, pyinfluence's core and (with threadpoolctl) the "
+        "BLAS/OpenMP pools during the run (default 1: on a shared 2-core "
+        "machine, 2-thread pools waiting on each other made the quick run 3x "
+        "slower; 0 = leave the libraries' defaults)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     bench.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     bench.set_defaults(func=_cmd_bench)
 
@@ -473,7 +514,7 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
-    from .bench import run_bench
+    from pyinfluence.bench import run_bench
 
     t0 = time.perf_counter()
     limits: Any = None
@@ -481,7 +522,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
 
-        from . import get_num_threads, set_num_threads
+        from pyinfluence import get_num_threads, set_num_threads
 
         before = (torch.get_num_threads(), get_num_threads())
         restore = lambda: (torch.set_num_threads(before[0]), set_num_threads(before[1]))  # noqa: E731
@@ -541,7 +582,7 @@ def _run_bench_from_args(args: argparse.Namespace, run_bench: Any, log: Any) -> 
 # demo
 # ================================================================================================
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from pyinfluence.cli.demo import run_demo
 
     run_demo(
         args.out,
@@ -583,10 +624,7 @@ def feature_scale_warning(X: np.ndarray, names: Sequence[str], source: str) -> O
     hi, lo = used[np.argmax(mags[used])], used[np.argmin(mags[used])]
     big, small = float(mags[hi]), float(mags[lo])
     if big > _SCALE_RATIO * small:
-        why = (
-            f"|values| reach {big:.3g} in column {names[hi]!r} but only {small:.3g} in column "
-            f"{names[lo]!r}"
-        )
+        why = f"|values| reach {big:.3g} in column {names[hi]!r} but only {small:.3g} in column {names[lo]!r}"
     elif big > _SCALE_HIGH:
         why = f"|values| reach {big:.3g} in column {names[hi]!r}"
     elif big < _SCALE_LOW:
@@ -712,8 +750,8 @@ def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
     """Read the data, fit the model family, build the LinearInfluence."""
     import warnings
 
-    from . import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
-    from ._userdata import check_classes, load_user_data
+    from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
+    from pyinfluence.cli.userdata import check_classes, load_user_data
 
     ud = load_user_data(
         args.data,
@@ -750,9 +788,9 @@ def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
         if warning:
             scale_warnings.append(warning)
             _tell(args, "warning", warning)
-    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[
-        args.model
-    ](l2=args.l2)
+    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[args.model](
+        l2=args.l2
+    )
     with _numerics_guard(args, ud, n_params):
         model.fit(X, ud.y_train)
         with warnings.catch_warnings():
@@ -831,8 +869,7 @@ def _check_output_file(path: pathlib.Path, in_new_folder: bool = False) -> None:
     a writable folder (``in_new_folder``: one that the command creates, checked already)."""
     if path.is_symlink():
         raise CLIError(
-            f"{path}: is a symbolic link; refusing to write through it (remove it or choose "
-            f"another path)"
+            f"{path}: is a symbolic link; refusing to write through it (remove it or choose another path)"
         )
     if path.is_dir():
         raise CLIError(f"{path}: is a folder, not a file")
@@ -850,7 +887,7 @@ def _check_output_file(path: pathlib.Path, in_new_folder: bool = False) -> None:
 
 
 def _report_files(name: str) -> List[str]:
-    from .report import Report
+    from pyinfluence.cli.report import Report
 
     figure = {"explain": "explain_top.png", "mislabels": "self_influence.png"}[name]
     return [Report.HTML_NAME, Report.JSON_NAME, figure]
@@ -918,7 +955,7 @@ def _write_outputs(
     payload: Dict[str, Any],
 ) -> List[pathlib.Path]:
     """Write the checked ``targets`` (from :func:`_output_targets`); return their paths."""
-    from .report import jsonable
+    from pyinfluence.cli.report import jsonable
 
     written = []
     for kind, path in targets:
@@ -951,9 +988,7 @@ def _settings(args: argparse.Namespace, fitted: Dict[str, Any]) -> Dict[str, Any
     }
 
 
-def _common_payload(
-    command: str, args: argparse.Namespace, fitted: Dict[str, Any]
-) -> Dict[str, Any]:
+def _common_payload(command: str, args: argparse.Namespace, fitted: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON fields that explain and mislabels share."""
     return {
         "command": command,
@@ -1142,10 +1177,7 @@ def _cmd_mislabels(args: argparse.Namespace) -> int:
         k = min(args.k, len(rows))
         print(f"{fitted['model']!r} on {ud.source}")
         print(_fit_line(fitted["fit_quality"]))
-        print(
-            f"{len(rows)} training rows ranked by |self-influence| (most suspicious first); "
-            f"top {k}:"
-        )
+        print(f"{len(rows)} training rows ranked by |self-influence| (most suspicious first); top {k}:")
         cols = ["rank", "train row", "label", "prediction", "training loss", "self-influence"]
         print(
             _table(
@@ -1192,7 +1224,7 @@ def _report_with_settings(
     args: argparse.Namespace, fitted: Dict[str, Any], payload: Dict[str, Any], command: str
 ) -> Any:
     """A new HTML report for ``command`` on the user's data, opening with the table of settings."""
-    from .report import Report
+    from pyinfluence.cli.report import Report
 
     rep = Report(
         args.report,

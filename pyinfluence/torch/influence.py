@@ -21,7 +21,7 @@ raises the test loss), negative = helpful.
 Per-example gradients are ``torch.func.vmap(grad(...))`` over ``functional_call``; Hessian-vector
 products (for a block of vectors at once) are double backward passes over the training set in
 batches (or over one minibatch, for LiSSA) — reverse-over-reverse measured faster than
-forward-over-reverse on CPU; see ``_torch_ops.FunctionalModel.hvp_rows``; the dense Hessian (for
+forward-over-reverse on CPU; see ``FunctionalModel.hvp_rows`` (pyinfluence.torch.functional); the dense Hessian (for
 :class:`~pyinfluence.solvers.Exact`) is built from blocks of HVPs with identity columns and kept
 for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`.
 """
@@ -37,19 +37,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from ._torch_ops import (
-    FunctionalModel,
-    HessianOperator,
-    ParamSelection,
-    TensorData,
-    _per_example,
-    as_tensor_pair,
-    check_class_labels,
-    check_model_mode,
-    resolve_device,
-    select_params,
-)
-from ._validation import (
+from pyinfluence._validation import (
     as_index_array,
     check_bool,
     check_damping,
@@ -57,9 +45,18 @@ from ._validation import (
     check_nonnegative_float,
     overflow_message,
 )
-from .errors import NonFiniteError, NotAtOptimumWarning
-from .linear import TopK
-from .solvers import BlockCG, Exact, PreparedSolver, Solver, SolveResult, resolve_solver
+from pyinfluence.errors import NonFiniteError, NotAtOptimumWarning
+from pyinfluence.linear.influence import TopK
+from pyinfluence.torch.data import TensorData, as_tensor_pair, check_class_labels, resolve_device
+from pyinfluence.torch.functional import (
+    FunctionalModel,
+    ParamSelection,
+    _per_example,
+    check_model_mode,
+    select_params,
+)
+from pyinfluence.torch.hessian import HessianOperator
+from pyinfluence.torch.solvers import BlockCG, Exact, PreparedSolver, Solver, SolveResult, resolve_solver
 
 __all__ = ["TorchInfluence"]
 
@@ -192,8 +189,7 @@ class TorchInfluence:
                 import tqdm  # noqa: F401
             except ImportError:
                 raise ImportError(
-                    "progress=True needs the tqdm package (pip install tqdm); or pass "
-                    "progress=False"
+                    "progress=True needs the tqdm package (pip install tqdm); or pass progress=False"
                 ) from None
         if optimum_tol is not None:
             optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
@@ -218,9 +214,7 @@ class TorchInfluence:
             self._batch = int(min(self._n, max(16, _BLOCK_BYTES // ((p + act) * item))))
         else:
             self._batch = check_int("batch_size", batch_size, 1)
-        self._op = HessianOperator(
-            fm, data, self._l2, self._batch, self._bar if self._progress else None
-        )
+        self._op = HessianOperator(fm, data, self._l2, self._batch, self._bar if self._progress else None)
         self._prep: PreparedSolver | None = None
         self._cache: list[tuple[TensorData, Tensor]] = []
         # guards _prep, _cache, last_solve and n_solves, and serialises solves (see Threads above)
@@ -285,9 +279,7 @@ class TorchInfluence:
                 f"batch the model accepts, examples first.{hint}"
             ) from exc
         # Integer targets of a model with C ≥ 2 outputs per example are class labels 0..C−1.
-        self._n_outputs = (
-            int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim == 2 else None
-        )
+        self._n_outputs = int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim == 2 else None
         check_class_labels("train_data's targets", d.targets, self._n_outputs)
         try:
             with torch.no_grad():
@@ -304,8 +296,7 @@ class TorchInfluence:
             raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
         if not bool(torch.isfinite(losses).all()):
             raise ValueError(
-                "loss_fn returned NaN or infinity on the first training examples at the model's "
-                "parameters"
+                "loss_fn returned NaN or infinity on the first training examples at the model's parameters"
             )
         try:
             fm.per_example_grads(X, Y)
@@ -460,7 +451,9 @@ class TorchInfluence:
                 sizes[name] = float(x.abs().max())
         return NonFiniteError(
             overflow_message(
-                f"{what} overflowed to inf or NaN", str(self._dtype).replace("torch.", ""), sizes,
+                f"{what} overflowed to inf or NaN",
+                str(self._dtype).replace("torch.", ""),
+                sizes,
                 float(torch.finfo(self._dtype).max),
             )
         )
@@ -511,7 +504,7 @@ class TorchInfluence:
         if self.n_params > max_params:
             raise ValueError(
                 f"the Hessian has p = {self.n_params} parameters, more than max_params="
-                f"{max_params} ({self.n_params ** 2 * (torch.finfo(self._dtype).bits // 8) / 1e9:.3g}"
+                f"{max_params} ({self.n_params**2 * (torch.finfo(self._dtype).bits // 8) / 1e9:.3g}"
                 f" GB); select fewer parameters (params=...) or raise max_params"
             )
         with self._solve_lock:  # shares the dense build with Exact's preparation
@@ -622,15 +615,11 @@ class TorchInfluence:
         group = check_bool("group", group)
         if group:
             if train_idx is None:
-                raise ValueError(
-                    "train_idx is required with group=True (the points removed together)"
-                )
+                raise ValueError("train_idx is required with group=True (the points removed together)")
             idx = self._idx(train_idx, unique=True, allow_empty=False)
             assert idx is not None
             if idx.numel() >= self._n:
-                raise ValueError(
-                    f"train_idx removes all {self._n} training points; at least one must remain"
-                )
+                raise ValueError(f"train_idx removes all {self._n} training points; at least one must remain")
         else:
             idx = self._idx(train_idx)
         up = self.up_loss(X_test, y_test, idx)

@@ -28,8 +28,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _core, _cuda
-from ._validation import (
+from pyinfluence import _core
+from pyinfluence._validation import (
     INT32_MAX,
     as_float_matrix,
     as_index_array,
@@ -39,8 +39,9 @@ from ._validation import (
     overflow_message,
     resolve_dtype,
 )
-from .errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
-from .models import _CORE_NPD, OPTIMUM_GRAD_TOL, _LinearModel
+from pyinfluence.errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
+from pyinfluence.linear import cuda as _cuda
+from pyinfluence.linear.models import _CORE_NPD, OPTIMUM_GRAD_TOL, _LinearModel
 
 __all__ = ["LinearInfluence", "TopK"]
 
@@ -164,9 +165,7 @@ class LinearInfluence:
         if not getattr(self._engine, "factorized", True):
             pivot = getattr(self._engine, "failed_pivot", None)
             where = f" at pivot {int(pivot)}" if pivot is not None and int(pivot) >= 0 else ""
-            raise NotPositiveDefiniteError(
-                self._npd_message(f"Cholesky factorisation failed{where}")
-            )
+            raise NotPositiveDefiniteError(self._npd_message(f"Cholesky factorisation failed{where}"))
         self.grad_norm_ = float(self._engine.grad_norm)  # ‖∇R(θ̂)‖, from the engine's cached residuals
         limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
         if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
@@ -208,8 +207,9 @@ class LinearInfluence:
         }
         return overflow_message(what, self._dtype.name, sizes, float(np.finfo(self._dtype).max))
 
-    def _query(self, method: str, *args: Any, test: Optional[np.ndarray] = None,
-               train: Optional[np.ndarray] = None) -> Any:
+    def _query(
+        self, method: str, *args: Any, test: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None
+    ) -> Any:
         """``self._engine.<method>(*args)``, naming the overflowing input if its result is not finite (the
         engine checks every result it returns; ``test`` / ``train`` are the feature arrays involved)."""
         try:
@@ -396,14 +396,10 @@ class LinearInfluence:
         group = check_bool("group", group)
         if group:
             if train_idx is None:
-                raise ValueError(
-                    "train_idx is required with group=True (the points removed together)"
-                )
+                raise ValueError("train_idx is required with group=True (the points removed together)")
             idx = as_index_array("train_idx", train_idx, self._n, unique=True, allow_empty=False)
             if idx.size >= self._n:
-                raise ValueError(
-                    f"train_idx removes all {self._n} training points; at least one must remain"
-                )
+                raise ValueError(f"train_idx removes all {self._n} training points; at least one must remain")
         else:
             idx = self._idx(train_idx)
         if method == "influence":
@@ -461,9 +457,7 @@ class LinearInfluence:
         group = check_bool("group", group)
         Xt, yt = self._test(X_test, y_test)
         if train_idx is None:
-            raise ValueError(
-                "train_idx is required for retrain_loo (each entry costs a full refit)"
-            )
+            raise ValueError("train_idx is required for retrain_loo (each entry costs a full refit)")
         idx = as_index_array("train_idx", train_idx, self._n, unique=group, allow_empty=not group)
         tol = self._model._tol() if tol is None else float(tol)
         max_iter = check_int("max_iter", max_iter, 1, INT32_MAX)
@@ -480,9 +474,7 @@ class LinearInfluence:
         out = np.empty((len(groups), Xt.shape[0]), dtype=f64)
         for r, g in enumerate(groups):
             if g.size >= self._n:
-                raise ValueError(
-                    f"train_idx removes all {self._n} training points; at least one must remain"
-                )
+                raise ValueError(f"train_idx removes all {self._n} training points; at least one must remain")
             removed = g.tolist()[:10]
             try:
                 theta, n_iter, gnorm, converged = self._refit_without(g, spec, X, y, theta0, tol, max_iter)
@@ -501,9 +493,7 @@ class LinearInfluence:
             with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clear error
                 out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
         if not np.isfinite(out).all():
-            raise NonFiniteError(
-                self._overflow_message("retrain_loo's test-loss changes overflowed", Xt, X)
-            )
+            raise NonFiniteError(self._overflow_message("retrain_loo's test-loss changes overflowed", Xt, X))
         return out[0] if group else out
 
     def _refit_without(self, g, spec, X, y, theta0, tol, max_iter):

@@ -313,9 +313,7 @@ def read_csv(
             if not any(c.strip() for c in row):
                 continue  # a blank line
             if len(row) != len(header):
-                raise DataError(
-                    f"{p}, line {line}: {len(row)} fields but the header has {len(header)}"
-                )
+                raise DataError(f"{p}, line {line}: {len(row)} fields but the header has {len(header)}")
             values.extend(_row_features(p, line, row, feat_idx, header))
             if li is not None:
                 labels.append(row[li])
@@ -340,12 +338,10 @@ def read_csv(
     if li is not None:
         where = f"{p}, label column {header[li]!r}"
         y = _convert_labels(labels, label_lines, where, numeric_labels)
-    return CsvTable(
-        X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes
-    )
+    return CsvTable(X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes)
 
 
-def _npy_declared_bytes(fh: "zipfile.ZipExtFile") -> Optional[int]:
+def _npy_declared_bytes(fh: zipfile.ZipExtFile) -> Optional[int]:
     """The data size an .npy header declares (shape × item size), or None if it cannot be read
     (np.load then reports the problem)."""
     try:
@@ -378,9 +374,7 @@ def _check_npz_sizes(p: pathlib.Path, max_bytes: int) -> None:
                     with zf.open(m) as fh:
                         declared += _npy_declared_bytes(fh) or 0
             if declared > max_bytes:
-                raise _too_large(
-                    p, f"its array headers declare {format_bytes(declared)}", max_bytes
-                )
+                raise _too_large(p, f"its array headers declare {format_bytes(declared)}", max_bytes)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise DataError(f"{p}: not a valid .npz file ({exc})") from None
 
@@ -509,9 +503,7 @@ def parse_indices(text: str, n: int, what: str) -> np.ndarray:
         try:
             index = int(part)
         except ValueError:
-            raise DataError(
-                f"{what}: {part!r} is not an index or a range like 10-12 (in {text!r})"
-            ) from None
+            raise DataError(f"{what}: {part!r} is not an index or a range like 10-12 (in {text!r})") from None
         j = check(index)
         if not seen[j]:
             seen[j] = 1
@@ -606,9 +598,7 @@ def load_user_data(
         tpath = pathlib.Path(test)
         _check_input_path(tpath)
         if _is_npz(tpath):
-            Xt, yt, _, _ = read_npz(
-                tpath, numeric_labels=numeric_labels, test_file=True, max_bytes=max_bytes
-            )
+            Xt, yt, _, _ = read_npz(tpath, numeric_labels=numeric_labels, test_file=True, max_bytes=max_bytes)
         else:
             if _is_npz(dpath):
                 raise DataError(f"{tpath}: a CSV test file needs a CSV data file (got {dpath})")
@@ -638,8 +628,7 @@ def load_user_data(
         ud.test_source = str(tpath)
     if ud.X_test is not None and ud.X_test.shape[1] != ud.X_train.shape[1]:
         raise DataError(
-            f"the test data has {ud.X_test.shape[1]} features but the training data has "
-            f"{ud.X_train.shape[1]}"
+            f"the test data has {ud.X_test.shape[1]} features but the training data has {ud.X_train.shape[1]}"
         )
     if test_indices is not None:
         if ud.X_test is not None:
@@ -678,10 +667,7 @@ def labels_look_continuous(y: np.ndarray) -> Optional[str]:
         if fractional.size:
             return f"non-integer values such as {fractional[0].item():.6g}"
     distinct = np.unique(y).size
-    if (
-        distinct > CONTINUOUS_MIN_DISTINCT
-        and distinct * CONTINUOUS_MAX_ROWS_PER_VALUE > y.size
-    ):
+    if distinct > CONTINUOUS_MIN_DISTINCT and distinct * CONTINUOUS_MAX_ROWS_PER_VALUE > y.size:
         return f"{distinct} distinct values for {y.size} rows"
     return None
 
@@ -699,8 +685,7 @@ def check_classes(y: np.ndarray, model_name: str, where: str) -> None:
     if classes.size < 2:
         only = classes[0].item() if hasattr(classes[0], "item") else classes[0]
         raise DataError(
-            f"{where}: the training labels contain a single class ({only!r}); "
-            f"{model_name} needs at least 2"
+            f"{where}: the training labels contain a single class ({only!r}); {model_name} needs at least 2"
         )
     if model_name == "svm" and classes.size != 2:
         raise DataError(

@@ -24,8 +24,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _core
-from .errors import NonFiniteError, NotPositiveDefiniteError
+from pyinfluence import _core
+from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
 
 __all__ = ["CudaLinearEngine", "resolve_device", "to_host"]
 
@@ -119,8 +119,17 @@ class CudaLinearEngine:
             self._R, self._C = self._per_example(self._X, self._y)
             self._grad_norm = self._gradient_norm()
             self._H = torch.empty((self._p, self._p), dtype=self._tdtype, device=device)
-            _core.cuda_hessian(spec, self._dtype_name, device.index, self._stream(), self._X.data_ptr(),
-                               self._C.data_ptr(), self._n, self._d, self._H.data_ptr())
+            _core.cuda_hessian(
+                spec,
+                self._dtype_name,
+                device.index,
+                self._stream(),
+                self._X.data_ptr(),
+                self._C.data_ptr(),
+                self._n,
+                self._d,
+                self._H.data_ptr(),
+            )
             self._factorize()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -140,8 +149,20 @@ class CudaLinearEngine:
         k = X.shape[0]
         R = self._torch.empty((k, self._K), dtype=self._tdtype, device=self._device)
         C = self._torch.empty_like(R)
-        _core.cuda_per_example(self._spec, self._dtype_name, self._device.index, self._stream(), X.data_ptr(),
-                               y.data_ptr(), self._W.data_ptr(), k, self._d, 0, R.data_ptr(), C.data_ptr())
+        _core.cuda_per_example(
+            self._spec,
+            self._dtype_name,
+            self._device.index,
+            self._stream(),
+            X.data_ptr(),
+            y.data_ptr(),
+            self._W.data_ptr(),
+            k,
+            self._d,
+            0,
+            R.data_ptr(),
+            C.data_ptr(),
+        )
         return R, C
 
     def _points(self, X: np.ndarray, y: np.ndarray):
@@ -159,7 +180,9 @@ class CudaLinearEngine:
 
     def _penalty(self):
         """Diagonal of l2·P as a (K, d_eff) tensor (the unpenalised intercept column is 0)."""
-        pen = self._torch.full((self._K, self._de), float(self._spec.l2), dtype=self._tdtype, device=self._device)
+        pen = self._torch.full(
+            (self._K, self._de), float(self._spec.l2), dtype=self._tdtype, device=self._device
+        )
         if self._spec.fit_intercept and not self._spec.penalize_intercept:
             pen[:, self._d] = 0.0
         return pen
@@ -178,7 +201,12 @@ class CudaLinearEngine:
         A = self._H.clone()
         A.diagonal().add_(self._damping)
         spec = self._spec
-        if self._damping == 0.0 and spec.family == "multinomial" and spec.fit_intercept and not spec.penalize_intercept:
+        if (
+            self._damping == 0.0
+            and spec.family == "multinomial"
+            and spec.fit_intercept
+            and not spec.penalize_intercept
+        ):
             idx = torch.arange(self._K, device=self._device) * self._de + self._d
             A[idx[:, None], idx[None, :]] += 1.0  # (γ/2)(Σ_k b_k)², γ = 1: see families.hpp
         self._failed_pivot = -1
@@ -240,7 +268,9 @@ class CudaLinearEngine:
             if self._spec.fit_intercept:
                 norms = torch.sqrt(norms * norms + 1.0)
             self._train_bound = float((self._R.double().abs().sum(dim=1) * norms).max()) if self._n else 0.0
-        s_max = float(torch.linalg.vector_norm(S.double().reshape(S.shape[0], self._K, self._de), dim=2).max())
+        s_max = float(
+            torch.linalg.vector_norm(S.double().reshape(S.shape[0], self._K, self._de), dim=2).max()
+        )
         return self._train_bound * s_max
 
     def _cpu(self):
@@ -294,7 +324,9 @@ class CudaLinearEngine:
 
     def gradients(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         with self._on_device():
-            return self._numpy(self._finite(self._gradients(*self._points(X, y)), "the per-example gradients"))
+            return self._numpy(
+                self._finite(self._gradients(*self._points(X, y)), "the per-example gradients")
+            )
 
     def solve(self, B: np.ndarray) -> np.ndarray:
         self._require_factor()
@@ -307,15 +339,27 @@ class CudaLinearEngine:
             G = self._finite(self._gradients(*self._points(X, y)), "the per-example gradients")
             return self._numpy(self._finite(-self._torch.cholesky_solve(G.T, self._L).T, "up_params"))
 
-    def up_loss(self, Xt: np.ndarray, yt: np.ndarray, X: Optional[np.ndarray] = None,
-                y: Optional[np.ndarray] = None) -> np.ndarray:
+    def up_loss(
+        self, Xt: np.ndarray, yt: np.ndarray, X: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None
+    ) -> np.ndarray:
         with self._on_device():
             S = self._s_test(Xt, yt)
             Xd, R = (self._X, self._R) if X is None else self._points(X, y)
             m, k = S.shape[0], Xd.shape[0]
             out = self._torch.empty((k, m), dtype=self._tdtype, device=self._device)
-            _core.cuda_up_loss(self._spec, self._dtype_name, self._device.index, self._stream(), Xd.data_ptr(),
-                               R.data_ptr(), k, self._d, S.data_ptr(), m, out.data_ptr())
+            _core.cuda_up_loss(
+                self._spec,
+                self._dtype_name,
+                self._device.index,
+                self._stream(),
+                Xd.data_ptr(),
+                R.data_ptr(),
+                k,
+                self._d,
+                S.data_ptr(),
+                m,
+                out.data_ptr(),
+            )
             return self._numpy(self._finite(out, "the influence scores up_loss"))
 
     def top_k(self, Xt: np.ndarray, yt: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
@@ -334,9 +378,23 @@ class CudaLinearEngine:
             ri = torch.empty_like(hi)
             hv = torch.empty((m, k), dtype=self._tdtype, device=self._device)
             rv = torch.empty_like(hv)
-            _core.cuda_top_k(self._spec, self._dtype_name, self._device.index, self._stream(), self._X.data_ptr(),
-                             self._R.data_ptr(), self._n, self._d, S.data_ptr(), m, int(k), hi.data_ptr(),
-                             hv.data_ptr(), ri.data_ptr(), rv.data_ptr())
+            _core.cuda_top_k(
+                self._spec,
+                self._dtype_name,
+                self._device.index,
+                self._stream(),
+                self._X.data_ptr(),
+                self._R.data_ptr(),
+                self._n,
+                self._d,
+                S.data_ptr(),
+                m,
+                int(k),
+                hi.data_ptr(),
+                hv.data_ptr(),
+                ri.data_ptr(),
+                rv.data_ptr(),
+            )
             return self._numpy(hi), self._numpy(hv), self._numpy(ri), self._numpy(rv)
 
     def self_influence(self, X: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None) -> np.ndarray:

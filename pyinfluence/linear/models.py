@@ -24,8 +24,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _core
-from ._validation import (
+from pyinfluence import _core
+from pyinfluence._validation import (
     INT32_MAX,
     as_float_matrix,
     as_float_vector,
@@ -35,7 +35,7 @@ from ._validation import (
     check_nonnegative_float,
     check_positive_float,
 )
-from .errors import ConvergenceError, NotAtOptimumWarning, NotFittedError, NotPositiveDefiniteError
+from pyinfluence.errors import ConvergenceError, NotAtOptimumWarning, NotFittedError, NotPositiveDefiniteError
 
 __all__ = ["LogisticRegression", "SmoothHingeSVM", "RidgeRegression", "from_sklearn"]
 
@@ -94,14 +94,12 @@ class _LinearModel:
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {k: getattr(self, k) for k in names}
 
-    def set_params(self, **params: Any) -> "_LinearModel":
+    def set_params(self, **params: Any) -> _LinearModel:
         """Set hyperparameters (scikit-learn convention); returns ``self``."""
         valid = self.get_params()
         for k, v in params.items():
             if k not in valid:
-                raise ValueError(
-                    f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}"
-                )
+                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; valid: {sorted(valid)}")
             setattr(self, k, v)
         self._check_params()
         return self
@@ -145,9 +143,7 @@ class _LinearModel:
             return self.theta_[:, -1].copy()
         return np.zeros(self.theta_.shape[0])
 
-    def _spec(
-        self, dtype: DTypeLike = np.float64, n_outputs: Optional[int] = None
-    ) -> "_core.ModelSpec":
+    def _spec(self, dtype: DTypeLike = np.float64, n_outputs: Optional[int] = None) -> _core.ModelSpec:
         """The ``_core.ModelSpec`` of this model (``dtype`` is accepted for symmetry; specs are
         dtype-independent)."""
         if n_outputs is None:
@@ -184,7 +180,7 @@ class _LinearModel:
     def _tol(self) -> float:
         return _DEFAULT_TOL if self.tol is None else float(self.tol)
 
-    def fit(self, X: ArrayLike, y: ArrayLike) -> "_LinearModel":
+    def fit(self, X: ArrayLike, y: ArrayLike) -> _LinearModel:
         """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (l2/2)‖Pθ‖² with Newton's method from θ = 0.
 
         ``X``: (n, d) numpy array or CPU torch tensor; ``y``: (n,) labels/targets.
@@ -262,8 +258,7 @@ class _LinearModel:
                     "has no minimiser (the weights grow without bound)"
                 )
             tips.append(
-                "collinear, duplicated or constant features make the unregularised "
-                "objective singular"
+                "collinear, duplicated or constant features make the unregularised objective singular"
             )
             tips.append("use l2 > 0")
         tips.append("standardise the features or raise max_iter/tol")
@@ -305,19 +300,13 @@ class _BinaryLabelsMixin:
         try:
             classes, inv = np.unique(a, return_inverse=True)
         except TypeError as exc:
-            raise TypeError(
-                f"y contains labels that cannot be compared with each other: {exc}"
-            ) from exc
+            raise TypeError(f"y contains labels that cannot be compared with each other: {exc}") from exc
         if classes.shape[0] < 2:
-            raise ValueError(
-                f"y contains a single class ({classes[0]!r}); a classifier needs at least 2"
-            )
+            raise ValueError(f"y contains a single class ({classes[0]!r}); a classifier needs at least 2")
         self.classes_ = classes
         return classes, inv.reshape(-1)
 
-    def _class_index(
-        self: Any, name: str, y: Any, n: Optional[int], allow_scalar: bool
-    ) -> np.ndarray:
+    def _class_index(self: Any, name: str, y: Any, n: Optional[int], allow_scalar: bool) -> np.ndarray:
         self._check_fitted()
         a = as_label_array(name, y, n=n, allow_scalar=allow_scalar)
         classes = self.classes_
@@ -456,9 +445,7 @@ class SmoothHingeSVM(_BinaryLabelsMixin, _LinearModel):
         classes, inv = self._fit_classes(y, n)
         if classes.shape[0] != 2:
             del self.classes_
-            raise ValueError(
-                f"SmoothHingeSVM is a binary classifier but y has {classes.shape[0]} classes"
-            )
+            raise ValueError(f"SmoothHingeSVM is a binary classifier but y has {classes.shape[0]} classes")
         return 2.0 * inv - 1.0, 1
 
     def _encode(
@@ -548,8 +535,7 @@ class RidgeRegression(_LinearModel):
 def _sk_fitted(est: Any) -> None:
     if not hasattr(est, "coef_"):
         raise NotFittedError(
-            f"the {type(est).__name__} given to from_sklearn is not fitted; "
-            f"call its fit(X, y) first"
+            f"the {type(est).__name__} given to from_sklearn is not fitted; call its fit(X, y) first"
         )
 
 
@@ -586,9 +572,7 @@ def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]
     if multi_class in (None, "deprecated"):
         multi_class = "auto"
     coef = np.asarray(est.coef_, dtype=np.float64)
-    if n_classes > 2 and (
-        multi_class == "ovr" or (multi_class == "auto" and solver == "liblinear")
-    ):
+    if n_classes > 2 and (multi_class == "ovr" or (multi_class == "auto" and solver == "liblinear")):
         raise ValueError(
             f"from_sklearn: {name} with {n_classes} classes was fitted one-vs-rest "
             f"(multi_class={multi_class!r}, solver={solver!r}), which is {n_classes} separate "
@@ -613,9 +597,7 @@ def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]
                 f"supported; use intercept_scaling=1 or another solver"
             )
         penalize_intercept = True
-    model = LogisticRegression(
-        l2=l2, fit_intercept=fit_intercept, penalize_intercept=penalize_intercept
-    )
+    model = LogisticRegression(l2=l2, fit_intercept=fit_intercept, penalize_intercept=penalize_intercept)
     model.classes_ = classes
     intercept = np.asarray(est.intercept_, dtype=np.float64).reshape(-1)
     if n_classes > 2 and fit_intercept and not penalize_intercept:
@@ -652,11 +634,7 @@ def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, n
         l2 = 0.0
     fit_intercept = bool(est.fit_intercept)
     model = RidgeRegression(l2=l2, fit_intercept=fit_intercept)
-    intercept = (
-        float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0])
-        if fit_intercept
-        else None
-    )
+    intercept = float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0]) if fit_intercept else None
     theta = np.append(coef, intercept)[None, :] if fit_intercept else coef[None, :].copy()
     return model, np.ascontiguousarray(theta)
 
@@ -712,8 +690,7 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
         model, theta = _from_sk_regression(estimator, n, "ridge" if cls == "Ridge" else "ols")
     if theta.shape[1] != d + (1 if model.fit_intercept else 0):
         raise ValueError(
-            f"X has {d} features but the {cls} was trained on "
-            f"{theta.shape[1] - model.fit_intercept}"
+            f"X has {d} features but the {cls} was trained on {theta.shape[1] - model.fit_intercept}"
         )
     model.n_features_in_ = d
     model.theta_ = theta
@@ -739,9 +716,7 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
         )
     if refine and grad_norm > model._tol():
         try:
-            theta, n_iter, grad_norm = model._newton(
-                Xa, y_enc, theta, theta.shape[0], what="refine"
-            )
+            theta, n_iter, grad_norm = model._newton(Xa, y_enc, theta, theta.shape[0], what="refine")
         except ConvergenceError as exc:
             raise ConvergenceError(f"from_sklearn(refine=True): {exc}") from exc
         model.theta_ = theta

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 import pyinfluence
 from pyinfluence import applications as app
 from pyinfluence.applications.presets import DIGITS_PRESETS
+from pyinfluence.cli.report import Report
 from pyinfluence.errors import NotPositiveDefiniteError
-from pyinfluence.report import Report
-from pyinfluence.torch_influence import TorchInfluence
+from pyinfluence.torch.influence import TorchInfluence
 
 __all__ = [
     "DEMO_SETTINGS",
@@ -622,9 +622,7 @@ def run_demo(
         with timer.step("mislabel", "fixing mislabeled examples") as info:
             _section_mislabel(rep, S, seed, progress, results, summary)
             at = summary["mislabel"]["found_at_10_percent"]
-            info["line"] = "flips found at 10% checked: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in at.items()
-            )
+            info["line"] = "flips found at 10% checked: " + ", ".join(f"{k} {v:.3f}" for k, v in at.items())
         with timer.step("attack", "training-set attacks") as info:
             _section_attack(rep, S, seed, progress, results, summary)
             s = summary["attack"]
@@ -735,8 +733,7 @@ def _section_behaviour(
         test_index=tj,
     )
     stats = {
-        name: {key: _mean([s[key] for s in cmp.stats[name]]) for key in _STAT_KEYS}
-        for name in cmp.names
+        name: {key: _mean([s[key] for s in cmp.stats[name]]) for key in _STAT_KEYS} for name in cmp.names
     }
     rbf_acc = float(np.mean(rbf_pred == ds.y_test))
     summary["behaviour"] = stats
@@ -991,10 +988,7 @@ def _section_mislabel(
     is_fl = np.zeros(y_fl.shape[0], dtype=bool)
     is_fl[flipped] = True
     names = np.array(
-        [
-            f"{y_fl[i]} (true {ds.y_train[i]})" if is_fl[i] else f"{y_fl[i]}"
-            for i in range(len(y_fl))
-        ],
+        [f"{y_fl[i]} (true {ds.y_train[i]})" if is_fl[i] else f"{y_fl[i]}" for i in range(len(y_fl))],
         dtype=object,
     )
     at = mis.at(0.1)
@@ -1214,9 +1208,7 @@ def _section_domain(
             "k": int(p["k"]),
         }
         results["domain"] = {"data": dm.to_dict(), **base}
-        sec.text(
-            "No child in the test set was classified wrongly with this seed; nothing to debug."
-        )
+        sec.text("No child in the test set was classified wrongly with this seed; nothing to debug.")
         return
     dbg = app.debug_prediction(
         inf,
@@ -1247,8 +1239,7 @@ def _section_domain(
             ["responsible feature", dbg.responsible_feature],
             ["its share of the top points' influence", float(np.max(dbg.feature_share))],
         ],
-        caption=f"A healthy child (test #{int(wrong[0])}, label {dbg.label}) predicted "
-        f"{dbg.prediction}",
+        caption=f"A healthy child (test #{int(wrong[0])}, label {dbg.label}) predicted {dbg.prediction}",
     )
     sec.figure(
         dbg.plot(),

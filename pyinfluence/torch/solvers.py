@@ -63,16 +63,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _core
-from ._validation import (
+from pyinfluence import _core
+from pyinfluence._validation import (
     check_bool,
     check_damping,
     check_int,
     check_nonnegative_float,
     check_positive_float,
 )
-from .errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
-from .models import _CORE_NPD
+from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
+from pyinfluence.linear.models import _CORE_NPD
 
 __all__ = [
     "CG",
@@ -109,7 +109,7 @@ class HessianOperatorLike(Protocol):
 
     ``R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²``; H includes the L2 term and never the damping
     (solvers add λI themselves). Implemented for torch models by
-    ``pyinfluence._torch_ops.HessianOperator``; any object with these members works.
+    ``pyinfluence.torch.hessian.HessianOperator``; any object with these members works.
 
     - ``n_params`` p, ``dtype`` (float32/float64), ``device``, ``n_train`` n.
     - ``matvec(V)``: V (p, r) → H V (p, r) over the full training set.
@@ -301,14 +301,20 @@ class PreparedSolver(abc.ABC):
         )
 
     @abc.abstractmethod
-    def _solve(
-        self, V: Tensor
-    ) -> tuple[Tensor, int | None, Tensor | None, Tensor | None, dict[str, Any]]:
+    def _solve(self, V: Tensor) -> tuple[Tensor, int | None, Tensor | None, Tensor | None, dict[str, Any]]:
         """V (p, r ≥ 1) in the operator's dtype → (X, iterations, residual, spread, info)."""
 
     def _not_converged(
-        self, what: str, X: Tensor, n_iter: int, res: Tensor, spread: Tensor | None,
-        converged: Tensor, info: dict[str, Any], budget: str, advice: str,
+        self,
+        what: str,
+        X: Tensor,
+        n_iter: int,
+        res: Tensor,
+        spread: Tensor | None,
+        converged: Tensor,
+        info: dict[str, Any],
+        budget: str,
+        advice: str,
     ) -> None:
         """The ending every iterative solver shares when some columns' final relative residual
         missed the configuration's ``tol``: raise ConvergenceError, carrying the unconverged
@@ -328,7 +334,12 @@ class PreparedSolver(abc.ABC):
         if self.solver.raise_on_nonconvergence:  # type: ignore[attr-defined]
             err = ConvergenceError(msg)
             err.result = SolveResult(  # type: ignore[attr-defined]
-                X, self.solver.name, n_iter, res, spread, time.perf_counter() - self._started,
+                X,
+                self.solver.name,
+                n_iter,
+                res,
+                spread,
+                time.perf_counter() - self._started,
                 {"damping": self.damping, **info},
             )
             raise err
@@ -368,9 +379,7 @@ def _check_operator(op: Any, needs: tuple[str, ...]) -> None:
 def _check_rhs(V: Any, p: int, device: torch.device) -> tuple[Tensor, bool]:
     """V → (a (p, r) tensor, whether V was 1-D). Raises naming ``V``."""
     if not isinstance(V, Tensor):
-        raise TypeError(
-            f"V must be a torch.Tensor of shape (p, r) = ({p}, r), got {type(V).__name__}"
-        )
+        raise TypeError(f"V must be a torch.Tensor of shape (p, r) = ({p}, r), got {type(V).__name__}")
     if V.is_complex() or not V.is_floating_point():
         raise TypeError(f"V must be a real floating-point tensor, got dtype {V.dtype}")
     if V.ndim not in (1, 2) or V.shape[0] != p:
@@ -380,8 +389,7 @@ def _check_rhs(V: Any, p: int, device: torch.device) -> tuple[Tensor, bool]:
         )
     if _normalise_device(V.device) != device:
         raise ValueError(
-            f"V is on device '{V.device}' but the Hessian operator is on '{device}'; "
-            f"pass V.to('{device}')"
+            f"V is on device '{V.device}' but the Hessian operator is on '{device}'; pass V.to('{device}')"
         )
     V = V.detach()
     one_d = V.ndim == 1
@@ -416,9 +424,7 @@ def _sample_matvec(
     out = op.sample_matvec(X, batch_size, gen)
     if not isinstance(out, Tensor) or out.shape != X.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise RuntimeError(
-            f"op.sample_matvec returned {shape} for an input of shape {tuple(X.shape)}"
-        )
+        raise RuntimeError(f"op.sample_matvec returned {shape} for an input of shape {tuple(X.shape)}")
     out = out.detach()
     if damping:
         out = out.add(X, alpha=damping)
@@ -434,9 +440,7 @@ def _relative(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), num)
 
 
-def _true_residual(
-    op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float
-) -> tuple[Tensor, int]:
+def _true_residual(op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float) -> tuple[Tensor, int]:
     """(‖(H + λI)x − v‖ / ‖v‖ per column, columns multiplied): one batched full HVP.
 
     Zero columns of V, whose solution is exactly zero, are not multiplied (residual 0).
@@ -955,7 +959,13 @@ class _PreparedCG(PreparedSolver):
         }
         if n_active:
             self._not_converged(
-                "CG", X, n_iter, res, None, converged, info,
+                "CG",
+                X,
+                n_iter,
+                res,
+                None,
+                converged,
+                info,
                 f"in max_iter={self._max_iter} iterations",
                 f"Increase max_iter, loosen tol, or add damping, which improves the conditioning "
                 f"of H + λI (damping={lam:g} now; the largest eigenvalue of H + λI is at least "
@@ -969,7 +979,9 @@ class _PreparedCG(PreparedSolver):
             "CG",
             f"a search direction p at iteration {n_it} has curvature pᵀ(H + λI)p / pᵀp = "
             f"{_fmt(float(curv.min()))}{note}; the smallest curvature",
-            c, self.damping, float(rq_max),
+            c,
+            self.damping,
+            float(rq_max),
         )
 
 
@@ -1085,7 +1097,13 @@ class _PreparedBlockCG(_PreparedCG):
         }
         if not bool(converged.all()):
             self._not_converged(
-                "block CG", X, n_it, res, None, converged, info,
+                "block CG",
+                X,
+                n_it,
+                res,
+                None,
+                converged,
+                info,
                 f"in max_iter={self._max_iter} iterations",
                 f"Increase max_iter, loosen tol, or add damping, which improves the conditioning "
                 f"of H + λI (damping={lam:g} now; the largest eigenvalue of H + λI is at least "
@@ -1100,7 +1118,9 @@ class _PreparedBlockCG(_PreparedCG):
             f"the search block P at iteration {n_it} has a direction p with curvature "
             f"pᵀ(H + λI)p / pᵀp = {_fmt(float(curv.min()))} (the smallest Ritz value on span P)"
             f"{note}; the smallest curvature",
-            c, self.damping, float(rq_max),
+            c,
+            self.damping,
+            float(rq_max),
         )
 
 
@@ -1303,9 +1323,7 @@ class LiSSA(Solver):
             "full_batch": batch is None,
             "repeats": 1 if batch is None else self.repeats,
             # deterministic full-batch iterates are not averaged (it would only add bias)
-            "averaged_steps": (
-                1 if batch is None else max(1, math.ceil(self.average_tail * self.depth))
-            ),
+            "averaged_steps": (1 if batch is None else max(1, math.ceil(self.average_tail * self.depth))),
             "tol": self.tol,
         }
         gen = _generator(dev, None if self.seed is None else self.seed + 1)
@@ -1323,13 +1341,15 @@ class LiSSA(Solver):
             if batch is not None and self.probe_batches:
                 lam_batch = self._probe_minibatches(op, damping, batch, spec.top, gen)
             scale = self.safety * max(spec.lam_max, lam_batch)
-            info.update(
-                scale=scale, scale_source="auto", minibatch_lambda_max_estimate=lam_batch
-            )
+            info.update(scale=scale, scale_source="auto", minibatch_lambda_max_estimate=lam_batch)
         return _PreparedLiSSA(self, op, damping, info, time.perf_counter() - start, scale, batch)
 
     def _probe_minibatches(
-        self, op: HessianOperatorLike, damping: float, batch: int, top: Tensor,
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        batch: int,
+        top: Tensor,
         gen: torch.Generator,
     ) -> float:
         """max over ``probe_batches`` minibatches B of λ̂_max(H_B + λI): ``_PROBE_ITERS`` power
@@ -1366,8 +1386,12 @@ class _Spectrum:
 
 
 def _lanczos(
-    op: HessianOperatorLike, damping: float, steps: int, gen: torch.Generator,
-    who: str = "LiSSA", raise_npd: bool = True,
+    op: HessianOperatorLike,
+    damping: float,
+    steps: int,
+    gen: torch.Generator,
+    who: str = "LiSSA",
+    raise_npd: bool = True,
 ) -> _Spectrum:
     """Extreme Ritz values of A = H + λI from ``steps`` Lanczos steps (one full HVP of one
     column each) from a random unit vector drawn with ``gen``.
@@ -1433,7 +1457,9 @@ def _lanczos(
             who,
             f"a Lanczos process of {k} steps on H + λI found a direction u with curvature "
             f"uᵀ(H + λI)u / uᵀu (its smallest Ritz value)",
-            lam_min, damping, lam_max,
+            lam_min,
+            damping,
+            lam_max,
         )
     top = Q[:, :k] @ Y[:, -1:].to(dtype=dtype, device=dev)
     top /= torch.linalg.vector_norm(top)
@@ -1487,7 +1513,9 @@ class _PreparedLiSSA(PreparedSolver):
             raise _npd_error(
                 "LiSSA",
                 "a returned solution x has curvature xᵀ(H + λI)x / xᵀx",
-                float(curv.min()), lam, self.info["lambda_max_estimate"],
+                float(curv.min()),
+                lam,
+                self.info["lambda_max_estimate"],
             )
         spread = None
         if repeats >= 2:
@@ -1503,14 +1531,18 @@ class _PreparedLiSSA(PreparedSolver):
             "matvec_calls": calls,
             "matvec_columns": columns,
         }
-        for key in (
-            "lambda_max_estimate", "lambda_min_estimate", "minibatch_lambda_max_estimate"
-        ):
+        for key in ("lambda_max_estimate", "lambda_min_estimate", "minibatch_lambda_max_estimate"):
             if key in self.info:
                 info[key] = self.info[key]
         if not bool(converged.all()):
             self._not_converged(
-                "LiSSA", mean, depth, res, spread, converged, info,
+                "LiSSA",
+                mean,
+                depth,
+                res,
+                spread,
+                converged,
+                info,
                 f"with depth={depth}, repeats={repeats}, batch_size={self.info['batch_size']}",
                 self._advice(spread),
             )
@@ -1571,7 +1603,9 @@ class _PreparedLiSSA(PreparedSolver):
                     "LiSSA",
                     f"the recursion diverged at step {j} of {self.solver.depth} (repeat {k + 1}), "
                     f"and a diverging iterate h has curvature hᵀ(H + λI)h / hᵀh",
-                    float(rq.min()), lam, self.info["lambda_max_estimate"],
+                    float(rq.min()),
+                    lam,
+                    self.info["lambda_max_estimate"],
                 )
         finite = bool(torch.isfinite(hn[bad]).all())
         ratio = _relative(hn, vnorm)[bad].max()

@@ -1,0 +1,20 @@
+"""The exact linear path: estimators fitted to their exact optimum and :class:`LinearInfluence` over the
+C++/Eigen core (``pyinfluence._core``), with optional CUDA kernels.
+
+- :mod:`pyinfluence.linear.models`: ``LogisticRegression``, ``SmoothHingeSVM``, ``RidgeRegression`` (Newton
+  fits in the core) and ``from_sklearn``.
+- :mod:`pyinfluence.linear.influence`: :class:`LinearInfluence`, the influence engine's Python face.
+- :mod:`pyinfluence.linear.cuda`: the CUDA engine behind ``LinearInfluence(..., device="cuda")``.
+"""
+
+from pyinfluence.linear.influence import LinearInfluence, TopK
+from pyinfluence.linear.models import LogisticRegression, RidgeRegression, SmoothHingeSVM, from_sklearn
+
+__all__ = [
+    "LinearInfluence",
+    "LogisticRegression",
+    "RidgeRegression",
+    "SmoothHingeSVM",
+    "TopK",
+    "from_sklearn",
+]
