@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from pyinfluence._json import jsonable
+
 __all__ = ["Result", "fit_stats", "to_numpy"]
 
 
@@ -29,37 +31,6 @@ def to_numpy(a: Any, dtype: Any = None) -> np.ndarray:
         a = a.detach().cpu().numpy()
     out = np.asarray(a)
     return out if dtype is None else out.astype(dtype, copy=False)
-
-
-def _jsonable(v: Any) -> Any:
-    """Plain-Python, JSON-ready version of ``v``: arrays → nested lists, numpy scalars → int/float,
-    non-finite floats → None, dicts with their keys as strings, dataclasses → dicts."""
-    if isinstance(v, Result):
-        return v.to_dict()
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "detach") and hasattr(v, "cpu"):
-        v = to_numpy(v)
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind in "fc":
-            return _jsonable(v.tolist())
-        return v.tolist()
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    return str(v)
 
 
 class Result:
@@ -78,7 +49,7 @@ class Result:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             if f.name in self._skip_in_dict or f.name.startswith("_"):
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = jsonable(getattr(self, f.name))
         return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from pyinfluence._json import jsonable
 from pyinfluence.applications._common import (
     Result,
     as_labels,
@@ -147,12 +148,10 @@ class ModelComparison(Result):
         distance and same-label matrices (for scatter plots elsewhere)."""
         d = super().to_dict()
         if include_arrays:
-            from pyinfluence.applications._common import _jsonable
-
-            d["influence"] = _jsonable(self.influence)
-            d["distance"] = _jsonable(self.distance)
-            d["same_label"] = _jsonable(self.same_label)
-            d["y_train"] = _jsonable(self.y_train)
+            d["influence"] = jsonable(self.influence)
+            d["distance"] = jsonable(self.distance)
+            d["same_label"] = jsonable(self.same_label)
+            d["y_train"] = jsonable(self.y_train)
         return d
 
     def plot(self, test_point: int = 0, fig: Any = None, *, k: Optional[int] = None) -> Any:

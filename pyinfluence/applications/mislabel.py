@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from pyinfluence._json import jsonable
 from pyinfluence.applications._common import (
     Result,
     as_labels,
@@ -218,12 +219,11 @@ class MislabelExperiment(Result):
 
     def to_dict(self) -> Dict[str, Any]:
         d = super().to_dict()
-        from pyinfluence.applications._common import _jsonable
 
         for what in ("found", "accuracy"):
             ms = self.mean_std(what)
-            d[f"{what}_mean"] = _jsonable({m: v["mean"] for m, v in ms.items()})
-            d[f"{what}_std"] = _jsonable({m: v["std"] for m, v in ms.items()})
+            d[f"{what}_mean"] = jsonable({m: v["mean"] for m, v in ms.items()})
+            d[f"{what}_std"] = jsonable({m: v["std"] for m, v in ms.items()})
         return d
 
     def plot(self, ax: Any = None) -> Any:

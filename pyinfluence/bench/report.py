@@ -69,6 +69,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 
+from pyinfluence._json import jsonable
 from pyinfluence.bench.metrics import pareto_front
 
 __all__ = ["SCHEMA", "BenchReport", "machine_info"]
@@ -81,27 +82,6 @@ FILES = {
     "scaling_plot": "bench_scaling.png",
 }
 _ERR_FLOOR = 1e-16
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe copy: NaN/inf → None, numpy scalars and arrays → Python, tuples → lists, anything
-    else (torch dtypes, devices, ...) → its string without the ``torch.`` prefix."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _clean(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if v is None or isinstance(v, str):
-        return v
-    return str(v).replace("torch.", "")
 
 
 def machine_info() -> dict[str, Any]:
@@ -162,7 +142,7 @@ def machine_info() -> dict[str, Any]:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         info["load_average"] = None
-    return _clean(info)
+    return jsonable(info)
 
 
 def _fmt_t(s: Optional[float]) -> str:
@@ -275,7 +255,7 @@ class BenchReport:
         scal = self.scaling
         if scal is not None and hasattr(scal, "to_dict"):
             scal = scal.to_dict()
-        return _clean(
+        return jsonable(
             {
                 "schema": SCHEMA,
                 "created": self.created,
@@ -577,7 +557,7 @@ class BenchReport:
             if hasattr(self.scaling, "to_markdown"):
                 L += [self.scaling.to_markdown(), ""]
             else:
-                L += ["```json", json.dumps(_clean(self.scaling), indent=1)[:4000], "```", ""]
+                L += ["```json", json.dumps(jsonable(self.scaling), indent=1)[:4000], "```", ""]
         if self.notes:
             L += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
         L += ["## Machine", ""]

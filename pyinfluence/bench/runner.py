@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from pyinfluence._json import jsonable
 from pyinfluence.bench import metrics as M
-from pyinfluence.bench.report import _clean as _jsonable  # one JSON-safe conversion for the package
 
 __all__ = [
     "EXACT_MAX_PARAMS",
@@ -129,10 +129,10 @@ class Setting:
         if dataclasses.is_dataclass(self.solver):
             out = {}
             for f in dataclasses.fields(self.solver):
-                out[f.name] = _jsonable(getattr(self.solver, f.name))
+                out[f.name] = jsonable(getattr(self.solver, f.name))
             return out
         try:
-            return {k: _jsonable(v) for k, v in vars(self.solver).items() if not k.startswith("_")}
+            return {k: jsonable(v) for k, v in vars(self.solver).items() if not k.startswith("_")}
         except TypeError:
             return {}
 
@@ -1183,7 +1183,7 @@ def _peer_rows(
             "task": task.name,
             "library": pr.library,
             "method": pr.method,
-            "settings": _jsonable(dict(getattr(pr, "settings", {}) or {})),
+            "settings": jsonable(dict(getattr(pr, "settings", {}) or {})),
             "status": "ok" if err is None and up_ok is not None else "error",
             "error": err,
             "time_s": t,
@@ -1194,7 +1194,7 @@ def _peer_rows(
             "ratio_at_accuracy": None,
             "pyinfluence_exact_time_s": None,
             "ratio_vs_exact": None,
-            "details": _jsonable(dict(getattr(pr, "details", {}) or {})),
+            "details": jsonable(dict(getattr(pr, "details", {}) or {})),
         }
         if t is not None and t > 0:
             if exact_rows:

@@ -955,7 +955,7 @@ def _write_outputs(
     payload: Dict[str, Any],
 ) -> List[pathlib.Path]:
     """Write the checked ``targets`` (from :func:`_output_targets`); return their paths."""
-    from pyinfluence.cli.report import jsonable
+    from pyinfluence._json import jsonable
 
     written = []
     for kind, path in targets:

@@ -30,7 +30,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
-__all__ = ["PNG_SIGNATURE", "Report", "Section", "format_value", "is_png", "jsonable"]
+from pyinfluence._json import jsonable
+
+__all__ = ["PNG_SIGNATURE", "Report", "Section", "format_value", "is_png"]
 
 #: The 8 bytes every PNG file starts with.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,30 +58,6 @@ nav ol { columns: 2; font-size: 0.95em; }
 .note { background: #fff8e5; border-left: 4px solid #f0c36d; padding: 0.5em 0.8em; }
 footer { color: #777; font-size: 0.85em; margin-top: 3em; }
 """
-
-
-def jsonable(v: Any) -> Any:
-    """Plain-Python, JSON-ready version of ``v`` (numpy arrays/scalars, torch tensors, result
-    objects with ``to_dict()``, dataclasses, dicts, sequences); non-finite floats become None."""
-    if hasattr(v, "to_dict") and callable(v.to_dict) and not isinstance(v, type):
-        return jsonable(v.to_dict())
-    if isinstance(v, Mapping):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if hasattr(v, "detach") and hasattr(v, "cpu"):  # torch.Tensor, without importing torch
-        v = v.detach().cpu().numpy()
-    if hasattr(v, "tolist") and hasattr(v, "dtype"):  # numpy array or scalar
-        return jsonable(v.tolist())
-    if isinstance(v, bool) or v is None or isinstance(v, str):
-        return v
-    if isinstance(v, int):
-        return int(v)
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, pathlib.PurePath):
-        return str(v)
-    return str(v)
 
 
 def format_value(v: Any, digits: int = 4) -> str:
