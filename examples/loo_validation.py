@@ -15,7 +15,7 @@ Experiment 1 is pyinfluence.applications.validate_loo (which also draws the scat
      - one exact Newton step of the leave-one-out objective, ``loo_change(method="newton")``.
    Reported: Pearson R and the fitted slope of actual regressed on predicted, both through the origin
    (actual ≈ b·predicted, b = Σ a p / Σ p²) and by ordinary least squares (with an intercept).
-   The issue's hand measurements: first order R 0.93–0.98 with slope ≈ 1.9–2.0 (it under-predicts the
+   Earlier hand measurements: first order R 0.93–0.98 with slope ≈ 1.9–2.0 (it under-predicts the
    largest effects about 2×), Newton step R ≈ 0.997 with slope ≈ 1.0.
 
 2. Koh & Liang's Figure 3 (influence for a non-differentiable loss, the hinge). Binary task: digits
@@ -23,7 +23,7 @@ Experiment 1 is pyinfluence.applications.validate_loo (which also draws the scat
    (the paper: MNIST 1 vs 7, pixels in [0, 1], no bias, weight decay 0.01). Why not 1 vs 7: on the 8×8
    digits it has only 288 training points, is separable with a wide margin (24 support vectors, no test
    point on the wrong side), and removing one of so few points is not a small perturbation any more, so
-   the experiment would measure something else (see /work/notes/experiments.md for its numbers).
+   the experiment would measure something else.
    - The "hinge" model: ``SmoothHingeSVM`` with temperature t0 = 1e-5 (the hinge up to ≤ t0·log 2 per
      point; Newton needs ~220 iterations from zero, ~4–40 warm-started). tests/test_retraining.py
      checks it against an exact hinge solver (KKT active set): θ̂ within 4e-5 relative, leave-one-out
@@ -60,7 +60,7 @@ from pyinfluence.applications import (
 
 SPLIT_SEED = 0
 PAPER_FIG3 = {0.0: 0.63, 0.001: 0.95, 0.1: 0.91}
-ISSUE_HAND = "first order R 0.93–0.98, slope ≈ 1.9–2.0; Newton step R ≈ 0.997, slope ≈ 1.0"
+EARLIER_MEASUREMENTS = "first order R 0.93–0.98, slope ≈ 1.9–2.0; Newton step R ≈ 0.997, slope ≈ 1.0"
 
 
 def multinomial_experiment(n_top=50, n_random=50, l2=1e-3, seed=SPLIT_SEED):
@@ -184,7 +184,7 @@ def main():
     for name, key in (("first order (-up_loss/n)", "first_order_stats"), ("Newton step", "newton_stats")):
         s = r[key]
         print(f"   {name:<28}{s['pearson']:>10.4f}{s['slope_origin']:>16.3f}{s['slope_ols']:>13.3f}")
-    print(f"   issue's hand measurements: {ISSUE_HAND}")
+    print(f"   earlier hand measurements: {EARLIER_MEASUREMENTS}")
     print(
         f"   slope = actual regressed on predicted; max |actual| = {np.abs(r['actual']).max():.3f}; "
         f"retraining 100 points {r['time_retrain_s']:.1f} s, estimates {r['time_predict_s']:.2f} s, "

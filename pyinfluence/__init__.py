@@ -14,7 +14,8 @@ from pyinfluence import _blas
 
 with _blas.polite_thread_pools():
     _blas.preload_scipy_openblas()
-    from pyinfluence import _core
+    from pyinfluence import _core  # noqa: F401  (loaded here, under the polite thread pools)
+from pyinfluence._version import __version__ as __version__
 from pyinfluence.errors import (
     ConvergenceError,
     ConvergenceWarning,
@@ -22,20 +23,28 @@ from pyinfluence.errors import (
     NotAtOptimumWarning,
     NotFittedError,
     NotPositiveDefiniteError,
+    PyInfluenceError,
 )
+from pyinfluence.interface import Influence, TopK
 from pyinfluence.linear import (
     LinearInfluence,
     LogisticRegression,
     RidgeRegression,
     SmoothHingeSVM,
-    TopK,
     from_sklearn,
 )
+from pyinfluence.runtime import (
+    get_num_threads,
+    get_parallel_min_flops,
+    has_cuda,
+    has_openmp,
+    set_num_threads,
+    set_parallel_min_flops,
+)
 
-__version__ = _core.__version__
-
-# The torch path is imported on first use, so that `import pyinfluence` for the linear path does not pay for
-# importing torch: name -> module that defines it.
+# The torch path is imported on first use: `import pyinfluence` for the linear path neither needs torch (an
+# optional dependency: the `torch` extra) nor pays for importing it. Without torch, these names raise an
+# ImportError that names the extra. Name -> module that defines it.
 _LAZY = {
     "BlockCG": "pyinfluence.torch.solvers",
     "CG": "pyinfluence.torch.solvers",
@@ -64,50 +73,37 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by pyinfluence's C++ core: its OpenMP regions and its own OpenBLAS pool.
+def _torch_installed() -> bool:
+    import importlib.util
 
-    numpy's and torch's thread pools are not touched. On a machine whose cores are busy with other work, one
-    thread is often faster than several (spinning workers wait on each other); see bench/RESULTS.md.
-    """
-    import os
-
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    most = max(1024, 4 * (os.cpu_count() or 1))  # OpenMP would try to start every one of them
-    if n > most:
-        raise ValueError(f"n must be at most {most} (this machine has {os.cpu_count()} cores), got {n}")
-    _core.set_max_threads(n)
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
-def get_num_threads() -> int:
-    """Threads of pyinfluence's own BLAS pool (or of its OpenMP regions when the BLAS is not its own)."""
-    blas = _core.blas_threads()
-    return blas if blas > 0 else _core.max_threads()
-
-
+# `from pyinfluence import *` imports every name of __all__: the torch path's only where torch is installed.
 __all__ = [
-    "BlockCG",
-    "CG",
     "ConvergenceError",
     "ConvergenceWarning",
-    "Exact",
-    "LiSSA",
+    "Influence",
     "LinearInfluence",
     "LogisticRegression",
     "NonFiniteError",
     "NotAtOptimumWarning",
     "NotFittedError",
     "NotPositiveDefiniteError",
+    "PyInfluenceError",
     "RidgeRegression",
     "SmoothHingeSVM",
-    "SolveResult",
-    "Solver",
     "TopK",
-    "TorchInfluence",
     "from_sklearn",
     "get_num_threads",
-    "resolve_solver",
+    "get_parallel_min_flops",
+    "has_cuda",
+    "has_openmp",
     "set_num_threads",
-    "smooth_hinge_loss",
+    "set_parallel_min_flops",
 ]
+if _torch_installed():
+    __all__ += sorted(_LAZY)

@@ -16,10 +16,11 @@ hot loop (a few microseconds for a single test point).
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
@@ -29,14 +30,20 @@ __all__ = [
     "as_float_vector",
     "as_label_array",
     "as_index_array",
+    "as_labels",
+    "as_matrix",
     "check_n_features",
     "check_same_length",
     "check_damping",
+    "check_float",
+    "check_methods",
     "check_nonnegative_float",
     "check_positive_float",
     "check_int",
     "check_bool",
+    "check_rng_seed",
     "resolve_dtype",
+    "to_numpy",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -109,6 +116,15 @@ def _to_numpy(name: str, X: Any) -> np.ndarray:
         raise ValueError(f"{name} could not be converted to a numeric array: {exc}") from exc
 
 
+def to_numpy(a: Any, dtype: Any = None) -> np.ndarray:
+    """``a`` (numpy array, CPU or GPU torch tensor, list, scalar) as a numpy array, detached and on the
+    CPU (no checks; torch is not imported). With ``dtype``, converted to it (no copy if it already is)."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch.Tensor without importing torch
+        a = a.detach().cpu().numpy()
+    out = np.asarray(a)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def _float_dtype_for(name: str, A: np.ndarray, dtype: Optional[np.dtype]) -> np.dtype:
     kind = A.dtype.kind
     if kind == "c":
@@ -145,7 +161,7 @@ def _check_finite(name: str, A: np.ndarray) -> None:
 def as_float_matrix(
     name: str,
     X: Any,
-    dtype: DTypeLike = None,
+    dtype: Optional[DTypeLike] = None,
     *,
     allow_1d: bool = False,
     n_features: Optional[int] = None,
@@ -213,6 +229,42 @@ def as_float_vector(
     if a.dtype != dt or not a.flags.c_contiguous:
         a = np.ascontiguousarray(a, dtype=dt)
     _check_finite(name, a)
+    return a
+
+
+def as_matrix(name: str, X: Any, n_features: Optional[int] = None) -> NDArray[np.float64]:
+    """A 2-D float64 array (a copy only when needed) with finite values; 1-D input is one row. Unlike
+    :func:`as_float_matrix` it takes tensors on any device (copied to the CPU): for the applications,
+    whose inputs may come from either path."""
+    try:
+        A = to_numpy(X, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric array: {exc}") from None
+    if A.ndim == 1:
+        A = A[None, :]
+    if A.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {A.shape}")
+    if A.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if n_features is not None and A.shape[1] != n_features:
+        raise ValueError(f"{name} has {A.shape[1]} features but {n_features} were expected")
+    if not np.all(np.isfinite(A)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return A
+
+
+def as_labels(name: str, y: Any, n: Optional[int] = None) -> np.ndarray:
+    """Labels or targets as a 1-D numpy array of their own dtype (a scalar becomes one entry), of length
+    ``n`` if given, without NaN/inf; tensors on any device are accepted (copied to the CPU)."""
+    a = to_numpy(y)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if n is not None and a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} entries but {n} were expected")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
     return a
 
 
@@ -304,6 +356,32 @@ def check_positive_float(name: str, value: Any) -> float:
     return v
 
 
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float within the bounds: ``low``/``high`` inclusive, or exclusive with
+    ``low_open``/``high_open`` (bools are rejected; anything ``float()`` takes is accepted)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {v:g}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high:g}, got {v:g}")
+    return v
+
+
 def check_damping(damping: Any) -> float:
     """The damping λ added to the Hessian diagonal: a finite float ≥ 0."""
     return check_nonnegative_float("damping", damping)
@@ -336,11 +414,36 @@ def check_int(
     return v
 
 
+def check_rng_seed(name: str, seed: Any) -> int:
+    """A seed for ``np.random.default_rng``: an int >= 0."""
+    return check_int(name, seed, 0)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``value`` as a bool; only real booleans are accepted."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def check_methods(name: str, methods: Any, allowed: Sequence[str]) -> Tuple[str, ...]:
+    """A non-empty tuple of distinct names from ``allowed`` (one string is one name)."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    try:
+        out = tuple(methods)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of strings from {list(allowed)}, got {methods!r}"
+        ) from None
+    if not out:
+        raise ValueError(f"{name} must name at least one of {list(allowed)}")
+    for m in out:
+        if m not in allowed:
+            raise ValueError(f"{name} contains {m!r}; allowed: {list(allowed)}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} contains duplicates: {list(out)}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Written from scratch with torch (float64, ``torch.func``) and numpy; nothing her
 Every function takes numpy-compatible inputs (any float dtype; computed in float64) and returns
 float64 numpy arrays (or Python floats).
 
-Conventions (the API contract, /work/notes/API.md):
+Conventions (the API contract, as in pyinfluence's docstrings):
     θ is a (K, d_eff) matrix W, d_eff = d + 1 with fit_intercept (intercept = LAST column), flattened
     row-major to p = K·d_eff. Functions accept θ either as (K, d_eff) or flat (p,).
     R(θ) = Σ_i ω_i L(z_i, θ) / Σ_i ω_i + (l2/2)‖Pθ‖²   (ω = 1 by default, i.e. the mean over n);

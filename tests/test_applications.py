@@ -1,4 +1,4 @@
-"""pyinfluence.applications: the paper's applications (issue 4), each checked against an independent
+"""pyinfluence.applications: the paper's applications, each checked against an independent
 computation — scipy/numpy refits and formulas written here, not the library's own code paths.
 
 - validate_loo: actual leave-one-out changes against refits on the reduced data written here (numpy
@@ -465,6 +465,92 @@ def test_attack_generic_hooks_match_the_linear_path(unit_small):
         app.training_set_attack(Wrapped(inf), ds.X_test[t], ds.y_test[t], epsilon=0.1)
 
 
+def test_attack_settings_object_and_keywords_agree(unit_small):
+    ds, _model, inf = unit_small
+    t = int(app.pick_targets(inf, ds.X_test, ds.y_test, 1)[0])
+    x, y = ds.X_test[t], ds.y_test[t]
+    st = app.AttackSettings(epsilon=0.2, n_poison=2, n_steps=3, clip=(0, 1), refit_each_step=False)
+    assert st.step == pytest.approx(2.5 * 0.2 / 3) and st.step_size is None
+    a = app.training_set_attack(inf, x, y, st)
+    b = app.training_set_attack(
+        inf, x, y, epsilon=0.2, n_poison=2, n_steps=3, clip=(0, 1), refit_each_step=False
+    )
+    np.testing.assert_array_equal(a.train_idx, b.train_idx)
+    np.testing.assert_array_equal(a.x_perturbed, b.x_perturbed)
+    assert a.loss_after == b.loss_after and a.step_size == b.step_size == st.step
+    # keyword options override the settings object's fields
+    c = app.training_set_attack(inf, x, y, st, n_steps=6, retrain=False)
+    assert c.n_steps == 6 and np.isnan(c.loss_after) and c.step_size == pytest.approx(2.5 * 0.2 / 6)
+    s = app.attack_many(inf, ds.X_test[[t]], ds.y_test[[t]], st, n_poison=1)
+    assert s.settings["n_poison"] == 1 and s.settings["epsilon"] == 0.2 and s.epsilon == 0.2
+    _json(s)
+    with pytest.raises(TypeError, match="epsilon is required"):
+        app.training_set_attack(inf, x, y, n_steps=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'n_step'"):
+        app.training_set_attack(inf, x, y, epsilon=0.1, n_step=2)
+    with pytest.raises(TypeError, match="settings must be an AttackSettings"):
+        app.training_set_attack(inf, x, y, {"epsilon": 0.1})
+    for kw, msg in (
+        ({"epsilon": -1.0}, "epsilon must be >"),
+        ({"epsilon": 0.1, "step_size": 0.0}, "step_size must be >"),
+        ({"epsilon": 0.1, "n_poison": 0}, "n_poison must be >= 1"),
+        ({"epsilon": 0.1, "clip": 0.5}, "clip must be a pair"),
+        ({"epsilon": 0.1, "select": "pixels"}, "select must be"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            app.AttackSettings(**kw)
+
+
+def test_attack_on_torch_influence_with_a_refit_callable(unit_small):
+    """The torch path through the interface: training inputs, loss and predictions from TorchInfluence;
+    only the refit (no training loop on that path) comes from the caller. Same attack as the linear path."""
+    torch = pytest.importorskip("torch")
+    from pyinfluence.torch.influence import TorchInfluence
+
+    ds, _, _ = unit_small
+    l2 = 1e-2
+
+    def fit_both(X):
+        lin = pyinfluence.LogisticRegression(l2=l2, penalize_intercept=True, tol=1e-12).fit(X, ds.y_train)
+        net = torch.nn.Linear(64, 10).double()
+        with torch.no_grad():
+            net.weight.copy_(torch.as_tensor(lin.theta_[:, :64]))
+            net.bias.copy_(torch.as_tensor(lin.theta_[:, 64]))
+        data = (torch.as_tensor(X), torch.as_tensor(ds.y_train))
+        loss = torch.nn.CrossEntropyLoss(reduction="none")
+        return pyinfluence.LinearInfluence(lin, X, ds.y_train), TorchInfluence(
+            net, loss, data, l2=l2, solver="exact"
+        )
+
+    inf, tinf = fit_both(ds.X_train)
+    t = int(app.pick_targets(inf, ds.X_test, ds.y_test, 1)[0])
+    st = app.AttackSettings(epsilon=0.25, n_poison=2, n_steps=4, clip=(0, 1), refit_each_step=False)
+    with pytest.raises(ValueError, match="cannot refit its model.*pass refit="):
+        app.training_set_attack(tinf, ds.X_test[t], ds.y_test[t], st)
+    refits = []
+
+    def refit(X_new, previous):
+        refits.append(previous)
+        return fit_both(np.asarray(X_new))[1]
+
+    a = app.training_set_attack(
+        tinf, ds.X_test[t], ds.y_test[t], st, refit=refit, X_eval=ds.X_test, y_eval=ds.y_test
+    )
+    b = app.training_set_attack(inf, ds.X_test[t], ds.y_test[t], st, X_eval=ds.X_test, y_eval=ds.y_test)
+    assert len(refits) == 1 and refits[0] is tinf
+    np.testing.assert_array_equal(a.train_idx, b.train_idx)
+    np.testing.assert_allclose(a.x_perturbed, b.x_perturbed, atol=1e-12)
+    assert a.loss_before == pytest.approx(b.loss_before, rel=1e-10)
+    assert a.loss_after == pytest.approx(b.loss_after, rel=1e-6)
+    assert a.predicted_loss_change == pytest.approx(b.predicted_loss_change, rel=1e-6)
+    assert (a.prediction_before, a.prediction_after, a.flipped) == (
+        b.prediction_before,
+        b.prediction_after,
+        b.flipped,
+    )
+    np.testing.assert_array_equal(a.eval_flipped, b.eval_flipped)
+
+
 def test_attack_many_pick_targets_and_bad_input(unit_small):
     ds, model, inf = unit_small
     tg = app.pick_targets(inf, ds.X_test, ds.y_test, 3)
@@ -739,6 +825,7 @@ def test_applications_accept_torch_influence(unit_small):
     w = app.validate_loo(inf, ds.X_test[:1], ds.y_test[:1], n_top=4, n_random=2, methods=("influence",))
     np.testing.assert_array_equal(v.train_idx[0], w.train_idx[0])
     np.testing.assert_allclose(v.predicted["influence"][0], w.predicted["influence"][0], rtol=1e-6)
+    np.testing.assert_allclose(v.test_losses, w.test_losses, rtol=1e-10)  # through Influence.loss
     _json(v)
     with pytest.raises(ValueError, match="pass retrain="):
         app.validate_loo(tinf, Xq[:1], yq[:1], n_top=2, n_random=0, methods=("influence",))

@@ -1,4 +1,4 @@
-"""pyinfluence.bench (issue 5): the quick benchmark through the API and the CLI, its JSON schema,
+"""pyinfluence.bench: the quick benchmark through the API and the CLI, its JSON schema,
 the agreement of the exact paths with each other and with a closed-form numpy computation, the
 metrics against scipy and brute force, the Pareto front, compare_solvers on a small torch model,
 error rows, extensibility of the solver grid, and argument errors.
@@ -37,13 +37,14 @@ from pyinfluence.bench import (
 from pyinfluence.bench.metrics import max_rel_err, rankdata
 from pyinfluence.torch.influence import TorchInfluence
 from pyinfluence.torch.solvers import CG, Exact, LiSSA
+from pyinfluence.torch.training import lbfgs_fit
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One thread per pool (torch, pyinfluence's core, BLAS/OpenMP) while these tests run, restored
     afterwards: the machine's 2 cores are shared, and a 2-thread kernel whose partner is
-    descheduled waits for it (several-fold slower; DESIGN.md §5)."""
+    descheduled waits for it (several-fold slower)."""
     from threadpoolctl import threadpool_limits
 
     import pyinfluence
@@ -166,6 +167,7 @@ def quick():
     return rep
 
 
+@pytest.mark.slow
 def test_quick_json_schema(quick, tmp_path):
     doc = _strict_json(quick.to_json())
     check_schema(doc)
@@ -180,6 +182,7 @@ def test_quick_json_schema(quick, tmp_path):
     assert back.rows == saved["rows"] and back.tasks == saved["tasks"]
 
 
+@pytest.mark.slow
 def test_quick_has_every_family(quick):
     fams = [r["family"] for r in quick.rows]
     assert fams.count("linear-exact") == 1 and fams.count("exact") == 1
@@ -195,6 +198,7 @@ def test_quick_has_every_family(quick):
     assert all(r["flops"] > 0 for r in ex)
 
 
+@pytest.mark.slow
 def test_exact_paths_agree(quick):
     ref = quick.row("digits-logreg", "linear-exact (C++)")
     tor = quick.row("digits-logreg", "Exact (torch)")
@@ -244,6 +248,7 @@ def _numpy_multinomial_up_loss(task) -> np.ndarray:
     return -grads(Xtr, ytr) @ S
 
 
+@pytest.mark.slow
 def test_reference_matches_numpy_closed_form(quick):
     task = make_task("digits-logreg", quick=True, m=M_TEST)
     expected = _numpy_multinomial_up_loss(task)
@@ -253,6 +258,7 @@ def test_reference_matches_numpy_closed_form(quick):
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] >= 0.999999
 
 
+@pytest.mark.slow
 def test_quick_loo_metric(quick):
     task_entry = quick.tasks[0]
     loo = task_entry["loo"]
@@ -270,6 +276,7 @@ def test_quick_loo_metric(quick):
     assert quick.row("digits-logreg", "linear-exact (C++)")["loo_pearson"] == pytest.approx(r)
 
 
+@pytest.mark.slow
 def test_quick_table_and_pareto(quick):
     text = quick.table()
     assert "digits-logreg" in text and "Exact (torch)" in text and "linear-exact" in text
@@ -291,6 +298,7 @@ def test_quick_table_and_pareto(quick):
 # ================================================================================================
 # the CLI, in a fresh interpreter outside the source tree
 # ================================================================================================
+@pytest.mark.slow
 def test_cli_bench_quick(tmp_path):
     out = tmp_path / "bench-out"
     proc = subprocess.run(
@@ -420,19 +428,9 @@ def tiny():
     yt = torch.randint(0, 3, (6,), generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    ps = list(model.parameters())
-    opt = torch.optim.LBFGS(
-        ps, max_iter=500, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe"
-    )
     ce = nn.CrossEntropyLoss(reduction="none")
-
-    def closure():
-        opt.zero_grad()
-        R = ce(model(X), y).mean() + 0.5 * L2 * sum((p**2).sum() for p in ps)
-        R.backward()
-        return R
-
-    opt.step(closure)
+    # one L-BFGS call of up to 500 iterations (torch's default history of 100) on mean loss + (l2/2)‖θ‖²
+    lbfgs_fit(model, X, y, 500, l2=L2, tol=1e-12, history_size=100, loss=ce)
     model.eval()
 
     def factory(solver):
@@ -475,6 +473,7 @@ def _autograd_up_loss(model, ce, X, y, Xt, yt):
     return -grads(X, y) @ np.linalg.solve(H, grads(Xt, yt).T)
 
 
+@pytest.mark.slow
 def test_compare_solvers_tiny_model(tiny):
     model, ce, X, y, Xt, yt, factory = tiny
     diverging = LiSSA(depth=50, scale=1e-4, batch_size=None)
@@ -497,6 +496,7 @@ def test_compare_solvers_tiny_model(tiny):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_compare_solvers_default_grid_and_loo(tiny):
     *_, Xt, yt, factory = tiny
     exact = factory(Exact()).up_loss(Xt, yt).numpy()

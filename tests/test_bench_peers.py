@@ -1,4 +1,4 @@
-"""pyinfluence.bench.peers: other influence libraries side by side (issue 5).
+"""pyinfluence.bench.peers: other influence libraries side by side.
 
 The peers (Captum, pyDVL) are not installed in CI: the tests that need them skip with the reason.
 Everything else runs without them: the clean skip when a peer is missing, the worker's error
@@ -16,8 +16,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -27,24 +25,14 @@ from torch import nn
 
 from pyinfluence.bench import _peer_worker as worker
 from pyinfluence.bench import peers
+from pyinfluence.bench.tasks import Task
+
+from helpers import cross_entropy as _ce
 
 
-@dataclass
-class StandInTask:  # the fields of bench.tasks.Task that run_peers reads
-    model: Any
-    loss_fn: Any
-    X_train: Any
-    y_train: Any
-    X_test: Any
-    y_test: Any
-    l2: float
-    damping: float
-    params: Optional[list] = None
-    name: str = "tiny-logreg"
-
-
-def _ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
+def _stand_in_task(model, loss_fn, X_train, y_train, X_test, y_test, l2, damping, name="tiny-logreg") -> Task:
+    """A bench Task around a model built here (run_peers reads its torch view only)."""
+    return Task(name, "deep", "a stand-in", model, loss_fn, X_train, y_train, X_test, y_test, l2, damping)
 
 
 def _tiny_task(n=40, d=4, K=3, m=7, l2=0.05, damping=0.02, seed=0):
@@ -57,10 +45,10 @@ def _tiny_task(n=40, d=4, K=3, m=7, l2=0.05, damping=0.02, seed=0):
     with torch.no_grad():
         model.weight.copy_(torch.tensor(rng.normal(size=(K, d)) * 0.3))
         model.bias.copy_(torch.tensor(rng.normal(size=K) * 0.1))
-    return StandInTask(model.eval(), _ce, X, y, Xt, yt, l2, damping)
+    return _stand_in_task(model.eval(), _ce, X, y, Xt, yt, l2, damping)
 
 
-def _numpy_up_loss(task: StandInTask) -> np.ndarray:
+def _numpy_up_loss(task: Task) -> np.ndarray:
     """Closed form for multinomial logistic regression: explicit Hessian, np.linalg.solve.
 
     up_loss[i, j] = −g_tjᵀ (H + λI)⁻¹ g_i, H = mean CE Hessian + l2·I; θ = (W row-major, b)."""
@@ -256,7 +244,7 @@ class _Payload:
 
 def test_worker_refuses_a_replaced_model_file(tmp_path, monkeypatch):
     """The worker unpickles model.pt (the torch.fx format) only if its bytes are the ones the benchmark
-    wrote; a file swapped in by someone else is refused before any of it is unpickled (issue 13.7)."""
+    wrote; a file swapped in by someone else is refused before any of it is unpickled."""
     cnn = _SmallCNN().double().eval()
     Xc = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     desc = peers._save_model(cnn, str(tmp_path / "model.pt"), Xc)
@@ -269,6 +257,7 @@ def test_worker_refuses_a_replaced_model_file(tmp_path, monkeypatch):
     assert not pwned.exists()
 
 
+@pytest.mark.slow
 def test_kept_payloads_live_in_a_private_folder(tmp_path, monkeypatch):
     """keep_dir may be shared: the payloads (the worker script among them) go to a new 0700 folder in it."""
     task = _tiny_task()
@@ -413,6 +402,7 @@ def _install_fake_captum(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, mod)
 
 
+@pytest.mark.slow
 def test_end_to_end_with_stand_in_peer(tmp_path, monkeypatch):
     task = _tiny_task()
     _install_fake_captum(tmp_path, monkeypatch)
@@ -448,7 +438,7 @@ def test_end_to_end_with_stand_in_peer(tmp_path, monkeypatch):
     # exception inside the peer is a PeerRun with the peer's message and traceback
     torch.manual_seed(0)
     Xc = torch.randn(12, 1, 4, 4, dtype=torch.float64)
-    cnn_task = StandInTask(
+    cnn_task = _stand_in_task(
         _SmallCNN().double().eval(), _ce, Xc, torch.arange(12) % 3, Xc[:3], torch.arange(3), 0.01, 0.1
     )
     (err,) = peers.run_peers(

@@ -1,4 +1,4 @@
-"""The command line and its report (issue 4): ``pyinfluence demo --quick`` end to end, ``explain``
+"""The command line and its report: ``pyinfluence demo --quick`` end to end, ``explain``
 and ``mislabels`` against direct LinearInfluence computations, and every error path.
 
 The demo runs once per module (about half a minute on 2 cores), as ``python -m pyinfluence`` in
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 # The demo needs scikit-learn (bundled digits) and matplotlib (figures): both belong in the test
-# extra, so a missing one fails here loudly instead of skipping the issue's checks.
+# extra, so a missing one fails here loudly instead of skipping the demo's checks.
 import matplotlib  # noqa: F401
 import numpy as np
 import pytest
@@ -65,6 +65,7 @@ EXPECTED_FIGURES = {
 }
 
 
+@pytest.mark.slow
 def test_demo_prints_the_report_path(demo):
     last = demo["proc"].stdout.strip().splitlines()[-1]
     assert last.startswith("report: ")
@@ -73,6 +74,7 @@ def test_demo_prints_the_report_path(demo):
     assert "Traceback" not in demo["proc"].stderr
 
 
+@pytest.mark.slow
 def test_demo_figures_are_valid_pngs(demo):
     from matplotlib.image import imread
 
@@ -88,6 +90,7 @@ def test_demo_figures_are_valid_pngs(demo):
         assert float(img[..., :3].std()) > 0.01, f"{name} is blank"
 
 
+@pytest.mark.slow
 def test_demo_html_references_every_figure_and_is_self_contained(demo):
     html = demo["html"]
     srcs = re.findall(r'<img src="([^"]+)"', html)
@@ -99,13 +102,14 @@ def test_demo_html_references_every_figure_and_is_self_contained(demo):
         assert f'id="{section}"' in html
 
 
-def test_demo_results_meet_the_issue_bounds(demo):
+@pytest.mark.slow
+def test_demo_results_meet_their_bounds(demo):
     s = demo["results"]["summary"]
     # Figure 2, logistic regression: the Newton-step estimate tracks exact retraining
     newton = s["loo"]["logistic"]["newton"]
     assert newton["pearson"] >= 0.99, newton
     first = s["loo"]["logistic"]["influence"]["pearson"]
-    assert 0.5 < first <= 1.0  # reported beside it, not bounded by the issue
+    assert 0.5 < first <= 1.0  # reported beside it, not bounded here
     assert s["loo"]["cnn"]["paper_pearson"] == 0.86
     assert 0.5 < s["loo"]["cnn"]["influence"]["pearson"] <= 1.0
     # Section 5.4: at 10% of the training data checked, self-influence beats loss and random
@@ -131,6 +135,7 @@ def test_demo_results_meet_the_issue_bounds(demo):
     assert r["mode"] == "quick" and r["seed"] == 0
 
 
+@pytest.mark.slow
 def test_demo_numbers_in_html_match_results_json(demo):
     s, html = demo["results"]["summary"], demo["html"]
     for v in (

@@ -1,4 +1,4 @@
-"""One TorchInfluence shared by many threads gives, bit for bit, what serial calls give (issue 13.1).
+"""One TorchInfluence shared by many threads gives, bit for bit, what serial calls give.
 
 ``torch.func.functional_call`` swaps tensors into the module while it runs; before the fix, eight
 threads on one object swapped each other's parameters in and out and returned wrong scores (relative
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyinfluence
+
+from helpers import cross_entropy as _ce
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -44,10 +46,6 @@ def _trained_mlp(seed: int = 0):
     X_test = torch.randn(4 * N_THREADS, d, generator=g, dtype=torch.float64)
     y_test = torch.randint(0, c, (4 * N_THREADS,), generator=g)
     return model, (X, y), (X_test, y_test)
-
-
-def _ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 def _hammer(inf, test_sets, reference) -> list[str]:

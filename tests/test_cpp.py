@@ -29,10 +29,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 1800  # seconds per command; the first build of the core takes about 2 minutes on 2 cores
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("PYINFLUENCE_SKIP_CPP", "") not in ("", "0"),
-    reason="PYINFLUENCE_SKIP_CPP is set (C++ build and ctest skipped on request)",
-)
+pytestmark = [
+    pytest.mark.cpp,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("PYINFLUENCE_SKIP_CPP", "") not in ("", "0"),
+        reason="PYINFLUENCE_SKIP_CPP is set (C++ build and ctest skipped on request)",
+    ),
+]
 
 
 def tool(name: str) -> str:
@@ -188,6 +192,7 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
+@pytest.mark.cuda
 def test_cuda_build_compiles(tmp_path: Path) -> None:
     """PYINFLUENCE_CUDA=ON compiles the kernels (csrc/cuda) and links them (cuda_smoke), on every change.
 

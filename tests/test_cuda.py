@@ -37,6 +37,8 @@ def _gpu_reason() -> str:
     return ""
 
 
+pytestmark = pytest.mark.cuda
+
 GPU_REASON = _gpu_reason()
 needs_gpu = pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "a GPU is available")
 
@@ -231,7 +233,7 @@ def test_gpu_path_not_positive_definite_on_cpu(host_gpu_path) -> None:
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the numpy host kernels
 def test_gpu_path_never_returns_or_ranks_non_finite_values_on_cpu(host_gpu_path) -> None:
-    """The GPU path's checks (issue 13.3), with the host kernels: an overflowing test point is named; the streaming
+    """The GPU path's checks against non-finite results, with the host kernels: an overflowing test point is named; the streaming
     top-k kernel is refused beforehand when a bound says its scores could overflow; an overflowing training set is
     an overflow, not a damping problem."""
     X, y, model = _problem("ridge")

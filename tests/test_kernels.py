@@ -10,8 +10,6 @@ Tolerance: max|got − want| ≤ 1e-8·max|want| in float64, ≤ 1e-4·max|want|
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -23,7 +21,6 @@ import pyinfluence
 from pyinfluence import _core
 from pyinfluence.errors import NotAtOptimumWarning, NotPositiveDefiniteError
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref
 
 torch.set_num_threads(1)  # tiny problems: thread wake-ups cost more than they save

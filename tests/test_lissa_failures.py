@@ -1,4 +1,4 @@
-"""LiSSA fails loudly (issue 13, item 2) and every solver refuses an indefinite Hessian.
+"""LiSSA fails loudly and every solver refuses an indefinite Hessian.
 
 - An unconverged LiSSA solve (a scale 1000× λ_max, depth 3) raises ConvergenceError carrying its
   residual; ``raise_on_nonconvergence=False`` warns (ConvergenceWarning) and returns it.
@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
@@ -29,16 +28,14 @@ from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositive
 from pyinfluence.torch.influence import TorchInfluence
 from pyinfluence.torch.solvers import CG, BlockCG, Exact, LiSSA, Solver
 
+from helpers import cross_entropy as ce
+
 DT = torch.float64
 # torch's own forward-mode decompositions call the deprecated torch.jit.script on first use
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 def suggested_damping(message: str) -> float:

@@ -1,5 +1,5 @@
-"""No NaN or inf is ever returned or ranked (issue 13.3), and a leave-one-out Newton step that would divide by
-a singular Hessian raises instead of returning inf (issue 13.4).
+"""No NaN or inf is ever returned or ranked, and a leave-one-out Newton step that would divide by
+a singular Hessian raises instead of returning inf.
 
 Every input here is finite; the overflow happens inside the computation (features of huge magnitude, or
 float32 beyond its range). Before the fix, ridge with test features of 1e200 returned an all-NaN ``up_loss`` and

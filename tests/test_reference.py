@@ -1,13 +1,9 @@
 """Self-checks of tests/reference.py (needs no pyinfluence): the references are only useful if right."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref
 
 torch.set_num_threads(1)  # tiny problems: thread wake-ups cost more than they save

@@ -412,7 +412,7 @@ def test_exact_refuses_too_many_parameters_without_materialising():
 # the C++ core's CholeskyFactor (when the extension has it) and a stand-in with its interface
 # ----------------------------------------------------------------------------------------------
 class _FakeCholeskyFactor:
-    """The interface of pyinfluence._core.CholeskyFactor (see the issue 3 contract), in numpy."""
+    """The interface of pyinfluence._core.CholeskyFactor (as pyinfluence.torch.solvers uses it), in numpy."""
 
     made = 0
 
@@ -707,6 +707,7 @@ def test_result_printing():
 # ----------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize(
@@ -726,6 +727,7 @@ def test_cuda(solver, dtype, tol):
         solver.prepare(op).solve(V.cpu())
 
 
+@pytest.mark.cuda
 @CUDA
 def test_cuda_lissa_minibatches_and_non_pd():
     op = make_op(n=200, p=12, l2=0.1, seed=2, device="cuda")

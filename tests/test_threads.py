@@ -6,7 +6,6 @@ The partitioned path only runs with 2 or more threads; these tests are skipped o
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -16,7 +15,6 @@ import torch
 import pyinfluence
 from pyinfluence import _core
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Bad input to the public API gets pyinfluence's own one-line message naming the argument (issue 13.6): torch
+"""Bad input to the public API gets pyinfluence's own one-line message naming the argument: torch
 labels out of range, integer or wrongly shaped inputs, unknown device strings, and integers too large for the
 C++ core (before the fix: raw torch errors from deep inside vmap, torch's device-string parser, or pybind's
 "incompatible function arguments").

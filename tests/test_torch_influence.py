@@ -1,4 +1,4 @@
-"""TorchInfluence: the torch path of pyinfluence (issue 3's "must show").
+"""TorchInfluence: the torch path of pyinfluence.
 
 - Linear models written in torch (nn.Linear + per-example BCE-with-logits, cross-entropy and the
   smooth hinge), with θ̂ copied from pyinfluence's exactly fitted linear models: Exact and CG give
@@ -28,6 +28,8 @@ from pyinfluence.torch.influence import TorchInfluence
 from pyinfluence.torch.losses import smooth_hinge_loss
 from pyinfluence.torch.solvers import CG, BlockCG, Exact, LiSSA
 
+from helpers import cross_entropy as ce
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # torch's own forward-mode decompositions call the deprecated torch.jit.script on first use
 pytestmark = [
@@ -46,10 +48,6 @@ def rel(a, b) -> float:
 
 def bce(out, y):
     return F.binary_cross_entropy_with_logits(out.squeeze(-1), y, reduction="none")
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,6 +503,7 @@ def test_bad_construction(small):
 # ----------------------------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @CUDA
 def test_cuda_matches_cpu(small):
     s = small

@@ -20,6 +20,8 @@ from pyinfluence.torch import functional as torch_functional
 from pyinfluence.torch import hessian as torch_hessian
 from pyinfluence.torch.losses import smooth_hinge_loss
 
+from helpers import cross_entropy as ce
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # torch's own forward-mode decompositions call the deprecated torch.jit.script on first use
 pytestmark = [
@@ -27,10 +29,6 @@ pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 DT = torch.float64
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 def mlp(seed=0, d=5, h=4, k=3, bn=False):
@@ -415,6 +413,7 @@ def test_smooth_hinge_is_stable_and_twice_differentiable():
 # ----------------------------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @CUDA
 def test_ops_on_cuda_match_cpu():
     model = mlp(7)

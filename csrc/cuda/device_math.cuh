@@ -27,9 +27,9 @@ enum : int { kLogistic = 0, kMultinomial = 1, kSmoothHinge = 2, kSquared = 3 };
 // Everything a kernel needs to know about the model, passed by value.
 struct Model {
   int family;
-  int K;     // outputs
-  int d;     // features
-  int de;    // d + intercept
+  int K;   // outputs
+  int d;   // features
+  int de;  // d + intercept
   int fit_intercept;
   int penalize_intercept;
   double l2;

@@ -16,9 +16,9 @@ namespace detail {
 //    One thread per row; the scores are accumulated 8 classes at a time so a row is read ⌈K/8⌉ times.
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
-__global__ void per_example_kernel(Model M, const T* __restrict__ X, const T* __restrict__ y,
-                                   const T* __restrict__ W, std::int64_t n, T* __restrict__ loss, T* __restrict__ R,
-                                   T* __restrict__ C, unsigned long long* __restrict__ bad_row) {
+__global__ void per_example_kernel(Model M, const T* __restrict__ X, const T* __restrict__ y, const T* __restrict__ W,
+                                   std::int64_t n, T* __restrict__ loss, T* __restrict__ R, T* __restrict__ C,
+                                   unsigned long long* __restrict__ bad_row) {
   constexpr int G = 8;
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -32,7 +32,8 @@ __global__ void per_example_kernel(Model M, const T* __restrict__ X, const T* __
         for (int u = 0; u < G; ++u)
           if (u < cnt) acc[u] += x * W[std::int64_t(a0 + u) * M.de + j];
       }
-      for (int u = 0; u < cnt; ++u) r[a0 + u] = acc[u] + (M.fit_intercept ? W[std::int64_t(a0 + u) * M.de + M.d] : T(0));
+      for (int u = 0; u < cnt; ++u)
+        r[a0 + u] = acc[u] + (M.fit_intercept ? W[std::int64_t(a0 + u) * M.de + M.d] : T(0));
     }
     T l = T(0);
     if (!example_in_place(M, r, C + i * M.K, y[i], &l)) {
@@ -233,8 +234,8 @@ __global__ void score_kernel(Model M, const T* __restrict__ X, const T* __restri
 // ---------------------------------------------------------------------------------------------------------------
 template <class T>
 __global__ void merge_kernel(bool harmful, const T* __restrict__ run_val, const std::int64_t* __restrict__ run_idx,
-                             const T* __restrict__ cand_val, const std::int64_t* __restrict__ cand_idx,
-                             std::int64_t k, std::int64_t kk, std::int64_t nb, T sentinel, T* __restrict__ out_val,
+                             const T* __restrict__ cand_val, const std::int64_t* __restrict__ cand_idx, std::int64_t k,
+                             std::int64_t kk, std::int64_t nb, T sentinel, T* __restrict__ out_val,
                              std::int64_t* __restrict__ out_idx) {
   const std::int64_t t = blockIdx.x;
   const T* rv = run_val + t * k;

@@ -9,6 +9,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "kernels.cuh"
 #include "pyinfluence/cuda.hpp"
@@ -21,9 +22,7 @@ inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("pyinfluence CUDA: ") + what + " failed: " + cudaGetErrorString(err));
 }
-inline void check_launch(const char* kernel) {
-  check_cuda(cudaGetLastError(), kernel);
-}
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
 // Makes `device` current for the duration of a call (and restores the caller's device).
 class DeviceGuard {
@@ -84,22 +83,97 @@ inline int multiprocessors() {
   return std::max(1, sms);
 }
 
-inline Model make_model(const DeviceModel& m, std::int64_t d) {
+// ---------------------------------------------------------------------------------------------------------------
+// Argument checks (the check_* functions of pyinfluence/cuda.hpp are built from these).
+// ---------------------------------------------------------------------------------------------------------------
+// Largest element count of any array the kernels index: × 8 bytes it still fits in int64 and a 64-bit size_t.
+constexpr std::int64_t kMaxElements = std::int64_t(1) << 59;
+// Largest n_outputs: the Hessian's class-pair blocks are indexed in blockIdx.x (K² · tiles² < 2³¹).
+constexpr std::int64_t kMaxOutputs = 65535;
+// Largest number of test points per call: test-point tiles index blockIdx.y (≤ 65535 tiles of kTT).
+constexpr std::int64_t kMaxTests = std::int64_t(65535) * kTT;
+
+inline ArgCheck fail(ArgStatus status, std::string message) {
+  ArgCheck out;
+  out.status = status;
+  out.message = std::move(message);
+  return out;
+}
+
+// a·b fits in kMaxElements (a, b ≥ 0).
+inline bool fits(std::int64_t a, std::int64_t b) { return a == 0 || b <= kMaxElements / a; }
+
+inline std::size_t element_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
+
+// The model, dtype and device, and d with d_eff·K inside the kernels' int arithmetic.
+inline ArgCheck check_model(const DeviceModel& m, DType dtype, int device, std::int64_t d) {
+  const int family = int(m.family);
+  if (family < kLogistic || family > kSquared)
+    return fail(ArgStatus::BadModel, "unknown model family " + std::to_string(family));
   if (m.family == DeviceFamily::Multinomial ? m.n_outputs < 2 : m.n_outputs != 1)
-    throw std::invalid_argument("n_outputs must be >= 2 for the multinomial family and 1 otherwise");
-  if (d < 1) throw std::invalid_argument("X must have at least one column");
+    return fail(ArgStatus::BadModel, "n_outputs must be >= 2 for the multinomial family and 1 otherwise");
+  if (m.n_outputs > kMaxOutputs) return fail(ArgStatus::TooLarge, "too many outputs for the CUDA kernels");
   if (!(m.l2 >= 0.0) || !(m.l2 < std::numeric_limits<double>::infinity()))
-    throw std::invalid_argument("l2 must be a finite number >= 0");
-  if (m.family == DeviceFamily::SmoothHinge && !(m.temperature > 0.0))
-    throw std::invalid_argument("temperature must be > 0 for the smooth hinge");
+    return fail(ArgStatus::BadModel, "l2 must be a finite number >= 0");
+  if (m.family == DeviceFamily::SmoothHinge &&
+      (!(m.temperature > 0.0) || !(m.temperature < std::numeric_limits<double>::infinity())))
+    return fail(ArgStatus::BadModel, "temperature must be a finite number > 0 for the smooth hinge");
+  if (dtype != DType::Float32 && dtype != DType::Float64)
+    return fail(ArgStatus::BadDType, "dtype must be Float32 or Float64");
+  if (device < 0) return fail(ArgStatus::BadDevice, "device must be >= 0, got " + std::to_string(device));
+  if (d < 1) return fail(ArgStatus::BadShape, "X must have at least one column");
   const std::int64_t de = d + (m.fit_intercept ? 1 : 0);
-  if (de * m.n_outputs > std::int64_t(std::numeric_limits<int>::max()) / 2 || m.n_outputs > 65535)
-    throw std::invalid_argument("too many parameters for the CUDA kernels");
+  if (de > std::int64_t(std::numeric_limits<int>::max()) / 2 / m.n_outputs)
+    return fail(ArgStatus::TooLarge, "too many parameters for the CUDA kernels");
+  return {};
+}
+
+// n ≥ 1 training rows, with X (n×d) and the per-example arrays (n×K) inside kMaxElements.
+inline ArgCheck check_rows(const DeviceModel& m, std::int64_t n, std::int64_t d) {
+  if (n < 1) return fail(ArgStatus::BadShape, "X must have at least one row");
+  if (!fits(n, d) || !fits(n, m.n_outputs))
+    return fail(ArgStatus::TooLarge, "X (" + std::to_string(n) + " x " + std::to_string(d) + ") is too large");
+  return {};
+}
+
+// m test points: at least one, at most kMaxTests, S (m×p) inside kMaxElements.
+inline ArgCheck check_tests(std::int64_t m, std::int64_t p) {
+  if (m < 1) return fail(ArgStatus::BadShape, "at least one test point is needed");
+  if (m > kMaxTests)
+    return fail(ArgStatus::TooLarge,
+                "at most " + std::to_string(kMaxTests) + " test points per call (split the test set)");
+  if (!fits(m, p))
+    return fail(ArgStatus::TooLarge, "S (" + std::to_string(m) + " x " + std::to_string(p) + ") is too large");
+  return {};
+}
+
+// A required (or, with optional, possibly null) array: aligned for its element size.
+inline ArgCheck check_pointer(const char* name, const void* ptr, std::size_t element, bool optional = false) {
+  if (!ptr) return optional ? ArgCheck{} : fail(ArgStatus::NullPointer, std::string("null device pointer: ") + name);
+  if (reinterpret_cast<std::uintptr_t>(ptr) % element != 0)
+    return fail(ArgStatus::Misaligned,
+                std::string(name) + " is not aligned to its " + std::to_string(element) + "-byte elements");
+  return {};
+}
+
+inline std::int64_t n_params(const DeviceModel& m, std::int64_t d) {
+  return m.n_outputs * (d + (m.fit_intercept ? 1 : 0));
+}
+
+// Hessian tiles: 64 wide when d_eff is large enough to fill them, else 32.
+inline int hessian_tile(std::int64_t de) { return de >= 192 ? 64 : 32; }
+inline std::int64_t hessian_tiles(std::int64_t de) {
+  const int tile = hessian_tile(de);
+  return (de + tile - 1) / tile;
+}
+
+// Converts a model that passed check_model.
+inline Model make_model(const DeviceModel& m, std::int64_t d) {
   Model M;
   M.family = int(m.family);
   M.K = int(m.n_outputs);
   M.d = int(d);
-  M.de = int(de);
+  M.de = int(d + (m.fit_intercept ? 1 : 0));
   M.fit_intercept = m.fit_intercept ? 1 : 0;
   M.penalize_intercept = m.penalize_intercept ? 1 : 0;
   M.l2 = m.l2;
@@ -107,8 +181,9 @@ inline Model make_model(const DeviceModel& m, std::int64_t d) {
   return M;
 }
 
-inline void require(bool ok, const char* message) {
-  if (!ok) throw std::invalid_argument(message);
+// Throws std::invalid_argument with the message of a failed check.
+inline void require(const ArgCheck& check) {
+  if (!check.ok()) throw std::invalid_argument("pyinfluence CUDA: " + check.message);
 }
 
 inline unsigned grid_for(std::int64_t work, int threads) {
@@ -117,10 +192,8 @@ inline unsigned grid_for(std::int64_t work, int threads) {
 }
 
 template <class T>
-void per_example_impl(const Model& M, cudaStream_t stream, const T* X, const T* y, const T* W, std::int64_t n,
-                      T* loss, T* R, T* C) {
-  require(n >= 1, "X must have at least one row");
-  require(X && y && W && R && C, "null device pointer");
+void per_example_impl(const Model& M, cudaStream_t stream, const T* X, const T* y, const T* W, std::int64_t n, T* loss,
+                      T* R, T* C) {
   DeviceBuffer bad(sizeof(unsigned long long), stream);
   auto* bad_row = bad.as<unsigned long long>();
   check_cuda(cudaMemsetAsync(bad_row, 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
@@ -139,18 +212,14 @@ void per_example_impl(const Model& M, cudaStream_t stream, const T* X, const T* 
 
 template <class T>
 void hessian_impl(const Model& M, cudaStream_t stream, const T* X, const T* C, std::int64_t n, T* H) {
-  require(n >= 1, "X must have at least one row");
-  require(X && C && H, "null device pointer");
   const std::int64_t p = std::int64_t(M.K) * M.de;
   check_cuda(cudaMemsetAsync(H, 0, std::size_t(p * p) * sizeof(T), stream), "cudaMemsetAsync");
-  // Wide tiles only when d_eff is large enough to fill them.
-  const int tile = M.de >= 192 ? 64 : 32;
-  const int n_tiles = (M.de + tile - 1) / tile;
-  const std::int64_t grid_x = std::int64_t(n_tiles) * n_tiles * M.K * M.K;
-  require(grid_x < (std::int64_t(1) << 31), "too many Hessian tiles for one launch");
+  const int tile = hessian_tile(M.de);
+  const int n_tiles = int(hessian_tiles(M.de));
+  const std::int64_t grid_x = std::int64_t(n_tiles) * n_tiles * M.K * M.K;  // < 2³¹: check_hessian
   // Tiles that do work (lower triangle), then enough row splits to give every multiprocessor a few blocks.
-  const std::int64_t active = std::int64_t(M.K) * n_tiles * (n_tiles + 1) / 2 +
-                              std::int64_t(M.K) * (M.K - 1) / 2 * n_tiles * n_tiles;
+  const std::int64_t active =
+      std::int64_t(M.K) * n_tiles * (n_tiles + 1) / 2 + std::int64_t(M.K) * (M.K - 1) / 2 * n_tiles * n_tiles;
   const std::int64_t want = (4 * std::int64_t(multiprocessors()) + active - 1) / active;
   const std::int64_t splits = std::max<std::int64_t>(1, std::min<std::int64_t>({want, n / 256, 65535}));
   const std::int64_t rows_per_split = (n + splits - 1) / splits;
@@ -163,35 +232,24 @@ void hessian_impl(const Model& M, cudaStream_t stream, const T* X, const T* C, s
   check_launch("finish_hessian_kernel");
 }
 
-inline std::int64_t check_tests(std::int64_t m) {
-  require(m >= 1, "at least one test point is needed");
-  const std::int64_t tiles = (m + kTT - 1) / kTT;
-  require(tiles <= 65535, "at most 1048560 test points per call (split the test set)");
-  return tiles;
-}
+// Test-point tiles of a launch (m ≤ kMaxTests: check_tests).
+inline std::int64_t test_tiles(std::int64_t m) { return (m + kTT - 1) / kTT; }
 
 template <class T>
 void up_loss_impl(const Model& M, cudaStream_t stream, const T* X, const T* R, std::int64_t n, const T* S,
                   std::int64_t m, T* out) {
-  require(n >= 1, "X must have at least one row");
-  require(X && R && S && out, "null device pointer");
-  const std::int64_t t_tiles = check_tests(m);
-  const std::int64_t r_tiles = (n + kTI - 1) / kTI;
-  require(r_tiles < (std::int64_t(1) << 31), "too many training rows for one launch");
+  const std::int64_t t_tiles = test_tiles(m);
+  const std::int64_t r_tiles = (n + kTI - 1) / kTI;  // < 2³¹: check_up_loss
   const auto kernel = &score_kernel<T, kWrite>;
-  PYI_LAUNCH(kernel, dim3(unsigned(r_tiles), unsigned(t_tiles)), dim3(16, 16), stream, M, X, R, std::int64_t(0), n,
-             S, m, out, SelectArgs<T>());
+  PYI_LAUNCH(kernel, dim3(unsigned(r_tiles), unsigned(t_tiles)), dim3(16, 16), stream, M, X, R, std::int64_t(0), n, S,
+             m, out, SelectArgs<T>());
   check_launch("score_kernel");
 }
 
 template <class T>
-void top_k_impl(const Model& M, cudaStream_t stream, const T* X, const T* R, std::int64_t n, const T* S,
-                std::int64_t m, std::int64_t k, std::int64_t* help_idx, T* help_val, std::int64_t* harm_idx,
-                T* harm_val) {
-  require(n >= 1, "X must have at least one row");
-  require(k >= 1 && k <= n, "k must be between 1 and the number of training points");
-  require(X && R && S && help_idx && help_val && harm_idx && harm_val, "null device pointer");
-  const std::int64_t t_tiles = check_tests(m);
+void top_k_impl(const Model& M, cudaStream_t stream, const T* X, const T* R, std::int64_t n, const T* S, std::int64_t m,
+                std::int64_t k, std::int64_t* help_idx, T* help_val, std::int64_t* harm_idx, T* harm_val) {
+  const std::int64_t t_tiles = test_tiles(m);
   const std::int64_t kk = std::min<std::int64_t>(k, kTI);
   // Row blocks per chunk: enough blocks to fill the GPU (with the test-point tiles), capped so that the merge (each
   // entry binary-searches every other list) and the candidate memory (2·m·nb·kk entries) stay small.
@@ -236,10 +294,10 @@ void top_k_impl(const Model& M, cudaStream_t stream, const T* X, const T* R, std
     PYI_LAUNCH(score, dim3(unsigned(blocks), unsigned(t_tiles)), dim3(16, 16), stream, M, X, R, start, end, S, m,
                static_cast<T*>(nullptr), sel);
     check_launch("score_kernel");
-    PYI_LAUNCH(merge, dim3(unsigned(m)), dim3(256), stream, false, cur.hv, cur.hi, sel.help_val,
-               sel.help_idx, k, kk, blocks, inf, nxt.hv, nxt.hi);
-    PYI_LAUNCH(merge, dim3(unsigned(m)), dim3(256), stream, true, cur.rv, cur.ri, sel.harm_val,
-               sel.harm_idx, k, kk, blocks, -inf, nxt.rv, nxt.ri);
+    PYI_LAUNCH(merge, dim3(unsigned(m)), dim3(256), stream, false, cur.hv, cur.hi, sel.help_val, sel.help_idx, k, kk,
+               blocks, inf, nxt.hv, nxt.hi);
+    PYI_LAUNCH(merge, dim3(unsigned(m)), dim3(256), stream, true, cur.rv, cur.ri, sel.harm_val, sel.harm_idx, k, kk,
+               blocks, -inf, nxt.rv, nxt.ri);
     check_launch("merge_kernel");
     std::swap(cur, nxt);
   }

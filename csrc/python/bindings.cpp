@@ -1,11 +1,16 @@
-// pyinfluence._core: the one pybind11 file. It validates array layouts (C-contiguous, matching dtype — no
-// silent conversion), releases the GIL around every kernel, and maps C++ errors to Python exceptions:
-// std::invalid_argument → ValueError, std::domain_error → pyinfluence.errors.NotPositiveDefiniteError,
-// pyinfluence::NonFiniteError → pyinfluence.errors.NonFiniteError.
+// pyinfluence._core: the one pybind11 file (the C++ core itself has no Python in it). It validates array layouts
+// (C-contiguous, matching dtype — no silent conversion), releases the GIL around every kernel, and maps C++ errors
+// to Python exceptions: std::invalid_argument → ValueError; pyinfluence::NotPositiveDefiniteError →
+// pyinfluence.errors.NotPositiveDefiniteError and pyinfluence::NonFiniteError → pyinfluence.errors.NonFiniteError,
+// constructed with their diagnosis as keyword fields (pivot, size, min_pivot, suggested_damping, train_index;
+// what), so that Python code reads fields instead of parsing messages.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <cstddef>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -22,8 +27,55 @@ using namespace pyinfluence;
 
 namespace {
 
+// ---------------------------------------------------------------------------------------------------------------
+// The enums Python sees (_core.Status, _core.Family): each table lists an enum's values in order with the name
+// Python gives them. The static_asserts tie every entry to the C++ enumerator of that value, so that renumbering,
+// reordering or extending an enum breaks the build here instead of mislabelling values in Python.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr std::pair<Status, const char*> kStatusNames[] = {
+    {Status::Ok, "ok"},
+    {Status::NotPositiveDefinite, "not_positive_definite"},
+    {Status::NotConverged, "not_converged"},
+    {Status::NonFinite, "non_finite"},
+};
+constexpr std::pair<Family, const char*> kFamilyNames[] = {
+    {Family::Logistic, "logistic"},
+    {Family::Multinomial, "multinomial"},
+    {Family::SmoothHinge, "smooth_hinge"},
+    {Family::Squared, "squared"},
+};
+
+// Whether entry i of a table holds the enumerator of value i.
+template <class E, std::size_t N>
+constexpr bool indexed_by_value(const std::pair<E, const char*> (&table)[N]) {
+  for (std::size_t i = 0; i < N; ++i)
+    if (static_cast<std::size_t>(table[i].first) != i) return false;
+  return true;
+}
+
+static_assert(static_cast<int>(Status::Ok) == 0 && static_cast<int>(Status::NotPositiveDefinite) == 1 &&
+                  static_cast<int>(Status::NotConverged) == 2 && static_cast<int>(Status::NonFinite) == 3,
+              "pyinfluence::Status changed: update kStatusNames, _core.pyi and the Python tests of _core.Status");
+static_assert(std::size(kStatusNames) == 4 && indexed_by_value(kStatusNames),
+              "kStatusNames must list every pyinfluence::Status in value order");
+static_assert(static_cast<int>(Family::Logistic) == 0 && static_cast<int>(Family::Multinomial) == 1 &&
+                  static_cast<int>(Family::SmoothHinge) == 2 && static_cast<int>(Family::Squared) == 3,
+              "pyinfluence::Family changed: update kFamilyNames, _core.pyi and the Python tests of _core.Family");
+static_assert(std::size(kFamilyNames) == 4 && indexed_by_value(kFamilyNames),
+              "kFamilyNames must list every pyinfluence::Family in value order");
+#ifdef PYINFLUENCE_HAS_CUDA
+// cuda_binding::device_model converts Family to cuda::DeviceFamily by value.
+static_assert(static_cast<int>(cuda::DeviceFamily::Logistic) == static_cast<int>(Family::Logistic) &&
+                  static_cast<int>(cuda::DeviceFamily::Multinomial) == static_cast<int>(Family::Multinomial) &&
+                  static_cast<int>(cuda::DeviceFamily::SmoothHinge) == static_cast<int>(Family::SmoothHinge) &&
+                  static_cast<int>(cuda::DeviceFamily::Squared) == static_cast<int>(Family::Squared),
+              "cuda::DeviceFamily must have the values of pyinfluence::Family");
+#endif
+
 template <class S>
-constexpr const char* dtype_name() { return sizeof(S) == 8 ? "float64" : "float32"; }
+constexpr const char* dtype_name() {
+  return sizeof(S) == 8 ? "float64" : "float32";
+}
 
 template <class S>
 void check_array(const py::array& a, const char* name, int ndim) {
@@ -49,7 +101,7 @@ Eigen::Map<const Vector<S>> vector_arg(const py::array& a, const char* name) {
   return {static_cast<const S*>(a.data()), Index(a.shape(0))};
 }
 
-Eigen::Map<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>> index_arg(const py::array& a, const char* name) {
+Eigen::Map<const IndexVector> index_arg(const py::array& a, const char* name) {
   if (!a.dtype().is(py::dtype::of<std::int64_t>()) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
     throw std::invalid_argument(std::string(name) + " must be a 1-dimensional C-contiguous int64 array");
   return {static_cast<const std::int64_t*>(a.data()), Index(a.shape(0))};
@@ -63,8 +115,8 @@ py::array to_numpy(Mat&& m) {
   auto* owned = new Plain(std::move(m));
   py::capsule free_when_done(owned, [](void* p) { delete static_cast<Plain*>(p); });
   const py::ssize_t rows = owned->rows(), cols = owned->cols(), sz = sizeof(S);
-  std::vector<py::ssize_t> strides = Plain::IsRowMajor ? std::vector<py::ssize_t>{cols * sz, sz}
-                                                       : std::vector<py::ssize_t>{sz, rows * sz};
+  std::vector<py::ssize_t> strides =
+      Plain::IsRowMajor ? std::vector<py::ssize_t>{cols * sz, sz} : std::vector<py::ssize_t>{sz, rows * sz};
   return py::array(py::dtype::of<S>(), {rows, cols}, strides, owned->data(), free_when_done);
 }
 
@@ -79,12 +131,8 @@ py::array vector_to_numpy(Vector<S>&& v) {
 // Dispatch on the dtype of the first array argument.
 bool array_is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
 
-struct NotPositiveDefinite : std::domain_error {
-  using std::domain_error::domain_error;
-};
-
 template <class S>
-const Eigen::Ref<const Vector<S>> weights_arg(const py::object& w, Vector<S>& storage) {
+const ConstVectorRef<S> weights_arg(const py::object& w, Vector<S>& storage) {
   if (w.is_none()) return storage;  // empty: all ones
   return vector_arg<S>(w.cast<py::array>(), "sample_weight");
 }
@@ -159,11 +207,14 @@ py::tuple fit_newton_impl(const ModelSpec& spec, const py::array& X, const py::a
     res = fit_newton<S>(spec, Xm, ym, Wm, w, tol, max_iter);
   }
   if (res.status == Status::NotPositiveDefinite)
-    throw NotPositiveDefinite(
-        "the training Hessian became singular or indefinite during Newton's method (e.g. l2 = 0 with collinear "
-        "features or separable classes)");
+    throw NotPositiveDefiniteError(
+        "the training Hessian became singular or indefinite during Newton's method (iteration " +
+            std::to_string(res.iterations) + ": Cholesky failed at pivot " + std::to_string(res.failure.pivot) +
+            " of " + std::to_string(res.failure.size) + "; e.g. l2 = 0 with collinear features or separable classes)",
+        res.failure);
   if (res.status == Status::NonFinite)
-    throw std::invalid_argument("the training objective became NaN or inf during Newton's method; check the scale of X");
+    throw std::invalid_argument(
+        "the training objective became NaN or inf during Newton's method; check the scale of X");
   const bool converged = res.grad_norm <= tol;
   return py::make_tuple(to_numpy(std::move(res.W)), res.iterations, res.grad_norm, converged);
 }
@@ -173,26 +224,16 @@ class PyLinearEngine {
  public:
   PyLinearEngine(const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, double damping)
       : float32_(array_is_float32(X)), X_(X), y_(y) {
-    if (float32_) make<float>(spec, theta, damping);
-    else make<double>(spec, theta, damping);
+    if (float32_)
+      make<float>(spec, theta, damping);
+    else
+      make<double>(spec, theta, damping);
   }
 
   bool is_float32() const { return float32_; }
   std::string dtype() const { return float32_ ? "float32" : "float64"; }
   Index n_train() const { return float32_ ? e32_->n_train() : e64_->n_train(); }
   Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
-  bool factorized() const { return status() == Status::Ok; }
-  Status status() const { return float32_ ? e32_->status() : e64_->status(); }
-  // "ok", "not_positive_definite" or "non_finite" (H overflowed: the cure is scaling X, not damping)
-  std::string status_name() const {
-    switch (status()) {
-      case Status::Ok: return "ok";
-      case Status::NotPositiveDefinite: return "not_positive_definite";
-      case Status::NonFinite: return "non_finite";
-      default: return "not_converged";
-    }
-  }
-  Index failed_pivot() const { return float32_ ? e32_->failed_pivot() : e64_->failed_pivot(); }
   double grad_norm() const { return float32_ ? e32_->grad_norm() : e64_->grad_norm(); }
 
   py::array hessian() const {
@@ -205,7 +246,10 @@ class PyLinearEngine {
       auto Xm = matrix_arg<S>(X, "X");
       auto ym = vector_arg<S>(y, "y");
       RowMatrix<S> G;
-      { py::gil_scoped_release r; G = e.gradients(Xm, ym); }
+      {
+        py::gil_scoped_release r;
+        G = e.gradients(Xm, ym);
+      }
       return to_numpy(std::move(G));
     });
   }
@@ -214,7 +258,10 @@ class PyLinearEngine {
       using S = decltype(tag);
       auto Bm = matrix_arg<S>(B, "B");
       ColMatrix<S> out;
-      { py::gil_scoped_release r; out = e.solve(ColMatrix<S>(Bm)); }
+      {
+        py::gil_scoped_release r;
+        out = e.solve(ColMatrix<S>(Bm));
+      }
       return to_numpy(std::move(out));
     });
   }
@@ -224,7 +271,10 @@ class PyLinearEngine {
       auto Xm = matrix_arg<S>(X, "X");
       auto ym = vector_arg<S>(y, "y");
       RowMatrix<S> out;
-      { py::gil_scoped_release r; out = e.up_params(Xm, ym); }
+      {
+        py::gil_scoped_release r;
+        out = e.up_params(Xm, ym);
+      }
       return to_numpy(std::move(out));
     });
   }
@@ -256,7 +306,10 @@ class PyLinearEngine {
       auto Xm = matrix_arg<S>(Xa, "X");
       auto ym = vector_arg<S>(ya, "y");
       RowMatrix<S> out;
-      { py::gil_scoped_release r; out = e.pert_loss(Xtm, ytm, Xm, ym); }
+      {
+        py::gil_scoped_release r;
+        out = e.pert_loss(Xtm, ytm, Xm, ym);
+      }
       const py::ssize_t k = Xm.rows(), m = Xtm.rows(), d = Xm.cols();
       return to_numpy(std::move(out)).reshape({k, m, d});
     });
@@ -283,7 +336,10 @@ class PyLinearEngine {
       auto Xtm = matrix_arg<S>(Xt, "X_test");
       auto ytm = vector_arg<S>(yt, "y_test");
       TopK<S> out;
-      { py::gil_scoped_release r; out = e.top_k(Xtm, ytm, k); }
+      {
+        py::gil_scoped_release r;
+        out = e.top_k(Xtm, ytm, k);
+      }
       return py::make_tuple(to_numpy(std::move(out.helpful_idx)), to_numpy(std::move(out.helpful_val)),
                             to_numpy(std::move(out.harmful_idx)), to_numpy(std::move(out.harmful_val)));
     });
@@ -295,7 +351,10 @@ class PyLinearEngine {
       auto ytm = vector_arg<S>(yt, "y_test");
       auto im = index_arg(idx, "train_idx");
       RowMatrix<S> out;
-      { py::gil_scoped_release r; out = e.loo_newton(Xtm, ytm, im); }
+      {
+        py::gil_scoped_release r;
+        out = e.loo_newton(Xtm, ytm, im);
+      }
       return to_numpy(std::move(out));
     });
   }
@@ -304,9 +363,16 @@ class PyLinearEngine {
       using S = decltype(tag);
       auto im = index_arg(idx, "train_idx");
       NewtonResult<S> res;
-      { py::gil_scoped_release r; res = e.refit_without(im, tol, max_iter); }
+      {
+        py::gil_scoped_release r;
+        res = e.refit_without(im, tol, max_iter);
+      }
       if (res.status == Status::NotPositiveDefinite)
-        throw NotPositiveDefinite("the leave-out training Hessian is singular or indefinite");
+        throw NotPositiveDefiniteError(
+            "the leave-out training Hessian is singular or indefinite (Cholesky failed at "
+            "pivot " +
+                std::to_string(res.failure.pivot) + " of " + std::to_string(res.failure.size) + ")",
+            res.failure);
       if (res.status == Status::NonFinite) throw std::invalid_argument("the leave-out objective became NaN or inf");
       const bool converged = res.status == Status::Ok;
       return py::make_tuple(to_numpy(std::move(res.W)), res.iterations, res.grad_norm, converged);
@@ -319,7 +385,10 @@ class PyLinearEngine {
       auto ytm = vector_arg<S>(yt, "y_test");
       auto im = index_arg(idx, "train_idx");
       Vector<S> out;
-      { py::gil_scoped_release r; out = e.loo_newton_group(Xtm, ytm, im); }
+      {
+        py::gil_scoped_release r;
+        out = e.loo_newton_group(Xtm, ytm, im);
+      }
       return vector_to_numpy<S>(std::move(out));
     });
   }
@@ -335,8 +404,10 @@ class PyLinearEngine {
       py::gil_scoped_release r;
       e = std::make_unique<LinearInfluenceEngine<S>>(spec, Xm, ym, Wm, damping);
     }
-    if constexpr (std::is_same_v<S, float>) e32_ = std::move(e);
-    else e64_ = std::move(e);
+    if constexpr (std::is_same_v<S, float>)
+      e32_ = std::move(e);
+    else
+      e64_ = std::move(e);
   }
   template <class R, class F>
   R call(F&& f) const {
@@ -354,8 +425,10 @@ class PyLinearEngine {
 class PyCholeskyFactor {
  public:
   PyCholeskyFactor(const py::array& A, double damping) : float32_(array_is_float32(A)) {
-    if (float32_) make<float>(A, damping);
-    else make<double>(A, damping);
+    if (float32_)
+      make<float>(A, damping);
+    else
+      make<double>(A, damping);
   }
   Index size() const { return float32_ ? f32_.size() : f64_.size(); }
   py::dtype dtype() const { return float32_ ? py::dtype::of<float>() : py::dtype::of<double>(); }
@@ -379,12 +452,14 @@ class PyCholeskyFactor {
       st = f.compute(ColMatrix<S>(Am), damping);
     }
     if (st == Status::NonFinite) throw std::invalid_argument(f.failure_message("A + damping*I"));
-    if (st != Status::Ok) throw NotPositiveDefinite(f.failure_message("A + damping*I"));
+    if (st != Status::Ok) throw f.not_positive_definite("A + damping*I");
   }
   template <class S>
   CholeskyFactor<S>& factor() {
-    if constexpr (std::is_same_v<S, float>) return f32_;
-    else return f64_;
+    if constexpr (std::is_same_v<S, float>)
+      return f32_;
+    else
+      return f64_;
   }
   template <class S>
   py::array solve_impl(const CholeskyFactor<S>& f, const py::array& B) const {
@@ -394,13 +469,17 @@ class PyCholeskyFactor {
         throw std::invalid_argument("B must have " + std::to_string(f.size()) + " entries, got " +
                                     std::to_string(b.size()));
       ColMatrix<S> X = b;
-      { py::gil_scoped_release r; f.solve_in_place(X); }
+      {
+        py::gil_scoped_release r;
+        f.solve_in_place(X);
+      }
       Vector<S> out = Eigen::Map<const Vector<S>>(X.data(), X.rows());
       return vector_to_numpy<S>(std::move(out));
     }
     auto Bm = matrix_arg<S>(B, "B");
     if (Bm.rows() != f.size())
-      throw std::invalid_argument("B must have " + std::to_string(f.size()) + " rows, got " + std::to_string(Bm.rows()));
+      throw std::invalid_argument("B must have " + std::to_string(f.size()) + " rows, got " +
+                                  std::to_string(Bm.rows()));
     ColMatrix<S> X;
     {
       py::gil_scoped_release r;
@@ -420,8 +499,10 @@ class PyCholeskyFactor {
 #ifdef PYINFLUENCE_HAS_CUDA
 // ---------------------------------------------------------------------------------------------------------------
 // CUDA kernels (pyinfluence/cuda.hpp). Arrays arrive as raw device pointers (torch's tensor.data_ptr()) and the stream
-// as an integer (torch.cuda.current_stream().cuda_stream); pyinfluence/_cuda.py checks shapes, dtypes, devices and
-// contiguity before calling these, so here only the pointers are passed through, with the GIL released.
+// as an integer (torch.cuda.current_stream().cuda_stream); pyinfluence/linear/cuda.py makes the tensors contiguous,
+// of one dtype, on the device. Each entry point of pyinfluence/cuda.hpp checks its dimensions, model, dtype and
+// pointers before any launch (check_*: std::invalid_argument → ValueError), so here the arguments are passed
+// through, with the GIL released.
 // ---------------------------------------------------------------------------------------------------------------
 namespace cuda_binding {
 
@@ -461,8 +542,8 @@ void add_to_module(py::module_& m) {
         py::gil_scoped_release release;
         cuda::per_example(model, t, device, ptr(stream), ptr(X), ptr(y), ptr(W), n, d, ptr(loss), ptr(R), ptr(C));
       },
-      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("y"),
-      py::arg("W"), py::arg("n"), py::arg("d"), py::arg("loss"), py::arg("residual"), py::arg("curvature"),
+      py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("y"), py::arg("W"),
+      py::arg("n"), py::arg("d"), py::arg("loss"), py::arg("residual"), py::arg("curvature"),
       "loss (n, or 0), residual (n, K), curvature (n, K) from device arrays X (n, d), y (n), W (K, d_eff)");
   m.def(
       "cuda_hessian",
@@ -495,8 +576,8 @@ void add_to_module(py::module_& m) {
         const auto model = device_model(spec);
         const auto t = dtype(dt);
         py::gil_scoped_release release;
-        cuda::top_k(model, t, device, ptr(stream), ptr(X), ptr(R), n, d, ptr(S), m_test, k,
-                    ptr<std::int64_t>(help_idx), ptr(help_val), ptr<std::int64_t>(harm_idx), ptr(harm_val));
+        cuda::top_k(model, t, device, ptr(stream), ptr(X), ptr(R), n, d, ptr(S), m_test, k, ptr<std::int64_t>(help_idx),
+                    ptr(help_val), ptr<std::int64_t>(harm_idx), ptr(harm_val));
       },
       py::arg("spec"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("X"), py::arg("residual"),
       py::arg("n"), py::arg("d"), py::arg("S"), py::arg("m"), py::arg("k"), py::arg("helpful_idx"),
@@ -532,26 +613,44 @@ PYBIND11_MODULE(_core, m) {
         "Threads for the core's OpenMP regions and its own BLAS pool (numpy's and torch's pools are not touched)");
 
   // Error mapping to pyinfluence.errors' classes (NotPositiveDefiniteError: a ValueError; NonFiniteError: an
-  // ArithmeticError), or to those builtins should pyinfluence.errors not import.
+  // ArithmeticError), constructed with keyword fields. If pyinfluence.errors cannot be imported, that import error
+  // is what Python sees.
   py::register_exception_translator([](std::exception_ptr p) {
-    const auto raise_as = [](const char* name, PyObject* fallback, const std::string& msg) {
+    const auto raise = [](const char* name, const char* message, const py::dict& fields) {
       try {
-        PyErr_SetString(py::module_::import("pyinfluence.errors").attr(name).ptr(), msg.c_str());
-      } catch (py::error_already_set&) {
-        PyErr_SetString(fallback, msg.c_str());
+        const py::object cls = py::module_::import("pyinfluence.errors").attr(name);
+        const py::object exc = cls(message, **fields);
+        PyErr_SetObject(cls.ptr(), exc.ptr());
+      } catch (py::error_already_set& err) {
+        err.restore();
       }
     };
+    // NaN (unknown) and −1 (none) become None.
+    const auto number = [](double x) { return std::isnan(x) ? py::object(py::none()) : py::object(py::float_(x)); };
+    const auto index = [](Index i) { return i < 0 ? py::object(py::none()) : py::object(py::int_(i)); };
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const NotPositiveDefiniteError& e) {
+      const FactorFailure& f = e.failure();
+      py::dict fields;
+      fields["pivot"] = index(f.pivot);
+      fields["size"] = f.size > 0 ? py::object(py::int_(f.size)) : py::object(py::none());
+      fields["min_pivot"] = number(f.pivot_value);
+      fields["suggested_damping"] = number(f.suggested_damping);
+      fields["train_index"] = index(e.train_index());
+      raise("NotPositiveDefiniteError", e.what(), fields);
     } catch (const NonFiniteError& e) {
-      raise_as("NonFiniteError", PyExc_ArithmeticError, e.what());
-    } catch (const std::domain_error& e) {
-      raise_as("NotPositiveDefiniteError", PyExc_ValueError,
-               std::string(e.what()) +
-                   ". Influence needs H + damping*I to be positive definite: pass damping > 0 (e.g. damping=1e-3; "
-                   "results then approximate the undamped influence) or increase l2.");
+      py::dict fields;
+      fields["what"] = e.quantity();
+      raise("NonFiniteError", e.what(), fields);
     }
   });
+
+  // The enums whose values Python sees (their names are also the strings of ModelSpec.family / family_name).
+  py::enum_<Status> status_enum(m, "Status", "Numerical outcome codes of the C++ core (pyinfluence::Status)");
+  for (const auto& [value, name] : kStatusNames) status_enum.value(name, value);
+  py::enum_<Family> family_enum(m, "Family", "Loss families of linear models (pyinfluence::Family)");
+  for (const auto& [value, name] : kFamilyNames) family_enum.value(name, value);
 
   py::class_<ModelSpec>(m, "ModelSpec")
       .def(py::init([](const std::string& family, Index n_outputs, bool fit_intercept, bool penalize_intercept,
@@ -568,46 +667,55 @@ PYBIND11_MODULE(_core, m) {
            }),
            py::arg("family"), py::arg("n_outputs"), py::arg("fit_intercept"), py::arg("penalize_intercept"),
            py::arg("l2"), py::arg("temperature") = 1.0)
-      .def_property_readonly("family", [](const ModelSpec& s) { return std::string(family_name(s.family)); })
+      .def_property_readonly("family",
+                             [](const ModelSpec& s) { return std::string(kFamilyNames[int(s.family)].second); })
       .def_readonly("n_outputs", &ModelSpec::n_outputs)
       .def_readonly("fit_intercept", &ModelSpec::fit_intercept)
       .def_readonly("penalize_intercept", &ModelSpec::penalize_intercept)
       .def_readonly("l2", &ModelSpec::l2)
       .def_readonly("temperature", &ModelSpec::temperature)
       .def("__repr__", [](const ModelSpec& s) {
-        return "ModelSpec(family='" + std::string(family_name(s.family)) + "', n_outputs=" + std::to_string(s.n_outputs) +
+        return "ModelSpec(family='" + std::string(family_name(s.family)) +
+               "', n_outputs=" + std::to_string(s.n_outputs) +
                ", fit_intercept=" + (s.fit_intercept ? "True" : "False") +
                ", penalize_intercept=" + (s.penalize_intercept ? "True" : "False") + ", l2=" + std::to_string(s.l2) +
                ", temperature=" + std::to_string(s.temperature) + ")";
       });
 
-  m.def("per_example",
-        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta) {
-          return array_is_float32(X) ? per_example_impl<float>(spec, X, y, theta) : per_example_impl<double>(spec, X, y, theta);
-        },
-        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"),
-        "(loss (n,), residual dL/ds (n,K), scores (n,K)) for each example");
-  m.def("objective",
-        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
-          return array_is_float32(X) ? objective_impl<float>(spec, X, y, theta, w) : objective_impl<double>(spec, X, y, theta, w);
-        },
-        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
-        "(R(theta), grad R (K, d_eff)); R = weighted mean loss + (l2/2)||P theta||^2");
-  m.def("hessian",
-        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
-          return array_is_float32(X) ? hessian_impl<float>(spec, X, y, theta, w) : hessian_impl<double>(spec, X, y, theta, w);
-        },
-        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
-        "Hessian of R (p, p), l2 included");
-  m.def("fit_newton",
-        [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta0, const py::object& w,
-           double tol, int max_iter) {
-          return array_is_float32(X) ? fit_newton_impl<float>(spec, X, y, theta0, w, tol, max_iter)
-                               : fit_newton_impl<double>(spec, X, y, theta0, w, tol, max_iter);
-        },
-        py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta0"), py::arg("sample_weight") = py::none(),
-        py::arg("tol") = 1e-10, py::arg("max_iter") = 100,
-        "Newton's method with line search: (theta (K, d_eff), n_iter, grad_norm, converged)");
+  m.def(
+      "per_example",
+      [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta) {
+        return array_is_float32(X) ? per_example_impl<float>(spec, X, y, theta)
+                                   : per_example_impl<double>(spec, X, y, theta);
+      },
+      py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"),
+      "(loss (n,), residual dL/ds (n,K), scores (n,K)) for each example");
+  m.def(
+      "objective",
+      [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
+        return array_is_float32(X) ? objective_impl<float>(spec, X, y, theta, w)
+                                   : objective_impl<double>(spec, X, y, theta, w);
+      },
+      py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
+      "(R(theta), grad R (K, d_eff)); R = weighted mean loss + (l2/2)||P theta||^2");
+  m.def(
+      "hessian",
+      [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta, const py::object& w) {
+        return array_is_float32(X) ? hessian_impl<float>(spec, X, y, theta, w)
+                                   : hessian_impl<double>(spec, X, y, theta, w);
+      },
+      py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta"), py::arg("sample_weight") = py::none(),
+      "Hessian of R (p, p), l2 included");
+  m.def(
+      "fit_newton",
+      [](const ModelSpec& spec, const py::array& X, const py::array& y, const py::array& theta0, const py::object& w,
+         double tol, int max_iter) {
+        return array_is_float32(X) ? fit_newton_impl<float>(spec, X, y, theta0, w, tol, max_iter)
+                                   : fit_newton_impl<double>(spec, X, y, theta0, w, tol, max_iter);
+      },
+      py::arg("spec"), py::arg("X"), py::arg("y"), py::arg("theta0"), py::arg("sample_weight") = py::none(),
+      py::arg("tol") = 1e-10, py::arg("max_iter") = 100,
+      "Newton's method with line search: (theta (K, d_eff), n_iter, grad_norm, converged)");
 
   py::class_<PyCholeskyFactor>(m, "CholeskyFactor",
                                "Cholesky factor L Lᵀ = A + damping·I of a symmetric (p, p) float32/float64 matrix "
@@ -625,12 +733,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("dtype", &PyLinearEngine::dtype)
       .def_property_readonly("n_train", &PyLinearEngine::n_train)
       .def_property_readonly("n_params", &PyLinearEngine::n_params)
-      .def_property_readonly("factorized", &PyLinearEngine::factorized)
-      .def_property_readonly("status", &PyLinearEngine::status_name,
-                              "'ok', 'not_positive_definite' or 'non_finite' (H overflowed to inf/NaN)")
       .def_property_readonly("grad_norm", &PyLinearEngine::grad_norm, "||grad R(theta)||_2 on the training set")
-      .def_property_readonly("failed_pivot", &PyLinearEngine::failed_pivot,
-                              "index of the failing Cholesky pivot when factorized is False, else -1")
       .def("hessian", &PyLinearEngine::hessian)
       .def("gradients", &PyLinearEngine::gradients, py::arg("X"), py::arg("y"))
       .def("solve", &PyLinearEngine::solve, py::arg("B"))

@@ -6,7 +6,9 @@
 #include <Eigen/LU>
 #include <algorithm>
 #include <atomic>
+#include <iomanip>
 #include <limits>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -15,14 +17,22 @@ namespace pyinfluence {
 
 namespace {
 template <class S>
-const Eigen::Ref<const Vector<S>> no_weights() {
+const ConstVectorRef<S> no_weights() {
   static const Vector<S> empty;
   return empty;
 }
 
-[[noreturn]] void throw_non_finite(const char* what) {
-  throw NonFiniteError(std::string(what) + " overflowed to inf or NaN (the inputs are finite, but too large in "
-                                           "magnitude for this floating-point type)");
+[[noreturn]] void throw_non_finite(const char* what) { throw NonFiniteError(what); }
+
+// What the engine's errors about a Hessian that is not positive definite advise (damping cures them all).
+constexpr const char* kDampingAdvice =
+    ". Influence needs H + damping*I to be positive definite: pass damping > 0 (e.g. damping=1e-3; results then "
+    "approximate the undamped influence) or increase l2.";
+
+std::string format_number(double x) {
+  std::ostringstream out;
+  out << std::setprecision(3) << x;
+  return out.str();
 }
 
 // Every query's result passes through here: a single vectorised pass, small beside the products that made it
@@ -35,61 +45,120 @@ M require_finite(M&& out, const char* what) {
 }  // namespace
 
 template <class S>
-LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X_train,
-                                                const Eigen::Ref<const Vector<S>>& y_train,
-                                                const Eigen::Ref<const RowMatrix<S>>& W, double damping)
-    : spec_(spec), X_(X_train), y_(y_train), W_(W), damping_(damping) {
-  check_problem<S>(spec_, X_, y_, W_, no_weights<S>());
+struct LinearInfluenceEngine<S>::Assembly {
+  RowMatrix<S> residual, curvature;  // n×K each, at θ̂
+  ColMatrix<S> H;                    // ∇²R(θ̂)
+  CholeskyFactor<S> factor;          // of H + λI (+ gauge)
+  double grad_norm = 0.0;
+  Status status = Status::Ok;  // NonFinite: H or the residuals overflowed (then factor is not computed)
+};
+
+template <class S>
+typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble(const ModelSpec& spec,
+                                                                               const ConstRowMatrixRef<S>& X,
+                                                                               const ConstVectorRef<S>& y,
+                                                                               const ConstRowMatrixRef<S>& W,
+                                                                               double damping) {
+  check_problem<S>(spec, X, y, W, no_weights<S>());
   if (!(damping >= 0.0) || !std::isfinite(damping)) throw std::invalid_argument("damping must be a finite number >= 0");
-  const Index n = X_.rows(), K = spec_.n_outputs;
-  const double p = double(K * spec_.d_eff(X_.cols()));
+  const Index n = X.rows(), K = spec.n_outputs;
+  const double p = double(K * spec.d_eff(X.cols()));
   const SerialIfSmall serial(double(n) * p * p + p * p * p / 3.0);  // assembly + factorisation
+  Assembly out;
   RowMatrix<S> scores;
-  compute_scores<S>(spec_, X_, W_, scores);
-  residual_.resize(n, K);
-  curvature_.resize(n, K);
-  per_example_from_scores<S>(spec_, scores, y_, nullptr, residual_.data(), curvature_.data());
-  {  // ∇R(θ̂) = Rᵀ X̃ / n + l2 P θ̂ from the cached residuals (one pass over X)
-    const Index d = X_.cols(), de = spec_.d_eff(d);
+  compute_scores<S>(spec, X, W, scores);
+  out.residual.resize(n, K);
+  out.curvature.resize(n, K);
+  per_example_from_scores<S>(spec, scores, y, nullptr, out.residual.data(), out.curvature.data());
+  {  // ∇R(θ̂) = Rᵀ X̃ / n + l2 P θ̂ from the residuals (one pass over X)
+    const Index d = X.cols(), de = spec.d_eff(d);
     RowMatrix<S> grad(K, de);
-    grad.leftCols(d).noalias() = residual_.transpose() * X_;
-    if (spec_.fit_intercept) grad.col(d) = residual_.colwise().sum().transpose();
+    grad.leftCols(d).noalias() = out.residual.transpose() * X;
+    if (spec.fit_intercept) grad.col(d) = out.residual.colwise().sum().transpose();
     grad /= S(n);
     for (Index j = 0; j < de; ++j)
-      if (spec_.penalized(j, d)) grad.col(j) += S(spec_.l2) * W_.col(j);
-    grad_norm_ = double(grad.norm());
+      if (spec.penalized(j, d)) grad.col(j) += S(spec.l2) * W.col(j);
+    out.grad_norm = double(grad.norm());
   }
-  H_ = pyinfluence::hessian<S>(spec_, X_, y_, W_, no_weights<S>());
-  if (!H_.allFinite() || !residual_.allFinite() || !std::isfinite(grad_norm_)) {
-    status_ = Status::NonFinite;  // an overflow, not an indefinite H: damping would not help
-    return;
+  out.H = pyinfluence::hessian<S>(spec, X, y, W, no_weights<S>());
+  if (!out.H.allFinite() || !out.residual.allFinite() || !std::isfinite(out.grad_norm)) {
+    out.status = Status::NonFinite;  // an overflow, not an indefinite H: damping would not help
+    return out;
   }
-  ColMatrix<S> A = H_;
+  ColMatrix<S> A = out.H;
   // Undamped, the multinomial intercept gauge makes H invertible (pseudo-inverse answers, families.hpp);
   // damped, H + λI is already positive definite along that direction and we solve it as it is.
-  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), A);
-  status_ = factor_.compute(std::move(A), damping_);
-  failed_pivot_ = factor_.failed_pivot();
+  if (damping == 0.0) add_intercept_gauge<S>(spec, X.cols(), A);
+  out.status = out.factor.compute(std::move(A), damping);
+  return out;
 }
 
 template <class S>
-void LinearInfluenceEngine<S>::require_factor() const {
-  if (status_ == Status::NonFinite)
-    throw NonFiniteError("the training Hessian H (or the training residuals) overflowed to inf or NaN: X_train's "
-                         "values are too large in magnitude for this floating-point type");
-  if (status_ != Status::Ok)
-    throw std::domain_error("the Hessian H + damping*I (" + std::to_string(n_params()) + " x " +
-                            std::to_string(n_params()) + ") is not positive definite (Cholesky failed at pivot " +
-                            std::to_string(failed_pivot_) + ")");
+typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble_or_throw(const ModelSpec& spec,
+                                                                                        const ConstRowMatrixRef<S>& X,
+                                                                                        const ConstVectorRef<S>& y,
+                                                                                        const ConstRowMatrixRef<S>& W,
+                                                                                        double damping) {
+  Assembly out = assemble(spec, X, y, W, damping);
+  if (out.status == Status::NonFinite)
+    throw NonFiniteError("the training Hessian H (or the training residuals)",
+                         "X_train's values are too large in magnitude for this floating-point type");
+  if (out.status != Status::Ok) {
+    const FactorFailure& f = out.factor.failure();
+    std::string advice = kDampingAdvice;
+    if (std::isfinite(f.suggested_damping))
+      advice.insert(advice.size() - 1,
+                    "; a damping of " + format_number(f.suggested_damping) + " makes the failing pivot positive");
+    throw out.factor.not_positive_definite("the Hessian H + damping*I", advice);
+  }
+  return out;
 }
 
 template <class S>
-void LinearInfluenceEngine<S>::check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X,
-                                            const Eigen::Ref<const Vector<S>>& y) const {
+LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
+                                                const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
+                                                double damping, Assembly&& assembly)
+    : spec_(spec),
+      X_(X_train),
+      y_(y_train),
+      W_(W),
+      damping_(damping),
+      residual_(std::move(assembly.residual)),
+      curvature_(std::move(assembly.curvature)),
+      H_(std::move(assembly.H)),
+      factor_(std::move(assembly.factor)),
+      grad_norm_(assembly.grad_norm) {}
+
+template <class S>
+LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
+                                                const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
+                                                double damping)
+    : LinearInfluenceEngine(spec, X_train, y_train, W, damping, assemble_or_throw(spec, X_train, y_train, W, damping)) {
+}
+
+template <class S>
+EngineOrStatus<S> LinearInfluenceEngine<S>::create(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
+                                                   const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
+                                                   double damping) {
+  Assembly assembly = assemble(spec, X_train, y_train, W, damping);
+  EngineOrStatus<S> out;
+  out.status = assembly.status;
+  if (assembly.status != Status::Ok) {
+    out.failure = assembly.factor.failure();
+    out.failure.status = assembly.status;
+    return out;
+  }
+  out.engine.reset(new LinearInfluenceEngine(spec, X_train, y_train, W, damping, std::move(assembly)));
+  return out;
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::check_points(const char* what, const ConstRowMatrixRef<S>& X,
+                                            const ConstVectorRef<S>& y) const {
   const std::string name(what);
   if (X.cols() != X_.cols())
-    throw std::invalid_argument("X" + name + " has " + std::to_string(X.cols()) + " features but the model was trained on " +
-                                std::to_string(X_.cols()));
+    throw std::invalid_argument("X" + name + " has " + std::to_string(X.cols()) +
+                                " features but the model was trained on " + std::to_string(X_.cols()));
   if (y.size() != X.rows())
     throw std::invalid_argument("y" + name + " has " + std::to_string(y.size()) + " entries but X" + name + " has " +
                                 std::to_string(X.rows()) + " rows");
@@ -97,8 +166,8 @@ void LinearInfluenceEngine<S>::check_points(const char* what, const Eigen::Ref<c
 }
 
 template <class S>
-void LinearInfluenceEngine<S>::gradient_rows(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
-                                             Index start, Index b, RowMatrix<S>& G) const {
+void LinearInfluenceEngine<S>::gradient_rows(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R, Index start, Index b,
+                                             RowMatrix<S>& G) const {
   const Index d = X.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
   G.resize(b, K * de);
   for (Index i = 0; i < b; ++i)
@@ -110,8 +179,7 @@ void LinearInfluenceEngine<S>::gradient_rows(const Eigen::Ref<const RowMatrix<S>
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::gradients(const Eigen::Ref<const RowMatrix<S>>& X,
-                                                 const Eigen::Ref<const Vector<S>>& y) const {
+RowMatrix<S> LinearInfluenceEngine<S>::gradients(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const {
   check_points("", X, y);
   const Index k = X.rows(), K = spec_.n_outputs;
   RowMatrix<S> scores, R(k, K), C(k, K), G;
@@ -122,17 +190,15 @@ RowMatrix<S> LinearInfluenceEngine<S>::gradients(const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-ColMatrix<S> LinearInfluenceEngine<S>::solve(const Eigen::Ref<const ColMatrix<S>>& B) const {
-  require_factor();
+ColMatrix<S> LinearInfluenceEngine<S>::solve(const ConstColMatrixRef<S>& B) const {
   if (B.rows() != n_params())
     throw std::invalid_argument("B must have " + std::to_string(n_params()) + " rows (one per parameter)");
   return factor_.solve(B);
 }
 
 template <class S>
-ColMatrix<S> LinearInfluenceEngine<S>::s_test(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                              const Eigen::Ref<const Vector<S>>& y_test) const {
-  require_factor();
+ColMatrix<S> LinearInfluenceEngine<S>::s_test(const ConstRowMatrixRef<S>& X_test,
+                                              const ConstVectorRef<S>& y_test) const {
   check_points("_test", X_test, y_test);
   const RowMatrix<S> G = gradients(X_test, y_test);  // checked finite there
   return require_finite(factor_.solve(G.transpose()), "s_test = (H + damping*I)^-1 grad L(z_test)");
@@ -147,9 +213,9 @@ ColMatrix<S> LinearInfluenceEngine<S>::reshape_for_contraction(const ColMatrix<S
 }
 
 template <class S>
-void LinearInfluenceEngine<S>::score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
-                                           const ColMatrix<S>& Shat, Index m, Index start, Index rows,
-                                           RowMatrix<S>& Z, Eigen::Ref<RowMatrix<S>> out) const {
+void LinearInfluenceEngine<S>::score_block(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R,
+                                           const ColMatrix<S>& Shat, Index m, Index start, Index rows, RowMatrix<S>& Z,
+                                           RowMatrixRef<S> out) const {
   const Index K = spec_.n_outputs, d = X.cols();
   Z.resize(rows, K * m);
   // Z(i, a·m + t) = x̃_i · S_t[a, :]; the intercept's constant feature is added as a row, not copied into X.
@@ -161,15 +227,13 @@ void LinearInfluenceEngine<S>::score_block(const Eigen::Ref<const RowMatrix<S>>&
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::up_params(const Eigen::Ref<const RowMatrix<S>>& X,
-                                                 const Eigen::Ref<const Vector<S>>& y) const {
-  require_factor();
+RowMatrix<S> LinearInfluenceEngine<S>::up_params(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const {
   const RowMatrix<S> G = gradients(X, y);
   return require_finite(RowMatrix<S>(-factor_.solve(G.transpose()).transpose()), "up_params");
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R,
+RowMatrix<S> LinearInfluenceEngine<S>::score_all(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R,
                                                  const ColMatrix<S>& Shat, Index m) const {
   const Index k = X.rows();
   RowMatrix<S> out(k, m);
@@ -191,10 +255,8 @@ RowMatrix<S> LinearInfluenceEngine<S>::score_all(const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                               const Eigen::Ref<const Vector<S>>& y_test,
-                                               const Eigen::Ref<const RowMatrix<S>>& X,
-                                               const Eigen::Ref<const Vector<S>>& y) const {
+RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                                               const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const {
   check_points("", X, y);
   const SerialIfSmall serial(scoring_flops(X.rows(), X_test.rows()));
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
@@ -206,18 +268,16 @@ RowMatrix<S> LinearInfluenceEngine<S>::up_loss(const Eigen::Ref<const RowMatrix<
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                                     const Eigen::Ref<const Vector<S>>& y_test) const {
+RowMatrix<S> LinearInfluenceEngine<S>::up_loss_train(const ConstRowMatrixRef<S>& X_test,
+                                                     const ConstVectorRef<S>& y_test) const {
   const SerialIfSmall serial(scoring_flops(X_.rows(), X_test.rows()));
   const ColMatrix<S> Shat = reshape_for_contraction(s_test(X_test, y_test));
   return score_all(X_, residual_, Shat, X_test.rows());  // cached training residuals
 }
 
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                                 const Eigen::Ref<const Vector<S>>& y_test,
-                                                 const Eigen::Ref<const RowMatrix<S>>& X,
-                                                 const Eigen::Ref<const Vector<S>>& y) const {
+RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                                                 const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const {
   // ∇x∇θL(z) is the p×d Jacobian J((a,l), j) = (D W)(a, j) x̃_l + r_a δ_lj  (since ∇θL = r(s) ⊗ x̃, s = W x̃).
   // With S_t the K×d_eff reshaping of s_test and α_t = S_t x̃ (K):
   //   I_pert,loss(z, z_test)_j = −[(W_xᵀ D α_t)_j + (S_t,xᵀ r)_j],   W_x, S_t,x the first d columns.
@@ -228,7 +288,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatri
   RowMatrix<S> scores, R(k, K), C(k, K), xbuf;
   compute_scores<S>(spec_, X, W_, scores);
   per_example_from_scores<S>(spec_, scores, y, nullptr, R.data(), C.data());
-  const Eigen::Ref<const RowMatrix<S>> Xt = augmented_rows<S>(spec_, X, 0, k, xbuf);
+  const ConstRowMatrixRef<S> Xt = augmented_rows<S>(spec_, X, 0, k, xbuf);
   const RowMatrix<S> Z = Xt * Shat;  // Z(i, a·m + t) = α_it[a]
   RowMatrix<S> DA(k * m, K);
   Vector<S> alpha(K);
@@ -249,8 +309,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::pert_loss(const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const RowMatrix<S>>& X,
-                                                        const RowMatrix<S>& R) const {
+Vector<S> LinearInfluenceEngine<S>::self_influence_from(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R) const {
   // −g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹ g_i‖²: one triangular solve per block of gradients.
   const Index k = X.rows(), p = n_params();
   const SerialIfSmall serial(double(k) * double(p) * double(p));
@@ -271,9 +330,7 @@ Vector<S> LinearInfluenceEngine<S>::self_influence_from(const Eigen::Ref<const R
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMatrix<S>>& X,
-                                                   const Eigen::Ref<const Vector<S>>& y) const {
-  require_factor();
+Vector<S> LinearInfluenceEngine<S>::self_influence(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const {
   check_points("", X, y);
   const Index k = X.rows(), K = spec_.n_outputs;
   RowMatrix<S> scores, R(k, K), C(k, K);
@@ -284,13 +341,12 @@ Vector<S> LinearInfluenceEngine<S>::self_influence(const Eigen::Ref<const RowMat
 
 template <class S>
 Vector<S> LinearInfluenceEngine<S>::self_influence_train() const {
-  require_factor();
   return self_influence_from(X_, residual_);  // cached training residuals
 }
 
 template <class S>
-TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                                        const Eigen::Ref<const Vector<S>>& y_test, Index k) const {
+TopK<S> LinearInfluenceEngine<S>::top_k(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                                        Index k) const {
   const Index n = X_.rows();
   if (k < 1 || k > n)
     throw std::invalid_argument("k must be between 1 and the number of training points (" + std::to_string(n) +
@@ -304,8 +360,12 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   RowMatrix<S> scores(block, m), Z;
   ExceptionCarrier carrier;
   // Lexicographic order on (score, index) keeps results deterministic under ties.
-  const auto less = [](const Cand& a, const Cand& b) { return a.first < b.first || (a.first == b.first && a.second < b.second); };
-  const auto greater = [](const Cand& a, const Cand& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  const auto less = [](const Cand& a, const Cand& b) {
+    return a.first < b.first || (a.first == b.first && a.second < b.second);
+  };
+  const auto greater = [](const Cand& a, const Cand& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   for (Index start = 0; start < n; start += block) {
     const Index b = std::min(block, n - start);
     score_block(X_, residual_, Shat, m, start, b, Z, scores.topRows(b));
@@ -346,75 +406,192 @@ TopK<S> LinearInfluenceEngine<S>::top_k(const Eigen::Ref<const RowMatrix<S>>& X_
   return out;
 }
 
+// Newton-step leave-one-out (loo_newton). Notation: c = 1/(n−1), g_i = U_i r_i with U_i = I_K ⊗ x̃_i (p×K),
+// H_i = U_i D_i U_iᵀ.
+//   ∇R₋ᵢ(θ̂) = v0 − c g_i,        v0 = c Σ_j g_j + l2 P θ̂
+//   ∇²R₋ᵢ + λI = A − c H_i,       A = (n/(n−1)) H_data + l2 P + λI   (H_data: the data part of H)
+// Woodbury (push-through form, D may be singular):
+//   (A − c U D Uᵀ)⁻¹ = A⁻¹ + c A⁻¹U (I − c D UᵀA⁻¹U)⁻¹ D UᵀA⁻¹.
+// For test directions Q = [e_a ⊗ x̃_t], the score change of test point t is (QᵀΔθ_i),
+//   QᵀΔθ_i = −QᵀA⁻¹v0 − c V_i (w_i − r_i),  V_i = QᵀA⁻¹U_i,  w_i = (I − c D_i M_i)⁻¹ D_i u_i,
+//   M_i = U_iᵀA⁻¹U_i,  u_i = U_iᵀA⁻¹v0 − c M_i r_i.
 template <class S>
-RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
-    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
-  // Notation: c = 1/(n−1), g_i = U_i r_i with U_i = I_K ⊗ x̃_i (p×K), H_i = U_i D_i U_iᵀ.
-  //   ∇R₋ᵢ(θ̂) = v0 − c g_i,        v0 = c Σ_j g_j + l2 P θ̂
-  //   ∇²R₋ᵢ + λI = A − c H_i,       A = (n/(n−1)) H_data + l2 P + λI   (H_data: the data part of H)
-  // Woodbury (push-through form, D may be singular):
-  //   (A − c U D Uᵀ)⁻¹ = A⁻¹ + c A⁻¹U (I − c D UᵀA⁻¹U)⁻¹ D UᵀA⁻¹.
-  // For test directions Q = [e_a ⊗ x̃_t], the score change of test point t is (QᵀΔθ_i),
-  //   QᵀΔθ_i = −QᵀA⁻¹v0 − c V_i (w_i − r_i),  V_i = QᵀA⁻¹U_i,  w_i = (I − c D_i M_i)⁻¹ D_i u_i,
-  //   M_i = U_iᵀA⁻¹U_i,  u_i = U_iᵀA⁻¹v0 − c M_i r_i.
-  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
-  check_points("_test", X_test, y_test);
-  if (n < 2) throw std::invalid_argument("leave-one-out needs at least 2 training points");
+struct LinearInfluenceEngine<S>::LooContext {
+  S c = S(0);         // 1/(n−1)
+  Index m = 0;        // test points
+  ColMatrix<S> Ainv;  // A⁻¹ (p×p)
+  Vector<S> base;     // QᵀA⁻¹v0 (K·m): column a·m + t
+  RowMatrix<S> Av0;   // A⁻¹v0 reshaped to K×d_eff
+  ColMatrix<S> Yhat;  // d_eff × K·K·m: Ŷ(:, b·Km + col) = AiQ(b-block, col), so (X̃ Ŷ)(i, b·Km + col) = V_i(col, b)
+  RowMatrix<S> test_scores;  // m×K at θ̂
+  Vector<S> test_loss0;      // m: the test losses at θ̂
+};
+
+template <class S>
+struct LinearInfluenceEngine<S>::LooRows {
+  RowMatrix<S> Xt;               // x̃_i of the removed points (k×d_eff)
+  RowMatrix<S> Z;                // X̃ Ŷ (k × K·K·m)
+  RowMatrix<S> U0;               // u0_i = U_iᵀA⁻¹v0 (k×K)
+  std::vector<RowMatrix<S>> XA;  // [a·K + b], b ≥ a: X̃ A⁻¹[a-block, b-block], for M_i(a, b) = x̃_iᵀ A⁻¹[a, b] x̃_i
+};
+
+template <class S>
+Vector<S> LinearInfluenceEngine<S>::penalty_diagonal() const {
+  const Index d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d);
+  Vector<S> penalty = Vector<S>::Zero(K * de);
+  for (Index a = 0; a < K; ++a)
+    for (Index j = 0; j < de; ++j)
+      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
+  return penalty;
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::check_train_indices(const ConstIndexVectorRef& idx) const {
+  const Index n = X_.rows();
   for (Index j = 0; j < idx.size(); ++j)
     if (idx[j] < 0 || idx[j] >= n)
       throw std::invalid_argument("train index " + std::to_string(idx[j]) + " is out of range for " +
                                   std::to_string(n) + " training points");
+}
+
+template <class S>
+ColMatrix<S> LinearInfluenceEngine<S>::loo_hessian_inverse(const Vector<S>& penalty) const {
+  const Index n = X_.rows(), p = n_params();
   const S c = S(1) / S(n - 1);
-  const Index m = X_test.rows();
-  // A and its inverse.
   ColMatrix<S> A = H_;
-  Vector<S> penalty = Vector<S>::Zero(p);  // diagonal of l2 P
-  for (Index a = 0; a < K; ++a)
-    for (Index j = 0; j < de; ++j)
-      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
   A.diagonal() -= penalty;
   A *= S(n) * c;
   A.diagonal() += penalty;
   A.diagonal().array() += S(damping_);
-  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, d, A);
-  CholeskyFactor<S> factorA;
-  if (factorA.compute(std::move(A)) != Status::Ok) throw std::domain_error(factorA.failure_message("the leave-one-out Hessian"));
+  if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), A);
+  CholeskyFactor<S> factor;
+  if (factor.compute(std::move(A)) != Status::Ok) {
+    if (factor.status() == Status::NotPositiveDefinite)
+      throw factor.not_positive_definite("the leave-one-out Hessian", kDampingAdvice);
+    throw NonFiniteError("the leave-one-out Hessian");
+  }
   ColMatrix<S> Ainv = ColMatrix<S>::Identity(p, p);
-  factorA.solve_in_place(Ainv);
+  factor.solve_in_place(Ainv);
+  return Ainv;
+}
+
+template <class S>
+typename LinearInfluenceEngine<S>::LooContext LinearInfluenceEngine<S>::loo_context(const ConstRowMatrixRef<S>& X_test,
+                                                                                    const ConstVectorRef<S>& y_test,
+                                                                                    const Vector<S>& penalty) const {
+  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  LooContext ctx;
+  ctx.c = S(1) / S(n - 1);
+  ctx.m = X_test.rows();
+  const Index m = ctx.m;
+  ctx.Ainv = loo_hessian_inverse(penalty);
   // v0 = c Σ_j g_j + l2 P θ̂.
-  RowMatrix<S> xbuf;
   RowMatrix<S> gsum(K, de);
   gsum.leftCols(d).noalias() = residual_.transpose() * X_;
   if (spec_.fit_intercept) gsum.col(d) = residual_.colwise().sum().transpose();
-  Vector<S> v0 = c * Eigen::Map<const Vector<S>>(gsum.data(), p);
+  Vector<S> v0 = ctx.c * Eigen::Map<const Vector<S>>(gsum.data(), p);
   v0 += penalty.cwiseProduct(Eigen::Map<const Vector<S>>(W_.data(), p));
-  const Vector<S> Ainv_v0 = Ainv * v0;
+  const Vector<S> Ainv_v0 = ctx.Ainv * v0;
   // Test side.
-  RowMatrix<S> test_scores, xtbuf;
-  compute_scores<S>(spec_, X_test, W_, test_scores);
-  Vector<S> test_loss0(m);
-  loss_from_scores<S>(spec_, test_scores, y_test, test_loss0.data());
-  const Eigen::Ref<const RowMatrix<S>> Xtest_t = augmented_rows<S>(spec_, X_test, 0, m, xtbuf);
+  compute_scores<S>(spec_, X_test, W_, ctx.test_scores);
+  ctx.test_loss0.resize(m);
+  loss_from_scores<S>(spec_, ctx.test_scores, y_test, ctx.test_loss0.data());
+  RowMatrix<S> xtbuf;
+  const ConstRowMatrixRef<S> Xtest_t = augmented_rows<S>(spec_, X_test, 0, m, xtbuf);
   ColMatrix<S> AiQ(p, K * m);  // column a·m + t = A⁻¹ (e_a ⊗ x̃_t)
-  for (Index a = 0; a < K; ++a) AiQ.middleCols(a * m, m).noalias() = Ainv.middleCols(a * de, de) * Xtest_t.transpose();
-  const Vector<S> base = AiQ.transpose() * v0;  // QᵀA⁻¹v0
-  // Ŷ(:, b·Km + col) = AiQ(b-block, col), so (X̃ Ŷ)(i, b·Km + col) = V_i(col, b).
-  ColMatrix<S> Yhat(de, K * K * m);
-  for (Index b = 0; b < K; ++b) Yhat.middleCols(b * K * m, K * m) = AiQ.middleRows(b * de, de);
-  RowMatrix<S> Av0(K, de);  // reshaped A⁻¹v0
-  for (Index a = 0; a < K; ++a) Av0.row(a) = Ainv_v0.segment(a * de, de).transpose();
-  // Gather the requested training rows.
-  const Index k = idx.size();
-  RowMatrix<S> Xk(k, d);
-  for (Index j = 0; j < k; ++j) Xk.row(j) = X_.row(idx[j]);
-  const Eigen::Ref<const RowMatrix<S>> Xk_t = augmented_rows<S>(spec_, Xk, 0, k, xbuf);
-  const RowMatrix<S> Z = Xk_t * Yhat;                 // k × K·K·m
-  const RowMatrix<S> U0 = Xk_t * Av0.transpose();     // u0_i = U_iᵀA⁻¹v0, k × K
-  // M_i(a, b) = x̃_iᵀ A⁻¹[a-block, b-block] x̃_i
-  std::vector<RowMatrix<S>> XA(K * K);
   for (Index a = 0; a < K; ++a)
-    for (Index b = a; b < K; ++b) XA[a * K + b] = Xk_t * Ainv.block(a * de, b * de, de, de);
+    AiQ.middleCols(a * m, m).noalias() = ctx.Ainv.middleCols(a * de, de) * Xtest_t.transpose();
+  ctx.base = AiQ.transpose() * v0;
+  ctx.Yhat.resize(de, K * K * m);
+  for (Index b = 0; b < K; ++b) ctx.Yhat.middleCols(b * K * m, K * m) = AiQ.middleRows(b * de, de);
+  ctx.Av0.resize(K, de);
+  for (Index a = 0; a < K; ++a) ctx.Av0.row(a) = Ainv_v0.segment(a * de, de).transpose();
+  return ctx;
+}
+
+template <class S>
+typename LinearInfluenceEngine<S>::LooRows LinearInfluenceEngine<S>::loo_rows(const LooContext& ctx,
+                                                                              const ConstIndexVectorRef& idx) const {
+  const Index d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), k = idx.size();
+  LooRows rows;
+  rows.Xt.resize(k, de);
+  for (Index j = 0; j < k; ++j) {
+    rows.Xt.row(j).head(d) = X_.row(idx[j]);
+    if (spec_.fit_intercept) rows.Xt(j, d) = S(1);
+  }
+  rows.Z = rows.Xt * ctx.Yhat;
+  rows.U0 = rows.Xt * ctx.Av0.transpose();
+  rows.XA.resize(std::size_t(K * K));
+  for (Index a = 0; a < K; ++a)
+    for (Index b = a; b < K; ++b) rows.XA[std::size_t(a * K + b)] = rows.Xt * ctx.Ainv.block(a * de, b * de, de, de);
+  return rows;
+}
+
+namespace {
+
+// Whether removing a point leaves a Hessian that is not positive definite. ∇²R₋ᵢ + λI = A^{1/2} (I − c A^{-1/2} U D
+// Uᵀ A^{-1/2}) A^{1/2}, and the middle factor's eigenvalues other than 1 are those of I − c D M (D, M positive
+// semi-definite), so the removal is singular iff one of them is ≤ 0 (numerically: below p·eps, the Cholesky test of
+// the group path), and then the step would be inf or garbage. K = 1: the scalar itself. K > 1: I − cDM is similar
+// to I − c M^{1/2} D M^{1/2}, which is positive definite iff M − c M D M = M^{1/2}(…)M^{1/2} is (M ≻ 0; a point with
+// x̃ = 0 has M = 0 and changes nothing): a K×K Cholesky with the pivot test of cholesky.cpp.
+template <class S>
+bool removal_is_singular(const ColMatrix<S>& M, const ColMatrix<S>& DM, const ColMatrix<S>& system, S c, Index p) {
+  const S tiny = S(p) * std::numeric_limits<S>::epsilon();
+  if (M.rows() == 1) return !(system(0, 0) > tiny);
+  const ColMatrix<S> T = M - c * (M * DM);
+  const Eigen::LLT<ColMatrix<S>> llt(T.template selfadjointView<Eigen::Lower>());
+  const S max_diag = M.diagonal().cwiseAbs().maxCoeff();
+  return max_diag > S(0) &&
+         (llt.info() != Eigen::Success || !(llt.matrixLLT().diagonal().array().square().minCoeff() > tiny * max_diag));
+}
+
+}  // namespace
+
+template <class S>
+bool LinearInfluenceEngine<S>::loo_step(const LooContext& ctx, const LooRows& rows, Index i, Index row,
+                                        const ConstVectorRef<S>& y_test, RowMatrixRef<S> out) const {
+  const Index K = spec_.n_outputs, m = ctx.m;
+  const S c = ctx.c;
+  ColMatrix<S> M(K, K), DM(K, K);
+  for (Index a = 0; a < K; ++a)
+    for (Index b = a; b < K; ++b) M(a, b) = M(b, a) = rows.XA[std::size_t(a * K + b)].row(i).dot(rows.Xt.row(i));
+  const S* cv = curvature_.row(row).data();
+  const Vector<S> rv = residual_.row(row).transpose();
+  const Vector<S> u = rows.U0.row(i).transpose() - c * (M * rv);
+  Vector<S> Du(K), w(K);
+  apply_curvature(spec_, cv, u.data(), Du.data());
+  for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
+  const ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
+  if (removal_is_singular<S>(M, DM, system, c, n_params())) return false;
+  if (K == 1)
+    w[0] = Du[0] / system(0, 0);
+  else
+    w = system.partialPivLu().solve(Du);
+  const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
+  RowMatrix<S> sc(1, K);
+  for (Index t = 0; t < m; ++t) {
+    for (Index a = 0; a < K; ++a) {
+      S vc = 0;
+      for (Index b = 0; b < K; ++b) vc += rows.Z(i, b * K * m + a * m + t) * coef[b];
+      sc(0, a) = ctx.test_scores(t, a) - ctx.base[a * m + t] - c * vc;
+    }
+    S l;
+    loss_from_scores<S>(spec_, sc, y_test.segment(t, 1), &l);
+    out(i, t) = l - ctx.test_loss0[t];
+  }
+  return true;
+}
+
+template <class S>
+RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                                                  const ConstIndexVectorRef& idx) const {
+  check_points("_test", X_test, y_test);
+  if (X_.rows() < 2) throw std::invalid_argument("leave-one-out needs at least 2 training points");
+  check_train_indices(idx);
+  const LooContext ctx = loo_context(X_test, y_test, penalty_diagonal());
+  const LooRows rows = loo_rows(ctx, idx);
+  const Index k = idx.size(), m = ctx.m, K = spec_.n_outputs;
   RowMatrix<S> out(k, m);
   ExceptionCarrier carrier;
   std::atomic<Index> singular{-1};  // a training index whose removal leaves a singular Hessian
@@ -423,77 +600,31 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(
 #endif
   for (Index i = 0; i < k; ++i) {
     carrier.run([&] {
-      const Index row = idx[i];
-      ColMatrix<S> M(K, K), DM(K, K);
-      for (Index a = 0; a < K; ++a)
-        for (Index b = a; b < K; ++b) M(a, b) = M(b, a) = XA[a * K + b].row(i).dot(Xk_t.row(i));
-      const S* r = residual_.row(row).data();
-      const S* cv = curvature_.row(row).data();
-      Vector<S> rv = Eigen::Map<const Vector<S>>(r, K);
-      Vector<S> u = U0.row(i).transpose() - c * (M * rv);
-      Vector<S> Du(K), w(K);
-      apply_curvature(spec_, cv, u.data(), Du.data());
-      for (Index b = 0; b < K; ++b) apply_curvature(spec_, cv, M.col(b).data(), DM.col(b).data());
-      ColMatrix<S> system = ColMatrix<S>::Identity(K, K) - c * DM;
-      // ∇²R₋ᵢ + λI = A^{1/2} (I − c A^{-1/2} U D Uᵀ A^{-1/2}) A^{1/2}, and the middle factor's eigenvalues other
-      // than 1 are those of I − c D M (D, M positive semi-definite). Removing the point leaves a Hessian that is
-      // not positive definite iff one of them is ≤ 0 (numerically: below p·eps, the Cholesky test of the group
-      // path), and then the step would be inf or garbage. K = 1: the scalar itself. K > 1: I − cDM is similar
-      // to I − c M^{1/2} D M^{1/2}, which is positive definite iff M − c M D M = M^{1/2}(…)M^{1/2} is (M ≻ 0;
-      // a point with x̃ = 0 has M = 0 and changes nothing): a K×K Cholesky with the pivot test of cholesky.cpp.
-      bool singular_removal;
-      const S tiny = S(p) * std::numeric_limits<S>::epsilon();
-      if (K == 1) {
-        singular_removal = !(system(0, 0) > tiny);
-      } else {
-        const ColMatrix<S> T = M - c * (M * DM);
-        const Eigen::LLT<ColMatrix<S>> llt(T.template selfadjointView<Eigen::Lower>());
-        const S max_diag = M.diagonal().cwiseAbs().maxCoeff();
-        singular_removal = max_diag > S(0) && (llt.info() != Eigen::Success ||
-                                               !(llt.matrixLLT().diagonal().array().square().minCoeff() >
-                                                 tiny * max_diag));
-      }
-      if (singular_removal) {
+      if (!loo_step(ctx, rows, i, idx[i], y_test, out)) {
         Index expected = -1;
-        singular.compare_exchange_strong(expected, row);  // report one; no exception inside the parallel loop
-        return;
-      }
-      if (K == 1) w[0] = Du[0] / system(0, 0);
-      else w = system.partialPivLu().solve(Du);
-      const Vector<S> coef = w - rv;  // Δs = −base − c V_i coef
-      Vector<S> new_scores(K), new_loss(1);
-      RowMatrix<S> sc(1, K);
-      for (Index t = 0; t < m; ++t) {
-        for (Index a = 0; a < K; ++a) {
-          S vc = 0;
-          for (Index b = 0; b < K; ++b) vc += Z(i, b * K * m + a * m + t) * coef[b];
-          sc(0, a) = test_scores(t, a) - base[a * m + t] - c * vc;
-        }
-        S l;
-        loss_from_scores<S>(spec_, sc, y_test.segment(t, 1), &l);
-        out(i, t) = l - test_loss0[t];
+        singular.compare_exchange_strong(expected, idx[i]);  // report one; no exception inside the parallel loop
       }
     });
   }
   carrier.rethrow();
-  if (singular.load() >= 0)
-    throw std::domain_error("the leave-one-out Hessian without training point " + std::to_string(singular.load()) +
-                            " is singular or indefinite (removing it leaves too little data to determine every "
-                            "parameter)");
+  if (singular.load() >= 0) {
+    FactorFailure failure;
+    failure.status = Status::NotPositiveDefinite;
+    failure.size = n_params();
+    throw NotPositiveDefiniteError(
+        "the leave-one-out Hessian without training point " + std::to_string(singular.load()) +
+            " is singular or indefinite (removing it leaves too little data to determine every parameter)" +
+            kDampingAdvice,
+        failure, singular.load());
+  }
   return require_finite(std::move(out), "the Newton-step leave-one-out loss change");
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::removal_weights(
-    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
-  const Index n = X_.rows();
-  Vector<S> weights = Vector<S>::Ones(n);
-  for (Index j = 0; j < idx.size(); ++j) {
-    if (idx[j] < 0 || idx[j] >= n)
-      throw std::invalid_argument("train index " + std::to_string(idx[j]) + " is out of range for " +
-                                  std::to_string(n) + " training points");
-    weights[idx[j]] = S(0);
-  }
+Vector<S> LinearInfluenceEngine<S>::removal_weights(const ConstIndexVectorRef& idx) const {
+  check_train_indices(idx);
+  Vector<S> weights = Vector<S>::Ones(X_.rows());
+  for (Index j = 0; j < idx.size(); ++j) weights[idx[j]] = S(0);
   if (!(weights.sum() > S(0))) throw std::invalid_argument("cannot remove every training point");
   return weights;
 }
@@ -502,12 +633,9 @@ template <class S>
 ColMatrix<S> LinearInfluenceEngine<S>::leave_out_hessian(const Vector<S>& weights) const {
   // ∇²R₋(θ̂) = (n·H_data − g·H_data(removed))/(n − g) + l2P, with H_data = H − l2P the mean over all n:
   // g·p² work for the removed rows instead of re-assembling n·p².
-  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  const Index n = X_.rows(), d = X_.cols();
   const Index kept = Index((weights.array() > S(0)).count()), g = n - kept;
-  Vector<S> penalty = Vector<S>::Zero(p);
-  for (Index a = 0; a < K; ++a)
-    for (Index j = 0; j < de; ++j)
-      if (spec_.penalized(j, d)) penalty[a * de + j] = S(spec_.l2);
+  const Vector<S> penalty = penalty_diagonal();
   ColMatrix<S> M = H_;
   M.diagonal() -= penalty;
   M *= S(n);
@@ -516,7 +644,11 @@ ColMatrix<S> LinearInfluenceEngine<S>::leave_out_hessian(const Vector<S>& weight
     Vector<S> yg(g);
     Index r = 0;
     for (Index i = 0; i < n; ++i)
-      if (!(weights[i] > S(0))) { Xg.row(r) = X_.row(i); yg[r] = y_[i]; ++r; }
+      if (!(weights[i] > S(0))) {
+        Xg.row(r) = X_.row(i);
+        yg[r] = y_[i];
+        ++r;
+      }
     const Vector<S> no_w;
     M -= S(g) * data_hessian<S>(spec_, Xg, yg, W_, no_w);
   }
@@ -526,9 +658,9 @@ ColMatrix<S> LinearInfluenceEngine<S>::leave_out_hessian(const Vector<S>& weight
 }
 
 template <class S>
-Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
-    const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const {
+Vector<S> LinearInfluenceEngine<S>::loo_newton_group(const ConstRowMatrixRef<S>& X_test,
+                                                     const ConstVectorRef<S>& y_test,
+                                                     const ConstIndexVectorRef& idx) const {
   // One Newton step from θ̂ on the objective without the group (mean over the remaining points).
   const Index p = n_params(), m = X_test.rows();
   check_points("_test", X_test, y_test);
@@ -537,7 +669,11 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
   Hg.diagonal().array() += S(damping_);
   if (damping_ == 0.0) add_intercept_gauge<S>(spec_, X_.cols(), Hg);
   CholeskyFactor<S> factor;
-  if (factor.compute(std::move(Hg)) != Status::Ok) throw std::domain_error(factor.failure_message("the leave-group-out Hessian"));
+  if (factor.compute(std::move(Hg)) != Status::Ok) {
+    if (factor.status() == Status::NotPositiveDefinite)
+      throw factor.not_positive_definite("the leave-group-out Hessian", kDampingAdvice);
+    throw NonFiniteError("the leave-group-out Hessian");
+  }
   const ObjectiveValue<S> obj = objective<S>(spec_, X_, y_, W_, weights, true);
   const Vector<S> step = factor.solve(Eigen::Map<const Vector<S>>(obj.grad.data(), p));
   const RowMatrix<S> W1 = W_ - Eigen::Map<const RowMatrix<S>>(step.data(), W_.rows(), W_.cols());
@@ -551,8 +687,8 @@ Vector<S> LinearInfluenceEngine<S>::loo_newton_group(
 }
 
 template <class S>
-NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
-    const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx, double tol, int max_iter) const {
+NewtonResult<S> LinearInfluenceEngine<S>::refit_without(const ConstIndexVectorRef& idx, double tol,
+                                                        int max_iter) const {
   const Index d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
   if (!(tol >= 0.0)) throw std::invalid_argument("tol must be >= 0");
   if (max_iter < 1) throw std::invalid_argument("max_iter must be >= 1");
@@ -561,7 +697,7 @@ NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
   ColMatrix<S> M = leave_out_hessian(weights);
   add_intercept_gauge<S>(spec_, d, M);
   CholeskyFactor<S> chord;
-  chord.compute(std::move(M));
+  const bool chord_ok = chord.compute(std::move(M)) == Status::Ok;
   NewtonResult<S> res;
   res.W = W_;
   const auto gauged = [&](const RowMatrix<S>& W) {
@@ -569,7 +705,7 @@ NewtonResult<S> LinearInfluenceEngine<S>::refit_without(
     add_intercept_gauge<S>(spec_, W, v);
     return v;
   };
-  bool fallback = !chord.ok();
+  bool fallback = !chord_ok;
   if (!fallback) {
     ObjectiveValue<S> cur = gauged(res.W);
     double gnorm = double(cur.grad.norm());

@@ -51,8 +51,8 @@ inline S sigmoid(S u) {
 }
 
 [[noreturn]] void bad_label(Index row, const char* expected, double value) {
-  throw std::invalid_argument("y[" + std::to_string(row) + "] = " + std::to_string(value) + " is not a valid label: " +
-                              expected);
+  throw std::invalid_argument("y[" + std::to_string(row) + "] = " + std::to_string(value) +
+                              " is not a valid label: " + expected);
 }
 
 template <class S>
@@ -81,7 +81,10 @@ inline S one_example(const ModelSpec& spec, const S* s, S yi, S* r, S* c) {
   switch (spec.family) {
     case Family::Logistic: {
       const S p = sigmoid(s[0]);
-      if (r) { r[0] = p - yi; c[0] = p * (S(1) - p); }
+      if (r) {
+        r[0] = p - yi;
+        c[0] = p * (S(1) - p);
+      }
       return softplus(s[0]) - yi * s[0];
     }
     case Family::SmoothHinge: {
@@ -96,7 +99,10 @@ inline S one_example(const ModelSpec& spec, const S* s, S yi, S* r, S* c) {
     }
     case Family::Squared: {
       const S e = s[0] - yi;
-      if (r) { r[0] = e; c[0] = S(1); }
+      if (r) {
+        r[0] = e;
+        c[0] = S(1);
+      }
       return S(0.5) * e * e;
     }
     case Family::Multinomial: {
@@ -127,13 +133,13 @@ S per_example_row(const ModelSpec& spec, const S* scores, S y, S* residual, S* c
 }
 
 template <class S>
-void check_labels(const ModelSpec& spec, const Eigen::Ref<const Vector<S>>& y) {
+void check_labels(const ModelSpec& spec, const ConstVectorRef<S>& y) {
   for (Index i = 0; i < y.size(); ++i) check_label(spec, i, y[i]);
 }
 
 template <class S>
-void per_example_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
-                             const Eigen::Ref<const Vector<S>>& y, S* loss, S* residual, S* curvature) {
+void per_example_from_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& scores, const ConstVectorRef<S>& y,
+                             S* loss, S* residual, S* curvature) {
   const Index b = scores.rows(), K = spec.n_outputs;
   for (Index i = 0; i < b; ++i) check_label(spec, i, y[i]);
 #ifdef PYINFLUENCE_HAS_OPENMP
@@ -147,14 +153,13 @@ void per_example_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMa
 }
 
 template <class S>
-void loss_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
-                      const Eigen::Ref<const Vector<S>>& y, S* loss) {
+void loss_from_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& scores, const ConstVectorRef<S>& y, S* loss) {
   per_example_from_scores<S>(spec, scores, y, loss, nullptr, nullptr);
 }
 
 template <class S>
-void compute_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                    const Eigen::Ref<const RowMatrix<S>>& W, RowMatrix<S>& scores) {
+void compute_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstRowMatrixRef<S>& W,
+                    RowMatrix<S>& scores) {
   const Index d = X.cols();
   scores.resize(X.rows(), spec.n_outputs);
   scores.noalias() = X * W.leftCols(d).transpose();
@@ -162,8 +167,8 @@ void compute_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>&
 }
 
 template <class S>
-Eigen::Ref<const RowMatrix<S>> augmented_rows(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                                              Index start, Index rows, RowMatrix<S>& buffer) {
+ConstRowMatrixRef<S> augmented_rows(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, Index start, Index rows,
+                                    RowMatrix<S>& buffer) {
   if (!spec.fit_intercept) return X.middleRows(start, rows);
   const Index d = X.cols();
   buffer.resize(rows, d + 1);
@@ -172,17 +177,16 @@ Eigen::Ref<const RowMatrix<S>> augmented_rows(const ModelSpec& spec, const Eigen
   return buffer;
 }
 
-#define PYINFLUENCE_INSTANTIATE(S)                                                                              \
-  template S per_example_row<S>(const ModelSpec&, const S*, S, S*, S*);                                        \
-  template void check_labels<S>(const ModelSpec&, const Eigen::Ref<const Vector<S>>&);                         \
-  template void per_example_from_scores<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,           \
-                                           const Eigen::Ref<const Vector<S>>&, S*, S*, S*);                   \
-  template void loss_from_scores<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                  \
-                                    const Eigen::Ref<const Vector<S>>&, S*);                                  \
-  template void compute_scores<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                    \
-                                  const Eigen::Ref<const RowMatrix<S>>&, RowMatrix<S>&);                      \
-  template Eigen::Ref<const RowMatrix<S>> augmented_rows<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&, \
-                                                            Index, Index, RowMatrix<S>&);
+#define PYINFLUENCE_INSTANTIATE(S)                                                                                  \
+  template S per_example_row<S>(const ModelSpec&, const S*, S, S*, S*);                                             \
+  template void check_labels<S>(const ModelSpec&, const ConstVectorRef<S>&);                                        \
+  template void per_example_from_scores<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&, \
+                                           S*, S*, S*);                                                             \
+  template void loss_from_scores<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&, S*);   \
+  template void compute_scores<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstRowMatrixRef<S>&,       \
+                                  RowMatrix<S>&);                                                                   \
+  template ConstRowMatrixRef<S> augmented_rows<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, Index, Index,      \
+                                                  RowMatrix<S>&);
 PYINFLUENCE_INSTANTIATE(float)
 PYINFLUENCE_INSTANTIATE(double)
 #undef PYINFLUENCE_INSTANTIATE

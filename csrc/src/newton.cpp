@@ -1,15 +1,14 @@
 #include "pyinfluence/newton.hpp"
 
-#include "pyinfluence/cholesky.hpp"
 #include <cmath>
 #include <limits>
+#include "pyinfluence/cholesky.hpp"
 
 namespace pyinfluence {
 
 template <class S>
-NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                           const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W0,
-                           const Eigen::Ref<const Vector<S>>& weights, double tol, int max_iter) {
+NewtonResult<S> fit_newton(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                           const ConstRowMatrixRef<S>& W0, const ConstVectorRef<S>& weights, double tol, int max_iter) {
   check_problem<S>(spec, X, y, W0, weights);
   NewtonResult<S> res;
   res.W = W0;
@@ -32,12 +31,13 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
     if (gnorm <= tol) break;
     ColMatrix<S> H = hessian<S>(spec, X, y, res.W, weights);
     add_intercept_gauge<S>(spec, X.cols(), H);
-    if (factor.compute(std::move(H)) != Status::Ok) {
-      res.status = Status::NotPositiveDefinite;
+    if (const Status factored = factor.compute(std::move(H)); factored != Status::Ok) {
+      res.status = factored;  // NotPositiveDefinite, or NonFinite for a Hessian with NaN or inf
+      res.failure = factor.failure();
       break;
     }
     const Vector<S> g = Eigen::Map<const Vector<S>>(cur.grad.data(), p);
-    const Vector<S> step = factor.solve(g);  // Newton direction is −step
+    const Vector<S> step = factor.solve(g);        // Newton direction is −step
     const double decrement = double(g.dot(step));  // gᵀ H⁻¹ g ≥ 0
     double alpha = 1.0;
     bool accepted = false;
@@ -49,8 +49,8 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
       const bool armijo = trial.value <= cur.value - 1e-4 * alpha * decrement;
       // Near the optimum the decrease of R is below rounding; accept steps that do not raise R beyond
       // rounding and reduce the gradient.
-      const bool rounding_ok = trial.value <= cur.value + 16 * eps * std::abs(cur.value) &&
-                               double(trial.grad.norm()) < gnorm;
+      const bool rounding_ok =
+          trial.value <= cur.value + 16 * eps * std::abs(cur.value) && double(trial.grad.norm()) < gnorm;
       if (std::isfinite(trial.value) && (armijo || rounding_ok)) {
         accepted = true;
         break;
@@ -72,13 +72,11 @@ NewtonResult<S> fit_newton(const ModelSpec& spec, const Eigen::Ref<const RowMatr
   return res;
 }
 
-template NewtonResult<float> fit_newton<float>(const ModelSpec&, const Eigen::Ref<const RowMatrix<float>>&,
-                                               const Eigen::Ref<const Vector<float>>&,
-                                               const Eigen::Ref<const RowMatrix<float>>&,
-                                               const Eigen::Ref<const Vector<float>>&, double, int);
-template NewtonResult<double> fit_newton<double>(const ModelSpec&, const Eigen::Ref<const RowMatrix<double>>&,
-                                                 const Eigen::Ref<const Vector<double>>&,
-                                                 const Eigen::Ref<const RowMatrix<double>>&,
-                                                 const Eigen::Ref<const Vector<double>>&, double, int);
+template NewtonResult<float> fit_newton<float>(const ModelSpec&, const ConstRowMatrixRef<float>&,
+                                               const ConstVectorRef<float>&, const ConstRowMatrixRef<float>&,
+                                               const ConstVectorRef<float>&, double, int);
+template NewtonResult<double> fit_newton<double>(const ModelSpec&, const ConstRowMatrixRef<double>&,
+                                                 const ConstVectorRef<double>&, const ConstRowMatrixRef<double>&,
+                                                 const ConstVectorRef<double>&, double, int);
 
 }  // namespace pyinfluence

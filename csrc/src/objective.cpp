@@ -2,7 +2,6 @@
 
 #include "pyinfluence/threads.hpp"
 
-
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -18,15 +17,15 @@ Index rows_per_block(Index n, Index width, std::size_t scalar_size, std::size_t 
 }
 
 template <class S>
-void check_problem(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                   const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                   const Eigen::Ref<const Vector<S>>& weights) {
+void check_problem(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                   const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights) {
   spec.validate();
   const Index n = X.rows(), d = X.cols();
   if (n == 0) throw std::invalid_argument("X must have at least one row");
   if (d == 0) throw std::invalid_argument("X must have at least one column");
   if (y.size() != n)
-    throw std::invalid_argument("y has " + std::to_string(y.size()) + " entries but X has " + std::to_string(n) + " rows");
+    throw std::invalid_argument("y has " + std::to_string(y.size()) + " entries but X has " + std::to_string(n) +
+                                " rows");
   if (W.rows() != spec.n_outputs || W.cols() != spec.d_eff(d))
     throw std::invalid_argument("theta must have shape (" + std::to_string(spec.n_outputs) + ", " +
                                 std::to_string(spec.d_eff(d)) + ") for this model and X; got (" +
@@ -46,16 +45,15 @@ void check_problem(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& 
 namespace {
 
 template <class S>
-inline S weight_sum(const Eigen::Ref<const Vector<S>>& weights, Index n) {
+inline S weight_sum(const ConstVectorRef<S>& weights, Index n) {
   return weights.size() ? weights.sum() : S(n);
 }
 
 }  // namespace
 
 template <class S>
-ObjectiveValue<S> objective(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                            const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                            const Eigen::Ref<const Vector<S>>& weights, bool with_gradient) {
+ObjectiveValue<S> objective(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                            const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights, bool with_gradient) {
   const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d);
   const bool weighted = weights.size() != 0;
   ObjectiveValue<S> out;
@@ -104,9 +102,8 @@ namespace {
 template <class S>
 class CurvatureAccumulator {
  public:
-  CurvatureAccumulator(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                       const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                       const Eigen::Ref<const Vector<S>>& weights, Index block)
+  CurvatureAccumulator(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                       const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights, Index block)
       : spec_(spec), X_(X), y_(y), W_(W), weights_(weights), R_(block, spec.n_outputs), C_(block, spec.n_outputs) {}
 
   void add_rows(Index start, Index b, ColMatrix<S>& H, bool parallel_rows) {
@@ -151,8 +148,7 @@ class CurvatureAccumulator {
     // With weights ω, C already holds ω_i p_i; G_i = √ω_i p_i ⊗ x̃_i, so rescale by 1/√ω_i.
     G_.resize(b, p);
     for (Index i = 0; i < b; ++i) {
-      const S scale =
-          weighted ? (weights_[start + i] > S(0) ? S(1) / std::sqrt(weights_[start + i]) : S(0)) : S(1);
+      const S scale = weighted ? (weights_[start + i] > S(0) ? S(1) / std::sqrt(weights_[start + i]) : S(0)) : S(1);
       for (Index a = 0; a < K; ++a) {
         const S coef = scale * Cb(i, a);
         G_.row(i).segment(a * de, d) = coef * Xb.row(i);
@@ -170,10 +166,10 @@ class CurvatureAccumulator {
 
  private:
   const ModelSpec& spec_;
-  const Eigen::Ref<const RowMatrix<S>>& X_;
-  const Eigen::Ref<const Vector<S>>& y_;
-  const Eigen::Ref<const RowMatrix<S>>& W_;
-  const Eigen::Ref<const Vector<S>>& weights_;
+  const ConstRowMatrixRef<S>& X_;
+  const ConstVectorRef<S>& y_;
+  const ConstRowMatrixRef<S>& W_;
+  const ConstVectorRef<S>& weights_;
   RowMatrix<S> R_, C_, B_, G_;
 };
 
@@ -183,9 +179,8 @@ constexpr std::size_t partial_hessian_budget = std::size_t(512) << 20;
 }  // namespace
 
 template <class S>
-ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                          const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                          const Eigen::Ref<const Vector<S>>& weights) {
+ColMatrix<S> data_hessian(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                          const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights) {
   const Index n = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
   check_labels<S>(spec, y);
   const SerialIfSmall serial(double(n) * double(p) * double(p));
@@ -219,9 +214,8 @@ ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatri
 }
 
 template <class S>
-ColMatrix<S> hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                     const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                     const Eigen::Ref<const Vector<S>>& weights) {
+ColMatrix<S> hessian(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                     const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights) {
   ColMatrix<S> H = data_hessian<S>(spec, X, y, W, weights);
   const Index d = X.cols(), de = spec.d_eff(d);
   for (Index k = 0; k < spec.n_outputs; ++k)
@@ -239,7 +233,7 @@ void add_intercept_gauge(const ModelSpec& spec, Index d, ColMatrix<S>& H) {
 }
 
 template <class S>
-void add_intercept_gauge(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& W, ObjectiveValue<S>& obj) {
+void add_intercept_gauge(const ModelSpec& spec, const ConstRowMatrixRef<S>& W, ObjectiveValue<S>& obj) {
   if (!spec.has_intercept_gauge()) return;
   const Index d = W.cols() - 1;
   const S bsum = W.col(d).sum();
@@ -247,21 +241,17 @@ void add_intercept_gauge(const ModelSpec& spec, const Eigen::Ref<const RowMatrix
   if (obj.grad.size()) obj.grad.col(d).array() += S(ModelSpec::intercept_gauge) * bsum;
 }
 
-#define PYINFLUENCE_INSTANTIATE(S)                                                                                  \
-  template void add_intercept_gauge<S>(const ModelSpec&, Index, ColMatrix<S>&);                                      \
-  template void add_intercept_gauge<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&, ObjectiveValue<S>&); \
-  template void check_problem<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                           \
-                                 const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,         \
-                                 const Eigen::Ref<const Vector<S>>&);                                               \
-  template ObjectiveValue<S> objective<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                  \
-                                          const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&, \
-                                          const Eigen::Ref<const Vector<S>>&, bool);                                \
-  template ColMatrix<S> data_hessian<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                    \
-                                        const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,   \
-                                        const Eigen::Ref<const Vector<S>>&);                                        \
-  template ColMatrix<S> hessian<S>(const ModelSpec&, const Eigen::Ref<const RowMatrix<S>>&,                         \
-                                   const Eigen::Ref<const Vector<S>>&, const Eigen::Ref<const RowMatrix<S>>&,        \
-                                   const Eigen::Ref<const Vector<S>>&);
+#define PYINFLUENCE_INSTANTIATE(S)                                                                                 \
+  template void add_intercept_gauge<S>(const ModelSpec&, Index, ColMatrix<S>&);                                    \
+  template void add_intercept_gauge<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, ObjectiveValue<S>&);         \
+  template void check_problem<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&,          \
+                                 const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&);                           \
+  template ObjectiveValue<S> objective<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&, \
+                                          const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&, bool);            \
+  template ColMatrix<S> data_hessian<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&,   \
+                                        const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&);                    \
+  template ColMatrix<S> hessian<S>(const ModelSpec&, const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&,        \
+                                   const ConstRowMatrixRef<S>&, const ConstVectorRef<S>&);
 PYINFLUENCE_INSTANTIATE(float)
 PYINFLUENCE_INSTANTIATE(double)
 #undef PYINFLUENCE_INSTANTIATE

@@ -19,11 +19,13 @@ namespace pyinfluence {
 namespace {
 std::atomic<double> g_parallel_min_flops{kDefaultParallelMinFlops};
 
+#ifdef PYINFLUENCE_BLAS_SCIPY_OPENBLAS
 // Overlapping SingleThreadedBlas guards (several caller threads in the core at once, the GIL released) share
 // one count, so the pool's thread count is saved by the first and restored by the last, never left at 1.
 std::mutex g_blas_mutex;
 int g_blas_guards = 0;
 int g_blas_saved = 0;
+#endif
 }  // namespace
 
 bool has_openmp() {

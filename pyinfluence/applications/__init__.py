@@ -1,5 +1,9 @@
 """The paper's applications (Koh & Liang 2017, Section 5) as functions returning result objects.
 
+They are written against the one influence interface, :class:`pyinfluence.interface.Influence`, so they
+take a :class:`~pyinfluence.LinearInfluence` or a :class:`~pyinfluence.TorchInfluence` alike; where the
+torch path cannot do something (refit a model), a callable argument supplies it.
+
 Every function returns a dataclass with the numbers, ``.to_dict()`` (JSON-ready: plain lists,
 floats, ints, strings; NaN → None) and ``.plot(...)`` (matplotlib, imported only when called;
 figures are created without pyplot, so nothing global changes; returns the Figure). Signs follow
@@ -16,9 +20,9 @@ the paper: ``up_loss`` negative = helpful, ``loo_change ≈ −up_loss/n``.
   :data:`DIGITS_PRESETS` — measured settings for running all of them on digits (quick / default).
 """
 
-from pyinfluence.applications._common import Result, fit_stats
 from pyinfluence.applications.attack import (
     AttackResult,
+    AttackSettings,
     AttackSummary,
     attack_many,
     pick_targets,
@@ -43,11 +47,13 @@ from pyinfluence.applications.mislabel import (
     mislabel_experiment,
 )
 from pyinfluence.applications.presets import DIGITS_PRESETS
+from pyinfluence.applications.results import Result, fit_stats
 
 __all__ = [
     "DIGITS_PRESETS",
     "PAPER_FIG2_PEARSON",
     "AttackResult",
+    "AttackSettings",
     "AttackSummary",
     "DigitsSplit",
     "DomainMismatchData",

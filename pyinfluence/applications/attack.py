@@ -39,40 +39,132 @@ Ten *random* correctly classified targets: none flipped at ε ≤ 0.5 (their los
 a linear model on 64 pixels trained on 1437 images is hard to steer with one or three images,
 unlike the paper's model on 2048-dimensional Inception features. Refitting costs 1–2 s per target
 on one core (n = 1437, p = 650); without refits 0.15–0.25 s.
+
+The settings of an attack are an :class:`AttackSettings` (or its fields as keyword arguments of
+:func:`training_set_attack` and :func:`attack_many`); the attack works through the influence interface
+(:class:`~pyinfluence.interface.Influence`: ``pert_loss``, ``up_loss``, ``training_data``, ``refit``,
+``loss``, ``predict``), with callables for what a path cannot do (a torch model's refit).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pyinfluence.applications._common import (
-    Result,
-    axes_for,
-    check_float,
-    check_int,
-    check_rng_seed,
-    is_linear,
-    linear_influence_like,
-    linear_training_data,
-    n_train_of,
-    new_figure,
-    progress_iter,
-    refit_linear,
-    show_image,
-    to_numpy,
-)
+from pyinfluence._validation import check_float, check_int, check_rng_seed, to_numpy
+from pyinfluence.applications.plotting import axes_for, new_figure, show_image
+from pyinfluence.applications.progress import progress_iter
+from pyinfluence.applications.results import Result
+from pyinfluence.interface import Influence
 
-__all__ = ["AttackResult", "AttackSummary", "attack_many", "pick_targets", "training_set_attack"]
+__all__ = [
+    "AttackResult",
+    "AttackSettings",
+    "AttackSummary",
+    "attack_many",
+    "pick_targets",
+    "training_set_attack",
+]
 
 #: refit(X_train_perturbed (n, ...), previous_influence) -> influence object of the retrained model
 RefitFn = Callable[[np.ndarray, Any], Any]
 #: evaluate(influence, X (m, ...), y (m,)) -> (losses (m,), predictions (m,))
 EvaluateFn = Callable[[Any, Any, Any], Tuple[Any, Any]]
+
+_SELECT = ("pert", "helpful")
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """How to attack: the same for every target (validated here; messages name the field).
+
+    - ``epsilon`` > 0: L∞ budget in input units (for pixels in [0, 1], 0.25 is a quarter of the
+      range). ``step_size`` α > 0 (None: 2.5·epsilon/n_steps, see :attr:`step`); ``n_steps`` ≥ 1
+      signed steps; ``clip=(lo, hi)``: valid input range (scalars or arrays broadcastable to one
+      input; stored as float64 arrays).
+    - ``n_poison`` ≥ 1 training points to perturb, chosen by ``select`` (unless the attack is given
+      ``train_idx``): ``"pert"`` (default; largest ‖I_pert,loss(z, z_target)‖₁ = the largest predicted
+      loss increase per unit of a signed step, the rule of the paper's code) or ``"helpful"`` (most
+      negative up_loss: the points that most support the current prediction).
+    - ``refit_each_step`` (default True, the paper's code): retrain and recompute I_pert,loss at the
+      new optimum and the current x̃ after every step; False: keep the original model's gradient
+      (see the module docstring). ``retrain``: retrain once at the end when steps did not refit
+      (False: report only the first-order ``predicted_loss_change``). ``stop_on_flip``: stop as soon
+      as a refit flips the prediction.
+    - ``image_shape``: the shape of one input as an image, for :meth:`AttackResult.plot`.
+    """
+
+    epsilon: float
+    n_poison: int = 1
+    select: str = "pert"
+    step_size: Optional[float] = None
+    n_steps: int = 10
+    clip: Optional[Tuple[Any, Any]] = None
+    refit_each_step: bool = True
+    retrain: bool = True
+    stop_on_flip: bool = False
+    image_shape: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self) -> None:
+        fix = functools.partial(object.__setattr__, self)  # frozen: normalise the fields once, here
+        fix("epsilon", check_float("epsilon", self.epsilon, low=0.0, low_open=True))
+        fix("n_steps", check_int("n_steps", self.n_steps, 1))
+        if self.step_size is not None:
+            fix("step_size", check_float("step_size", self.step_size, low=0.0, low_open=True))
+        if self.select not in _SELECT:
+            raise ValueError(f"select must be 'pert' or 'helpful', got {self.select!r}")
+        fix("n_poison", check_int("n_poison", self.n_poison, 1))
+        if self.clip is not None:
+            try:
+                c_lo, c_hi = self.clip
+            except (TypeError, ValueError):
+                raise ValueError(f"clip must be a pair (lo, hi), got {self.clip!r}") from None
+            fix("clip", (to_numpy(c_lo, np.float64), to_numpy(c_hi, np.float64)))
+        for name in ("refit_each_step", "retrain", "stop_on_flip"):
+            fix(name, bool(getattr(self, name)))
+        if self.image_shape is not None:
+            fix("image_shape", tuple(int(s) for s in self.image_shape))
+
+    @property
+    def step(self) -> float:
+        """α, the size of one signed step: ``step_size``, or 2.5·epsilon/n_steps when it is None."""
+        return 2.5 * self.epsilon / self.n_steps if self.step_size is None else float(self.step_size)
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        """The names of the settings (the keyword options the attack functions accept for them)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def resolve(cls, settings: Optional[AttackSettings], options: Dict[str, Any]) -> AttackSettings:
+        """``settings`` with the keyword ``options`` (field names) applied on top; without ``settings``,
+        the options alone (``epsilon`` required)."""
+        unknown = sorted(set(options) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword argument(s) {unknown}; the attack settings are {list(cls.field_names())}"
+            )
+        if settings is None:
+            if "epsilon" not in options:
+                raise TypeError(
+                    "epsilon is required (the L∞ budget): pass epsilon=... or settings=AttackSettings(epsilon=...)"
+                )
+            return cls(**options)
+        if not isinstance(settings, cls):
+            raise TypeError(f"settings must be an AttackSettings, got {type(settings).__name__}")
+        return dataclasses.replace(settings, **options) if options else settings
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The settings as a dict (``step_size`` resolved), e.g. for ``AttackSummary.settings``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["step_size"] = self.step
+        return d
 
 
 @dataclass
@@ -149,7 +241,7 @@ class AttackResult(Result):
         else:
             both = np.concatenate([np.ravel(self.x_original), np.ravel(self.x_perturbed)])
             lo, hi = float(both.min()), float(both.max())
-        grey = {"vmin": lo, "vmax": hi if hi > lo else lo + 1.0}
+        grey: Dict[str, Any] = {"vmin": lo, "vmax": hi if hi > lo else lo + 1.0}
         for r in range(k):
             i = int(self.train_idx[r])
             if img:
@@ -258,34 +350,48 @@ class AttackSummary(Result):
 
 
 # ------------------------------------------------------------------------------------------------
-def _linear_evaluate(inf: Any, X: Any, y: Any) -> Tuple[np.ndarray, np.ndarray]:
-    m = inf.model
-    return np.asarray(m.loss(X, y), dtype=np.float64), np.asarray(m.predict(X))
+# the computation: backend (training inputs, refit, evaluate), target, points, box, steps, result
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Backend:
+    """What an attack needs besides influence values: the training inputs X0 (n, ...) float64, and how
+    to refit on perturbed inputs and to evaluate an influence object's model."""
+
+    X0: np.ndarray
+    refit: RefitFn
+    evaluate: EvaluateFn
 
 
-def _linear_refit_factory(inf0: Any, y_train: np.ndarray) -> RefitFn:
-    def refit(X_new: np.ndarray, previous: Any) -> Any:
-        model = refit_linear(previous.model, X_new, y_train)
-        return linear_influence_like(inf0, model, X_new, y_train)
+def _evaluate_with_interface(obj: Influence, X: Any, y: Any) -> Tuple[Any, Any]:
+    return obj.loss(X, y), obj.predict(X)
 
-    return refit
+
+def _refit_with_interface(X_new: np.ndarray, previous: Influence) -> Influence:
+    return previous.refit(X_new)
 
 
 def _resolve_backend(
     inf: Any, X_train: Any, refit: Optional[RefitFn], evaluate: Optional[EvaluateFn]
-) -> Tuple[np.ndarray, RefitFn, EvaluateFn]:
-    if is_linear(inf):
-        X, y = linear_training_data(inf)
-        if X_train is not None:
-            raise ValueError("X_train is taken from the LinearInfluence; do not pass it")
-        return X, (refit or _linear_refit_factory(inf, y)), (evaluate or _linear_evaluate)
-    if X_train is None or refit is None or evaluate is None:
+) -> _Backend:
+    if not isinstance(inf, Influence):  # a duck-typed influence object: everything comes from the caller
+        if X_train is None or refit is None or evaluate is None:
+            raise ValueError(
+                f"for a {type(inf).__name__} (not a pyinfluence Influence) pass X_train (the training "
+                f"inputs), refit=callable(X_train_perturbed, previous_influence) -> influence of the "
+                f"retrained model, and evaluate=callable(influence, X, y) -> (losses, predictions)"
+            )
+        return _Backend(to_numpy(X_train, np.float64).copy(), refit, evaluate)
+    if refit is None and not inf.can_retrain:
         raise ValueError(
-            f"for a {type(inf).__name__} pass X_train (the training inputs), refit=callable("
-            f"X_train_perturbed, previous_influence) -> influence of the retrained model, and "
-            f"evaluate=callable(influence, X, y) -> (losses, predictions)"
+            f"a {type(inf).__name__} cannot refit its model (can_retrain is False): pass "
+            f"refit=callable(X_train_perturbed, previous_influence) -> influence of the retrained model"
         )
-    return to_numpy(X_train, np.float64).copy(), refit, evaluate
+    X0 = inf.training_data()[0] if X_train is None else X_train
+    return _Backend(
+        to_numpy(X0, np.float64).copy(),
+        _refit_with_interface if refit is None else refit,
+        _evaluate_with_interface if evaluate is None else evaluate,
+    )
 
 
 def _one(x: Any, y: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -303,7 +409,7 @@ def _one(x: Any, y: Any) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _select(inf: Any, xt: np.ndarray, yt: np.ndarray, k: int, select: str) -> NDArray[np.int64]:
-    n = n_train_of(inf)
+    n = int(inf.n_train)
     if select == "pert":
         P = to_numpy(inf.pert_loss(xt, yt), np.float64).reshape(n, -1)
         score = np.abs(P).sum(axis=1)
@@ -312,168 +418,195 @@ def _select(inf: Any, xt: np.ndarray, yt: np.ndarray, k: int, select: str) -> ND
     return np.argsort(up, kind="stable")[:k].astype(np.int64)
 
 
-def training_set_attack(
-    inf: Any,
-    x_target: ArrayLike,
-    y_target: Any,
-    *,
-    epsilon: float,
-    train_idx: Any = None,
-    n_poison: int = 1,
-    select: str = "pert",
-    step_size: Optional[float] = None,
-    n_steps: int = 10,
-    clip: Optional[Tuple[Any, Any]] = None,
-    refit_each_step: bool = True,
-    retrain: bool = True,
-    stop_on_flip: bool = False,
-    X_eval: Optional[ArrayLike] = None,
-    y_eval: Optional[ArrayLike] = None,
-    image_shape: Optional[Sequence[int]] = None,
-    X_train: Optional[ArrayLike] = None,
-    refit: Optional[RefitFn] = None,
-    evaluate: Optional[EvaluateFn] = None,
-) -> AttackResult:
-    """Perturb training inputs within an L∞ ball so that the retrained model's loss on the target
-    test point rises — and, if enough, its prediction flips (Koh & Liang §5.2).
-
-    - ``x_target``, ``y_target``: the target test point (input and true label).
-    - ``epsilon`` > 0: L∞ budget in input units (for pixels in [0, 1], 0.25 is a quarter of the
-      range); ``step_size`` α (default 2.5·epsilon/n_steps); ``n_steps`` signed steps;
-      ``clip=(lo, hi)``: valid input range (scalars or arrays broadcastable to one input).
-    - ``train_idx``: the training point(s) to perturb; default: the ``n_poison`` points chosen by
-      ``select``: ``"pert"`` (default; largest ‖I_pert,loss(z, z_target)‖₁ = the largest predicted
-      loss increase per unit of a signed step, the rule of the paper's code) or ``"helpful"`` (most
-      negative up_loss: the points that most support the current prediction).
-    - ``refit_each_step`` (default True, the paper's code): retrain and recompute I_pert,loss at the
-      new optimum and the current x̃ after every step; False: keep the original model's gradient
-      (see the module docstring). ``retrain``: retrain once at the end when steps did not refit
-      (False: report only the first-order ``predicted_loss_change``). ``stop_on_flip``: stop as
-      soon as a refit flips the prediction.
-    - ``X_eval``, ``y_eval``: other test points whose predictions are compared before and after.
-    - Linear path: everything is taken from the LinearInfluence (refits are exact, warm-started;
-      same damping). Other influence objects (e.g. TorchInfluence): pass ``X_train`` (training
-      inputs), ``refit(X_train_perturbed, previous_influence) -> influence`` and
-      ``evaluate(influence, X, y) -> (losses, predictions)``.
-
-    Returns :class:`AttackResult`.
-    """
-    t_start = time.perf_counter()
-    epsilon = check_float("epsilon", epsilon, low=0.0, low_open=True)
-    n_steps = check_int("n_steps", n_steps, 1)
-    step_size = (
-        2.5 * epsilon / n_steps
-        if step_size is None
-        else check_float("step_size", step_size, low=0.0, low_open=True)
-    )
-    if select not in ("pert", "helpful"):
-        raise ValueError(f"select must be 'pert' or 'helpful', got {select!r}")
-    X0, refit_fn, evaluate_fn = _resolve_backend(inf, X_train, refit, evaluate)
-    n = X0.shape[0]
-    if n_train_of(inf) != n:
-        raise ValueError(
-            f"X_train has {n} rows but the influence object has {n_train_of(inf)} training points"
-        )
-    xt, yt = _one(x_target, y_target)
-    if xt.shape[1:] != X0.shape[1:]:
-        raise ValueError(
-            f"x_target has input shape {xt.shape[1:]} but the training inputs have {X0.shape[1:]}"
-        )
+def _points_to_perturb(
+    inf: Any, xt: np.ndarray, yt: np.ndarray, train_idx: Any, settings: AttackSettings, n: int
+) -> Tuple[NDArray[np.int64], str]:
+    """(indices of the training points to perturb, how they were chosen: the select rule or "given")."""
     if train_idx is None:
-        n_poison = check_int("n_poison", n_poison, 1, n)
-        idx = _select(inf, xt, yt, n_poison, select)
-    else:
-        idx = np.atleast_1d(to_numpy(train_idx))
-        if idx.dtype.kind not in "iu" or idx.ndim != 1 or idx.size == 0:
-            raise ValueError(f"train_idx must be an int or a 1-D array of ints, got {train_idx!r}")
-        if np.any(idx < 0) or np.any(idx >= n):
-            raise ValueError(f"train_idx must be in [0, {n - 1}], got {idx.tolist()}")
-        if np.unique(idx).size != idx.size:
-            raise ValueError(f"train_idx contains duplicates: {idx.tolist()}")
-        idx = idx.astype(np.int64)
-        select = "given"
-    x_orig = X0[idx].copy()
-    lo, hi = x_orig - epsilon, x_orig + epsilon
-    if clip is not None:
-        try:
-            c_lo, c_hi = clip
-        except (TypeError, ValueError):
-            raise ValueError(f"clip must be a pair (lo, hi), got {clip!r}") from None
-        c_lo = np.broadcast_to(to_numpy(c_lo, np.float64), x_orig.shape[1:])
-        c_hi = np.broadcast_to(to_numpy(c_hi, np.float64), x_orig.shape[1:])
+        n_poison = check_int("n_poison", settings.n_poison, 1, n)
+        return _select(inf, xt, yt, n_poison, settings.select), settings.select
+    idx = np.atleast_1d(to_numpy(train_idx))
+    if idx.dtype.kind not in "iu" or idx.ndim != 1 or idx.size == 0:
+        raise ValueError(f"train_idx must be an int or a 1-D array of ints, got {train_idx!r}")
+    if np.any(idx < 0) or np.any(idx >= n):
+        raise ValueError(f"train_idx must be in [0, {n - 1}], got {idx.tolist()}")
+    if np.unique(idx).size != idx.size:
+        raise ValueError(f"train_idx contains duplicates: {idx.tolist()}")
+    return idx.astype(np.int64), "given"
+
+
+def _box(x_orig: np.ndarray, settings: AttackSettings) -> Tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): the L∞ ball of radius epsilon around the original inputs, within the clip range."""
+    eps = settings.epsilon
+    lo, hi = x_orig - eps, x_orig + eps
+    if settings.clip is not None:
+        c_lo = np.broadcast_to(settings.clip[0], x_orig.shape[1:])
+        c_hi = np.broadcast_to(settings.clip[1], x_orig.shape[1:])
         if np.any(c_lo > c_hi):
             raise ValueError("clip: lo must be <= hi")
         if np.any(x_orig < c_lo - 1e-12) or np.any(x_orig > c_hi + 1e-12):
             raise ValueError("clip: the original training inputs lie outside the clip range")
         lo, hi = np.maximum(lo, c_lo), np.minimum(hi, c_hi)
-    if X_eval is not None:
-        if y_eval is None:
-            raise ValueError("y_eval is required with X_eval")
-        _ev_loss0, ev_pred0 = evaluate_fn(inf, X_eval, y_eval)
-        ev_pred0 = to_numpy(ev_pred0)
+    return lo, hi
 
-    loss0, pred0 = evaluate_fn(inf, xt, yt)
-    loss0, pred0 = float(to_numpy(loss0, np.float64).ravel()[0]), to_numpy(pred0).ravel()[0]
-    P0 = to_numpy(inf.pert_loss(xt, yt, idx), np.float64)[:, 0]  # (k, ...) at the original model
 
-    X_cur = X0.copy()
+@dataclass
+class _Outcome:
+    """The target's loss and prediction under one model."""
+
+    loss: float
+    prediction: Any
+
+
+def _outcome(evaluate: EvaluateFn, obj: Any, xt: np.ndarray, yt: np.ndarray) -> _Outcome:
+    loss, pred = evaluate(obj, xt, yt)
+    return _Outcome(float(to_numpy(loss, np.float64).ravel()[0]), to_numpy(pred).ravel()[0])
+
+
+@dataclass
+class _Steps:
+    """Where the signed steps ended: the perturbed inputs, the influence object of the last refit
+    (``refitted``) or the original one, the target loss after each refit, and the steps taken."""
+
+    x: np.ndarray
+    influence: Any
+    history: List[float]
+    steps_run: int
+    refitted: bool
+
+
+def _signed_steps(
+    inf: Any,
+    backend: _Backend,
+    xt: np.ndarray,
+    yt: np.ndarray,
+    idx: NDArray[np.int64],
+    box: Tuple[np.ndarray, np.ndarray],
+    P0: np.ndarray,
+    settings: AttackSettings,
+) -> _Steps:
+    """x̃ ← Π(x̃ + α·sign(I_pert,loss)) ``n_steps`` times (refitting after each with ``refit_each_step``),
+    then the final refit when steps did not refit and ``retrain`` is set."""
+    X_cur = backend.X0.copy()
     cur = inf
-    x_t = x_orig.copy()
+    x_t = backend.X0[idx].copy()
     history: List[float] = []
     g = P0
     steps_run = 0
     refitted = False
-    for step in range(n_steps):
-        if refit_each_step and step > 0:
+    for step in range(settings.n_steps):
+        if settings.refit_each_step and step > 0:
             g = to_numpy(cur.pert_loss(xt, yt, idx), np.float64)[:, 0]
-        x_t = np.clip(x_t + step_size * np.sign(g), lo, hi)
+        x_t = np.clip(x_t + settings.step * np.sign(g), *box)
         X_cur[idx] = x_t
         steps_run = step + 1
-        if refit_each_step:
-            cur = refit_fn(X_cur, cur)
+        if settings.refit_each_step:
+            cur = backend.refit(X_cur, cur)
             refitted = True
-            l_s, p_s = evaluate_fn(cur, xt, yt)
-            history.append(float(to_numpy(l_s, np.float64).ravel()[0]))
-            if stop_on_flip and to_numpy(p_s).ravel()[0] != yt[0]:
+            now = _outcome(backend.evaluate, cur, xt, yt)
+            history.append(now.loss)
+            if settings.stop_on_flip and now.prediction != yt[0]:
                 break
-    if not refitted and retrain:
-        cur = refit_fn(X_cur, inf)
+    if not refitted and settings.retrain:
+        cur = backend.refit(X_cur, inf)
         refitted = True
-    delta = x_t - x_orig
-    predicted = float(np.sum(P0 * delta) / n)
-    if refitted:
-        loss1, pred1 = evaluate_fn(cur, xt, yt)
-        loss1, pred1 = float(to_numpy(loss1, np.float64).ravel()[0]), to_numpy(pred1).ravel()[0]
-    else:
-        loss1, pred1 = float("nan"), pred0
+    return _Steps(x_t, cur, history, steps_run, refitted)
+
+
+def _item(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def training_set_attack(
+    inf: Influence,
+    x_target: ArrayLike,
+    y_target: Any,
+    settings: Optional[AttackSettings] = None,
+    *,
+    train_idx: Any = None,
+    X_eval: Optional[ArrayLike] = None,
+    y_eval: Optional[ArrayLike] = None,
+    X_train: Optional[ArrayLike] = None,
+    refit: Optional[RefitFn] = None,
+    evaluate: Optional[EvaluateFn] = None,
+    **options: Any,
+) -> AttackResult:
+    """Perturb training inputs within an L∞ ball so that the retrained model's loss on the target
+    test point rises — and, if enough, its prediction flips (Koh & Liang §5.2).
+
+    - ``x_target``, ``y_target``: the target test point (input and true label).
+    - ``settings``: an :class:`AttackSettings`, and/or its fields as keyword ``options``
+      (``epsilon=0.25, n_steps=10, ...``; options override the fields of ``settings``): the budget
+      ``epsilon``, ``step_size``, ``n_steps``, ``clip``, ``n_poison``, ``select``,
+      ``refit_each_step``, ``retrain``, ``stop_on_flip``, ``image_shape`` (see :class:`AttackSettings`).
+    - ``train_idx``: the training point(s) to perturb; default: the ``n_poison`` points chosen by
+      ``select``.
+    - ``X_eval``, ``y_eval``: other test points whose predictions are compared before and after.
+    - ``inf``: an :class:`~pyinfluence.interface.Influence`. The training inputs come from
+      ``inf.training_data()``, the test loss and prediction from ``inf.loss`` and ``inf.predict``,
+      and refits from ``inf.refit`` (LinearInfluence: exact, warm-started, same damping). Where the
+      path cannot refit (TorchInfluence: ``can_retrain`` is False) pass
+      ``refit(X_train_perturbed, previous_influence) -> influence of the retrained model``;
+      ``evaluate(influence, X, y) -> (losses, predictions)`` and ``X_train`` (the training inputs)
+      may replace the defaults (pass ``evaluate`` for a torch model with one output, e.g. a binary
+      classifier on logits, whose ``predict`` returns the outputs rather than labels). Any other object with ``n_train``, ``pert_loss`` and ``up_loss``
+      works when all three are given.
+
+    Returns :class:`AttackResult`.
+    """
+    t_start = time.perf_counter()
+    settings = AttackSettings.resolve(settings, options)
+    backend = _resolve_backend(inf, X_train, refit, evaluate)
+    n = backend.X0.shape[0]
+    if int(inf.n_train) != n:
+        raise ValueError(f"X_train has {n} rows but the influence object has {inf.n_train} training points")
+    xt, yt = _one(x_target, y_target)
+    if xt.shape[1:] != backend.X0.shape[1:]:
+        raise ValueError(
+            f"x_target has input shape {xt.shape[1:]} but the training inputs have {backend.X0.shape[1:]}"
+        )
+    idx, select = _points_to_perturb(inf, xt, yt, train_idx, settings, n)
+    x_orig = backend.X0[idx].copy()
+    box = _box(x_orig, settings)
+    if X_eval is not None:
+        if y_eval is None:
+            raise ValueError("y_eval is required with X_eval")
+        ev_pred0 = to_numpy(backend.evaluate(inf, X_eval, y_eval)[1])
+
+    before = _outcome(backend.evaluate, inf, xt, yt)
+    P0 = to_numpy(inf.pert_loss(xt, yt, idx), np.float64)[:, 0]  # (k, ...) at the original model
+    steps = _signed_steps(inf, backend, xt, yt, idx, box, P0, settings)
+    delta = steps.x - x_orig
+    after = _outcome(backend.evaluate, steps.influence, xt, yt) if steps.refitted else None
     eval_flipped = None
-    if X_eval is not None and refitted:
-        _, ev_pred1 = evaluate_fn(cur, X_eval, y_eval)
-        eval_flipped = np.flatnonzero(to_numpy(ev_pred1) != ev_pred0).astype(np.int64)
-    label = yt[0].item() if hasattr(yt[0], "item") else yt[0]
+    if X_eval is not None and steps.refitted:
+        ev_pred1 = to_numpy(backend.evaluate(steps.influence, X_eval, y_eval)[1])
+        eval_flipped = np.flatnonzero(ev_pred1 != ev_pred0).astype(np.int64)
+    loss1 = float("nan") if after is None else after.loss
+    pred1 = before.prediction if after is None else after.prediction
     return AttackResult(
         train_idx=idx,
-        target_label=label,
-        prediction_before=pred0.item() if hasattr(pred0, "item") else pred0,
-        prediction_after=pred1.item() if hasattr(pred1, "item") else pred1,
-        flipped=bool(refitted and pred0 == yt[0] and pred1 != yt[0]),
-        loss_before=loss0,
+        target_label=_item(yt[0]),
+        prediction_before=_item(before.prediction),
+        prediction_after=_item(pred1),
+        flipped=bool(after is not None and before.prediction == yt[0] and pred1 != yt[0]),
+        loss_before=before.loss,
         loss_after=loss1,
-        loss_change=loss1 - loss0,
-        predicted_loss_change=predicted,
+        loss_change=loss1 - before.loss,
+        predicted_loss_change=float(np.sum(P0 * delta) / n),
         x_original=x_orig,
-        x_perturbed=x_t,
+        x_perturbed=steps.x,
         perturbation=delta,
         linf=float(np.max(np.abs(delta))) if delta.size else 0.0,
-        epsilon=epsilon,
-        step_size=step_size,
-        n_steps=n_steps,
-        steps_run=steps_run,
-        loss_history=np.asarray(history),
-        refit_each_step=bool(refit_each_step),
+        epsilon=settings.epsilon,
+        step_size=settings.step,
+        n_steps=settings.n_steps,
+        steps_run=steps.steps_run,
+        loss_history=np.asarray(steps.history),
+        refit_each_step=settings.refit_each_step,
         select=select,
-        clip=None if clip is None else (to_numpy(clip[0], np.float64), to_numpy(clip[1], np.float64)),
-        image_shape=None if image_shape is None else tuple(int(s) for s in image_shape),
+        clip=settings.clip,
+        image_shape=settings.image_shape,
         eval_flipped=eval_flipped,
         x_target=xt[0],
         time_s=time.perf_counter() - t_start,
@@ -519,28 +652,31 @@ def pick_targets(
         margin = pt - P2.max(axis=1)
     else:
         s = to_numpy(model.decision_function(X_test), np.float64).ravel()
-        classes = to_numpy(model.classes_)
-        margin = np.where(y == classes[1], s, -s)
+        cls = to_numpy(model.classes_)
+        margin = np.where(y == cls[1], s, -s)
     order = correct[np.argsort(margin[correct], kind="stable")]
     return order[:k].astype(np.int64)
 
 
 def attack_many(
-    inf: Any,
+    inf: Influence,
     X_targets: ArrayLike,
     y_targets: ArrayLike,
+    settings: Optional[AttackSettings] = None,
     *,
-    epsilon: float,
     progress: bool = False,
     target_index: Optional[ArrayLike] = None,
     **kwargs: Any,
 ) -> AttackSummary:
     """:func:`training_set_attack` on each target (each attack starts from the original training
-    set and model), all with the same settings (``epsilon`` and ``kwargs``; ``train_idx`` is chosen
-    per target unless given). ``target_index``: labels for the targets in the summary (e.g. their
-    indices in the test set; default 0..m−1). Returns :class:`AttackSummary` with the fraction of
-    targets whose prediction flipped."""
+    set and model), all with the same settings (``settings`` and/or its fields as keywords, e.g.
+    ``epsilon=0.25``) and the same other keyword arguments (``train_idx`` is chosen per target unless
+    given; ``X_train``, ``refit``, ``evaluate``, ``X_eval``, ``y_eval``). ``target_index``: labels for
+    the targets in the summary (e.g. their indices in the test set; default 0..m−1). Returns
+    :class:`AttackSummary` with the fraction of targets whose prediction flipped."""
     t0 = time.perf_counter()
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in AttackSettings.field_names()}
+    settings = AttackSettings.resolve(settings, options)
     Xa = to_numpy(X_targets)
     ya = to_numpy(y_targets)
     if ya.ndim != 1 or Xa.shape[0] != ya.shape[0] or ya.shape[0] == 0:
@@ -555,9 +691,8 @@ def attack_many(
     for j in progress_iter(
         range(ya.shape[0]), enabled=progress, total=ya.shape[0], desc="training-set attacks"
     ):
-        attacks.append(training_set_attack(inf, Xa[j : j + 1], ya[j : j + 1], epsilon=epsilon, **kwargs))
+        attacks.append(training_set_attack(inf, Xa[j : j + 1], ya[j : j + 1], settings, **kwargs))
     flipped = np.array([a.flipped for a in attacks], dtype=bool)
-    settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
     return AttackSummary(
         attacks=attacks,
         target_index=tidx.astype(np.int64),
@@ -565,7 +700,7 @@ def attack_many(
         fraction_flipped=float(flipped.mean()),
         loss_change=np.array([a.loss_change for a in attacks]),
         predicted_loss_change=np.array([a.predicted_loss_change for a in attacks]),
-        epsilon=float(epsilon),
-        settings=settings,
+        epsilon=settings.epsilon,
+        settings=settings.as_dict(),
         time_s=time.perf_counter() - t0,
     )

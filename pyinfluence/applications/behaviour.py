@@ -19,15 +19,10 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from pyinfluence._json import jsonable
-from pyinfluence.applications._common import (
-    Result,
-    as_labels,
-    as_matrix,
-    check_int,
-    new_figure,
-    show_image,
-    to_numpy,
-)
+from pyinfluence._validation import as_labels, as_matrix, check_int, to_numpy
+from pyinfluence.applications.plotting import new_figure, show_image
+from pyinfluence.applications.results import Result
+from pyinfluence.interface import Influence
 
 __all__ = ["ModelComparison", "compare_models", "rbf_features", "rbf_gamma"]
 
@@ -164,7 +159,8 @@ class ModelComparison(Result):
         j = check_int("test_point", test_point, 0, m - 1)
         k = self.k if k is None else min(check_int("k", k, 1), self.k)
         M = len(self.names)
-        show = self.image_shape is not None and self.train_images is not None
+        train_images = self.train_images
+        show = self.image_shape is not None and train_images is not None
         rows = (2 * M if show else 0) + 1
         ncols = max(k + 1, M)
         if fig is None:
@@ -194,9 +190,10 @@ class ModelComparison(Result):
                     fontsize=8,
                 )
                 for c, (i, s) in enumerate(zip(idx, sc), start=1):
+                    assert train_images is not None  # (show)
                     show_image(
                         gs[r, c],
-                        self.train_images[i],
+                        train_images[i],
                         self.image_shape,
                         title=f"y={self.y_train[i]}\n{s:.3g}",
                     )
@@ -228,7 +225,7 @@ class ModelComparison(Result):
 
 
 def compare_models(
-    influences: Mapping[str, Any],
+    influences: Mapping[str, Influence],
     X_train: ArrayLike,
     y_train: ArrayLike,
     X_test: ArrayLike,
@@ -243,9 +240,9 @@ def compare_models(
 ) -> ModelComparison:
     """Most helpful/harmful training points and influence-versus-distance for several models.
 
-    - ``influences``: {name: influence object} — anything with ``up_loss(X_test, y_test)``
-      returning (n, m) numpy or torch (LinearInfluence, TorchInfluence), all on the same n
-      training points in the same order.
+    - ``influences``: {name: influence object} — :class:`~pyinfluence.interface.Influence` objects
+      (LinearInfluence, TorchInfluence; only ``up_loss(X_test, y_test)`` is used, returning (n, m)
+      numpy or torch), all on the same n training points in the same order.
     - ``X_train`` (n, D), ``X_test`` (m, D): the points in PIXEL (raw input) space, for distances;
       ``y_train`` (n,), ``y_test`` (m,): labels.
     - ``test_inputs``: {name: (X, y)} the test points as each model takes them (e.g. RBF features

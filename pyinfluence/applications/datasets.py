@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from numpy.typing import NDArray
 
-from pyinfluence.applications._common import Result, check_float, check_int, check_rng_seed
+from pyinfluence._validation import check_float, check_int, check_rng_seed
+from pyinfluence.applications.results import Result
 
 __all__ = [
     "DigitsSplit",

@@ -19,35 +19,34 @@ is reported as a pseudo-feature "intercept"). The contributions sum exactly to `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pyinfluence.applications._common import (
-    Result,
-    as_matrix,
-    axes_for,
-    check_int,
-    is_linear,
-    linear_training_data,
-    to_numpy,
-)
+from pyinfluence._validation import as_matrix, check_int, to_numpy
+from pyinfluence.applications.plotting import axes_for
+from pyinfluence.applications.results import Result
+from pyinfluence.linear.influence import LinearInfluence
 
 __all__ = ["PredictionDebug", "debug_prediction", "feature_contributions", "point_gradient"]
 
 
-def _require_linear(inf: Any, what: str) -> None:
-    if not is_linear(inf):
+def _require_linear(inf: Any, what: str) -> LinearInfluence:
+    """``inf`` if it is a LinearInfluence: the decomposition needs the gradient structure r ⊗ x̃ of a
+    linear model's (K, d̃) parameter matrix, which a general model does not have."""
+    if not isinstance(inf, LinearInfluence):
         raise TypeError(
             f"{what} needs a pyinfluence LinearInfluence (per-feature contributions use the linear "
             f"model's gradient structure r ⊗ x), got {type(inf).__name__}"
         )
+    return inf
 
 
-def _test_point(inf: Any, x_test: Any, y_test: Any) -> tuple:
-    model = inf.model
-    X = as_matrix("x_test", x_test, model.n_features_in_)
+def _test_point(inf: LinearInfluence, x_test: Any, y_test: Any) -> Tuple[NDArray[np.float64], Any]:
+    """(x_test as a (1, d) float64 array, its label as a scalar); the label is checked against the
+    model's classes by the influence methods it is passed to."""
+    X = as_matrix("x_test", x_test, inf.model.n_features_in_)
     if X.shape[0] != 1:
         raise ValueError(f"x_test must be one test point, got {X.shape[0]}")
     y = to_numpy(y_test)
@@ -55,41 +54,30 @@ def _test_point(inf: Any, x_test: Any, y_test: Any) -> tuple:
         y = y[0]
     if np.ndim(y) != 0:
         raise ValueError(f"y_test must be one label, got shape {np.shape(y)}")
-    y_enc = model._encode("y_test", y.item() if hasattr(y, "item") else y, np.float64, allow_scalar=True)
-    return X, y_enc, y
+    return X, y.item() if hasattr(y, "item") else y
 
 
-def point_gradient(inf: Any, x_test: ArrayLike, y_test: Any) -> NDArray[np.float64]:
+def point_gradient(inf: LinearInfluence, x_test: ArrayLike, y_test: Any) -> NDArray[np.float64]:
     """∇θL(z_test, θ̂) of one test point for a LinearInfluence's model, shape (K, d̃) (the flat
     parameter vector is its row-major ravel)."""
-    from pyinfluence import _core
-
-    _require_linear(inf, "point_gradient")
-    X, y_enc, _ = _test_point(inf, x_test, y_test)
-    model = inf.model
-    _, R, _ = _core.per_example(
-        model._spec(np.float64), X, y_enc, np.ascontiguousarray(model.theta_, dtype=np.float64)
-    )
-    R = np.asarray(R, dtype=np.float64).reshape(1, -1)  # (1, K)
-    xt = np.append(X[0], 1.0) if model.fit_intercept else X[0]
-    return np.outer(R[0], xt)
+    inf = _require_linear(inf, "point_gradient")
+    X, y = _test_point(inf, x_test, y_test)
+    g = np.asarray(inf.test_gradients(X, np.asarray([y])), dtype=np.float64)[0]
+    return g.reshape(inf.model.theta_.shape)
 
 
 def feature_contributions(
-    inf: Any, x_test: ArrayLike, y_test: Any, train_idx: Any = None
+    inf: LinearInfluence, x_test: ArrayLike, y_test: Any, train_idx: Any = None
 ) -> NDArray[np.float64]:
     """Per-feature split of up_loss(z_i, z_test) for the training points ``train_idx`` (default
     all): shape (k, d̃), d̃ = d + 1 with the intercept last when the model has one. Row i sums to
     ``inf.up_loss(x_test, y_test, train_idx)[i, 0]`` (positive = harmful). See the module docstring
-    for the formula. Cost: one p×p solve with the Hessian (p = K·d̃) plus k·p."""
-    _require_linear(inf, "feature_contributions")
-    g = point_gradient(inf, x_test, y_test)  # (K, d̃)
-    K, dt = g.shape
-    A = np.asarray(inf.hessian(), dtype=np.float64)
-    if inf.damping:
-        A = A + inf.damping * np.eye(A.shape[0])
-    S = np.linalg.solve(A, g.ravel()).reshape(K, dt)  # s_test
-    G = np.asarray(inf.gradients(train_idx), dtype=np.float64).reshape(-1, K, dt)  # r_i ⊗ x̃_i
+    for the formula. Cost: one solve with the factorised H + λI (``inf.s_test``) plus k·p."""
+    inf = _require_linear(inf, "feature_contributions")
+    X, y = _test_point(inf, x_test, y_test)
+    shape = inf.model.theta_.shape  # (K, d̃)
+    S = np.asarray(inf.s_test(X, np.asarray([y])), dtype=np.float64)[:, 0].reshape(shape)
+    G = np.asarray(inf.gradients(train_idx), dtype=np.float64).reshape((-1, *shape))  # r_i ⊗ x̃_i
     return -(G * S[None]).sum(axis=1)
 
 
@@ -181,7 +169,7 @@ class PredictionDebug(Result):
 
 
 def debug_prediction(
-    inf: Any,
+    inf: LinearInfluence,
     x_test: ArrayLike,
     y_test: Any,
     *,
@@ -198,7 +186,7 @@ def debug_prediction(
     column). ``k``: how many top points. ``group`` (n,) bool: optional subgroup of the training set
     (e.g. the under-represented one) for the influence ratio. Returns :class:`PredictionDebug`.
     """
-    _require_linear(inf, "debug_prediction")
+    inf = _require_linear(inf, "debug_prediction")
     model = inf.model
     n = inf.n_train
     d = model.n_features_in_
@@ -211,7 +199,7 @@ def debug_prediction(
             raise ValueError(f"feature_names has {len(names)} names but the model has {d} features")
     if model.fit_intercept:
         names = names + ["intercept"]
-    X, _, y = _test_point(inf, x_test, y_test)
+    X, y = _test_point(inf, x_test, y_test)
     y_arr = np.asarray([y])
     infl = np.asarray(inf.up_loss(X, y_arr), dtype=np.float64)[:, 0]
     top = np.argsort(-np.abs(infl), kind="stable")[:k].astype(np.int64)
@@ -220,14 +208,14 @@ def debug_prediction(
     C = feature_contributions(inf, X, y_arr, top)
     tot = float(np.abs(infl[top]).sum())
     share = (np.sign(infl[top])[:, None] * C).sum(axis=0) / tot if tot > 0 else np.zeros(C.shape[1])
-    X_train, y_train = linear_training_data(inf)
+    X_train, y_train = inf.training_data()
     prob = None
     if hasattr(model, "predict_proba"):
         prob = np.asarray(model.predict_proba(X), dtype=np.float64)[0]
     pred = model.predict(X)[0]
     loss = float(model.loss(X, y_arr)[0])
     out = PredictionDebug(
-        label=y.item() if hasattr(y, "item") else y,
+        label=y,
         prediction=pred.item() if hasattr(pred, "item") else pred,
         probability=prob,
         loss=loss,
@@ -239,7 +227,7 @@ def debug_prediction(
         feature_names=names,
         feature_share=share,
         responsible_feature=names[int(np.argmax(share))],
-        x_top=X_train[top],
+        x_top=np.asarray(X_train[top], dtype=np.float64),
         y_top=y_train[top],
     )
     if group is not None:

@@ -15,17 +15,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pyinfluence.applications._common import (
-    Result,
-    axes_for,
-    check_int,
-    check_methods,
-    check_rng_seed,
-    fit_stats,
-    n_train_of,
-    progress_iter,
-    to_numpy,
-)
+from pyinfluence._validation import check_int, check_methods, check_rng_seed, to_numpy
+from pyinfluence.applications.plotting import axes_for
+from pyinfluence.applications.progress import progress_iter
+from pyinfluence.applications.results import Result, fit_stats
+from pyinfluence.interface import Influence
 
 __all__ = ["PAPER_FIG2_PEARSON", "LOOValidation", "highest_loss_points", "validate_loo"]
 
@@ -59,7 +53,7 @@ class LOOValidation(Result):
       origin and OLS; > 1 means the estimate under-predicts) over all m·k pairs pooled;
       ``stats_per_test[method][j]`` the same per test point.
 
-    ``test_losses`` (m,) (given, or from ``inf.model.loss`` when it exists), ``n_train``,
+    ``test_losses`` (m,) (given, or ``inf.loss(X_test, y_test)`` of an Influence), ``n_train``,
     ``seed``, ``time_predict_s``, ``time_retrain_s`` complete it.
     """
 
@@ -80,7 +74,7 @@ class LOOValidation(Result):
     label: str = ""
     info: Dict[str, Any] = field(default_factory=dict)
 
-    def pooled(self, method: Optional[str] = None) -> Dict[str, NDArray[np.float64]]:
+    def pooled(self, method: Optional[str] = None) -> Dict[str, np.ndarray]:
         """All pairs concatenated: ``{"actual": (m·k,), "predicted": (m·k,), "is_top": (m·k,)}``
         for ``method`` (default: the first one)."""
         method = self.methods[0] if method is None else method
@@ -147,9 +141,9 @@ def _single(X: Any, y: Any, j: int) -> Any:
 
 
 def validate_loo(
-    inf: Any,
-    X_test: ArrayLike,
-    y_test: ArrayLike,
+    inf: Influence,
+    X_test: Any,
+    y_test: Any,
     *,
     n_top: int = 50,
     n_random: int = 50,
@@ -172,16 +166,17 @@ def validate_loo(
       (``"influence"``: −(1/n)·up_loss, the paper's estimate; ``"newton"``: one exact Newton step,
       LinearInfluence only);
     - actual: ``retrain(X_test, y_test, train_idx)`` → (k, m) changes L(θ̂₋ᵢ) − L(θ̂) of every test
-      loss after removing each training point and retraining. Default: ``inf.retrain_loo`` (exact
-      refits for LinearInfluence). For a torch model pass a callable that retrains (e.g. from the
-      trained weights, as the paper did) — the training points of all test points are retrained
-      once each and every refit is evaluated on all m test points.
+      loss after removing each training point and retraining. Default: ``inf.retrain_loo`` where the
+      influence object can retrain (``inf.can_retrain``: LinearInfluence, exact refits). For a torch
+      model pass a callable that retrains (e.g. from the trained weights, as the paper did) — the
+      training points of all test points are retrained once each and every refit is evaluated on all
+      m test points.
 
     Signs (Koh & Liang): positive change = removing the point raises the test loss (it helped).
     Returns :class:`LOOValidation` (``.stats[method]["pearson"]``, ``["slope_origin"]``, ...;
     ``.plot()``; ``.to_dict()``). ``chunk``: refits per ``retrain`` call (progress granularity).
     """
-    n = n_train_of(inf)
+    n = int(inf.n_train)
     n_top = check_int("n_top", n_top, 0)
     n_random = check_int("n_random", n_random, 0)
     if n_top + n_random < 2:
@@ -193,10 +188,11 @@ def validate_loo(
     methods = check_methods("methods", methods, ("influence", "newton"))
     if retrain is None:
         retrain = getattr(inf, "retrain_loo", None)
-        if retrain is None:
+        if retrain is None or not getattr(inf, "can_retrain", True):
+            why = "has no retrain_loo" if retrain is None else "cannot refit its model (can_retrain is False)"
             raise ValueError(
-                f"{type(inf).__name__} has no retrain_loo; pass retrain=callable(X_test, y_test, "
-                f"train_idx) -> (k, m) actual loss changes"
+                f"{type(inf).__name__} {why}; pass retrain=callable(X_test, y_test, train_idx) -> (k, m) "
+                f"actual loss changes"
             )
     elif not callable(retrain):
         raise TypeError(f"retrain must be callable, got {type(retrain).__name__}")
@@ -229,7 +225,7 @@ def validate_loo(
         train_idx.append(idx)
         is_top.append(np.arange(idx.size) < top.size)
         for mt in methods:
-            kw = {} if mt == "influence" and not _has_method_kw(inf) else {"method": mt}
+            kw: Dict[str, Any] = {} if mt == "influence" and not _has_method_kw(inf) else {"method": mt}
             p = to_numpy(inf.loo_change(xj, yj, idx, **kw), np.float64).reshape(idx.size, -1)[:, 0]
             predicted[mt].append(p)
     t_pred = time.perf_counter() - t0
@@ -253,11 +249,8 @@ def validate_loo(
 
     stats = {mt: fit_stats(np.concatenate(actual), np.concatenate(predicted[mt])) for mt in methods}
     per_test = {mt: [fit_stats(a, p) for a, p in zip(actual, predicted[mt])] for mt in methods}
-    if test_losses is None and hasattr(getattr(inf, "model", None), "loss"):
-        try:
-            test_losses = inf.model.loss(X_test, y_test)
-        except (TypeError, ValueError):  # a model whose loss() takes other arguments
-            test_losses = None
+    if test_losses is None and isinstance(inf, Influence):
+        test_losses = inf.loss(X_test, y_test)
     losses = None if test_losses is None else to_numpy(test_losses, np.float64).ravel()
     return LOOValidation(
         methods=list(methods),

@@ -7,7 +7,7 @@ on 2 cores; ``DIGITS_PRESETS["default"]`` in about two. Each entry names the dat
 :class:`~pyinfluence.LogisticRegression`) and the application's own arguments. Why these values
 (see the applications' docstrings for the measurements):
 
-- ``loo``: standardised pixels, l2 = 1e-3 (the issue's set-up); the highest-loss test points;
+- ``loo``: standardised pixels, l2 = 1e-3 (the set-up of examples/loo_validation.py); the highest-loss test points;
   Newton-step Pearson R ≥ 0.995 with 1–5 test points, first order 0.91–0.97.
 - ``mislabel``: a 200-image training set — the regime where self-influence beats the training
   loss (on the full training set the two tie); l2 = 1e-2.

@@ -16,18 +16,23 @@ torch ``Exact``, ``CG`` at several tolerances, ``LiSSA`` at several depths/repea
     rep = compare_solvers(lambda s: TorchInfluence(model, loss_fn, (X, y), l2=1e-3, solver=s),
                           (X_test, y_test), solvers=[Exact(), CG(tol=1e-4), LiSSA(depth=500)])
 
-Conventions (DESIGN.md): ``up_loss[i, j] = −g_testjᵀ (H + λI)⁻¹ g_train_i``, H the Hessian of the
+Conventions (as in :mod:`pyinfluence`): ``up_loss[i, j] = −g_testjᵀ (H + λI)⁻¹ g_train_i``, H the Hessian of the
 mean training loss plus the L2 term, no 1/n. Metrics: :mod:`pyinfluence.bench.metrics`; what a row
 measures: :mod:`pyinfluence.bench.runner`; the JSON schema: :mod:`pyinfluence.bench.report`.
 Other libraries side by side: :mod:`pyinfluence.bench.peers`; scaling sweeps of the exact linear
-path: :mod:`pyinfluence.bench.scaling` (``scaling_sweep``).
+path: :mod:`pyinfluence.bench.scaling` (``scaling_sweep``). The one-off measurements behind
+bench/RESULTS.md: :mod:`pyinfluence.bench.studies` (``python -m pyinfluence.bench.studies.NAME``).
 """
 
 from __future__ import annotations
 
-from pyinfluence.bench.metrics import max_rel_err, pareto_front, pearson, spearman, topk_overlap
-from pyinfluence.bench.report import SCHEMA, BenchReport, machine_info
-from pyinfluence.bench.runner import (
+from pyinfluence._optional import require_torch
+
+require_torch("pyinfluence.bench")  # the tasks and solvers are torch models and torch solvers
+
+from pyinfluence.bench.metrics import max_rel_err, pareto_front, pearson, spearman, topk_overlap  # noqa: E402
+from pyinfluence.bench.report import SCHEMA, BenchReport, machine_info  # noqa: E402
+from pyinfluence.bench.runner import (  # noqa: E402
     EXACT_MAX_PARAMS,
     GridContext,
     LooTruth,
@@ -39,7 +44,7 @@ from pyinfluence.bench.runner import (
     solver_classes,
     solver_grid,
 )
-from pyinfluence.bench.tasks import TASKS, Task, make_task, task_names
+from pyinfluence.bench.tasks import TASKS, Task, make_task, task_names  # noqa: E402
 
 __all__ = [
     "EXACT_MAX_PARAMS",

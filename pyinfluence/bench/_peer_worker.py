@@ -35,7 +35,7 @@ loading + a warm-up of torch's one-off first-use costs on a tiny model, ``total_
 log records at WARNING or above emitted by the peer, ``versions``, ``normalisation``) and, when
 the scores are finite, ``OUT_DIR/result.npz`` with ``up_loss`` (n_train × m_test, float64).
 
-Our convention (DESIGN.md): ``up_loss[i, j] = −g_testjᵀ (H + λI)⁻¹ g_train_i`` with
+Our convention (see :mod:`pyinfluence`): ``up_loss[i, j] = −g_testjᵀ (H + λI)⁻¹ g_train_i`` with
 ``H = ∇²[(1/n) Σ L(z_i, θ) + (l2/2)‖θ‖²]`` and g the per-example loss gradients WITHOUT the l2
 term. Peers see the per-example loss only (their gradients are then exactly ours) and the l2 term
 is folded into their regularisation: H + λI = H_mean_loss + (l2 + λ)I exactly.
@@ -113,10 +113,16 @@ def probe() -> dict:
     """Which peers are importable by this interpreter (no heavy imports)."""
     import importlib.util
 
-    out = {"python": sys.executable, "torch": _version("torch"), "numpy": _version("numpy"), "peers": {}}
+    peers: dict[str, dict] = {}
+    out: dict[str, object] = {
+        "python": sys.executable,
+        "torch": _version("torch"),
+        "numpy": _version("numpy"),
+        "peers": peers,
+    }
     for peer, mods in PEER_PACKAGES.items():
         missing = [m for m in mods if importlib.util.find_spec(m) is None]
-        out["peers"][peer] = {
+        peers[peer] = {
             "ok": not missing and out["torch"] is not None and out["numpy"] is not None,
             "missing": missing,
             "version": _version(mods[0]),
@@ -442,9 +448,9 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
         raise ValueError(f"unknown peer {peer!r}")
 
     data_dir = os.path.join(payload_dir, p.get("data_dir", "."))
-    for f in ("data.npz", "model.pt"):  # fail before the heavy imports
-        if not os.path.exists(os.path.join(data_dir, f)):
-            raise FileNotFoundError(f"payload has no {f} in {data_dir}")
+    for fname in ("data.npz", "model.pt"):  # fail before the heavy imports
+        if not os.path.exists(os.path.join(data_dir, fname)):
+            raise FileNotFoundError(f"payload has no {fname} in {data_dir}")
 
     import numpy as np
     import torch

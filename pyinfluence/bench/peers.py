@@ -10,7 +10,7 @@ pyinfluence), so that
 - a crash, a hang (``timeout_s``) or NaN scores become a :class:`PeerRun` with ``error`` set,
   never an exception here.
 
-Results are normalised to pyinfluence's convention (DESIGN.md)::
+Results are normalised to pyinfluence's convention (see :mod:`pyinfluence`)::
 
     up_loss[i, j] = −g_testjᵀ (H + λI)⁻¹ g_train_i,  shape (n_train, m_test),
     H = ∇²[(1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²],  g = per-example loss gradients (no l2 term).
@@ -219,28 +219,20 @@ def peer_methods(peer: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # payload: model, loss, data
 # ----------------------------------------------------------------------------------------------
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
 _LAYER_ATTRS: dict[str, tuple[str, ...]] = {
     "Linear": ("in_features", "out_features"),
-    "Conv1d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    ),
-    "Conv2d": (
-        "in_channels",
-        "out_channels",
-        "kernel_size",
-        "stride",
-        "padding",
-        "dilation",
-        "groups",
-        "padding_mode",
-    ),
+    "Conv1d": _CONV_ATTRS,
+    "Conv2d": _CONV_ATTRS,
     "Tanh": (),
     "ReLU": (),
     "Sigmoid": (),
@@ -476,11 +468,11 @@ def _select_methods(peer: str, methods: Any) -> list[tuple[str, str, dict]]:
         return list(table)
     if isinstance(methods, dict):
         methods = methods.get(peer, [])
-    out = []
+    out: list[tuple[str, str, dict]] = []
     for m in methods:
         if isinstance(m, dict):
             if m.get("library", peer) == peer:
-                out.append((m.get("label", m["method"]), m["method"], dict(m.get("settings", {}))))
+                out.append((str(m.get("label", m["method"])), str(m["method"]), dict(m.get("settings", {}))))
         else:
             out += [row for row in table if row[0] == m or row[1] == m]
     return out
@@ -558,6 +550,7 @@ def run_peers(
         plan = []
         for peer in peers:
             python, reason = _resolve(peer, peer_python)
+            rows: list[tuple[str, str, dict]]
             if peer not in PEER_METHODS:
                 rows = [("-", "-", {})]
             else:
@@ -566,7 +559,7 @@ def run_peers(
                     continue
             for label, cls, settings in rows:
                 plan.append((peer, python, reason, label, cls, settings))
-        data_fields = None
+        data_fields: dict[str, Any] = {}
         data_error = None
         if any(python for _, python, *_ in plan):
             data_dir = os.path.join(base, "data")

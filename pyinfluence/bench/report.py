@@ -69,7 +69,15 @@ from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 
+from pyinfluence._formatting import (
+    format_correlation,
+    format_seconds,
+    format_value,
+    markdown_table,
+    text_table,
+)
 from pyinfluence._json import jsonable
+from pyinfluence.bench._measure import cpu_model, usable_cores
 from pyinfluence.bench.metrics import pareto_front
 
 __all__ = ["SCHEMA", "BenchReport", "machine_info"]
@@ -86,20 +94,9 @@ _ERR_FLOOR = 1e-16
 
 def machine_info() -> dict[str, Any]:
     """The machine and software the benchmark ran on."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            txt = f.read()
-        mm = re.search(r"^model name\s*:\s*(.+)$", txt, re.M)
-        if mm:
-            info["cpu"] = mm.group(1).strip()
-    except OSError:
-        pass
+    info: dict[str, Any] = {"cpu": cpu_model()}
     info["cores"] = os.cpu_count()
-    try:
-        info["usable_cores"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        info["usable_cores"] = os.cpu_count()
+    info["usable_cores"] = usable_cores()
     try:
         with open("/proc/meminfo") as f:
             mt = re.search(r"MemTotal:\s+(\d+)", f.read())
@@ -143,34 +140,6 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         info["load_average"] = None
     return jsonable(info)
-
-
-def _fmt_t(s: Optional[float]) -> str:
-    if s is None:
-        return "–"
-    if s >= 100:
-        return f"{s:.0f} s"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} µs"
-
-
-def _fmt_r(r: Optional[float]) -> str:
-    if r is None:
-        return "–"
-    if r > 0.9999:
-        return f"{r:.7f}"
-    return f"{r:.4f}"
-
-
-def _fmt_n(v: Optional[float], digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e7):
-        return f"{int(v)}"
-    return f"{v:.{digits}g}"
 
 
 def _fmt_cost(row: dict[str, Any]) -> str:
@@ -360,15 +329,15 @@ class BenchReport:
         lab = r["label"] + (" (ref)" if r.get("reference") else "") + (" *" if r.get("pareto") else "")
         return [
             lab,
-            _fmt_t(r["time_s"]),
-            _fmt_t(r["prepare_s"]),
-            _fmt_t(r["solve_s"]),
-            _fmt_n(None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1)),
+            format_seconds(r["time_s"]),
+            format_seconds(r["prepare_s"]),
+            format_seconds(r["solve_s"]),
+            format_value(None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1), 3),
             _fmt_cost(r),
-            _fmt_r(r["pearson"]),
-            _fmt_r(r["spearman"]),
+            format_correlation(r["pearson"]),
+            format_correlation(r["spearman"]),
             "–" if r["top10_overlap"] is None else f"{r['top10_overlap']:.2f}",
-            _fmt_r(r["loo_pearson"]),
+            format_correlation(r["loo_pearson"]),
             "–" if r["max_residual"] is None else f"{r['max_residual']:.1e}",
         ]
 
@@ -376,7 +345,7 @@ class BenchReport:
         if p["status"] != "ok":
             return [
                 f"{p['library']} {p['method']}",
-                _fmt_t(p.get("time_s")),
+                format_seconds(p.get("time_s")),
                 "ERROR",
                 "",
                 "",
@@ -386,16 +355,24 @@ class BenchReport:
             ]
         return [
             f"{p['library']} {p['method']}" + (" *" if p.get("pareto") else ""),
-            _fmt_t(p["time_s"]),
-            _fmt_r(p["pearson"]),
-            _fmt_r(p["spearman"]),
+            format_seconds(p["time_s"]),
+            format_correlation(p["pearson"]),
+            format_correlation(p["spearman"]),
             "–" if p["top10_overlap"] is None else f"{p['top10_overlap']:.2f}",
-            _fmt_r(p["loo_pearson"]),
+            format_correlation(p["loo_pearson"]),
             "–"
             if p["ratio_at_accuracy"] is None
             else f"{p['ratio_at_accuracy']:.3g} ({p['pyinfluence_setting_at_accuracy']})",
             "–" if p["ratio_vs_exact"] is None else f"{p['ratio_vs_exact']:.3g}",
         ]
+
+    @staticmethod
+    def _md_cells(r: dict[str, Any], cells: list[str]) -> list[str]:
+        """Markdown cells: the Pareto front in bold instead of the screen's ``*``."""
+        cells[0] = cells[0].replace(" *", "")
+        if r.get("pareto"):
+            cells[0] = f"**{cells[0]}**"
+        return cells
 
     _PEER_COLS: ClassVar[list[str]] = [
         "library / method",
@@ -430,14 +407,20 @@ class BenchReport:
             lines.append(self._task_header(t))
             trows = self.rows_for(t["name"])
             if trows:
-                lines.append(_text_table(self._COLS, [self._cells(r, False) for r in trows]))
+                lines.append(
+                    text_table(self._COLS, [self._cells(r, False) for r in trows], align="lr", rule=True)
+                )
                 for r in trows:
                     if r["status"] != "ok" and r.get("error"):
                         lines.append(f"    {r['label']}: {r['status']}: {r['error'][:240]}")
             peers = [p for p in self.peers if p["task"] == t["name"]]
             if peers:
                 lines.append("  other libraries:")
-                lines.append(_text_table(self._PEER_COLS, [self._peer_cells(p, False) for p in peers]))
+                lines.append(
+                    text_table(
+                        self._PEER_COLS, [self._peer_cells(p, False) for p in peers], align="lr", rule=True
+                    )
+                )
                 for p in peers:
                     if p["status"] != "ok" and p.get("error"):
                         lines.append(f"    {p['library']} {p['method']}: {p['error'][:240]}")
@@ -505,29 +488,28 @@ class BenchReport:
             ref = t.get("reference") or {}
             L.append(
                 f"Reference (ground truth): **{ref.get('label', '?')}**"
-                + (f" ({_fmt_t(ref.get('time_s'))})" if ref.get("time_s") else "")
+                + (f" ({format_seconds(ref.get('time_s'))})" if ref.get("time_s") else "")
                 + (f", FAILED: {ref['error']}" if ref.get("error") else "")
                 + "."
             )
             loo = t.get("loo")
             if loo:
-                k = sum(len(x) for x in loo["train_idx"])
+                n_pairs = sum(len(x) for x in loo["train_idx"])
                 L.append(
-                    f"Leave-one-out check: {k} (training point, test point) pairs — test "
+                    f"Leave-one-out check: {n_pairs} (training point, test point) pairs — test "
                     f"points {loo['test_idx']}, for each the training points with the "
                     f"largest |reference up_loss|; actual change by {loo['method']}."
                 )
             elif ref.get("loo_error"):
                 L.append(f"Leave-one-out check failed: {ref['loo_error']}")
             L.append("")
-            L.append("| " + " | ".join(self._COLS) + " |")
-            L.append("|" + "---|" + "---:|" * (len(self._COLS) - 1))
-            for r in self.rows_for(t["name"]):
-                c = self._cells(r)
-                c[0] = c[0].replace(" *", "")
-                if r.get("pareto"):
-                    c[0] = f"**{c[0]}**"
-                L.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
+            L.append(
+                markdown_table(
+                    self._COLS,
+                    [self._md_cells(r, self._cells(r)) for r in self.rows_for(t["name"])],
+                    align="lr",
+                )
+            )
             L.append("")
             warn = [(r["label"], w) for r in self.rows_for(t["name"]) for w in r.get("warnings", [])]
             if warn:
@@ -541,14 +523,11 @@ class BenchReport:
                     "(normalised to pyinfluence's up_loss):"
                 )
                 L.append("")
-                L.append("| " + " | ".join(self._PEER_COLS) + " |")
-                L.append("|---|" + "---:|" * (len(self._PEER_COLS) - 1))
-                for p in peers:
-                    c = self._peer_cells(p)
-                    c[0] = c[0].replace(" *", "")
-                    if p.get("pareto"):
-                        c[0] = f"**{c[0]}**"
-                    L.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
+                L.append(
+                    markdown_table(
+                        self._PEER_COLS, [self._md_cells(p, self._peer_cells(p)) for p in peers], align="lr"
+                    )
+                )
                 L.append("")
         if self.scaling is not None:
             L += ["## Scaling of the exact linear path", ""]
@@ -625,17 +604,11 @@ class BenchReport:
                 )
             front = sorted([(t, e) for t, e, on in pts if on])
             if front:
-                ax.step(
-                    [t for t, _ in front],
-                    [e for _, e in front],
-                    where="post",
-                    color="tab:green",
-                    lw=1.4,
-                    zorder=2,
-                )
+                fx, fy = [t for t, _ in front], [e for _, e in front]
+                ax.step(fx, fy, where="post", color="tab:green", lw=1.4, zorder=2)
                 ax.scatter(
-                    [t for t, _ in front],
-                    [e for _, e in front],
+                    fx,
+                    fy,
                     facecolors="none",
                     edgecolors="tab:green",
                     s=130,
@@ -663,13 +636,3 @@ class BenchReport:
             return fig
         fig.savefig(path, dpi=110)
         return pathlib.Path(path)
-
-
-def _text_table(cols: list[str], rows: list[list[str]], indent: str = "  ") -> str:
-    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    out = [indent + "  ".join(c.ljust(w) for c, w in zip(cols, width)).rstrip()]
-    out.append(indent + "  ".join("-" * w for w in width))
-    for r in rows:
-        cells = [r[0].ljust(width[0])] + [x.rjust(w) for x, w in zip(r[1:], width[1:])]
-        out.append(indent + "  ".join(cells).rstrip())
-    return "\n".join(out)

@@ -38,12 +38,10 @@ in the row (``status = "error"``, ``error``), never raised. Settings that are no
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import inspect
 import math
-import re
 import statistics
 import time
 import tracemalloc
@@ -55,6 +53,7 @@ import numpy as np
 
 from pyinfluence._json import jsonable
 from pyinfluence.bench import metrics as M
+from pyinfluence.bench._measure import hwm_supported, malloc_trim, reset_hwm, status_kb
 
 __all__ = [
     "EXACT_MAX_PARAMS",
@@ -349,37 +348,6 @@ def _as_setting(s: Any, name: str = "solvers") -> Setting:
 # ================================================================================================
 # measurement helpers
 # ================================================================================================
-_LIBC: Any = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_kb(key: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-    except OSError:
-        return -1
-    return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 _MEM_METHOD: Optional[str] = None
 
 
@@ -388,7 +356,7 @@ def memory_method() -> Optional[str]:
     ``"tracemalloc"``."""
     global _MEM_METHOD
     if _MEM_METHOD is None:
-        _MEM_METHOD = "vmhwm" if (_reset_hwm() and _status_kb("VmHWM") > 0) else "tracemalloc"
+        _MEM_METHOD = "vmhwm" if hwm_supported() else "tracemalloc"
     return _MEM_METHOD
 
 
@@ -500,11 +468,11 @@ def _measure(
         for r in range(repeats):
             gc.collect()
             if r == 0 and method == "vmhwm":
-                _malloc_trim()
-                _reset_hwm()
-                base = _status_kb("VmRSS")
+                malloc_trim()
+                reset_hwm()
+                base = status_kb("VmRSS")
                 run = _run_once(factory, setting, X_test, y_test, keep=True)
-                peak = _status_kb("VmHWM")
+                peak = status_kb("VmHWM")
                 if base > 0 and peak > 0:
                     peak_mb = max(0, peak - base) / 1024.0
             else:
@@ -623,20 +591,16 @@ def deep_loo_truth(
 ) -> LooTruth:
     """Actual LOO changes for a deep task: retraining without each point with full-batch L-BFGS
     warm-started from θ̂ (``iters`` iterations, same objective), minus the change of the control
-    retraining (the same L-BFGS run from θ̂ with nothing removed), as bench/deep.py."""
-    import copy
-
+    retraining (the same L-BFGS run from θ̂ with nothing removed), as the deep-path study
+    (:mod:`pyinfluence.bench.studies.deep_path`)."""
     import torch
 
-    from pyinfluence.bench.tasks import lbfgs_fit
+    from pyinfluence.torch.training import lbfgs_refit
 
     t0 = time.perf_counter()
-    n = task.n_train
     lf = task.loss_fn
     tests = list(range(min(n_tests, task.m_test)))
-    m0 = copy.deepcopy(task.model)
-    lbfgs_fit(m0, task.X_train, task.y_train, iters, l2=task.l2)
-    keep_all = torch.ones(n, dtype=torch.bool)
+    m0 = lbfgs_refit(task.model, task.X_train, task.y_train, iters, l2=task.l2, loss=lf)
     train_idx = [_top_abs(ref[:, j], n_points) for j in tests]
     actual: list[list[float]] = [[] for _ in tests]
     with torch.no_grad():
@@ -645,11 +609,9 @@ def deep_loo_truth(
     for t, j in enumerate(tests):
         for i in train_idx[t]:
             if i not in cache:
-                keep = keep_all.clone()
-                keep[i] = False
-                mi = copy.deepcopy(task.model)
-                lbfgs_fit(mi, task.X_train[keep], task.y_train[keep], iters, l2=task.l2)
-                cache[i] = mi
+                cache[i] = lbfgs_refit(
+                    task.model, task.X_train, task.y_train, iters, drop=i, l2=task.l2, loss=lf
+                )
             with torch.no_grad():
                 loss = float(lf(cache[i](task.X_test[j : j + 1]), task.y_test[j : j + 1])[0])
             actual[t].append(loss - ctrl[t])
@@ -657,7 +619,7 @@ def deep_loo_truth(
         tests,
         train_idx,
         actual,
-        n,
+        task.n_train,
         method=f"L-BFGS refits warm-started from θ̂ ({iters} iterations), minus the "
         f"control refit with nothing removed",
         seconds=time.perf_counter() - t0,
@@ -667,16 +629,20 @@ def deep_loo_truth(
 # ================================================================================================
 # rows
 # ================================================================================================
+#: A row's accuracy fields (None until measured against the reference).
+_ACCURACY_FIELDS = (
+    "pearson",
+    "spearman",
+    "top10_overlap",
+    "top10_helpful",
+    "top10_harmful",
+    "max_rel_err",
+    "loo_pearson",
+)
+
+
 def _accuracy(up: Optional[np.ndarray], ref: Optional[np.ndarray], loo: Optional[LooTruth]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "pearson": None,
-        "spearman": None,
-        "top10_overlap": None,
-        "top10_helpful": None,
-        "top10_harmful": None,
-        "max_rel_err": None,
-        "loo_pearson": None,
-    }
+    out: dict[str, Any] = dict.fromkeys(_ACCURACY_FIELDS)
     if up is None:
         return out
 
@@ -724,14 +690,19 @@ def _empty_row(task_name: str, setting: Setting) -> dict[str, Any]:
         "iterations": None,
         "max_residual": None,
         "reference": False,
-        "pearson": None,
-        "spearman": None,
-        "top10_overlap": None,
-        "top10_helpful": None,
-        "top10_harmful": None,
-        "max_rel_err": None,
-        "loo_pearson": None,
+        **dict.fromkeys(_ACCURACY_FIELDS),
         "pareto": False,
+    }
+
+
+def _reference_info(setting: Setting, row: dict[str, Any]) -> dict[str, Any]:
+    """What a task records about its reference (the ground truth) from the reference's row."""
+    return {
+        "label": setting.label,
+        "kind": setting.family,
+        "time_s": row["time_s"],
+        "max_residual": row["max_residual"],
+        "error": row["error"],
     }
 
 
@@ -853,13 +824,7 @@ def _bench_settings(
             )
             rows[ref_pos], ups[ref_pos] = row, up
             ref_up = up
-            ref_info = {
-                "label": ref_setting.label,
-                "kind": ref_setting.family,
-                "time_s": row["time_s"],
-                "max_residual": row["max_residual"],
-                "error": row["error"],
-            }
+            ref_info = _reference_info(ref_setting, row)
         else:
             if log:
                 log(f"  reference {ref_setting.label} ...")
@@ -867,13 +832,7 @@ def _bench_settings(
                 task_name, factory, ref_setting, X_test, y_test, m, 1, budget_s, False, None
             )
             ref_up = up
-            ref_info = {
-                "label": ref_setting.label,
-                "kind": ref_setting.family,
-                "time_s": row["time_s"],
-                "max_residual": row["max_residual"],
-                "error": row["error"],
-            }
+            ref_info = _reference_info(ref_setting, row)
     loo = None
     if ref_up is not None and loo_fn is not None:
         try:
@@ -892,12 +851,12 @@ def _bench_settings(
                 task_name, factory, s, X_test, y_test, m, repeats, budget_s, memory, log
             )
     out: list[dict[str, Any]] = []
-    for i, row in enumerate(rows):
-        assert row is not None
-        if row["status"] == "ok":
-            row.update(_accuracy(ups[i], ref_up, loo))
-            row["reference"] = ref_pos == i
-        out.append(row)
+    for i, done in enumerate(rows):
+        assert done is not None
+        if done["status"] == "ok":
+            done.update(_accuracy(ups[i], ref_up, loo))
+            done["reference"] = ref_pos == i
+        out.append(done)
     if ref_up is None:
         ref_info.setdefault("error", "the reference computation failed")
     ref_info["up_loss"] = ref_up  # kept in memory for peers; dropped from the JSON

@@ -39,11 +39,13 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from pyinfluence import _core
+from pyinfluence._formatting import DASH, format_value, markdown_table
+from pyinfluence.bench._measure import cpu_model, usable_cores
 
 __all__ = [
     "EXPECTED_SLOPES",
@@ -74,7 +76,7 @@ _COST = {"assembly": "n·d²", "factorisation": "d³", "scoring": "n·d·m"}
 _L2 = 1e-3
 _MAX_REPEATS = 100
 
-_DEFAULTS = {
+_DEFAULTS: dict[bool, dict[str, Any]] = {
     # full: ~1 minute on 2 shared cores; quick: a few seconds
     False: {
         "ns": (5000, 7071, 10000, 14142, 20000, 28284, 40000, 56569, 80000, 113137, 160000),
@@ -104,6 +106,18 @@ def _as_positive_pairs(sizes: Any, times: Any) -> tuple[np.ndarray, np.ndarray]:
     if not (np.all(np.isfinite(t)) and np.all(t > 0)):
         raise ValueError("times must be finite and > 0")
     return s, t
+
+
+@overload
+def fit_loglog_slope(
+    sizes: Sequence[float], times: Sequence[float], return_se: Literal[False] = ...
+) -> float: ...
+
+
+@overload
+def fit_loglog_slope(
+    sizes: Sequence[float], times: Sequence[float], return_se: Literal[True]
+) -> tuple[float, float | None]: ...
 
 
 def fit_loglog_slope(
@@ -219,14 +233,11 @@ def _fit_all(sizes: list[int], times: list[float], expected: float) -> dict[str,
 
 
 def _fmt_ms(t: float | None) -> str:
-    if t is None:
-        return "—"
-    ms = t * 1e3
-    return f"{ms:.3g}" if ms >= 0.01 else f"{ms:.2e}"
+    return format_value(None if t is None else t * 1e3, 3)
 
 
 def _fmt_slope(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
+    return DASH if x is None else f"{x:.2f}"
 
 
 def _fmt_se(se: float | None) -> str:
@@ -326,19 +337,17 @@ class ScalingResult:
             lines += [
                 f"#### Time (ms) against {ax} ({fixed})",
                 "",
-                f"| {ax} | " + " | ".join(f"{s} ({_COST[s]})" for s in STEPS) + " |",
-                "|---:|" + "---:|" * len(STEPS),
+                markdown_table(
+                    [ax] + [f"{s} ({_COST[s]})" for s in STEPS],
+                    [
+                        [size] + [_fmt_ms(sw["times"][s]["median"][i]) for s in STEPS]
+                        for i, size in enumerate(sw["sizes"])
+                    ],
+                    align="r",
+                ),
+                "",
             ]
-            for i, size in enumerate(sw["sizes"]):
-                cells = [_fmt_ms(sw["times"][s]["median"][i]) for s in STEPS]
-                lines.append(f"| {size} | " + " | ".join(cells) + " |")
-            lines.append("")
-        lines += [
-            "#### Log-log slopes: measured against expected",
-            "",
-            "| step | against | expected | full range | upper range | from | t = a + b·sᵏ: k | verdict |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
-        ]
+        rows = []
         for step in STEPS:
             for ax in AXES:
                 sl = self.slopes.get(step, {}).get(ax)
@@ -346,18 +355,43 @@ class ScalingResult:
                     continue
                 of = sl.get("offset_fit")
                 if of is None:
-                    k = "—"
+                    k = DASH
                 elif of["at_edge"]:
                     k = "n/a (grid edge)"
                 elif of["k"] is None:
                     k = "flat"
                 else:
                     k = f"{of['k']:.2f}"
-                lines.append(
-                    f"| {step} | {ax} | {sl['expected']:g} | {_fmt_slope(sl['full'])} | "
-                    f"{_fmt_slope(sl['upper'])}{_fmt_se(sl.get('upper_se'))} | {ax} ≥ {sl['upper_from']} | "
-                    f"{k} | {sl['verdict']} |"
+                rows.append(
+                    [
+                        step,
+                        ax,
+                        f"{sl['expected']:g}",
+                        _fmt_slope(sl["full"]),
+                        _fmt_slope(sl["upper"]) + _fmt_se(sl.get("upper_se")),
+                        f"{ax} ≥ {sl['upper_from']}",
+                        k,
+                        sl["verdict"],
+                    ]
                 )
+        lines += [
+            "#### Log-log slopes: measured against expected",
+            "",
+            markdown_table(
+                [
+                    "step",
+                    "against",
+                    "expected",
+                    "full range",
+                    "upper range",
+                    "from",
+                    "t = a + b·sᵏ: k",
+                    "verdict",
+                ],
+                rows,
+                align="llrrrrrl",
+            ),
+        ]
         lines += [
             "",
             (
@@ -389,6 +423,7 @@ class ScalingResult:
 
         axes_wanted = list(AXES) if which == "both" else [which]
         path = None
+        fig: Any
         if isinstance(path_or_ax, (str, os.PathLike)):
             path = os.fspath(path_or_ax)
             fig = Figure(figsize=(5.2 * len(axes_wanted), 4.2), layout="constrained")
@@ -517,17 +552,6 @@ def _check_dtype(v: Any) -> np.dtype:
 # -- measuring ---------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _load() -> list[float] | None:
     try:
         return [float(x) for x in os.getloadavg()]
@@ -536,16 +560,12 @@ def _load() -> list[float] | None:
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "affinity": affinity,
+        "affinity": usable_cores(),
         "core_threads": int(_core.max_threads()),
         "blas": str(_core.blas),
         "blas_threads": int(_core.blas_threads()),
@@ -582,12 +602,7 @@ def _labels(rng: np.random.Generator, X: np.ndarray, w: np.ndarray, dtype: np.dt
 def _measure_point(spec, X, y, theta, Xt, yt, repeats: int, min_time: float) -> dict[str, list[float]]:
     # The engine's constructor assembles and factorises once (untimed): it warms the kernels and
     # pages X in, and gives the cached factor that scoring needs.
-    engine = _core.LinearEngine(spec, X, y, theta, 0.0)
-    if not engine.factorized:
-        raise RuntimeError(
-            f"the synthetic Hessian ({engine.n_params} x {engine.n_params}) was not positive definite "
-            f"(pivot {engine.failed_pivot}); this should not happen with l2 = {_L2:g}"
-        )
+    engine = _core.LinearEngine(spec, X, y, theta, 0.0)  # raises NotPositiveDefiniteError on failure
     H = np.ascontiguousarray(engine.hessian())
     return {
         "assembly": _time(lambda: _core.hessian(spec, X, y, theta), repeats, min_time),

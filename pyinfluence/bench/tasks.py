@@ -8,7 +8,7 @@ arrays :class:`~pyinfluence.LinearInfluence` needs). For linear tasks the two vi
 model with the same weights: the torch module is the ``nn.Linear`` equivalent of the estimator
 (intercept as the bias), and the estimator is fitted with ``penalize_intercept=True`` so that its
 objective ``mean loss + (l2/2)‖θ‖²`` over *all* parameters is exactly TorchInfluence's. Both views
-therefore define the same ``up_loss`` (DESIGN.md: H is the Hessian of the mean training loss plus
+therefore define the same ``up_loss`` (H is the Hessian of the mean training loss plus
 the L2 term, no 1/n factor).
 
 Tasks (``make_task(name, quick=False, seed=0, **size)``):
@@ -27,6 +27,9 @@ Tasks (``make_task(name, quick=False, seed=0, **size)``):
 - ``"synthetic-linear"``: binary logistic regression on X ~ N(0, 1) (n × d, default
   n = 20 000, d = 200; ``n=``, ``d=`` to scale up), labels from a logistic model with a random
   weight vector, l2 = 1e-3, Newton; p = d + 1; m = 50 held-out points; damping 0.
+
+The deep tasks' models (``digits_mlp``, ``SmallCNN``) and their trainer (``lbfgs_fit``: one full-batch
+L-BFGS call) come from :mod:`pyinfluence.torch.training`.
 
 ``size`` keywords: ``m`` (test points, all tasks), ``n`` and ``d`` (synthetic-linear),
 ``n_train`` (digits tasks: a stratified subset of the training images). ``quick=True`` keeps the
@@ -49,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TASKS", "SmallCNN", "Task", "clear_cache", "make_task", "task_names"]
+from pyinfluence.torch.training import SmallCNN, cross_entropy, digits_mlp, lbfgs_fit
+
+__all__ = ["TASKS", "SmallCNN", "Task", "clear_cache", "lbfgs_fit", "make_task", "task_names"]
 
 L2 = 1e-3
 DEEP_DAMPING = 1e-2
@@ -151,6 +156,7 @@ class Task:
             raise ValueError(f"task {self.name!r} is not linear: it has no C++ exact path")
         from pyinfluence.linear.influence import LinearInfluence
 
+        assert self.X_train_np is not None and self.y_train_np is not None
         return LinearInfluence(
             self.linear_model, self.X_train_np, self.y_train_np, damping=self.damping, **kw
         )
@@ -259,9 +265,8 @@ def make_task(name: str, quick: bool = False, seed: int = 0, **size: Any) -> Tas
 
 
 # -- losses (module-level functions: picklable, usable by a peer's worker) ----------------------
-def cross_entropy_loss(out: Any, y: Any) -> Any:
-    """Per-example cross-entropy (targets: class indices)."""
-    return F.cross_entropy(out, y, reduction="none")
+#: Per-example cross-entropy (targets: class indices): the deep tasks' loss and their trainer's.
+cross_entropy_loss = cross_entropy
 
 
 def logistic_loss(out: Any, y: Any) -> Any:
@@ -408,58 +413,9 @@ def _synthetic_linear(quick: bool, seed: int, sz: dict) -> Task:
 
 
 # -- deep tasks -------------------------------------------------------------------------------
-def _objective(model: Any, X: Any, y: Any, l2: float):
-    ps = list(model.parameters())
-    return cross_entropy_loss(model(X), y).mean() + 0.5 * l2 * sum((p**2).sum() for p in ps)
-
-
-def lbfgs_fit(model: Any, X: Any, y: Any, max_iter: int, l2: float = L2, tol: float = 1e-10) -> float:
-    """Full-batch L-BFGS (strong Wolfe) on mean cross-entropy + (l2/2)‖θ‖²; returns ‖∇R‖."""
-
-    ps = list(model.parameters())
-    opt = torch.optim.LBFGS(
-        ps,
-        lr=1,
-        max_iter=max_iter,
-        tolerance_grad=tol,
-        tolerance_change=0,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        opt.zero_grad()
-        R = _objective(model, X, y, l2)
-        R.backward()
-        return R
-
-    opt.step(closure)
-    opt.zero_grad()
-    R = _objective(model, X, y, l2)
-    g = torch.autograd.grad(R, ps)
-    return float(torch.cat([t.reshape(-1) for t in g]).norm())
-
-
-class SmallCNN(nn.Module):
-    """8×8 digits: conv 3×3 (1→4) tanh, max-pool 2, conv 3×3 (4→8) tanh, fc 128→64 tanh,
-    fc 64→10 (p = 9242), as in bench/deep.py."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 8, 3, padding=1)
-        self.f1 = nn.Linear(8 * 4 * 4, 64)
-        self.f2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(torch.tanh(self.c1(x)), 2)
-        x = torch.tanh(self.c2(x)).flatten(1)
-        return self.f2(torch.tanh(self.f1(x)))
-
-
 def _deep_task(name: str, model: Any, Xtr, ytr, Xte, yte, iters: int, desc: str, arch: str) -> Task:
 
-    gn = lbfgs_fit(model, Xtr, ytr, iters)
+    gn = lbfgs_fit(model, Xtr, ytr, iters, l2=L2)
     model.eval()
     with torch.no_grad():
         acc_tr = float((model(Xtr).argmax(1) == ytr).double().mean())
@@ -509,7 +465,7 @@ def _digits_mlp(quick: bool, seed: int, sz: dict) -> Task:
 
     Xtr, ytr, Xte, yte, desc = _digits_torch(seed, sz, 20 if quick else 50)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    model = digits_mlp().double()
     return _deep_task(
         "digits-mlp", model, Xtr, ytr, Xte, yte, 300, desc, "Linear(64, 32), Tanh, Linear(32, 10)"
     )

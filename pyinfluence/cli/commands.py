@@ -4,6 +4,8 @@ Subcommands:
 
 - ``pyinfluence demo [--quick] [--out DIR] [--seed N]``: the paper's applications on
   scikit-learn's bundled digits; writes a report folder and prints the path of its report.html.
+  Needs PyTorch (``pip install 'pyinfluence[torch]'``), as ``bench`` does; ``explain`` and
+  ``mislabels`` do not.
 - ``pyinfluence explain DATA [--label COL] [--test FILE | --test-indices LIST] [--model ...]``:
   for each test point, the training rows that helped and harmed its prediction most.
 - ``pyinfluence mislabels DATA [--label COL] [--model ...]``: training rows ranked by
@@ -52,11 +54,11 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from pyinfluence.cli.userdata import format_bytes
+from pyinfluence._formatting import format_bytes, text_table
 from pyinfluence.errors import PyInfluenceError
 
 __all__ = ["main", "build_parser", "feature_scale_warning"]
@@ -93,42 +95,49 @@ DEFAULT_MAX_PARAMS = 10_000
 DEFAULT_MAX_INPUT_SIZE = "1G"
 
 
-class CLIError(ValueError):
+class CLIError(PyInfluenceError, ValueError):
     """A user-facing error of the command line (one line)."""
 
 
 # ================================================================================================
 # argument parsing
 # ================================================================================================
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _int_arg(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (``what`` names it in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
+def _float_arg(strict: bool) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 (``strict``) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < 0 or (strict and v == 0):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number {'>' if strict else '>='} 0, got {text!r}"
+            )
+        return v
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
+_positive_int = _int_arg(1, "a positive integer")
+_nonnegative_int = _int_arg(0, "a non-negative integer")
+_nonnegative_float = _float_arg(strict=False)
+_positive_float = _float_arg(strict=True)
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -396,16 +405,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # ================================================================================================
 # bench
 # ================================================================================================
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
 def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser(
         "bench",
@@ -514,18 +513,26 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
+    from pyinfluence._optional import require_torch
+
+    require_torch("the benchmark")  # its tasks and solvers are torch models and torch solvers
     from pyinfluence.bench import run_bench
 
     t0 = time.perf_counter()
     limits: Any = None
-    restore: Any = None
+    restore: Optional[Callable[[], None]] = None
     if args.threads:
         import torch
 
         from pyinfluence import get_num_threads, set_num_threads
 
         before = (torch.get_num_threads(), get_num_threads())
-        restore = lambda: (torch.set_num_threads(before[0]), set_num_threads(before[1]))  # noqa: E731
+
+        def restore_threads() -> None:
+            torch.set_num_threads(before[0])
+            set_num_threads(before[1])
+
+        restore = restore_threads
         torch.set_num_threads(args.threads)
         set_num_threads(args.threads)
         try:  # numpy's / scipy's BLAS and OpenMP too, where threadpoolctl is installed
@@ -582,6 +589,9 @@ def _run_bench_from_args(args: argparse.Namespace, run_bench: Any, log: Any) -> 
 # demo
 # ================================================================================================
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pyinfluence._optional import require_torch
+
+    require_torch("the demo")  # its CNN runs on the torch path
     from pyinfluence.cli.demo import run_demo
 
     run_demo(
@@ -827,21 +837,6 @@ def _require_finite(fitted: Dict[str, Any], what: str, *arrays: np.ndarray) -> N
 def _label(v: Any) -> Any:
     """A label as plain Python (for JSON and CSV)."""
     return v.item() if hasattr(v, "item") else v
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
-    cells = [[str(c) for c in columns]] + [[_fmt(v) for v in r] for r in rows]
-    widths = [max(len(r[j]) for r in cells) for j in range(len(columns))]
-    lines = []
-    for k, r in enumerate(cells):
-        lines.append(indent + "  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(r, widths)))
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1106,7 +1101,7 @@ def _print_explain(
         ):
             print(f" {kind} ({what}):", file=out)
             print(
-                _table(
+                text_table(
                     cols,
                     [
                         [
@@ -1118,7 +1113,7 @@ def _print_explain(
                         ]
                         for e in pt[kind]
                     ],
-                    "   ",
+                    indent="   ",
                 ),
                 file=out,
             )
@@ -1180,7 +1175,7 @@ def _cmd_mislabels(args: argparse.Namespace) -> int:
         print(f"{len(rows)} training rows ranked by |self-influence| (most suspicious first); top {k}:")
         cols = ["rank", "train row", "label", "prediction", "training loss", "self-influence"]
         print(
-            _table(
+            text_table(
                 cols,
                 [
                     [

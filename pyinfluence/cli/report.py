@@ -3,7 +3,8 @@
 The HTML references every figure by its file name (``<img src="name.png">``), carries its own CSS
 (no external stylesheet, font or script) and escapes every string it is given, so the folder can
 be zipped, mailed and opened in any browser offline. Numbers shown in the HTML tables are the
-same values written to ``results.json`` (formatted for reading).
+same values written to ``results.json`` (formatted for reading by
+:func:`pyinfluence._formatting.format_value`).
 
 Usage::
 
@@ -24,12 +25,12 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import math
 import pathlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
+from pyinfluence._formatting import format_value
 from pyinfluence._json import jsonable
 
 __all__ = ["PNG_SIGNATURE", "Report", "Section", "format_value", "is_png"]
@@ -58,30 +59,6 @@ nav ol { columns: 2; font-size: 0.95em; }
 .note { background: #fff8e5; border-left: 4px solid #f0c36d; padding: 0.5em 0.8em; }
 footer { color: #777; font-size: 0.85em; margin-top: 3em; }
 """
-
-
-def format_value(v: Any, digits: int = 4) -> str:
-    """A table cell: floats with ``digits`` significant digits (no trailing noise), ints as they
-    are, None/NaN as an en dash, everything else ``str``."""
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if hasattr(v, "item") and hasattr(v, "dtype") and getattr(v, "ndim", 1) == 0:
-        v = v.item()
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "–"
-        if v == 0:
-            return "0"
-        if 1e-4 <= abs(v) < 1e6:
-            s = f"{v:.{digits}g}"
-        else:
-            s = f"{v:.{max(digits - 1, 1)}e}"
-        return s
-    return str(v)
 
 
 def is_png(path: Union[str, pathlib.Path]) -> bool:

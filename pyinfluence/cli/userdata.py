@@ -38,9 +38,12 @@ import re
 import stat
 import zipfile
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import IO, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+
+from pyinfluence._formatting import format_bytes
+from pyinfluence.errors import PyInfluenceError
 
 __all__ = [
     "DEFAULT_MAX_INPUT_BYTES",
@@ -69,7 +72,7 @@ _UNNAMED_INDEX_HEADERS = ("", "Unnamed: 0")
 _READ_CHUNK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(PyInfluenceError, ValueError):
     """A problem with the user's data file; the message is one line."""
 
 
@@ -101,14 +104,6 @@ class UserData:
     @property
     def has_test(self) -> bool:
         return self.X_test is not None
-
-
-def format_bytes(n: int) -> str:
-    """A byte count for messages: '1 GiB', '512 MiB', '1.4 GiB', '300 bytes'."""
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} bytes"
 
 
 def _too_large(path: pathlib.Path, what: str, max_bytes: int) -> DataError:
@@ -341,7 +336,7 @@ def read_csv(
     return CsvTable(X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes)
 
 
-def _npy_declared_bytes(fh: zipfile.ZipExtFile) -> Optional[int]:
+def _npy_declared_bytes(fh: IO[bytes]) -> Optional[int]:
     """The data size an .npy header declares (shape × item size), or None if it cannot be read
     (np.load then reports the problem)."""
     try:
@@ -559,7 +554,8 @@ def load_user_data(
     if _is_npz(dpath):
         if label is not None:
             raise DataError("--label applies to CSV files; an .npz file has X_train and y_train")
-        X, y, Xt, yt = read_npz(dpath, numeric_labels=numeric_labels, max_bytes=max_bytes)
+        X, y_npz, Xt, yt = read_npz(dpath, numeric_labels=numeric_labels, max_bytes=max_bytes)
+        y: Optional[np.ndarray] = y_npz
         names = [f"x{j}" for j in range(X.shape[1])]
         label_name = "y"
     else:

@@ -1,7 +1,7 @@
 """GPU path of :class:`~pyinfluence.LinearInfluence` (``device="cuda"``, or CUDA tensors as training data).
 
 The C++ core's CUDA kernels (``csrc/cuda``, compiled into ``pyinfluence._core`` when the package is built with
-``PYINFLUENCE_CUDA=1``; ``_core.has_cuda`` tells) run on torch CUDA tensors, passed as raw device pointers together
+``PYINFLUENCE_CUDA=1``; ``pyinfluence.runtime.has_cuda()`` tells) run on torch CUDA tensors, passed as raw device pointers together
 with torch's current stream, so nothing here depends on torch's C++ API:
 
 - the per-example pass: residuals r_i = ∂L/∂s and curvatures D_i at θ̂,
@@ -19,6 +19,7 @@ so ``LinearInfluence`` uses either without knowing which.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Optional, Tuple
 
@@ -30,9 +31,22 @@ from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
 __all__ = ["CudaLinearEngine", "resolve_device", "to_host"]
 
 
-def _torch():
-    import torch
+def _round_up(x: float) -> float:
+    """x rounded up to two significant digits (as cholesky.cpp does for its suggested damping)."""
+    if not (x > 0 and math.isfinite(x)):
+        return x
+    e = math.floor(math.log10(x)) - 1
+    digits = math.ceil(x / 10.0**e)
+    return digits * 10.0**e if e >= 0 else digits / 10.0 ** (-e)
 
+
+def _torch():
+    try:  # the GPU path keeps its arrays in torch's CUDA memory
+        import torch
+    except ImportError as exc:
+        from pyinfluence._optional import torch_missing_message
+
+        raise ImportError(torch_missing_message("LinearInfluence(device='cuda')", exc), name="torch") from exc
     return torch
 
 
@@ -62,10 +76,10 @@ def resolve_device(device: Any, X_train: Any = None) -> Optional[Any]:
         return None
     if not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
         raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not getattr(_core, "has_cuda", False):
+    if not _core.has_cuda:
         raise RuntimeError(
             f"device={name!r}: this pyinfluence was built without its CUDA kernels "
-            f"(pyinfluence._core.has_cuda is False). Reinstall from source with a CUDA compiler (nvcc) "
+            f"(pyinfluence.runtime.has_cuda() is False). Reinstall from source with a CUDA compiler (nvcc) "
             f"available: PYINFLUENCE_CUDA=1 pip install --no-binary pyinfluence pyinfluence (or, in a checkout, "
             f"PYINFLUENCE_CUDA=1 pip install .); or use device='cpu'."
         )
@@ -106,7 +120,7 @@ class CudaLinearEngine:
         self._dtype_name = str(X.dtype)
         self._tdtype = torch.float64 if X.dtype == np.float64 else torch.float32
         self._host = (X, y, theta)  # the CPU engine's inputs, should a query need it
-        self._cpu_engine = None
+        self._cpu_engine: Optional[_core.LinearEngine] = None
         self._train_bound: Optional[float] = None  # see _score_bound
         self._n, self._d = X.shape
         self._K = int(spec.n_outputs)
@@ -165,8 +179,10 @@ class CudaLinearEngine:
         )
         return R, C
 
-    def _points(self, X: np.ndarray, y: np.ndarray):
+    def _points(self, X: np.ndarray, y: Optional[np.ndarray]):
         """Device copies of points (X, y) and their residuals."""
+        if y is None:  # as _core.LinearEngine: X and y come together
+            raise TypeError("y is required when X is given")
         Xd, yd = self._upload(X), self._upload(y)
         R, _ = self._per_example(Xd, yd)
         return Xd, R
@@ -196,7 +212,9 @@ class CudaLinearEngine:
         return float(self._torch.linalg.vector_norm(g))
 
     def _factorize(self) -> None:
-        """L Lᵀ = H + λI (+ the intercept gauge when λ = 0), with the CPU engine's singularity test."""
+        """L Lᵀ = H + λI (+ the intercept gauge when λ = 0), with the CPU engine's singularity test. Raises, as the
+        CPU engine's constructor: NonFiniteError when H or the residuals overflowed, NotPositiveDefiniteError
+        (with the fields of cholesky.hpp's FactorFailure) when a pivot fails."""
         torch = self._torch
         A = self._H.clone()
         A.diagonal().add_(self._damping)
@@ -209,41 +227,54 @@ class CudaLinearEngine:
         ):
             idx = torch.arange(self._K, device=self._device) * self._de + self._d
             A[idx[:, None], idx[None, :]] += 1.0  # (γ/2)(Σ_k b_k)², γ = 1: see families.hpp
-        self._failed_pivot = -1
-        self._non_finite = False
-        max_diag = float(A.diagonal().abs().max()) if self._p else 0.0
         if not bool(torch.isfinite(A).all()) or not bool(torch.isfinite(self._R).all()):
             # an overflow of X_train's magnitude, not an indefinite H: damping would not help
-            self._non_finite, self._L = True, None
-            return
+            what = "the training Hessian H (or the training residuals)"
+            raise NonFiniteError(
+                f"{what} overflowed to inf or NaN (X_train's values are too large in magnitude for this "
+                f"floating-point type)",
+                what=what,
+            )
         L, info = torch.linalg.cholesky_ex(A)
-        info = int(info)
-        if info > 0:
-            self._failed_pivot, self._L = info - 1, None
-            return
+        failed = int(info) - 1
+        if failed >= 0:
+            # d_j = A_jj − a_jᵀ A₁₁⁻¹ a_j from the leading j×j block of L, the part every backend completed
+            z = torch.linalg.solve_triangular(
+                L[:failed, :failed], A[:failed, failed : failed + 1], upper=False
+            )
+            raise self._not_positive_definite(A, failed, float(A[failed, failed] - (z * z).sum()))
         pivots = L.diagonal()
         j = int(torch.argmin(pivots))
-        eps = float(torch.finfo(self._tdtype).eps)
-        if not float(pivots[j]) ** 2 > self._p * eps * max_diag:  # numerically singular (cholesky.hpp)
-            self._failed_pivot, self._L = j, None
-            return
+        value = float(pivots[j]) ** 2
+        if not value > self._threshold(A):  # numerically singular (cholesky.hpp)
+            raise self._not_positive_definite(A, j, value)
         self._L = L
 
-    def _require_factor(self) -> None:
-        if self._non_finite:
-            raise NonFiniteError(
-                "the training Hessian H (or the training residuals) overflowed to inf or NaN: X_train's values "
-                "are too large in magnitude for this floating-point type"
-            )
-        if self._L is None:
-            raise NotPositiveDefiniteError(
-                f"the Hessian H + damping*I ({self._p} x {self._p}) is not positive definite (Cholesky failed at "
-                f"pivot {self._failed_pivot}). Pass damping > 0 or increase l2."
-            )
+    def _threshold(self, A) -> float:
+        """The pivot test of cholesky.hpp: a pivot d_j ≤ p·ε·max_i |A_ii| is numerically zero."""
+        eps = float(self._torch.finfo(self._tdtype).eps)
+        return self._p * eps * float(A.diagonal().abs().max())
+
+    def _not_positive_definite(self, A, pivot: int, value: float) -> NotPositiveDefiniteError:
+        """The CPU engine's NotPositiveDefiniteError for pivot ``pivot`` of value d_j (CholeskyFactor::fail)."""
+        eps = float(self._torch.finfo(self._tdtype).eps)
+        max_diag = float(A.diagonal().abs().max())
+        threshold = self._threshold(A)
+        suggested = None
+        if math.isfinite(value) and max_diag > 0:
+            deficit = max(0.0, threshold - value) / max(0.5, 1.0 - self._p * eps)
+            suggested = _round_up(self._damping + max(2.0 * deficit, math.sqrt(eps) * max_diag))
+        return NotPositiveDefiniteError(
+            f"the Hessian H + damping*I ({self._p} x {self._p}) is not positive definite (Cholesky failed at "
+            f"pivot {pivot}, whose value is {value:.3g}). Pass damping > 0 or increase l2.",
+            pivot=pivot,
+            size=self._p,
+            min_pivot=value,
+            suggested_damping=suggested,
+        )
 
     def _s_test(self, Xt: np.ndarray, yt: np.ndarray):
         """s_t = (H + λI)⁻¹ ∇θL(z_t) as the rows of an (m, p) device tensor."""
-        self._require_factor()
         Xd, R = self._points(Xt, yt)
         G = self._finite(self._gradients(Xd, R), "the per-example gradients")
         S = self._torch.cholesky_solve(G.T, self._L).T.contiguous()
@@ -254,7 +285,8 @@ class CudaLinearEngine:
         if not bool(self._torch.isfinite(t).all()):
             raise NonFiniteError(
                 f"{what} overflowed to inf or NaN (the inputs are finite, but too large in magnitude for this "
-                f"floating-point type)"
+                f"floating-point type)",
+                what=what,
             )
         return t
 
@@ -297,21 +329,6 @@ class CudaLinearEngine:
         return self._p
 
     @property
-    def factorized(self) -> bool:
-        return self._L is not None
-
-    @property
-    def status(self) -> str:
-        """As ``_core.LinearEngine.status``: 'ok', 'not_positive_definite' or 'non_finite'."""
-        if self._non_finite:
-            return "non_finite"
-        return "ok" if self._L is not None else "not_positive_definite"
-
-    @property
-    def failed_pivot(self) -> int:
-        return self._failed_pivot
-
-    @property
     def grad_norm(self) -> float:
         return self._grad_norm
 
@@ -329,12 +346,10 @@ class CudaLinearEngine:
             )
 
     def solve(self, B: np.ndarray) -> np.ndarray:
-        self._require_factor()
         with self._on_device():
             return self._numpy(self._torch.cholesky_solve(self._upload(B), self._L))
 
     def up_params(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self._require_factor()
         with self._on_device():
             G = self._finite(self._gradients(*self._points(X, y)), "the per-example gradients")
             return self._numpy(self._finite(-self._torch.cholesky_solve(G.T, self._L).T, "up_params"))
@@ -372,7 +387,8 @@ class CudaLinearEngine:
             if not self._score_bound(S) < float(torch.finfo(self._tdtype).max):
                 raise NonFiniteError(
                     "the influence scores ranked by top_k could overflow to inf or NaN (the inputs are finite, but "
-                    "too large in magnitude for this floating-point type)"
+                    "too large in magnitude for this floating-point type)",
+                    what="the influence scores ranked by top_k",
                 )
             hi = torch.empty((m, k), dtype=torch.int64, device=self._device)
             ri = torch.empty_like(hi)
@@ -399,7 +415,6 @@ class CudaLinearEngine:
 
     def self_influence(self, X: Optional[np.ndarray] = None, y: Optional[np.ndarray] = None) -> np.ndarray:
         """−g_iᵀ(LLᵀ)⁻¹g_i = −‖L⁻¹g_i‖², in blocks of rows (a triangular solve per block)."""
-        self._require_factor()
         torch = self._torch
         with self._on_device():
             Xd, R = (self._X, self._R) if X is None else self._points(X, y)

@@ -1,34 +1,26 @@
-"""Exact influence functions for linear models (C++/Eigen core).
+"""Exact influence functions for linear models (C++/Eigen core): :class:`LinearInfluence`.
 
-Notation (Koh & Liang 2017; signs exactly as in the paper):
+It implements the one interface, :class:`pyinfluence.interface.Influence`, whose docstrings state the
+quantities, their signs (exactly as in Koh & Liang 2017), the 1/n of ``loo_change`` and the shapes.
+What is particular to this path:
 
-    R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖²,   θ̂ = argmin R,   H = ∇²R(θ̂)  (L2 term included)
-
-Every solve uses ``H + λI`` with the damping ``λ`` given to :class:`LinearInfluence`.
-θ is the model's ``theta_`` (K, d_eff) flattened row-major to p = K·d_eff entries.
-
-- ``up_params``  I_up,params(z)        = −(H+λI)⁻¹ ∇θL(z)                         (k, p)
-- ``up_loss``    I_up,loss(z, z_test)  = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)            (k, m)
-- ``pert_loss``  I_pert,loss(z, z_test)= −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)         (k, m, d)
-- ``self_influence``  I_up,loss(z, z)  (≤ 0)                                      (k,)
-- ``loo_change`` L(z_test, θ̂₋z) − L(z_test, θ̂) ≈ −(1/n)·I_up,loss(z, z_test)     (k, m)
-
-``up_*`` are derivatives with respect to the weight ε of upweighting z in
-(1/n)Σ L + ε L(z): removing z is ε = −1/n, hence the −1/n in ``loo_change``.
-A positive ``up_loss`` means upweighting z *raises* the test loss (z is harmful);
-a negative one means it lowers it (z is helpful).
+- R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖² with P the model's penalty mask (the intercept is not
+  penalised unless ``penalize_intercept=True``); θ is the model's ``theta_`` (K, d_eff) flattened
+  row-major to p = K·d_eff entries (the intercept, if any, is the last column).
+- Results are numpy arrays; every quantity is exact (one Cholesky factorisation of H + λI).
+- ``loo_change(method="newton")`` and ``retrain_loo`` / ``refit`` (exact Newton refits) are available.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from pyinfluence import _core
+import pyinfluence._core as _core
 from pyinfluence._validation import (
     INT32_MAX,
     as_float_matrix,
@@ -40,35 +32,16 @@ from pyinfluence._validation import (
     resolve_dtype,
 )
 from pyinfluence.errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
+from pyinfluence.interface import Influence, TopK
 from pyinfluence.linear import cuda as _cuda
-from pyinfluence.linear.models import _CORE_NPD, OPTIMUM_GRAD_TOL, _LinearModel
+from pyinfluence.linear.models import OPTIMUM_GRAD_TOL, _LinearModel
 
 __all__ = ["LinearInfluence", "TopK"]
 
 IndexLike = Union[int, ArrayLike, None]
 
 
-@dataclass(frozen=True)
-class TopK:
-    """Most helpful and most harmful training points for each of m test points.
-
-    ``helpful_idx``/``helpful_scores`` (m, k): training indices with the most NEGATIVE
-    ``up_loss`` (upweighting them lowers the test loss; removing them raises it), most
-    helpful first. ``harmful_idx``/``harmful_scores`` (m, k): the most POSITIVE ``up_loss``,
-    most harmful first. Scores are ``up_loss`` values, I_up,loss(z, z_test) = −∇θL(z_test)ᵀ
-    (H+λI)⁻¹ ∇θL(z) (no 1/n factor; the predicted leave-one-out change is −score/n).
-
-    :class:`LinearInfluence` fills it with numpy arrays, :class:`~pyinfluence.TorchInfluence` with torch
-    tensors on its device.
-    """
-
-    helpful_idx: Any  # NDArray[np.int64] | torch.Tensor
-    helpful_scores: Any
-    harmful_idx: Any
-    harmful_scores: Any
-
-
-class LinearInfluence:
+class LinearInfluence(Influence[np.ndarray]):
     """Exact influence functions of a fitted pyinfluence linear model on its training set.
 
     ``LinearInfluence(model, X_train, y_train, damping=0.0, dtype=None)``
@@ -97,11 +70,12 @@ class LinearInfluence:
     naming the input with the largest magnitude (here already if H overflows). The object is read-only
     after construction and safe to share between threads.
 
-    Conventions for every method (see the module docstring): signs as in Koh & Liang,
-    ``up_*`` without the 1/n factor, ``loo_change`` with it. Test inputs ``X_test`` are (m, d)
-    with ``y_test`` (m,), or a single point as a 1-D ``x`` (d,) with a scalar ``y`` (then m = 1;
-    the m axis is kept in the output). ``train_idx`` selects k training points: None (all n),
-    an int, an array of ints (negative count from the end) or a boolean mask of length n.
+    The methods are those of :class:`~pyinfluence.interface.Influence`, which documents the signs (as
+    in Koh & Liang), the 1/n convention and the shapes. Test inputs ``X_test`` are (m, d) with labels
+    ``y_test`` (m,) in the model's label values, a single point as a 1-D ``x`` (d,) with a scalar
+    ``y`` (then m = 1; the m axis is kept in the output), or an ``(X, y)`` tuple as ``X_test`` with
+    ``y_test`` omitted. ``train_idx`` selects k training points: None (all n), an int, an array of
+    ints (negative count from the end) or a boolean mask of length n.
     """
 
     def __init__(
@@ -110,7 +84,7 @@ class LinearInfluence:
         X_train: ArrayLike,
         y_train: ArrayLike,
         damping: float = 0.0,
-        dtype: DTypeLike = None,
+        dtype: Optional[DTypeLike] = None,
         device: Any = None,
     ) -> None:
         if not isinstance(model, _LinearModel):
@@ -146,6 +120,7 @@ class LinearInfluence:
         self._dtype = dt
         self._theta = np.ascontiguousarray(model.theta_, dtype=dt)
         self._spec = model._spec(dt)
+        self._engine: Union[_core.LinearEngine, _cuda.CudaLinearEngine]
         try:
             if self._device is None:
                 self._engine = _core.LinearEngine(self._spec, X, y, self._theta, self._damping)
@@ -153,19 +128,10 @@ class LinearInfluence:
                 self._engine = _cuda.CudaLinearEngine(
                     self._spec, X, y, self._theta, self._damping, self._device
                 )
-        except _CORE_NPD as exc:
-            raise NotPositiveDefiniteError(self._npd_message(str(exc))) from None
-        if self._engine.status == "non_finite":
-            raise NonFiniteError(
-                self._overflow_message(
-                    "the training Hessian H (or the training residuals) overflowed to inf or NaN",
-                    train=X,
-                )
-            )
-        if not getattr(self._engine, "factorized", True):
-            pivot = getattr(self._engine, "failed_pivot", None)
-            where = f" at pivot {int(pivot)}" if pivot is not None and int(pivot) >= 0 else ""
-            raise NotPositiveDefiniteError(self._npd_message(f"Cholesky factorisation failed{where}"))
+        except NotPositiveDefiniteError as exc:
+            raise self._npd_error(exc) from None
+        except NonFiniteError as exc:  # H or the residuals overflowed: scale X_train, damping would not help
+            raise self._overflow_error(exc.what or str(exc), train=X) from None
         self.grad_norm_ = float(self._engine.grad_norm)  # ‖∇R(θ̂)‖, from the engine's cached residuals
         limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
         if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
@@ -178,7 +144,8 @@ class LinearInfluence:
                 stacklevel=2,
             )
 
-    def _npd_message(self, reason: str) -> str:
+    def _npd_error(self, exc: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
+        """The engine's NotPositiveDefiniteError in LinearInfluence's words, with the engine's fields."""
         m = self._model
         extra = ""
         if float(m.l2) == 0.0:
@@ -187,25 +154,56 @@ class LinearInfluence:
                 + (" (or the multinomial softmax's shift invariance)" if m.n_outputs_ > 1 else "")
                 + " make H singular."
             )
-        reason = reason.split(". Influence needs")[0].rstrip(". ")
-        return (
+        reason = "Cholesky factorisation failed"
+        if exc.pivot is not None:
+            reason += f" at pivot {exc.pivot}"
+        if exc.min_pivot is not None:
+            reason += f", whose value is {exc.min_pivot:.3g}"
+        example = 1e-3
+        hint = ""
+        if exc.suggested_damping is not None:
+            example = max(example, exc.suggested_damping)
+            hint = f"; damping >= {exc.suggested_damping:.2g} makes the failing pivot positive"
+        return NotPositiveDefiniteError(
             f"the Hessian H + λI ({self.n_params} x {self.n_params}, "
             f"damping λ = {self._damping:g}) "
             f"is not positive definite ({reason}).{extra} Pass damping=λ > 0 to LinearInfluence "
-            f"(e.g. damping=1e-3; influence values then approximate the undamped ones), or fit "
-            f"the model with a larger l2."
+            f"(e.g. damping={example:.2g}{hint}; influence values then approximate the undamped ones), or "
+            f"fit the model with a larger l2.",
+            pivot=exc.pivot,
+            size=exc.size,
+            min_pivot=exc.min_pivot,
+            suggested_damping=exc.suggested_damping,
+            train_index=exc.train_index,
         )
 
     def _overflow_message(
         self, what: str, test: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None
     ) -> str:
         """What overflowed, which input is the likely cause (the largest in magnitude) and the cure."""
-        sizes = {
+        return overflow_message(
+            what, self._dtype.name, self._magnitudes(test, train), float(np.finfo(self._dtype).max)
+        )
+
+    @staticmethod
+    def _magnitudes(test: Optional[np.ndarray], train: Optional[np.ndarray]) -> dict:
+        """The largest |value| of each feature array involved, by name."""
+        return {
             name: float(np.max(np.abs(a)))
             for name, a in (("X_test", test), ("X_train", train))
             if a is not None and a.size
         }
-        return overflow_message(what, self._dtype.name, sizes, float(np.finfo(self._dtype).max))
+
+    def _overflow_error(
+        self, what: str, test: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None
+    ) -> NonFiniteError:
+        """NonFiniteError for ``what`` (e.g. "the influence scores up_loss") having overflowed: the message of
+        :meth:`_overflow_message`, ``what`` and ``where`` (the input largest in magnitude) as fields."""
+        sizes = self._magnitudes(test, train)
+        where = max(sizes, key=sizes.__getitem__) if sizes else "X_train"
+        return NonFiniteError(
+            self._overflow_message(f"{what} overflowed to inf or NaN", test, train), what=what, where=where
+        )
 
     def _query(
         self, method: str, *args: Any, test: Optional[np.ndarray] = None, train: Optional[np.ndarray] = None
@@ -215,7 +213,7 @@ class LinearInfluence:
         try:
             return getattr(self._engine, method)(*args)
         except NonFiniteError as exc:
-            raise NonFiniteError(self._overflow_message(str(exc), test, train)) from None
+            raise self._overflow_error(exc.what or str(exc), test, train) from None
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -260,7 +258,19 @@ class LinearInfluence:
         )
 
     # -- input helpers ---------------------------------------------------------------------------
+    def _host(self, a: Any) -> Any:
+        """``a`` with CUDA tensors copied to the host (the CUDA engine takes inputs on any device)."""
+        return a if self._device is None else _cuda.to_host(a)
+
+    @staticmethod
+    def _pair(X: Any, y: Any) -> Tuple[Any, Any]:
+        """``(X, y)``, unpacking an ``(inputs, targets)`` tuple given as ``X`` with ``y`` omitted."""
+        if y is None and isinstance(X, tuple) and len(X) == 2:
+            return X[0], X[1]
+        return X, y
+
     def _test(self, X_test: Any, y_test: Any) -> Tuple[np.ndarray, np.ndarray]:
+        X_test, y_test = self._pair(X_test, y_test)
         if self._device is not None:
             X_test, y_test = _cuda.to_host(X_test), _cuda.to_host(y_test)
         Xt = as_float_matrix("X_test", X_test, self._dtype, allow_1d=True, n_features=self._d)
@@ -288,43 +298,68 @@ class LinearInfluence:
         return np.take(self._X, idx, axis=0), np.take(self._y, idx)
 
     # -- core quantities ---------------------------------------------------------------------
-    def hessian(self) -> NDArray[np.floating]:
-        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p).
+    # The formulas, signs, 1/n convention and shapes are documented once, on the interface
+    # (pyinfluence.interface.Influence); the docstrings here add what is particular to this path.
+    def hessian(self, max_params: Optional[int] = None) -> NDArray[np.floating]:
+        """H = ∇²R(θ̂) (damping NOT added), numpy (p, p); see :meth:`Influence.hessian`. No size limit
+        unless ``max_params`` is given (H is assembled at construction anyway).
 
         For multinomial models with an unpenalised intercept this H is exactly singular along "shift every
         intercept by the same amount" (the softmax is invariant to it). The undamped solves behind every
         influence value add the gauge (γ/2)(Σ_k b_k)² to fix that direction; it is NOT included here, and it
         changes no prediction or influence value (every gradient is orthogonal to that direction).
         """
+        if max_params is not None:
+            max_params = check_int("max_params", max_params, 1)
+            if self.n_params > max_params:
+                raise ValueError(
+                    f"the Hessian has p = {self.n_params} parameters, more than max_params={max_params}; "
+                    f"raise max_params (or pass None)"
+                )
         return np.asarray(self._engine.hessian())
 
     def gradients(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
-        """Per-example loss gradients ∇θL(z_i, θ̂) (no 1/n, no L2 term), shape (k, p)."""
+        """∇θL(z_i, θ̂) of training points, numpy (k, p); see :meth:`Influence.gradients`."""
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
         return np.asarray(self._query("gradients", X, y, train=X))
 
-    def up_params(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
-        """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
+    def test_gradients(self, X_test: ArrayLike, y_test: Any = None) -> NDArray[np.floating]:
+        """∇θL(z_test, θ̂), numpy (m, p); see :meth:`Influence.test_gradients`."""
+        Xt, yt = self._test(X_test, y_test)
+        return np.asarray(self._query("gradients", Xt, yt, test=Xt))
 
-        Removing z changes θ̂ by ≈ −(1/n)·I_up,params(z) (this method has no 1/n factor).
-        Rows follow ``train_idx`` (default: all n training points).
-        """
+    def s_test(self, X_test: ArrayLike, y_test: Any = None) -> NDArray[np.floating]:
+        """(H+λI)⁻¹ ∇θL(z_test), numpy (p, m); see :meth:`Influence.s_test`. One solve with the
+        factorisation made at construction (not cached: it costs m·p² like ``up_loss``)."""
+        Xt, yt = self._test(X_test, y_test)
+        # the engine's up_params is −(H+λI)⁻¹∇θL for whichever points it is given
+        up = np.asarray(self._query("up_params", Xt, yt, test=Xt))
+        return np.ascontiguousarray(-up.T)
+
+    def loss(self, X_test: ArrayLike, y_test: Any = None) -> NDArray[np.float64]:
+        """L(z_test, θ̂), numpy float64 (m,): the model's ``loss``; see :meth:`Influence.loss`."""
+        X_test, y_test = self._pair(X_test, y_test)
+        return np.asarray(self._model.loss(self._host(X_test), self._host(y_test)), dtype=np.float64)
+
+    def predict(self, X_test: ArrayLike) -> np.ndarray:
+        """The model's ``predict``: labels in the model's label values (classifiers) or values
+        (regression), numpy (m,); see :meth:`Influence.predict`."""
+        X = as_float_matrix("X_test", self._host(X_test), np.float64, allow_1d=True, n_features=self._d)
+        return np.asarray(self._model.predict(X))
+
+    def up_params(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
+        """I_up,params(z), numpy (k, p); see :meth:`Influence.up_params`."""
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
         return np.asarray(self._query("up_params", X, y, train=X))
 
     def up_loss(
-        self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
+        self, X_test: ArrayLike, y_test: Any = None, train_idx: IndexLike = None
     ) -> NDArray[np.floating]:
-        """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
-
-        Entry [i, j]: derivative of test loss j with respect to upweighting training point i.
-        Positive = harmful (upweighting raises the test loss), negative = helpful.
-        No 1/n factor: the predicted leave-one-out change is −up_loss/n (see ``loo_change``).
-        """
+        """I_up,loss(z, z_test), numpy (k, m); see :meth:`Influence.up_loss`."""
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
@@ -335,14 +370,9 @@ class LinearInfluence:
         return np.asarray(self._query("up_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def pert_loss(
-        self, X_test: ArrayLike, y_test: ArrayLike, train_idx: IndexLike = None
+        self, X_test: ArrayLike, y_test: Any = None, train_idx: IndexLike = None
     ) -> NDArray[np.floating]:
-        """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, d).
-
-        Entry [i, j, :]: gradient, with respect to the features x_i of training point i, of the
-        test loss j after upweighting z_i (Koh & Liang §2.2). Moving x_i by a small δ changes
-        test loss j by ≈ (1/n)·pert_loss[i, j]·δ (this method has no 1/n factor).
-        """
+        """I_pert,loss(z, z_test), numpy (k, m, d) (d features); see :meth:`Influence.pert_loss`."""
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
@@ -353,11 +383,7 @@ class LinearInfluence:
         return np.asarray(self._query("pert_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def self_influence(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
-        """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
-
-        Large magnitude = the point's own loss depends strongly on it (outliers, mislabelled
-        points). No 1/n factor.
-        """
+        """I_up,loss(z, z) ≤ 0, numpy (k,); see :meth:`Influence.self_influence`."""
         idx = self._idx(train_idx)
         if idx is None:
             return np.asarray(self._query("self_influence", None, None, train=self._X))
@@ -369,31 +395,24 @@ class LinearInfluence:
     def loo_change(
         self,
         X_test: ArrayLike,
-        y_test: ArrayLike,
+        y_test: Any = None,
         train_idx: IndexLike = None,
         method: str = "influence",
         group: bool = False,
     ) -> NDArray[np.floating]:
-        """Predicted change of the test loss when training points are removed and the model refit:
-        L(z_test, θ̂₋) − L(z_test, θ̂). Positive = removal raises the test loss (helpful point).
+        """Predicted L(z_test, θ̂₋) − L(z_test, θ̂), numpy (k, m) or (m,); see :meth:`Influence.loo_change`.
 
-        - ``method="influence"``: first order, −(1/n)·up_loss (k, m); with ``group=True`` the
-          points in ``train_idx`` are removed together: −(1/n)·Σ_i up_loss[i] (m,).
-        - ``method="newton"``: one exact Newton step from θ̂ on the leave-out objective
-          R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (Hessian + λI), test loss evaluated
-          exactly at the new θ: shape (k, m), or (m,) with ``group=True``.
-
-        ``train_idx`` default: all n points (one at a time; required with ``group=True``).
-
-        Removal convention (the same as :meth:`retrain_loo`): the model is refit on the mean loss over
-        the remaining points with the same l2 — what a user retraining would do. The first-order estimate
-        ignores the removed point's own curvature and the relative strengthening of the l2 term (of order
-        l2/n); on digits it under-predicts the largest effects about twofold, while the Newton step tracks
-        retraining closely (see examples/loo_validation.py).
+        ``method="newton"``: one exact Newton step from θ̂ on the leave-out objective
+        R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (Hessian + λI), the test loss evaluated exactly
+        at the new θ. The first-order estimate (``"influence"``, −(1/n)·up_loss) ignores the removed
+        point's own curvature and the relative strengthening of the l2 term (of order l2/n); on digits
+        it under-predicts the largest effects about twofold, while the Newton step tracks retraining
+        closely (see examples/loo_validation.py).
         """
         if method not in ("influence", "newton"):
             raise ValueError(f"method must be 'influence' or 'newton', got {method!r}")
         group = check_bool("group", group)
+        idx: Optional[NDArray[np.int64]]
         if group:
             if train_idx is None:
                 raise ValueError("train_idx is required with group=True (the points removed together)")
@@ -417,14 +436,9 @@ class LinearInfluence:
             raise ValueError("leave-one-out needs at least 2 training points")
         return np.asarray(self._query("loo_newton", Xt, yt, idx, test=Xt, train=self._X))
 
-    def top_k(self, X_test: ArrayLike, y_test: ArrayLike, k: int = 10) -> TopK:
-        """The k most helpful and k most harmful training points for each test point.
-
-        Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first,
-        harmful = most positive first. Scores have no 1/n factor (the predicted leave-one-out
-        change of the test loss is −score/n). Returns :class:`TopK` with four (m, k) arrays.
-        ``k`` must be between 1 and n_train.
-        """
+    def top_k(self, X_test: ArrayLike, y_test: Any = None, k: int = 10) -> TopK[np.ndarray]:
+        """:class:`~pyinfluence.TopK` of four numpy (m, k) arrays (int64 indices); see
+        :meth:`Influence.top_k`. Streams over the training set in the core (never the n × m scores)."""
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
         Xt, yt = self._test(X_test, y_test)
         hi, hv, ri, rv = self._query("top_k", Xt, yt, k, test=Xt, train=self._X)
@@ -436,23 +450,28 @@ class LinearInfluence:
         )
 
     # -- ground truth by retraining -------------------------------------------------------------
+    @property
+    def can_retrain(self) -> bool:
+        """True: :meth:`retrain_loo` and :meth:`refit` refit the linear model exactly (Newton)."""
+        return True
+
     def retrain_loo(
         self,
         X_test: ArrayLike,
-        y_test: ArrayLike,
-        train_idx: IndexLike,
+        y_test: Any = None,
+        train_idx: IndexLike = None,
         group: bool = False,
         tol: Optional[float] = None,
         max_iter: int = 100,
     ) -> NDArray[np.floating]:
-        """Actual change L(z_test, θ̂₋) − L(z_test, θ̂) after removing points and refitting.
+        """Actual L(z_test, θ̂₋) − L(z_test, θ̂), numpy float64 (k, m) or (m,); see
+        :meth:`Influence.retrain_loo`.
 
-        θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no
-        damping), found by Newton's method warm-started from θ̂. One refit per index in
-        ``train_idx`` → shape (k, m); with ``group=True`` the points are removed together → (m,).
+        θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no damping),
+        found by Newton's method warm-started from θ̂, in float64 whatever the engine's dtype.
         Cost per refit (float64): g·p² + p³/3 to set up chord (simplified Newton) steps on the cached
         Hessian, then n·p per step, polished to rounding level; full Newton (n·p² + p³/3 per iteration) is the
-        fallback. Raises ConvergenceError if a refit does not converge.
+        fallback. ``tol`` default: the model's tolerance.
         """
         group = check_bool("group", group)
         Xt, yt = self._test(X_test, y_test)
@@ -478,7 +497,7 @@ class LinearInfluence:
             removed = g.tolist()[:10]
             try:
                 theta, n_iter, gnorm, converged = self._refit_without(g, spec, X, y, theta0, tol, max_iter)
-            except _CORE_NPD as exc:
+            except NotPositiveDefiniteError as exc:
                 raise ConvergenceError(
                     f"retrain_loo: refitting without training point(s) {removed} met a Hessian "
                     f"that is not positive definite; the leave-out objective has no unique "
@@ -493,7 +512,7 @@ class LinearInfluence:
             with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clear error
                 out[r] = np.asarray(_core.per_example(spec, Xt, yt, theta)[0]) - base
         if not np.isfinite(out).all():
-            raise NonFiniteError(self._overflow_message("retrain_loo's test-loss changes overflowed", Xt, X))
+            raise self._overflow_error("retrain_loo's test-loss changes", Xt, X)
         return out[0] if group else out
 
     def _refit_without(self, g, spec, X, y, theta0, tol, max_iter):
@@ -517,3 +536,56 @@ class LinearInfluence:
             except (ValueError, RuntimeError):
                 pass
         return theta, n_iter, gnorm, converged
+
+    # -- the training set and refits --------------------------------------------------------------
+    def training_data(self) -> Tuple[np.ndarray, np.ndarray]:
+        """A copy of ``(X_train, y_train)``: X (n, d) in the computation's dtype, y in the model's label
+        values (classifiers) or float64 targets (regression); see :meth:`Influence.training_data`."""
+        return self._X.copy(), _decode_labels(self._model, self._y)
+
+    def refit(
+        self, X_train: Optional[ArrayLike] = None, y_train: Optional[ArrayLike] = None
+    ) -> LinearInfluence:
+        """A LinearInfluence (same damping, dtype and device) of a copy of the model refitted exactly on the
+        modified training data; see :meth:`Influence.refit`.
+
+        The refit is Newton's method warm-started at θ̂ with the model's tolerance; the objective is
+        strictly convex for l2 > 0, so the result is the optimum ``fit`` reaches from zero (to the fit
+        tolerance), in fewer iterations. Labels must be among the model's classes. This object and its
+        model are not changed. Raises :class:`~pyinfluence.errors.ConvergenceError` like ``fit``.
+        """
+        X0, y0 = self.training_data()
+        X = as_float_matrix(
+            "X_train", X0 if X_train is None else self._host(X_train), np.float64, n_features=self._d
+        )
+        y = y0 if y_train is None else self._host(y_train)
+        if X.shape[0] != self._n and (X_train is None or y_train is None):
+            raise ValueError(
+                f"X_train has {X.shape[0]} rows but the training set has {self._n} points; pass both "
+                f"X_train and y_train to refit on a training set of another size"
+            )
+        model = copy.copy(self._model)
+        y_enc = model._encode("y_train", y, np.float64, n=X.shape[0])
+        theta0 = np.array(self._model.theta_, dtype=np.float64, copy=True)
+        theta, n_iter, grad_norm = model._newton(X, y_enc, theta0, theta0.shape[0], what="refit")
+        model.theta_ = theta
+        model.n_iter_ = n_iter
+        model.grad_norm_ = grad_norm
+        return LinearInfluence(
+            model,
+            X,
+            y,
+            damping=self._damping,
+            dtype=self._dtype,
+            device=None if self._device is None else self.device,
+        )
+
+
+def _decode_labels(model: _LinearModel, y_enc: np.ndarray) -> np.ndarray:
+    """The model's original label values (classifiers) or float64 targets (regression) of encoded labels."""
+    classes = getattr(model, "classes_", None)
+    if classes is None:  # regression: the targets are the values
+        return np.asarray(y_enc, dtype=np.float64).copy()
+    y = np.asarray(y_enc, dtype=np.float64)
+    idx = (y > 0).astype(np.intp) if model._family == "smooth_hinge" else np.rint(y).astype(np.intp)
+    return np.asarray(classes)[idx]

@@ -43,16 +43,6 @@ _DEFAULT_TOL = 1e-10
 # ‖∇R(θ)‖ above which parameters are reported as not being at the optimum.
 OPTIMUM_GRAD_TOL = 1e-6
 
-try:  # the core raises its own class unless it maps onto ours; catch both
-    _CORE_NPD: Tuple[type, ...] = (NotPositiveDefiniteError,) + (
-        (_core.NotPositiveDefiniteError,)
-        if isinstance(getattr(_core, "NotPositiveDefiniteError", None), type)
-        and _core.NotPositiveDefiniteError is not NotPositiveDefiniteError
-        else ()
-    )
-except Exception:  # pragma: no cover
-    _CORE_NPD = (NotPositiveDefiniteError,)
-
 
 def _sigmoid(s: np.ndarray) -> np.ndarray:
     out = np.empty_like(s)
@@ -75,6 +65,7 @@ class _LinearModel:
 
     _family: str = ""
     _is_classifier: bool = False
+    sklearn_grad_norm_: float  # from_sklearn: ‖∇R‖ at scikit-learn's own solution (before refine)
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -211,27 +202,34 @@ class _LinearModel:
             theta, n_iter, grad_norm, converged = _core.fit_newton(
                 spec, X, y_enc, theta0, None, tol, int(self.max_iter)
             )
-        except _CORE_NPD as exc:
-            reason = str(exc).split(". Influence needs")[0].rstrip(". ")
+        except NotPositiveDefiniteError as exc:
+            # the cause (exc, chained) carries the failing pivot and the size of the Hessian
             raise ConvergenceError(
                 f"{type(self).__name__}.{what}: Newton's method stopped: the Hessian of the "
-                f"training objective is not positive definite ({reason}). {self._advice()}"
-            ) from None
-        theta = np.asarray(theta, dtype=np.float64)
-        if not converged or not np.all(np.isfinite(theta)):
+                f"training objective is not positive definite ({exc}). {self._advice()}",
+                tol=tol,
+            ) from exc
+        theta64 = np.asarray(theta, dtype=np.float64)
+        if not converged or not np.all(np.isfinite(theta64)):
             raise ConvergenceError(
                 f"{type(self).__name__}.{what}: Newton's method did not converge in "
                 f"{n_iter} iterations (gradient norm {grad_norm:.3g} > tol={tol:g}). "
-                f"{self._advice()}"
+                f"{self._advice()}",
+                iterations=int(n_iter),
+                grad_norm=float(grad_norm),
+                tol=tol,
             )
-        if self._is_classifier and float(self.l2) == 0.0 and self._separates(X, y_enc, theta):
+        if self._is_classifier and float(self.l2) == 0.0 and self._separates(X, y_enc, theta64):
             raise ConvergenceError(
                 f"{type(self).__name__}.{what}: the training data are linearly separable, so with "
                 f"l2=0 the loss has no minimiser (it keeps decreasing as the weights grow; Newton "
-                f"stopped at ‖θ‖ = {np.linalg.norm(theta):.3g}). Influence functions need a "
-                f"minimiser: use l2 > 0."
+                f"stopped at ‖θ‖ = {np.linalg.norm(theta64):.3g}). Influence functions need a "
+                f"minimiser: use l2 > 0.",
+                iterations=int(n_iter),
+                grad_norm=float(grad_norm),
+                tol=tol,
             )
-        return theta, int(n_iter), float(grad_norm)
+        return theta64, int(n_iter), float(grad_norm)
 
     def _separates(self, X: np.ndarray, y_enc: np.ndarray, theta: np.ndarray) -> bool:
         """True if θ classifies every training point correctly (strictly): then the data are
@@ -497,7 +495,7 @@ class RidgeRegression(_LinearModel):
         self._check_params()
 
     @property
-    def coef_(self) -> NDArray[np.float64]:  # type: ignore[override]
+    def coef_(self) -> NDArray[np.float64]:
         """Weights, shape (d,) (as scikit-learn's ``Ridge`` for 1-D targets)."""
         self._check_fitted()
         return self.theta_[0, : self.n_features_in_]
@@ -509,7 +507,7 @@ class RidgeRegression(_LinearModel):
         return float(self.theta_[0, -1]) if self.fit_intercept else 0.0
 
     def _encode_fit(self, y: Any, n: int) -> Tuple[NDArray[np.float64], int]:
-        return as_float_vector("y", y, np.float64, n=n), 1
+        return as_float_vector("y", y, np.float64, n=n).astype(np.float64, copy=False), 1
 
     def _encode(
         self,
@@ -623,10 +621,10 @@ def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, n
             )
         coef = coef[0]
     if kind == "ridge":
-        alpha = np.asarray(est.alpha, dtype=np.float64)
-        if alpha.size != 1:
+        alphas = np.asarray(est.alpha, dtype=np.float64)
+        if alphas.size != 1:
             raise ValueError(f"from_sklearn: {name} with one alpha per target is not supported")
-        alpha = float(alpha.reshape(()))
+        alpha = float(alphas.reshape(()))
         if alpha < 0:
             raise ValueError(f"from_sklearn: {name}.alpha must be >= 0, got {alpha}")
         l2 = alpha / n
@@ -634,8 +632,11 @@ def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, n
         l2 = 0.0
     fit_intercept = bool(est.fit_intercept)
     model = RidgeRegression(l2=l2, fit_intercept=fit_intercept)
-    intercept = float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0]) if fit_intercept else None
-    theta = np.append(coef, intercept)[None, :] if fit_intercept else coef[None, :].copy()
+    if fit_intercept:
+        intercept = float(np.asarray(est.intercept_, dtype=np.float64).reshape(-1)[0])
+        theta = np.append(coef, intercept)[None, :]
+    else:
+        theta = coef[None, :].copy()
     return model, np.ascontiguousarray(theta)
 
 
@@ -684,6 +685,7 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
     n_in = getattr(estimator, "n_features_in_", None)
     if n_in is not None and n_in != d:
         raise ValueError(f"X has {d} features but the {cls} was trained on {n_in}")
+    model: _LinearModel
     if cls == "LogisticRegression":
         model, theta = _from_sk_logistic(estimator, n)
     else:

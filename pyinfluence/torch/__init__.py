@@ -7,21 +7,29 @@
 - :mod:`pyinfluence.torch.hessian`: the Hessian operator the solvers consume.
 - :mod:`pyinfluence.torch.solvers`: ``Exact``, ``CG``, ``BlockCG``, ``LiSSA`` for (H + λI)⁻¹ V.
 - :mod:`pyinfluence.torch.losses`: per-example losses (the paper's smooth hinge).
+- :mod:`pyinfluence.torch.training`: small digits models and the full-batch L-BFGS / BFGS trainer that
+  fits them to a tight optimum (the demo's and the benchmarks'), with leave-one-out retraining.
 
 Needs torch: ``pip install 'pyinfluence[torch]'``.
 """
 
-try:
-    import torch as _torch  # noqa: F401  (absolute import: the real torch, not this package)
-except ImportError as exc:  # pragma: no cover - exercised by the no-torch CI stage
-    raise ImportError(
-        "pyinfluence's torch path needs PyTorch, which is not installed: "
-        "pip install 'pyinfluence[torch]' (or install torch first, e.g. pip install torch)"
-    ) from exc
+from pyinfluence._optional import require_torch as _require_torch
 
-from pyinfluence.torch.influence import TorchInfluence
-from pyinfluence.torch.losses import smooth_hinge_loss
-from pyinfluence.torch.solvers import CG, BlockCG, Exact, LiSSA, Solver, SolveResult, resolve_solver
+# Before any submodule: without torch, `import pyinfluence.torch` (and pyinfluence.TorchInfluence, BlockCG, ...)
+# is an ImportError that names the extra to install, not a bare "No module named 'torch'".
+_require_torch("pyinfluence's torch path (pyinfluence.torch: TorchInfluence, Exact, CG, BlockCG, LiSSA)")
+
+from pyinfluence.torch.influence import TorchInfluence  # noqa: E402
+from pyinfluence.torch.losses import smooth_hinge_loss  # noqa: E402
+from pyinfluence.torch.solvers import (  # noqa: E402
+    CG,
+    BlockCG,
+    Exact,
+    LiSSA,
+    Solver,
+    SolveResult,
+    resolve_solver,
+)
 
 __all__ = [
     "CG",

@@ -130,7 +130,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[tuple
             wanted = [params]
         else:
             try:
-                wanted = list(params)
+                wanted = list(params)  # type: ignore[arg-type]  # a TypeError below names the argument
             except TypeError:
                 raise TypeError(
                     "params must be None, a parameter name, a list of names or module prefixes, "
@@ -347,18 +347,18 @@ class FunctionalModel:
             leaves = {k: v.detach().requires_grad_(True) for k, v in ps.items()}
             lst = list(leaves.values())
             with torch.enable_grad():
-                g = torch.autograd.grad(loss_sum(leaves, X, Y), lst, create_graph=True)
+                g1 = torch.autograd.grad(loss_sum(leaves, X, Y), lst, create_graph=True)
                 if r == 1:
-                    hv = torch.autograd.grad(g, lst, grad_outputs=[T[k][0] for k in leaves])
+                    hv = torch.autograd.grad(g1, lst, grad_outputs=[T[k][0] for k in leaves])
                     return self.flatten(dict(zip(leaves, hv))).unsqueeze(0)
-                hv = torch.autograd.grad(g, lst, grad_outputs=[T[k] for k in leaves], is_grads_batched=True)
+                hv = torch.autograd.grad(g1, lst, grad_outputs=[T[k] for k in leaves], is_grads_batched=True)
             return self.flatten(dict(zip(leaves, hv)), (r,))
 
         def g(p: dict[str, Tensor]) -> dict[str, Tensor]:
             return grad(loss_sum)(p, X, Y)
 
         if mode == "revrev":
-            _, pullback = vjp(g, ps)
+            pullback = vjp(g, ps)[1]
             if r == 1:
                 out = pullback({k: t[0] for k, t in T.items()})[0]
                 return self.flatten(out).unsqueeze(0)
@@ -396,7 +396,7 @@ class FunctionalModel:
 
             return grad(loss_col)(q[col])
 
-        _, pullback = vjp(g, sub)
+        pullback = vjp(g, sub)[1]
 
         def apply(E: Tensor) -> dict[str, Tensor]:
             if E.shape[0] == 1:
@@ -419,7 +419,7 @@ class FunctionalModel:
         def g(x: Tensor) -> dict[str, Tensor]:
             return grad(loss_sum)(ps, x, Y)
 
-        _, pullback = vjp(g, X)
+        pullback = vjp(g, X)[1]
         T = self.unflatten(St)
         if St.shape[0] == 1:
             return pullback({k: t[0] for k, t in T.items()})[0].unsqueeze(0)

@@ -26,7 +26,8 @@ _MAX_COLUMNS = 64
 _DENSE_MODE = "revrev"
 # The dense build: "triangular" (default; block-triangular over parameter tensors, see
 # ``HessianOperator.dense``) or "full" (every column block differentiated with respect to all
-# parameters; ~1.9× slower on the digits MLP, kept for comparisons in bench/deep.py).
+# parameters; ~1.9× slower on the digits MLP, kept for comparisons in the deep-path study,
+# pyinfluence.bench.studies.deep_path).
 _DENSE_METHOD = "triangular"
 # HVP mode of matvec / sample_matvec (see FunctionalModel.hvp_rows), and the most rows for which
 # "auto" uses torch.autograd's double backward rather than torch.func's vmapped vjp.

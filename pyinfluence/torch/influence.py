@@ -1,29 +1,23 @@
-"""Influence functions for any torch model (Koh & Liang 2017, §3–4), with the same API as
-:class:`~pyinfluence.LinearInfluence`.
+"""Influence functions for any torch model (Koh & Liang 2017, §3–4): :class:`TorchInfluence`.
 
-Notation (signs exactly as in the paper):
+It implements the one interface, :class:`pyinfluence.interface.Influence` (the same methods, shapes and
+signs as :class:`~pyinfluence.LinearInfluence`; the interface's docstrings state the quantities, the
+signs and the 1/n of ``loo_change``). What is particular to this path:
 
     R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²,   θ̂ = the model's parameters,   H = ∇²R(θ̂)
 
 θ is the flat vector of the *selected* parameters (``params=``; default: all trainable ones), in
 ``model.named_parameters()`` order, p entries; the L2 term applies to them only and every other
-parameter and buffer is held fixed. Every solve uses ``H + λI`` with the damping λ.
-
-- ``up_params``  I_up,params(z)        = −(H+λI)⁻¹ ∇θL(z)                         (k, p)
-- ``up_loss``    I_up,loss(z, z_test)  = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z)            (k, m)
-- ``pert_loss``  I_pert,loss(z, z_test)= −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)         (k, m, *input_shape)
-- ``self_influence``  I_up,loss(z, z)  (≤ 0)                                      (k,)
-- ``loo_change`` L(z_test, θ̂₋z) − L(z_test, θ̂) ≈ −(1/n)·I_up,loss(z, z_test)     (k, m)
-
-``up_*`` have no 1/n factor; ``loo_change`` has it. Positive ``up_loss`` = harmful (upweighting z
-raises the test loss), negative = helpful.
+parameter and buffer is held fixed. Every solve uses ``H + λI`` with the damping λ. Results are torch
+tensors on the computation's device; ``pert_loss`` has shape (k, m, *input_shape).
 
 Per-example gradients are ``torch.func.vmap(grad(...))`` over ``functional_call``; Hessian-vector
 products (for a block of vectors at once) are double backward passes over the training set in
 batches (or over one minibatch, for LiSSA) — reverse-over-reverse measured faster than
 forward-over-reverse on CPU; see ``FunctionalModel.hvp_rows`` (pyinfluence.torch.functional); the dense Hessian (for
 :class:`~pyinfluence.solvers.Exact`) is built from blocks of HVPs with identity columns and kept
-for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`.
+for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`. There is no training loop:
+``retrain_loo`` and ``refit`` raise NotImplementedError (``loo_change`` predicts the leave-one-out change).
 """
 
 from __future__ import annotations
@@ -46,8 +40,15 @@ from pyinfluence._validation import (
     overflow_message,
 )
 from pyinfluence.errors import NonFiniteError, NotAtOptimumWarning
-from pyinfluence.linear.influence import TopK
-from pyinfluence.torch.data import TensorData, as_tensor_pair, check_class_labels, resolve_device
+from pyinfluence.interface import Influence, TopK
+from pyinfluence.torch.data import (
+    TensorData,
+    _check_finite,
+    _to_tensor,
+    as_tensor_pair,
+    check_class_labels,
+    resolve_device,
+)
 from pyinfluence.torch.functional import (
     FunctionalModel,
     ParamSelection,
@@ -60,6 +61,9 @@ from pyinfluence.torch.solvers import BlockCG, Exact, PreparedSolver, Solver, So
 
 __all__ = ["TorchInfluence"]
 
+# hessian(max_params=None): the largest p for which the dense Hessian is built.
+HESSIAN_MAX_PARAMS = 20_000
+
 # solver="auto": Exact up to this many parameters (the dense build costs ~p HVPs over the
 # training set and p² memory), BlockCG above.
 AUTO_EXACT_MAX_PARAMS = 10_000
@@ -71,7 +75,7 @@ _CACHE_SIZE = 8
 IndexLike = Union[int, Any, None]
 
 
-class TorchInfluence:
+class TorchInfluence(Influence[Tensor]):
     """Influence functions of a trained torch model on its training set.
 
     ``TorchInfluence(model, loss_fn, train_data, *, params=None, l2=0.0, damping=0.0,
@@ -125,8 +129,8 @@ class TorchInfluence:
     :meth:`prepare`; a non-positive-definite H + λI raises
     :class:`~pyinfluence.errors.NotPositiveDefiniteError` then, with a suggested damping.
 
-    Conventions for every method (see the module docstring): signs as in Koh & Liang, ``up_*``
-    without the 1/n factor, ``loo_change`` with it. **Outputs are torch tensors on ``device``** in
+    The methods are those of :class:`~pyinfluence.interface.Influence`, which documents the signs (as
+    in Koh & Liang), the 1/n convention and the shapes. **Outputs are torch tensors on ``device``** in
     the parameters' dtype (:class:`~pyinfluence.LinearInfluence` returns numpy arrays).
 
     Test data, for every method taking ``X_test, y_test``: inputs ``X_test`` (m, *input_shape)
@@ -165,6 +169,28 @@ class TorchInfluence:
         progress: bool = False,
         optimum_tol: float | None = 1e-2,
     ) -> None:
+        named = self._check_arguments(model, loss_fn, params, l2, damping, progress)
+        if optimum_tol is not None:
+            optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
+        dev = resolve_device(device, named[0][1].device)
+        self._solver_cfg = self._pick_solver(solver, sum(int(p.numel()) for _, p in named))
+        self._prepare_data(model, loss_fn, named, train_data, dev)
+        self._batch = self._choose_batch_size(batch_size)
+        self._init_solving()
+        self._check_optimum(optimum_tol)
+
+    # -- construction steps (in the order __init__ runs them) -----------------------------------
+    def _check_arguments(
+        self,
+        model: Any,
+        loss_fn: Any,
+        params: ParamSelection,
+        l2: Any,
+        damping: Any,
+        progress: Any,
+    ) -> list[tuple[str, nn.Parameter]]:
+        """Validate the model, the loss and the scalar options (setting ``_l2``, ``_damping``,
+        ``_progress``); return the selected (name, parameter) pairs."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -191,30 +217,43 @@ class TorchInfluence:
                 raise ImportError(
                     "progress=True needs the tqdm package (pip install tqdm); or pass progress=False"
                 ) from None
-        if optimum_tol is not None:
-            optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
-        dev = resolve_device(device, named[0][1].device)
-        dtype = named[0][1].dtype
-        self._solver_cfg = self._pick_solver(solver, sum(int(p.numel()) for _, p in named))
+        return named
 
+    def _prepare_data(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        named: list[tuple[str, nn.Parameter]],
+        train_data: Any,
+        dev: torch.device,
+    ) -> None:
+        """Materialise the training set on ``dev`` in the parameters' dtype, build the functional model
+        and check that model and loss run on it (sets ``_model``, ``_fm``, ``_data``, ``_n``,
+        ``_device``, ``_dtype``, ``_n_outputs``)."""
+        dtype = named[0][1].dtype
         data, _ = as_tensor_pair("train_data", train_data, device=dev, dtype=dtype)
-        fm = FunctionalModel(model, loss_fn, named, dev)
         self._model = model
-        self._fm = fm
+        self._fm = FunctionalModel(model, loss_fn, named, dev)
         self._data = data
         self._n = len(data)
         self._device = dev
         self._dtype = dtype
         self._check_callables()
 
-        p = fm.n_params
-        item = torch.finfo(dtype).bits // 8
-        act = fm.activation_numel(data.inputs)
+    def _choose_batch_size(self, batch_size: Any) -> int:
+        """The most training examples per pass: ``batch_size``, or what fits a (batch × (p + activations))
+        block in 64 MiB."""
+        item = torch.finfo(self._dtype).bits // 8
+        act = self._fm.activation_numel(self._data.inputs)
         if batch_size is None:
-            self._batch = int(min(self._n, max(16, _BLOCK_BYTES // ((p + act) * item))))
-        else:
-            self._batch = check_int("batch_size", batch_size, 1)
-        self._op = HessianOperator(fm, data, self._l2, self._batch, self._bar if self._progress else None)
+            return int(min(self._n, max(16, _BLOCK_BYTES // ((self._fm.n_params + act) * item))))
+        return check_int("batch_size", batch_size, 1)
+
+    def _init_solving(self) -> None:
+        """The Hessian operator and the solver's shared state (prepared lazily; see :meth:`prepare`)."""
+        self._op = HessianOperator(
+            self._fm, self._data, self._l2, self._batch, self._bar if self._progress else None
+        )
         self._prep: PreparedSolver | None = None
         self._cache: list[tuple[TensorData, Tensor]] = []
         # guards _prep, _cache, last_solve and n_solves, and serialises solves (see Threads above)
@@ -222,27 +261,30 @@ class TorchInfluence:
         self.last_solve: SolveResult | None = None
         self.n_solves = 0
 
-        # ‖∇R(θ̂)‖ and the optimum check
+    def _check_optimum(self, optimum_tol: float | None) -> None:
+        """Set ``grad_norm_`` = ‖∇R(θ̂)‖ and warn (NotAtOptimumWarning, pointing at the caller of
+        ``TorchInfluence(...)``) when it is large relative to the per-example gradients."""
         g = self._op.gradient()
         self.grad_norm_ = float(torch.linalg.vector_norm(g))
         self._finite(g, "the training-loss gradient ∇R(θ̂)")  # an overflow of X_train's magnitude
-        if optimum_tol is not None:
-            b = min(self._n, self._batch, 256)
-            G0 = fm.per_example_grads(data.inputs[:b], data.targets[:b])
-            rms = float(torch.linalg.vector_norm(G0)) / math.sqrt(b)
-            ratio = self.grad_norm_ / rms if rms > 0 else (math.inf if self.grad_norm_ > 0 else 0.0)
-            if not math.isfinite(self.grad_norm_) or ratio > optimum_tol:
-                warnings.warn(
-                    f"the model's parameters are not at an optimum of the training objective "
-                    f"R(θ) = mean loss + (l2/2)‖θ‖² on train_data: ‖∇R(θ̂)‖ = "
-                    f"{self.grad_norm_:.3g}, {ratio:.3g} × the RMS per-example gradient norm "
-                    f"(> optimum_tol={optimum_tol:g}). Influence functions assume ∇R(θ̂) = 0, so "
-                    f"their values are approximate. Check that l2 matches the training weight "
-                    f"decay and that train_data is the training set; train longer; or pass "
-                    f"optimum_tol=None to silence this",
-                    NotAtOptimumWarning,
-                    stacklevel=2,
-                )
+        if optimum_tol is None:
+            return
+        b = min(self._n, self._batch, 256)
+        G0 = self._fm.per_example_grads(self._data.inputs[:b], self._data.targets[:b])
+        rms = float(torch.linalg.vector_norm(G0)) / math.sqrt(b)
+        ratio = self.grad_norm_ / rms if rms > 0 else (math.inf if self.grad_norm_ > 0 else 0.0)
+        if not math.isfinite(self.grad_norm_) or ratio > optimum_tol:
+            warnings.warn(
+                f"the model's parameters are not at an optimum of the training objective "
+                f"R(θ) = mean loss + (l2/2)‖θ‖² on train_data: ‖∇R(θ̂)‖ = "
+                f"{self.grad_norm_:.3g}, {ratio:.3g} × the RMS per-example gradient norm "
+                f"(> optimum_tol={optimum_tol:g}). Influence functions assume ∇R(θ̂) = 0, so "
+                f"their values are approximate. Check that l2 matches the training weight "
+                f"decay and that train_data is the training set; train longer; or pass "
+                f"optimum_tol=None to silence this",
+                NotAtOptimumWarning,
+                stacklevel=3,  # this method, __init__, the caller
+            )
 
     # -- construction helpers ------------------------------------------------------------------
     @staticmethod
@@ -429,8 +471,8 @@ class TorchInfluence:
     def _grad_rows(self) -> int:
         return self._batch
 
-    def _blocks(self, data: TensorData, rows: int, desc: str):
-        it = data.blocks(rows)
+    def _blocks(self, data: TensorData, rows: int, desc: str) -> Iterable[tuple[int, Tensor, Tensor]]:
+        it: Iterable[tuple[int, Tensor, Tensor]] = data.blocks(rows)
         if self._progress:
             it = self._bar(it, total=math.ceil(len(data) / rows), desc=desc)
         return it
@@ -487,20 +529,20 @@ class TorchInfluence:
         return out
 
     # -- core quantities ---------------------------------------------------------------------
+    # The formulas, signs, 1/n convention and shapes are documented once, on the interface
+    # (pyinfluence.interface.Influence); the docstrings here add what is particular to this path.
     def s_test(self, X_test: Any, y_test: Any = None) -> Tensor:
-        """s_test = (H+λI)⁻¹ ∇θL(z_test) for each test point, shape (p, m) (cached per test set).
-
-        ``up_loss[i, j] = −∇θL(z_i)ᵀ s_test[:, j]``.
-        """
+        """(H+λI)⁻¹ ∇θL(z_test), tensor (p, m); see :meth:`Influence.s_test`. Cached per test set (a
+        copy is returned)."""
         return self._s_test(self._test(X_test, y_test)).clone()
 
-    def hessian(self, max_params: int = 20_000) -> Tensor:
-        """H = ∇²R(θ̂) (L2 term included, damping NOT added), shape (p, p), exactly symmetric.
+    def hessian(self, max_params: int | None = None) -> Tensor:
+        """H = ∇²R(θ̂) (damping NOT added), tensor (p, p), exactly symmetric; see :meth:`Influence.hessian`.
 
         Costs about p Hessian-vector products over the training set and p² memory; refused
-        (ValueError) above ``max_params`` parameters.
+        (ValueError) above ``max_params`` parameters (None: 20 000).
         """
-        max_params = check_int("max_params", max_params, 1)
+        max_params = check_int("max_params", HESSIAN_MAX_PARAMS if max_params is None else max_params, 1)
         if self.n_params > max_params:
             raise ValueError(
                 f"the Hessian has p = {self.n_params} parameters, more than max_params="
@@ -511,16 +553,42 @@ class TorchInfluence:
             return self._op.dense()
 
     def gradients(self, train_idx: IndexLike = None) -> Tensor:
-        """Per-example loss gradients ∇θL(z_i, θ̂) (no 1/n, no L2 term), shape (k, p)."""
+        """∇θL(z_i, θ̂) of training points, tensor (k, p); see :meth:`Influence.gradients`."""
         return self._finite(self._per_example_grads(self._train(self._idx(train_idx))), "the gradients")
 
-    def up_params(self, train_idx: IndexLike = None) -> Tensor:
-        """I_up,params(z) = −(H+λI)⁻¹ ∇θL(z): dθ̂/dε for upweighting z by ε, shape (k, p).
+    def test_gradients(self, X_test: Any, y_test: Any = None) -> Tensor:
+        """∇θL(z_test, θ̂), tensor (m, p); see :meth:`Influence.test_gradients`."""
+        test = self._test(X_test, y_test)
+        return self._finite(self._per_example_grads(test, "test gradients"), "the test gradients", test)
 
-        Removing z changes θ̂ by ≈ −(1/n)·I_up,params(z) (this method has no 1/n factor).
-        Rows follow ``train_idx`` (default: all n training points). One solve per block of
-        ``batch_size`` training points.
-        """
+    def loss(self, X_test: Any, y_test: Any = None) -> Tensor:
+        """L(z_test, θ̂) = ``loss_fn(model(x), y)`` per test point, tensor (m,); see :meth:`Influence.loss`."""
+        test = self._test(X_test, y_test)
+        out = torch.empty((len(test),), dtype=self._dtype, device=self._device)
+        with torch.no_grad():
+            for s, X, Y in self._blocks(test, self._grad_rows(), "loss"):
+                out[s : s + X.shape[0]] = self._fm.losses(self._fm.params, X, Y)
+        return out
+
+    def predict(self, X_test: Any) -> Tensor:
+        """The model's outputs for ``X_test`` (inputs (m, *input_shape), or one input without the batch
+        axis), tensor: for a classifier (integer class-label targets and C ≥ 2 outputs per example) the
+        predicted class, argmax of the outputs, (m,) int64; otherwise the outputs themselves, with a
+        trailing axis of size 1 dropped (a binary classifier with one logit gets its logits: threshold
+        them at 0). See :meth:`Influence.predict`."""
+        X = self._inputs(X_test)
+        outs = []
+        with torch.no_grad():
+            for i in range(0, X.shape[0], self._grad_rows()):
+                outs.append(self._fm.forward(self._fm.params, X[i : i + self._grad_rows()]))
+        out = torch.cat(outs)
+        if self._classifies():
+            return out.argmax(dim=-1)
+        return out.squeeze(-1) if out.ndim == 2 and out.shape[1] == 1 else out
+
+    def up_params(self, train_idx: IndexLike = None) -> Tensor:
+        """I_up,params(z), tensor (k, p); see :meth:`Influence.up_params`. One solve per block of
+        ``batch_size`` training points."""
         data = self._train(self._idx(train_idx))
         k = len(data)
         out = torch.empty((k, self.n_params), dtype=self._dtype, device=self._device)
@@ -530,12 +598,8 @@ class TorchInfluence:
         return self._finite(out, "up_params")
 
     def up_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
-        """I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m).
-
-        Entry [i, j]: derivative of test loss j with respect to upweighting training point i.
-        Positive = harmful (upweighting raises the test loss), negative = helpful.
-        No 1/n factor: the predicted leave-one-out change is −up_loss/n (see ``loo_change``).
-        """
+        """I_up,loss(z, z_test), tensor (k, m); see :meth:`Influence.up_loss`. One solve per test set
+        (cached), then per-example gradients of the training points block by block."""
         test = self._test(X_test, y_test)
         S = self._s_test(test)  # (p, m)
         data = self._train(self._idx(train_idx))
@@ -546,13 +610,10 @@ class TorchInfluence:
         return self._finite(out.neg_(), "the influence scores up_loss", test)
 
     def pert_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
-        """I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z), shape (k, m, *input_shape).
+        """I_pert,loss(z, z_test), tensor (k, m, *input_shape); see :meth:`Influence.pert_loss`.
 
-        Entry [i, j]: gradient, with respect to the input x_i of training point i, of the test
-        loss j after upweighting z_i (Koh & Liang §2.2), i.e. ∇x[−s_testᵀ ∇θL(x_i, y_i)]: moving
-        x_i by a small δ changes test loss j by ≈ (1/n)·⟨pert_loss[i, j], δ⟩ (no 1/n factor
-        here). Computed by differentiating through the training input (jvp over θ of the input
-        gradient). Needs floating-point inputs.
+        Computed as ∇x[−s_testᵀ ∇θL(x_i, y_i)] by differentiating through the training input (jvp over
+        θ of the input gradient). Needs floating-point inputs (TypeError otherwise).
         """
         if not self._data.inputs.is_floating_point():
             raise TypeError(
@@ -575,11 +636,8 @@ class TorchInfluence:
         return self._finite(out, "pert_loss", test)
 
     def self_influence(self, train_idx: IndexLike = None) -> Tensor:
-        """I_up,loss(z, z) = −∇θL(z)ᵀ (H+λI)⁻¹ ∇θL(z) ≤ 0, shape (k,).
-
-        Large magnitude = the point's own loss depends strongly on it (outliers, mislabelled
-        points). No 1/n factor. One solve per block of ``batch_size`` training points.
-        """
+        """I_up,loss(z, z) ≤ 0, tensor (k,); see :meth:`Influence.self_influence`. One solve per block
+        of ``batch_size`` training points."""
         data = self._train(self._idx(train_idx))
         out = torch.empty((len(data),), dtype=self._dtype, device=self._device)
         for s, X, Y in self._blocks(data, self._grad_rows(), "self_influence"):
@@ -596,15 +654,9 @@ class TorchInfluence:
         method: str = "influence",
         group: bool = False,
     ) -> Tensor:
-        """Predicted change of the test loss when training points are removed and the model refit:
-        L(z_test, θ̂₋) − L(z_test, θ̂) ≈ −(1/n)·up_loss. Positive = removal raises the test loss
-        (a helpful point).
-
-        ``method="influence"`` (the only one on the torch path): first order, shape (k, m); with
-        ``group=True`` the points in ``train_idx`` are removed together: −(1/n)·Σ_i up_loss[i],
-        shape (m,). ``train_idx`` default: all n points one at a time (required with
-        ``group=True``).
-        """
+        """Predicted L(z_test, θ̂₋) − L(z_test, θ̂) ≈ −(1/n)·up_loss, tensor (k, m) or (m,); see
+        :meth:`Influence.loo_change`. Only ``method="influence"`` (first order) on the torch path;
+        ``"newton"`` raises ValueError."""
         if method != "influence":
             if method == "newton":
                 raise ValueError(
@@ -626,15 +678,10 @@ class TorchInfluence:
         up.mul_(-1.0 / self._n)
         return up.sum(dim=0) if group else up
 
-    def top_k(self, X_test: Any, y_test: Any = None, k: int = 10) -> TopK:
-        """The k most helpful and k most harmful training points for each test point.
-
-        Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first,
-        harmful = most positive first. Scores have no 1/n factor (the predicted leave-one-out
-        change of the test loss is −score/n). Returns :class:`~pyinfluence.TopK` holding four
-        (m, k) **tensors** on ``device`` (int64 indices). Streams over blocks of training points
-        (memory m·(k + batch_size), never the n × m score matrix). ``k``: 1 to n_train.
-        """
+    def top_k(self, X_test: Any, y_test: Any = None, k: int = 10) -> TopK[Tensor]:
+        """:class:`~pyinfluence.TopK` holding four (m, k) **tensors** on ``device`` (int64 indices); see
+        :meth:`Influence.top_k`. Streams over blocks of training points (memory m·(k + batch_size),
+        never the n × m score matrix)."""
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
         test = self._test(X_test, y_test)
         S = self._s_test(test)
@@ -661,3 +708,75 @@ class TorchInfluence:
         if not bool(finite):
             raise self._non_finite_error("the influence scores ranked by top_k", test)
         return TopK(hi, hv, ri, rv)
+
+    # -- the training set; no refits on this path ------------------------------------------------------
+    @property
+    def can_retrain(self) -> bool:
+        """False: the torch path has no training loop, so :meth:`retrain_loo` and :meth:`refit` raise
+        NotImplementedError."""
+        return False
+
+    def retrain_loo(
+        self,
+        X_test: Any,
+        y_test: Any = None,
+        train_idx: IndexLike = None,
+        group: bool = False,
+        tol: float | None = None,
+        max_iter: int = 100,
+    ) -> Tensor:
+        """Not available on the torch path (NotImplementedError); see :meth:`Influence.retrain_loo`."""
+        raise NotImplementedError(
+            "TorchInfluence.retrain_loo is not available: pyinfluence has no training loop for a torch "
+            "model, so it cannot refit it without the removed points. Use loo_change(X_test, y_test, "
+            "train_idx) for the predicted change L(z_test, θ̂₋) − L(z_test, θ̂) ≈ −(1/n)·up_loss; for the "
+            "actual change retrain the model yourself (e.g. from the trained weights) and pass that as "
+            "retrain=callable(X_test, y_test, train_idx) to pyinfluence.applications.validate_loo"
+        )
+
+    def refit(self, X_train: Any = None, y_train: Any = None) -> TorchInfluence:
+        """Not available on the torch path (NotImplementedError); see :meth:`Influence.refit`."""
+        raise NotImplementedError(
+            "TorchInfluence.refit is not available: pyinfluence has no training loop for a torch model. "
+            "Train the model on the modified data yourself and wrap it with TorchInfluence(model, loss_fn, "
+            "(X_train, y_train), ...) (for pyinfluence.applications.training_set_attack, pass "
+            "refit=callable(X_train_perturbed, previous_influence) that does this)"
+        )
+
+    def training_data(self) -> tuple[Tensor, Tensor]:
+        """A copy of the training set as ``(inputs, targets)`` tensors on ``device``, as materialised at
+        construction (floating values in the parameters' dtype); see :meth:`Influence.training_data`."""
+        return self._data.inputs.clone(), self._data.targets.clone()
+
+    def _classifies(self) -> bool:
+        """Whether the targets are class labels: integer targets of a model with C ≥ 2 outputs."""
+        t = self._data.targets
+        return (
+            self._n_outputs is not None
+            and self._n_outputs >= 2
+            and not t.is_floating_point()
+            and t.dtype != torch.bool
+        )
+
+    def _inputs(self, X_test: Any) -> Tensor:
+        """Test inputs alone (no targets) as a batch on ``device``, shaped and typed like the training
+        inputs; one input without the batch axis becomes a batch of one."""
+        X = _to_tensor("X_test", X_test)
+        like = self._data.inputs
+        if tuple(X.shape) == tuple(like.shape[1:]):
+            X = X.unsqueeze(0)
+        if X.ndim == 0 or tuple(X.shape[1:]) != tuple(like.shape[1:]):
+            raise ValueError(
+                f"X_test has shape {tuple(X.shape)}, but the training inputs have examples of shape "
+                f"{tuple(like.shape[1:])}: pass (m, {', '.join(str(s) for s in like.shape[1:])}) inputs"
+            )
+        if like.is_floating_point():
+            X = X.to(self._dtype)
+        elif X.is_floating_point():
+            raise TypeError(
+                f"X_test is floating-point but the training inputs are {like.dtype} (e.g. token ids); "
+                f"pass inputs of the same kind"
+            )
+        X = X.to(self._device)
+        _check_finite("X_test", X)
+        return X

@@ -72,7 +72,6 @@ from pyinfluence._validation import (
     check_positive_float,
 )
 from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
-from pyinfluence.linear.models import _CORE_NPD
 
 __all__ = [
     "CG",
@@ -333,7 +332,7 @@ class PreparedSolver(abc.ABC):
         )
         if self.solver.raise_on_nonconvergence:  # type: ignore[attr-defined]
             err = ConvergenceError(msg)
-            err.result = SolveResult(  # type: ignore[attr-defined]
+            err.result = SolveResult(
                 X,
                 self.solver.name,
                 n_iter,
@@ -575,7 +574,9 @@ def _set(obj: Any, name: str, value: Any) -> None:
 # Exact: dense Cholesky
 # ==============================================================================================
 class _CoreFactor:
-    """Cholesky factor of A + λI by the C++ core (CPU). ``solve`` maps torch ↔ numpy zero-copy."""
+    """Cholesky factor of A + λI by the C++ core (CPU). ``solve`` maps torch ↔ numpy zero-copy. The core
+    raises NotPositiveDefiniteError with its diagnosis (``pivot``, ``size``, ``min_pivot``,
+    ``suggested_damping``) and a message without advice: callers add theirs."""
 
     backend = "core"
 
@@ -602,7 +603,9 @@ class _TorchFactor:
         if bad:
             raise NotPositiveDefiniteError(
                 f"the Cholesky factorisation of H + λI failed at pivot {bad - 1} (0-based): the "
-                f"leading {bad}×{bad} block is not positive definite"
+                f"leading {bad}×{bad} block is not positive definite",
+                pivot=bad - 1,
+                size=int(A.shape[0]),
             )
         self._L = L
 
@@ -615,20 +618,17 @@ def _factorise(A: Tensor, damping: float) -> _CoreFactor | _TorchFactor:
 
     CPU tensors use the C++ core's ``CholeskyFactor`` when the installed extension has it, else
     ``torch.linalg.cholesky_ex``; CUDA tensors always factorise on the device. Raises
-    NotPositiveDefiniteError (message naming the failing pivot; callers add the advice).
+    NotPositiveDefiniteError (message naming the failing pivot, ``pivot`` and ``size`` set; callers add the
+    advice).
     """
     if A.device.type == "cpu" and hasattr(_core, "CholeskyFactor"):
-        try:
-            return _CoreFactor(A, damping)
-        except _CORE_NPD as exc:
-            # keep the core's diagnosis (the failing pivot), not its generic advice: ours is better
-            reason = str(exc).split(". Influence needs")[0].strip().rstrip(".")
-            raise NotPositiveDefiniteError(reason) from None
+        return _CoreFactor(A, damping)
     return _TorchFactor(A, damping)
 
 
-def _spectrum_advice(A: Tensor, damping: float) -> str:
-    """Advice on the damping that makes A + λI positive definite, from A's spectrum.
+def _spectrum_advice(A: Tensor, damping: float) -> tuple[str, float]:
+    """Advice on the damping that makes A + λI positive definite, from A's spectrum, and the damping it
+    suggests.
 
     p ≤ 2000: exact extreme eigenvalues (float64 eigvalsh). Larger: λ_max by 30 power iterations
     on the dense matrix, and a relative suggestion.
@@ -644,7 +644,8 @@ def _spectrum_advice(A: Tensor, damping: float) -> str:
             return (
                 f"The smallest eigenvalue of H is {_fmt(lo)} (the largest {_fmt(hi)}): H + λI is "
                 f"positive definite only for damping > {_fmt(need)}; pass e.g. damping={suggest:g} "
-                f"(damping={damping:g} now)."
+                f"(damping={damping:g} now).",
+                suggest,
             )
         suggest = _round_up(max(1e-6 * abs(hi), damping * 10, 1e-12))
         f64 = " or factor_dtype=torch.float64" if A.dtype != torch.float64 else ""
@@ -652,7 +653,8 @@ def _spectrum_advice(A: Tensor, damping: float) -> str:
             f"H + λI has eigenvalues in [{_fmt(lo + damping)}, {_fmt(hi + damping)}] (condition "
             f"number {_fmt((hi + damping) / max(lo + damping, 1e-300))}): numerically singular "
             f"in {str(A.dtype).replace('torch.', '')}; pass a larger damping (e.g. "
-            f"damping={suggest:g}){f64}."
+            f"damping={suggest:g}){f64}.",
+            suggest,
         )
     u = torch.randn(p, 1, dtype=torch.float64, device=A.device, generator=_generator(A.device, 0))
     lam = 0.0
@@ -666,7 +668,8 @@ def _spectrum_advice(A: Tensor, damping: float) -> str:
     return (
         f"The largest eigenvalue magnitude of H is about {_fmt(lam)}; pass damping=λ > 0, e.g. "
         f"damping={suggest:g} (1e-3·λ_max), and increase it tenfold until the factorisation "
-        f"succeeds (damping={damping:g} now)."
+        f"succeeds (damping={damping:g} now).",
+        suggest,
     )
 
 
@@ -740,11 +743,16 @@ class Exact(Solver):
         try:
             factor = _factorise(A, damping)
         except NotPositiveDefiniteError as exc:
+            advice, suggest = _spectrum_advice(A, damping)
             raise NotPositiveDefiniteError(
-                f"Exact: H + λI is not positive definite: {exc}. {_spectrum_advice(A, damping)} "
+                f"Exact: H + λI is not positive definite: {exc}. {advice} "
                 f"Hessians of non-convex models (or of models with more parameters than training "
                 f"points, or l2 = 0) often have zero or negative eigenvalues; damping λ adds λI "
-                f"(Koh & Liang §4)."
+                f"(Koh & Liang §4).",
+                pivot=exc.pivot,
+                size=exc.size,
+                min_pivot=exc.min_pivot,
+                suggested_damping=suggest,
             ) from None
         info = {
             "backend": factor.backend,
@@ -865,6 +873,8 @@ class CG(Solver):
 
 
 class _PreparedCG(PreparedSolver):
+    solver: CG
+
     def __init__(self, solver, op, damping, info, prepare_time_s, max_iter, check_every) -> None:
         super().__init__(solver, op, damping, info, prepare_time_s)
         self._max_iter = max_iter
@@ -1030,6 +1040,8 @@ class BlockCG(CG):
 
 
 class _PreparedBlockCG(_PreparedCG):
+    solver: BlockCG
+
     def _orth(self, Z: Tensor) -> Tensor:
         """Orthonormal basis of span Z, rank-revealing (drops directions below rank_tol·σ_max)."""
         U, sv, _ = torch.linalg.svd(Z, full_matrices=False)
@@ -1467,6 +1479,8 @@ def _lanczos(
 
 
 class _PreparedLiSSA(PreparedSolver):
+    solver: LiSSA
+
     def __init__(self, solver, op, damping, info, prepare_time_s, scale, batch) -> None:
         super().__init__(solver, op, damping, info, prepare_time_s)
         self.scale = float(scale)
@@ -1475,7 +1489,7 @@ class _PreparedLiSSA(PreparedSolver):
         self._gen = None if solver.seed is not None else _generator(self.device, None)
 
     def _solve(self, V: Tensor):
-        cfg: LiSSA = self.solver  # type: ignore[assignment]
+        cfg = self.solver
         op, lam, s = self.op, self.damping, self.scale
         depth, batch = cfg.depth, self._batch
         repeats = cfg.repeats if batch is not None else 1
@@ -1551,7 +1565,7 @@ class _PreparedLiSSA(PreparedSolver):
     def _advice(self, spread: Tensor | None) -> str:
         """What to change when the residual misses tol. The expected error along an eigenvalue μ
         of A = H + λI decays like (1 − μ/scale)^depth (truncation); on top comes minibatch noise."""
-        cfg: LiSSA = self.solver  # type: ignore[assignment]
+        cfg = self.solver
         s, lam, depth = self.scale, self.damping, cfg.depth
         lam_max, lam_min = self.info["lambda_max_estimate"], self.info["lambda_min_estimate"]
         advice = ""

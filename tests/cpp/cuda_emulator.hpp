@@ -7,6 +7,7 @@
 // What it cannot show: timing-dependent races beyond the barrier discipline, launch limits, real memory spaces.
 #pragma once
 
+#include <math.h>
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -14,7 +15,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <math.h>
 #include <mutex>
 #include <thread>
 #include <vector>

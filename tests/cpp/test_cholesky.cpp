@@ -1,5 +1,7 @@
 // CholeskyFactor: residuals ‖LLᵀ − (H + λI)‖ and ‖(H + λI)x − b‖ on real Hessians and random SPD matrices,
 // the right-sided whitening, and the status codes of non-positive-definite, singular and non-finite input.
+#include <Eigen/Cholesky>
+#include <cmath>
 #include <limits>
 
 #include "test_util.hpp"
@@ -49,7 +51,8 @@ int main() {
     const Vector<double> no_w;
     const ColMatrix<double> H = hessian<double>(P.spec, P.X, P.y, P.W, no_w);
     for (double lambda : {0.0, 1e-3, 0.5})
-      check_factor<double>(H, lambda, 200 * eps64, std::string("hessian ") + family_name(fam) + " lambda=" + std::to_string(lambda));
+      check_factor<double>(H, lambda, 200 * eps64,
+                           std::string("hessian ") + family_name(fam) + " lambda=" + std::to_string(lambda));
   }
   // Random SPD matrices M Mᵀ + I of growing size (crossing Eigen's block size), float64 and float32.
   for (Index p : {1, 7, 64, 129}) {
@@ -68,7 +71,21 @@ int main() {
     CHECK(f.compute(A) == Status::NotPositiveDefinite);
     CHECK(!f.ok());
     CHECK(f.failed_pivot() == 2);
+    // The diagnosis: d_2 = −1 exactly (identity elsewhere); the suggested damping passes that pivot.
+    CHECK(f.failure().status == Status::NotPositiveDefinite);
+    CHECK(f.failure().pivot == 2 && f.failure().size == 4);
+    CHECK(f.failure().pivot_value == -1.0);
+    CHECK(f.failure().suggested_damping > 1.0 && f.failure().suggested_damping < 3.0);
+    CholeskyFactor<double> g;
+    CHECK(g.compute(A, f.failure().suggested_damping) == Status::Ok);
     CHECK_THROWS(f.solve(ColMatrix<double>::Ones(4, 1)), std::domain_error);
+    CHECK_THROWS(f.solve(ColMatrix<double>::Ones(4, 1)), NotPositiveDefiniteError);
+    try {
+      throw f.not_positive_definite("H", "; advice");
+    } catch (const NotPositiveDefiniteError& e) {
+      CHECK(e.failure().pivot == 2);
+      CHECK(std::string(e.what()) == f.failure_message("H") + "; advice");
+    }
     RowMatrix<double> G = RowMatrix<double>::Ones(1, 4);
     CHECK_THROWS(f.whiten_rows_in_place(G), std::domain_error);
     CHECK(f.failure_message("H").find("not positive definite") != std::string::npos);
@@ -83,7 +100,31 @@ int main() {
     CholeskyFactor<double> f;
     CHECK(f.compute(A) == Status::NotPositiveDefinite);
     CHECK(f.failed_pivot() >= 0);
+    CHECK(f.failure().pivot_value <= f.failure().threshold);
+    CHECK(f.failure_message("A").find("not positive definite") != std::string::npos);
+    CHECK(std::isfinite(f.failure().suggested_damping));
+    CholeskyFactor<double> g;
+    CHECK(g.compute(A, f.failure().suggested_damping) == Status::Ok);
     CHECK(f.compute(A, 1e-3) == Status::Ok);
+    CHECK(f.failure().status == Status::Ok && f.failure().pivot == -1);
+  }
+  section("failing pivot beyond the first block: its value is the Schur complement");
+  {
+    // p = 200 crosses Eigen's block size: the pivot value must come from the partially factorised row.
+    const Index p = 200, j = 150;
+    std::srand(7);
+    const ColMatrix<double> M = ColMatrix<double>::Random(p, p);
+    ColMatrix<double> A = M * M.transpose() + ColMatrix<double>::Identity(p, p);
+    A(j, j) -= 1e4;
+    const ColMatrix<double> B = A.topLeftCorner(j, j);
+    const Vector<double> b = A.row(j).head(j).transpose();
+    const double schur = A(j, j) - b.dot(B.llt().solve(b));
+    CholeskyFactor<double> f;
+    CHECK(f.compute(A) == Status::NotPositiveDefinite);
+    CHECK(f.failure().pivot == j);
+    CHECK_NEAR(f.failure().pivot_value, schur, 1e-8 * std::abs(schur));
+    CholeskyFactor<double> g;
+    CHECK(g.compute(A, f.failure().suggested_damping) == Status::Ok);  // the only indefinite direction
   }
   section("non-finite input: NonFinite");
   {
@@ -92,13 +133,16 @@ int main() {
     CholeskyFactor<double> f;
     CHECK(f.compute(A) == Status::NonFinite);
     CHECK(f.failed_pivot() == 1);
+    CHECK(f.failure().status == Status::NonFinite);
+    CHECK(std::isnan(f.failure().suggested_damping));  // damping does not cure NaN
   }
   section("misuse: std::invalid_argument");
   {
     CholeskyFactor<double> f;
     CHECK_THROWS(f.compute(ColMatrix<double>::Identity(3, 4)), std::invalid_argument);
     CHECK_THROWS(f.compute(ColMatrix<double>::Identity(3, 3), -1.0), std::invalid_argument);
-    CHECK_THROWS(f.compute(ColMatrix<double>::Identity(3, 3), std::numeric_limits<double>::infinity()), std::invalid_argument);
+    CHECK_THROWS(f.compute(ColMatrix<double>::Identity(3, 3), std::numeric_limits<double>::infinity()),
+                 std::invalid_argument);
     CHECK(f.compute(ColMatrix<double>::Identity(3, 3)) == Status::Ok);
     CHECK_THROWS(f.solve(ColMatrix<double>::Ones(4, 1)), std::invalid_argument);
     RowMatrix<double> G = RowMatrix<double>::Ones(2, 5);

@@ -24,6 +24,15 @@
 using namespace pyitest;
 namespace pc = pyinfluence::cuda;
 
+// The bindings convert Family to DeviceFamily by value, and the kernels switch on detail::k*: all three agree.
+static_assert(int(pc::DeviceFamily::Logistic) == int(Family::Logistic) &&
+              int(Family::Logistic) == pc::detail::kLogistic);
+static_assert(int(pc::DeviceFamily::Multinomial) == int(Family::Multinomial) &&
+              int(Family::Multinomial) == pc::detail::kMultinomial);
+static_assert(int(pc::DeviceFamily::SmoothHinge) == int(Family::SmoothHinge) &&
+              int(Family::SmoothHinge) == pc::detail::kSmoothHinge);
+static_assert(int(pc::DeviceFamily::Squared) == int(Family::Squared) && int(Family::Squared) == pc::detail::kSquared);
+
 namespace {
 
 void cuda_ok(cudaError_t e, const char* what) {
@@ -55,7 +64,7 @@ class DeviceArray {
 };
 
 template <class T>
-DeviceArray<T> upload(const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& A) {
+DeviceArray<T> upload(const RowMatrix<T>& A) {
   return DeviceArray<T>(std::size_t(A.size()), A.data());
 }
 template <class T>
@@ -132,8 +141,8 @@ void per_example_vs_core(const ModelSpec& spec, Index n, Index d, unsigned seed)
   std::srand(seed);
   P.W = RowMatrix<T>::Random(spec.n_outputs, spec.d_eff(d));
   const Index K = spec.n_outputs;
-  DeviceArray<T> X = upload(P.X), y = upload(P.y), W = upload(P.W), loss(static_cast<std::size_t>(n)), R(std::size_t(n * K)),
-                 C(std::size_t(n * K));
+  DeviceArray<T> X = upload(P.X), y = upload(P.y), W = upload(P.W), loss(static_cast<std::size_t>(n)),
+                 R(std::size_t(n * K)), C(std::size_t(n * K));
   pc::per_example(device_model(spec), dtype_of<T>(), 0, nullptr, X.get(), y.get(), W.get(), n, d, loss.get(), R.get(),
                   C.get());
   RowMatrix<T> scores;
@@ -224,7 +233,8 @@ void scores_vs_core(const ModelSpec& spec, Index n, Index m, Index d, const std:
   section(label(spec, "up_loss/top_k", sizeof(T)) + " n=" + std::to_string(n) + " m=" + std::to_string(m));
   const Scoring<T> sc(spec, n, m, d, seed, duplicates);
   const Index K = spec.n_outputs;
-  DeviceArray<T> X = upload(sc.P.X), y = upload(sc.P.y), W = upload(sc.P.W), R(std::size_t(n * K)), C(std::size_t(n * K));
+  DeviceArray<T> X = upload(sc.P.X), y = upload(sc.P.y), W = upload(sc.P.W), R(std::size_t(n * K)),
+                 C(std::size_t(n * K));
   const pc::DeviceModel dm = device_model(spec);
   pc::per_example(dm, dtype_of<T>(), 0, nullptr, X.get(), y.get(), W.get(), n, d, nullptr, R.get(), C.get());
   const std::vector<T> up = device_up_loss(sc, X, R);
@@ -288,10 +298,80 @@ void misuse() {
   CHECK_THROWS(pc::up_loss(dm, pc::DType::Float64, 0, nullptr, nullptr, R.get(), 10, 3, S.get(), 1, out.get()),
                std::invalid_argument);
   dm.n_outputs = 2;  // logistic has one output
-  CHECK_THROWS(pc::hessian(dm, pc::DType::Float64, 0, nullptr, X.get(), R.get(), 10, 3, out.get()), std::invalid_argument);
+  CHECK_THROWS(pc::hessian(dm, pc::DType::Float64, 0, nullptr, X.get(), R.get(), 10, 3, out.get()),
+               std::invalid_argument);
   dm.family = pc::DeviceFamily::Multinomial;
   dm.n_outputs = 1;
-  CHECK_THROWS(pc::hessian(dm, pc::DType::Float64, 0, nullptr, X.get(), R.get(), 10, 3, out.get()), std::invalid_argument);
+  CHECK_THROWS(pc::hessian(dm, pc::DType::Float64, 0, nullptr, X.get(), R.get(), 10, 3, out.get()),
+               std::invalid_argument);
+}
+
+// Every entry point checks its dimensions, model, dtype, device and pointers first: a bad argument is a status from
+// check_* and std::invalid_argument from the entry point, with no kernel launched and no memory touched.
+void argument_checks() {
+  section("argument checks: a status, never an out-of-bounds access");
+  const ModelSpec spec = make_spec(Family::Logistic, 1, true, 1e-2);
+  const pc::DeviceModel dm = device_model(spec);
+  const auto f64 = pc::DType::Float64;
+  DeviceArray<double> X(10 * 3), y(10), W(4), R(10), C(10), S(4), out(40), v(40);
+  DeviceArray<std::int64_t> i1(40), i2(40);
+  CHECK(pc::check_per_example(dm, f64, 0, X.get(), y.get(), W.get(), 10, 3, nullptr, R.get(), C.get()).ok());
+  CHECK(pc::check_hessian(dm, f64, 0, X.get(), C.get(), 10, 3, out.get()).ok());
+  CHECK(pc::check_up_loss(dm, f64, 0, X.get(), R.get(), 10, 3, S.get(), 1, out.get()).ok());
+  CHECK(
+      pc::check_top_k(dm, f64, 0, X.get(), R.get(), 10, 3, S.get(), 1, 4, i1.get(), v.get(), i2.get(), out.get()).ok());
+  const auto status_of = [](const pc::ArgCheck& c) { return c.status; };
+  // Dimensions whose products overflow 64-bit sizes, or exceed the launch limits.
+  const std::int64_t huge = std::int64_t(1) << 62;
+  CHECK(status_of(pc::check_up_loss(dm, f64, 0, X.get(), R.get(), huge, 3, S.get(), 1, out.get())) ==
+        pc::ArgStatus::TooLarge);
+  CHECK(status_of(pc::check_up_loss(dm, f64, 0, X.get(), R.get(), 10, 3, S.get(), huge, out.get())) ==
+        pc::ArgStatus::TooLarge);
+  CHECK(status_of(pc::check_hessian(dm, f64, 0, X.get(), C.get(), 10, std::int64_t(1) << 40, out.get())) ==
+        pc::ArgStatus::TooLarge);
+  CHECK(status_of(pc::check_per_example(dm, f64, 0, X.get(), y.get(), W.get(), huge, huge, nullptr, R.get(),
+                                        C.get())) == pc::ArgStatus::TooLarge);
+  CHECK(status_of(pc::check_top_k(dm, f64, 0, X.get(), R.get(), 10, 3, S.get(), 1, 11, i1.get(), v.get(), i2.get(),
+                                  out.get())) == pc::ArgStatus::BadShape);
+  CHECK(status_of(pc::check_up_loss(dm, f64, 0, X.get(), R.get(), 0, 3, S.get(), 1, out.get())) ==
+        pc::ArgStatus::BadShape);
+  CHECK(status_of(pc::check_up_loss(dm, f64, 0, X.get(), R.get(), 10, -1, S.get(), 1, out.get())) ==
+        pc::ArgStatus::BadShape);
+  // The model, the dtype and the device.
+  pc::DeviceModel bad = dm;
+  bad.family = pc::DeviceFamily(7);
+  CHECK(status_of(pc::check_hessian(bad, f64, 0, X.get(), C.get(), 10, 3, out.get())) == pc::ArgStatus::BadModel);
+  bad = dm;
+  bad.l2 = std::numeric_limits<double>::quiet_NaN();
+  CHECK(status_of(pc::check_hessian(bad, f64, 0, X.get(), C.get(), 10, 3, out.get())) == pc::ArgStatus::BadModel);
+  CHECK(status_of(pc::check_hessian(dm, pc::DType(5), 0, X.get(), C.get(), 10, 3, out.get())) ==
+        pc::ArgStatus::BadDType);
+  CHECK(status_of(pc::check_hessian(dm, f64, -1, X.get(), C.get(), 10, 3, out.get())) == pc::ArgStatus::BadDevice);
+  // Pointers: null (the loss alone may be), and misaligned for the element type.
+  CHECK(status_of(pc::check_per_example(dm, f64, 0, X.get(), y.get(), W.get(), 10, 3, nullptr, nullptr, C.get())) ==
+        pc::ArgStatus::NullPointer);
+  const void* odd = reinterpret_cast<const char*>(X.get()) + 4;  // 4-byte aligned: fine for float, not double
+  CHECK(status_of(pc::check_up_loss(dm, f64, 0, odd, R.get(), 10, 3, S.get(), 1, out.get())) ==
+        pc::ArgStatus::Misaligned);
+  CHECK(pc::check_up_loss(dm, pc::DType::Float32, 0, odd, R.get(), 10, 3, S.get(), 1, out.get()).ok());
+  const auto* odd_idx = reinterpret_cast<const std::int64_t*>(reinterpret_cast<const char*>(i1.get()) + 4);
+  CHECK(status_of(pc::check_top_k(dm, f64, 0, X.get(), R.get(), 10, 3, S.get(), 1, 4, odd_idx, v.get(), i2.get(),
+                                  out.get())) == pc::ArgStatus::Misaligned);
+  CHECK(!pc::check_hessian(bad, f64, 0, X.get(), C.get(), 10, 3, out.get()).message.empty());
+  // The entry points throw the check's message before touching anything.
+#ifdef PYI_EMULATE
+  const long long launches = emu::launches;
+#endif
+  CHECK_THROWS(pc::up_loss(dm, f64, 0, nullptr, X.get(), R.get(), huge, 3, S.get(), 1, out.get()),
+               std::invalid_argument);
+  pc::DeviceModel unknown = dm;
+  unknown.family = pc::DeviceFamily(7);
+  CHECK_THROWS(pc::per_example(unknown, f64, 0, nullptr, X.get(), y.get(), W.get(), 10, 3, nullptr, R.get(), C.get()),
+               std::invalid_argument);
+  CHECK_THROWS(pc::hessian(dm, f64, 0, nullptr, odd, C.get(), 10, 3, out.get()), std::invalid_argument);
+#ifdef PYI_EMULATE
+  CHECK(emu::launches == launches);
+#endif
 }
 
 }  // namespace
@@ -318,15 +398,16 @@ int main() {
     hessian_vs_core<double>(*s, 90, 5, 4);
     hessian_vs_core<float>(*s, 90, 5, 5);
   }
-  hessian_vs_core<double>(multinomial, 40, 40, 6);  // several 32-wide tiles per class block
-  hessian_vs_core<double>(logistic, 50, 200, 7);    // 64-wide tiles
-  hessian_vs_core<double>(logistic, 1100, 3, 8);    // rows split over several blocks (atomics)
+  hessian_vs_core<double>(multinomial, 40, 40, 6);                  // several 32-wide tiles per class block
+  hessian_vs_core<double>(logistic, 50, 200, 7);                    // 64-wide tiles
+  hessian_vs_core<double>(logistic, 1100, 3, 8);                    // rows split over several blocks (atomics)
   scores_vs_core<double>(logistic, 1000, 3, 4, {1, 5, 64, 70}, 9);  // several chunks; k above the 64 slots per block
   scores_vs_core<double>(multinomial, 150, 20, 4, {3, 150}, 10);    // two test tiles; k = n
   scores_vs_core<double>(hinge, 300, 2, 3, {4}, 11, /*duplicates=*/true);
   scores_vs_core<float>(logistic, 400, 5, 4, {6}, 12);
   scores_vs_core<float>(multinomial_noint, 130, 17, 4, {2}, 13, /*duplicates=*/true);
   misuse();
+  argument_checks();
 #ifdef PYI_EMULATE
   return finish("test_cuda_emulated");
 #else

@@ -24,7 +24,8 @@ std::string name(const Case& c) {
 
 void run(const Case& c, unsigned seed) {
   const Index n = 240, d = 5;
-  Problem<double> P = make_problem<double>(make_spec(c.family, c.K, c.intercept, c.l2, c.penalize_intercept), n, d, seed);
+  Problem<double> P =
+      make_problem<double>(make_spec(c.family, c.K, c.intercept, c.l2, c.penalize_intercept), n, d, seed);
   const Index de = P.spec.d_eff(d), p = P.spec.n_params(d);
   const Vector<double> no_w;
   // A generic point θ (not the optimum) for the derivative checks.
@@ -66,7 +67,8 @@ void run(const Case& c, unsigned seed) {
       Wm.data()[q] -= h;
       const RowMatrix<double> gp = objective<double>(P.spec, P.X, P.y, Wp, no_w, true).grad;
       const RowMatrix<double> gm = objective<double>(P.spec, P.X, P.y, Wm, no_w, true).grad;
-      for (Index r = 0; r < p; ++r) err_fd = std::max(err_fd, std::abs((gp.data()[r] - gm.data()[r]) / (2 * h) - H(r, q)));
+      for (Index r = 0; r < p; ++r)
+        err_fd = std::max(err_fd, std::abs((gp.data()[r] - gm.data()[r]) / (2 * h) - H(r, q)));
     }
     CHECK_LE(err_fd / scale, 1e-7);
   }

@@ -1,8 +1,12 @@
-// Numerical failure is a Status value; misuse throws std::invalid_argument (status.hpp):
-//   - an engine on a singular Hessian reports NotPositiveDefinite (and its pivot); its queries throw domain_error;
+// Numerical failure is a Status value or a typed exception with fields; misuse throws std::invalid_argument
+// (status.hpp):
+//   - an engine on a singular Hessian is never constructed: the constructor throws NotPositiveDefiniteError (a
+//     domain_error carrying the pivot, the size, the pivot's value and a suggested damping) and create() returns
+//     the Status with the same diagnosis;
 //   - fit_newton reports NotConverged when it runs out of iterations, NotPositiveDefinite on a singular Hessian;
 //   - bad shapes, labels, weights, damping, k, indices and model settings throw std::invalid_argument;
-//   - an overflow is NonFinite (engine) or a NonFiniteError (query), never a returned inf/NaN or a ranked NaN;
+//   - an overflow is a NonFiniteError naming what overflowed (constructor, query) or NonFinite (create()), never
+//     a returned inf/NaN or a ranked NaN;
 //   - a leave-one-out Newton step whose removal leaves a singular Hessian throws domain_error, as the group one.
 #include <limits>
 
@@ -19,17 +23,32 @@ int main() {
     Problem<double> P = make_problem<double>(make_spec(Family::Logistic, 1, true, 0.0), 80, 3, 1);
     P.X.col(2) = P.X.col(1);  // H = X̃ᵀ diag(c) X̃ / n is singular along e1 − e2
     P.W.setZero();
-    const LinearInfluenceEngine<double> engine(P.spec, P.X, P.y, P.W, 0.0);
-    CHECK(engine.status() == Status::NotPositiveDefinite);
-    CHECK(engine.failed_pivot() >= 0);
-    CHECK_THROWS(engine.up_loss_train(P.X, P.y), std::domain_error);
-    CHECK_THROWS(engine.top_k(P.X, P.y, 3), std::domain_error);
-    CHECK_THROWS(engine.self_influence_train(), std::domain_error);
-    CHECK_THROWS(engine.solve(ColMatrix<double>::Ones(engine.n_params(), 1)), std::domain_error);
-    // Damping makes it positive definite.
+    CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, P.X, P.y, P.W, 0.0), NotPositiveDefiniteError);
+    CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, P.X, P.y, P.W, 0.0), std::domain_error);
+    try {
+      const LinearInfluenceEngine<double> engine(P.spec, P.X, P.y, P.W, 0.0);
+      CHECK(false);  // not reached
+    } catch (const NotPositiveDefiniteError& e) {
+      const FactorFailure& f = e.failure();
+      CHECK(f.status == Status::NotPositiveDefinite);
+      CHECK(f.pivot >= 1 && f.pivot < 4);  // column 2 duplicates column 1: pivot 2 up to rounding
+      CHECK(f.size == 4);
+      CHECK(std::isfinite(f.pivot_value) && f.pivot_value <= f.threshold);
+      CHECK(std::isfinite(f.suggested_damping) && f.suggested_damping > 0.0);
+      CHECK(e.train_index() == -1);
+      const std::string msg = e.what();
+      CHECK(msg.find("pivot " + std::to_string(f.pivot)) != std::string::npos);
+      CHECK(msg.find("damping > 0") != std::string::npos);
+    }
+    const EngineOrStatus<double> created = LinearInfluenceEngine<double>::create(P.spec, P.X, P.y, P.W, 0.0);
+    CHECK(!created.engine);
+    CHECK(created.status == Status::NotPositiveDefinite);
+    CHECK(created.failure.pivot >= 1 && created.failure.size == 4);
+    // Damping makes it positive definite; the suggested damping does here (one null direction).
+    const EngineOrStatus<double> cured =
+        LinearInfluenceEngine<double>::create(P.spec, P.X, P.y, P.W, created.failure.suggested_damping);
+    CHECK(cured.status == Status::Ok && cured.engine);
     const LinearInfluenceEngine<double> damped(P.spec, P.X, P.y, P.W, 1e-3);
-    CHECK(damped.status() == Status::Ok);
-    CHECK(damped.failed_pivot() == -1);
     CHECK(damped.up_loss_train(P.X, P.y).allFinite());
   }
 
@@ -39,13 +58,24 @@ int main() {
     fit(P);
     RowMatrix<double> Xbig = P.X;
     Xbig.row(5).setConstant(1e160);  // H ∝ Σ x xᵀ overflows: an overflow, not an indefinite H
-    const LinearInfluenceEngine<double> bad(P.spec, Xbig, P.y, P.W, 0.0);
-    CHECK(bad.status() == Status::NonFinite);
-    CHECK_THROWS(bad.up_loss_train(P.X.topRows(2), P.y.head(2)), NonFiniteError);
+    CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, Xbig, P.y, P.W, 0.0), NonFiniteError);
+    try {
+      const LinearInfluenceEngine<double> bad(P.spec, Xbig, P.y, P.W, 0.0);
+      CHECK(false);  // not reached
+    } catch (const NonFiniteError& e) {
+      CHECK(e.quantity().find("training Hessian") != std::string::npos);
+      CHECK(std::string(e.what()).find("X_train") != std::string::npos);
+    }
+    CHECK(LinearInfluenceEngine<double>::create(P.spec, Xbig, P.y, P.W, 0.0).status == Status::NonFinite);
     const LinearInfluenceEngine<double> engine(P.spec, P.X, P.y, P.W, 0.0);
-    CHECK(engine.status() == Status::Ok);
     const RowMatrix<double> Xt = P.X.topRows(2) * 1e200;  // finite inputs, gradients beyond double's range
     CHECK_THROWS(engine.up_loss_train(Xt, P.y.head(2)), NonFiniteError);
+    try {
+      (void)engine.up_loss_train(Xt, P.y.head(2));
+    } catch (const NonFiniteError& e) {
+      CHECK(!e.quantity().empty());
+      CHECK(std::string(e.what()).find(e.quantity() + " overflowed") == 0);
+    }
     CHECK_THROWS(engine.top_k(Xt, P.y.head(2), 3), NonFiniteError);
     CHECK_THROWS(engine.up_loss(Xt, P.y.head(2), P.X, P.y), NonFiniteError);
     CHECK_THROWS(engine.pert_loss(Xt, P.y.head(2), P.X, P.y), NonFiniteError);
@@ -70,11 +100,25 @@ int main() {
     RowMatrix<double> W(1, 2);
     W << 1.0, 2.0;  // the exact fit
     const LinearInfluenceEngine<double> engine(spec, X, y, W, 0.0);
-    CHECK(engine.status() == Status::Ok);
-    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> idx(1);
+    IndexVector idx(1);
     idx << 0;
     CHECK_THROWS(engine.loo_newton(X, y, idx), std::domain_error);
     CHECK_THROWS(engine.loo_newton_group(X, y, idx), std::domain_error);
+    idx << 1;
+    try {
+      (void)engine.loo_newton(X, y, idx);
+      CHECK(false);  // not reached
+    } catch (const NotPositiveDefiniteError& e) {
+      CHECK(e.train_index() == 1);
+      CHECK(e.failure().size == 2);
+      CHECK(std::string(e.what()).find("without training point 1") != std::string::npos);
+    }
+    try {
+      (void)engine.loo_newton_group(X, y, idx);
+      CHECK(false);  // not reached
+    } catch (const NotPositiveDefiniteError& e) {
+      CHECK(e.failure().pivot >= 0 && e.failure().size == 2);
+    }
   }
 
   section("fit_newton status codes");
@@ -89,6 +133,7 @@ int main() {
     Q.X.col(2) = Q.X.col(0);
     const NewtonResult<double> sing = fit_newton<double>(Q.spec, Q.X, Q.y, Q.W, no_w, 1e-10, 20);
     CHECK(sing.status == Status::NotPositiveDefinite);
+    CHECK(sing.failure.status == Status::NotPositiveDefinite && sing.failure.size == 3 && sing.failure.pivot >= 0);
     // tol = 0 is allowed; a converged run still reports Ok or NotConverged (never an exception).
     const NewtonResult<double> zero = fit_newton<double>(P.spec, P.X, P.y, P.W, no_w, 0.0, 50);
     CHECK(zero.status == Status::Ok || zero.status == Status::NotConverged);
@@ -142,7 +187,8 @@ int main() {
     const Vector<double> wzero = Vector<double>::Zero(30);
     CHECK_THROWS(fit_newton<double>(P.spec, P.X, P.y, P.W, wzero, 1e-10, 10), std::invalid_argument);
     const Vector<double> wshort = Vector<double>::Ones(5);
-    CHECK_THROWS(check_problem<double>(P.spec, P.X, P.y, P.W, wshort), std::invalid_argument);  // objective() itself trusts its caller
+    CHECK_THROWS(check_problem<double>(P.spec, P.X, P.y, P.W, wshort),
+                 std::invalid_argument);  // objective() itself trusts its caller
     Vector<double> ybad = P.y;
     ybad[7] = 2.0;  // logistic labels are 0/1
     CHECK_THROWS(hessian<double>(P.spec, P.X, ybad, P.W, no_w), std::invalid_argument);
@@ -167,7 +213,6 @@ int main() {
     CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, P.X, ybad, P.W, 0.0), std::invalid_argument);
 
     const LinearInfluenceEngine<double> engine(P.spec, P.X, P.y, P.W, 0.0);
-    CHECK(engine.status() == Status::Ok);
     const RowMatrix<double> X2 = RowMatrix<double>::Zero(2, 4);  // 4 features, trained on 3
     const Vector<double> y2 = Vector<double>::Zero(2);
     CHECK_THROWS(engine.up_loss_train(X2, y2), std::invalid_argument);
@@ -178,7 +223,7 @@ int main() {
     Xt(1, 1) = nan;
     CHECK_THROWS(engine.up_loss_train(Xt, P.y.head(2)), std::invalid_argument);
     CHECK_THROWS(engine.solve(ColMatrix<double>::Ones(engine.n_params() + 1, 1)), std::invalid_argument);
-    Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1> idx(2);
+    IndexVector idx(2);
     idx << 0, 40;  // out of range
     CHECK_THROWS(engine.loo_newton(P.X.topRows(1), P.y.head(1), idx), std::invalid_argument);
     CHECK_THROWS(engine.refit_without(idx, 1e-10, 10), std::invalid_argument);

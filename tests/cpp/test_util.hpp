@@ -45,34 +45,34 @@ inline int finish(const char* name) {
 
 #define CHECK(cond) ::pyitest::report(bool(cond), __FILE__, __LINE__, #cond)
 // |a − b| ≤ tol, with both values printed on failure.
-#define CHECK_NEAR(a, b, tol)                                                                                 \
-  do {                                                                                                        \
-    const double a_ = double(a), b_ = double(b), t_ = double(tol);                                            \
-    ::pyitest::report(std::abs(a_ - b_) <= t_, __FILE__, __LINE__,                                            \
-                      std::string(#a " ~ " #b ": ") + std::to_string(a_) + " vs " + std::to_string(b_) +      \
-                          " (|diff| " + std::to_string(std::abs(a_ - b_)) + " > " + std::to_string(t_) + ")"); \
+#define CHECK_NEAR(a, b, tol)                                                                                          \
+  do {                                                                                                                 \
+    const double a_ = double(a), b_ = double(b), t_ = double(tol);                                                     \
+    ::pyitest::report(std::abs(a_ - b_) <= t_, __FILE__, __LINE__,                                                     \
+                      std::string(#a " ~ " #b ": ") + std::to_string(a_) + " vs " + std::to_string(b_) + " (|diff| " + \
+                          std::to_string(std::abs(a_ - b_)) + " > " + std::to_string(t_) + ")");                       \
   } while (0)
 // value ≤ bound (e.g. a relative error), printed on failure.
-#define CHECK_LE(value, bound)                                                                                \
-  do {                                                                                                        \
-    const double v_ = double(value), b_ = double(bound);                                                      \
-    char buf_[160];                                                                                           \
-    std::snprintf(buf_, sizeof buf_, "%s = %.3e > %.3e", #value, v_, b_);                                     \
-    ::pyitest::report(v_ <= b_, __FILE__, __LINE__, buf_);                                                    \
+#define CHECK_LE(value, bound)                                            \
+  do {                                                                    \
+    const double v_ = double(value), b_ = double(bound);                  \
+    char buf_[160];                                                       \
+    std::snprintf(buf_, sizeof buf_, "%s = %.3e > %.3e", #value, v_, b_); \
+    ::pyitest::report(v_ <= b_, __FILE__, __LINE__, buf_);                \
   } while (0)
 // expr throws Exc (not some other exception, not nothing).
-#define CHECK_THROWS(expr, Exc)                                                                               \
-  do {                                                                                                        \
-    std::string got_ = "no exception";                                                                        \
-    bool ok_ = false;                                                                                         \
-    try {                                                                                                     \
-      (void)(expr);                                                                                           \
-    } catch (const Exc&) {                                                                                    \
-      ok_ = true;                                                                                             \
-    } catch (const std::exception& e_) {                                                                      \
-      got_ = std::string("another exception: ") + e_.what();                                                 \
-    }                                                                                                         \
-    ::pyitest::report(ok_, __FILE__, __LINE__, std::string(#expr " should throw " #Exc "; got ") + got_);    \
+#define CHECK_THROWS(expr, Exc)                                                                           \
+  do {                                                                                                    \
+    std::string got_ = "no exception";                                                                    \
+    bool ok_ = false;                                                                                     \
+    try {                                                                                                 \
+      (void)(expr);                                                                                       \
+    } catch (const Exc&) {                                                                                \
+      ok_ = true;                                                                                         \
+    } catch (const std::exception& e_) {                                                                  \
+      got_ = std::string("another exception: ") + e_.what();                                              \
+    }                                                                                                     \
+    ::pyitest::report(ok_, __FILE__, __LINE__, std::string(#expr " should throw " #Exc "; got ") + got_); \
   } while (0)
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -127,7 +127,10 @@ Problem<S> make_problem(const ModelSpec& spec, Index n, Index d, unsigned seed) 
         double u = unif(rng) * z, acc = 0.0;
         Index label = K - 1;
         for (Index a = 0; a < K; ++a)
-          if ((acc += s[std::size_t(a)]) >= u) { label = a; break; }
+          if ((acc += s[std::size_t(a)]) >= u) {
+            label = a;
+            break;
+          }
         P.y[i] = S(label);
         break;
       }
@@ -249,7 +252,8 @@ std::vector<double> naive_full_gradient(const Problem<S>& P) {
   }
   for (Index a = 0; a < P.spec.n_outputs; ++a)
     for (Index j = 0; j < de; ++j)
-      if (penalized(P.spec, std::size_t(j), std::size_t(d))) g[std::size_t(a * de + j)] += P.spec.l2 * double(P.W(a, j));
+      if (penalized(P.spec, std::size_t(j), std::size_t(d)))
+        g[std::size_t(a * de + j)] += P.spec.l2 * double(P.W(a, j));
   return g;
 }
 
@@ -270,7 +274,8 @@ Dense naive_hessian(const Problem<S>& P) {
   }
   for (Index a = 0; a < K; ++a)
     for (Index j = 0; j < de; ++j)
-      if (penalized(P.spec, std::size_t(j), std::size_t(d))) H[std::size_t(a * de + j)][std::size_t(a * de + j)] += P.spec.l2;
+      if (penalized(P.spec, std::size_t(j), std::size_t(d)))
+        H[std::size_t(a * de + j)][std::size_t(a * de + j)] += P.spec.l2;
   return H;
 }
 

@@ -28,23 +28,38 @@ template <class S>
 struct TopK {
   // Each (m×k): per test point, the training indices with the most negative up_loss (helpful: upweighting
   // them lowers the test loss) in increasing order of score, and the most positive (harmful) in decreasing order.
-  Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> helpful_idx, harmful_idx;
+  IndexRowMatrix helpful_idx, harmful_idx;
   RowMatrix<S> helpful_val, harmful_val;
+};
+
+template <class S>
+class LinearInfluenceEngine;
+
+// What LinearInfluenceEngine::create returns: the engine, or the reason there is none.
+template <class S>
+struct EngineOrStatus {
+  std::unique_ptr<LinearInfluenceEngine<S>> engine;  // null unless status is Ok
+  Status status = Status::Ok;  // NotPositiveDefinite (H + λI) or NonFinite (H or the residuals overflowed)
+  FactorFailure failure;       // the factorisation's diagnosis when status is NotPositiveDefinite
 };
 
 template <class S>
 class LinearInfluenceEngine {
  public:
   // Factorises H + λI (undamped multinomial models with an unpenalised intercept: plus the gauge of
-  // families.hpp, so solves return the pseudo-inverse answer along the softmax shift direction). Throws std::invalid_argument on bad shapes/values. If the factorisation fails,
-  // status() is NotPositiveDefinite and every query throws std::domain_error (the binding maps it).
-  LinearInfluenceEngine(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X_train,
-                        const Eigen::Ref<const Vector<S>>& y_train, const Eigen::Ref<const RowMatrix<S>>& W,
-                        double damping);
+  // families.hpp, so solves return the pseudo-inverse answer along the softmax shift direction). Throws
+  // std::invalid_argument on bad shapes/values, NotPositiveDefiniteError (a std::domain_error carrying the
+  // failing pivot, the size and a suggested damping) when H + λI is not positive definite, and NonFiniteError
+  // when H or the training residuals overflow (scale the features; damping would not help). A constructed
+  // engine always holds its factorisation.
+  LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
+                        const ConstRowMatrixRef<S>& W, double damping);
+  // The same, reporting a numerical failure as a Status (and its diagnosis) instead of an exception; misuse still
+  // throws std::invalid_argument.
+  [[nodiscard]] static EngineOrStatus<S> create(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
+                                                const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
+                                                double damping);
 
-  Status status() const { return status_; }
-  // Index of the first non-positive pivot when the factorisation failed (−1 otherwise).
-  Index failed_pivot() const { return failed_pivot_; }
   Index n_train() const { return X_.rows(); }
   Index n_features() const { return X_.cols(); }
   Index n_params() const { return spec_.n_params(X_.cols()); }
@@ -54,62 +69,81 @@ class LinearInfluenceEngine {
   double grad_norm() const { return grad_norm_; }
 
   // Explicit per-example gradients (k×p). For checks and small k; the scoring paths never form them.
-  RowMatrix<S> gradients(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  RowMatrix<S> gradients(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
   // (H+λI)⁻¹ B for B (p×r).
-  ColMatrix<S> solve(const Eigen::Ref<const ColMatrix<S>>& B) const;
+  ColMatrix<S> solve(const ConstColMatrixRef<S>& B) const;
   // s_test vectors for m test points, (p×m).
-  ColMatrix<S> s_test(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test) const;
+  ColMatrix<S> s_test(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test) const;
 
-  RowMatrix<S> up_params(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  RowMatrix<S> up_params(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
   // Training side given explicitly (X, y), or the whole training set when X has zero rows and zero cols.
-  RowMatrix<S> up_loss(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-                       const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
-  RowMatrix<S> up_loss_train(const Eigen::Ref<const RowMatrix<S>>& X_test,
-                             const Eigen::Ref<const Vector<S>>& y_test) const;
+  RowMatrix<S> up_loss(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                       const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
+  RowMatrix<S> up_loss_train(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test) const;
   // (k×(m·d)) row-major = (k, m, d) C-order.
-  RowMatrix<S> pert_loss(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-                         const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
-  Vector<S> self_influence(const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  RowMatrix<S> pert_loss(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                         const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
+  Vector<S> self_influence(const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
   Vector<S> self_influence_train() const;
   // Streaming top-k over the whole training set: memory O(block·m + m·k), independent of n.
-  TopK<S> top_k(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-                Index k) const;
+  TopK<S> top_k(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test, Index k) const;
 
   // Newton-step leave-one-out estimate of L(z_test, θ̂₋ᵢ) − L(z_test, θ̂) for the training points idx (k×m).
   // One exact Newton step from θ̂ on R₋ᵢ(θ) = (1/(n−1)) Σ_{j≠i} L_j + (l2/2)‖Pθ‖² (Hessian + λI), whose
   // Hessian differs from that of R_{mean over n−1} by the rank-K term H_i/(n−1): all points share one
   // Cholesky factor of A = (n/(n−1)) H_data + l2 P + λI and a K×K Woodbury system each.
-  RowMatrix<S> loo_newton(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-                          const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+  RowMatrix<S> loo_newton(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                          const ConstIndexVectorRef& idx) const;
   // Exact retraining without the training points idx (removed together): the minimiser of
   // R₋(θ) = (1/(n−g)) Σ_{j∉idx} L_j + (l2/2)‖Pθ‖², warm-started from θ̂, to ‖∇R₋‖₂ ≤ tol. Uses the chord
   // (simplified Newton) method with the fixed matrix ∇²R₋(θ̂) = (n·H_data − g·H_data(idx))/(n−g) + l2P,
   // built from the cached H at a cost of g·p² + p³/3 instead of n·p² per iteration; θ̂₋ is close to θ̂, so
   // it converges in a few steps. Falls back to full Newton (fit_newton) when the chord steps stall.
-  NewtonResult<S> refit_without(const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx,
-                                double tol, int max_iter) const;
+  [[nodiscard]] NewtonResult<S> refit_without(const ConstIndexVectorRef& idx, double tol, int max_iter) const;
 
   // The same for a group removed together (one factorisation for the group): (m).
-  Vector<S> loo_newton_group(const Eigen::Ref<const RowMatrix<S>>& X_test, const Eigen::Ref<const Vector<S>>& y_test,
-                             const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+  Vector<S> loo_newton_group(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                             const ConstIndexVectorRef& idx) const;
 
  private:
-  void require_factor() const;
+  struct Assembly;    // what the constructors compute: residuals, curvatures, H, its factor, ‖∇R(θ̂)‖ (engine.cpp)
+  struct LooContext;  // loo_newton: what every removed point shares (A⁻¹, the test side)
+  struct LooRows;     // loo_newton: the removed training rows' projections
+  // Validates the inputs, assembles H and factorises H + λI; a numerical failure is Assembly::status.
+  static Assembly assemble(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
+                           const ConstRowMatrixRef<S>& W, double damping);
+  // assemble(), throwing NotPositiveDefiniteError or NonFiniteError for a numerical failure.
+  static Assembly assemble_or_throw(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
+                                    const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W, double damping);
+  LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
+                        const ConstRowMatrixRef<S>& W, double damping, Assembly&& assembly);
+
   // Rows [start, start+b) of the explicit gradients r_i ⊗ x̃_i from residuals R (rows aligned with X) into G (b×p).
-  void gradient_rows(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, Index start, Index b,
-                     RowMatrix<S>& G) const;
+  void gradient_rows(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R, Index start, Index b, RowMatrix<S>& G) const;
+  // The diagonal of l2·P (p): the penalty's share of H.
+  Vector<S> penalty_diagonal() const;
+  // Throws std::invalid_argument for a training index outside [0, n).
+  void check_train_indices(const ConstIndexVectorRef& idx) const;
+  // loo_newton's steps: A⁻¹ for A = (n/(n−1)) H_data + l2 P + λI; the test side shared by every removal; the
+  // removed rows' projections; one removal's Woodbury step into out.row(i) (false: the removal leaves a singular
+  // Hessian).
+  ColMatrix<S> loo_hessian_inverse(const Vector<S>& penalty) const;
+  LooContext loo_context(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
+                         const Vector<S>& penalty) const;
+  LooRows loo_rows(const LooContext& ctx, const ConstIndexVectorRef& idx) const;
+  bool loo_step(const LooContext& ctx, const LooRows& rows, Index i, Index row, const ConstVectorRef<S>& y_test,
+                RowMatrixRef<S> out) const;
   // Weights 1 for kept and 0 for removed training points; validates the indices.
-  Vector<S> removal_weights(const Eigen::Ref<const Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>>& idx) const;
+  Vector<S> removal_weights(const ConstIndexVectorRef& idx) const;
   // ∇²R₋(θ̂) of the objective without the zero-weight points (mean over the kept ones), from the cached H.
   ColMatrix<S> leave_out_hessian(const Vector<S>& weights) const;
-  Vector<S> self_influence_from(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R) const;
-  void check_points(const char* what, const Eigen::Ref<const RowMatrix<S>>& X, const Eigen::Ref<const Vector<S>>& y) const;
+  Vector<S> self_influence_from(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R) const;
+  void check_points(const char* what, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y) const;
   // Ŝ: the d_eff × (K·m) rearrangement of S (p×m): Ŝ(:, k·m + t) = S(k·d_eff : (k+1)·d_eff, t).
   ColMatrix<S> reshape_for_contraction(const ColMatrix<S>& Sm) const;
   // Scores block: out(i, t) = −Σ_k r_ik (X̃_i · Ŝ(:, k·m+t)) for rows [start, start+rows) of (X, R).
-  void score_block(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
-                   Index m, Index start, Index rows, RowMatrix<S>& Z,
-                   Eigen::Ref<RowMatrix<S>> out) const;
+  void score_block(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat, Index m, Index start,
+                   Index rows, RowMatrix<S>& Z, RowMatrixRef<S> out) const;
   // Work of scoring k training points against m test points, in flops, to size the thread choice (SerialIfSmall):
   // the p×m solve (2p²m) and the scoring GEMM (2kpm), or — when larger — the time of reading the k×d_eff training
   // block counted as ~32 flops per element (~10 GB/s of memory against ~40 GFLOP/s per core): a single-test-point
@@ -119,11 +153,10 @@ class LinearInfluenceEngine {
     return std::max(2.0 * p * double(m) * (p + double(k)), 32.0 * double(k) * d_eff);
   }
   // All rows of (X, R) in blocks: the (k×m) up_loss matrix.
-  RowMatrix<S> score_all(const Eigen::Ref<const RowMatrix<S>>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat,
-                         Index m) const;
+  RowMatrix<S> score_all(const ConstRowMatrixRef<S>& X, const RowMatrix<S>& R, const ColMatrix<S>& Shat, Index m) const;
 
   ModelSpec spec_;
-  Eigen::Ref<const RowMatrix<S>> X_;
+  ConstRowMatrixRef<S> X_;
   Vector<S> y_;
   RowMatrix<S> W_;
   double damping_;
@@ -131,8 +164,6 @@ class LinearInfluenceEngine {
   ColMatrix<S> H_;
   CholeskyFactor<S> factor_;  // of H + λI (+ gauge), in its own storage
   double grad_norm_ = 0.0;
-  Status status_ = Status::Ok;
-  Index failed_pivot_ = -1;
 };
 
 }  // namespace pyinfluence

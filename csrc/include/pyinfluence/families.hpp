@@ -26,11 +26,11 @@ const char* family_name(Family f);
 
 struct ModelSpec {
   Family family = Family::Logistic;
-  Index n_outputs = 1;            // K: 1 for the binary families and ridge, n_classes for multinomial
+  Index n_outputs = 1;  // K: 1 for the binary families and ridge, n_classes for multinomial
   bool fit_intercept = true;
   bool penalize_intercept = false;
-  double l2 = 0.0;                // R(θ) = mean loss + (l2/2)‖Pθ‖²
-  double temperature = 1.0;       // smooth hinge only
+  double l2 = 0.0;           // R(θ) = mean loss + (l2/2)‖Pθ‖²
+  double temperature = 1.0;  // smooth hinge only
 
   // Throws std::invalid_argument on inconsistent settings.
   void validate() const;
@@ -52,8 +52,8 @@ struct ModelSpec {
 //   multinomial → the class probabilities p (D = diag(p) − p pᵀ).
 // Labels are validated; an invalid label throws std::invalid_argument naming its row.
 template <class S>
-void per_example_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
-                             const Eigen::Ref<const Vector<S>>& y, S* loss, S* residual, S* curvature);
+void per_example_from_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& scores, const ConstVectorRef<S>& y,
+                             S* loss, S* residual, S* curvature);
 
 // One example from its K scores: returns the loss, writes residual and curvature rows (length K). The label is
 // NOT validated (call check_labels first): for fused per-row loops.
@@ -61,12 +61,11 @@ template <class S>
 S per_example_row(const ModelSpec& spec, const S* scores, S y, S* residual, S* curvature);
 // Throws std::invalid_argument naming the first invalid label.
 template <class S>
-void check_labels(const ModelSpec& spec, const Eigen::Ref<const Vector<S>>& y);
+void check_labels(const ModelSpec& spec, const ConstVectorRef<S>& y);
 
 // Only the losses (cheaper: used by line searches and test-loss evaluation).
 template <class S>
-void loss_from_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& scores,
-                      const Eigen::Ref<const Vector<S>>& y, S* loss);
+void loss_from_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& scores, const ConstVectorRef<S>& y, S* loss);
 
 // out = D a for one example, given its curvature row c (K) — see the class comment.
 template <class S>
@@ -83,13 +82,13 @@ inline void apply_curvature(const ModelSpec& spec, const S* c, const S* a, S* ou
 
 // Scores s = X̃ Wᵀ for a block of rows (b×K). X is (b×d) row-major; W is (K×d_eff) row-major.
 template <class S>
-void compute_scores(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                    const Eigen::Ref<const RowMatrix<S>>& W, RowMatrix<S>& scores);
+void compute_scores(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstRowMatrixRef<S>& W,
+                    RowMatrix<S>& scores);
 
 // Copies rows [start, start+rows) of X into `buffer` with a trailing column of ones when the model has
 // an intercept, so that blocks of X̃ can be fed to BLAS; without an intercept, returns a view of X.
 template <class S>
-Eigen::Ref<const RowMatrix<S>> augmented_rows(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                                              Index start, Index rows, RowMatrix<S>& buffer);
+ConstRowMatrixRef<S> augmented_rows(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, Index start, Index rows,
+                                    RowMatrix<S>& buffer);
 
 }  // namespace pyinfluence

@@ -19,40 +19,36 @@ namespace pyinfluence {
 
 template <class S>
 struct ObjectiveValue {
-  double value = 0.0;   // R(θ)
-  RowMatrix<S> grad;    // ∇R, K×d_eff
+  double value = 0.0;  // R(θ)
+  RowMatrix<S> grad;   // ∇R, K×d_eff
 };
 
 // X: n×d, y: n, W: K×d_eff, weights: empty (all ones) or n nonnegative values with positive sum.
 template <class S>
-ObjectiveValue<S> objective(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                            const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                            const Eigen::Ref<const Vector<S>>& weights, bool with_gradient = true);
+ObjectiveValue<S> objective(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                            const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights, bool with_gradient = true);
 
 // ∇²R (p×p, full symmetric, column-major), l2 included, no damping.
 template <class S>
-ColMatrix<S> hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                     const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                     const Eigen::Ref<const Vector<S>>& weights);
+ColMatrix<S> hessian(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                     const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights);
 
 // Only the data part Σ ω_i D_i ⊗ x̃x̃ᵀ / Σ ω (no l2), lower triangle filled and mirrored.
 template <class S>
-ColMatrix<S> data_hessian(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                          const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                          const Eigen::Ref<const Vector<S>>& weights);
+ColMatrix<S> data_hessian(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                          const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights);
 
 // The internal gauge term (γ/2)(Σ_k b_k)² of ModelSpec::intercept_gauge (no-op unless has_intercept_gauge()):
 // added to a Hessian before factorising, or to an objective value and gradient inside the Newton trainer.
 template <class S>
 void add_intercept_gauge(const ModelSpec& spec, Index d, ColMatrix<S>& H);
 template <class S>
-void add_intercept_gauge(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& W, ObjectiveValue<S>& obj);
+void add_intercept_gauge(const ModelSpec& spec, const ConstRowMatrixRef<S>& W, ObjectiveValue<S>& obj);
 
 // Checks shapes and values of (X, y, W, weights) against the spec; throws std::invalid_argument.
 template <class S>
-void check_problem(const ModelSpec& spec, const Eigen::Ref<const RowMatrix<S>>& X,
-                   const Eigen::Ref<const Vector<S>>& y, const Eigen::Ref<const RowMatrix<S>>& W,
-                   const Eigen::Ref<const Vector<S>>& weights);
+void check_problem(const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y,
+                   const ConstRowMatrixRef<S>& W, const ConstVectorRef<S>& weights);
 
 // Rows per block so that a block of `width` values per row stays near `budget_bytes`.
 Index rows_per_block(Index n, Index width, std::size_t scalar_size, std::size_t budget_bytes = std::size_t(32) << 20);

@@ -70,14 +70,19 @@ int main() {
   const pi::RowMatrix<double> W0 = pi::RowMatrix<double>::Zero(1, d + 1);
   const pi::NewtonResult<double> fit = pi::fit_newton<double>(spec, X, y, W0, no_weights, 1e-10, 100);
   expect(fit.status == pi::Status::Ok, "Newton converged");
-  const pi::LinearInfluenceEngine<double> engine(spec, X, y, fit.W, /*damping=*/0.0);
-  expect(engine.status() == pi::Status::Ok, "H is positive definite");
+  const pi::LinearInfluenceEngine<double> engine(spec, X, y, fit.W, /*damping=*/0.0);  // throws unless H is PD
+  {
+    const auto created = pi::LinearInfluenceEngine<double>::create(spec, X, y, fit.W, /*damping=*/0.0);
+    expect(created.status == pi::Status::Ok && created.engine != nullptr, "H is positive definite (create())");
+  }
   const pi::RowMatrix<double> scores = engine.up_loss_train(x_test, y_test);  // n×1
   const pi::TopK<double> top = engine.top_k(x_test, y_test, k);
 
   // Independently: gradient, Hessian and solve written out here.
   const std::size_t p = std::size_t(d + 1);
-  const auto xt = [&](const pi::RowMatrix<double>& M, pi::Index i, std::size_t j) { return j < std::size_t(d) ? M(i, pi::Index(j)) : 1.0; };
+  const auto xt = [&](const pi::RowMatrix<double>& M, pi::Index i, std::size_t j) {
+    return j < std::size_t(d) ? M(i, pi::Index(j)) : 1.0;
+  };
   const auto sigma_of = [&](const pi::RowMatrix<double>& M, pi::Index i) {
     double s = 0.0;
     for (std::size_t j = 0; j < p; ++j) s += fit.W(0, pi::Index(j)) * xt(M, i, j);
@@ -117,11 +122,13 @@ int main() {
 
   std::vector<pi::Index> order(static_cast<std::size_t>(n));
   std::iota(order.begin(), order.end(), pi::Index(0));
-  std::sort(order.begin(), order.end(), [&](pi::Index a, pi::Index b) { return expected[std::size_t(a)] < expected[std::size_t(b)]; });
+  std::sort(order.begin(), order.end(),
+            [&](pi::Index a, pi::Index b) { return expected[std::size_t(a)] < expected[std::size_t(b)]; });
   for (pi::Index j = 0; j < k; ++j) {
     expect(top.helpful_idx(0, j) == order[std::size_t(j)], "helpful index matches the sorted reference");
     expect(top.harmful_idx(0, j) == order[std::size_t(n - 1 - j)], "harmful index matches the sorted reference");
-    expect(std::abs(top.helpful_val(0, j) - expected[std::size_t(order[std::size_t(j)])]) <= 1e-10 * scale, "helpful value");
+    expect(std::abs(top.helpful_val(0, j) - expected[std::size_t(order[std::size_t(j)])]) <= 1e-10 * scale,
+           "helpful value");
   }
   std::printf("most helpful: %lld (%.4g), most harmful: %lld (%.4g); max |error| %.2e; %d failures\n",
               static_cast<long long>(top.helpful_idx(0, 0)), top.helpful_val(0, 0),

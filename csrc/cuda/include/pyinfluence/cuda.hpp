@@ -9,7 +9,9 @@
 // y (n), parameters W (K×d_eff, d_eff = d + intercept), p = K·d_eff, x̃ = [x, 1] with an intercept.
 //
 // Errors: std::invalid_argument for bad sizes or labels; std::runtime_error for CUDA failures (no device, an old
-// driver, out of memory), with the CUDA error text.
+// driver, out of memory), with the CUDA error text. Every entry point first runs its argument check (check_*,
+// below) and throws std::invalid_argument with the check's message, before it touches device memory, when the
+// check fails: a wrong dimension is reported, never read or written out of bounds.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +20,7 @@
 namespace pyinfluence {
 namespace cuda {
 
-enum class DType { Float32, Float64 };
+enum class DType : int { Float32 = 0, Float64 = 1 };
 
 // The loss families of families.hpp, in the same order as pyinfluence::Family.
 enum class DeviceFamily : int { Logistic = 0, Multinomial = 1, SmoothHinge = 2, Squared = 3 };
@@ -33,6 +35,41 @@ struct DeviceModel {
 };
 
 using Stream = void*;  // cudaStream_t
+
+// The argument checks of the entry points, callable on their own (no CUDA call, no exception): the model (a known
+// family, K, l2, temperature), the dtype and the device index; every dimension (positive, and within the kernels'
+// index ranges and launch limits) and every product of dimensions that sizes an array (it must fit in 64 bits with
+// room for the element size); every pointer (non-null, except the optional loss, and aligned for its element type).
+// Arrays are dense and row-major, so the dimensions are their only strides.
+enum class ArgStatus : int {
+  Ok = 0,
+  BadModel = 1,     // unknown family, wrong n_outputs, l2 or temperature out of range
+  BadDType = 2,     // not one of DType
+  BadDevice = 3,    // a negative device index
+  BadShape = 4,     // a dimension < 1 (or k outside [1, n])
+  TooLarge = 5,     // dimensions beyond the kernels' index ranges or launch limits
+  NullPointer = 6,  // a required array is null
+  Misaligned = 7,   // an array is not aligned for its element type
+};
+
+struct [[nodiscard]] ArgCheck {
+  ArgStatus status = ArgStatus::Ok;
+  std::string message;  // what is wrong ("" when ok)
+  [[nodiscard]] bool ok() const { return status == ArgStatus::Ok; }
+};
+
+[[nodiscard]] ArgCheck check_per_example(const DeviceModel& model, DType dtype, int device, const void* X,
+                                         const void* y, const void* W, std::int64_t n, std::int64_t d, const void* loss,
+                                         const void* residual, const void* curvature);
+[[nodiscard]] ArgCheck check_hessian(const DeviceModel& model, DType dtype, int device, const void* X,
+                                     const void* curvature, std::int64_t n, std::int64_t d, const void* H);
+[[nodiscard]] ArgCheck check_up_loss(const DeviceModel& model, DType dtype, int device, const void* X,
+                                     const void* residual, std::int64_t n, std::int64_t d, const void* S,
+                                     std::int64_t m, const void* out);
+[[nodiscard]] ArgCheck check_top_k(const DeviceModel& model, DType dtype, int device, const void* X,
+                                   const void* residual, std::int64_t n, std::int64_t d, const void* S, std::int64_t m,
+                                   std::int64_t k, const std::int64_t* helpful_idx, const void* helpful_val,
+                                   const std::int64_t* harmful_idx, const void* harmful_val);
 
 // Number of CUDA devices the driver reports (0 without a driver or a device; never throws).
 int device_count();

@@ -1,7 +1,7 @@
 """Hand-written numpy/scipy implementation of the linear-model influence formulas.
 
-The baseline of bench/linear.py. Same conventions as pyinfluence (Koh & Liang 2017;
-/work/shared/DESIGN.md):
+The baseline of :mod:`pyinfluence.bench.studies.linear_core`. Same conventions as pyinfluence (Koh & Liang 2017;
+the docstring of pyinfluence/__init__.py):
 
     R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖Pθ‖²   (P masks the unpenalised intercept)
     θ = W (K, d_eff) flattened row-major, x̃ = [x, 1], ∇θL(z) = r ⊗ x̃, r = dL/ds (K,)

@@ -1,13 +1,13 @@
-#!/usr/bin/env python
-"""Benchmark: pyinfluence's torch path (TorchInfluence with Exact, CG, LiSSA) on deep models.
+"""Study: pyinfluence's torch path (TorchInfluence with Exact, CG, LiSSA) on deep models.
 
 Everything runs side by side in ONE process; timed steps are interleaved (each repeat runs every
 implementation once, alternating the order) and medians are reported. See bench/README.md
-("deep") for what each number means.
+("deep") for what each number means. The models and their trainer are those of
+:mod:`pyinfluence.torch.training` (the ``digits-mlp`` and ``digits-cnn`` tasks of ``pyinfluence bench``).
 
-    python bench/deep.py                            # full run (~10 min on 2 busy cores)
-    python bench/deep.py --quick --out /tmp/d.md    # smoke run (~2 min), fewer repeats and settings
-    python bench/deep.py --threads 1,2              # torch intra-op threads, one run per setting
+    python -m pyinfluence.bench.studies.deep_path                 # full run (~10 min on 2 busy cores)
+    python -m pyinfluence.bench.studies.deep_path --quick --out /tmp/d.md --figure /tmp/d.png   # ~2 min
+    python -m pyinfluence.bench.studies.deep_path --threads 1,2   # torch intra-op threads, one run each
 
 Results go to the section of ``--out`` (default bench/RESULTS.md) between the markers
 ``<!-- deep:start -->`` and ``<!-- deep:end -->`` (replaced if present, appended if not; the rest of
@@ -17,32 +17,34 @@ the file is left alone), and the figure to bench/deep_accuracy_vs_time.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
-import gc
+import functools
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 from pyinfluence import _core
-from pyinfluence.bench.tasks import SmallCNN  # the models and trainer of `pyinfluence bench`
-from pyinfluence.bench.tasks import lbfgs_fit as lbfgs
+from pyinfluence._formatting import format_seconds, markdown_table
+from pyinfluence.bench._measure import cpu_model, interleaved, usable_cores
+from pyinfluence.bench.metrics import pareto_front
+from pyinfluence.bench.studies._common import command_line, git_state, results_dir, write_section
 from pyinfluence.torch import hessian as torch_hessian
 from pyinfluence.torch.influence import TorchInfluence
 from pyinfluence.torch.solvers import CG, Exact, LiSSA
+from pyinfluence.torch.training import SmallCNN, cross_entropy, digits_mlp, lbfgs_fit, lbfgs_refit
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = "pyinfluence.bench.studies.deep_path"
 START, END = "<!-- deep:start -->", "<!-- deep:end -->"
 L2 = 1e-3
 MLP_DAMPING = 1e-2
@@ -53,7 +55,7 @@ FIG2_DAMPING = 1e-3
 # Test points scored on the CNN (its HVPs are ~10× the MLP's: see bench/README.md)
 M_CNN = 10
 
-# Reference figures quoted from issue 3 and /work/shared/PEERS.md (NOT measured by this script).
+# Reference figures quoted from earlier measurements of other libraries (NOT measured by this script).
 QUOTED = [
     ("torch.func exact (hessian + Cholesky + vmap(grad))", "10.7 s", "1.0"),
     ("pyDVL 0.10 CgInfluence, block CG (fastest other library at exact accuracy)", "7.6 s", "1.0"),
@@ -64,56 +66,25 @@ QUOTED = [
 ]
 
 
-def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y, reduction="none")
+ce = cross_entropy
 
 
-def log(*a) -> None:
+def log(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
-    """{name: (wall seconds list, cpu seconds list)}; each repeat runs every fn once, the order
-    alternating between repeats; gc off while timing."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    out = {k: ([], []) for k in fns}
-    items = list(fns.items())
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for k, f in items if r % 2 == 0 else items[::-1]:
-                t, c = time.perf_counter(), time.process_time()
-                res = f()
-                out[k][0].append(time.perf_counter() - t)
-                out[k][1].append(time.process_time() - c)
-                del res
-    finally:
-        gc.enable()
-    return out
-
-
-def med(v: list[float]) -> float:
+def med(v: Union[Sequence[float], np.ndarray]) -> float:
     return float(statistics.median(v))
 
 
-def fmt_t(s: float) -> str:
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} µs"
+fmt_t = format_seconds
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double().flatten().numpy()
-    b = b.double().flatten().numpy()
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(np.corrcoef(a.double().flatten().numpy(), b.double().flatten().numpy())[0, 1])
 
 
 def col_pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,17 +103,17 @@ def digits():
     return X[:N_TRAIN], y[:N_TRAIN], X[N_TRAIN:], y[N_TRAIN:]
 
 
-def make_mlp(Xtr, ytr):
+def make_mlp(Xtr: torch.Tensor, ytr: torch.Tensor) -> Tuple[nn.Module, float]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    gn = lbfgs(model, Xtr, ytr, 300, tol=1e-9)
+    model = digits_mlp().double()
+    gn = lbfgs_fit(model, Xtr, ytr, 300, l2=L2, tol=1e-9)
     return model, gn
 
 
-def make_cnn(Xtr, ytr, iters: int):
+def make_cnn(Xtr: torch.Tensor, ytr: torch.Tensor, iters: int) -> Tuple[nn.Module, float]:
     torch.manual_seed(0)
     model = SmallCNN().double()
-    gn = lbfgs(model, Xtr, ytr, iters, tol=1e-10)
+    gn = lbfgs_fit(model, Xtr, ytr, iters, l2=L2, tol=1e-10)
     return model, gn
 
 
@@ -166,7 +137,7 @@ def hvp_overhead(model, Xtr, ytr, repeats: int, rs=(1, 16)):
         T = fm.unflatten(Vt)
 
         def bare_rev(T=T, Vt=Vt, r=r):
-            _, pb = vjp(grad(f), params)
+            pb = vjp(grad(f), params)[1]
             if r == 1:
                 out = pb({k: t[0] for k, t in T.items()})[0]
             else:
@@ -196,11 +167,16 @@ def hvp_overhead(model, Xtr, ytr, repeats: int, rs=(1, 16)):
             return h.div_(n).add_(Vt, alpha=L2)
 
         ref = op.matvec(V).t()
-        for name, fn in [("rev", bare_rev), ("fwd", bare_fwd), ("autograd", bare_autograd)]:
+        bare: List[Tuple[str, Callable[[], torch.Tensor]]] = [
+            ("rev", bare_rev),
+            ("fwd", bare_fwd),
+            ("autograd", bare_autograd),
+        ]
+        for name, fn in bare:
             err = float((fn() - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, (name, err)
-        fns = {
-            "pyinfluence HessianOperator.matvec": lambda V=V: op.matvec(V),
+        fns: Dict[str, Callable[[], object]] = {
+            "pyinfluence HessianOperator.matvec": functools.partial(op.matvec, V),
             "bare torch.func vjp(grad) (rev-over-rev)": bare_rev,
             "bare torch.func jvp(grad) (fwd-over-rev)": bare_fwd,
             "bare torch.autograd double backward": bare_autograd,
@@ -281,7 +257,7 @@ def exact_matrix(model, Xtr, ytr, Xte, yte, damping, repeats: int):
 def exact_breakdown(model, Xtr, ytr, Xte, yte, damping, repeats: int):
     """dense build, prepare (dense kept: conversion + factorisation), up_loss; and the bare
     Cholesky of the float64 matrix by the core and by torch side by side."""
-    out = {
+    out: Dict[str, List[float]] = {
         "dense Hessian build": [],
         "Exact.prepare (H kept: checks, float64 copy, factorise)": [],
         "up_loss (gradients, solve, scores)": [],
@@ -368,8 +344,6 @@ def figure2(model, Xtr, ytr, Xte, yte, damping, up_ref_col, test_idx, k, retrain
     """Predicted (−up_loss/n) vs actual leave-one-out change for the k points with the largest
     |up_loss| at damping FIG2_DAMPING (falls back to ``damping`` if H + λI is not positive
     definite there); predictions at ``damping`` (``up_ref_col``) are reported too."""
-    import copy
-
     from pyinfluence.errors import NotPositiveDefiniteError
 
     n = len(Xtr)
@@ -387,21 +361,16 @@ def figure2(model, Xtr, ytr, Xte, yte, damping, up_ref_col, test_idx, k, retrain
     top = torch.argsort(up_col.abs(), descending=True)[:k]
     with torch.no_grad():
         base = float(ce(model(x), y)[0])
-    keep_all = torch.ones(n, dtype=torch.bool)
     t = time.perf_counter()
     # control: the same retraining without removing anything (drift of the optimiser from θ̂,
     # which L-BFGS leaves at ‖∇R‖ ~ 1e-4 rather than exactly at the minimum)
-    m0 = copy.deepcopy(model)
-    lbfgs(m0, Xtr, ytr, retrain_iters, tol=1e-10)
+    m0 = lbfgs_refit(model, Xtr, ytr, retrain_iters, l2=L2, tol=1e-10)
     with torch.no_grad():
         ctrl = float(ce(m0(x), y)[0])
     drift = ctrl - base
     preds, preds_main, acts, acts_c = [], [], [], []
     for i in top.tolist():
-        keep = keep_all.clone()
-        keep[i] = False
-        m = copy.deepcopy(model)
-        lbfgs(m, Xtr[keep], ytr[keep], retrain_iters, tol=1e-10)
+        m = lbfgs_refit(model, Xtr, ytr, retrain_iters, drop=i, l2=L2, tol=1e-10)
         with torch.no_grad():
             loss = float(ce(m(x), y)[0])
         acts.append(loss - base)
@@ -436,17 +405,6 @@ def figure2(model, Xtr, ytr, Xte, yte, damping, up_ref_col, test_idx, k, retrain
 # ----------------------------------------------------------------------------------------------
 # figure
 # ----------------------------------------------------------------------------------------------
-def pareto(points):
-    """indices of points not dominated (lower time and higher accuracy)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def plot(panels, path):
     import matplotlib
 
@@ -463,7 +421,7 @@ def plot(panels, path):
             kind = r["label"].split()[0].lower()
             ax.scatter(t, e, color=colors.get(kind, "gray"), s=40, zorder=3)
             ax.annotate(r["label"], (t, e), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        front = pareto([(t, -e) for t, e in pts])
+        front = pareto_front(pts)
         fx = [pts[i][0] for i in front]
         fy = [pts[i][1] for i in front]
         ax.step(fx, fy, where="post", color="tab:green", lw=1.5, label="Pareto front", zorder=2)
@@ -485,54 +443,33 @@ def plot(panels, path):
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def machine(threads) -> list[str]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", HERE, "status", "--porcelain", "pyinfluence"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit, dirty = "?", ""
+def machine(threads: int) -> List[str]:
     return [
-        f"- CPU: {cpu}; {os.cpu_count()} logical cores, {len(os.sched_getaffinity(0))} usable",
+        f"- CPU: {cpu_model() or 'unknown'}; {os.cpu_count()} logical cores, {usable_cores()} usable",
         f"- python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
         f"- torch intra-op threads: {threads}; pyinfluence._core.max_threads(): "
         f"{_core.max_threads() if hasattr(_core, 'max_threads') else '?'} (set to match)",
-        f"- git {commit}" + (" (pyinfluence/ has uncommitted changes)" if dirty else ""),
+        f"- {git_state(('pyinfluence',))}",
     ]
 
 
 def section(
-    args,
-    meta,
-    hvp_rows,
-    exact_res,
-    exact_checks,
-    breakdown,
-    chol,
-    mlp_rows,
-    cnn_rows,
-    fig2,
-    cnn_info,
-    mlp_info,
+    args: argparse.Namespace,
+    meta: Dict[str, Any],
+    hvp_rows: List[Tuple[int, str, float, float, float]],
+    exact_res: Dict[str, Tuple[np.ndarray, np.ndarray]],
+    exact_checks: Dict[str, Tuple[float, float]],
+    breakdown: Dict[str, List[float]],
+    chol: Dict[str, Tuple[np.ndarray, np.ndarray]],
+    mlp_rows: List[Dict[str, Any]],
+    cnn_rows: List[Dict[str, Any]],
+    fig2: Any,
+    cnn_info: Dict[str, Any],
+    mlp_info: Dict[str, Any],
 ) -> str:
-    L = [START, "", "# Deep models (bench/deep.py)", ""]
+    L = [START, "", f"# Deep models ({MODULE})", ""]
     L.append(
-        f"Generated by `python bench/deep.py {' '.join(sys.argv[1:])}` on {meta['date']} "
+        f"Generated by `{command_line(MODULE)}` on {meta['date']} "
         f'(wall time {meta["wall"]:.0f} s). See bench/README.md ("deep") for the method.'
     )
     L += ["", "## Machine", ""] + meta["machine"]
@@ -558,7 +495,7 @@ def section(
         "",
     ]
 
-    L += ["## Targets (issue 3)", ""]
+    L += ["## Targets", ""]
     full_new = med(exact_res["pyinfluence Exact (block-triangular dense Hessian)"][0])
     naive = med(exact_res["naive torch.func exact"][0])
     ratio = full_new / naive
@@ -567,7 +504,7 @@ def section(
         f"({min(exact_res['pyinfluence Exact (block-triangular dense Hessian)'][0]):.2f} s "
         f"best); naive torch.func exact in the same process {naive:.2f} s, ratio "
         f"**{ratio:.3f}**. Target ≤ 2.5 s (1/3 of pyDVL's quoted 7.6 s); in ratio terms "
-        f"≤ 2.5/10.7 = 0.234 of torch.func exact (the issue's figures are from the same kind "
+        f"≤ 2.5/10.7 = 0.234 of torch.func exact (the quoted figures are from the same kind "
         f"of machine): **{'met' if ratio <= 0.234 else 'NOT met'}** by the ratio, "
         f"**{'met' if full_new <= 2.5 else 'not met'}** by the absolute median."
     )
@@ -610,16 +547,31 @@ def section(
         "Each call builds a fresh `TorchInfluence` (which computes ∇R; optimum warning off) and computes "
         "`up_loss` for 50 test points. Interleaved repeats, wall and CPU seconds.",
         "",
-        "| implementation | wall median | wall best | CPU median | ratio to naive torch.func "
-        "(median) | Pearson / max rel. diff vs naive |",
-        "|---|---:|---:|---:|---:|---:|",
+        markdown_table(
+            [
+                "implementation",
+                "wall median",
+                "wall best",
+                "CPU median",
+                "ratio to naive torch.func (median)",
+                "Pearson / max rel. diff vs naive",
+            ],
+            [
+                [
+                    k,
+                    fmt_t(med(w)),
+                    fmt_t(min(w)),
+                    fmt_t(med(c)),
+                    f"{med(w) / naive:.3f}",
+                    f"{exact_checks[k][0]:.7f} / {exact_checks[k][1]:.1e}"
+                    if k in exact_checks
+                    else "reference",
+                ]
+                for k, (w, c) in exact_res.items()
+            ],
+            align="lr",
+        ),
     ]
-    for k, (w, c) in exact_res.items():
-        chk = exact_checks.get(k)
-        chk_s = f"{chk[0]:.7f} / {chk[1]:.1e}" if chk else "reference"
-        L.append(
-            f"| {k} | {fmt_t(med(w))} | {fmt_t(min(w))} | {fmt_t(med(c))} | {med(w) / naive:.3f} | {chk_s} |"
-        )
     L += ["", "Breakdown of pyinfluence Exact (median wall over repeats):", ""]
     for k, v in breakdown.items():
         L.append(f"- {k}: {fmt_t(med(v))}")
@@ -628,15 +580,12 @@ def section(
         L.append(f"- {k}: {fmt_t(med(w))} wall median ({fmt_t(min(w))} best), CPU {fmt_t(med(c))}")
     L += [
         "",
-        "Quoted from issue 3 / PEERS.md — **not measured here** (same kind of 2-core machine, "
+        "Quoted from earlier measurements — **not measured here** (same kind of 2-core machine, "
         "float32, full 1437 × 50 matrix):",
         "",
-        "| library | time | Pearson vs exact |",
-        "|---|---:|---:|",
+        markdown_table(["library", "time", "Pearson vs exact"], QUOTED, align="lr"),
+        "",
     ]
-    for a, b, c in QUOTED:
-        L.append(f"| {a} | {b} | {c} |")
-    L.append("")
 
     L += [
         "## (a) HVP throughput (digits MLP, float32, full training set)",
@@ -644,14 +593,31 @@ def section(
         "r columns per call; the bare versions compute (1/n)·Σ∇²L v + l2·v with torch directly "
         "on the same model and data (checked equal).",
         "",
-        "| r | implementation | median | best | ratio to fastest bare (median) |",
-        "|---:|---|---:|---:|---:|",
+        markdown_table(
+            ["r", "implementation", "median", "best", "ratio to fastest bare (median)"],
+            [[r, k, fmt_t(m), fmt_t(b), f"{q:.2f}"] for r, k, m, b, q in hvp_rows],
+            align="rlr",
+        ),
+        "",
     ]
-    for r, k, m, b, q in hvp_rows:
-        L.append(f"| {r} | {k} | {fmt_t(m)} | {fmt_t(b)} | {q:.2f} |")
-    L.append("")
 
-    def table(title, rows, ref_label, m):
+    def solver_cells(r: Dict[str, Any]) -> List[Any]:
+        if "error" in r:
+            return [r["label"]] + ["–"] * 8 + [r["error"]]
+        return [
+            r["label"],
+            fmt_t(r["prepare"]),
+            fmt_t(r["full"]),
+            fmt_t(r["one"]),
+            f"{r['r_all']:.6f}",
+            f"{r['r_col']:.6f}",
+            f"{r['rel']:.1e}",
+            f"{r['resid']:.1e}",
+            r["iters"],
+            r["hvps"],
+        ]
+
+    def table(title: str, rows: List[Dict[str, Any]], ref_label: str, m: int) -> None:
         L.extend(
             [
                 f"## (b) {title}",
@@ -662,22 +628,25 @@ def section(
                 f"for {m} test points; `per point` = one more up_loss for a single new test point "
                 "on the prepared object (Exact: two triangular solves; CG/LiSSA: a new solve).",
                 "",
-                f"| solver | prepare | full (×{m}) | per point | Pearson (matrix) | Pearson "
-                "(median per point) | max rel. diff | residual | iterations | HVP columns |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                markdown_table(
+                    [
+                        "solver",
+                        "prepare",
+                        f"full (×{m})",
+                        "per point",
+                        "Pearson (matrix)",
+                        "Pearson (median per point)",
+                        "max rel. diff",
+                        "residual",
+                        "iterations",
+                        "HVP columns",
+                    ],
+                    [solver_cells(r) for r in rows],
+                    align="lr",
+                ),
+                "",
             ]
         )
-        for r in rows:
-            if "error" in r:
-                L.append(f"| {r['label']} | – | – | – | – | – | – | – | – | {r['error']} |")
-                continue
-            L.append(
-                f"| {r['label']} | {fmt_t(r['prepare'])} | {fmt_t(r['full'])} | "
-                f"{fmt_t(r['one'])} | {r['r_all']:.6f} | {r['r_col']:.6f} | {r['rel']:.1e} | "
-                f"{r['resid']:.1e} | {r['iters'] if r['iters'] is not None else '–'} | "
-                f"{r['hvps'] if r['hvps'] is not None else '–'} |"
-            )
-        L.append("")
 
     table("Solvers on the digits MLP (float32)", mlp_rows, "Exact on the float64 model", 100)
     table(
@@ -718,32 +687,26 @@ def section(
             f"{fig2['lam_main']:g}: R = {fig2['r_main']:.3f} (damping shrinks the predicted "
             "changes). Paper, CNN on MNIST: 0.86 printed; 0.875 in the authors' notebook.",
             "",
-            f"| train idx | predicted (λ={fig2['lam']:g}) | predicted (λ={fig2['lam_main']:g}) | "
-            "actual (vs control) | actual (vs θ̂) |",
-            "|---:|---:|---:|---:|---:|",
+            markdown_table(
+                [
+                    "train idx",
+                    f"predicted (λ={fig2['lam']:g})",
+                    f"predicted (λ={fig2['lam_main']:g})",
+                    "actual (vs control)",
+                    "actual (vs θ̂)",
+                ],
+                [
+                    [i] + [f"{v:.3e}" for v in vals]
+                    for i, *vals in zip(
+                        fig2["idx"], fig2["preds"], fig2["preds_main"], fig2["acts_c"], fig2["acts"]
+                    )
+                ],
+                align="r",
+            ),
+            "",
         ]
-        for i, p_, pm, a, b in zip(
-            fig2["idx"], fig2["preds"], fig2["preds_main"], fig2["acts_c"], fig2["acts"]
-        ):
-            L.append(f"| {i} | {p_:.3e} | {pm:.3e} | {a:.3e} | {b:.3e} |")
-        L.append("")
     L.append(END)
     return "\n".join(L) + "\n"
-
-
-def write_section(path: str, text: str) -> None:
-    old = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            old = fh.read()
-    if START in old and END in old:
-        pre, rest = old.split(START, 1)
-        _, post = rest.split(END, 1)
-        new = pre + text.rstrip("\n") + post
-    else:
-        new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + text
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(new)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -755,8 +718,10 @@ def main() -> None:
         default="1",
         help="torch intra-op threads (comma list; the last setting's results are written)",
     )
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="'' = stdout only")
-    ap.add_argument("--figure", default=os.path.join(HERE, "deep_accuracy_vs_time.png"))
+    ap.add_argument(
+        "--out", default=str(results_dir() / "RESULTS.md"), help="'' = stdout only (default: %(default)s)"
+    )
+    ap.add_argument("--figure", default=str(results_dir() / "deep_accuracy_vs_time.png"))
     ap.add_argument("--fig2-points", type=int, default=16)
     args = ap.parse_args()
     q = args.quick
@@ -775,7 +740,7 @@ def run(args, threads: int, q: bool) -> None:
     m_test = 100
     log(f"[threads={threads}] fitting the MLP ...")
     mlp64, mlp_gn = make_mlp(Xtr, ytr)
-    mlp32 = __import__("copy").deepcopy(mlp64).float()
+    mlp32 = copy.deepcopy(mlp64).float()
     X32, Xte32 = Xtr.float(), Xte.float()
 
     log("(a) HVP overhead ...")
@@ -790,7 +755,7 @@ def run(args, threads: int, q: bool) -> None:
         mlp64, ce, (Xtr, ytr), l2=L2, damping=MLP_DAMPING, solver="exact", optimum_tol=None
     )
     mlp_ref = ref_ti.up_loss(Xte[:m_test], yte[:m_test]).float()
-    mlp_cfgs = [("Exact", Exact())]
+    mlp_cfgs: List[Tuple[str, Any]] = [("Exact", Exact())]
     mlp_cfgs += [
         (f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
         for t in ([1e-2, 1e-4] if q else [1e-2, 1e-3, 1e-4, 1e-6])
@@ -819,7 +784,7 @@ def run(args, threads: int, q: bool) -> None:
         cnn, Xc, ytr, Xcte[:mc], yte[:mc], CNN_DAMPING, CG(tol=1e-10, max_iter=2000), one_point=False
     )
     cnn_info = dict(p=p_cnn, gn=cnn_gn, ref_time=full, ref_resid=last.max_residual, m=mc)
-    cnn_cfgs = [
+    cnn_cfgs: List[Tuple[str, Any]] = [
         (f"CG tol={t:g}", CG(tol=t, raise_on_nonconvergence=False))
         for t in ([1e-3] if q else [1e-2, 1e-4, 1e-6])
     ]
@@ -890,7 +855,7 @@ def run(args, threads: int, q: bool) -> None:
     )
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, "deep")
         log(f"wrote the deep section of {args.out} and {args.figure}")
 
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark: pyinfluence's exact linear-model influence (C++/Eigen) against hand-written numpy.
+"""Study: pyinfluence's exact linear-model influence (C++/Eigen) against hand-written numpy
+(:mod:`pyinfluence.bench.studies.numpy_baseline`).
 
 Both implementations run side by side in ONE process, interleaved (each repeat runs every
 implementation of a step once, alternating the order), and we report medians. See bench/README.md
 for what each number means.
 
-    python bench/linear.py                       # full run (minutes), writes bench/RESULTS.md
-    python bench/linear.py --quick --out /tmp/r.md   # smoke run (< 30 s)
-    python bench/linear.py --tasks digits --dtypes float64
+    python -m pyinfluence.bench.studies.linear_core                 # full run (minutes)
+    python -m pyinfluence.bench.studies.linear_core --quick --out /tmp/r.md   # smoke run (< 30 s)
+    python -m pyinfluence.bench.studies.linear_core --tasks digits --dtypes float64
+
+Results go to the section of ``--out`` (default bench/RESULTS.md) between the markers
+``<!-- linear:start -->`` and ``<!-- linear:end -->`` (replaced if present, appended if not; the rest
+of the file is left alone).
 """
 
 from __future__ import annotations
@@ -15,24 +20,38 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
-import tracemalloc
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import scipy.linalg
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import numpy_baseline as nb  # noqa: E402
+from pyinfluence._formatting import format_bytes, format_seconds, markdown_table
+from pyinfluence.bench._measure import (
+    cpu_model,
+    hwm_supported,
+    rss_peak_delta,
+    tracemalloc_peak,
+    usable_cores,
+)
+from pyinfluence.bench._measure import interleaved as _interleaved
+from pyinfluence.bench.studies import numpy_baseline as nb
+from pyinfluence.bench.studies._common import (
+    command_line,
+    git_state,
+    results_dir,
+    write_section,
+)
+
+MODULE = "pyinfluence.bench.studies.linear_core"
 
 TOPK = 10
 L2 = 1e-3
@@ -54,78 +73,35 @@ MIN_REPEATS = 5  # ... once at least this many repeats are done (or all asked fo
 def interleaved(
     impls: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> Dict[str, np.ndarray]:
-    """Run every implementation once per repeat, alternating the order; the per-repeat seconds.
-
-    The garbage collector is off while timing; each result is dropped before the next call starts.
-    With a time budget (--budget), repeating stops early once the budget is spent and MIN_REPEATS
-    are done.
-    """
-    names = list(impls)
-    t_begin = _now()
-    for _ in range(warmup):
-        for nm in names:
-            out = impls[nm]()
-            del out
-    times: Dict[str, List[float]] = {nm: [] for nm in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            if BUDGET_S is not None and r >= MIN_REPEATS and _now() - t_begin > BUDGET_S:
-                break
-            order = names if r % 2 == 0 else names[::-1]
-            for nm in order:
-                t0 = _now()
-                out = impls[nm]()
-                t1 = _now()
-                del out
-                times[nm].append(t1 - t0)
-    finally:
-        gc.enable()
-    return {nm: np.asarray(v) for nm, v in times.items()}
+    """Wall seconds per repeat of each implementation, timed interleaved
+    (:func:`pyinfluence.bench._measure.interleaved`; with --budget, repeating stops once the
+    budget is spent and MIN_REPEATS are done)."""
+    res = _interleaved(impls, repeats, warmup, budget_s=BUDGET_S, min_repeats=MIN_REPEATS)
+    return {nm: wall for nm, (wall, _) in res.items()}
 
 
 def per_call(impls: Dict[str, Callable[[], object]], calls: int, rounds: int) -> Dict[str, np.ndarray]:
     """Per-call seconds of small calls: `rounds` interleaved rounds of calls/rounds calls each."""
-    names = list(impls)
     per_round = max(1, calls // rounds)
-    t_begin = _now()
-    for nm in names:  # warm up
+    for f in impls.values():  # warm up
         for _ in range(min(per_round, 20)):
-            impls[nm]()
-    out: Dict[str, List[float]] = {nm: [] for nm in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            if BUDGET_S is not None and r >= MIN_REPEATS and _now() - t_begin > BUDGET_S:
-                break
-            order = names if r % 2 == 0 else names[::-1]
-            for nm in order:
-                f = impls[nm]
-                t0 = _now()
-                for _ in range(per_round):
-                    f()
-                out[nm].append((_now() - t0) / per_round)
-    finally:
-        gc.enable()
-    return {nm: np.asarray(v) for nm, v in out.items()}
+            f()
+
+    def batch(f: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(per_round):
+                f()
+
+        return run
+
+    res = interleaved({nm: batch(f) for nm, f in impls.items()}, rounds, warmup=0)
+    return {nm: t / per_round for nm, t in res.items()}
 
 
 # --------------------------------------------------------------------------------------------------
 # memory
 
-_LIBC = None
-
-
-def _malloc_trim() -> None:
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except OSError:
-        pass
+_LIBC: Any = None
 
 
 def keep_heap() -> bool:
@@ -149,86 +125,28 @@ def keep_heap() -> bool:
         return False
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-    return int(m.group(1)) if m else -1
-
-
-def hwm_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmHWM") > 0
-    except OSError:
-        return False
-
-
-def rss_peak_delta(fn: Callable[[], object]) -> int:
-    """Bytes by which the process's resident peak (VmHWM) rose above its resident size during fn().
-
-    Frees cached heap first (gc + malloc_trim), resets the high-water mark (echo 5 >
-    /proc/self/clear_refs), then reads VmHWM after the call. Counts every allocation (C++, BLAS
-    buffers, numpy), and the result.
-    """
-    gc.collect()
-    _malloc_trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS")
-    out = fn()
-    peak = _status_kb("VmHWM")
-    del out
-    return max(0, peak - base) * 1024
-
-
-def tracemalloc_peak(fn: Callable[[], object]) -> int:
-    """Peak bytes traced by tracemalloc during fn().
-
-    numpy registers its data buffers with tracemalloc; BLAS workspaces are not seen.
-    """
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base, _ = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        out = fn()
-        _, peak = tracemalloc.get_traced_memory()
-        del out
-    finally:
-        tracemalloc.stop()
-    return max(0, peak - base)
-
-
 # --------------------------------------------------------------------------------------------------
 # machine
 
 
-def machine_description(pyinfluence, core) -> Dict[str, str]:
+def machine_description(pyinfluence: Any, core: Any) -> Dict[str, str]:
     info: Dict[str, str] = {}
-    cpu = platform.processor() or "?"
+    cpu = cpu_model() or "?"
     try:
         with open("/proc/cpuinfo") as f:
-            txt = f.read()
-        m = re.search(r"^model name\s*:\s*(.+)$", txt, re.M)
-        if m:
-            cpu = m.group(1).strip()
-        flags = re.search(r"^flags\s*:\s*(.+)$", txt, re.M)
+            flags = re.search(r"^flags\s*:\s*(.+)$", f.read(), re.M)
         if flags:
             fl = set(flags.group(1).split())
             cpu += " (" + ", ".join(x for x in ("avx2", "fma", "avx512f") if x in fl) + ")"
     except OSError:
         pass
     info["CPU"] = cpu
-    try:
-        aff = len(os.sched_getaffinity(0))
-    except AttributeError:
-        aff = os.cpu_count()
-    info["cores"] = f"{os.cpu_count()} logical, {aff} usable by this process"
+    info["cores"] = f"{os.cpu_count()} logical, {usable_cores()} usable by this process"
     try:
         with open("/proc/meminfo") as f:
             mt = re.search(r"MemTotal:\s+(\d+)", f.read())
-        info["memory"] = f"{int(mt.group(1)) / 2**20:.1f} GiB"
+        if mt:
+            info["memory"] = f"{int(mt.group(1)) / 2**20:.1f} GiB"
     except OSError:
         pass
     info["load average at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -275,29 +193,15 @@ def machine_description(pyinfluence, core) -> Dict[str, str]:
     return info
 
 
-def build_stamp(core) -> str:
+def build_stamp(core: Any) -> str:
     """Where the compiled core was loaded from, its mtime, and the source tree's git state."""
     path = getattr(core, "__file__", "?")
     try:
         mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone()
-        mtime = mtime.isoformat(timespec="seconds")
+        stamp = mtime.isoformat(timespec="seconds")
     except OSError:
-        mtime = "?"
-    git = "?"
-    try:
-        root = os.path.dirname(HERE)
-
-        def run(*cmd):
-            return subprocess.run(
-                ["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-
-        head = run("rev-parse", "--short", "HEAD")
-        dirty = run("status", "--porcelain", "--", "csrc", "CMakeLists.txt")
-        git = f"git {head}" + (" with uncommitted changes in csrc/" if dirty else " (csrc clean)")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{os.path.basename(path)} built {mtime}; {git}"
+        stamp = "?"
+    return f"{os.path.basename(path)} built {stamp}; {git_state(('csrc', 'CMakeLists.txt'))}"
 
 
 def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarray]:
@@ -307,7 +211,7 @@ def measure_gemm(n: int, dtypes: List[str], repeats: int) -> Dict[str, np.ndarra
     for dt in dtypes:
         A = rng.standard_normal((n, n)).astype(dt)
         B = rng.standard_normal((n, n)).astype(dt)
-        ts = interleaved({"gemm": lambda: A @ B}, repeats, warmup=0)["gemm"]
+        ts = interleaved({"gemm": functools.partial(np.matmul, A, B)}, repeats, warmup=0)["gemm"]
         out[dt] = 2 * n**3 / ts / 1e9
     return out
 
@@ -327,7 +231,7 @@ class Task:
     Xt: np.ndarray  # (m, d) test features
     yt_labels: np.ndarray
     yt_core: np.ndarray
-    model: object  # fitted pyinfluence LogisticRegression
+    model: Any  # fitted pyinfluence LogisticRegression
     fit_s: float
 
     @property
@@ -339,7 +243,26 @@ class Task:
         return self.K * (self.X.shape[1] + 1)
 
 
-def make_digits(pyinfluence) -> Task:
+def _fitted_task(
+    pyinfluence: Any,
+    name: str,
+    family: str,
+    K: int,
+    Xtr: np.ndarray,
+    ytr: np.ndarray,
+    Xte: np.ndarray,
+    yte: np.ndarray,
+) -> Task:
+    """The task with its model fitted (pyinfluence.LogisticRegression, l2 = L2), fit time recorded."""
+    t0 = _now()
+    model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
+    fit_s = _now() - t0
+    return Task(
+        name, family, K, Xtr, ytr, ytr.astype(np.float64), Xte, yte, yte.astype(np.float64), model, fit_s
+    )
+
+
+def make_digits(pyinfluence: Any) -> Task:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
@@ -349,26 +272,10 @@ def make_digits(pyinfluence) -> Task:
     sc = StandardScaler().fit(Xtr)
     Xtr = np.ascontiguousarray(sc.transform(Xtr))
     Xte = np.ascontiguousarray(sc.transform(Xte))[:M_TEST]
-    yte = yte[:M_TEST]
-    t0 = _now()
-    model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
-    fit_s = _now() - t0
-    return Task(
-        "digits",
-        "multinomial",
-        10,
-        Xtr,
-        ytr,
-        ytr.astype(np.float64),
-        Xte,
-        yte,
-        yte.astype(np.float64),
-        model,
-        fit_s,
-    )
+    return _fitted_task(pyinfluence, "digits", "multinomial", 10, Xtr, ytr, Xte, yte[:M_TEST])
 
 
-def make_synthetic(pyinfluence, n: int, d: int) -> Task:
+def make_synthetic(pyinfluence: Any, n: int, d: int) -> Task:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n + M_TEST, d))
     w = rng.standard_normal(d) * (2.0 / np.sqrt(d))
@@ -376,23 +283,7 @@ def make_synthetic(pyinfluence, n: int, d: int) -> Task:
     y = (rng.random(n + M_TEST) < prob).astype(np.int64)
     Xtr, Xte = np.ascontiguousarray(X[:n]), np.ascontiguousarray(X[n:])
     del X
-    ytr, yte = y[:n], y[n:]
-    t0 = _now()
-    model = pyinfluence.LogisticRegression(l2=L2).fit(Xtr, ytr)
-    fit_s = _now() - t0
-    return Task(
-        f"synthetic binary n={n} d={d}",
-        "logistic",
-        1,
-        Xtr,
-        ytr,
-        ytr.astype(np.float64),
-        Xte,
-        yte,
-        yte.astype(np.float64),
-        model,
-        fit_s,
-    )
+    return _fitted_task(pyinfluence, f"synthetic binary n={n} d={d}", "logistic", 1, Xtr, y[:n], Xte, y[n:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +302,7 @@ class Row:
 
     @property
     def np_best(self) -> Tuple[str, float]:
-        k = min(self.numpy, key=self.numpy.get)
+        k = min(self.numpy, key=lambda v: self.numpy[v])
         return k, self.numpy[k]
 
 
@@ -424,48 +315,67 @@ def _iqr(ts: np.ndarray) -> float:
     return float((q3 - q1) / max(np.median(ts), 1e-300))
 
 
-def run_case(
-    task: Task, dtype: str, repeats: int, pyinfluence, core, calls: int, mem_scaling: bool, log
-) -> dict:
-    dt = np.dtype(dtype)
-    X = task.X if dt == np.float64 else np.ascontiguousarray(task.X, dtype=dt)
-    y = np.ascontiguousarray(task.y_core, dtype=dt)
-    Xt = np.ascontiguousarray(task.Xt, dtype=dt)
-    yt = np.ascontiguousarray(task.yt_core, dtype=dt)
-    W = np.ascontiguousarray(task.model.theta_, dtype=dt)
-    n, d = X.shape
-    p, K, m = task.p, task.K, Xt.shape[0]
-    spec = core.ModelSpec(task.family, K, True, False, L2)
-    prob = nb.Problem(task.family, K, L2)
-    hess_variants = ["syrk", "kron"] if task.family == "multinomial" else ["syrk"]
-    warm = 0 if n * p * p > 5e9 else 1  # large task: calls take seconds; no untimed warm-up
-    rows: List[Row] = []
-    n_rep: List[int] = []
-    checks: Dict[str, str] = {}
+@dataclass
+class _Case:
+    """One task in one dtype: the arrays both implementations run on, the rows timed so far and
+    the repeats each row got."""
 
-    def add(step, flops, res, pyi_key, np_keys, note=""):
-        n_rep.append(len(res[pyi_key]))
-        row = Row(
-            step,
-            flops,
-            _med(res[pyi_key]) if pyi_key else None,
-            {k: _med(res[v]) for k, v in np_keys.items()},
-            note,
-        )
+    task: Task
+    dtype: np.dtype
+    core: Any
+    X: np.ndarray
+    y: np.ndarray
+    Xt: np.ndarray
+    yt: np.ndarray
+    W: np.ndarray
+    spec: Any
+    prob: Any
+    hess_variants: List[str]
+    repeats: int
+    warm: int
+    rows: List[Row] = field(default_factory=list)
+    n_rep: List[int] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def m(self) -> int:
+        return int(self.Xt.shape[0])
+
+    def time(self, impls: Dict[str, Callable[[], object]]) -> Dict[str, np.ndarray]:
+        return interleaved(impls, self.repeats, self.warm)
+
+    def add(
+        self,
+        step: str,
+        flops: float,
+        res: Dict[str, np.ndarray],
+        pyi_key: str,
+        np_keys: Dict[str, str],
+        note: str = "",
+    ) -> Row:
+        self.n_rep.append(len(res[pyi_key]))
+        row = Row(step, flops, _med(res[pyi_key]), {k: _med(res[v]) for k, v in np_keys.items()}, note)
         row.spread = {"pyi": _iqr(res[pyi_key]), "np": _iqr(res[np_keys[row.np_best[0]]])}
         row.min_ratio = float(res[pyi_key].min() / min(res[v].min() for v in np_keys.values()))
-        rows.append(row)
+        self.rows.append(row)
         return row
 
-    # --- correctness (once) -----------------------------------------------------------------------
-    eng = core.LinearEngine(spec, X, y, W, 0.0)
-    if not eng.factorized:
-        raise RuntimeError("pyinfluence engine failed to factorise")
-    st = {hv: nb.build(prob, X, y, W, hv) for hv in hess_variants}
-    st0 = st["syrk"]
-    tol = 1e-8 if dt == np.float64 else 1e-3
-    H_core = core.hessian(spec, X, y, W)
-    errs = {f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core) for hv in hess_variants}
+
+def _check_against_numpy(c: _Case, eng: Any, st0: Any) -> Dict[str, str]:
+    """Once, before timing: the largest relative differences between pyinfluence and numpy."""
+    X, y, W, Xt, yt, prob, core = c.X, c.y, c.W, c.Xt, c.yt, c.prob, c.core
+    tol = 1e-8 if c.dtype == np.float64 else 1e-3
+    H_core = core.hessian(c.spec, X, y, W)
+    errs = {
+        f"hessian ({hv})": nb.max_rel_err(nb.HESSIANS[hv](prob, X, y, W), H_core) for hv in c.hess_variants
+    }
     U_core = eng.up_loss(Xt, yt)
     for uv, f in nb.UP_LOSS.items():
         errs[f"up_loss ({uv})"] = nb.max_rel_err(f(st0, Xt, yt), U_core)
@@ -475,43 +385,47 @@ def run_case(
     errs["top_k scores"] = max(nb.max_rel_err(tk_n[1], tk_c[1]), nb.max_rel_err(tk_n[3], tk_c[3]))
     idx_agree = float(np.mean(np.asarray(tk_c[0]) == tk_n[0]) + np.mean(np.asarray(tk_c[2]) == tk_n[2])) / 2
     worst = max(errs.values())
-    checks["max relative error vs numpy"] = (
-        f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; "
-        + ", ".join(f"{k} {v:.0e}" for k, v in errs.items())
-        + ")"
-    )
-    checks["top_k index agreement"] = f"{idx_agree:.4f}"
-    del H_core, U_core
+    return {
+        "max relative error vs numpy": (
+            f"{worst:.1e} ({'ok' if worst <= tol else 'CHECK'}; "
+            + ", ".join(f"{k} {v:.0e}" for k, v in errs.items())
+            + ")"
+        ),
+        "top_k index agreement": f"{idx_agree:.4f}",
+    }
 
-    # --- Hessian assembly, factorisation ----------------------------------------------------------
-    log(f"  [{task.name} {dtype}] hessian / factor")
+
+def _time_hessian_and_factor(c: _Case) -> str:
+    """Hessian assembly, Cholesky factorisation and both together; returns the faster numpy
+    Hessian variant. The p × p temporaries live only while this runs."""
+    X, y, W, prob, core, spec, hvs = c.X, c.y, c.W, c.prob, c.core, c.spec, c.hess_variants
+    n, p = c.n, c.task.p
     H_np = nb.hessian_syrk(prob, X, y, W)
-    gauge = nb.gauge_indices(prob, d)
-    A_gauged = np.array(
-        H_np, order="C"
-    )  # what both factorisations see: H (+ the multinomial intercept gauge when undamped)
+    gauge = nb.gauge_indices(prob, c.d)
+    # what both factorisations see: H (+ the multinomial intercept gauge when undamped)
+    A_gauged = np.array(H_np, order="C")
     if gauge is not None:
         A_gauged[np.ix_(gauge, gauge)] += nb.GAUGE
-    impls = {
-        "pyi hessian": lambda: core.hessian(spec, X, y, W),
-        "pyi hessian+factor": lambda: core.LinearEngine(spec, X, y, W, 0.0),
-        "pyi factor": lambda: core.CholeskyFactor(A_gauged, 0.0),
+    impls: Dict[str, Callable[[], object]] = {
+        "pyi hessian": functools.partial(core.hessian, spec, X, y, W),
+        "pyi hessian+factor": functools.partial(core.LinearEngine, spec, X, y, W, 0.0),
+        "pyi factor": functools.partial(core.CholeskyFactor, A_gauged, 0.0),
     }
-    for hv in hess_variants:
-        impls[f"np hessian {hv}"] = lambda hv=hv: nb.HESSIANS[hv](prob, X, y, W)
-    impls["np factor"] = lambda: nb.factor(H_np, gauge=gauge)
-    for hv in hess_variants:
-        impls[f"np hessian+factor {hv}"] = lambda hv=hv: nb.build(prob, X, y, W, hv)
-    res = interleaved(impls, repeats, warm)
-    add(
+    for hv in hvs:
+        impls[f"np hessian {hv}"] = functools.partial(nb.HESSIANS[hv], prob, X, y, W)
+    impls["np factor"] = functools.partial(nb.factor, H_np, gauge=gauge)
+    for hv in hvs:
+        impls[f"np hessian+factor {hv}"] = functools.partial(nb.build, prob, X, y, W, hv)
+    res = c.time(impls)
+    c.add(
         "Hessian assembly",
         n * p * p,
         res,
         "pyi hessian",
-        {hv: f"np hessian {hv}" for hv in hess_variants},
+        {hv: f"np hessian {hv}" for hv in hvs},
         "pyinfluence: _core.hessian",
     )
-    add(
+    c.add(
         "Cholesky factorisation",
         p**3 / 3,
         res,
@@ -519,24 +433,26 @@ def run_case(
         {"cho_factor": "np factor"},
         "pyinfluence: _core.CholeskyFactor (copy + in-place factorisation, as cho_factor)",
     )
-    add(
+    c.add(
         "Hessian + factorisation",
         n * p * p + p**3 / 3,
         res,
         "pyi hessian+factor",
-        {hv: f"np hessian+factor {hv}" for hv in hess_variants},
+        {hv: f"np hessian+factor {hv}" for hv in hvs},
         "pyinfluence: LinearEngine constructor",
     )
-    best_h = min(hess_variants, key=lambda hv: _med(res[f"np hessian {hv}"]))
-    del H_np, A_gauged
+    return min(hvs, key=lambda hv: _med(res[f"np hessian {hv}"]))
 
-    # --- up_loss, top-k, self-influence -----------------------------------------------------------
-    log(f"  [{task.name} {dtype}] up_loss / top_k / self_influence")
-    impls = {"pyi up_loss": lambda: eng.up_loss(Xt, yt)}
+
+def _time_scores(c: _Case, eng: Any, st0: Any) -> str:
+    """up_loss, top-k and self-influence; returns the faster numpy up_loss variant."""
+    Xt, yt = c.Xt, c.yt
+    n, p, m = c.n, c.task.p, c.m
+    impls: Dict[str, Callable[[], object]] = {"pyi up_loss": functools.partial(eng.up_loss, Xt, yt)}
     for uv, f in nb.UP_LOSS.items():
-        impls[f"np up_loss {uv}"] = lambda f=f: f(st0, Xt, yt)
-    res = interleaved(impls, repeats, warm)
-    add(
+        impls[f"np up_loss {uv}"] = functools.partial(f, st0, Xt, yt)
+    res = c.time(impls)
+    c.add(
         f"up_loss matrix (n×m, m={m})",
         2 * n * p * m,
         res,
@@ -546,12 +462,13 @@ def run_case(
     )
     best_u = min(nb.UP_LOSS, key=lambda uv: _med(res[f"np up_loss {uv}"]))
 
-    impls = {
-        "pyi top_k": lambda: eng.top_k(Xt, yt, TOPK),
-        f"np top_k {best_u}": lambda: nb.top_k(st0, Xt, yt, TOPK, best_u),
-    }
-    res = interleaved(impls, repeats, warm)
-    add(
+    res = c.time(
+        {
+            "pyi top_k": functools.partial(eng.top_k, Xt, yt, TOPK),
+            f"np top_k {best_u}": functools.partial(nb.top_k, st0, Xt, yt, TOPK, best_u),
+        }
+    )
+    c.add(
         f"top-k (k={TOPK}, both ends)",
         2 * n * p * m,
         res,
@@ -559,33 +476,35 @@ def run_case(
         {best_u: f"np top_k {best_u}"},
         "numpy: the faster up_loss variant + argpartition",
     )
+    res = c.time({"pyi self": eng.self_influence, "np self": functools.partial(nb.self_influence, st0)})
+    c.add("self-influence (all n)", n * p * p, res, "pyi self", {"trsm": "np self"})
+    return best_u
 
-    res = interleaved(
-        {"pyi self": lambda: eng.self_influence(), "np self": lambda: nb.self_influence(st0)}, repeats, warm
-    )
-    add("self-influence (all n)", n * p * p, res, "pyi self", {"trsm": "np self"})
 
-    # --- end to end -------------------------------------------------------------------------------
-    log(f"  [{task.name} {dtype}] end to end")
-    model = task.model
-    Xpub = X  # the public API takes the user's arrays as they are (float32 stays float32)
+def _time_end_to_end(c: _Case, pyinfluence: Any, best_u: str) -> None:
+    X, y, W, Xt, yt, task = c.X, c.y, c.W, c.Xt, c.yt, c.task
+    n, p, m = c.n, task.p, c.m
 
-    def pub():
+    def engine() -> object:
+        return c.core.LinearEngine(c.spec, X, y, W, 0.0).up_loss(Xt, yt)
+
+    def public() -> object:
+        # the public API takes the user's arrays as they are (float32 stays float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            li = pyinfluence.LinearInfluence(model, Xpub, task.y_labels)
+            li = pyinfluence.LinearInfluence(task.model, X, task.y_labels)
             return li.up_loss(Xt, task.yt_labels)
 
-    impls = {"pyi e2e": lambda: core.LinearEngine(spec, X, y, W, 0.0).up_loss(Xt, yt), "pyi public e2e": pub}
-    for hv in hess_variants:
-        impls[f"np e2e {hv}"] = lambda hv=hv: nb.end_to_end(prob, X, y, W, Xt, yt, hv, best_u)
-    res = interleaved(impls, repeats, warm)
+    impls: Dict[str, Callable[[], object]] = {"pyi e2e": engine, "pyi public e2e": public}
+    for hv in c.hess_variants:
+        impls[f"np e2e {hv}"] = functools.partial(nb.end_to_end, c.prob, X, y, W, Xt, yt, hv, best_u)
+    res = c.time(impls)
     e2e_flops = n * p * p + p**3 / 3 + 2 * n * p * m
-    npk = {hv: f"np e2e {hv}" for hv in hess_variants}
-    add(
+    npk = {hv: f"np e2e {hv}" for hv in c.hess_variants}
+    c.add(
         "end to end (H + factor + up_loss)", e2e_flops, res, "pyi e2e", npk, "pyinfluence: _core.LinearEngine"
     )
-    add(
+    c.add(
         "end to end, public API",
         e2e_flops,
         res,
@@ -594,88 +513,146 @@ def run_case(
         "LinearInfluence(model, X, y).up_loss(X_test, y_test)",
     )
 
-    # --- per-call overhead of a single-test-point query -------------------------------------------
-    log(f"  [{task.name} {dtype}] per-call overhead")
+
+def _time_single_query(
+    c: _Case, pyinfluence: Any, eng: Any, st0: Any, calls: int
+) -> Tuple[Dict[str, float], Tuple[str, str], int]:
+    """Per-call time of one single-test-point up_loss, public and engine, against numpy and the
+    bare matvec and solve any implementation needs; returns (medians, notes, calls made). The
+    n × p gradient matrix numpy caches lives only while this runs."""
+    X, Xt, yt, W, prob, task = c.X, c.Xt, c.yt, c.W, c.prob, c.task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        inf = pyinfluence.LinearInfluence(model, Xpub, task.y_labels)
-    x1, y1lab = Xt[0], task.yt_labels[0]
+        inf = pyinfluence.LinearInfluence(task.model, X, task.y_labels)
     x1m, y1m = np.ascontiguousarray(Xt[:1]), np.ascontiguousarray(yt[:1])
     G = nb.gradients(prob, X, st0.R)
     s1 = nb.s_test(st0, x1m, y1m)[:, 0].copy()
-    if K == 1:
-        w1 = np.ascontiguousarray(s1[:d])
-        bare = lambda: X @ w1
+    bare: Callable[[], object]
+    np_query: Callable[[], object]
+    if task.K == 1:
+        bare = functools.partial(np.matmul, X, np.ascontiguousarray(s1[: c.d]))
         bare_note = "X @ s (n×d matvec)"
-    else:
-        bare = lambda: G @ s1
-        bare_note = "G @ s (n×p matvec, G cached)"
-    if K == 1:
-        np_query = lambda: nb.up_loss_factored(st0, x1m, y1m)
+        np_query = functools.partial(nb.up_loss_factored, st0, x1m, y1m)
         np_query_note = "test gradient + cho_solve + r ∘ (X̃ s)"
     else:
-        np_query = lambda: nb.single_query(st0, G, x1m, y1m)
+        bare = functools.partial(np.matmul, G, s1)
+        bare_note = "G @ s (n×p matvec, G cached)"
+        np_query = functools.partial(nb.single_query, st0, G, x1m, y1m)
         np_query_note = "test gradient + cho_solve + G @ s"
     g1 = nb.gradients(prob, x1m, nb.residuals(prob, x1m, y1m, W)[0]).T.copy()
-    cf = st0.cf
-    impls = {
-        "public": lambda: inf.up_loss(x1, y1lab),
-        "engine": lambda: eng.up_loss(x1m, y1m),
+    impls: Dict[str, Callable[[], object]] = {
+        "public": functools.partial(inf.up_loss, Xt[0], task.yt_labels[0]),
+        "engine": functools.partial(eng.up_loss, x1m, y1m),
         "numpy query": np_query,
         "bare matvec": bare,
-        "bare solve": lambda: scipy.linalg.cho_solve(cf, g1, check_finite=False),
+        "bare solve": functools.partial(scipy.linalg.cho_solve, st0.cf, g1, check_finite=False),
     }
     rounds = 20 if calls >= 200 else 10
     pc = per_call(impls, calls, rounds)
     calls_done = len(pc["public"]) * max(1, calls // rounds)
-    percall = {k: _med(v) for k, v in pc.items()}
-    percall_note = (bare_note, np_query_note)
-    del G
+    return {k: _med(v) for k, v in pc.items()}, (bare_note, np_query_note), calls_done
 
-    # --- memory -----------------------------------------------------------------------------------
-    log(f"  [{task.name} {dtype}] memory")
+
+def _measure_memory(
+    c: _Case, eng: Any, st0: Any, mem_scaling: bool
+) -> Tuple[Dict[str, Dict[str, int]], List[Tuple[int, int, int]]]:
+    """Peak memory of pyinfluence's and numpy's top-k and self-influence (and pyinfluence's dense
+    up_loss); with ``mem_scaling``, pyinfluence's top-k and up_loss on the first n/4, n/2, n rows."""
+    X, y, W, Xt, yt = c.X, c.y, c.W, c.Xt, c.yt
+    hwm = hwm_supported()
     mem: Dict[str, Dict[str, int]] = {}
-    if hwm_supported():
-        mem["pyinfluence top_k (streaming)"] = {"rss": rss_peak_delta(lambda: eng.top_k(Xt, yt, TOPK))}
-        mem["pyinfluence up_loss (dense n×m)"] = {"rss": rss_peak_delta(lambda: eng.up_loss(Xt, yt))}
-        mem["pyinfluence self_influence"] = {"rss": rss_peak_delta(lambda: eng.self_influence())}
+    if hwm:
+        mem["pyinfluence top_k (streaming)"] = {
+            "rss": rss_peak_delta(functools.partial(eng.top_k, Xt, yt, TOPK))
+        }
+        mem["pyinfluence up_loss (dense n×m)"] = {
+            "rss": rss_peak_delta(functools.partial(eng.up_loss, Xt, yt))
+        }
+        mem["pyinfluence self_influence"] = {"rss": rss_peak_delta(eng.self_influence)}
     for nm, f in (
-        ("numpy top_k (factored; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "factored")),
-        ("numpy top_k (G@S; dense)", lambda: nb.top_k(st0, Xt, yt, TOPK, "G@S")),
-        ("numpy self_influence", lambda: nb.self_influence(st0)),
+        ("numpy top_k (factored; dense)", functools.partial(nb.top_k, st0, Xt, yt, TOPK, "factored")),
+        ("numpy top_k (G@S; dense)", functools.partial(nb.top_k, st0, Xt, yt, TOPK, "G@S")),
+        ("numpy self_influence", functools.partial(nb.self_influence, st0)),
     ):
         mem[nm] = {}
-        if warm or not hwm_supported():  # large task: VmHWM only (the two agree within 1%)
+        if c.warm or not hwm:  # large task: VmHWM only (the two agree within 1%)
             mem[nm]["tracemalloc"] = tracemalloc_peak(f)
-        if hwm_supported():
+        if hwm:
             mem[nm]["rss"] = rss_peak_delta(f)
-    scaling = []
-    if mem_scaling and hwm_supported():
+    scaling: List[Tuple[int, int, int]] = []
+    if mem_scaling and hwm:
         for frac in (4, 2, 1):
-            nn = n // frac
+            nn = c.n // frac
             if frac == 1:
                 Xs, ys = X, y
             else:
                 Xs, ys = np.ascontiguousarray(X[:nn]), np.ascontiguousarray(y[:nn])
-            e2 = eng if frac == 1 else core.LinearEngine(spec, Xs, ys, W, 0.0)
+            e2 = eng if frac == 1 else c.core.LinearEngine(c.spec, Xs, ys, W, 0.0)
             scaling.append(
                 (
                     nn,
-                    rss_peak_delta(lambda: e2.top_k(Xt, yt, TOPK)),
-                    rss_peak_delta(lambda: e2.up_loss(Xt, yt)),
+                    rss_peak_delta(functools.partial(e2.top_k, Xt, yt, TOPK)),
+                    rss_peak_delta(functools.partial(e2.up_loss, Xt, yt)),
                 )
             )
             del e2, Xs, ys
+    return mem, scaling
 
+
+def run_case(
+    task: Task,
+    dtype: str,
+    repeats: int,
+    pyinfluence: Any,
+    core: Any,
+    calls: int,
+    mem_scaling: bool,
+    log: Callable[[str], None],
+) -> Dict[str, Any]:
+    dt = np.dtype(dtype)
+    c = _Case(
+        task=task,
+        dtype=dt,
+        core=core,
+        X=task.X if dt == np.float64 else np.ascontiguousarray(task.X, dtype=dt),
+        y=np.ascontiguousarray(task.y_core, dtype=dt),
+        Xt=np.ascontiguousarray(task.Xt, dtype=dt),
+        yt=np.ascontiguousarray(task.yt_core, dtype=dt),
+        W=np.ascontiguousarray(task.model.theta_, dtype=dt),
+        spec=core.ModelSpec(task.family, task.K, True, False, L2),
+        prob=nb.Problem(task.family, task.K, L2),
+        hess_variants=["syrk", "kron"] if task.family == "multinomial" else ["syrk"],
+        repeats=repeats,
+        warm=0,
+    )
+    c.warm = 0 if c.n * task.p * task.p > 5e9 else 1  # large task: calls take seconds; no untimed warm-up
+
+    # --- correctness (once) -----------------------------------------------------------------------
+    eng = core.LinearEngine(c.spec, c.X, c.y, c.W, 0.0)  # raises NotPositiveDefiniteError on failure
+    st0 = nb.build(c.prob, c.X, c.y, c.W, "syrk")
+    checks = _check_against_numpy(c, eng, st0)
+
+    log(f"  [{task.name} {dtype}] hessian / factor")
+    best_h = _time_hessian_and_factor(c)
+    log(f"  [{task.name} {dtype}] up_loss / top_k / self_influence")
+    best_u = _time_scores(c, eng, st0)
+    log(f"  [{task.name} {dtype}] end to end")
+    _time_end_to_end(c, pyinfluence, best_u)
+    log(f"  [{task.name} {dtype}] per-call overhead")
+    percall, percall_note, calls_done = _time_single_query(c, pyinfluence, eng, st0, calls)
+    log(f"  [{task.name} {dtype}] memory")
+    mem, scaling = _measure_memory(c, eng, st0, mem_scaling)
+
+    n_rep = c.n_rep
     reps = f"{min(n_rep)}–{max(n_rep)}" if min(n_rep) != max(n_rep) else str(n_rep[0])
     return {
         "task": task,
         "dtype": dtype,
-        "n": n,
-        "d": d,
-        "p": p,
-        "m": m,
-        "rows": rows,
+        "n": c.n,
+        "d": c.d,
+        "p": task.p,
+        "m": c.m,
+        "rows": c.rows,
         "checks": checks,
         "percall": percall,
         "percall_note": percall_note,
@@ -693,34 +670,46 @@ def run_case(
 # report
 
 
-def _fmt_t(s: Optional[float]) -> str:
-    if s is None or not np.isfinite(s):
-        return "–"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms" if s < 0.01 else f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
-
-
-def _fmt_b(b: Optional[int]) -> str:
-    if b is None:
-        return "–"
-    if b < 2**20:
-        return f"{b / 2**10:.0f} KiB"
-    if b < 2**30:
-        return f"{b / 2**20:.1f} MiB"
-    return f"{b / 2**30:.2f} GiB"
-
-
 def _gf(flops: float, s: Optional[float]) -> Optional[float]:
     if s is None or not s > 0:
         return None
     return flops / s / 1e9
 
 
+_PERCALL_LABELS = {
+    "public": "LinearInfluence.up_loss(x, y) (public API)",
+    "engine": "_core.LinearEngine.up_loss(X_test[:1], y_test[:1])",
+    "numpy query": "numpy: {query}",
+    "bare matvec": "numpy bare matvec: {matvec}",
+    "bare solve": "numpy bare solve: scipy.linalg.cho_solve for one right-hand side",
+}
+
+
+def _step_cells(row: Row, g_med: float) -> Tuple[List[str], Optional[float]]:
+    """One step's cells of the comparison table, and pyinfluence / the best numpy."""
+    v, tn = row.np_best
+    ratio = row.pyi / tn if row.pyi is not None and tn > 0 else None
+    gp, gn = _gf(row.flops, row.pyi), _gf(row.flops, tn)
+    nan = float("nan")
+    cells = [
+        row.step,
+        f"{row.flops / 1e9:.3g}",
+        format_seconds(row.pyi),
+        f"{format_seconds(tn)} ({v})",
+        ("–" if ratio is None else f"{ratio:.2f}") + (" **>1**" if ratio is not None and ratio > 1.0 else ""),
+        f"{row.min_ratio:.2f}",
+        "–" if gp is None else f"{gp:.1f}",
+        "–" if gn is None else f"{gn:.1f}",
+        "–" if gp is None else f"{gp / g_med:.0%}",
+        f"{row.spread.get('pyi', nan):.0%} / {row.spread.get('np', nan):.0%}",
+        ", ".join(f"{k} {format_seconds(s)}" for k, s in row.numpy.items()),
+        row.note,
+    ]
+    return cells, ratio
+
+
 def render_section(
-    results: List[dict], gemm: Dict[str, Tuple[float, float]], gemm_n: int, title: str, label: str
+    results: List[Dict[str, Any]], gemm: Dict[str, Tuple[float, float]], gemm_n: int, title: str, label: str
 ) -> Tuple[str, List[str]]:
     """Markdown for one thread configuration: (text, list of steps with ratio > 1)."""
     out: List[str] = [f"## {title}", ""]
@@ -729,90 +718,105 @@ def render_section(
         f"Dense GEMM rate in this configuration (numpy matmul n={gemm_n}; start and end "
         "of the configuration pooled):\n"
     )
-    out.append("| dtype | GFLOP/s median | best |")
-    out.append("|---|---:|---:|")
-    for dt, (a, b) in gemm.items():
-        out.append(f"| {dt} | {a:.1f} | {b:.1f} |")
+    out.append(
+        markdown_table(
+            ["dtype", "GFLOP/s median", "best"],
+            [[dt, f"{a:.1f}", f"{b:.1f}"] for dt, (a, b) in gemm.items()],
+            align="lr",
+        )
+    )
     out.append("")
     for R in results:
         t: Task = R["task"]
         dt = R["dtype"]
-        g_med = gemm[dt][0]
         out.append(
             f"### {t.name} — {dt}  (n={R['n']}, d={R['d']}, p={R['p']}, m={R['m']}; "
             f"median of {R['repeats']} interleaved repeats)\n"
         )
-        out.append(
-            "| step | GFLOP | pyinfluence | numpy (best variant) | ratio pyi/numpy | "
-            "ratio of minima | GFLOP/s pyi | GFLOP/s numpy | pyi / GEMM rate | "
-            "spread pyi / np (IQR/median) | numpy variants | note |"
-        )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        rows = []
         for row in R["rows"]:
-            v, tn = row.np_best
-            ratio = row.pyi / tn if row.pyi is not None and tn > 0 else None
-            gp, gn = _gf(row.flops, row.pyi), _gf(row.flops, tn)
-            variants = ", ".join(f"{k} {_fmt_t(s)}" for k, s in row.numpy.items())
-            mark = ""
+            cells, ratio = _step_cells(row, gemm[dt][0])
+            rows.append(cells)
             if ratio is not None and ratio > 1.0:
-                mark = " **>1**"
                 flagged.append(
                     f"{label} — {t.name} {dt}: {row.step}: ratio {ratio:.2f} "
-                    f"({_fmt_t(row.pyi)} vs {_fmt_t(tn)})"
+                    f"({format_seconds(row.pyi)} vs {format_seconds(row.np_best[1])})"
                 )
-            nan = float("nan")
-            sp = f"{row.spread.get('pyi', nan):.0%} / {row.spread.get('np', nan):.0%}"
-            cells = [
-                row.step,
-                f"{row.flops / 1e9:.3g}",
-                _fmt_t(row.pyi),
-                f"{_fmt_t(tn)} ({v})",
-                ("–" if ratio is None else f"{ratio:.2f}") + mark,
-                f"{row.min_ratio:.2f}",
-                "–" if gp is None else f"{gp:.1f}",
-                "–" if gn is None else f"{gn:.1f}",
-                "–" if gp is None else f"{gp / g_med:.0%}",
-                sp,
-                variants,
-                row.note,
-            ]
-            out.append("| " + " | ".join(cells) + " |")
+        out.append(
+            markdown_table(
+                [
+                    "step",
+                    "GFLOP",
+                    "pyinfluence",
+                    "numpy (best variant)",
+                    "ratio pyi/numpy",
+                    "ratio of minima",
+                    "GFLOP/s pyi",
+                    "GFLOP/s numpy",
+                    "pyi / GEMM rate",
+                    "spread pyi / np (IQR/median)",
+                    "numpy variants",
+                    "note",
+                ],
+                rows,
+                align="lrrrrrrrrrll",
+            )
+        )
         out.append("")
         pc = R["percall"]
         out.append(
             f"Single-test-point `up_loss` on a cached engine (median per call over "
             f"interleaved rounds, {R['calls_done']} calls each):\n"
         )
-        out.append("| call | time | × bare matvec |")
-        out.append("|---|---:|---:|")
-        labels = {
-            "public": "LinearInfluence.up_loss(x, y) (public API)",
-            "engine": "_core.LinearEngine.up_loss(X_test[:1], y_test[:1])",
-            "numpy query": f"numpy: {R['percall_note'][1]}",
-            "bare matvec": f"numpy bare matvec: {R['percall_note'][0]}",
-            "bare solve": "numpy bare solve: scipy.linalg.cho_solve for one right-hand side",
-        }
-        for k, lab in labels.items():
-            out.append(f"| {lab} | {_fmt_t(pc[k])} | {pc[k] / pc['bare matvec']:.2f} |")
+        matvec_note, query_note = R["percall_note"]
         floor = pc["bare matvec"] + pc["bare solve"]
-        out.append(f"| floor: bare matvec + bare solve | {_fmt_t(floor)} | {floor / pc['bare matvec']:.2f} |")
+        out.append(
+            markdown_table(
+                ["call", "time", "× bare matvec"],
+                [
+                    [
+                        lab.format(query=query_note, matvec=matvec_note),
+                        format_seconds(pc[k]),
+                        f"{pc[k] / pc['bare matvec']:.2f}",
+                    ]
+                    for k, lab in _PERCALL_LABELS.items()
+                ]
+                + [
+                    [
+                        "floor: bare matvec + bare solve",
+                        format_seconds(floor),
+                        f"{floor / pc['bare matvec']:.2f}",
+                    ]
+                ],
+                align="lr",
+            )
+        )
         out.append(
             f"\nPython-layer overhead (public − engine): "
-            f"{_fmt_t(pc['public'] - pc['engine'])}; "
-            f"engine − floor: {_fmt_t(pc['engine'] - floor)}; "
+            f"{format_seconds(pc['public'] - pc['engine'])}; "
+            f"engine − floor: {format_seconds(pc['engine'] - floor)}; "
             f"engine / numpy query: {pc['engine'] / pc['numpy query']:.2f}.\n"
         )
         out.append("Peak memory above the resident baseline (results included):\n")
-        out.append("| computation | VmHWM delta | tracemalloc peak |")
-        out.append("|---|---:|---:|")
-        for nm, v in R["mem"].items():
-            out.append(f"| {nm} | {_fmt_b(v.get('rss'))} | {_fmt_b(v.get('tracemalloc'))} |")
+        out.append(
+            markdown_table(
+                ["computation", "VmHWM delta", "tracemalloc peak"],
+                [
+                    [nm, format_bytes(v.get("rss")), format_bytes(v.get("tracemalloc"))]
+                    for nm, v in R["mem"].items()
+                ],
+                align="lr",
+            )
+        )
         if R["scaling"]:
             out.append("\npyinfluence top-k vs dense up_loss memory as n grows (VmHWM delta):\n")
-            out.append("| n | top_k (streaming) | up_loss (dense n×m) |")
-            out.append("|---:|---:|---:|")
-            for nn, a, b in R["scaling"]:
-                out.append(f"| {nn} | {_fmt_b(a)} | {_fmt_b(b)} |")
+            out.append(
+                markdown_table(
+                    ["n", "top_k (streaming)", "up_loss (dense n×m)"],
+                    [[nn, format_bytes(a), format_bytes(b)] for nn, a, b in R["scaling"]],
+                    align="r",
+                )
+            )
         out.append("\nChecks: " + "; ".join(f"{k}: {v}" for k, v in R["checks"].items()) + "\n")
     return "\n".join(out), flagged
 
@@ -823,7 +827,7 @@ def render_file(
     lines = [
         "# pyinfluence linear benchmark: results",
         "",
-        f"Generated by `python bench/linear.py {' '.join(sys.argv[1:])}` on "
+        f"Generated by `{command_line(MODULE)}` on "
         f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')} "
         f"(wall time {wall:.0f} s). See bench/README.md for what each number means and how "
         "to reproduce.",
@@ -900,7 +904,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run (< 30 s)")
     ap.add_argument(
-        "--out", default=os.path.join(HERE, "RESULTS.md"), help="markdown file to write ('' = none)"
+        "--out",
+        default=str(results_dir() / "RESULTS.md"),
+        help="markdown file whose 'linear' section is written ('' = none; default: %(default)s)",
     )
     ap.add_argument("--tasks", default="digits,synthetic", help="comma-separated: digits, synthetic")
     ap.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
@@ -937,7 +943,9 @@ def main(argv=None) -> int:
         "M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1); 'default': stock glibc settings",
     )
     ap.add_argument(
-        "--no-torch", action="store_true", help="do not import torch (its thread pool stays unloaded)"
+        "--no-torch",
+        action="store_true",
+        help="do not start torch's thread pool (torch itself is loaded with the pyinfluence.bench package)",
     )
     args = ap.parse_args(argv)
     t_start = _now()
@@ -963,16 +971,13 @@ def main(argv=None) -> int:
         if dt not in ("float64", "float32"):
             ap.error(f"unknown dtype {dt!r} (float64, float32)")
 
-    def log(msg):
+    def log(msg: str) -> None:
         print(f"[{_now() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    if not args.no_torch:
-        try:  # load torch's thread pool too: the library's users have it loaded (DESIGN.md §5)
-            import torch
+    if not args.no_torch:  # start torch's thread pool too: the library's users have it running
+        import torch
 
-            (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
-        except ImportError:
-            pass
+        (torch.ones(256, 256) @ torch.ones(256, 256)).sum().item()
     import pyinfluence
     from pyinfluence import _core as core
 
@@ -1047,9 +1052,8 @@ def main(argv=None) -> int:
         )
     md = render_file(sections, machine, tasks_built, _now() - t_start)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(md)
-        log(f"wrote {args.out}")
+        write_section(args.out, md, "linear")
+        log(f"wrote the linear section of {args.out}")
     return 0
 
 

@@ -1,0 +1,22 @@
+"""Benchmark studies: the measurements behind bench/RESULTS.md and its figures, each runnable as a
+module from a source checkout (or anywhere pyinfluence is installed, with scikit-learn and, for the
+figures, matplotlib):
+
+- :mod:`~pyinfluence.bench.studies.linear_core`: the exact linear path (C++/Eigen over OpenBLAS)
+  against hand-written numpy/scipy (:mod:`~pyinfluence.bench.studies.numpy_baseline`), step by step
+  (``python -m pyinfluence.bench.studies.linear_core``);
+- :mod:`~pyinfluence.bench.studies.deep_path`: TorchInfluence (Exact, CG, LiSSA) on a digits MLP and
+  CNN, HVP overhead, exact matrix against naive torch.func, Koh & Liang's Figure 2 on the CNN
+  (``python -m pyinfluence.bench.studies.deep_path``);
+- :mod:`~pyinfluence.bench.studies.thread_pools`: small-call latency with several thread pools
+  loaded, polite against stock spin settings
+  (``python -m pyinfluence.bench.studies.thread_pools``);
+- :mod:`~pyinfluence.bench.studies.lissa_checks`: what LiSSA's checks cost, against the LiSSA of an
+  earlier commit (``python -m pyinfluence.bench.studies.lissa_checks``).
+
+Each writes its own section of ``--out`` (default: ``bench/RESULTS.md`` of the source checkout, else
+``bench/RESULTS.md`` under the current folder) between ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` markers, leaving the rest of the file alone; bench/README.md says what every
+number means. ``pyinfluence bench`` (:mod:`pyinfluence.bench`) is the installed, user-facing
+benchmark; these studies are the one-off measurements reported with the project.
+"""
