@@ -506,7 +506,6 @@ def overflow_message(what: str, dtype_name: str, magnitudes: dict[str, float], f
     """The message of a :class:`~pyinfluence.errors.NonFiniteError`: what overflowed, the largest magnitude of
     each input involved (``magnitudes``: name → max |value|), the likely culprit (the largest) and the cure.
     ``float_max``: the largest finite value of the computation's dtype (float32: suggest float64)."""
-    what = what.split(" (the inputs are finite")[0]
     culprit = max(magnitudes, key=magnitudes.__getitem__) if magnitudes else "X_train"
     shown = ", ".join(f"largest |{k}| = {v:.3g}" for k, v in magnitudes.items())
     f32 = (

@@ -21,7 +21,7 @@ from pyinfluence._formatting import (
     text_table,
 )
 from pyinfluence.bench.studies import linear_core
-from pyinfluence.bench.studies._common import write_section
+from pyinfluence.bench.studies.results_file import write_section
 from pyinfluence.torch.training import DigitsCNN, Objective, SmallCNN, digits_mlp, lbfgs_fit, lbfgs_refit
 
 

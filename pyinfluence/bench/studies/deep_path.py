@@ -38,7 +38,7 @@ from pyinfluence import _core
 from pyinfluence._formatting import format_seconds, markdown_table
 from pyinfluence.bench._measure import cpu_model, interleaved, usable_cores
 from pyinfluence.bench.metrics import pareto_front
-from pyinfluence.bench.studies._common import command_line, git_state, results_dir, write_section
+from pyinfluence.bench.studies.results_file import command_line, git_state, results_dir, write_section
 from pyinfluence.torch import hessian as torch_hessian
 from pyinfluence.torch.influence import TorchInfluence
 from pyinfluence.torch.solvers import CG, Exact, LiSSA

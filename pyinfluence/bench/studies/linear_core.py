@@ -44,7 +44,7 @@ from pyinfluence.bench._measure import (
 )
 from pyinfluence.bench._measure import interleaved as _interleaved
 from pyinfluence.bench.studies import numpy_baseline as nb
-from pyinfluence.bench.studies._common import (
+from pyinfluence.bench.studies.results_file import (
     command_line,
     git_state,
     results_dir,

@@ -29,7 +29,7 @@ import torch
 
 import pyinfluence
 from pyinfluence._formatting import markdown_table
-from pyinfluence.bench.studies._common import repo_root
+from pyinfluence.bench.studies.results_file import repo_root
 from pyinfluence.bench.tasks import make_task
 from pyinfluence.torch import solvers as current
 

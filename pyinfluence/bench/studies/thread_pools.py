@@ -25,7 +25,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from pyinfluence._formatting import markdown_table
-from pyinfluence.bench.studies._common import command_line, write_section
+from pyinfluence.bench.studies.results_file import command_line, write_section
 
 MODULE = "pyinfluence.bench.studies.thread_pools"
 CONFIGS = ("polite", "default spin")

@@ -1,0 +1,101 @@
+"""Solvers for (H + λI) X = V: the inverse-Hessian-vector products of influence functions.
+
+Influence functions (Koh & Liang 2017, §2–3) need ``s = (H + λI)⁻¹ v`` for many right-hand sides
+``v`` (test-loss gradients for ``up_loss``, training gradients for ``up_params``). ``H = ∇²R(θ̂)``
+is the Hessian of the training objective ``R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²`` (the L2 term
+included) and ``λ ≥ 0`` is the damping (Koh & Liang §4: a damping term makes the local quadratic
+model of a non-convex loss convex). The solvers here never form ``H⁻¹``: they factorise or iterate.
+
+Three interchangeable solvers share one contract::
+
+    solver = CG(tol=1e-8)                       # or Exact(), LiSSA(...), or resolve_solver("cg")
+    prepared = solver.prepare(op, damping=0.01) # one-off work (Exact: factorise; LiSSA: choose scale)
+    result = prepared.solve(V)                  # V (p, r): r right-hand sides at once
+    result.solution                             # (p, r) = (H + λI)⁻¹ V, same dtype/device as V
+    result.residual                             # (r,) ‖(H + λI) x − v‖ / ‖v‖ per column
+
+- :class:`Exact`: materialise H (``op.dense()``), symmetrise, Cholesky-factorise ``H + λI`` once
+  (in float64 by default), then solve any number of right-hand sides by two triangular solves.
+  Cost: p² memory, p³/3 flops once, 2p²·r per solve. For p up to ~20 000.
+- :class:`CG`: block conjugate gradients (Hestenes & Stiefel 1952; on Hessians via
+  Hessian-vector products as in Martens 2010, "Deep learning via Hessian-free optimization"):
+  every iteration is one batched HVP for all still-unconverged columns. Cost: ≤ ``max_iter``
+  HVPs of up to r columns, plus one to report the true residual. Needs H + λI positive definite
+  and detects when it is not.
+- :class:`LiSSA`: the stochastic Neumann-series estimator of Agarwal, Bullins & Hazan 2016
+  ("Second-order stochastic optimization for machine learning in linear time"), as used by
+  Koh & Liang §3: minibatch HVPs only, for training sets too large for a full HVP per iteration.
+  Cost: ``repeats · depth`` minibatch HVPs of r columns, plus one full HVP for the residual, plus
+  (in ``prepare``) ``power_iters`` full HVPs of one column for a Lanczos estimate of the spectrum
+  (the scale, and a search for negative curvature).
+
+The Hessian is accessed only through a *Hessian operator* (see :class:`HessianOperatorLike`):
+``matvec`` (full training set), ``sample_matvec`` (one minibatch, for LiSSA) and ``dense``
+(for Exact). Everything is torch: CPU or CUDA, float32 or float64; the iterative solvers keep
+their state on the operator's device and synchronise with the host only every few iterations.
+
+Threads: solver configurations are immutable and may be shared. A prepared solver is not meant to
+be called from several threads at once (LiSSA with ``seed=None`` draws from one shared generator,
+and every solve records its start time on the object); :class:`~pyinfluence.TorchInfluence`
+serialises its solves with a lock.
+
+Errors: :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ``ValueError``) when H + λI is
+not positive definite, with a suggested damping (every solver: Exact from the spectrum of the
+dense H, CG/BlockCG from the curvature of their search directions sharpened by a short Lanczos
+process, LiSSA from a Lanczos process and the curvature of its iterates); :class:`~pyinfluence.errors.ConvergenceError` (a
+``RuntimeError``) when CG, BlockCG or LiSSA does not reach its ``tol`` (the final relative
+residual, measured with a full-Hessian HVP) or LiSSA diverges — or, with
+``raise_on_nonconvergence=False``, a :class:`~pyinfluence.errors.ConvergenceWarning` and the
+unconverged result. No solver returns NaN or infinity.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from pyinfluence.torch.solvers.base import HessianOperatorLike, PreparedSolver, Solver, SolveResult
+from pyinfluence.torch.solvers.cg import CG, BlockCG
+from pyinfluence.torch.solvers.exact import Exact
+from pyinfluence.torch.solvers.lissa import LiSSA
+
+__all__ = [
+    "CG",
+    "BlockCG",
+    "Exact",
+    "HessianOperatorLike",
+    "LiSSA",
+    "PreparedSolver",
+    "SolveResult",
+    "Solver",
+    "resolve_solver",
+]
+
+
+# ==============================================================================================
+# Selection by name
+# ==============================================================================================
+_SOLVERS: dict[str, type[Solver]] = {"exact": Exact, "cg": CG, "block_cg": BlockCG, "lissa": LiSSA}
+
+
+def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") -> Solver:
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``; case-insensitive; default
+    settings), a solver class (``CG`` → ``CG()``) or a solver object (returned as is).
+
+    Raises ValueError for an unknown name and TypeError for anything else, naming ``name``.
+    """
+    if isinstance(solver, Solver):
+        return solver
+    if isinstance(solver, type) and issubclass(solver, Solver) and not inspect.isabstract(solver):
+        return solver()
+    if isinstance(solver, str):
+        key = solver.strip().lower()
+        if key in _SOLVERS:
+            return _SOLVERS[key]()
+        raise ValueError(
+            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa' or a solver object such as "
+            f"pyinfluence.CG(tol=1e-6), got {solver!r}"
+        )
+    raise TypeError(
+        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa') or a solver object such as "
+        f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
+    )

@@ -1,0 +1,469 @@
+"""The solver contract: the Hessian operator protocol, ``SolveResult``, ``Solver`` and ``PreparedSolver``, and
+the helpers every solver shares (right-hand-side checks, residuals, the not-positive-definite error)."""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from pyinfluence._validation import (
+    check_int,
+    check_nonnegative_float,
+)
+from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+# Exact: below this many parameters a failed factorisation computes all eigenvalues of H
+
+
+# ==============================================================================================
+# The Hessian operator the solvers consume
+# ==============================================================================================
+@runtime_checkable
+class HessianOperatorLike(Protocol):
+    """What a solver needs from a Hessian: ``H = ∇²R(θ̂)`` for the selected parameters.
+
+    ``R(θ) = (1/n) Σ_i L(z_i, θ) + (l2/2)‖θ‖²``; H includes the L2 term and never the damping
+    (solvers add λI themselves). Implemented for torch models by
+    ``pyinfluence.torch.hessian.HessianOperator``; any object with these members works.
+
+    - ``n_params`` p, ``dtype`` (float32/float64), ``device``, ``n_train`` n.
+    - ``matvec(V)``: V (p, r) → H V (p, r) over the full training set.
+    - ``sample_matvec(V, batch_size, generator)``: an unbiased estimate of H V from one uniform
+      minibatch of ``batch_size`` training points drawn with ``generator`` (the same minibatch
+      for all r columns). Used by LiSSA only.
+    - ``dense()``: H as a (p, p) tensor. Used by Exact only.
+    """
+
+    n_params: int
+    dtype: torch.dtype
+    device: torch.device
+    n_train: int
+
+    def matvec(self, V: Tensor) -> Tensor: ...
+
+    def sample_matvec(self, V: Tensor, batch_size: int, generator: torch.Generator) -> Tensor: ...
+
+    def dense(self) -> Tensor: ...
+
+
+# ==============================================================================================
+# Results
+# ==============================================================================================
+@dataclass(repr=False)
+class SolveResult:
+    """The solution of (H + λI) X = V for a block of right-hand sides, with diagnostics.
+
+    - ``solution``: X, shape (p, r) (or (p,) for a 1-D V), same dtype and device as V.
+    - ``solver``: ``"exact"``, ``"cg"`` or ``"lissa"``.
+    - ``iterations``: CG: iterations of the slowest column (one batched HVP each); LiSSA: the
+      recursion depth; Exact: None.
+    - ``residual``: (r,) relative residual ‖(H + λI)x − v‖ / ‖v‖ of each returned column (0 for a
+      zero column), computed once at the end from the true operator (not a recursively updated
+      estimate). Exact: against the dense matrix it factorised; CG and LiSSA: one extra batched
+      full-training-set HVP. Same dtype as the solution; None if the solver was told not to
+      compute it.
+    - ``spread``: LiSSA with ``repeats ≥ 2``: (r,) relative standard deviation across repeats,
+      sqrt(Σ_k ‖x_k − x̄‖² / (repeats − 1)) / ‖x̄‖ per column — the Monte-Carlo noise of one
+      repeat (the returned mean has about 1/sqrt(repeats) of it). Otherwise None.
+    - ``time_s``: wall-clock seconds of this solve (device work included; preparation excluded).
+    - ``info``: everything else, e.g. ``damping``, ``converged`` (CG, block CG, LiSSA: per column,
+      residual within ``tol``), ``scale``, ``lambda_max_estimate`` and ``lambda_min_estimate``
+      (LiSSA: the extreme Ritz values of its Lanczos process, bounds from inside of the extreme
+      eigenvalues of H + λI), ``matvec_calls`` / ``matvec_columns`` (operator calls and the
+      total number of column HVPs they computed: the cost of the solve).
+    """
+
+    solution: Tensor
+    solver: str
+    iterations: int | None
+    residual: Tensor | None
+    spread: Tensor | None
+    time_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_residual(self) -> float | None:
+        """The largest relative residual over the columns (0.0 for no columns), or None."""
+        if self.residual is None:
+            return None
+        return float(self.residual.max()) if self.residual.numel() else 0.0
+
+    def __repr__(self) -> str:
+        sol = self.solution
+        parts = [
+            f"solver={self.solver!r}",
+            f"solution={tuple(sol.shape)} {str(sol.dtype).replace('torch.', '')} {sol.device}",
+        ]
+        if self.iterations is not None:
+            parts.append(f"iterations={self.iterations}")
+        if self.residual is not None:
+            parts.append(f"max_residual={self.max_residual:.3g}")
+        if self.spread is not None and self.spread.numel():
+            parts.append(f"max_spread={float(self.spread.max()):.3g}")
+        if "scale" in self.info:
+            parts.append(f"scale={self.info['scale']:.4g}")
+        parts.append(f"time_s={self.time_s:.4g}")
+        return f"SolveResult({', '.join(parts)})"
+
+    def summary(self) -> str:
+        """A multi-line, human-readable account of the solve and all its diagnostics."""
+        lines = [repr(self)]
+
+        def stats(name: str, t: Tensor | None) -> None:
+            if t is None or t.numel() == 0:
+                return
+            tf = t.detach().double().cpu()
+            lines.append(
+                f"  {name}: max {float(tf.max()):.3g}, median {float(tf.median()):.3g}, "
+                f"min {float(tf.min()):.3g} over {tf.numel()} column(s)"
+            )
+
+        stats("residual ‖(H+λI)x−v‖/‖v‖", self.residual)
+        stats("spread (relative std across repeats)", self.spread)
+        for key, value in self.info.items():
+            if isinstance(value, Tensor):
+                if value.numel() <= 8:
+                    value = value.tolist()
+                else:
+                    value = f"tensor of shape {tuple(value.shape)}"
+            elif isinstance(value, float):
+                value = f"{value:.6g}"
+            lines.append(f"  {key}: {value}")
+        return "\n".join(lines)
+
+
+# ==============================================================================================
+# Solver base classes
+# ==============================================================================================
+class Solver(abc.ABC):
+    """Configuration of a linear solver for (H + λI) X = V. Immutable; validated on creation.
+
+    ``prepare(op, damping)`` does the one-off work for one Hessian and returns a
+    :class:`PreparedSolver`, whose ``solve(V)`` can be called many times.
+    """
+
+    name: ClassVar[str] = "solver"
+
+    @abc.abstractmethod
+    def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> PreparedSolver:
+        """One-off work for the Hessian behind ``op`` and damping λ; returns the prepared solver."""
+
+    def solve(self, op: HessianOperatorLike, V: Tensor, damping: float = 0.0) -> SolveResult:
+        """``prepare(op, damping).solve(V)`` in one call (prepares anew on every call)."""
+        return self.prepare(op, damping).solve(V)
+
+
+class PreparedSolver(abc.ABC):
+    """A solver bound to one Hessian operator and damping; ``solve(V)`` for any number of V.
+
+    Attributes: ``solver`` (the configuration), ``op``, ``damping`` λ, ``n_params`` p,
+    ``prepare_time_s`` and ``info`` (what preparation found, e.g. LiSSA's scale).
+    """
+
+    def __init__(
+        self,
+        solver: Solver,
+        op: HessianOperatorLike,
+        damping: float,
+        info: dict[str, Any],
+        prepare_time_s: float,
+    ) -> None:
+        self.solver = solver
+        self.op = op
+        self.damping = damping
+        self.n_params = int(op.n_params)
+        self.dtype: torch.dtype = op.dtype
+        self.device = _normalise_device(op.device)
+        self.info = info
+        self.prepare_time_s = prepare_time_s
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"Prepared{type(self.solver).__name__}(n_params={self.n_params}, "
+            f"damping={self.damping:g}, dtype={str(self.dtype).replace('torch.', '')}, "
+            f"device={self.device}, solver={self.solver!r})"
+        )
+
+    def solve(self, V: Tensor) -> SolveResult:
+        """Solve (H + λI) X = V.
+
+        ``V``: a (p, r) tensor of r right-hand sides (r may be 0), or a (p,) tensor for one; on the
+        operator's device, any floating dtype (the computation runs in the operator's dtype and
+        the solution is returned in V's dtype). Zero columns give zero solutions.
+        """
+        V2, one_d = _check_rhs(V, self.n_params, self.device)
+        start = self._started = time.perf_counter()
+        work = V2.to(self.dtype) if V2.dtype != self.dtype else V2
+        r = work.shape[1]
+        if r == 0:
+            sol, iters, res, spread, info = _empty_solution(work, self.solver.name)
+        else:
+            sol, iters, res, spread, info = self._solve(work)
+        info = {"damping": self.damping, **info}
+        sol = sol.to(V.dtype) if sol.dtype != V.dtype else sol
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        return SolveResult(
+            solution=sol.reshape(-1) if one_d else sol,
+            solver=self.solver.name,
+            iterations=iters,
+            residual=None if res is None else res.to(sol.dtype),
+            spread=None if spread is None else spread.to(sol.dtype),
+            time_s=elapsed,
+            info=info,
+        )
+
+    @abc.abstractmethod
+    def _solve(self, V: Tensor) -> tuple[Tensor, int | None, Tensor | None, Tensor | None, dict[str, Any]]:
+        """V (p, r ≥ 1) in the operator's dtype → (X, iterations, residual, spread, info)."""
+
+    def _not_converged(
+        self,
+        what: str,
+        X: Tensor,
+        n_iter: int,
+        res: Tensor,
+        spread: Tensor | None,
+        converged: Tensor,
+        info: dict[str, Any],
+        budget: str,
+        advice: str,
+    ) -> None:
+        """The ending every iterative solver shares when some columns' final relative residual
+        missed the configuration's ``tol``: raise ConvergenceError, carrying the unconverged
+        SolveResult as ``.result``, or — with ``raise_on_nonconvergence=False`` — warn
+        (ConvergenceWarning) and let ``_solve`` return it. To be called from ``_solve`` (the
+        warning's stack level points at the caller of ``solve``).
+
+        ``budget`` completes "did not converge ... {budget}" (e.g. "in max_iter=50 iterations");
+        ``advice`` is what to change.
+        """
+        n_bad = int((~converged).sum())
+        msg = (
+            f"{what} did not converge for {n_bad} of {converged.numel()} right-hand side(s) "
+            f"{budget}: relative residual reached {_fmt(float(res[~converged].max()))} "
+            f"(tol={self.solver.tol:g}). {advice}"  # type: ignore[attr-defined]
+        )
+        if self.solver.raise_on_nonconvergence:  # type: ignore[attr-defined]
+            err = ConvergenceError(msg)
+            err.result = SolveResult(
+                X,
+                self.solver.name,
+                n_iter,
+                res,
+                spread,
+                time.perf_counter() - self._started,
+                {"damping": self.damping, **info},
+            )
+            raise err
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+
+
+def _empty_solution(V: Tensor, name: str):
+    z = V.new_zeros((0,))
+    return V.clone(), (None if name == "exact" else 0), z, (z if name == "lissa" else None), {}
+
+
+# ==============================================================================================
+# Input checks
+# ==============================================================================================
+def _normalise_device(device: Any) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _check_operator(op: Any, needs: tuple[str, ...]) -> None:
+    missing = [m for m in ("n_params", "dtype", "device") + needs if not hasattr(op, m)]
+    if missing:
+        raise TypeError(
+            f"op must be a Hessian operator with n_params, dtype, device and {', '.join(needs)} "
+            f"(see pyinfluence.solvers.HessianOperatorLike); {type(op).__name__} lacks "
+            f"{', '.join(missing)}"
+        )
+    p = op.n_params
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"op.n_params must be a positive int, got {p!r}")
+    if op.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"op.dtype must be torch.float32 or torch.float64, got {op.dtype}")
+
+
+def _check_rhs(V: Any, p: int, device: torch.device) -> tuple[Tensor, bool]:
+    """V → (a (p, r) tensor, whether V was 1-D). Raises naming ``V``."""
+    if not isinstance(V, Tensor):
+        raise TypeError(f"V must be a torch.Tensor of shape (p, r) = ({p}, r), got {type(V).__name__}")
+    if V.is_complex() or not V.is_floating_point():
+        raise TypeError(f"V must be a real floating-point tensor, got dtype {V.dtype}")
+    if V.ndim not in (1, 2) or V.shape[0] != p:
+        raise ValueError(
+            f"V must have shape (p, r) = ({p}, r) (or ({p},) for one right-hand side), got "
+            f"{tuple(V.shape)}; columns are right-hand sides"
+        )
+    if _normalise_device(V.device) != device:
+        raise ValueError(
+            f"V is on device '{V.device}' but the Hessian operator is on '{device}'; pass V.to('{device}')"
+        )
+    V = V.detach()
+    one_d = V.ndim == 1
+    if one_d:
+        V = V.unsqueeze(1)
+    if V.numel() and not bool(torch.isfinite(V).all()):
+        bad = (~torch.isfinite(V)).any(dim=0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"V contains NaN or infinity (in column(s) {bad[:10]}{'…' if len(bad) > 10 else ''})"
+        )
+    return V, one_d
+
+
+def _matvec(op: HessianOperatorLike, X: Tensor, damping: float) -> Tensor:
+    """(H + λI) X with one operator call; checks the operator's output shape."""
+    out = op.matvec(X)
+    if not isinstance(out, Tensor) or out.shape != X.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(f"op.matvec returned {shape} for an input of shape {tuple(X.shape)}")
+    out = out.detach()
+    if damping:
+        out = out.add(X, alpha=damping)
+    return out
+
+
+def _sample_matvec(
+    op: HessianOperatorLike, X: Tensor, damping: float, batch_size: int | None, gen: torch.Generator
+) -> Tensor:
+    """(H_B + λI) X for one minibatch B drawn with ``gen`` (full H when batch_size is None)."""
+    if batch_size is None:
+        return _matvec(op, X, damping)
+    out = op.sample_matvec(X, batch_size, gen)
+    if not isinstance(out, Tensor) or out.shape != X.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise RuntimeError(f"op.sample_matvec returned {shape} for an input of shape {tuple(X.shape)}")
+    out = out.detach()
+    if damping:
+        out = out.add(X, alpha=damping)
+    return out
+
+
+def _col_norms(X: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X, dim=0)
+
+
+def _relative(num: Tensor, den: Tensor) -> Tensor:
+    """num / den per column, with 0 where den == 0 (a zero right-hand side, solved exactly)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), num)
+
+
+def _true_residual(op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float) -> tuple[Tensor, int]:
+    """(‖(H + λI)x − v‖ / ‖v‖ per column, columns multiplied): one batched full HVP.
+
+    Zero columns of V, whose solution is exactly zero, are not multiplied (residual 0).
+    """
+    res, _, k = _residual_and_curvature(op, X, V, damping)
+    return res, k
+
+
+def _residual_and_curvature(
+    op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float
+) -> tuple[Tensor, Tensor, int]:
+    """(relative residual ‖Ax − v‖/‖v‖, Rayleigh quotient xᵀAx/xᵀx, columns multiplied) per column
+    of X, A = H + λI, from one batched full HVP.
+
+    The Rayleigh quotient comes free with the residual: xᵀAx ≤ 0 for any x ≠ 0 proves that A is
+    not positive definite. Zero columns of V (solution exactly zero) are not multiplied: residual
+    0, curvature +inf (nothing observed); so is a zero x.
+    """
+    vn = _col_norms(V)
+    nz = torch.nonzero(vn > 0).flatten()
+    k = int(nz.numel())
+    res = torch.zeros_like(vn)
+    curv = torch.full_like(vn, math.inf)
+    if k:
+        Xs, Vs = (X, V) if k == V.shape[1] else (X.index_select(1, nz), V.index_select(1, nz))
+        AX = _matvec(op, Xs, damping)
+        xx = (Xs * Xs).sum(0)
+        rq = torch.where(xx > 0, (Xs * AX).sum(0) / torch.where(xx > 0, xx, 1.0), math.inf)
+        res.index_copy_(0, nz, _relative(_col_norms(AX - Vs), vn[nz]))
+        curv.index_copy_(0, nz, rq)
+    return res, curv, k
+
+
+def _npd_error(
+    what: str, evidence: str, curvature: float, damping: float, largest: float
+) -> NotPositiveDefiniteError:
+    """The NotPositiveDefiniteError of the iterative solvers (CG, block CG, LiSSA).
+
+    ``curvature`` c = uᵀ(H + λI)u / uᵀu ≤ 0 was observed for some vector u (``evidence`` says
+    which, e.g. "a search direction p at iteration 3 has curvature pᵀ(H + λI)p / pᵀp"). Since
+    λ_min(H) + λ ≤ c, H has an eigenvalue ≤ c − λ and the damping must exceed λ − c; the suggestion
+    doubles the observed deficit (c is only an upper bound of λ_min(H + λI)). ``largest``: the
+    largest curvature seen, a lower estimate of λ_max(H + λI), sets a floor relative to the scale
+    of H when c ≈ 0.
+    """
+    c, lam = float(curvature), float(damping)
+    need = lam - c  # λ_min(H) ≤ c − λ, so damping must exceed λ − c
+    suggest = _round_up(max(lam + 2.0 * (-c), lam + 1e-4 * abs(largest), need * 1.5, 1e-12))
+    return NotPositiveDefiniteError(
+        f"{what}: H + λI is not positive definite: {evidence} = {_fmt(c)} ≤ 0 (the largest seen "
+        f"is {_fmt(largest)}). The Hessian has an eigenvalue ≤ {_fmt(c - lam)}, so damping must "
+        f"exceed {_fmt(max(need, 0.0))}: pass e.g. damping={suggest:g} (damping={lam:g} now), "
+        f"larger if this recurs. Non-convex models (Koh & Liang §4) need damping; see also "
+        f"Exact, which reports the exact smallest eigenvalue for small models."
+    )
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _round_up(x: float) -> float:
+    """A value ≥ x with two significant digits (for suggested damping values)."""
+    if not x > 0:
+        return x
+    e = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / e) * e
+
+
+def _check_dtype_option(name: str, value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"float32": torch.float32, "float64": torch.float64}.get(value, value)
+    if value not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be torch.float64, torch.float32 or None, got {value!r}")
+    return value
+
+
+def _check_seed(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    return check_int(name, value, 0, 2**63 - 1)
+
+
+def _as_fraction(name: str, value: Any) -> float:
+    v = check_nonnegative_float(name, value)
+    if v > 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {v}")
+    return v
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclass: normalise fields in __post_init__
