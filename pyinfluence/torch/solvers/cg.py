@@ -206,20 +206,27 @@ class _PreparedCG(PreparedSolver):
             "matvec_columns": columns,
         }
         if n_active:
-            self._not_converged(
-                "CG",
-                X,
-                n_iter,
-                res,
-                None,
-                converged,
-                info,
-                f"in max_iter={self._max_iter} iterations",
-                f"Increase max_iter, loosen tol, or add damping, which improves the conditioning "
-                f"of H + λI (damping={lam:g} now; the largest eigenvalue of H + λI is at least "
-                f"{_fmt(float(rq_max))})",
-            )
+            self._report_not_converged("CG", X, n_iter, res, converged, info, float(rq_max))
         return X, n_iter, res, None, info
+
+    def _report_not_converged(
+        self, who: str, X: Tensor, n_iter: int, res: Tensor, converged: Tensor, info: dict, rq_max: float
+    ) -> None:
+        """ConvergenceError (or, with ``raise_on_nonconvergence=False``, a warning) after ``max_iter`` iterations,
+        with the advice that fits CG: ``rq_max`` (the largest Rayleigh quotient seen) bounds λ_max(H + λI) below."""
+        self._not_converged(
+            who,
+            X,
+            n_iter,
+            res,
+            None,
+            converged,
+            info,
+            f"in max_iter={self._max_iter} iterations",
+            f"Increase max_iter, loosen tol, or add damping, which improves the conditioning "
+            f"of H + λI (damping={self.damping:g} now; the largest eigenvalue of H + λI is at least "
+            f"{_fmt(rq_max)})",
+        )
 
     def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:
         c, note = _sharpen_negative_curvature(self.op, self.damping, float(curv.min()), "CG")
@@ -346,19 +353,7 @@ class _PreparedBlockCG(_PreparedCG):
             "matvec_columns": columns,
         }
         if not bool(converged.all()):
-            self._not_converged(
-                "block CG",
-                X,
-                n_it,
-                res,
-                None,
-                converged,
-                info,
-                f"in max_iter={self._max_iter} iterations",
-                f"Increase max_iter, loosen tol, or add damping, which improves the conditioning "
-                f"of H + λI (damping={lam:g} now; the largest eigenvalue of H + λI is at least "
-                f"{_fmt(rq_max)})",
-            )
+            self._report_not_converged("block CG", X, n_it, res, converged, info, float(rq_max))
         return X, n_it, res, None, info
 
     def _raise_npd(self, curv: Tensor, rq_max: Tensor, n_it: int) -> None:
