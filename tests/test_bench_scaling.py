@@ -284,6 +284,6 @@ def test_bad_arguments(kwargs, name):
         scaling_sweep(**args)
 
 
-def test_module_constants_match_the_issue():
+def test_module_constants_match_the_expected_slopes():
     assert scaling.EXPECTED_SLOPES == EXPECTED
     assert scaling.STEPS == ("assembly", "factorisation", "scoring")
