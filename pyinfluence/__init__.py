@@ -48,7 +48,9 @@ from pyinfluence.runtime import (
 _LAZY = {
     "BlockCG": "pyinfluence.torch.solvers",
     "CG": "pyinfluence.torch.solvers",
+    "EKFAC": "pyinfluence.torch.solvers",
     "Exact": "pyinfluence.torch.solvers",
+    "KFAC": "pyinfluence.torch.solvers",
     "LiSSA": "pyinfluence.torch.solvers",
     "SolveResult": "pyinfluence.torch.solvers",
     "TorchInfluence": "pyinfluence.torch.influence",

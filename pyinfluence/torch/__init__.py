@@ -5,7 +5,7 @@
   (per-example losses and gradients, Hessian-vector products).
 - :mod:`pyinfluence.torch.data`: tensors, Datasets and DataLoaders → validated tensor pairs.
 - :mod:`pyinfluence.torch.hessian`: the Hessian operator the solvers consume.
-- :mod:`pyinfluence.torch.solvers`: ``Exact``, ``CG``, ``BlockCG``, ``LiSSA`` for (H + λI)⁻¹ V.
+- :mod:`pyinfluence.torch.solvers`: ``Exact``, ``CG``, ``BlockCG``, ``LiSSA``, ``KFAC``, ``EKFAC`` for (H + λI)⁻¹ V.
 - :mod:`pyinfluence.torch.losses`: per-example losses (the paper's smooth hinge).
 - :mod:`pyinfluence.torch.training`: small digits models and the full-batch L-BFGS / BFGS trainer that
   fits them to a tight optimum (the demo's and the benchmarks'), with leave-one-out retraining.
@@ -23,6 +23,8 @@ from pyinfluence.torch.influence import TorchInfluence  # noqa: E402
 from pyinfluence.torch.losses import smooth_hinge_loss  # noqa: E402
 from pyinfluence.torch.solvers import (  # noqa: E402
     CG,
+    EKFAC,
+    KFAC,
     BlockCG,
     Exact,
     LiSSA,
@@ -33,6 +35,8 @@ from pyinfluence.torch.solvers import (  # noqa: E402
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
     "BlockCG",
     "Exact",
     "LiSSA",

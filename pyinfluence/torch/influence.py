@@ -109,7 +109,8 @@ class TorchInfluence(Influence[Tensor]):
     - ``solver``: ``"auto"`` (default: :class:`~pyinfluence.solvers.Exact` when p ≤ 10 000, else
       :class:`~pyinfluence.solvers.BlockCG`, which shares one Krylov space across the test points
       and needs ~4× fewer HVPs than independent CG on the digits MLP), ``"exact"``, ``"cg"``,
-      ``"block_cg"``, ``"lissa"`` or a configured solver object such as ``BlockCG(tol=1e-6)`` or
+      ``"block_cg"``, ``"lissa"``, ``"kfac"``, ``"ekfac"`` (curvature approximations for models of
+      ``nn.Linear`` layers) or a configured solver object such as ``BlockCG(tol=1e-6)`` or
       ``LiSSA(depth=2000)``.
     - ``batch_size``: the most training examples per pass (per-example gradient blocks, HVP
       batches); default: chosen from the memory of a (batch × p) gradient block (64 MiB).
@@ -293,10 +294,10 @@ class TorchInfluence(Influence[Tensor]):
             key = solver.strip().lower()
             if key == "auto":
                 return Exact() if p <= AUTO_EXACT_MAX_PARAMS else BlockCG()
-            if key not in ("exact", "cg", "block_cg", "lissa"):
+            if key not in ("exact", "cg", "block_cg", "lissa", "kfac", "ekfac"):
                 raise ValueError(
-                    f"solver must be 'auto', 'exact', 'cg', 'block_cg', 'lissa' or a solver object such as "
-                    f"pyinfluence.CG(tol=1e-6), got {solver!r}"
+                    f"solver must be 'auto', 'exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac' or a solver "
+                    f"object such as pyinfluence.CG(tol=1e-6), got {solver!r}"
                 )
         return resolve_solver(solver)
 

@@ -28,6 +28,12 @@ Three interchangeable solvers share one contract::
   Cost: ``repeats · depth`` minibatch HVPs of r columns, plus one full HVP for the residual, plus
   (in ``prepare``) ``power_iters`` full HVPs of one column for a Lanczos estimate of the spectrum
   (the scale, and a search for negative curvature).
+- :class:`KFAC` / :class:`EKFAC`: Kronecker-factored approximations of H for models of
+  ``nn.Linear`` layers (Martens & Grosse 2015; George et al. 2018): per layer, the inverse of
+  (Fisher block ≈ G ⊗ A, or its eigenvalue-corrected version) + (l2 + λ)I in the factors'
+  eigenbasis. Cost: one (EK-FAC: two) passes over the training data in ``prepare``, small matrix
+  products per solve, plus one full HVP for the reported residual — which is that of an
+  approximation, not small; ``tol=None`` (default) never fails on it.
 
 The Hessian is accessed only through a *Hessian operator* (see :class:`HessianOperatorLike`):
 ``matvec`` (full training set), ``sample_matvec`` (one minibatch, for LiSSA) and ``dense``
@@ -56,10 +62,13 @@ import inspect
 from pyinfluence.torch.solvers.base import HessianOperatorLike, PreparedSolver, Solver, SolveResult
 from pyinfluence.torch.solvers.cg import CG, BlockCG
 from pyinfluence.torch.solvers.exact import Exact
+from pyinfluence.torch.solvers.kfac import EKFAC, KFAC
 from pyinfluence.torch.solvers.lissa import LiSSA
 
 __all__ = [
     "CG",
+    "EKFAC",
+    "KFAC",
     "BlockCG",
     "Exact",
     "HessianOperatorLike",
@@ -74,11 +83,19 @@ __all__ = [
 # ==============================================================================================
 # Selection by name
 # ==============================================================================================
-_SOLVERS: dict[str, type[Solver]] = {"exact": Exact, "cg": CG, "block_cg": BlockCG, "lissa": LiSSA}
+_SOLVERS: dict[str, type[Solver]] = {
+    "exact": Exact,
+    "cg": CG,
+    "block_cg": BlockCG,
+    "lissa": LiSSA,
+    "kfac": KFAC,
+    "ekfac": EKFAC,
+}
 
 
 def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") -> Solver:
-    """A solver object from a name (``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``; case-insensitive; default
+    """A solver object from a name (``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``, ``"kfac"``,
+    ``"ekfac"``; case-insensitive; default
     settings), a solver class (``CG`` → ``CG()``) or a solver object (returned as is).
 
     Raises ValueError for an unknown name and TypeError for anything else, naming ``name``.
@@ -92,10 +109,10 @@ def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") ->
         if key in _SOLVERS:
             return _SOLVERS[key]()
         raise ValueError(
-            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa' or a solver object such as "
+            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac' or a solver object such as "
             f"pyinfluence.CG(tol=1e-6), got {solver!r}"
         )
     raise TypeError(
-        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa') or a solver object such as "
+        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac') or a solver object such as "
         f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
     )

@@ -62,9 +62,9 @@ class SolveResult:
     """The solution of (H + λI) X = V for a block of right-hand sides, with diagnostics.
 
     - ``solution``: X, shape (p, r) (or (p,) for a 1-D V), same dtype and device as V.
-    - ``solver``: ``"exact"``, ``"cg"`` or ``"lissa"``.
+    - ``solver``: the solver's name: ``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``, ``"kfac"`` or ``"ekfac"``.
     - ``iterations``: CG: iterations of the slowest column (one batched HVP each); LiSSA: the
-      recursion depth; Exact: None.
+      recursion depth; Exact, KFAC, EKFAC: None.
     - ``residual``: (r,) relative residual ‖(H + λI)x − v‖ / ‖v‖ of each returned column (0 for a
       zero column), computed once at the end from the true operator (not a recursively updated
       estimate). Exact: against the dense matrix it factorised; CG and LiSSA: one extra batched
@@ -417,7 +417,8 @@ def _npd_error(
         f"is {_fmt(largest)}). The Hessian has an eigenvalue ≤ {_fmt(c - lam)}, so damping must "
         f"exceed {_fmt(max(need, 0.0))}: pass e.g. damping={suggest:g} (damping={lam:g} now), "
         f"larger if this recurs. Non-convex models (Koh & Liang §4) need damping; see also "
-        f"Exact, which reports the exact smallest eigenvalue for small models."
+        f"Exact, which reports the exact smallest eigenvalue for small models.",
+        suggested_damping=suggest,
     )
 
 
