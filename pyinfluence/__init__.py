@@ -19,6 +19,7 @@ from pyinfluence._version import __version__ as __version__
 from pyinfluence.errors import (
     ConvergenceError,
     ConvergenceWarning,
+    DataError,
     NonFiniteError,
     NotAtOptimumWarning,
     NotFittedError,
@@ -96,6 +97,7 @@ __all__ = [
     "NotFittedError",
     "NotPositiveDefiniteError",
     "PyInfluenceError",
+    "DataError",
     "RidgeRegression",
     "SmoothHingeSVM",
     "TopK",

@@ -16,6 +16,8 @@ their diagnosis as attributes (``None`` where unknown), so code reads fields ins
   input was finite (features of very large magnitude, or float32 beyond its range). The message names the
   input and its largest magnitude; standardise the features (or use float64). Fields: ``what``, ``where``.
 - :class:`NotFittedError` (``ValueError``, ``AttributeError``): a model was used before ``fit``.
+- :class:`DataError` (``ValueError``): the user's data is inconsistent: a data file the command line reads,
+  or a stream of training batches that yields different examples from one pass to the next.
 - :class:`NotAtOptimumWarning` (``UserWarning``): the parameters are not a minimiser of the
   training objective, so influence values (which assume ``∇R(θ̂) = 0``) are approximate.
 
@@ -33,6 +35,7 @@ __all__ = [
     "ConvergenceWarning",
     "NonFiniteError",
     "NotFittedError",
+    "DataError",
     "NotAtOptimumWarning",
 ]
 
@@ -135,6 +138,11 @@ class NonFiniteError(PyInfluenceError, ArithmeticError):
 
 class NotFittedError(PyInfluenceError, ValueError, AttributeError):
     """The model has not been fitted yet (call ``fit(X, y)`` or use ``from_sklearn``)."""
+
+
+class DataError(PyInfluenceError, ValueError):
+    """The user's data is inconsistent (a data file's content; a training stream that changes between passes);
+    the message says what and where."""
 
 
 class NotAtOptimumWarning(UserWarning):

@@ -39,6 +39,7 @@ _EXPECTED_BUILTINS = {
     "ConvergenceError": (RuntimeError,),
     "NonFiniteError": (ArithmeticError,),
     "NotFittedError": (ValueError, AttributeError),
+    "DataError": (ValueError,),
 }
 
 

@@ -371,10 +371,11 @@ def test_test_data_forms(small):
     one = s.ti.up_loss(s.Xt[2], s.yt[2])  # a single example without the batch axis: m = 1 kept
     assert one.shape == (len(s.X), 1)
     torch.testing.assert_close(one[:, 0], ref[:, 2], rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(s.ti.up_loss(s.Xt, s.yt, [4, -1])[1], ref[-1], rtol=0, atol=0)
+    # a subset of training points: per-example gradients of a smaller vmap batch may round differently
+    torch.testing.assert_close(s.ti.up_loss(s.Xt, s.yt, [4, -1])[1], ref[-1], rtol=1e-12, atol=1e-15)
     mask = torch.zeros(len(s.X), dtype=torch.bool)
     mask[[1, 2]] = True
-    torch.testing.assert_close(s.ti.up_loss(s.Xt, s.yt, mask), ref[[1, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(s.ti.up_loss(s.Xt, s.yt, mask), ref[[1, 2]], rtol=1e-12, atol=1e-15)
     assert s.ti.up_loss(s.Xt, s.yt, []).shape == (0, len(s.Xt))
     # training data as a DataLoader: the same influence values
     t2 = TorchInfluence(s.lin, s.loss, DL(DS(s.X, s.y), batch_size=32), l2=s.ti.l2)
@@ -482,7 +483,7 @@ def test_bad_construction(small):
         TorchInfluence(lin, loss, (Xn, y))
     with pytest.raises(ValueError, match="120 examples but .* has 119"):
         TorchInfluence(lin, loss, (X, y[:-1]))
-    with pytest.raises(ValueError, match="solver must be 'auto'"):
+    with pytest.raises(ValueError, match="solver must be one of 'auto'"):
         TorchInfluence(lin, loss, (X, y), solver="newton")
     with pytest.raises(ValueError, match="damping"):
         TorchInfluence(lin, loss, (X, y), damping=-1.0)

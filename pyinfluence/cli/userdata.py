@@ -43,7 +43,7 @@ from typing import IO, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from pyinfluence._formatting import format_bytes
-from pyinfluence.errors import PyInfluenceError
+from pyinfluence.errors import DataError
 
 __all__ = [
     "DEFAULT_MAX_INPUT_BYTES",
@@ -70,10 +70,6 @@ DEFAULT_MAX_INPUT_BYTES = 1 << 30
 _UNNAMED_INDEX_HEADERS = ("", "Unnamed: 0")
 
 _READ_CHUNK = 1 << 20
-
-
-class DataError(PyInfluenceError, ValueError):
-    """A problem with the user's data file; the message is one line."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from pyinfluence.torch.batches import Inputs, batch_len, map_inputs, slice_inputs
 from pyinfluence.torch.data import _shape_str
 
 __all__ = ["FunctionalModel", "ParamSelection", "check_model_mode", "module_tree_copy", "select_params"]
@@ -35,6 +36,8 @@ __all__ = ["FunctionalModel", "ParamSelection", "check_model_mode", "module_tree
 ParamSelection = Union[None, str, Sequence[str], Callable[..., Any]]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+# Low-precision models are accepted and evaluated in float32 by default (see FunctionalModel's dtype).
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 # HVP mode: the most rows for which "auto" uses torch.autograd's double backward rather than
 # torch.func's vmapped vjp (see FunctionalModel.hvp_rows).
 _AUTOGRAD_MAX_ROWS = 32
@@ -151,11 +154,11 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[tuple
             keep.update(hits)
         chosen = [(n, p) for n, p in named if n in keep]
     dtypes = {p.dtype for _, p in chosen}
-    bad = [n for n, p in chosen if p.dtype not in _FLOAT_DTYPES]
+    bad = [n for n, p in chosen if p.dtype not in _FLOAT_DTYPES + _LOW_PRECISION]
     if bad:
         raise TypeError(
-            f"the selected parameters must be float32 or float64; {bad[0]!r} is "
-            f"{str(dict(chosen)[bad[0]].dtype).replace('torch.', '')} (convert the model with "
+            f"the selected parameters must be real floating point (float64, float32, bfloat16 or float16); "
+            f"{bad[0]!r} is {str(dict(chosen)[bad[0]].dtype).replace('torch.', '')} (convert the model with "
             f"model.float() or model.double())"
         )
     if len(dtypes) > 1:
@@ -245,23 +248,33 @@ class FunctionalModel:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         named: Sequence[tuple[str, nn.Parameter]],
         device: torch.device,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.sizes = [int(p.numel()) for _, p in named]
-        self.dtype: torch.dtype = named[0][1].dtype
+        model_dtype = named[0][1].dtype
+        # the computation dtype: the parameters' own, unless asked otherwise (a bfloat16/float16 model is
+        # evaluated in float32: then every floating parameter and buffer is copied once in that dtype)
+        self.dtype: torch.dtype = model_dtype if dtype is None else dtype
         self.device = device
-        self.theta = torch.cat([p.detach().reshape(-1) for _, p in named]).to(device).clone()
+        self.theta = torch.cat([p.detach().reshape(-1) for _, p in named]).to(device, self.dtype).clone()
         self.params = self.unflatten(self.theta)
         sel = set(self.names)
+        cast = self.dtype != model_dtype
+
+        def place(t: Tensor) -> Tensor:
+            t = t.detach().to(device)
+            return t.to(self.dtype) if cast and t.is_floating_point() else t
+
         fixed: dict[str, Tensor] = {}
         for n, p in model.named_parameters():
             if n not in sel:
-                fixed[n] = p.detach().to(device)
+                fixed[n] = place(p)
         for n, b in model.named_buffers():
-            fixed[n] = b.to(device)
+            fixed[n] = place(b)
         self.fixed = fixed
         self.n_params = int(self.theta.numel())
         self._pe_grad = vmap(grad(self._one_loss), in_dims=(None, 0, 0))
@@ -294,33 +307,35 @@ class FunctionalModel:
         return torch.cat([d[n].reshape(lead + (-1,)) for n in self.names], dim=-1)
 
     # -- plain evaluation ----------------------------------------------------------------------
-    def forward(self, ps: dict[str, Tensor], X: Tensor) -> Any:
+    def forward(self, ps: dict[str, Tensor], X: Inputs) -> Any:
+        """The model's outputs for a batch: ``model(X)``, or ``model(**X)`` for a dict of inputs."""
         tensors = {**self.fixed, **ps}
+        args, kwargs = ((), X) if isinstance(X, dict) else ((X,), None)
         if self._shared_module_lock is None:
-            return functional_call(self._thread_module(), tensors, (X,))
+            return functional_call(self._thread_module(), tensors, args, kwargs)
         with self._shared_module_lock:  # the swap lasts only for the call itself
-            return functional_call(self.model, tensors, (X,))
+            return functional_call(self.model, tensors, args, kwargs)
 
-    def losses(self, ps: dict[str, Tensor], X: Tensor, Y: Tensor) -> Tensor:
+    def losses(self, ps: dict[str, Tensor], X: Inputs, Y: Tensor) -> Tensor:
         """Per-example losses (B,) at the parameters ``ps``."""
-        return _per_example(self.loss_fn(self.forward(ps, X), Y), X.shape[0])
+        return _per_example(self.loss_fn(self.forward(ps, X), Y), batch_len(X))
 
-    def loss_sum(self, ps: dict[str, Tensor], X: Tensor, Y: Tensor) -> Tensor:
+    def loss_sum(self, ps: dict[str, Tensor], X: Inputs, Y: Tensor) -> Tensor:
         return self.losses(ps, X, Y).sum()
 
-    def _one_loss(self, ps: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return self.losses(ps, x.unsqueeze(0), y.unsqueeze(0))[0]
+    def _one_loss(self, ps: dict[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
+        return self.losses(ps, map_inputs(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))[0]
 
     # -- derivatives ---------------------------------------------------------------------------
-    def per_example_grads(self, X: Tensor, Y: Tensor) -> Tensor:
+    def per_example_grads(self, X: Inputs, Y: Tensor) -> Tensor:
         """∇θ L(z_i, θ̂) for a block of examples: (B, p), by ``vmap(grad)``."""
-        return self.flatten(self._pe_grad(self.params, X, Y), (X.shape[0],))
+        return self.flatten(self._pe_grad(self.params, X, Y), (batch_len(X),))
 
-    def grad_sum(self, X: Tensor, Y: Tensor) -> Tensor:
+    def grad_sum(self, X: Inputs, Y: Tensor) -> Tensor:
         """Σ_i ∇θ L(z_i, θ̂) over a block: (p,)."""
         return self.flatten(grad(self.loss_sum)(self.params, X, Y))
 
-    def hvp_rows(self, Vt: Tensor, X: Tensor, Y: Tensor, mode: str = "auto") -> Tensor:
+    def hvp_rows(self, Vt: Tensor, X: Inputs, Y: Tensor, mode: str = "auto") -> Tensor:
         """Σ_i ∇²θ L(z_i, θ̂) v for the rows v of ``Vt`` (r, p) → (r, p), over the block (X, Y).
 
         Modes (same numbers, H being symmetric):
@@ -373,7 +388,7 @@ class FunctionalModel:
         return self.flatten(out, (r,))
 
     def hessian_block_pullback(
-        self, col: str, rows: Sequence[str], X: Tensor, Y: Tensor
+        self, col: str, rows: Sequence[str], X: Inputs, Y: Tensor
     ) -> Callable[[Tensor], dict[str, Tensor]]:
         """A function E (r, *shape of ``col``) → {name: (r, *shape)} for the names in ``rows``:
         the rows of Σ_i ∇²L(z_i, θ̂) belonging to the parameters ``rows`` (which must include
@@ -426,7 +441,7 @@ class FunctionalModel:
         return vmap(lambda t: pullback(t)[0])(T)
 
     # -- sizing --------------------------------------------------------------------------------
-    def activation_numel(self, x1: Tensor) -> int:
+    def activation_numel(self, x1: Inputs) -> int:
         """Rough number of activation values per example (sum of leaf-module output sizes)."""
         if self._act is not None:
             return self._act
@@ -446,7 +461,7 @@ class FunctionalModel:
             ]
             try:
                 with torch.no_grad():
-                    out = self.forward(self.params, x1[:1])
+                    out = self.forward(self.params, slice_inputs(x1, 0, 1))
             finally:
                 for h in handles:
                     h.remove()

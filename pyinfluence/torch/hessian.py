@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from pyinfluence.torch.data import TensorData, _shape_str
+from pyinfluence.torch.data import TrainingData, _shape_str
 from pyinfluence.torch.functional import _AUTOGRAD_MAX_ROWS, FunctionalModel
 
 __all__ = ["HessianOperator"]
@@ -61,7 +61,7 @@ class HessianOperator:
     def __init__(
         self,
         fm: FunctionalModel,
-        data: TensorData,
+        data: TrainingData,
         l2: float,
         batch_size: int,
         progress: Callable[..., Any] | None = None,
@@ -85,7 +85,7 @@ class HessianOperator:
 
     def _rows(self, r: int) -> int:
         """Examples per HVP call with r columns: the working-set budget, ≤ batch_size."""
-        act = self.fm.activation_numel(self.data.inputs)
+        act = self.fm.activation_numel(self.data.head(1)[0])
         item = torch.finfo(self.dtype).bits // 8
         rows = _HVP_WORKSET // max(1, r * (act + 8) * item)
         return int(min(self.n_train, self.batch_size, max(rows, 16)))
@@ -103,7 +103,7 @@ class HessianOperator:
             W = W.to(device=self.device, dtype=self.dtype)
         return W, one_d
 
-    def _sum_hvp(self, Vt: Tensor, data: TensorData, mode: str = _HVP_MODE) -> Tensor:
+    def _sum_hvp(self, Vt: Tensor, data: TrainingData, mode: str = _HVP_MODE) -> Tensor:
         """Σ_{i ∈ data} ∇²L(z_i) v for the rows v of Vt (r, p): blocks of at most
         ``_MAX_COLUMNS`` rows (beyond the autograd range) times blocks of examples."""
         r = Vt.shape[0]
@@ -141,6 +141,13 @@ class HessianOperator:
         b = int(batch_size)
         if b < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not self.data.random_access:
+            raise ValueError(
+                "minibatch Hessian-vector products (LiSSA) draw random training examples, but the training "
+                "data is a stream without random access (an IterableDataset or an iterable of batches): "
+                "pass a map-style Dataset (or a DataLoader over one), or use a full-pass solver "
+                "(solver='block_cg', 'cg', 'ekfac')"
+            )
         gdev = generator.device if generator is not None else torch.device("cpu")
         idx = torch.randint(self.n_train, (b,), generator=generator, device=gdev)
         if idx.device != self.device:

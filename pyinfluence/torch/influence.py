@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Union
 
 import torch
@@ -41,8 +41,20 @@ from pyinfluence._validation import (
 )
 from pyinfluence.errors import NonFiniteError, NotAtOptimumWarning
 from pyinfluence.interface import Influence, TopK
+from pyinfluence.torch.batches import (
+    Inputs,
+    StreamingData,
+    batch_len,
+    cat_inputs,
+    convert_inputs,
+    inputs_equal,
+    is_reiterable_source,
+    map_inputs,
+    slice_inputs,
+)
 from pyinfluence.torch.data import (
     TensorData,
+    TrainingData,
     _check_finite,
     _to_tensor,
     as_tensor_pair,
@@ -57,7 +69,15 @@ from pyinfluence.torch.functional import (
     select_params,
 )
 from pyinfluence.torch.hessian import HessianOperator
-from pyinfluence.torch.solvers import BlockCG, Exact, PreparedSolver, Solver, SolveResult, resolve_solver
+from pyinfluence.torch.solvers import (
+    _SOLVERS,
+    BlockCG,
+    Exact,
+    PreparedSolver,
+    Solver,
+    SolveResult,
+    resolve_solver,
+)
 
 __all__ = ["TorchInfluence"]
 
@@ -90,15 +110,34 @@ class TorchInfluence(Influence[Tensor]):
       ``lambda out, y: F.binary_cross_entropy_with_logits(out.squeeze(-1), y,
       reduction="none")``. TorchInfluence averages it itself; a reduced (scalar) loss is refused.
       See also :func:`pyinfluence.losses.smooth_hinge_loss`.
-    - ``train_data``: the training set the model was fitted on: an ``(inputs, targets)`` pair of
-      tensors, a ``Dataset`` yielding ``(x, y)`` or a ``DataLoader`` with ``shuffle=False``. It
-      is materialised once as two tensors on ``device`` (floating inputs/targets converted to the
-      parameters' dtype). Training index i is the i-th example in that order.
+    - ``train_data``: the training set the model was fitted on, in one of two forms:
+
+      * in memory: an ``(inputs, targets)`` pair (tensors or arrays; ``inputs`` may be a dict of tensors,
+        Hugging Face style) or a ``TensorDataset`` — moved once to ``device``;
+      * streamed (the set never has to fit in memory): a ``DataLoader`` (with ``shuffle=False``), any
+        other ``Dataset``, or a re-iterable of batches (a list of batches, an object whose ``__iter__``
+        starts a new pass). Every pass iterates it; each batch is converted and moved to ``device`` on
+        its own. Batches are ``(inputs, targets)`` pairs or dicts of tensors holding the targets under
+        ``label_key`` (default ``"labels"``), the rest being the model's inputs. Random subsets
+        (``train_idx=``, LiSSA's minibatches) are read by index from a map-style dataset; an unsized
+        stream is counted once at construction. See :mod:`pyinfluence.torch.batches`.
+
+      Floating inputs and targets are converted to the computation dtype. Training index i is the
+      i-th example in that order; a stream must yield the same examples in the same order on every
+      pass (a pass yielding a different count raises :class:`~pyinfluence.errors.DataError`). A
+      model whose inputs are a dict is called as ``model(**inputs)``.
+    - ``stream``: None (default): stream DataLoaders, Datasets other than ``TensorDataset`` and
+      iterables of batches, keep pairs and TensorDatasets in memory; False: materialise any form in
+      memory once (fastest for a small set); True: stream.
+    - ``label_key``: the key of the targets in dict batches.
     - ``params``: which parameters θ are, ``None`` = all with ``requires_grad``; a name or list of
       names / module prefixes (``["fc"]`` = ``fc.weight``, ``fc.bias``); or a predicate
       ``f(name)`` / ``f(name, parameter) -> bool``. All selected parameters must share one dtype
-      (float32 or float64). Influence is computed with every other parameter held fixed (e.g.
-      the paper's Inception experiment: the top layer only).
+      (float64, float32, bfloat16 or float16). Influence is computed with every other parameter
+      held fixed (e.g. the paper's Inception experiment: the top layer only).
+    - ``dtype``: the computation dtype, float64 or float32. Default: the selected parameters' dtype,
+      or float32 for a bfloat16/float16 model (whose floating parameters and buffers are then
+      copied once in float32; the model itself is not changed). All results are in this dtype.
     - ``l2``: the weight decay that was part of the training objective: R includes
       (l2/2)‖θ‖² over the selected parameters (SGD's ``weight_decay=wd`` is ``l2=wd``). Its term
       is in the Hessian.
@@ -169,13 +208,24 @@ class TorchInfluence(Influence[Tensor]):
         device: str | torch.device | None = None,
         progress: bool = False,
         optimum_tol: float | None = 1e-2,
+        stream: bool | None = None,
+        label_key: str = "labels",
+        dtype: torch.dtype | str | None = None,
     ) -> None:
         named = self._check_arguments(model, loss_fn, params, l2, damping, progress)
         if optimum_tol is not None:
             optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
+        if stream is not None:
+            stream = check_bool("stream", stream)
+        if not isinstance(label_key, str):
+            raise TypeError(
+                f"label_key must be a str (the key of the targets in dict batches), got {label_key!r}"
+            )
+        self._label_key = label_key
         dev = resolve_device(device, named[0][1].device)
         self._solver_cfg = self._pick_solver(solver, sum(int(p.numel()) for _, p in named))
-        self._prepare_data(model, loss_fn, named, train_data, dev)
+        cdtype = _compute_dtype(dtype, named[0][1].dtype)
+        self._prepare_data(model, loss_fn, named, train_data, dev, cdtype, stream)
         self._batch = self._choose_batch_size(batch_size)
         self._init_solving()
         self._check_optimum(optimum_tol)
@@ -227,15 +277,24 @@ class TorchInfluence(Influence[Tensor]):
         named: list[tuple[str, nn.Parameter]],
         train_data: Any,
         dev: torch.device,
+        dtype: torch.dtype,
+        stream: bool | None,
     ) -> None:
-        """Materialise the training set on ``dev`` in the parameters' dtype, build the functional model
-        and check that model and loss run on it (sets ``_model``, ``_fm``, ``_data``, ``_n``,
-        ``_device``, ``_dtype``, ``_n_outputs``)."""
-        dtype = named[0][1].dtype
-        data, _ = as_tensor_pair("train_data", train_data, device=dev, dtype=dtype)
+        """The training set in memory on ``dev`` in the computation dtype, or a stream over it; the
+        functional model; a check that model and loss run on it (sets ``_model``, ``_fm``, ``_data``,
+        ``_like``, ``_n``, ``_device``, ``_dtype``, ``_n_outputs``)."""
+        data: TrainingData
+        if _streams(train_data, stream):
+            data = StreamingData("train_data", train_data, device=dev, dtype=dtype, label_key=self._label_key)
+        else:
+            data, _ = as_tensor_pair(
+                "train_data", train_data, device=dev, dtype=dtype, label_key=self._label_key
+            )
         self._model = model
-        self._fm = FunctionalModel(model, loss_fn, named, dev)
+        self._fm = FunctionalModel(model, loss_fn, named, dev, dtype)
         self._data = data
+        # the first examples: the per-example shapes and kinds test data must match (in memory, always)
+        self._like = TensorData(*data.head(2))
         self._n = len(data)
         self._device = dev
         self._dtype = dtype
@@ -245,7 +304,7 @@ class TorchInfluence(Influence[Tensor]):
         """The most training examples per pass: ``batch_size``, or what fits a (batch × (p + activations))
         block in 64 MiB."""
         item = torch.finfo(self._dtype).bits // 8
-        act = self._fm.activation_numel(self._data.inputs)
+        act = self._fm.activation_numel(self._like.inputs)
         if batch_size is None:
             return int(min(self._n, max(16, _BLOCK_BYTES // ((self._fm.n_params + act) * item))))
         return check_int("batch_size", batch_size, 1)
@@ -270,8 +329,9 @@ class TorchInfluence(Influence[Tensor]):
         self._finite(g, "the training-loss gradient ∇R(θ̂)")  # an overflow of X_train's magnitude
         if optimum_tol is None:
             return
-        b = min(self._n, self._batch, 256)
-        G0 = self._fm.per_example_grads(self._data.inputs[:b], self._data.targets[:b])
+        X0, Y0 = self._data.head(min(self._n, self._batch, 256))
+        b = batch_len(X0)
+        G0 = self._fm.per_example_grads(X0, Y0)
         rms = float(torch.linalg.vector_norm(G0)) / math.sqrt(b)
         ratio = self.grad_norm_ / rms if rms > 0 else (math.inf if self.grad_norm_ > 0 else 0.0)
         if not math.isfinite(self.grad_norm_) or ratio > optimum_tol:
@@ -294,18 +354,19 @@ class TorchInfluence(Influence[Tensor]):
             key = solver.strip().lower()
             if key == "auto":
                 return Exact() if p <= AUTO_EXACT_MAX_PARAMS else BlockCG()
-            if key not in ("exact", "cg", "block_cg", "lissa", "kfac", "ekfac"):
+            if key not in _SOLVERS:
+                names = ", ".join(repr(k) for k in ("auto", *_SOLVERS))
                 raise ValueError(
-                    f"solver must be 'auto', 'exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac' or a solver "
-                    f"object such as pyinfluence.CG(tol=1e-6), got {solver!r}"
+                    f"solver must be one of {names} or a solver object such as pyinfluence.CG(tol=1e-6), "
+                    f"got {solver!r}"
                 )
         return resolve_solver(solver)
 
     def _check_callables(self) -> None:
         """Run the model and loss on two training examples: shapes, reduction, torch.func."""
-        fm, d = self._fm, self._data
-        X, Y = d.inputs[:2], d.targets[:2]
-        dt = str(X.dtype).replace("torch.", "")
+        fm, d = self._fm, self._like
+        X, Y = d.inputs, d.targets
+        dt = _dtype_str(X)
         try:
             with torch.no_grad():
                 out = fm.forward(fm.params, X)
@@ -313,17 +374,22 @@ class TorchInfluence(Influence[Tensor]):
             hint = (
                 f" They are {dt}: integer inputs reach the model unchanged (as token ids for an "
                 f"embedding would); if they are real-valued features, pass them as floats (X.float())."
-                if not X.is_floating_point()
+                if isinstance(X, Tensor) and not X.is_floating_point()
                 else ""
             )
             raise ValueError(
-                f"calling the model on train_data's inputs (shape {tuple(X.shape)} for two examples, "
+                f"calling the model on train_data's inputs ({_shape_desc(X)} for two examples, "
                 f"dtype {dt}) failed with {type(exc).__name__}: {exc}. train_data's inputs must be a "
                 f"batch the model accepts, examples first.{hint}"
             ) from exc
         # Integer targets of a model with C ≥ 2 outputs per example are class labels 0..C−1.
         self._n_outputs = int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim == 2 else None
         check_class_labels("train_data's targets", d.targets, self._n_outputs)
+        if isinstance(self._data, TensorData):
+            check_class_labels("train_data's targets", self._data.targets, self._n_outputs)
+        else:  # every streamed batch, as it arrives
+            n_out = self._n_outputs
+            self._data.check_targets = lambda Yb: check_class_labels("train_data's targets", Yb, n_out)
         try:
             with torch.no_grad():
                 losses = fm.loss_fn(out, Y)
@@ -334,7 +400,7 @@ class TorchInfluence(Influence[Tensor]):
                 f"{tuple(Y.shape)}, dtype {str(Y.dtype).replace('torch.', '')}) failed with "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        losses = _per_example(losses, X.shape[0])
+        losses = _per_example(losses, batch_len(X))
         if not losses.is_floating_point():
             raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
         if not bool(torch.isfinite(losses).all()):
@@ -452,8 +518,9 @@ class TorchInfluence(Influence[Tensor]):
             y_test,
             device=self._device,
             dtype=self._dtype,
-            like=self._data,
+            like=self._like,
             names=("X_test", "y_test"),
+            label_key=self._label_key,
         )
         check_class_labels("y_test", data.targets, self._n_outputs)
         return data
@@ -466,14 +533,14 @@ class TorchInfluence(Influence[Tensor]):
         idx = as_index_array("train_idx", train_idx, self._n, **kw)
         return torch.from_numpy(idx).to(self._device)
 
-    def _train(self, idx: Tensor | None) -> TensorData:
+    def _train(self, idx: Tensor | None) -> TrainingData:
         return self._data.take(idx)
 
     def _grad_rows(self) -> int:
         return self._batch
 
-    def _blocks(self, data: TensorData, rows: int, desc: str) -> Iterable[tuple[int, Tensor, Tensor]]:
-        it: Iterable[tuple[int, Tensor, Tensor]] = data.blocks(rows)
+    def _blocks(self, data: TrainingData, rows: int, desc: str) -> Iterable[tuple[int, Inputs, Tensor]]:
+        it: Iterable[tuple[int, Inputs, Tensor]] = data.blocks(rows)
         if self._progress:
             it = self._bar(it, total=math.ceil(len(data) / rows), desc=desc)
         return it
@@ -488,9 +555,10 @@ class TorchInfluence(Influence[Tensor]):
     def _non_finite_error(self, what: str, test: TensorData | None) -> NonFiniteError:
         """NonFiniteError for ``what``, naming the inputs involved with their largest magnitudes."""
         sizes = {}
-        for name, data in (("X_test", test), ("X_train", self._data)):
+        train = self._data if isinstance(self._data, TensorData) else None  # a stream is not read again
+        for name, data in (("X_test", test), ("X_train", train)):
             x = None if data is None else data.inputs
-            if x is not None and x.numel() and x.is_floating_point():
+            if isinstance(x, Tensor) and x.numel() and x.is_floating_point():
                 sizes[name] = float(x.abs().max())
         return NonFiniteError(
             overflow_message(
@@ -505,14 +573,7 @@ class TorchInfluence(Influence[Tensor]):
         # under the lock: a second thread asking for the same test set waits and reuses the solve
         with self._solve_lock:
             for i, (d, s) in enumerate(self._cache):
-                if (
-                    d.inputs.shape == test.inputs.shape
-                    and d.targets.shape == test.targets.shape
-                    and d.inputs.dtype == test.inputs.dtype
-                    and d.targets.dtype == test.targets.dtype
-                    and torch.equal(d.inputs, test.inputs)
-                    and torch.equal(d.targets, test.targets)
-                ):
+                if inputs_equal(d.targets, test.targets) and inputs_equal(d.inputs, test.inputs):
                     if i:
                         self._cache.insert(0, self._cache.pop(i))
                     return s
@@ -522,11 +583,11 @@ class TorchInfluence(Influence[Tensor]):
             del self._cache[_CACHE_SIZE:]
             return s
 
-    def _per_example_grads(self, data: TensorData, desc: str = "gradients") -> Tensor:
+    def _per_example_grads(self, data: TrainingData, desc: str = "gradients") -> Tensor:
         n = len(data)
         out = torch.empty((n, self.n_params), dtype=self._dtype, device=self._device)
         for s, X, Y in self._blocks(data, self._grad_rows(), desc):
-            out[s : s + X.shape[0]] = self._fm.per_example_grads(X, Y)
+            out[s : s + batch_len(X)] = self._fm.per_example_grads(X, Y)
         return out
 
     # -- core quantities ---------------------------------------------------------------------
@@ -568,7 +629,7 @@ class TorchInfluence(Influence[Tensor]):
         out = torch.empty((len(test),), dtype=self._dtype, device=self._device)
         with torch.no_grad():
             for s, X, Y in self._blocks(test, self._grad_rows(), "loss"):
-                out[s : s + X.shape[0]] = self._fm.losses(self._fm.params, X, Y)
+                out[s : s + batch_len(X)] = self._fm.losses(self._fm.params, X, Y)
         return out
 
     def predict(self, X_test: Any) -> Tensor:
@@ -579,9 +640,10 @@ class TorchInfluence(Influence[Tensor]):
         them at 0). See :meth:`Influence.predict`."""
         X = self._inputs(X_test)
         outs = []
+        rows = self._grad_rows()
         with torch.no_grad():
-            for i in range(0, X.shape[0], self._grad_rows()):
-                outs.append(self._fm.forward(self._fm.params, X[i : i + self._grad_rows()]))
+            for i in range(0, batch_len(X), rows):
+                outs.append(self._fm.forward(self._fm.params, slice_inputs(X, i, i + rows)))
         out = torch.cat(outs)
         if self._classifies():
             return out.argmax(dim=-1)
@@ -595,7 +657,7 @@ class TorchInfluence(Influence[Tensor]):
         out = torch.empty((k, self.n_params), dtype=self._dtype, device=self._device)
         for s, X, Y in self._blocks(data, self._grad_rows(), "up_params"):
             G = self._fm.per_example_grads(X, Y)
-            out[s : s + X.shape[0]] = self._solve(G.t()).t().neg()
+            out[s : s + batch_len(X)] = self._solve(G.t()).t().neg()
         return self._finite(out, "up_params")
 
     def up_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
@@ -607,7 +669,7 @@ class TorchInfluence(Influence[Tensor]):
         out = torch.empty((len(data), S.shape[1]), dtype=self._dtype, device=self._device)
         for s, X, Y in self._blocks(data, self._grad_rows(), "up_loss"):
             G = self._fm.per_example_grads(X, Y)
-            torch.matmul(G, S, out=out[s : s + X.shape[0]])
+            torch.matmul(G, S, out=out[s : s + batch_len(X)])
         return self._finite(out.neg_(), "the influence scores up_loss", test)
 
     def pert_loss(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
@@ -616,24 +678,26 @@ class TorchInfluence(Influence[Tensor]):
         Computed as ∇x[−s_testᵀ ∇θL(x_i, y_i)] by differentiating through the training input (jvp over
         θ of the input gradient). Needs floating-point inputs (TypeError otherwise).
         """
-        if not self._data.inputs.is_floating_point():
+        like = self._like.inputs
+        if not isinstance(like, Tensor) or not like.is_floating_point():
             raise TypeError(
-                f"pert_loss differentiates with respect to the training inputs, which have dtype "
-                f"{self._data.inputs.dtype}; it needs floating-point inputs"
+                f"pert_loss differentiates with respect to the training inputs, which are "
+                f"{_dtype_str(like)}; it needs one tensor of floating-point inputs"
             )
         test = self._test(X_test, y_test)
         S = self._s_test(test)
         St = S.t().contiguous()  # (m, p)
         m = St.shape[0]
         data = self._train(self._idx(train_idx))
-        in_shape = tuple(self._data.inputs.shape[1:])
+        in_shape = tuple(like.shape[1:])
         out = torch.empty((len(data), m) + in_shape, dtype=self._dtype, device=self._device)
         item = torch.finfo(self._dtype).bits // 8
-        per = max(1, m * (math.prod(in_shape) + self._fm.activation_numel(self._data.inputs)) * item)
+        per = max(1, m * (math.prod(in_shape) + self._fm.activation_numel(like)) * item)
         rows = int(max(1, min(self._batch, _BLOCK_BYTES // per)))
         for s, X, Y in self._blocks(data, rows, "pert_loss"):
+            assert isinstance(X, Tensor)  # like the first examples: one tensor (checked above)
             J = self._fm.mixed_input_grad(St, X, Y)  # (m, B, *in)
-            out[s : s + X.shape[0]] = J.transpose(0, 1).neg()
+            out[s : s + batch_len(X)] = J.transpose(0, 1).neg()
         return self._finite(out, "pert_loss", test)
 
     def self_influence(self, train_idx: IndexLike = None) -> Tensor:
@@ -644,7 +708,7 @@ class TorchInfluence(Influence[Tensor]):
         for s, X, Y in self._blocks(data, self._grad_rows(), "self_influence"):
             G = self._fm.per_example_grads(X, Y)  # (B, p)
             Z = self._solve(G.t())  # (p, B)
-            out[s : s + X.shape[0]] = -(G * Z.t()).sum(dim=1)
+            out[s : s + batch_len(X)] = -(G * Z.t()).sum(dim=1)
         return self._finite(out, "self_influence")
 
     def loo_change(
@@ -698,7 +762,7 @@ class TorchInfluence(Influence[Tensor]):
             G = self._fm.per_example_grads(X, Y)
             sc = (G @ S).neg_().t()  # (m, B)
             finite &= torch.isfinite(sc).all()
-            ids = torch.arange(s, s + X.shape[0], device=dev).expand(m, -1)
+            ids = torch.arange(s, s + batch_len(X), device=dev).expand(m, -1)
             cv, ci = torch.cat([hv, sc], 1), torch.cat([hi, ids], 1)
             kk = min(k, cv.shape[1])
             v, j = torch.topk(cv, kk, dim=1, largest=False, sorted=True)
@@ -744,14 +808,29 @@ class TorchInfluence(Influence[Tensor]):
             "refit=callable(X_train_perturbed, previous_influence) that does this)"
         )
 
-    def training_data(self) -> tuple[Tensor, Tensor]:
-        """A copy of the training set as ``(inputs, targets)`` tensors on ``device``, as materialised at
-        construction (floating values in the parameters' dtype); see :meth:`Influence.training_data`."""
-        return self._data.inputs.clone(), self._data.targets.clone()
+    def training_data(self) -> tuple[Any, Tensor]:
+        """A copy of the training set as ``(inputs, targets)`` on ``device`` (inputs a tensor, or a dict of
+        tensors), floating values in the computation dtype; see :meth:`Influence.training_data`. For
+        streamed training data this reads the whole stream into memory (one pass): it is the set itself
+        that is asked for."""
+        if isinstance(self._data, TensorData):
+            return map_inputs(self._data.inputs, lambda t: t.clone()), self._data.targets.clone()
+        xs: list[Inputs] = []
+        ys: list[Tensor] = []
+        for X, Y in self._data.batches():
+            xs.append(X)
+            ys.append(Y)
+        try:
+            return cat_inputs(xs), torch.cat(ys)
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(
+                f"training_data(): the streamed batches cannot be joined into one set of tensors ({exc}); "
+                f"their examples differ in shape (e.g. sequences padded per batch)"
+            ) from None
 
     def _classifies(self) -> bool:
         """Whether the targets are class labels: integer targets of a model with C ≥ 2 outputs."""
-        t = self._data.targets
+        t = self._like.targets
         return (
             self._n_outputs is not None
             and self._n_outputs >= 2
@@ -759,11 +838,18 @@ class TorchInfluence(Influence[Tensor]):
             and t.dtype != torch.bool
         )
 
-    def _inputs(self, X_test: Any) -> Tensor:
+    def _inputs(self, X_test: Any) -> Inputs:
         """Test inputs alone (no targets) as a batch on ``device``, shaped and typed like the training
-        inputs; one input without the batch axis becomes a batch of one."""
+        inputs; one input without the batch axis becomes a batch of one (tensor inputs only)."""
+        like = self._like.inputs
+        if isinstance(like, dict) or isinstance(X_test, Mapping):
+            if not (isinstance(like, dict) and isinstance(X_test, Mapping)) or set(X_test) != set(like):
+                raise TypeError(
+                    f"X_test must be inputs of the training inputs' form: "
+                    f"{'a dict with keys ' + str(sorted(like)) if isinstance(like, dict) else 'a tensor'}"
+                )
+            return convert_inputs("X_test", X_test, device=self._device, dtype=self._dtype)
         X = _to_tensor("X_test", X_test)
-        like = self._data.inputs
         if tuple(X.shape) == tuple(like.shape[1:]):
             X = X.unsqueeze(0)
         if X.ndim == 0 or tuple(X.shape[1:]) != tuple(like.shape[1:]):
@@ -781,3 +867,60 @@ class TorchInfluence(Influence[Tensor]):
         X = X.to(self._device)
         _check_finite("X_test", X)
         return X
+
+
+# ==============================================================================================
+# helpers
+# ==============================================================================================
+def _compute_dtype(dtype: Any, model_dtype: torch.dtype) -> torch.dtype:
+    """The computation dtype: ``dtype`` (float64 / float32, or their names) or, for None, the model's
+    parameter dtype — float32 for a bfloat16/float16 model."""
+    if dtype is None:
+        return model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype.strip().lower(), dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float64, torch.float32 or None, got {dtype!r}")
+    return dtype
+
+
+def _streams(train_data: Any, stream: bool | None) -> bool:
+    """Whether ``train_data`` is streamed (see ``stream`` in TorchInfluence's docstring)."""
+    if stream is False:
+        return False
+    if isinstance(train_data, torch.utils.data.TensorDataset) and stream is None:
+        return False
+    if isinstance(train_data, (tuple, list)):
+        # a list of batches (each a pair or a dict) is a stream; an (inputs, targets) pair is not
+        batches = len(train_data) > 0 and all(isinstance(b, (tuple, list, Mapping)) for b in train_data)
+        if not batches or (
+            len(train_data) == 2
+            and isinstance(train_data[0], Mapping)
+            and not isinstance(train_data[1], (tuple, list, Mapping))
+        ):
+            if stream:
+                raise ValueError(
+                    "stream=True needs a DataLoader, a Dataset or an iterable of batches as train_data"
+                )
+            return False
+        return True
+    if is_reiterable_source(train_data):
+        return True
+    if stream:
+        raise ValueError(
+            f"stream=True needs a DataLoader, a Dataset or an iterable of batches as train_data, got "
+            f"{type(train_data).__name__}"
+        )
+    return False
+
+
+def _dtype_str(X: Any) -> str:
+    if isinstance(X, dict):
+        return "a dict of " + ", ".join(f"{k}: {str(v.dtype).replace('torch.', '')}" for k, v in X.items())
+    return str(getattr(X, "dtype", type(X).__name__)).replace("torch.", "")
+
+
+def _shape_desc(X: Any) -> str:
+    if isinstance(X, dict):
+        return "inputs " + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in X.items())
+    return f"shape {tuple(X.shape)}"
