@@ -47,6 +47,7 @@ from pyinfluence.runtime import (
 # optional dependency: the `torch` extra) nor pays for importing it. Without torch, these names raise an
 # ImportError that names the extra. Name -> module that defines it.
 _LAZY = {
+    "Arnoldi": "pyinfluence.torch.solvers",
     "BlockCG": "pyinfluence.torch.solvers",
     "CG": "pyinfluence.torch.solvers",
     "EKFAC": "pyinfluence.torch.solvers",
@@ -55,6 +56,12 @@ _LAZY = {
     "LiSSA": "pyinfluence.torch.solvers",
     "SolveResult": "pyinfluence.torch.solvers",
     "TorchInfluence": "pyinfluence.torch.influence",
+    "GradientStore": "pyinfluence.torch.stores",
+    "ProjectedInfluence": "pyinfluence.torch.stores",
+    "GaussianProjection": "pyinfluence.torch.stores",
+    "RademacherProjection": "pyinfluence.torch.stores",
+    "SparseJLProjection": "pyinfluence.torch.stores",
+    "LoGraProjection": "pyinfluence.torch.stores",
     "smooth_hinge_loss": "pyinfluence.torch.losses",
     "Solver": "pyinfluence.torch.solvers",
     "resolve_solver": "pyinfluence.torch.solvers",

@@ -11,6 +11,7 @@ assembled with ``torch.kron`` in the flat parameter order (W row-major, then b) 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def reference_stats(model, X, y, fisher, selected):
     the bias is selected, a only when the weight is)."""
     Ws = [model[i].weight.detach().clone().requires_grad_(True) for i in LIN]
     bs = [model[i].bias.detach().clone().requires_grad_(True) for i in LIN]
-    stats = [[] for _ in LIN]
+    stats: list[list[Any]] = [[] for _ in LIN]
     for i in range(X.shape[0]):
         h = X[i]
         acts, ss = [], []
@@ -100,7 +101,7 @@ def reference_stats(model, X, y, fisher, selected):
 
 def reference_blocks(stats, ekfac):
     """Per layer: the (out·in', out·in') curvature block in row-major vec order of [W b]."""
-    blocks = []
+    blocks: list[Any] = []
     for st in stats:
         if not st:
             blocks.append(None)
@@ -109,7 +110,7 @@ def reference_blocks(stats, ekfac):
         A = sum(torch.outer(a, a) for a, _ in st) / n
         G = sum(w * torch.outer(d, d) for _, pairs in st for w, d in pairs) / n
         if not ekfac:
-            blocks.append(torch.kron(G, A))
+            blocks.append(torch.kron(G, A))  # type: ignore[arg-type]
             continue
         _, QA = torch.linalg.eigh(A)
         _, QG = torch.linalg.eigh(G)
@@ -300,7 +301,7 @@ def test_tol_raises_or_warns(problem):
     op = _influence(model, X, y, "ekfac").operator
     V = _rhs(op.n_params, r=3)
     measured = EKFAC().prepare(op, DAMPING).solve(V)
-    tol = 0.5 * measured.max_residual
+    tol = 0.5 * measured.max_residual  # type: ignore[operator]
     with pytest.raises(ConvergenceError, match="EKFAC") as exc:
         EKFAC(tol=tol).prepare(op, DAMPING).solve(V)
     assert torch.equal(exc.value.result.solution, measured.solution)
@@ -309,7 +310,7 @@ def test_tol_raises_or_warns(problem):
     assert not bool(out.info["converged"].all())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ok = EKFAC(tol=2 * measured.max_residual).prepare(op, DAMPING).solve(V)
+        ok = EKFAC(tol=2 * measured.max_residual).prepare(op, DAMPING).solve(V)  # type: ignore[operator]
     assert bool(ok.info["converged"].all())
 
 
@@ -326,13 +327,19 @@ def test_not_positive_definite_without_shift(problem):
 # ----------------------------------------------------------------------------------------------
 # unsupported layers, hooks, options
 # ----------------------------------------------------------------------------------------------
-def test_conv_parameter_named_in_error():
+def test_unsupported_module_parameter_named_in_error():
+    """A parameter of a module type that is not Kronecker-factored (here nn.Conv1d; nn.Conv2d is
+    supported since the convolution work, see tests/test_kfac_conv.py) is named with its module type,
+    and the message points to unsupported='diagonal'."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
-    X = torch.randn(10, 1, 5, 5, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 3, 3)).double()
+    X = torch.randn(10, 1, 5, dtype=torch.float64)
     y = torch.randint(3, (10,))
     inf = TorchInfluence(model, ce, (X, y), l2=L2, damping=DAMPING, solver="kfac", optimum_tol=None)
-    with pytest.raises(ValueError, match=r"nn\.Linear layers only; parameter '0\.weight' belongs to Conv2d"):
+    with pytest.raises(
+        ValueError,
+        match=r"nn\.Conv2d layers only; parameter '0\.weight' belongs to Conv1d.*unsupported='diagonal'",
+    ):
         inf.prepare()
     # the Linear layer alone works
     inf2 = TorchInfluence(
@@ -390,7 +397,7 @@ def test_operator_without_model_rejected():
             return V
 
     with pytest.raises(TypeError, match="HessianOperator"):
-        KFAC().prepare(Op(), 0.1)
+        KFAC().prepare(Op(), 0.1)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,3 +420,30 @@ def test_up_loss_end_to_end(problem):
         assert approx.shape == exact.shape
         r = torch.corrcoef(torch.stack([approx.reshape(-1), exact.reshape(-1)]))[0, 1]
         assert float(r) > 0.5, (name, float(r))
+
+
+# ----------------------------------------------------------------------------------------------
+# the square root of the approximate inverse (for preconditioned LiSSA)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_apply_sqrt_inverse(problem, cls):
+    """``_apply_sqrt_inverse`` is the symmetric square root of the approximate inverse M: applied
+    twice it equals ``_apply``, it is symmetric, and its square matches the dense reference
+    (D + (l2 + λ)I)⁻¹ built in this file (its symmetric square root via eigh, independently)."""
+    model, X, y = problem
+    op = _influence(model, X, y, cls()).operator
+    prep = cls().prepare(op, DAMPING)
+    p = op.n_params
+    V = _rhs(p, r=3)
+    half = prep._apply_sqrt_inverse(V)
+    assert half.shape == V.shape and half.dtype == V.dtype
+    twice = prep._apply_sqrt_inverse(half)
+    assert rel_err(twice, prep._apply(V)) < 1e-12
+    _, D = reference_solve(model, X, y, V, "true", cls is EKFAC)
+    ev, Q = torch.linalg.eigh(D)
+    ref_half = Q @ torch.diag(ev.rsqrt()) @ Q.T
+    assert rel_err(half, ref_half @ V) < 1e-9
+    S = prep._apply_sqrt_inverse(torch.eye(p, dtype=torch.float64))
+    assert torch.allclose(S, S.T, atol=1e-12)
+    # float32 right-hand sides come back in float32
+    assert prep._apply_sqrt_inverse(V.float()).dtype == torch.float32

@@ -328,3 +328,43 @@ def test_bfloat16_model_is_computed_in_float32(mlp_problem):
     torch.testing.assert_close(f64.up_loss(Xt, yt), ref.up_loss(Xt, yt), rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="dtype must be"):
         TorchInfluence(as_f32, ce, (X, y), dtype=torch.float16, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# second derivatives through F.scaled_dot_product_attention (its fused kernels' backward is not differentiable)
+# ----------------------------------------------------------------------------------------------
+class TinyAttention(nn.Module):
+    def __init__(self, dim=4, classes=2, fused=True):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, classes)
+        self.fused = fused
+
+    def forward(self, x):  # (B, T, dim)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.fused:
+            h = F.scaled_dot_product_attention(q, k, v)
+        else:  # the same attention written out: softmax(q kᵀ / √d) v
+            h = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+        return self.out(h.mean(1))
+
+
+def test_hessian_through_scaled_dot_product_attention():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(12, 3, 4, generator=g, dtype=torch.float64)
+    y = (X[:, 0, 0] > 0).long()
+    torch.manual_seed(2)
+    model = TinyAttention().double()
+    manual = TinyAttention(fused=False).double()
+    manual.load_state_dict(model.state_dict())
+    ref = reference_up_loss(
+        manual,
+        lambda call, ex: ce(call(ex[0].unsqueeze(0)), ex[1].reshape(1))[0],
+        list(zip(X, y)),
+        list(zip(X[:2], y[:2])),
+        damping=0.5,
+    )
+    for solver in ("exact", "block_cg"):
+        inf = TorchInfluence(model, ce, (X, y), l2=L2, damping=0.5, solver=solver, optimum_tol=None)
+        torch.testing.assert_close(inf.up_loss(X[:2], y[:2]), ref, rtol=1e-6, atol=1e-9)
+    assert model.fused  # the model itself still uses the fused kernel outside pyinfluence's calls

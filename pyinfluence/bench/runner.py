@@ -143,16 +143,20 @@ def setting_label(solver: Any) -> str:
             return "linear-exact (C++)"
         return solver
     cls = type(solver).__name__
+    pc = getattr(solver, "preconditioner", None)
+    suffix = (
+        "" if pc is None else f" +{pc if isinstance(pc, str) else getattr(pc, 'name', type(pc).__name__)}"
+    )
     if cls == "Exact":
         return "Exact (torch)"
     if cls == "CG":
-        return f"CG tol={solver.tol:g}"
+        return f"CG tol={solver.tol:g}{suffix}"
     if cls == "BlockCG":
-        return f"block CG tol={solver.tol:g}"
+        return f"block CG tol={solver.tol:g}{suffix}"
     if cls == "LiSSA":
         b = "full" if solver.batch_size is None else solver.batch_size
         sc = "" if solver.scale is None else f" scale={solver.scale:g}"
-        return f"LiSSA depth={solver.depth} repeats={solver.repeats} batch={b}{sc}"
+        return f"LiSSA depth={solver.depth} repeats={solver.repeats} batch={b}{sc}{suffix}"
     if dataclasses.is_dataclass(solver):
         args = []
         for f in dataclasses.fields(solver):

@@ -3,9 +3,14 @@
 - :mod:`pyinfluence.torch.influence`: :class:`TorchInfluence`.
 - :mod:`pyinfluence.torch.functional`: the model as a pure function of its selected parameters
   (per-example losses and gradients, Hessian-vector products).
-- :mod:`pyinfluence.torch.data`: tensors, Datasets and DataLoaders → validated tensor pairs.
+- :mod:`pyinfluence.torch.data`: in-memory tensors (pairs, TensorDatasets) → validated tensor pairs.
+- :mod:`pyinfluence.torch.batches`: streamed training data (DataLoaders, Datasets, iterables of batches) and
+  dict (Hugging Face style) inputs.
 - :mod:`pyinfluence.torch.hessian`: the Hessian operator the solvers consume.
-- :mod:`pyinfluence.torch.solvers`: ``Exact``, ``CG``, ``BlockCG``, ``LiSSA``, ``KFAC``, ``EKFAC`` for (H + λI)⁻¹ V.
+- :mod:`pyinfluence.torch.solvers`: ``Exact``, ``CG``, ``BlockCG``, ``LiSSA``, ``KFAC``, ``EKFAC``, ``Arnoldi`` for
+  (H + λI)⁻¹ V.
+- :mod:`pyinfluence.torch.stores`: gradient stores — per-example gradients computed once, optionally projected
+  (Gaussian, Rademacher, sparse JL, LoGra), in shards on disk, scored by streaming GEMM and top-k.
 - :mod:`pyinfluence.torch.losses`: per-example losses (the paper's smooth hinge).
 - :mod:`pyinfluence.torch.training`: small digits models and the full-batch L-BFGS / BFGS trainer that
   fits them to a tight optimum (the demo's and the benchmarks'), with leave-one-out retraining.
@@ -32,6 +37,14 @@ from pyinfluence.torch.solvers import (  # noqa: E402
     SolveResult,
     resolve_solver,
 )
+from pyinfluence.torch.stores import (  # noqa: E402
+    GaussianProjection,
+    GradientStore,
+    LoGraProjection,
+    ProjectedInfluence,
+    RademacherProjection,
+    SparseJLProjection,
+)
 
 __all__ = [
     "CG",
@@ -39,7 +52,13 @@ __all__ = [
     "KFAC",
     "BlockCG",
     "Exact",
+    "GaussianProjection",
+    "GradientStore",
     "LiSSA",
+    "LoGraProjection",
+    "ProjectedInfluence",
+    "RademacherProjection",
+    "SparseJLProjection",
     "SolveResult",
     "Solver",
     "TorchInfluence",

@@ -21,7 +21,7 @@ import contextlib
 import copy
 import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
 import torch
@@ -41,6 +41,22 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # HVP mode: the most rows for which "auto" uses torch.autograd's double backward rather than
 # torch.func's vmapped vjp (see FunctionalModel.hvp_rows).
 _AUTOGRAD_MAX_ROWS = 32
+
+
+# ==============================================================================================
+# second derivatives through attention
+# ==============================================================================================
+def second_order() -> contextlib.AbstractContextManager[Any]:
+    """A context for double backward passes: ``F.scaled_dot_product_attention`` restricted to its "math"
+    kernel, the one with a differentiable backward (the fused CPU/CUDA kernels' backward passes are not
+    differentiable: an HVP through them fails with "derivative for ..._backward is not implemented"). The
+    math kernel computes the same values. The restriction is torch's process-wide SDPA setting, held only
+    for the duration of the call (another thread's attention may run the math kernel meanwhile)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 # ==============================================================================================
@@ -293,6 +309,18 @@ class FunctionalModel:
             module = self._per_thread.module = module_tree_copy(self.model)
         return module
 
+    @contextlib.contextmanager
+    def hooked_module(self) -> Iterator[nn.Module]:
+        """The module tree that this thread's :meth:`forward` calls, to register hooks on (forward hooks
+        collecting layer inputs/outputs: K-FAC statistics, LoGra projections). Held under the model's lock
+        when the tree is shared (a model that could not be copied per thread); remove the hooks before
+        leaving the block."""
+        if self._shared_module_lock is None:
+            yield self._thread_module()
+        else:
+            with self._shared_module_lock:
+                yield self.model
+
     # -- flat <-> dict ---------------------------------------------------------------------------
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """(…, p) → {name: (…, *shape)} views (leading dims kept)."""
@@ -352,6 +380,10 @@ class FunctionalModel:
         ~1.3× faster than autograd for 64-row blocks (the dense build), and fwdrev 1.2–3× slower
         than revrev throughout.
         """
+        with second_order():
+            return self._hvp_rows(Vt, X, Y, mode)
+
+    def _hvp_rows(self, Vt: Tensor, X: Inputs, Y: Tensor, mode: str) -> Tensor:
         r = Vt.shape[0]
         if mode == "auto":
             mode = "autograd" if r <= _AUTOGRAD_MAX_ROWS else "revrev"
@@ -411,12 +443,14 @@ class FunctionalModel:
 
             return grad(loss_col)(q[col])
 
-        pullback = vjp(g, sub)[1]
+        with second_order():
+            pullback = vjp(g, sub)[1]
 
         def apply(E: Tensor) -> dict[str, Tensor]:
-            if E.shape[0] == 1:
-                return {k: t.unsqueeze(0) for k, t in pullback(E[0])[0].items()}
-            return vmap(lambda t: pullback(t)[0])(E)
+            with second_order():
+                if E.shape[0] == 1:
+                    return {k: t.unsqueeze(0) for k, t in pullback(E[0])[0].items()}
+                return vmap(lambda t: pullback(t)[0])(E)
 
         return apply
 
@@ -434,11 +468,12 @@ class FunctionalModel:
         def g(x: Tensor) -> dict[str, Tensor]:
             return grad(loss_sum)(ps, x, Y)
 
-        pullback = vjp(g, X)[1]
-        T = self.unflatten(St)
-        if St.shape[0] == 1:
-            return pullback({k: t[0] for k, t in T.items()})[0].unsqueeze(0)
-        return vmap(lambda t: pullback(t)[0])(T)
+        with second_order():
+            pullback = vjp(g, X)[1]
+            T = self.unflatten(St)
+            if St.shape[0] == 1:
+                return pullback({k: t[0] for k, t in T.items()})[0].unsqueeze(0)
+            return vmap(lambda t: pullback(t)[0])(T)
 
     # -- sizing --------------------------------------------------------------------------------
     def activation_numel(self, x1: Inputs) -> int:
@@ -453,9 +488,7 @@ class FunctionalModel:
                 if isinstance(o, Tensor):
                     total[0] += int(o.numel())
 
-        shared = self._shared_module_lock
-        module = self.model if shared is not None else self._thread_module()
-        with shared if shared is not None else contextlib.nullcontext():
+        with self.hooked_module() as module:
             handles = [
                 m.register_forward_hook(hook) for m in module.modules() if not any(True for _ in m.children())
             ]

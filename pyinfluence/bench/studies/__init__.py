@@ -12,7 +12,14 @@ figures, matplotlib):
   loaded, polite against stock spin settings
   (``python -m pyinfluence.bench.studies.thread_pools``);
 - :mod:`~pyinfluence.bench.studies.lissa_checks`: what LiSSA's checks cost, against the LiSSA of an
-  earlier commit (``python -m pyinfluence.bench.studies.lissa_checks``).
+  earlier commit (``python -m pyinfluence.bench.studies.lissa_checks``);
+- :mod:`~pyinfluence.bench.studies.hvp_rate`: Hessian-vector products per mode and blocking across MLP sizes
+  (~2k to ~10⁶ parameters) against a plain vmapped forward-over-reverse HVP, and BlockCG against a plain
+  batched CG (``python -m pyinfluence.bench.studies.hvp_rate``);
+- :mod:`~pyinfluence.bench.studies.gradient_store`: gradient-store build time and the peak memory of streaming
+  top-k scoring at n and 10n training examples (``python -m pyinfluence.bench.studies.gradient_store``);
+- :mod:`~pyinfluence.bench.studies.scale_ladder`: every solver and the peers (kronfluence, pyDVL) on a ladder
+  of models from the exact regime up (``python -m pyinfluence.bench.studies.scale_ladder``).
 
 Each writes its own section of ``--out`` (default: ``bench/RESULTS.md`` of the source checkout, else
 ``bench/RESULTS.md`` under the current folder) between ``<!-- NAME:start -->`` and

@@ -28,12 +28,21 @@ Three interchangeable solvers share one contract::
   Cost: ``repeats · depth`` minibatch HVPs of r columns, plus one full HVP for the residual, plus
   (in ``prepare``) ``power_iters`` full HVPs of one column for a Lanczos estimate of the spectrum
   (the scale, and a search for negative curvature).
+- ``CG``, ``BlockCG`` and ``LiSSA`` accept ``preconditioner="ekfac"`` / ``"kfac"`` / a KFAC object (see
+  :mod:`pyinfluence.torch.solvers.preconditioners`): the same solution, in fewer HVPs where the curvature is
+  Kronecker-structured and ill-conditioned (measured: 0.58× the HVP columns of BlockCG on a raw-pixel digits
+  MLP at damping 1e-3; no saving on the standardised digits MLP, whose H + λI has condition number 21).
 - :class:`KFAC` / :class:`EKFAC`: Kronecker-factored approximations of H for models of
   ``nn.Linear`` layers (Martens & Grosse 2015; George et al. 2018): per layer, the inverse of
   (Fisher block ≈ G ⊗ A, or its eigenvalue-corrected version) + (l2 + λ)I in the factors'
   eigenbasis. Cost: one (EK-FAC: two) passes over the training data in ``prepare``, small matrix
   products per solve, plus one full HVP for the reported residual — which is that of an
   approximation, not small; ``tol=None`` (default) never fails on it.
+- :class:`Arnoldi`: the low-rank method of Schioppa et al. 2022 ("Scaling Up Influence Functions"): the
+  top-r eigenpairs of H (largest |σ|) by a block Krylov process on HVPs (block Lanczos, full
+  reorthogonalisation in float64), then X = U diag(1/(σ + λ)) Uᵀ V plus, by default, (I − UUᵀ)V / (l2 + λ).
+  Cost: about 4·rank HVP columns in batched calls in ``prepare``, small products per solve, plus one full
+  HVP for the reported residual (that of an approximation; ``tol=None`` never fails on it).
 
 The Hessian is accessed only through a *Hessian operator* (see :class:`HessianOperatorLike`):
 ``matvec`` (full training set), ``sample_matvec`` (one minibatch, for LiSSA) and ``dense``
@@ -59,6 +68,7 @@ from __future__ import annotations
 
 import inspect
 
+from pyinfluence.torch.solvers.arnoldi import Arnoldi
 from pyinfluence.torch.solvers.base import HessianOperatorLike, PreparedSolver, Solver, SolveResult
 from pyinfluence.torch.solvers.cg import CG, BlockCG
 from pyinfluence.torch.solvers.exact import Exact
@@ -66,6 +76,7 @@ from pyinfluence.torch.solvers.kfac import EKFAC, KFAC
 from pyinfluence.torch.solvers.lissa import LiSSA
 
 __all__ = [
+    "Arnoldi",
     "CG",
     "EKFAC",
     "KFAC",
@@ -90,12 +101,13 @@ _SOLVERS: dict[str, type[Solver]] = {
     "lissa": LiSSA,
     "kfac": KFAC,
     "ekfac": EKFAC,
+    "arnoldi": Arnoldi,
 }
 
 
 def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") -> Solver:
     """A solver object from a name (``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``, ``"kfac"``,
-    ``"ekfac"``; case-insensitive; default
+    ``"ekfac"``, ``"arnoldi"``; case-insensitive; default
     settings), a solver class (``CG`` → ``CG()``) or a solver object (returned as is).
 
     Raises ValueError for an unknown name and TypeError for anything else, naming ``name``.
@@ -109,10 +121,10 @@ def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") ->
         if key in _SOLVERS:
             return _SOLVERS[key]()
         raise ValueError(
-            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac' or a solver object such as "
+            f"{name} must be one of 'exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac', 'arnoldi' or a solver object such as "
             f"pyinfluence.CG(tol=1e-6), got {solver!r}"
         )
     raise TypeError(
-        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac') or a solver object such as "
+        f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac', 'arnoldi') or a solver object such as "
         f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
     )

@@ -62,7 +62,8 @@ class SolveResult:
     """The solution of (H + λI) X = V for a block of right-hand sides, with diagnostics.
 
     - ``solution``: X, shape (p, r) (or (p,) for a 1-D V), same dtype and device as V.
-    - ``solver``: the solver's name: ``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``, ``"kfac"`` or ``"ekfac"``.
+    - ``solver``: the solver's name: ``"exact"``, ``"cg"``, ``"block_cg"``, ``"lissa"``, ``"kfac"``, ``"ekfac"`` or
+      ``"arnoldi"``.
     - ``iterations``: CG: iterations of the slowest column (one batched HVP each); LiSSA: the
       recursion depth; Exact, KFAC, EKFAC: None.
     - ``residual``: (r,) relative residual ‖(H + λI)x − v‖ / ‖v‖ of each returned column (0 for a
@@ -78,7 +79,10 @@ class SolveResult:
       residual within ``tol``), ``scale``, ``lambda_max_estimate`` and ``lambda_min_estimate``
       (LiSSA: the extreme Ritz values of its Lanczos process, bounds from inside of the extreme
       eigenvalues of H + λI), ``matvec_calls`` / ``matvec_columns`` (operator calls and the
-      total number of column HVPs they computed: the cost of the solve).
+      total number of column HVPs they computed: the cost of the solve); with a preconditioner
+      (CG, BlockCG, LiSSA): ``preconditioner``, ``preconditioner_columns`` (columns M or M^{1/2} was
+      applied to) and ``preconditioned_lambda_min/max_estimate`` (extreme Ritz values of
+      M(H + λI)).
     """
 
     solution: Tensor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +16,7 @@ from pyinfluence._validation import (
     check_int,
     check_positive_float,
 )
-from pyinfluence.errors import ConvergenceError
+from pyinfluence.errors import ConvergenceError, NotPositiveDefiniteError
 from pyinfluence.torch.solvers.base import (
     HessianOperatorLike,
     PreparedSolver,
@@ -35,7 +35,14 @@ from pyinfluence.torch.solvers.base import (
     _sample_matvec,
     _set,
 )
-from pyinfluence.torch.solvers.lanczos import _lanczos
+from pyinfluence.torch.solvers.lanczos import _lanczos, _sharpen_negative_curvature
+from pyinfluence.torch.solvers.preconditioners import (
+    PreconditionerLike,
+    _Preconditioner,
+    _prepare_preconditioner,
+    _SplitOperator,
+    check_preconditioner,
+)
 
 # LiSSA: power iterations per probed minibatch when choosing the scale automatically.
 _PROBE_ITERS = 10
@@ -100,6 +107,36 @@ class LiSSA(Solver):
     None of these proves that A *is* positive definite: negative curvature that the Lanczos
     process does not reach shows (at most) as a residual above ``tol``.
 
+    **Preconditioning** (``preconditioner``). With a symmetric positive definite M ≈ A⁻¹ (K-FAC /
+    EK-FAC, see :mod:`pyinfluence.torch.solvers.preconditioners`) the recursion becomes the
+    preconditioned stochastic Richardson iteration x_j = x_{j−1} + (1/scale) M (v − (H_Bj + λI) x_{j−1}),
+    x₀ = 0; in LiSSA's variables h = scale·x::
+
+        h₀ = M v,   h_j = h_{j−1} + M (v − (H_Bj + λI) h_{j−1} / scale)
+                        = M v + (I − M (H_Bj + λI) / scale) h_{j−1},   j = 1 … depth
+        estimate = h_depth / scale   (or the tail average / scale, as above)
+
+    In expectation h_depth / scale = Σ_{i=0}^{depth} (I − M A/scale)^i M v / scale → (M A)⁻¹ M v = A⁻¹ v:
+    the same answer, with the iteration matrix I − M A/scale in place of I − A/scale. M A is similar to
+    Â = M^{1/2} A M^{1/2} (symmetric), so its eigenvalues are real, and positive iff A is positive
+    definite; the recursion converges iff they lie in (0, 2·scale), and the error along an eigenvalue
+    μ of M A decays like (1 − μ/scale)^depth — so the depth needed is about scale/λ_min(M A) instead of
+    scale/λ_min(A) (:meth:`suggest_depth` with the ``preconditioned_lambda_*`` estimates). Everything
+    above carries over with Â in place of A: the automatic scale is ``safety`` × the largest
+    eigenvalue estimated for Â (Lanczos on Â, ``power_iters`` steps, each one full HVP and two
+    applications of M^{1/2}) and for M^{1/2}(H_B + λI)M^{1/2} of the probed minibatches; a Ritz value
+    of Â ≤ 0 proves that A is not positive definite (NotPositiveDefiniteError; the suggested damping
+    comes from a short Lanczos process on A itself); the divergence test bounds the iterates in the
+    norm of the preconditioned variables, ‖h‖_{M⁻¹} = (hᵀM⁻¹h)^{1/2} ≤ divergence_factor·(j+1)·
+    (vᵀMv)^{1/2} (M⁻¹h is tracked by the recursion w_j = w_{j−1} + (v − (H_Bj + λI)h_{j−1}/scale),
+    w₀ = v, with no application of M⁻¹). A hand-picked ``scale`` is the scale of this recursion
+    (compare it with ``preconditioned_lambda_max_estimate``). Each step costs one minibatch HVP and
+    one application of M to the r columns (``info["preconditioner_columns"]``); ``prepared.info``
+    holds the preconditioner's preparation cost and ``preconditioned_lambda_max_estimate`` /
+    ``preconditioned_lambda_min_estimate`` (the extreme Ritz values of Â), while
+    ``lambda_max_estimate`` is then the largest curvature uᵀAu/uᵀu seen (a lower bound of λ_max(A))
+    and ``lambda_min_estimate`` is absent.
+
     Parameters
     ----------
     depth : int, default 1000
@@ -157,6 +194,12 @@ class LiSSA(Solver):
     raise_on_nonconvergence : bool, default True
         If some column's residual exceeds ``tol``, raise ConvergenceError (its ``result``
         attribute holds the SolveResult); with False, warn (ConvergenceWarning) and return it.
+    preconditioner : None, "ekfac", "kfac" or a KFAC/EKFAC object, default None (keyword only)
+        None: plain LiSSA, exactly as without the option. ``"ekfac"`` / ``"kfac"``:
+        ``EKFAC(lanczos_steps=0)`` / ``KFAC(lanczos_steps=0)`` prepared in ``prepare`` from the
+        same operator and damping (the operator must be a
+        :class:`~pyinfluence.torch.hessian.HessianOperator` of a model of layers K-FAC supports); a
+        configured KFAC/EKFAC object is prepared as configured. See "Preconditioning" above.
 
     Cost: ``prepare``: ≤ ``power_iters`` full HVPs of one column (and p × ``power_iters``
     memory for the Lanczos basis), plus 10·``probe_batches`` minibatch HVPs for an automatic
@@ -176,6 +219,7 @@ class LiSSA(Solver):
     divergence_factor: float = 100.0
     tol: float = _LISSA_TOL
     raise_on_nonconvergence: bool = True
+    preconditioner: PreconditionerLike = field(default=None, kw_only=True)
 
     name: ClassVar[str] = "lissa"
 
@@ -213,6 +257,7 @@ class LiSSA(Solver):
             "raise_on_nonconvergence",
             check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
         )
+        _set(self, "preconditioner", check_preconditioner(self.preconditioner))
 
     @staticmethod
     def suggest_depth(scale: float, lambda_min: float, rtol: float = 1e-2) -> int:
@@ -248,22 +293,68 @@ class LiSSA(Solver):
             "tol": self.tol,
         }
         gen = _generator(dev, None if self.seed is None else self.seed + 1)
-        spec = _lanczos(op, damping, self.power_iters, gen)  # raises on negative curvature
-        info.update(
-            lambda_max_estimate=spec.lam_max,
-            lambda_min_estimate=spec.lam_min,
-            lanczos_steps=spec.steps,
-        )
+        pre = _prepare_preconditioner(self.preconditioner, op, damping, "LiSSA")
+        # the operator whose spectrum sets the scale: A = H + λI, or Â = M^{1/2} A M^{1/2}
+        it_op: Any = op
+        it_damping = damping
+        if pre is None:
+            spec = _lanczos(op, damping, self.power_iters, gen)  # raises on negative curvature
+            info.update(
+                lambda_max_estimate=spec.lam_max,
+                lambda_min_estimate=spec.lam_min,
+                lanczos_steps=spec.steps,
+            )
+        else:
+            info.update(pre.info)
+            it_op, it_damping = _SplitOperator(op, damping, pre), 0.0  # λ is inside Â
+            spec = _lanczos(it_op, 0.0, self.power_iters, gen, raise_npd=False)
+            if spec.lam_min <= 0.0:
+                self._raise_preconditioned_npd(op, damping, spec.lam_min, spec.lam_max, spec.steps, it_op)
+            info.update(
+                preconditioned_lambda_max_estimate=spec.lam_max,
+                preconditioned_lambda_min_estimate=spec.lam_min,
+                lambda_max_estimate=it_op.rq_max,
+                lanczos_steps=spec.steps,
+            )
         if self.scale is not None:
             info.update(scale=self.scale, scale_source="user")
             scale = self.scale
         else:
             lam_batch = 0.0
             if batch is not None and self.probe_batches:
-                lam_batch = self._probe_minibatches(op, damping, batch, spec.top, gen)
+                lam_batch = self._probe_minibatches(it_op, it_damping, batch, spec.top, gen)
             scale = self.safety * max(spec.lam_max, lam_batch)
             info.update(scale=scale, scale_source="auto", minibatch_lambda_max_estimate=lam_batch)
-        return _PreparedLiSSA(self, op, damping, info, time.perf_counter() - start, scale, batch)
+        return _PreparedLiSSA(self, op, damping, info, time.perf_counter() - start, scale, batch, pre)
+
+    @staticmethod
+    def _raise_preconditioned_npd(
+        op: HessianOperatorLike,
+        damping: float,
+        theta: float,
+        theta_max: float,
+        steps: int,
+        split: _SplitOperator,
+    ) -> None:
+        """A Ritz value θ ≤ 0 of Â = M^{1/2}(H + λI)M^{1/2}: its unit Ritz vector y gives u = M^{1/2}y with
+        uᵀ(H + λI)u = yᵀÂy = θ ≤ 0, so H + λI is not positive definite. The curvature of u itself
+        is not at hand, so the suggested damping comes from a Lanczos process on H + λI (as CG's does),
+        or from 0 if that finds nothing lower."""
+        if theta_max == 0.0 and theta == 0.0:
+            raise NotPositiveDefiniteError(
+                f"LiSSA: H + λI maps a random vector to zero (the Hessian is zero and damping={damping:g}); "
+                f"pass damping > 0"
+            )
+        c, note = _sharpen_negative_curvature(op, damping, 0.0, "LiSSA")
+        raise _npd_error(
+            "LiSSA",
+            f"a Lanczos process of {steps} steps on the preconditioned M^{{1/2}}(H + λI)M^{{1/2}} "
+            f"found a Ritz value {_fmt(theta)} ≤ 0, so some u = M^{{1/2}}y has uᵀ(H + λI)u ≤ 0{note}; "
+            f"the smallest curvature uᵀ(H + λI)u / uᵀu found",
+            c,
+            damping,
+            split.rq_max,
+        )
 
     def _probe_minibatches(
         self,
@@ -299,10 +390,30 @@ class LiSSA(Solver):
 class _PreparedLiSSA(PreparedSolver):
     solver: LiSSA
 
-    def __init__(self, solver, op, damping, info, prepare_time_s, scale, batch) -> None:
+    def __init__(
+        self,
+        solver: LiSSA,
+        op: HessianOperatorLike,
+        damping: float,
+        info: dict[str, Any],
+        prepare_time_s: float,
+        scale: float,
+        batch: int | None,
+        pre: _Preconditioner | None = None,
+    ) -> None:
         super().__init__(solver, op, damping, info, prepare_time_s)
         self.scale = float(scale)
         self._batch = batch
+        self._pre = pre  # the preconditioner M (None: plain LiSSA)
+        # the spectrum that governs the recursion: of H + λI, or of M(H + λI) when preconditioned
+        if pre is None:
+            self._what = "H + λI"
+            self._lam_max_it = float(info["lambda_max_estimate"])
+            self._lam_min_it = float(info["lambda_min_estimate"])
+        else:
+            self._what = "M(H + λI)"
+            self._lam_max_it = float(info["preconditioned_lambda_max_estimate"])
+            self._lam_min_it = float(info["preconditioned_lambda_min_estimate"])
         # seed None: one random stream for the lifetime of this object (not reproducible)
         self._gen = None if solver.seed is not None else _generator(self.device, None)
 
@@ -317,21 +428,45 @@ class _PreparedLiSSA(PreparedSolver):
         mean = torch.zeros_like(V)
         m2 = torch.zeros_like(vnorm)  # Σ_k ‖x_k − x̄‖² per column (Welford)
         keep = 1.0 - lam / s
-        calls = columns = 0
+        calls = columns = pre_cols = 0
         # iterates h_j with j > depth − n_avg are averaged (n_avg = 1: the classic h_depth)
         n_avg = self.info["averaged_steps"]
+        pre = self._pre
+        Mv = vnorm_hat = None
+        if pre is not None:
+            Mv = pre.apply(V)  # h₀ = M v
+            pre_cols += r
+            # ‖v̂‖ = ‖M^{1/2} v‖ = (vᵀMv)^{1/2}: the divergence bound's unit in the preconditioned variables
+            vnorm_hat = (V * Mv).sum(0).clamp_min(0).sqrt()
         for k in range(repeats):
-            h = V.clone()
             acc = torch.zeros_like(V) if n_avg > 1 else None
-            for j in range(1, depth + 1):
-                Ah = _sample_matvec(op, h, 0.0, batch, gen)  # damping applied in `keep`
-                calls += 1
-                columns += r
-                h.mul_(keep).add_(V).sub_(Ah, alpha=1.0 / s)
-                if acc is not None and j > depth - n_avg:
-                    acc.add_(h)
-                if j % _LISSA_CHECK_EVERY == 0 or j == depth:
-                    self._watch(h, vnorm, j, k)
+            if pre is None:
+                h = V.clone()
+                for j in range(1, depth + 1):
+                    Ah = _sample_matvec(op, h, 0.0, batch, gen)  # damping applied in `keep`
+                    calls += 1
+                    columns += r
+                    h.mul_(keep).add_(V).sub_(Ah, alpha=1.0 / s)
+                    if acc is not None and j > depth - n_avg:
+                        acc.add_(h)
+                    if j % _LISSA_CHECK_EVERY == 0 or j == depth:
+                        self._watch(h, vnorm, j, k)
+            else:
+                assert Mv is not None and vnorm_hat is not None
+                h = Mv.clone()
+                w = V.clone()  # w = M⁻¹ h, tracked (w₀ = v), for ‖h‖_{M⁻¹} = (hᵀw)^{1/2}
+                for j in range(1, depth + 1):
+                    Ah = _sample_matvec(op, h, 0.0, batch, gen)
+                    calls += 1
+                    columns += r
+                    g = V - Ah / s - h * (lam / s)  # g = v − (H_B + λI) h / scale
+                    h.add_(pre.apply(g))  # h_j = h_{j−1} + M g
+                    pre_cols += r
+                    w.add_(g)  # M⁻¹h_j = M⁻¹h_{j−1} + g
+                    if acc is not None and j > depth - n_avg:
+                        acc.add_(h)
+                    if j % _LISSA_CHECK_EVERY == 0 or j == depth:
+                        self._watch(h, vnorm_hat, j, k, (h * w).sum(0).clamp_min(0).sqrt())
             x = h.div_(s) if acc is None else acc.div_(n_avg * s)
             delta = x - mean
             mean.add_(delta, alpha=1.0 / (k + 1))
@@ -363,7 +498,16 @@ class _PreparedLiSSA(PreparedSolver):
             "matvec_calls": calls,
             "matvec_columns": columns,
         }
-        for key in ("lambda_max_estimate", "lambda_min_estimate", "minibatch_lambda_max_estimate"):
+        if pre is not None:
+            info["preconditioner"] = pre.name
+            info["preconditioner_columns"] = pre_cols
+        for key in (
+            "lambda_max_estimate",
+            "lambda_min_estimate",
+            "minibatch_lambda_max_estimate",
+            "preconditioned_lambda_max_estimate",
+            "preconditioned_lambda_min_estimate",
+        ):
             if key in self.info:
                 info[key] = self.info[key]
         if not bool(converged.all()):
@@ -382,21 +526,22 @@ class _PreparedLiSSA(PreparedSolver):
 
     def _advice(self, spread: Tensor | None) -> str:
         """What to change when the residual misses tol. The expected error along an eigenvalue μ
-        of A = H + λI decays like (1 − μ/scale)^depth (truncation); on top comes minibatch noise."""
+        of A = H + λI (preconditioned: of M A) decays like (1 − μ/scale)^depth (truncation); on top
+        comes minibatch noise."""
         cfg = self.solver
         s, lam, depth = self.scale, self.damping, cfg.depth
-        lam_max, lam_min = self.info["lambda_max_estimate"], self.info["lambda_min_estimate"]
+        lam_max, lam_min, what = self._lam_max_it, self._lam_min_it, self._what
         advice = ""
         if self.info["scale_source"] == "user" and s > 2.0 * cfg.safety * lam_max:
             advice += (
                 f"scale={_fmt(s)} is {_fmt(s / lam_max)}× the estimated largest eigenvalue "
-                f"{_fmt(lam_max)} of H + λI, which slows the recursion by about that factor: pass "
+                f"{_fmt(lam_max)} of {what}, which slows the recursion by about that factor: pass "
                 f"scale=None to have it chosen. "
             )
         need = LiSSA.suggest_depth(s, lam_min, 0.1)
         if depth < need:
             advice += (
-                f"Increase depth: the error along an eigenvalue μ of H + λI decays like "
+                f"Increase depth: the error along an eigenvalue μ of {what} decays like "
                 f"(1 − μ/scale)^depth, and the smallest Ritz value found, {_fmt(lam_min)}, needs "
                 f"depth ≥ {need} for a tenfold reduction (LiSSA.suggest_depth; more if the "
                 f"smallest eigenvalue is lower). "
@@ -416,8 +561,12 @@ class _PreparedLiSSA(PreparedSolver):
             f"or loosen tol (LiSSA is approximate)."
         )
 
-    def _watch(self, h: Tensor, vnorm: Tensor, j: int, k: int) -> None:
-        hn = _col_norms(h)
+    def _watch(self, h: Tensor, vnorm: Tensor, j: int, k: int, hn: Tensor | None = None) -> None:
+        """Raise if the iterates h diverge: ‖h_j‖ > divergence_factor·(j + 1)·‖v‖ (``hn``, ``vnorm``: the
+        norms to compare; preconditioned, those of the preconditioned variables) or non-finite."""
+        en = _col_norms(h) if hn is not None else None  # Euclidean norms, for the curvature below
+        if hn is None:
+            hn = _col_norms(h)
         bound = vnorm * (self.solver.divergence_factor * (j + 1))
         bad = ~torch.isfinite(hn) | (hn > bound)
         if not bool(bad.any()):
@@ -427,8 +576,12 @@ class _PreparedLiSSA(PreparedSolver):
         # (1 − μ/scale) per step: a diverging h is dominated by the directions that expand, which
         # have μ < 0 when A is indefinite. hᵀAh/hᵀh ≤ 0 proves it (one full HVP, failure path only).
         fin = bad & torch.isfinite(hn)
+        if en is not None:
+            fin &= torch.isfinite(en) & (en > 0)
+        else:
+            en = hn
         if bool(fin.any()):
-            U = h[:, fin] / hn[fin]
+            U = h[:, fin] / en[fin]
             rq = (U * _matvec(self.op, U, lam)).sum(0)
             if bool(torch.isfinite(rq).all()) and bool((rq <= 0).any()):
                 raise _npd_error(
@@ -456,10 +609,11 @@ class _PreparedLiSSA(PreparedSolver):
                 f"(damping={lam:g} now)"
             )
         else:
+            hb = "M(H_B + λI)" if self._pre is not None else "H_B + λI"
             cause = (
-                f"The recursion contracts only if every minibatch Hessian satisfies 0 < eig(H_B + "
-                f"λI) < 2·scale: scale={_fmt(s)} is probably too small (the largest eigenvalue "
-                f"of H + λI is about {_fmt(self.info['lambda_max_estimate'])}) — pass scale=None "
+                f"The recursion contracts only if every minibatch Hessian satisfies 0 < eig({hb}) "
+                f"< 2·scale: scale={_fmt(s)} is probably too small (the largest eigenvalue "
+                f"of {self._what} is about {_fmt(self._lam_max_it)}) — pass scale=None "
                 f"to have it estimated, or a larger scale — or some H_B + λI have negative "
                 f"eigenvalues: pass a larger damping (damping={lam:g} now)"
             )
