@@ -1,6 +1,7 @@
 """pyinfluence.bench.peers: other influence libraries side by side.
 
-The peers (Captum, pyDVL) are not installed in CI: the tests that need them skip with the reason.
+The peers (Captum, pyDVL, kronfluence) are not installed in CI: the tests that need them skip with the
+reason (pyDVL and kronfluence run from ``$PYINFLUENCE_PEER_PYTHON``, e.g. /work/peers-venv/bin/python).
 Everything else runs without them: the clean skip when a peer is missing, the worker's error
 path, the payload (model description, torch.fx fallback, loss identification, parameter
 selection), and the subprocess plumbing end to end through a stand-in ``captum`` package that
@@ -99,17 +100,18 @@ def _no_external_peers(monkeypatch):
 def test_missing_peer_is_a_peerrun_with_error(monkeypatch, tmp_path):
     monkeypatch.setattr(peers, "_local_ok", lambda peer: False)
     av = peers.available_peers()
-    assert set(av) == {"captum", "pydvl"}
+    assert set(av) == {"captum", "pydvl", "kronfluence"}
     assert av["captum"].startswith("not installed") and "pip install captum==0.9.0" in av["captum"]
     assert "PYINFLUENCE_PEER_PYTHON" in av["pydvl"] and "numpy<2" in av["pydvl"]
+    assert "--no-deps kronfluence==1.0.1" in av["kronfluence"] and "torch==2.13.0" in av["kronfluence"]
     # an interpreter that does not exist: still a reason, no exception
     bad = str(tmp_path / "nope" / "python")
     assert "does not run" in peers.available_peers(peer_python=bad)["pydvl"]
 
     task = _tiny_task()
-    runs = peers.run_peers(task, peers=("captum", "pydvl", "nosuchlib"), peer_python=bad)
+    runs = peers.run_peers(task, peers=("captum", "pydvl", "kronfluence", "nosuchlib"), peer_python=bad)
     labels = {(r.library, r.method) for r in runs}
-    for peer in ("captum", "pydvl"):
+    for peer in ("captum", "pydvl", "kronfluence"):
         for label in peers.peer_methods(peer):
             assert (peer, label) in labels
     for r in runs:
@@ -172,6 +174,7 @@ def test_worker_never_imports_pyinfluence():
         "torch",
         "captum",
         "pydvl",
+        "kronfluence",
     }
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -184,7 +187,7 @@ def test_worker_never_imports_pyinfluence():
         [sys.executable, worker.__file__, "--probe"], capture_output=True, text=True, timeout=60
     )
     info = json.loads(r.stdout)
-    assert set(info["peers"]) == {"captum", "pydvl"} and info["torch"]
+    assert set(info["peers"]) == {"captum", "pydvl", "kronfluence"} and info["torch"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,3 +487,154 @@ def test_pydvl_normalised_equals_closed_form():
         assert r.error is None, (r.method, r.error, r.details.get("traceback"))
         err = np.abs(r.up_loss - ref).max() / np.abs(ref).max()
         assert err < 1e-6, (r.method, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# kronfluence: the parts that do not need it, then the normalisation where it is installed
+# ------------------------------------------------------------------------------------------------
+def test_kronfluence_and_arnoldi_method_lists():
+    assert peers.PEERS == ("captum", "pydvl", "kronfluence")
+    assert set(worker.PEER_PACKAGES) == set(peers.PEERS)
+    assert [(lab, cls) for lab, cls, _ in peers.PEER_METHODS["kronfluence"]] == [
+        ("EK-FAC", "ekfac"),
+        ("K-FAC", "kfac"),
+    ]
+    assert peers.peer_methods("kronfluence") == ["EK-FAC", "K-FAC"]
+    assert "ArnoldiInfluence(rank 50)" in peers.peer_methods("pydvl")
+    # selection by label, by class name and by an explicit dict
+    assert [r[1] for r in peers._select_methods("kronfluence", ["K-FAC"])] == ["kfac"]
+    assert [r[1] for r in peers._select_methods("kronfluence", ["ekfac"])] == ["ekfac"]
+    rows = peers._select_methods(
+        "kronfluence",
+        [{"library": "kronfluence", "method": "kfac", "label": "x", "settings": {"dtype": "float32"}}],
+    )
+    assert rows == [("x", "kfac", {"dtype": "float32"})]
+    assert peers._select_methods("kronfluence", {"pydvl": ["DirectInfluence"]}) == []
+
+
+def test_kronfluence_module_selection():
+    lin = nn.Linear(3, 2)
+    model, sel, tracked = worker._kronfluence_model(lin, ["weight", "bias"])
+    assert type(model) is nn.Sequential and model[0] is lin  # a bare Linear is wrapped
+    assert sel == ["0.weight", "0.bias"] and tracked == ["0"]
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 2)
+    )
+    names = [n for n, _ in net.named_parameters()]
+    assert worker._kronfluence_model(net, [n for n in names if not n.startswith("2.")])[2] == ["0", "3", "5"]
+    assert worker._kronfluence_modules(net, ["3.weight", "3.bias"]) == ["3"]
+    with pytest.raises(ValueError, match="outside them: 2.weight, 2.bias"):
+        worker._kronfluence_modules(net, names)
+    with pytest.raises(ValueError, match="partly selected"):
+        worker._kronfluence_modules(net, ["3.weight"])
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "token_cross_entropy", "logistic", "mse_mean", "mse_sum"])
+def test_fisher_sampling_reproduces_the_gauss_newton_output_hessian(name):
+    """kronfluence's true Fisher draws targets from the model: the sampled gradients' second moment
+    E[∇f ∇fᵀ] (w.r.t. the outputs) must equal the output Hessian of the per-example loss (its
+    Gauss-Newton part), here computed by torch.func.hessian of the loss itself. Monte Carlo over N draws:
+    a relative error of a few / sqrt(N)."""
+    g = torch.Generator().manual_seed(0)
+    shape, y = {
+        "cross_entropy": ((4,), torch.tensor([2])),
+        "token_cross_entropy": ((3, 4), torch.tensor([[1, 0, 3]])),
+        "logistic": ((1,), torch.tensor([1.0], dtype=torch.float64)),
+        "mse_mean": ((3,), torch.zeros(1, 3, dtype=torch.float64)),
+        "mse_sum": ((3,), torch.zeros(1, 3, dtype=torch.float64)),
+    }[name]
+    out0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    loss = worker._per_example_loss({"name": name})
+    H = torch.func.hessian(lambda o: loss(o[None], y).sum())(out0).reshape(out0.numel(), out0.numel())
+    N = 40_000
+    out = out0.expand(N, *shape).clone().requires_grad_(True)
+    f = worker._fisher_sample_loss({"name": name})
+    f(out, torch.Generator().manual_seed(1)).sum().backward()
+    Gs = out.grad.reshape(N, -1)
+    M = Gs.T @ Gs / N
+    err = float((M - H).abs().max() / H.abs().max())
+    assert err < 0.05, (name, err)
+    assert worker._fisher_sample_loss({"name": "smooth_hinge", "temperature": 0.1}) is None
+
+
+def test_token_cross_entropy_payload(tmp_path, monkeypatch):
+    """A GPT-style model (integer token inputs, (B, T, V) outputs, a custom class): the payload keeps the
+    model's float dtype, names the loss, and the worker rebuilds the model (torch.fx) exactly."""
+    from pyinfluence.bench.ladder import TinyGPT, sequence_cross_entropy
+
+    torch.manual_seed(0)
+    model = TinyGPT(6, block=5, d_model=8, n_layers=1, n_heads=2).double().eval()
+    X = torch.randint(0, 6, (10, 5))
+    Y = torch.randint(0, 6, (10, 5))
+    names = [n for n, _ in model.named_parameters() if n.startswith("blocks.0.attn.")]
+    task = _stand_in_task(model, sequence_cross_entropy, X, Y, X[:2], Y[:2], 0.01, 0.5)
+    task.params = names
+    fields = peers._write_data(task, str(tmp_path))
+    assert fields["dtype"] == "float64" and fields["loss"] == {"name": "token_cross_entropy"}
+    assert fields["model"]["format"] == "fx" and fields["params"] == names
+    # found by matching values, without the function's peer_loss attribute too
+    assert peers._identify_loss(lambda o, y: sequence_cross_entropy(o, y), model, X, Y) == fields["loss"]
+    monkeypatch.setenv(worker.MODEL_DIGEST_ENV, fields["model"]["sha256"])
+    back = worker._load_model(str(tmp_path), fields["model"], torch.float64)
+    torch.testing.assert_close(back(X), model(X), rtol=0, atol=0)
+    out = model(X)
+    logp = out - torch.logsumexp(out, -1, keepdim=True)
+    manual = -logp.gather(-1, Y[..., None])[..., 0].mean(1)
+    torch.testing.assert_close(worker._per_example_loss(fields["loss"])(out, Y), manual)
+
+
+def _numpy_kfac_up_loss(task: Task, ekfac: bool) -> np.ndarray:
+    """kronfluence's documented K-FAC / EK-FAC with the empirical Fisher, for a Linear model, in numpy:
+    per-example gradients g_i = δ_i ā_iᵀ (δ_i = p_i − e_yi, ā_i = [x_i, 1]), A = mean ā āᵀ, G = mean δ δᵀ,
+    Λ = g aᵀ (K-FAC) or mean_i (Q_Gᵀ g_i Q_A)² (EK-FAC), M v = Q_G [(Q_Gᵀ v Q_A) / (Λ + l2 + λ)] Q_Aᵀ;
+    up_loss[i, j] = −⟨M g_tj, g_i⟩."""
+    W = task.model.weight.detach().numpy()
+    b = task.model.bias.detach().numpy()
+
+    def parts(X, y):
+        Z = X @ W.T + b
+        P = np.exp(Z - Z.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        P[np.arange(len(y)), y] -= 1.0
+        return P, np.hstack([X, np.ones((len(X), 1))])
+
+    D, Ab = parts(task.X_train.numpy(), task.y_train.numpy())
+    Dt, At = parts(task.X_test.numpy(), task.y_test.numpy())
+    n = len(D)
+    a, QA = np.linalg.eigh(Ab.T @ Ab / n)
+    gv, QG = np.linalg.eigh(D.T @ D / n)
+    Gi = D[:, :, None] * Ab[:, None, :]  # (n, K, d+1)
+    Gt = Dt[:, :, None] * At[:, None, :]
+    if ekfac:
+        lam = ((QG.T @ Gi @ QA) ** 2).mean(0)
+    else:
+        lam = np.outer(gv, a)
+    pre = QG @ ((QG.T @ Gt @ QA) / (lam + task.l2 + task.damping)) @ QA.T  # (m, K, d+1)
+    return -np.einsum("mkd,nkd->nm", pre, Gi)
+
+
+def test_kronfluence_normalised_equals_numpy_kfac():
+    py = PEER_PYTHON
+    reason = peers.available_peers(peer_python=py)["kronfluence"]
+    if reason:
+        pytest.skip(f"kronfluence not available: {reason[:120]}")
+    task = _tiny_task()
+    runs = peers.run_peers(
+        task,
+        peers=("kronfluence",),
+        peer_python=py,
+        num_threads=1,
+        warm_up=False,
+        methods=[
+            {"library": "kronfluence", "method": s, "label": s, "settings": {"use_empirical_fisher": True}}
+            for s in ("ekfac", "kfac")
+        ],
+    )
+    assert [r.method for r in runs] == ["ekfac", "kfac"]
+    for r in runs:
+        assert r.error is None, (r.method, r.error, r.details.get("traceback"))
+        want = _numpy_kfac_up_loss(task, ekfac=r.method == "ekfac")
+        np.testing.assert_allclose(r.up_loss, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+        assert r.settings["damping_factor"] == pytest.approx(task.l2 + task.damping)
+        assert r.settings["dtype"] == "float64" and r.settings["tracked_modules"] == ["0"]
+        assert "-scores.T" in r.details["normalisation"]

@@ -381,7 +381,8 @@ def test_options_and_names():
     assert pyinfluence.KFAC is KFAC and pyinfluence.EKFAC is EKFAC
     assert "KFAC" in pyinfluence.__all__ and "EKFAC" in pyinfluence.torch.__all__
     with pytest.raises(ValueError, match="fisher"):
-        KFAC(fisher="sampled")
+        KFAC(fisher="monte-carlo")
+    assert KFAC(fisher="sampled").fisher == "sampled"  # tests/test_kfac_sampled.py
     with pytest.raises(ValueError, match="tol"):
         KFAC(tol=0)
     assert EKFAC(fisher="Empirical").fisher == "empirical"

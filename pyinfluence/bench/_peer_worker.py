@@ -3,9 +3,9 @@
 convention. Launched by :mod:`pyinfluence.bench.peers` in a subprocess.
 
 Standalone on purpose: it imports only the standard library, numpy, torch and the peer library
-(Captum or pyDVL) — **never pyinfluence** — because it also runs in a separate virtual
+(Captum, pyDVL or kronfluence) — **never pyinfluence** — because it also runs in a separate virtual
 environment (pyDVL's ``influence`` extra forces numpy < 2, which pyinfluence's environment does not
-have).
+have; kronfluence's own requirements would pull a CUDA build of torch).
 
 Usage::
 
@@ -14,10 +14,12 @@ Usage::
 
 Payload directory (written by ``peers._write_payload``):
 
-- ``payload.json``: ``peer`` ("captum" | "pydvl"), ``method`` (a class name), ``label`` (unique
-  name of this setting), ``settings`` (keyword settings of the method, see below), ``loss``
-  (``{"name": "cross_entropy" | "logistic" | "smooth_hinge" | "mse_mean" | "mse_sum",
-  "temperature": t}``), ``l2``, ``damping``, ``params`` (names of the selected parameters, or
+- ``payload.json``: ``peer`` ("captum" | "pydvl" | "kronfluence"), ``method`` (a class name; for
+  kronfluence its factor strategy "ekfac" | "kfac"), ``label`` (unique name of this setting),
+  ``settings`` (keyword settings of the method, see below), ``loss``
+  (``{"name": "cross_entropy" | "token_cross_entropy" | "logistic" | "smooth_hinge" | "mse_mean" |
+  "mse_sum", "temperature": t}``; ``token_cross_entropy``: outputs (B, T, V), targets (B, T), the
+  per-example loss is the mean over the T positions), ``l2``, ``damping``, ``params`` (names of the selected parameters, or
   null = all), ``model`` (``{"format": "spec", "spec": ...}``: an architecture description of
   ``nn.Sequential`` / standard layers, weights in ``model.pt`` as a state_dict; or
   ``{"format": "fx"}``: a ``torch.fx.GraphModule`` saved whole in ``model.pt``), ``dtype``,
@@ -43,9 +45,24 @@ is folded into their regularisation: H + λI = H_mean_loss + (l2 + λ)I exactly.
 - Captum ``NaiveInfluenceFunction`` / ``ArnoldiInfluenceFunction``: scores (m, n) =
   g_tᵀ(Σ_i ∇²L_i + reg·I)⁻¹ g_i (a SUM Hessian), so ``hessian_reg = n·(l2 + λ)`` and
   ``up_loss = −n · scoresᵀ``.
-- pyDVL ``DirectInfluence`` / ``CgInfluence`` / ``LissaInfluence``: ``influences(x_test, y_test,
-  x, y)`` (m, n) = ⟨(H_mean_loss + reg·I)⁻¹ g_t, g_i⟩, so ``regularization = l2 + λ`` and
-  ``up_loss = −scoresᵀ``.
+- pyDVL ``DirectInfluence`` / ``CgInfluence`` / ``LissaInfluence`` / ``ArnoldiInfluence``:
+  ``influences(x_test, y_test, x, y)`` (m, n) = ⟨(H_mean_loss + reg·I)⁻¹ g_t, g_i⟩, so
+  ``regularization = l2 + λ`` and ``up_loss = −scoresᵀ``.
+- kronfluence 1.0.1 (``Analyzer.fit_all_factors`` + ``compute_pairwise_scores``, ``FactorArguments(
+  strategy="ekfac" | "kfac")``): scores (m, n) = g_tᵀ (F̂ + damping_factor·I)⁻¹ g_i, with F̂ its
+  block-diagonal (per nn.Linear / nn.Conv2d module) K-FAC or EK-FAC approximation of the MEAN Fisher
+  (covariances divided by the number of examples — times positions for sequence/conv layers — and
+  EK-FAC's eigenvalues Λ by the number of examples). Its losses must be SUM-reduced so that its hooks
+  see per-example gradients: ``compute_train_loss`` / ``compute_measurement`` return Σ_i L(z_i), and
+  then g are exactly our per-example gradients. Its Fisher is the true Fisher by SAMPLING
+  (``sample=True``: one label per example and pass drawn from the model's predictive distribution,
+  scaled so that E[g gᵀ] is the loss's Gauss-Newton matrix; see ``_fisher_sample_loss``). The l2
+  term is not in F̂, so ``damping_factor = l2 + λ`` (added to every eigenvalue, as our l2 + λ is
+  added to H) and ``up_loss = −scoresᵀ`` — no factor of n. Every dtype argument is set to the task's
+  dtype (its defaults are float32), ``covariance_max_examples`` / ``lambda_max_examples`` to None
+  (its default 100 000 would subsample larger training sets). Only nn.Linear / nn.Conv2d parameters
+  are covered: a selection with any other parameter is refused. A bare nn.Linear model is wrapped in
+  nn.Sequential (kronfluence cannot wrap the root module).
 """
 
 from __future__ import annotations
@@ -62,7 +79,11 @@ import warnings
 
 _T_START = time.perf_counter()
 
-PEER_PACKAGES = {"captum": ("captum",), "pydvl": ("pydvl", "dask", "distributed")}
+PEER_PACKAGES = {
+    "captum": ("captum",),
+    "pydvl": ("pydvl", "dask", "distributed"),
+    "kronfluence": ("kronfluence", "accelerate", "einops", "einconv", "opt_einsum", "safetensors"),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +239,10 @@ def _per_example_loss(spec: dict):
 
         def f(out, y):
             return F.cross_entropy(out, y.long(), reduction="none")
+    elif name == "token_cross_entropy":
+
+        def f(out, y):  # (B, T, V), (B, T): the mean over positions of the next-token cross-entropy
+            return F.cross_entropy(out.transpose(1, 2), y.long(), reduction="none").mean(dim=1)
     elif name == "logistic":
 
         def f(out, y):
@@ -393,7 +418,7 @@ def _run_captum(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res
 
 def _run_pydvl(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res: dict):
     import torch
-    from pydvl.influence.torch import CgInfluence, DirectInfluence, LissaInfluence
+    from pydvl.influence.torch import ArnoldiInfluence, CgInfluence, DirectInfluence, LissaInfluence
     from torch.utils.data import DataLoader, TensorDataset
 
     s = dict(p["settings"])
@@ -424,6 +449,8 @@ def _run_pydvl(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res:
                 "scale_estimate_s": time.perf_counter() - t0,
             }
         inf = LissaInfluence(model, mean_loss, regularization=reg, **s)
+    elif p["method"] == "ArnoldiInfluence":  # rank-r Arnoldi/Lanczos of H + reg on the top eigenvectors
+        inf = ArnoldiInfluence(model, mean_loss, regularization=reg, **s)
     else:
         raise ValueError(f"unknown pyDVL method {p['method']!r}")
     res["settings_used"] = dict(s, regularization=reg, batch_size=bs, **extra)
@@ -433,6 +460,221 @@ def _run_pydvl(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res:
     t2 = time.perf_counter()
     res["fit_s"], res["score_s"] = t1 - t0, t2 - t1
     res["normalisation"] = f"up_loss = -scores.T; regularization = l2+damping = {reg:g}"
+    return -scores.detach().to(torch.float64).T
+
+
+def _fisher_sample_loss(spec: dict):
+    """``f(out, generator) -> (B,)``: the per-example loss at targets SAMPLED from the model's predictive
+    distribution, scaled so that the sampled gradients' second moment is the loss's Gauss-Newton matrix,
+    E[∇f ∇fᵀ] = Jᵀ ∇²_out L J (kronfluence's true Fisher, ``sample=True``); None where no such
+    distribution is defined (the smooth hinge).
+
+    - cross-entropy: y ~ softmax(out); ∇_out CE = p − e_y has covariance diag(p) − ppᵀ = ∇²_out CE.
+    - token cross-entropy, L = (1/T) Σ_t CE_t: y_t ~ softmax(out_t) independently, f = (1/√T) Σ_t CE_t
+      (then E[∇f∇fᵀ] = (1/T) Σ_t J_tᵀ(diag p_t − p_t p_tᵀ)J_t = ∇²L's Gauss-Newton; the unscaled mean
+      would give 1/T of it).
+    - logistic: y ~ Bernoulli(σ(out)); variance σ(1 − σ) = ∇²_out.
+    - squared error Σ_k (out_k − y_k)² (mean over K: divided by K): ỹ = out + ε, ε ~ N(0, s²) with
+      s² = 1/2 (K/2 for the mean), so that E[∇∇ᵀ] = 2I (2I/K) = ∇²_out.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    name = spec["name"]
+    if name == "cross_entropy":
+
+        def f(out, gen):
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(out.detach(), dim=-1), 1, generator=gen).reshape(-1)
+            return F.cross_entropy(out, y, reduction="none")
+    elif name == "token_cross_entropy":
+
+        def f(out, gen):
+            B, T, V = out.shape
+            with torch.no_grad():
+                pr = torch.softmax(out.detach().reshape(B * T, V), dim=-1)
+                y = torch.multinomial(pr, 1, generator=gen).reshape(B, T)
+            return F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(dim=1) / math.sqrt(T)
+    elif name == "logistic":
+
+        def f(out, gen):
+            s = out.reshape(-1)
+            with torch.no_grad():
+                y = torch.bernoulli(torch.sigmoid(s.detach()), generator=gen)
+            return F.binary_cross_entropy_with_logits(s, y, reduction="none")
+    elif name in ("mse_mean", "mse_sum"):
+
+        def f(out, gen):
+            o = out.reshape(out.shape[0], -1)
+            K = o.shape[1]
+            var = K / 2.0 if name == "mse_mean" else 0.5
+            with torch.no_grad():
+                y = o.detach() + math.sqrt(var) * torch.randn(o.shape, generator=gen, dtype=o.dtype)
+            d = o - y
+            return (d * d).sum(dim=1) / (K if name == "mse_mean" else 1)
+    else:
+        return None
+    return f
+
+
+def _kronfluence_modules(model, selected):
+    """The module names kronfluence tracks: every nn.Linear / nn.Conv2d whose parameters are all selected. Raises ValueError for a partly selected module, or a selected parameter
+    outside such modules (kronfluence would silently leave it out)."""
+    from torch import nn
+
+    sel = set(selected)
+    tracked, covered = [], set()
+    for mname, mod in model.named_modules():
+        own = [f"{mname}.{n}" if mname else n for n, _ in mod.named_parameters(recurse=False)]
+        if not own or not any(o in sel for o in own):
+            continue
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if not all(o in sel for o in own):
+            raise ValueError(f"kronfluence tracks whole modules: module {mname!r} is only partly selected")
+        tracked.append(mname)
+        covered.update(own)
+    missing = [n for n in selected if n not in covered]
+    if missing:
+        raise ValueError(
+            "kronfluence covers the parameters of nn.Linear and nn.Conv2d modules only; selected parameters "
+            f"outside them: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} (select fewer "
+            "parameters, e.g. TorchInfluence's params=, to compare like with like)"
+        )
+    return tracked
+
+
+def _kronfluence_model(model, selected):
+    """(model, selected names, tracked module names) as kronfluence needs them: a bare nn.Linear /
+    nn.Conv2d model wrapped in nn.Sequential (kronfluence replaces modules through their parent, so it
+    cannot wrap the root: RecursionError), its parameter names prefixed with "0."."""
+    from torch import nn
+
+    if type(model) in (nn.Linear, nn.Conv2d):
+        model = nn.Sequential(model)
+        selected = [f"0.{name}" for name in selected]
+    return model, selected, _kronfluence_modules(model, selected)
+
+
+def _run_kronfluence(p: dict, model, loss, X, Y, Xt, Yt, selected, work_dir: str, res: dict):
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    s = dict(p["settings"])
+    strategy = p["method"]
+    if strategy not in ("ekfac", "kfac"):
+        raise ValueError(f"unknown kronfluence strategy {strategy!r} (known: 'ekfac', 'kfac')")
+    n, m = int(X.shape[0]), int(Xt.shape[0])
+    reg = float(p["l2"]) + float(p["damping"])
+    pdt = next(q.dtype for q in model.parameters())
+    dtypes = {"model": pdt, "float32": torch.float32, "float64": torch.float64}
+    dkey = str(s.pop("dtype", "model"))
+    if dkey not in dtypes:
+        raise ValueError(f"settings dtype must be 'model', 'float32' or 'float64', got {dkey!r}")
+    dt = dtypes[dkey]
+    empirical = bool(s.pop("use_empirical_fisher", False))
+    model, selected, tracked = _kronfluence_model(model, selected)
+    p_sel = sum(q.numel() for name, q in model.named_parameters() if name in set(selected))
+    bs = s.pop("batch_size", "auto")  # per-sample gradients of a batch: ~256 MB at most
+    bs = max(1, min(n, 512, (1 << 28) // (8 * p_sel))) if bs == "auto" else int(bs)
+    sample_loss = None if empirical else _fisher_sample_loss(p["loss"])
+    if sample_loss is None and not empirical:
+        raise ValueError(
+            f"kronfluence's true Fisher samples targets from the model's predictive distribution, which the "
+            f"loss {p['loss']['name']!r} does not define; pass settings use_empirical_fisher=True"
+        )
+    gen = torch.Generator().manual_seed(int(p.get("seed", 0)))
+
+    class _Task(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            out = model(x)
+            if sample:
+                assert sample_loss is not None  # refused above unless the empirical Fisher is used
+                return sample_loss(out, gen).sum()
+            return loss(out, y).sum()  # SUM: kronfluence's hooks then see per-example gradients
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return loss(model(x), y).sum()  # the test loss: g_t = ∇L(z_t)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+        def get_attention_mask(self, batch):
+            return None
+
+    train, query = TensorDataset(X, Y), TensorDataset(Xt, Yt)
+    factor_args = FactorArguments(
+        strategy=strategy,
+        use_empirical_fisher=empirical,
+        covariance_max_examples=None,
+        lambda_max_examples=None,
+        activation_covariance_dtype=dt,
+        gradient_covariance_dtype=dt,
+        per_sample_gradient_dtype=dt,
+        lambda_dtype=dt,
+        eigendecomposition_dtype=torch.float64,
+    )
+    score_args = ScoreArguments(
+        damping_factor=reg,
+        per_sample_gradient_dtype=dt,
+        precondition_dtype=dt,
+        score_dtype=dt,
+        query_gradient_svd_dtype=torch.float64 if dt == torch.float64 else torch.float32,
+    )
+    if s:
+        raise ValueError(f"unknown kronfluence settings {sorted(s)}")
+    res["settings_used"] = dict(
+        p["settings"],
+        strategy=strategy,
+        damping_factor=reg,
+        batch_size=bs,
+        dtype=str(dt).replace("torch.", ""),
+        use_empirical_fisher=empirical,
+        tracked_modules=tracked,
+    )
+    t0 = time.perf_counter()
+    task = _Task()
+    model = prepare_model(model, task)
+    analyzer = Analyzer(
+        analysis_name="peer",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=os.path.join(work_dir, "kronfluence"),
+        log_level=logging.WARNING,
+    )
+    analyzer.fit_all_factors(
+        factors_name=strategy,
+        dataset=train,
+        per_device_batch_size=bs,
+        factor_args=factor_args,
+        overwrite_output_dir=True,
+    )
+    t1 = time.perf_counter()
+    analyzer.compute_pairwise_scores(
+        scores_name="scores",
+        factors_name=strategy,
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=m,
+        per_device_train_batch_size=bs,
+        score_args=score_args,
+        overwrite_output_dir=True,
+    )
+    scores = analyzer.load_pairwise_scores("scores")["all_modules"]  # (m, n)
+    t2 = time.perf_counter()
+    res["fit_s"], res["score_s"] = t1 - t0, t2 - t1
+    res["normalisation"] = (
+        f"up_loss = -scores.T (no factor of n: kronfluence's Fisher is a mean over examples and its "
+        f"gradients are per-example, from sum-reduced losses); damping_factor = l2+damping = {reg:g}; "
+        f"{'empirical' if empirical else 'sampled true'} Fisher"
+    )
     return -scores.detach().to(torch.float64).T
 
 
@@ -460,8 +702,10 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
     torch.manual_seed(int(p.get("seed", 0)))
     if peer == "captum":
         import captum  # noqa: F401  (import time belongs to load_s)
-    else:
+    elif peer == "pydvl":
         import pydvl.influence.torch  # noqa: F401
+    else:
+        import kronfluence.analyzer  # noqa: F401
     res["versions"] = {
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -474,7 +718,8 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
         X, Y, Xt, Yt = (
             torch.from_numpy(np.ascontiguousarray(d[k])) for k in ("X_train", "y_train", "X_test", "y_test")
         )
-    X, Xt = X.to(dtype), Xt.to(dtype)
+    if X.is_floating_point():  # token ids stay integers
+        X, Xt = X.to(dtype), Xt.to(dtype)
     if Y.is_floating_point():
         Y, Yt = Y.to(dtype), Yt.to(dtype)
     model = _load_model(data_dir, p["model"], dtype)
@@ -487,7 +732,7 @@ def run(payload_dir: str, out_dir: str, res: dict) -> None:
     res["load_s"] = time.perf_counter() - _T_START
     res["baseline_mem_mb"] = _rss_mb()
 
-    runner = _run_captum if peer == "captum" else _run_pydvl
+    runner = {"captum": _run_captum, "pydvl": _run_pydvl, "kronfluence": _run_kronfluence}[peer]
     logging.captureWarnings(True)
     handler = _LogCapture(warns)
     logging.getLogger().addHandler(handler)

@@ -1,11 +1,12 @@
-"""Side by side with other influence libraries: Captum and pyDVL on a benchmark :class:`Task`.
+"""Side by side with other influence libraries: Captum, pyDVL and kronfluence on a benchmark :class:`Task`.
 
 Each peer method runs in its own subprocess (``_peer_worker.py``, which never imports
 pyinfluence), so that
 
 - a peer installed in a *separate* virtual environment can be used: pyDVL 0.10's ``influence``
-  extra forces numpy < 2, so it lives beside torch in its own venv
-  (``PYINFLUENCE_PEER_PYTHON=/path/to/venv/bin/python`` or ``peer_python=``);
+  extra forces numpy < 2, and a plain install of kronfluence pulls a CUDA build of torch, so they
+  live beside torch in their own venv (``PYINFLUENCE_PEER_PYTHON=/path/to/venv/bin/python`` or
+  ``peer_python=``; one venv can hold all three peers, see bench/README.md);
 - each method's peak memory is its own process's peak RSS;
 - a crash, a hang (``timeout_s``) or NaN scores become a :class:`PeerRun` with ``error`` set,
   never an exception here.
@@ -22,16 +23,29 @@ folded into their regularisation (H + λI = H_mean_loss + (l2 + λ)I, exactly):
   g_tᵀ(Σ_i∇²L_i + reg·I)⁻¹g_i (a sum Hessian; (m, n)): ``hessian_reg = n·(l2 + λ)``, result × −n,
   transposed. ``projection_dim`` = p for the naive (exact) method (its default 50 is a silent
   rank-50 truncation); it needs a checkpoint file, written by the worker.
-- pyDVL 0.10 ``DirectInfluence``/``CgInfluence``/``LissaInfluence`` compute
+- pyDVL 0.10 ``DirectInfluence``/``CgInfluence``/``LissaInfluence``/``ArnoldiInfluence`` compute
   ⟨(H_mean_loss + reg·I)⁻¹g_t, g_i⟩ ((m, n)): ``regularization = l2 + λ``, result × −1,
   transposed.
+- kronfluence 1.0.1 (``"ekfac"`` / ``"kfac"``: ``FactorArguments(strategy=...)``) computes
+  g_tᵀ(F̂ + damping_factor·I)⁻¹g_i ((m, n)) with F̂ its K-FAC / EK-FAC approximation of the mean
+  Fisher over nn.Linear / nn.Conv2d modules, true Fisher by sampling labels from the model; the
+  worker gives it sum-reduced losses (so its gradients are the per-example ones) and
+  ``damping_factor = l2 + λ``; result × −1, transposed, no factor of n. Its K-FAC divides the
+  gradient covariance by examples × positions, so on Conv2d layers (T output positions per image) its
+  K-FAC block is 1/T of the "K-FAC-expand" block of pyinfluence's KFAC (for a loss that is a mean over
+  T tokens, the 1/√T scale of the sampled loss makes the expected factors equal ours); the EK-FAC
+  eigenvalues are per-example in both.
+  Details: :mod:`pyinfluence.bench._peer_worker`.
 
-Install: ``pip install "pyinfluence[compare]"`` (Captum 0.9.0) in this environment; pyDVL in its
-own (see bench/README.md)::
+Install: ``pip install "pyinfluence[compare]"`` (Captum 0.9.0) in this environment; pyDVL and
+kronfluence in their own (bench/README.md has the exact commands)::
 
-    python3 -m venv peers-venv
-    peers-venv/bin/pip install torch==2.13.0 "pydvl[influence]==0.10.0" captum==0.9.0
-    export PYINFLUENCE_PEER_PYTHON=$PWD/peers-venv/bin/python
+    python3 -m venv /work/peers-venv
+    /work/peers-venv/bin/pip install torch==2.13.0          # first: the CPU build, pinned
+    /work/peers-venv/bin/pip install "numpy<2" "pydvl[influence]==0.10.0" captum==0.9.0
+    /work/peers-venv/bin/pip install --no-deps kronfluence==1.0.1
+    /work/peers-venv/bin/pip install accelerate einops einconv opt-einsum safetensors
+    export PYINFLUENCE_PEER_PYTHON=/work/peers-venv/bin/python
 """
 
 from __future__ import annotations
@@ -58,7 +72,7 @@ from pyinfluence.bench import _peer_worker as _worker
 
 __all__ = ["PeerRun", "PEERS", "PEER_METHODS", "available_peers", "run_peers", "peer_methods"]
 
-PEERS = ("captum", "pydvl")
+PEERS = ("captum", "pydvl", "kronfluence")
 ENV_PEER_PYTHON = "PYINFLUENCE_PEER_PYTHON"
 INSTALL_HINT = {
     "captum": 'pip install captum==0.9.0  (or: pip install "pyinfluence[compare]")',
@@ -68,12 +82,21 @@ INSTALL_HINT = {
         '"pydvl[influence]==0.10.0") and set PYINFLUENCE_PEER_PYTHON=peers-venv/bin/python '
         "(or pass peer_python=)"
     ),
+    "kronfluence": (
+        "a plain pip install of kronfluence pulls a CUDA build of torch: in a separate venv install "
+        "torch==2.13.0 first, then pip install --no-deps kronfluence==1.0.1 and pip install accelerate "
+        "einops einconv opt-einsum safetensors; set PYINFLUENCE_PEER_PYTHON=peers-venv/bin/python "
+        "(or pass peer_python=); see bench/README.md"
+    ),
 }
 
 # The settings measured by default: (label, class, settings). "p" = the number of parameters.
 # Captum: one batch of the whole training set (its Hessian is torch.autograd.functional.hessian
 # per batch: p backward passes each, so fewer batches is faster). pyDVL: library defaults
-# (rtol/atol/maxiter/scale) unless stated; batch_size is the DataLoader's.
+# (rtol/atol/maxiter/scale) unless stated; batch_size is the DataLoader's. kronfluence: the class is
+# its factor strategy; damping_factor = l2 + λ, every dtype the task's, batch size "auto" (per-sample
+# gradients of a batch ≤ 256 MB), the true Fisher by sampling (settings: "dtype" "model" | "float32",
+# "batch_size", "use_empirical_fisher").
 PEER_METHODS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "captum": [
         ("NaiveInfluenceFunction", "NaiveInfluenceFunction", {"projection_dim": "p"}),
@@ -104,6 +127,11 @@ PEER_METHODS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
                 "rtol": 1e-4,
             },
         ),
+        ("ArnoldiInfluence(rank 50)", "ArnoldiInfluence", {"batch_size": 256, "rank": 50}),
+    ],
+    "kronfluence": [
+        ("EK-FAC", "ekfac", {}),
+        ("K-FAC", "kfac", {}),
     ],
 }
 
@@ -285,6 +313,11 @@ def _save_model(model: Any, path: str, X: Any) -> dict:
     # any other module: a torch.fx GraphModule (pickled with its generated code, so the worker
     # needs torch only, not the model's class)
     gm = torch.fx.symbolic_trace(model)
+    # type annotations of forward() under `from __future__ import annotations` are strings, which the
+    # GraphModule's pickled code cannot import: drop them (they do not change what the graph computes)
+    for node in gm.graph.nodes:
+        node.type = None
+    gm.recompile()
     with torch.no_grad():
         a, b = model(X[:4]), gm(X[:4])
     if not torch.allclose(a, b, rtol=1e-12, atol=1e-12):
@@ -322,6 +355,8 @@ def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any, explicit: Opti
         temps.insert(0, float(t_kw["temperature"]))
     if not Y.is_floating_point() and out.ndim == 2 and out.shape[1] > 1:
         cands.append({"name": "cross_entropy"})
+    if not Y.is_floating_point() and out.ndim == 3 and Y.ndim == 2:
+        cands.append({"name": "token_cross_entropy"})
     cands += [{"name": "logistic"}] + [{"name": "smooth_hinge", "temperature": t} for t in temps]
     cands += [{"name": "mse_mean"}, {"name": "mse_sum"}]
     for c in cands:
@@ -338,8 +373,9 @@ def _identify_loss(loss_fn: Callable, model: Any, X: Any, Y: Any, explicit: Opti
     if explicit:
         raise ValueError(f"the loss does not match its peer_loss description {explicit}")
     raise ValueError(
-        "cannot tell which loss the task uses (known to the peer worker: cross-entropy, binary "
-        "logistic, smooth hinge, squared error); set peer_loss = {'name': ...} on the task"
+        "cannot tell which loss the task uses (known to the peer worker: cross-entropy, next-token "
+        "cross-entropy averaged over positions, binary logistic, smooth hinge, squared error); set "
+        "peer_loss = {'name': ...} on the task"
     )
 
 
@@ -388,7 +424,11 @@ def _write_data(task: Any, data_dir: str) -> dict:
 
     model = task.model
     X = task.X_train
-    dtype = str(X.dtype).replace("torch.", "") if isinstance(X, torch.Tensor) else "float64"
+    if isinstance(X, torch.Tensor) and X.is_floating_point():
+        dtype = str(X.dtype).replace("torch.", "")
+    else:  # integer inputs (token ids): the model's floating dtype
+        fl = [q.dtype for q in model.parameters() if q.is_floating_point()]
+        dtype = str(fl[0]).replace("torch.", "") if fl else "float64"
     np.savez(
         os.path.join(data_dir, "data.npz"),
         X_train=_np(task.X_train),
@@ -511,7 +551,7 @@ def run_peers(
     - ``task``: a :class:`~pyinfluence.bench.tasks.Task` (its torch view: ``model``,
       ``loss_fn``, ``X_train``, ``y_train``, ``X_test``, ``y_test``, ``l2``, ``damping``,
       ``params``). The full n_train × m_test matrix is computed.
-    - ``peers``: names among ``PEERS`` ("captum", "pydvl").
+    - ``peers``: names among ``PEERS`` ("captum", "pydvl", "kronfluence").
     - ``peer_python``: an interpreter of another venv that has the peer (default:
       ``$PYINFLUENCE_PEER_PYTHON``); used for a peer not importable here.
     - ``timeout_s``: the limit for EACH method's worker process (killed after it: a PeerRun with

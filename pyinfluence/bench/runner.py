@@ -1250,7 +1250,9 @@ def run_bench(
             )
     peer_list: list[str] = []
     if peers is True:
-        peer_list = ["captum", "pydvl"]
+        from pyinfluence.bench.peers import PEERS
+
+        peer_list = list(PEERS)
     elif peers:
         peer_list = [peers] if isinstance(peers, str) else list(peers)
     rows: list[dict[str, Any]] = []

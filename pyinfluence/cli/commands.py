@@ -466,11 +466,11 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--peers",
         nargs="?",
-        const="captum,pydvl",
+        const="captum,pydvl,kronfluence",
         default=None,
         metavar="LIST",
         help="also run other influence libraries when installed (default list: "
-        "captum,pydvl); skipped cleanly when absent",
+        "captum,pydvl,kronfluence); skipped cleanly when absent",
     )
     bench.add_argument(
         "--peer-python", metavar="PATH", help="python interpreter of a separate environment holding the peers"

@@ -40,7 +40,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # HVP mode: the most rows for which "auto" uses torch.autograd's double backward rather than
 # torch.func's vmapped vjp (see FunctionalModel.hvp_rows).
-_AUTOGRAD_MAX_ROWS = 32
+_AUTOGRAD_MAX_ROWS = 1
 
 
 # ==============================================================================================
@@ -373,12 +373,13 @@ class FunctionalModel:
         - ``"autograd"``: the same double backward with ``torch.autograd.grad`` (create_graph, then
           ``is_grads_batched`` for several rows) — less per-call overhead;
         - ``"fwdrev"``: forward-over-reverse, ``jvp(grad(f))`` vmapped over the rows;
-        - ``"auto"`` (default): ``"autograd"`` for up to 32 rows, else ``"revrev"``.
+        - ``"auto"`` (default): ``"autograd"`` for one row, else ``"revrev"``.
 
-        Measured on the digits MLP (CPU, float64, 1 thread, interleaved repeats): autograd is
-        1.2–1.7× faster than torch.func revrev for 1–32 rows (minibatch and full-set HVPs), revrev
-        ~1.3× faster than autograd for 64-row blocks (the dense build), and fwdrev 1.2–3× slower
-        than revrev throughout.
+        Measured across digits MLPs of 2.4k, 9.6k and 85k parameters (CPU, float64, 2 threads, the whole
+        training set of 1437 examples in one call; pyinfluence.bench.studies.hvp_rate): for 10 rows revrev
+        ran at 27 / 42 / 49 GFLOP/s (the last is this machine's GEMM rate), autograd at 24 / 7 / 35 and
+        fwdrev at 21 / 22 / 47; for one row autograd was 10–25 % faster than revrev. (An earlier choice,
+        autograd up to 32 rows, was tuned on the 2.4k model alone and cost 1.7× at 85k.)
         """
         with second_order():
             return self._hvp_rows(Vt, X, Y, mode)

@@ -23,9 +23,11 @@ for reuse when it is small. Solves go through :mod:`pyinfluence.solvers`. There 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
@@ -186,6 +188,15 @@ class TorchInfluence(Influence[Tensor]):
     the same test data solve once. ``last_solve`` is the :class:`~pyinfluence.solvers.SolveResult`
     of the most recent solve (residual, iterations, time, …); ``n_solves`` counts solves.
 
+    **Saving** (:meth:`save`, :meth:`load`): the fitted curvature — what the solver's preparation found
+    (Exact: H and its factor; KFAC / EKFAC: per-layer eigenbases, eigenvalues and diagonal blocks; Arnoldi:
+    the top-r Ritz pairs; LiSSA: its scale and Lanczos estimates; CG / BlockCG: their preconditioner) — is
+    written to a folder of ``.npy`` arrays with a JSON manifest (nothing pickled), and
+    ``TorchInfluence.load(path, model, loss_fn, train_data)`` rebuilds the object for the same model and data,
+    on this machine or another (``device=``), without preparing again. The manifest's SHA-256 fingerprints
+    of θ̂ and of the other parameters and buffers, ``n_train`` and the selected parameters are checked on
+    load; the saved ``l2``, ``damping``, solver and dtype are used, and a conflicting explicit one raises.
+
     **Threads**: one object may be shared by many threads and every call returns exactly what
     it returns when called alone (tested bit for bit). The model is evaluated on a private copy
     of its module tree per thread (sharing all tensors; the user's module is never touched), so
@@ -212,6 +223,31 @@ class TorchInfluence(Influence[Tensor]):
         label_key: str = "labels",
         dtype: torch.dtype | str | None = None,
     ) -> None:
+        optimum_tol = self._setup(
+            model, loss_fn, train_data, params, l2, damping, solver, batch_size, device, progress,
+            optimum_tol, stream, label_key, dtype,
+        )  # fmt: skip
+        self._check_optimum(optimum_tol)
+
+    def _setup(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        train_data: Any,
+        params: ParamSelection,
+        l2: float,
+        damping: float,
+        solver: str | Solver,
+        batch_size: int | None,
+        device: str | torch.device | None,
+        progress: bool,
+        optimum_tol: float | None,
+        stream: bool | None,
+        label_key: str,
+        dtype: torch.dtype | str | None,
+    ) -> float | None:
+        """Everything ``__init__`` does but the check of the optimum (one pass over the data, which
+        :meth:`load` skips); returns the validated ``optimum_tol``."""
         named = self._check_arguments(model, loss_fn, params, l2, damping, progress)
         if optimum_tol is not None:
             optimum_tol = check_nonnegative_float("optimum_tol", optimum_tol)
@@ -228,7 +264,7 @@ class TorchInfluence(Influence[Tensor]):
         self._prepare_data(model, loss_fn, named, train_data, dev, cdtype, stream)
         self._batch = self._choose_batch_size(batch_size)
         self._init_solving()
-        self._check_optimum(optimum_tol)
+        return optimum_tol
 
     # -- construction steps (in the order __init__ runs them) -----------------------------------
     def _check_arguments(
@@ -509,6 +545,72 @@ class TorchInfluence(Influence[Tensor]):
         """Forget the cached s_test vectors."""
         with self._solve_lock:
             self._cache.clear()
+
+    # -- saving and loading ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the fitted curvature to the folder ``path`` (created if needed): the prepared solver's
+        arrays as ``.npy`` files and ``manifest.json``; returns the folder's path. Prepares the solver
+        first if it is not prepared yet (:meth:`prepare`). :meth:`load` rebuilds an equal object from the
+        folder for the same model and data without preparing again — on another machine too.
+
+        The manifest holds the format name and version, the library version, the creation time, the
+        solver's name and configuration, ``l2``, ``damping``, the computation dtype, the selected
+        parameters' names and shapes, ``n_train``, ``batch_size``, ``grad_norm`` (‖∇R(θ̂)‖), SHA-256
+        fingerprints of θ̂ and of the model's other parameters and buffers (whole and per tensor: the
+        curvature depends on all of them), the solver's state metadata (its ``info`` included) and, per
+        array, its file, shape, dtype and SHA-256. Nothing is pickled; every file is written under a
+        temporary name and renamed, the manifest last, so a folder with a manifest is complete.
+
+        ``overwrite``: replace an earlier save in ``path`` (otherwise FileExistsError); a folder holding
+        anything else is never written into (FileExistsError). Raises ValueError when the solver's state
+        cannot be written (``Exact(compute_residual=False)`` on the CPU, whose factor stays inside the C++
+        core) and TypeError for a solver without state support (a user-defined Solver). Safe to call while
+        other threads use the object (it holds the solve lock while reading the state).
+        """
+        from pyinfluence.torch.persistence import save_influence
+
+        return save_influence(self, path, overwrite=check_bool("overwrite", overwrite))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        train_data: Any,
+        **options: Any,
+    ) -> TorchInfluence:
+        """The TorchInfluence that :meth:`save` wrote to ``path``, rebuilt for ``model``, ``loss_fn`` and
+        ``train_data`` (these cannot be saved: pass the same ones) with the saved ``l2``, ``damping``,
+        solver configuration, selected parameters and dtype, and its prepared solver restored from the
+        arrays WITHOUT preparing again (no Hessian-vector product, no pass over the training data; a stream
+        of unknown length — an IterableDataset, a list of batches — is counted once, as the constructor
+        does, to check n_train): every method returns what the saved object returned (bit for bit on the
+        same device and thread count).
+
+        ``options``: the keyword arguments of the constructor. ``params``, ``l2``, ``damping``, ``solver``
+        and ``dtype`` default to the saved values; passing a different one raises ValueError (the saved
+        curvature belongs to them). ``batch_size`` defaults to the saved one; ``device`` to the model's
+        (so a folder saved on a CPU is loaded onto the GPU of a model there, or pass ``device="cuda"``:
+        the arrays are moved to it); ``progress``, ``stream``, ``label_key`` as for the constructor.
+        ``optimum_tol`` defaults to None: the check of ‖∇R(θ̂)‖ ran when the object was saved, and
+        ``grad_norm_`` is the saved value; pass a tolerance to check again (one pass over the data).
+
+        Checks, each a ValueError naming what differs: the model's selected parameter names and shapes;
+        SHA-256 fingerprints of θ̂ and of the other parameters and buffers (naming the tensors that
+        changed); ``n_train``. The training data itself is not read: pass the data the object was saved
+        with. Errors naming the file: FileNotFoundError for a missing folder, manifest or array file;
+        ValueError for invalid JSON, a manifest of another format or of a newer format version, or an array
+        file that is truncated, damaged or differs from its manifest entry (shape, dtype, SHA-256).
+        """
+        from pyinfluence.torch.persistence import load_influence
+
+        obj, optimum_tol, grad_norm = load_influence(cls, path, model, loss_fn, train_data, options)
+        if optimum_tol is None:
+            obj.grad_norm_ = grad_norm
+        else:
+            obj._check_optimum(optimum_tol)  # warns pointing at the caller of load (stacklevel 3)
+        return obj
 
     # -- input helpers ---------------------------------------------------------------------------
     def _test(self, X_test: Any, y_test: Any) -> TensorData:

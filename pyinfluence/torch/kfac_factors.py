@@ -26,6 +26,10 @@ Private machinery of :mod:`pyinfluence.torch.solvers.kfac` (see its docstring fo
   with Σ_c δ_it^(c) δ_it'^(c)ᵀ = E[δ_it δ_it'ᵀ] (the expectation ``fisher`` takes), and for the
   diagonal blocks Σ_i Σ_c (g_i^(c))², g_i^(c) = J_iᵀ c the per-example parameter gradient pushed
   from the same cotangents (``torch.func.vmap`` over examples of a ``vjp``).
+- :func:`sampled_cotangents`: the cotangents of ``fisher="sampled"`` (targets drawn from the
+  model's predictive distribution, checked against the likelihood; see the K-FAC module
+  docstring for the maths), from a counter-based hash of (seed, example index, sample, position)
+  so that the draws do not depend on the block size or the device.
 
 The statistics are collected with forward hooks on the module tree the functional model calls
 (its private per-thread copy, or the model itself under the model's lock); the hooks are removed
@@ -35,7 +39,7 @@ before each function returns, whatever happens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +58,8 @@ __all__ = [
     "LayerStatistics",
     "layer_statistics",
     "plan_blocks",
+    "resolve_likelihood",
+    "sampled_cotangents",
 ]
 
 KRONECKER_KINDS = ("linear", "linear-sequence", "conv2d")
@@ -349,6 +355,309 @@ def _output_hessian_factor(Z: Tensor, losses_of: Any) -> tuple[Tensor, float]:
     return C.to(Z.dtype), rel_neg
 
 
+# ==============================================================================================
+# the sampled (Monte Carlo) true Fisher
+# ==============================================================================================
+FISHERS = ("true", "empirical", "sampled")
+LIKELIHOODS = ("auto", "categorical", "gaussian")
+# fisher="true" refuses models with more outputs per example than this (KFAC.max_outputs' default): its
+# cost is K backward passes and a K × K eigendecomposition per example, its memory B·K·(K + Σ_l T_l·out_l)
+DEFAULT_MAX_OUTPUTS = 512
+_F64 = torch.float64
+_M32 = 0xFFFFFFFF
+_PROBE_STREAM = _M32  # the stream of the squared-error check's probe targets (samples use 0 … samples − 1)
+MAX_SAMPLES = 1 << 20
+
+
+def _mul32(x: Any, m: int) -> Any:
+    """(x · m) mod 2³² for uint32 values x held in int64 (a tensor or an int) and a constant m < 2³²,
+    multiplied in 16-bit halves so that no product exceeds 2⁴⁸ (int64 never overflows)."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Any) -> Any:
+    """lowbias32 (C. Wellons' 32-bit integer hash) of uint32 values held in int64 tensors or ints:
+    x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16 (mod 2³²)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _example_keys(seed: int, start: int, B: int, streams: Sequence[int], device: torch.device) -> Tensor:
+    """The keys k (len(streams), B) int64 of the examples i = start … start + B − 1 of a pass, one row
+    per stream (the sample index s): k = h(h(h(h(h(seed_lo) ⊕ seed_hi) ⊕ i_lo) ⊕ i_hi) ⊕ s), h =
+    :func:`_hash32`, lo / hi the low and high 32 bits."""
+    base = _hash32(_hash32(seed & _M32) ^ ((seed >> 32) & _M32))
+    i = torch.arange(start, start + B, dtype=torch.int64, device=device)
+    x = _hash32((i & _M32) ^ base)
+    x = _hash32(x ^ (i >> 32))
+    s = torch.tensor([int(t) & _M32 for t in streams], dtype=torch.int64, device=device)
+    return _hash32(x.unsqueeze(0) ^ s.unsqueeze(1))
+
+
+def _uniforms(keys: Tensor, n: int) -> Tensor:
+    """U(0, 1) draws, float64 (*keys.shape, n), a function of (key, counter c) only:
+    u = ((w(2c) >> 5)·2²⁶ + (w(2c + 1) >> 6) + ½) / 2⁵³ with w(j) = h(h(k ⊕ j) ⊕ h(k ⊕ 0x9E3779B9)):
+    53 random bits, strictly inside (0, 1)."""
+    k = keys.unsqueeze(-1)
+    k2 = _hash32(k ^ 0x9E3779B9)
+    c = torch.arange(n, dtype=torch.int64, device=keys.device) * 2
+    hi = _hash32(_hash32(k ^ c) ^ k2) >> 5
+    lo = _hash32(_hash32(k ^ (c + 1)) ^ k2) >> 6
+    return ((hi << 26) + lo).to(_F64).add_(0.5).mul_(2.0**-53)
+
+
+def _normals(keys: Tensor, n: int) -> Tensor:
+    """N(0, 1) draws, float64 (*keys.shape, n): Box-Muller, ξ_c = √(−2 ln u_2c) cos(2π u_2c+1) of
+    :func:`_uniforms` (keys, 2n)."""
+    u = _uniforms(keys, 2 * n).unflatten(-1, (n, 2))
+    return torch.sqrt(-2.0 * torch.log(u[..., 0])) * torch.cos(2.0 * math.pi * u[..., 1])
+
+
+def _draws(
+    fn: Any, seed: int, start: int, B: int, n: int, samples: int, device: torch.device
+) -> Iterator[tuple[int, Tensor]]:
+    """(s, fn(keys of sample s, n) (B, n)) for s = 0 … samples − 1, drawn for several samples at once
+    (at most about 2²⁰ draws per call, to bound the memory of the hash's intermediates)."""
+    chunk = max(1, min(samples, (1 << 20) // max(1, B * n)))
+    for s0 in range(0, samples, chunk):
+        block = fn(_example_keys(seed, start, B, range(s0, min(samples, s0 + chunk)), device), n)
+        for j in range(block.shape[0]):
+            yield s0 + j, block[j]
+
+
+def _fit_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the likelihood checks: 10³ machine epsilons of the outputs' dtype, at most 1 %
+    (float64: 2.2e-13, float32: 1.2e-4; label smoothing of 0.1 misfits by ≥ 0.07)."""
+    return min(1e-2, 1e3 * float(torch.finfo(dtype).eps))
+
+
+def resolve_likelihood(likelihood: str, Z: Tensor, Y: Tensor, who: str) -> str:
+    """``"categorical"`` or ``"gaussian"``: the likelihood the sampled Fisher draws targets from, for
+    outputs Z and targets Y (``likelihood="auto"``: integer Y of shape Z.shape[:-1] → categorical over
+    Z's last dimension; floating Y of Z's shape → gaussian). ValueError when they do not fit."""
+    zs, ys = tuple(Z.shape), tuple(Y.shape)
+    integer = not (Y.dtype.is_floating_point or Y.dtype.is_complex or Y.dtype == torch.bool)
+    cat_ok = integer and Z.ndim >= 2 and ys == zs[:-1]
+    gauss_ok = ys == zs
+    advice = (
+        "use fisher='true' (exact Gauss-Newton, for models with at most max_outputs outputs per example) "
+        "or fisher='empirical'"
+    )
+    if not Z.dtype.is_floating_point:
+        raise ValueError(
+            f"{who}(fisher='sampled'): the model's outputs must be floating, got {Z.dtype}; {advice}"
+        )
+    if likelihood == "auto":
+        if cat_ok:
+            return "categorical"
+        if gauss_ok and Y.dtype.is_floating_point:
+            return "gaussian"
+        raise ValueError(
+            f"{who}(fisher='sampled', likelihood='auto'): cannot tell the likelihood of the loss from the "
+            f"model's outputs of shape {zs} ({Z.dtype}) and the targets of shape {ys} ({Y.dtype}): "
+            f"likelihood='categorical' (cross-entropy on logits) needs integer class targets of the outputs' "
+            f"shape without the last dimension (outputs (B, …, classes), targets (B, …)); "
+            f"likelihood='gaussian' (squared error) needs floating targets of the outputs' shape. Make the "
+            f"outputs and targets fit one of them, or {advice}"
+        )
+    if likelihood == "categorical" and not cat_ok:
+        raise ValueError(
+            f"{who}(fisher='sampled', likelihood='categorical') needs integer class targets of the outputs' "
+            f"shape without the last (class) dimension: outputs (B, …, classes), targets (B, …); got "
+            f"outputs {zs} ({Z.dtype}) and targets {ys} ({Y.dtype}) (a class dimension that is not the last: "
+            f"move it last in the model's output and in loss_fn); otherwise {advice}"
+        )
+    if likelihood == "gaussian" and not gauss_ok:
+        raise ValueError(
+            f"{who}(fisher='sampled', likelihood='gaussian') needs targets of the outputs' shape, got "
+            f"outputs {zs} and targets {ys}; {advice}"
+        )
+    return likelihood
+
+
+def _loss_grad(loss_at: Any, Z: Tensor, targets: Tensor, who: str, what: str | None) -> Tensor:
+    """∂ Σ_i L(z_i, targets_i) / ∂z at the outputs Z, float64 of Z's shape: each example's loss gradient
+    (zeros where the loss does not depend on z). ``what``: the targets' description when they are not the
+    observed ones (then an error of loss_fn is re-raised as ValueError saying so)."""
+    Zl = Z.detach().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = loss_at(Zl, targets)
+            if not out.requires_grad:
+                return torch.zeros(Z.shape, dtype=_F64, device=Z.device)
+            (g,) = torch.autograd.grad(out.sum(), Zl, allow_unused=True)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if what is None:
+            raise
+        raise ValueError(
+            f"{who}(fisher='sampled'): loss_fn failed when called with {what} ({type(exc).__name__}: {exc})"
+        ) from exc
+    return torch.zeros(Z.shape, dtype=_F64, device=Z.device) if g is None else g.to(_F64)
+
+
+def _misfit(
+    who: str, likelihood: str, what: str, ratio: Tensor, index_shape: tuple[int, ...], start: int, tol: float
+) -> ValueError:
+    """The refusal of a loss whose gradients do not fit the likelihood, naming the worst example / entry."""
+    flat = int(ratio.reshape(-1).argmax())
+    where = []
+    for size in reversed(index_shape):  # unravel the flat index (row-major)
+        where.append(flat % size)
+        flat //= size
+    where.reverse()
+    i, rest = start + where[0], tuple(where[1:])
+    at = f"example {i}" + (
+        f", {'position' if likelihood == 'categorical' else 'output'} {rest}" if rest else ""
+    )
+    if likelihood == "categorical":
+        form = (
+            "w·(softmax(z) − onehot(y)) over the last dimension, with one weight w ≥ 0 per position that does "
+            "not depend on the label (a weighted sum of cross-entropies; label smoothing, class weights, an "
+            "ignore_index among the classes or another loss do not fit)"
+        )
+    else:
+        form = (
+            "2c ⊙ (z − y) with fixed c ≥ 0 per output (a weighted squared error Σ c_k (z_k − y_k)²; an "
+            "absolute or Huber error, a logistic loss on floating targets or a coupling of outputs do not fit)"
+        )
+    return ValueError(
+        f"{who}(fisher='sampled', likelihood='{likelihood}'): the loss does not fit a {likelihood} likelihood: "
+        f"its gradient with respect to the model's outputs at {what} is not {form}; at {at} it misfits by "
+        f"{float(ratio.max()):.3g} relative (tolerance {tol:.2g}). The sampled Fisher equals the loss's "
+        f"Gauss-Newton matrix only for such losses: use fisher='true' (exact, for models with at most "
+        f"max_outputs outputs per example) or fisher='empirical'"
+    )
+
+
+def _categorical_cotangents(
+    Z: Tensor, Y: Tensor, loss_at: Any, samples: int, seed: int, start: int, who: str
+) -> Tensor:
+    """(samples, B, *z) cotangents ĉ_s/√samples for the categorical likelihood over Z's last dimension
+    (see :func:`layer_statistics`): ĉ_s,it = ∂L(z_i, ŷ_s,i)/∂z_it / √w_it with ŷ_s,it ~ softmax(z_it)."""
+    B, V = Z.shape[0], Z.shape[-1]
+    tol = _fit_tol(Z.dtype)
+    p = torch.softmax(Z.detach().to(_F64), dim=-1)  # (B, *t, V)
+    in_range = (Y >= 0) & (Y < V)
+    g_obs = _loss_grad(loss_at, Z, Y, who, None)
+    # positions the loss ignores (an out-of-range label such as ignore_index=-100, a zero weight, or a
+    # saturated softmax): the label is kept there in every call, and the weight is 0
+    active = in_range & (g_obs != 0).any(-1)
+
+    def minus_onehot(lab: Tensor) -> Tensor:  # p − e_lab (float64), lab clamped where it is out of range
+        d = p.clone()
+        idx = lab.clamp(0, V - 1).to(torch.int64).unsqueeze(-1)
+        return d.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=_F64, device=p.device))
+
+    probe = torch.where(active, torch.remainder(Y + 1, V), Y)
+    g_probe = _loss_grad(loss_at, Z, probe, who, "the probe labels (y + 1) mod classes")
+    d_obs, d_probe = minus_onehot(Y), minus_onehot(probe)
+    n_obs, n_probe = d_obs.square().sum(-1), d_probe.square().sum(-1)
+    # w_t = ⟨g_t, p_t − e⟩ / ‖p_t − e‖² from the better conditioned of the two labels (‖p − e‖ ≥ ½ there)
+    w_obs = (g_obs * d_obs).sum(-1) / n_obs.clamp_min(1e-300)
+    w_probe = (g_probe * d_probe).sum(-1) / n_probe.clamp_min(1e-300)
+    w = torch.where(active, torch.where(n_obs >= n_probe, w_obs, w_probe), 0.0)  # (B, *t)
+    w_max = float(w.abs().max()) if w.numel() else 0.0
+    if bool((w < -tol * w_max).any()):
+        raise _misfit(who, "categorical", "the observed labels", (-w).clamp_min(0) / max(w_max, 1e-300),
+                      tuple(w.shape), start, tol)  # fmt: skip
+    w = w.clamp_min(0.0)
+
+    def check(g: Tensor, d: Tensor, what: str) -> None:
+        r = (g - w.unsqueeze(-1) * d).norm(dim=-1)
+        bound = w + g.norm(dim=-1)
+        bad = r > tol * bound
+        if bool(bad.any()):
+            raise _misfit(
+                who, "categorical", what, torch.where(bad, r / bound, 0.0), tuple(w.shape), start, tol
+            )
+
+    check(g_obs, d_obs, "the observed labels")
+    check(g_probe, d_probe, "the probe labels (y + 1) mod classes")
+    cdf = p.cumsum(-1)
+    cdf = (cdf / cdf[..., -1:]).contiguous()
+    scale = torch.where(w > 0, w.clamp_min(1e-300).rsqrt(), 0.0).unsqueeze(-1) / math.sqrt(samples)
+    P = Y[0].numel() if B else 0
+    cots = []
+    for s, U in _draws(_uniforms, seed, start, B, P, samples, Z.device):
+        u = U.reshape(Y.shape)
+        # inverse CDF: ŷ = #{v : cdf_v ≤ u} ~ p (u < 1 = cdf_V−1)
+        draw = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp_max(V - 1)
+        y_hat = torch.where(active, draw.to(Y.dtype), Y)
+        what = f"labels sampled from softmax(outputs) (sample {s})"
+        g = _loss_grad(loss_at, Z, y_hat, who, what)
+        check(g, minus_onehot(y_hat), what)
+        cots.append((g * scale).to(Z.dtype))  # √w_t (p_t − e_ŷ) / √samples
+    return torch.stack(cots)
+
+
+def _gaussian_cotangents(
+    Z: Tensor, Y: Tensor, loss_at: Any, samples: int, seed: int, start: int, who: str
+) -> Tensor:
+    """(samples, B, *z) cotangents ĝ_s/√samples for the Gaussian likelihood (see :func:`layer_statistics`):
+    ĝ_s,i = ∂L(z_i, ŷ_s,i)/∂z_i with ŷ_s,i = z_i + ξ ⊘ √(2c_i), ξ ~ N(0, I)."""
+    B = Z.shape[0]
+    K = Z[0].numel() if B else 0
+    tol = _fit_tol(Z.dtype)
+    zt = Z.detach()
+    z = zt.to(_F64)
+    # 2c: the loss's curvature per output, from its gradient at y = z + 1 (g = 2c ⊙ (z − y) = −2c)
+    c2 = -_loss_grad(loss_at, Z, zt + 1, who, "the probe targets y = z + 1")
+    c_max = float(c2.abs().max()) if c2.numel() else 0.0
+    index_shape = (B, K)
+    if bool((c2 < -tol * c_max).any()):
+        ratio = ((-c2).clamp_min(0) / max(c_max, 1e-300)).reshape(B, K)
+        raise _misfit(who, "gaussian", "the probe targets y = z + 1", ratio, index_shape, start, tol)
+    c2 = c2.clamp_min(0.0)
+
+    def check(t: Tensor, g: Tensor, what: str) -> None:
+        t64 = t.to(_F64)
+        r = z - t64
+        err = (g - c2 * r).abs()
+        # rounding: z − t in the outputs' dtype, and 2c itself (measured at z + 1)
+        bound = c2 * (z.abs() + t64.abs() + (z.abs() + 1.0) * r.abs()) + g.abs()
+        bad = err > tol * bound
+        if bool(bad.any()):
+            ratio = torch.where(bad, err / bound.clamp_min(1e-300), 0.0).reshape(B, K)
+            raise _misfit(who, "gaussian", what, ratio, index_shape, start, tol)
+
+    check(zt, _loss_grad(loss_at, Z, zt, who, "the targets y = z"), "the targets y = z")
+    check(Y, _loss_grad(loss_at, Z, Y, who, None), "the observed targets")
+    u = (z + _normals(_example_keys(seed, start, B, [_PROBE_STREAM], Z.device)[0], K).reshape(Z.shape)).to(
+        Z.dtype
+    )
+    check(
+        u,
+        _loss_grad(loss_at, Z, u, who, "the probe targets y = z + N(0, 1)"),
+        "the probe targets y = z + N(0, 1)",
+    )
+    sigma = torch.where(c2 > 0, c2.clamp_min(1e-300).rsqrt(), 0.0)  # √(1/(2c)): the likelihood's std
+    cots = []
+    for s, Xi in _draws(_normals, seed, start, B, K, samples, Z.device):
+        xi = Xi.reshape(Z.shape)
+        y_hat = (z + sigma * xi).to(Z.dtype)
+        what = f"targets sampled from N(z, 1/(2c)) (sample {s})"
+        g = _loss_grad(loss_at, Z, y_hat, who, what)
+        check(y_hat, g, what)
+        cots.append((g / math.sqrt(samples)).to(Z.dtype))
+    return torch.stack(cots)
+
+
+def sampled_cotangents(
+    Z: Tensor, Y: Tensor, loss_at: Any, likelihood: str, samples: int, seed: int, start: int, who: str
+) -> tuple[Tensor, str]:
+    """(samples, B, *z) output cotangents of the sampled true Fisher for the outputs Z of the examples
+    start … start + B − 1 of a pass and their targets Y, and the likelihood used (see
+    :func:`layer_statistics`)."""
+    lik = resolve_likelihood(likelihood, Z, Y, who)
+    if Z.shape[0] and Z[0].numel() * 2 >= 1 << 31:
+        raise ValueError(f"{who}(fisher='sampled'): more than 2³⁰ outputs per example are not supported")
+    fn = _categorical_cotangents if lik == "categorical" else _gaussian_cotangents
+    return fn(Z, Y, loss_at, samples, seed, start, who), lik
+
+
 @dataclass
 class LayerStatistics:
     """Per-example statistics of one block of B training examples.
@@ -356,12 +665,14 @@ class LayerStatistics:
     ``acts[l]``: ā_it (B, T, in') of Kronecker layer l (T = 1 for "linear");
     ``deltas[l]``: δ_it^(c) (B, C, T, out); ``diag``: {name: Σ_i Σ_c (g_i^(c))²} (float64, the
     parameter's shape) for the diagonal blocks' parameters; ``rel_neg``: see
-    :func:`_output_hessian_factor` (0.0 for the empirical Fisher)."""
+    :func:`_output_hessian_factor` (0.0 for the empirical and sampled Fisher); ``likelihood``: the
+    likelihood the sampled Fisher drew from ("categorical" / "gaussian"; None for the others)."""
 
     acts: list[Tensor]
     deltas: list[Tensor]
     diag: dict[str, Tensor]
     rel_neg: float
+    likelihood: str | None = None
 
 
 def _layer_input(ly: KroneckerLayer, a: Tensor, B: int, who: str) -> Tensor:
@@ -447,7 +758,18 @@ def _diagonal_moments(fm: FunctionalModel, names: Sequence[str], X: Inputs, cot:
 
 
 def layer_statistics(
-    fm: FunctionalModel, plan: BlockPlan, X: Inputs, Y: Tensor, fisher: str, who: str = "KFAC"
+    fm: FunctionalModel,
+    plan: BlockPlan,
+    X: Inputs,
+    Y: Tensor,
+    fisher: str,
+    who: str = "KFAC",
+    *,
+    samples: int = 1,
+    likelihood: str = "auto",
+    seed: int = 0,
+    start: int = 0,
+    max_outputs: int | None = None,
 ) -> LayerStatistics:
     """Per-example statistics of every block over the training examples (X, Y) (see
     :class:`LayerStatistics` for the shapes). δ_it = ∂L(z_i, θ)/∂s_it is the gradient of the
@@ -463,13 +785,22 @@ def layer_statistics(
       predictive expectation of the output-gradient outer product, whatever y_i: the true
       Fisher, computed exactly (no sampling). For other losses it is the generalised
       Gauss-Newton output matrix (squared error Σ(z − y)²: 2I), clamped to its PSD part;
-      ``rel_neg`` reports the most negative eigenvalue clamped, relative to the largest.
+      ``rel_neg`` reports the most negative eigenvalue clamped, relative to the largest. Costs K
+      double-backward passes over the loss, a K × K eigendecomposition per example and K backward
+      passes through the network: ValueError when K > ``max_outputs`` (None: no limit).
+    - ``fisher="sampled"``: C = ``samples``, Monte Carlo draws with the same expectation (see
+      :func:`sampled_cotangents` and the K-FAC module docstring): ĉ_s/√samples, s = 1 … samples,
+      from targets drawn from the model's predictive distribution; one backward pass per sample.
+      The draws are a function of (``seed``, the example's index ``start`` + i in the pass, s, the
+      output position) only — not of the block size or the device.
 
     The diagonal blocks' per-example gradients g_i^(c) = J_θ,iᵀ c use the same cotangents, so
-    Σ_c (g_i^(c))² is the diagonal of the same (true or empirical) Fisher.
+    Σ_c (g_i^(c))² is the diagonal of the same (true, sampled or empirical) Fisher.
 
     Raises ValueError when a Kronecker layer is not called exactly once, or its input changed
-    form since the blocks were planned, or the model's output is not a tensor.
+    form since the blocks were planned, or the model's output is not a tensor; for "true" when
+    the model has more than ``max_outputs`` outputs per example; for "sampled" when the outputs,
+    targets or loss do not fit the likelihood (see :func:`resolve_likelihood`).
     """
     layers = plan.layers
     B = batch_len(X)
@@ -490,15 +821,32 @@ def layer_statistics(
         acts.append(_layer_input(ly, a, B, who))
         outs.append(s)
 
+    def loss_at(z: Tensor, targets: Tensor) -> Tensor:
+        return _per_example(fm.loss_fn(z, targets), B)
+
     def losses_of(z: Tensor) -> Tensor:
-        return _per_example(fm.loss_fn(z, Y), B)
+        return loss_at(z, Y)
 
     rel_neg = 0.0
+    lik: str | None = None
     if fisher == "empirical":
         Zl = Z.detach().requires_grad_(True)
         with torch.enable_grad():
             cot = torch.autograd.grad(losses_of(Zl).sum(), Zl)[0].unsqueeze(0)  # (1, B, *z)
+    elif fisher == "sampled":
+        cot, lik = sampled_cotangents(Z, Y, loss_at, likelihood, samples, seed, start, who)  # (S, B, *z)
     else:
+        K = Z.numel() // max(B, 1)
+        if max_outputs is not None and max_outputs < K:
+            raise ValueError(
+                f"{who}(fisher='true'): the model has K = {K} outputs per example (output shape "
+                f"{tuple(Z.shape[1:])}), more than max_outputs={max_outputs}. The exact true Fisher needs the "
+                f"K × K output Hessian of every example, K backward passes and memory of order "
+                f"B·K·(K + Σ_l T_l·out_l) per block of B examples. Use fisher='sampled' (the true Fisher by "
+                f"Monte Carlo: targets drawn from the model's predictive distribution, `samples` backward "
+                f"passes, memory like the empirical Fisher) — the affordable choice for language models and "
+                f"other large output spaces — or fisher='empirical', or raise max_outputs"
+            )
         C, rel_neg = _output_hessian_factor(Z, losses_of)  # (B, K, K)
         cot = C.permute(2, 0, 1).reshape((C.shape[2],) + tuple(Z.shape))  # (K, B, *z)
     deltas: list[list[Tensor]] = [[] for _ in layers]
@@ -517,4 +865,4 @@ def layer_statistics(
             )
         out_deltas.append(dl)
     diag = _diagonal_moments(fm, plan.diagonal_names, X, cot.detach()) if plan.diagonal else {}
-    return LayerStatistics(acts, out_deltas, diag, rel_neg)
+    return LayerStatistics(acts, out_deltas, diag, rel_neg, lik)

@@ -54,6 +54,12 @@ be called from several threads at once (LiSSA with ``seed=None`` draws from one 
 and every solve records its start time on the object); :class:`~pyinfluence.TorchInfluence`
 serialises its solves with a lock.
 
+Saving: a prepared solver's ``state()`` returns its arrays and JSON-able metadata, and the solver's
+``restore(op, damping, tensors, meta)`` rebuilds it without the one-off work (no HVP, no pass over the data);
+``Solver.config()`` and :func:`solver_from_config` write and rebuild a configuration.
+:meth:`~pyinfluence.TorchInfluence.save` and :meth:`~pyinfluence.TorchInfluence.load` use them for a folder of
+``.npy`` arrays and a JSON manifest.
+
 Errors: :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ``ValueError``) when H + λI is
 not positive definite, with a suggested damping (every solver: Exact from the spectrum of the
 dense H, CG/BlockCG from the curvature of their search directions sharpened by a short Lanczos
@@ -66,7 +72,10 @@ unconverged result. No solver returns NaN or infinity.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Mapping
+from typing import Any, cast
 
 from pyinfluence.torch.solvers.arnoldi import Arnoldi
 from pyinfluence.torch.solvers.base import HessianOperatorLike, PreparedSolver, Solver, SolveResult
@@ -88,6 +97,7 @@ __all__ = [
     "SolveResult",
     "Solver",
     "resolve_solver",
+    "solver_from_config",
 ]
 
 
@@ -128,3 +138,33 @@ def resolve_solver(solver: str | Solver | type[Solver], name: str = "solver") ->
         f"{name} must be a solver name ('exact', 'cg', 'block_cg', 'lissa', 'kfac', 'ekfac', 'arnoldi') or a solver object such as "
         f"pyinfluence.CG(), got {type(solver).__name__} {solver!r}"
     )
+
+
+def solver_from_config(name: str, config: Mapping[str, Any]) -> Solver:
+    """The solver ``name`` (``"exact"``, ``"cg"``, …) with the configuration ``config`` written by
+    :meth:`Solver.config` (after a JSON round trip: dtypes by name, a nested preconditioner as
+    ``{"solver": name, "config": {...}}``). Fields absent from ``config`` take their defaults.
+
+    Raises ValueError naming the unknown solver or field, or the field the solver's own validation refused.
+    """
+    if not isinstance(name, str) or name not in _SOLVERS:
+        raise ValueError(f"unknown solver {name!r} (known: {', '.join(repr(k) for k in _SOLVERS)})")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"the configuration of solver {name!r} must be a dict, got {type(config).__name__}")
+    cls = _SOLVERS[name]
+    fields = {f.name for f in dataclasses.fields(cast(Any, cls))}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(
+            f"the configuration of solver {name!r} has unknown field(s) {unknown} (written by a newer "
+            f"pyinfluence?)"
+        )
+    kwargs: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping) and set(v) == {"solver", "config"}:
+            v = solver_from_config(v["solver"], v["config"])
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid configuration of solver {name!r}: {exc}") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,8 @@ from pyinfluence.torch.solvers.base import (
     _residual_and_curvature,
     _round_up,
     _set,
+    _state_field,
+    _state_tensor,
 )
 from pyinfluence.torch.solvers.lanczos import _sharpen_negative_curvature
 
@@ -176,6 +179,7 @@ class Arnoldi(Solver):
     seed: int | None = 0
 
     name: ClassVar[str] = "arnoldi"
+    _restore_needs: ClassVar[tuple[str, ...]] = ("matvec",)
 
     def __post_init__(self) -> None:
         _set(self, "rank", check_int("rank", self.rank, 1))
@@ -295,6 +299,38 @@ class Arnoldi(Solver):
             sigma.to(U.device),
             l2 if damped else None,
         )
+
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> _PreparedArnoldi:
+        """The saved Ritz vectors U (p, r) and values σ (r,) (float64), and the complement's l2."""
+        who = "Arnoldi.restore"
+        p = int(op.n_params)
+        dev = _normalise_device(op.device)
+        sigma = _state_tensor(tensors, "sigma", who, None, _F64, dev)
+        r = int(sigma.shape[0]) if sigma.ndim == 1 else -1
+        if r < 1 or r != min(self.rank, p):
+            raise ValueError(
+                f"{who}: the array 'sigma' has shape {tuple(sigma.shape)}, expected ({min(self.rank, p)},)"
+            )
+        U = _state_tensor(tensors, "U", who, (p, r), _F64, dev)
+        l2 = state.get("l2") if isinstance(state, Mapping) else None
+        if l2 is not None:
+            l2 = float(_state_field(state, "l2", who, (int, float)))
+        if (l2 is not None) != (self.complement == "damped" and r < p):
+            raise ValueError(
+                f"{who}: the saved state's field 'l2' = {l2!r} does not fit complement={self.complement!r}"
+            )
+        if l2 is not None and hasattr(op, "l2") and float(op.l2) != l2:
+            raise ValueError(
+                f"{who}: the state was prepared for l2={l2:g}, the operator has l2={float(op.l2):g}"
+            )
+        return _PreparedArnoldi(self, op, damping, info, 0.0, U, sigma, l2)
 
 
 @dataclass
@@ -432,9 +468,16 @@ class _PreparedArnoldi(PreparedSolver):
     ) -> None:
         super().__init__(solver, op, damping, info, prepare_time_s)
         self._U = U  # (p, r) float64
+        self._sigma = sigma  # (r,) float64 Ritz values (kept for state())
+        self._l2 = l2
         self._inv = 1.0 / (sigma + damping)  # (r,) 1/(σ + λ) > 0
         # complement: 1/(l2 + λ) on (I − UUᵀ) ("damped" with r < p), or None (no complement term)
         self._inv_rest = None if l2 is None else 1.0 / (l2 + damping)
+
+    def _state(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        tensors["U"] = self._U
+        tensors["sigma"] = self._sigma
+        return {"l2": self._l2}
 
     def _apply(self, V: Tensor) -> Tensor:
         """X = U diag(1/(σ + λ)) UᵀV [+ (V − UUᵀV)/(l2 + λ)], in float64."""

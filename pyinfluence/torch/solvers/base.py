@@ -4,16 +4,20 @@ the helpers every solver shares (right-hand-side checks, residuals, the not-posi
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pyinfluence._validation import (
+    check_damping,
     check_int,
     check_nonnegative_float,
 )
@@ -151,10 +155,14 @@ class Solver(abc.ABC):
     """Configuration of a linear solver for (H + λI) X = V. Immutable; validated on creation.
 
     ``prepare(op, damping)`` does the one-off work for one Hessian and returns a
-    :class:`PreparedSolver`, whose ``solve(V)`` can be called many times.
+    :class:`PreparedSolver`, whose ``solve(V)`` can be called many times. A prepared solver's
+    :meth:`PreparedSolver.state` (arrays plus JSON-able metadata) is turned back into an equal
+    prepared solver by :meth:`restore`, without the one-off work.
     """
 
     name: ClassVar[str] = "solver"
+    # what restore() needs of the operator besides n_params, dtype and device (solve-time needs only)
+    _restore_needs: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> PreparedSolver:
@@ -163,6 +171,64 @@ class Solver(abc.ABC):
     def solve(self, op: HessianOperatorLike, V: Tensor, damping: float = 0.0) -> SolveResult:
         """``prepare(op, damping).solve(V)`` in one call (prepares anew on every call)."""
         return self.prepare(op, damping).solve(V)
+
+    def config(self) -> dict[str, Any]:
+        """The configuration as a JSON-able dict: every dataclass field by name, torch dtypes by name
+        (``"float64"``), a nested solver (a ``preconditioner`` object) as ``{"solver": name, "config":
+        {...}}``. :func:`pyinfluence.torch.solvers.solver_from_config` rebuilds the solver from it.
+        Raises TypeError for a solver that is not a dataclass or holds a value JSON cannot represent."""
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(
+                f"{type(self).__name__} is not a dataclass, so its configuration cannot be written out; "
+                f"define it as a @dataclass(frozen=True) like the built-in solvers"
+            )
+        return {
+            f.name: _config_value(type(self).__name__, f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+
+    def restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        meta: Mapping[str, Any],
+    ) -> PreparedSolver:
+        """The prepared solver whose :meth:`PreparedSolver.state` returned ``(tensors, meta)``, rebuilt
+        for ``op`` and ``damping`` WITHOUT the one-off work of :meth:`prepare` (no Hessian-vector
+        product, no pass over the training data): its ``solve`` returns what the saved one returned
+        (bit for bit on the same device and thread count; on another device up to that device's rounding).
+
+        ``tensors`` may be on any device (they are moved to ``op.device``); ``meta`` is the JSON-able
+        dict (it may have gone through ``json.dumps`` / ``json.loads``). Raises ValueError, naming what
+        differs, when the state does not belong to this configuration (another solver, another field
+        value), to this operator (another n_params, dtype, parameter layout, n_train or l2) or to this
+        damping, or when an array is missing, misshapen or not finite; TypeError for arguments of the
+        wrong kind. ``prepare_time_s`` of the result is the time the restoration took; ``info`` is the
+        saved one (Exact: ``info["backend"]`` is the factorisation now in use).
+        """
+        start = time.perf_counter()
+        _check_operator(op, self._restore_needs)
+        damping = check_damping(damping)
+        info, own = _check_state(self, op, damping, tensors, meta)
+        prepared = self._restore(op, damping, tensors, own, info)
+        prepared.prepare_time_s = time.perf_counter() - start
+        return prepared
+
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> PreparedSolver:
+        """The solver-specific part of :meth:`restore`: ``state`` is what ``_state`` returned (after a JSON
+        round trip), ``info`` the decoded ``info``; the common checks have passed."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot restore a saved state: implement _state() on its prepared solver "
+            f"and _restore() on the solver"
+        )
 
 
 class PreparedSolver(abc.ABC):
@@ -189,6 +255,52 @@ class PreparedSolver(abc.ABC):
         self.info = info
         self.prepare_time_s = prepare_time_s
         self._started = 0.0
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """What the one-off work found, as ``(tensors, meta)``: named arrays (detached, on this solver's
+        device) and JSON-able metadata (``json.dumps(meta, allow_nan=False)`` works). The solver's
+        :meth:`Solver.restore` turns them back into an equal prepared solver without preparing again.
+
+        ``meta`` holds ``state_version``, the solver's ``name`` and ``config`` (:meth:`Solver.config`),
+        what the state is valid for (``n_params``, ``dtype``, ``damping``, the operator's ``l2`` and
+        ``n_train`` when it has them, the parameter ``layout`` — names and shapes — of a
+        :class:`~pyinfluence.torch.hessian.HessianOperator`), the ``device`` it was prepared on,
+        ``prepare_time_s``, the ``info`` dict (tuples, non-finite floats and tensors encoded; a
+        tensor in ``info`` is stored as the array ``"info.<key>"``) and the solver's own ``state``.
+        The arrays per solver: Exact the symmetrised H in ``factor_dtype`` (``"A"``; the C++ core's
+        factor cannot be read back, so it is factorised again on restore, p³/3 flops and no HVP) and,
+        when torch factorised it, the Cholesky factor ``"L"``; KFAC / EKFAC per layer the eigenbases
+        ``"layers.<i>.QA"``, ``"layers.<i>.QG"`` and the eigenvalues ``"layers.<i>.eigenvalues"``
+        (out, in') (K-FAC: the Kronecker products g aᵀ; EK-FAC: the refitted second moments S), per
+        diagonal-fallback parameter ``"diagonal.<name>"`` its Fisher diagonal; Arnoldi ``"U"`` (p, r)
+        and ``"sigma"`` (r,); CG, BlockCG and LiSSA their preconditioner's arrays (``"preconditioner.*"``),
+        if any (LiSSA's scale and Lanczos estimates are in ``meta``).
+        """
+        tensors: dict[str, Tensor] = {}
+        own = self._state(tensors)
+        meta: dict[str, Any] = {
+            "state_version": STATE_VERSION,
+            "solver": self.solver.name,
+            "config": self.solver.config(),
+            "n_params": self.n_params,
+            "dtype": _dtype_name(self.dtype),
+            "device": str(self.device),
+            "damping": self.damping,
+            "l2": _op_l2(self.op),
+            "n_train": _op_n_train(self.op),
+            "layout": _op_layout(self.op),
+            "prepare_time_s": self.prepare_time_s,
+            "info": _to_json(self.info, tensors, "info"),
+            "state": own,
+        }
+        return {k: v.detach() for k, v in tensors.items()}, meta
+
+    def _state(self, tensors: dict[str, Tensor]) -> Any:
+        """The solver-specific part of :meth:`state`: add the arrays to ``tensors`` (keys not starting
+        with ``"info"``) and return JSON-able metadata for :meth:`Solver._restore`."""
+        raise NotImplementedError(
+            f"{type(self.solver).__name__}'s prepared solver cannot write out its state (no _state() method)"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -276,6 +388,250 @@ class PreparedSolver(abc.ABC):
 def _empty_solution(V: Tensor, name: str):
     z = V.new_zeros((0,))
     return V.clone(), (None if name == "exact" else 0), z, (z if name == "lissa" else None), {}
+
+
+# ==============================================================================================
+# Saved state (PreparedSolver.state / Solver.restore)
+# ==============================================================================================
+#: Version of the ``meta`` layout written by :meth:`PreparedSolver.state`; restore refuses newer ones.
+STATE_VERSION = 1
+_META_KEYS = ("state_version", "solver", "config", "n_params", "dtype", "damping", "info", "state")
+_MISSING = object()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _op_l2(op: Any) -> float | None:
+    l2 = getattr(op, "l2", None)
+    return float(l2) if isinstance(l2, (int, float)) and not isinstance(l2, bool) else None
+
+
+def _op_n_train(op: Any) -> int | None:
+    n = getattr(op, "n_train", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _op_layout(op: Any) -> dict[str, Any] | None:
+    """The selected parameters' names and shapes of a HessianOperator's functional model (None for an
+    operator without one)."""
+    fm = getattr(op, "fm", None)
+    names, shapes = getattr(fm, "names", None), getattr(fm, "shapes", None)
+    if names is None or shapes is None:
+        return None
+    return {"names": [str(n) for n in names], "shapes": [[int(d) for d in s] for s in shapes]}
+
+
+def _config_value(who: str, name: str, v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise TypeError(f"{who}.{name} = {v} cannot be written to JSON")
+        return v
+    if isinstance(v, torch.dtype):
+        return _dtype_name(v)
+    if isinstance(v, Solver):
+        return {"solver": v.name, "config": v.config()}
+    raise TypeError(f"{who}.{name} = {v!r} ({type(v).__name__}) cannot be written to JSON")
+
+
+def _to_json(obj: Any, tensors: dict[str, Tensor], key: str) -> Any:
+    """``obj`` as JSON-able data; tensors go to ``tensors[key...]`` and are referenced by key. Tuples,
+    non-finite floats and torch dtypes are tagged, so that :func:`_from_json` gives ``obj`` back exactly
+    (floats are written by ``repr``, which round-trips)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if isinstance(obj, np.generic):
+        return _to_json(obj.item(), tensors, key)
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": _dtype_name(obj)}
+    if isinstance(obj, Tensor):
+        if key in tensors:
+            raise ValueError(f"two arrays of the saved state are named {key!r}")
+        tensors[key] = obj.detach()
+        return {"__tensor__": key}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_to_json(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str) or k.startswith("__"):
+                raise TypeError(
+                    f"{key}: key {k!r} cannot be written to JSON (str keys not starting with '__')"
+                )
+            out[k] = _to_json(v, tensors, f"{key}.{k}")
+        return out
+    raise TypeError(f"{key} = {obj!r} ({type(obj).__name__}) cannot be written to JSON")
+
+
+def _from_json(obj: Any, tensors: Mapping[str, Tensor], where: str = "meta") -> Any:
+    """The inverse of :func:`_to_json` (tensors looked up in ``tensors``, returned on the CPU)."""
+    if isinstance(obj, list):
+        return [_from_json(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        ((tag, v),) = obj.items()
+        if tag == "__tuple__" and isinstance(v, list):
+            return tuple(_from_json(x, tensors, where) for x in v)
+        if tag == "__float__" and v in ("inf", "-inf", "nan"):
+            return float(v)
+        if tag == "__dtype__" and v in ("float32", "float64", "float16", "bfloat16", "int64"):
+            return getattr(torch, v)
+        if tag == "__tensor__" and isinstance(v, str):
+            if v not in tensors:
+                raise ValueError(f"{where} refers to the array {v!r}, which the state lacks")
+            t = tensors[v]
+            if not isinstance(t, Tensor):
+                raise TypeError(f"the array {v!r} must be a torch.Tensor, got {type(t).__name__}")
+            return t.detach().cpu()
+    return {k: _from_json(v, tensors, where) for k, v in obj.items()}
+
+
+def _check_state(
+    solver: Solver, op: Any, damping: float, tensors: Any, meta: Any
+) -> tuple[dict[str, Any], Any]:
+    """The checks every restore shares: ``meta`` is a state of this configuration, operator and damping.
+    Returns (the decoded info, the solver's own state)."""
+    who = f"{type(solver).__name__}.restore"
+    if not isinstance(meta, Mapping):
+        raise TypeError(
+            f"{who}: meta must be the dict returned by PreparedSolver.state(), got {type(meta).__name__}"
+        )
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            f"{who}: tensors must be the dict of named tensors returned by PreparedSolver.state(), got "
+            f"{type(tensors).__name__}"
+        )
+    for k, v in tensors.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise TypeError(
+                f"{who}: tensors must map names (str) to torch tensors; {k!r} is {type(v).__name__}"
+            )
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{who}: meta lacks {', '.join(map(repr, missing))}: it is not a PreparedSolver.state()"
+        )
+    version = meta["state_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{who}: meta['state_version'] must be a positive int, got {version!r}")
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"{who}: the state has version {version}, newer than this pyinfluence reads ({STATE_VERSION}); "
+            f"upgrade pyinfluence"
+        )
+    if meta["solver"] != solver.name:
+        raise ValueError(
+            f"{who}: the state is that of a prepared {meta['solver']!r} solver, not of {solver.name!r}"
+        )
+    cfg, saved = solver.config(), meta["config"]
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{who}: meta['config'] must be a dict, got {type(saved).__name__}")
+    diffs = [
+        f"{k} (saved {saved.get(k, '<absent>')!r}, here {cfg.get(k, '<absent>')!r})"
+        for k in sorted(set(cfg) | set(saved))
+        if cfg.get(k, _MISSING) != saved.get(k, _MISSING)
+    ]
+    if diffs:
+        raise ValueError(
+            f"{who}: the state was prepared with another configuration: {'; '.join(diffs)}; restore it with "
+            f"the saved configuration (pyinfluence.torch.solvers.solver_from_config)"
+        )
+    p = int(op.n_params)
+    if meta["n_params"] != p:
+        raise ValueError(
+            f"{who}: the state is for n_params={meta['n_params']}, but the operator has n_params={p}"
+        )
+    if meta["dtype"] != _dtype_name(op.dtype):
+        raise ValueError(
+            f"{who}: the state was prepared in {meta['dtype']}, but the operator computes in "
+            f"{_dtype_name(op.dtype)}"
+        )
+    layout, here = meta.get("layout"), _op_layout(op)
+    if layout is not None and here is not None and layout != here:
+        _raise_layout(who, layout, here)
+    if float(meta["damping"]) != damping:
+        raise ValueError(
+            f"{who}: the state was prepared with damping={float(meta['damping']):g}, restore got "
+            f"damping={damping:g}: the curvature it holds includes the damping; pass the saved damping"
+        )
+    l2, l2_here = meta.get("l2"), _op_l2(op)
+    if l2 is not None and l2_here is not None and float(l2) != l2_here:
+        raise ValueError(
+            f"{who}: the state was prepared for l2={float(l2):g}, but the operator has l2={l2_here:g} (H "
+            f"includes the L2 term)"
+        )
+    n, n_here = meta.get("n_train"), _op_n_train(op)
+    if n is not None and n_here is not None and n != n_here:
+        raise ValueError(
+            f"{who}: the state was prepared on n_train={n} training points, but the operator has {n_here}"
+        )
+    info = _from_json(meta["info"], tensors, "meta['info']")
+    if not isinstance(info, dict):
+        raise ValueError(f"{who}: meta['info'] must be a dict, got {type(info).__name__}")
+    return info, meta["state"]
+
+
+def _raise_layout(who: str, saved: Mapping[str, Any], here: Mapping[str, Any]) -> None:
+    names, shapes = list(saved.get("names", [])), [list(s) for s in saved.get("shapes", [])]
+    hn, hs = here["names"], here["shapes"]
+    for i in range(max(len(names), len(hn))):
+        a = (names[i], shapes[i] if i < len(shapes) else None) if i < len(names) else None
+        b = (hn[i], hs[i]) if i < len(hn) else None
+        if a != b:
+            fa = f"{a[0]!r} of shape {tuple(a[1] or ())}" if a else "nothing"
+            fb = f"{b[0]!r} of shape {tuple(b[1])}" if b else "nothing"
+            raise ValueError(
+                f"{who}: the state was prepared for other parameters: selected parameter {i} was {fa}, the "
+                f"operator's is {fb}"
+            )
+    raise ValueError(f"{who}: the state's parameter layout differs from the operator's")
+
+
+def _state_tensor(
+    tensors: Mapping[str, Tensor],
+    key: str,
+    who: str,
+    shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """``tensors[key]`` checked (present, of ``shape`` and ``dtype``, finite) and moved to ``device``;
+    ValueError naming the array otherwise."""
+    if key not in tensors:
+        raise ValueError(f"{who}: the saved state lacks the array {key!r}")
+    t = tensors[key]
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{who}: the array {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{who}: the array {key!r} is {_dtype_name(t.dtype)}, expected {_dtype_name(dtype)}")
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{who}: the array {key!r} contains NaN or infinity")
+    t = t.detach()
+    return t if device is None else t.to(device)
+
+
+def _state_field(state: Any, key: str, who: str, kinds: Any) -> Any:
+    """``state[key]``, checked to be of ``kinds`` (ValueError naming the field otherwise)."""
+    if not isinstance(state, Mapping) or key not in state:
+        raise ValueError(f"{who}: the saved state lacks the field {key!r}")
+    v = state[key]
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in _as_tuple(kinds)):
+        raise ValueError(f"{who}: the saved state's field {key!r} = {v!r} has the wrong type")
+    return v
+
+
+def _as_tuple(kinds: Any) -> tuple[Any, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
 # ==============================================================================================

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -35,7 +36,9 @@ from pyinfluence.torch.solvers.lanczos import _sharpen_negative_curvature
 from pyinfluence.torch.solvers.preconditioners import (
     PreconditionerLike,
     _Preconditioner,
+    _preconditioner_state,
     _prepare_preconditioner,
+    _restore_preconditioner,
     check_preconditioner,
 )
 
@@ -120,6 +123,7 @@ class CG(Solver):
     preconditioner: PreconditionerLike = field(default=None, kw_only=True)
 
     name: ClassVar[str] = "cg"
+    _restore_needs: ClassVar[tuple[str, ...]] = ("matvec",)
 
     def __post_init__(self) -> None:
         tol = check_positive_float("tol", self.tol)
@@ -141,10 +145,7 @@ class CG(Solver):
         _check_operator(op, ("matvec",))
         damping = check_damping(damping)
         start = time.perf_counter()
-        p = op.n_params
-        max_iter = self.max_iter if self.max_iter is not None else min(10 * p, 1000)
-        dev = _normalise_device(op.device)
-        check_every = self.check_every or (_CG_CUDA_CHECK_EVERY if dev.type == "cuda" else 1)
+        max_iter, check_every = self._limits(op)
         info: dict[str, Any] = {"max_iter": max_iter, "tol": self.tol}
         pre = _prepare_preconditioner(self.preconditioner, op, damping, type(self).__name__)
         elapsed = 0.0
@@ -152,6 +153,33 @@ class CG(Solver):
             info.update(pre.info)
             elapsed = time.perf_counter() - start
         return _PreparedCG(self, op, damping, info, elapsed, max_iter, check_every, pre)
+
+    def _limits(self, op: HessianOperatorLike) -> tuple[int, int]:
+        """(max_iter, check_every) for this operator: the configured values or their defaults."""
+        max_iter = self.max_iter if self.max_iter is not None else min(10 * int(op.n_params), 1000)
+        dev = _normalise_device(op.device)
+        return max_iter, self.check_every or (_CG_CUDA_CHECK_EVERY if dev.type == "cuda" else 1)
+
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> _PreparedCG:
+        """Nothing to restore but the preconditioner (if any); the limits are recomputed for the device."""
+        pre = _restore_preconditioner(
+            self.preconditioner, op, damping, tensors, _pre_state(state), f"{type(self).__name__}.restore"
+        )
+        max_iter, check_every = self._limits(op)
+        return _PreparedCG(self, op, damping, info, 0.0, max_iter, check_every, pre)
+
+
+def _pre_state(state: Any) -> Any:
+    if not isinstance(state, Mapping):
+        raise ValueError("the saved state must be a dict with the field 'preconditioner'")
+    return state.get("preconditioner")
 
 
 class _PreparedCG(PreparedSolver):
@@ -172,6 +200,9 @@ class _PreparedCG(PreparedSolver):
         self._max_iter = max_iter
         self._check_every = check_every
         self._pre = pre  # the preconditioner M (None: plain CG)
+
+    def _state(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        return {"preconditioner": _preconditioner_state(self._pre, tensors)}
 
     def _solve(self, V: Tensor):
         op, lam, tol = self.op, self.damping, self.solver.tol
@@ -384,6 +415,17 @@ class BlockCG(CG):
         return _PreparedBlockCG(
             self, op, base.damping, dict(base.info), base.prepare_time_s, base._max_iter, 1, base._pre
         )
+
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> _PreparedBlockCG:
+        base = super()._restore(op, damping, tensors, state, info)
+        return _PreparedBlockCG(self, op, damping, info, 0.0, base._max_iter, 1, base._pre)
 
 
 class _PreparedBlockCG(_PreparedCG):

@@ -72,13 +72,61 @@ With δ_it = ∂L(z_i, θ)/∂s_it the per-example gradient is exactly g_i = Σ_
   parameters (``torch.func.vmap`` of a ``vjp``), and X_j = V_j / (D_j + l2 + λ). Its couplings
   with every other parameter are ignored.
 
-The expectation E over δ_i (``fisher``): ``"true"`` (default) — the output Hessian of the loss
-∇²_z L(z_i, y_i) pushed back through the network (E[δδᵀ] = J_iᵀ ∇²_z L J_i, J_i = ∂z_i/∂s_i);
-for cross-entropy on logits this is exactly the true Fisher, E_{y∼p(·|x_i)}[δ_i δ_iᵀ], since
-∇²_z L = diag(p_i) − p_i p_iᵀ for every label; for other losses it is the generalised
-Gauss-Newton matrix (Schraudolph 2002; squared error: 2I), its PSD part if the loss is not
-convex in z. Computed exactly with K backward passes (K = outputs per example), no sampling.
-``"empirical"`` — δ_i at the observed label (one backward pass).
+The expectation E over δ_i (``fisher``):
+
+- ``"true"`` (default) — the output Hessian of the loss ∇²_z L(z_i, y_i) pushed back through the
+  network (E[δδᵀ] = J_iᵀ ∇²_z L J_i, J_i = ∂z_i/∂s_i); for cross-entropy on logits this is exactly
+  the true Fisher, E_{y∼p(·|x_i)}[δ_i δ_iᵀ], since ∇²_z L = diag(p_i) − p_i p_iᵀ for every label;
+  for other losses it is the generalised Gauss-Newton matrix (Schraudolph 2002; squared error:
+  2I), its PSD part if the loss is not convex in z. Computed exactly, no sampling: per block of B
+  examples K double-backward passes over the loss, B eigendecompositions of K × K and K backward
+  passes through the network (K = outputs per example), with memory of order
+  B·K·(K + Σ_l T_l·out_l). Refused (ValueError) when K > ``max_outputs`` (default 512): a language
+  model has K = T·V outputs per sequence (T tokens, vocabulary V; 16 × 25 = 400 for the quick GPT
+  of :mod:`pyinfluence.bench.ladder`, which already takes 1.7 GB (K-FAC) and 2.4 GB (EK-FAC) for 48
+  sequences, 32 × 25 = 800 for the full one, 10⁶ and more for real vocabularies). For large
+  output spaces ``"sampled"`` is the affordable choice.
+- ``"sampled"`` — the same expectation by Monte Carlo (Martens & Grosse 2015, §5; kronfluence's
+  default): per example ``samples`` draws of targets ŷ from the model's predictive distribution
+  (the likelihood whose negative logarithm the loss is) and δ̂ = ∂L(z_i, ŷ)/∂s_i, one backward pass
+  per draw, memory like the empirical Fisher times ``samples``; the cotangents ĉ_s/√samples
+  average the draws. E[ĉĉᵀ] is EXACTLY "true"'s ∇²_z L (so the factors converge to "true"'s as
+  samples grows, with a standard error ∝ 1/√(n·samples)) for:
+
+  * ``likelihood="categorical"``: a weighted sum of cross-entropies of logits over the LAST
+    dimension of the output, L(z, y) = Σ_t w_t CE(z_t, y_t) over the output positions t (one
+    integer label each; T = 1 for a classifier; w_t = 1/T for the mean over T tokens, 1/T_i over
+    the valid tokens of a padded sequence). Each position's label is drawn independently,
+    ŷ_t ∼ softmax(z_t), and the cotangent is the loss's gradient at the drawn labels divided by
+    √w_t: ĉ_t = ∂L(z, ŷ)/∂z_t / √w_t = √w_t (p_t − e_ŷt).
+    The scaling: ∂L/∂z_t = w_t (p_t − e_ŷt), and the draws are independent with E[p_t − e_ŷt] = 0,
+    Cov[p_t − e_ŷt] = diag p_t − p_t p_tᵀ, so the plain sampled gradient of the loss has second
+    moment Σ_t w_t² J_tᵀ (diag p_t − p_t p_tᵀ) J_t — for the mean over T tokens
+    (1/T²) Σ_t J_tᵀ (…) J_t — while the Gauss-Newton matrix of that loss is
+    Σ_t w_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t = (1/T) Σ_t J_tᵀ (…) J_t (its output Hessian is
+    blockdiag_t(w_t (diag p_t − p_t p_tᵀ))): T times larger. With ĉ_t = √w_t (p_t − e_ŷt),
+    E[ĉĉᵀ] = blockdiag_t(w_t (diag p_t − p_t p_tᵀ)) = ∇²_z L exactly (the cross-position terms
+    vanish by independence). The weights are measured, not assumed: the loss's gradient at the
+    observed labels and at probe labels (y + 1) mod V, and at every draw, must be
+    w_t (p_t − e_y) with one w_t ≥ 0 per position (relative tolerance 10³ machine epsilons);
+    label smoothing, class weights or another loss are refused (ValueError). Positions the loss
+    ignores (a label outside [0, V), e.g. ignore_index=-100, or an exactly zero gradient) keep
+    their label in every call and get w_t = 0.
+  * ``likelihood="gaussian"``: a weighted squared error L(z, y) = Σ_k c_k (z_k − y_k)² (c_k ≥ 0;
+    c = 1 for the sum, 1/K for the mean over K outputs, ½ for ½‖z − y‖²), the negative
+    log-likelihood of N(z, diag(1/(2c))) up to a constant. The draws are ŷ = z + ξ ⊘ √(2c),
+    ξ ∼ N(0, I) (variance 1/(2c_k): K/2 for the mean), and ĉ = ∂L(z, ŷ)/∂z = −√(2c) ⊙ ξ, so
+    E[ĉĉᵀ] = diag(2c) = ∇²_z L. 2c is measured from the loss's gradient at y = z + 1, and the
+    gradient is checked to be 2c ⊙ (z − y) at y = z, at the observed y, at a random probe and at
+    every draw (an absolute or Huber error, a logistic loss or coupled outputs are refused).
+
+  ``likelihood="auto"`` (default) picks categorical for integer targets of the outputs' shape
+  without the last dimension, gaussian for floating targets of the outputs' shape, and refuses
+  anything else. The draws are a counter-based hash (lowbias32) of (``seed``, the example's index
+  in the pass over the training data, the sample, the output position) — reproducible, and the
+  same whatever the block size, the number of shards or the device; both passes of EK-FAC see the
+  same draws. ``seed=None`` draws a fresh seed (``info["sampling_seed"]``).
+- ``"empirical"`` — δ_i at the observed label (one backward pass).
 
 Because of what it ignores, the solution is not that of (H + λI) X = V: every solve measures
 its true relative residual ‖(H + λI)X − V‖/‖V‖ with one full-training-set HVP and reports it.
@@ -96,7 +144,10 @@ Prepared solvers are read-only after ``prepare`` and safe to share between threa
 
 from __future__ import annotations
 
+import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,7 +156,18 @@ from torch import Tensor
 
 from pyinfluence._validation import check_bool, check_damping, check_int, check_positive_float
 from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
-from pyinfluence.torch.kfac_factors import BlockPlan, KroneckerLayer, layer_statistics, plan_blocks
+from pyinfluence.torch.kfac_factors import (
+    DEFAULT_MAX_OUTPUTS,
+    FISHERS,
+    KRONECKER_KINDS,
+    LIKELIHOODS,
+    MAX_SAMPLES,
+    BlockPlan,
+    ConvGeometry,
+    KroneckerLayer,
+    layer_statistics,
+    plan_blocks,
+)
 from pyinfluence.torch.solvers.base import (
     HessianOperatorLike,
     PreparedSolver,
@@ -119,10 +181,15 @@ from pyinfluence.torch.solvers.base import (
     _residual_and_curvature,
     _round_up,
     _set,
+    _state_field,
+    _state_tensor,
 )
 from pyinfluence.torch.solvers.lanczos import _lanczos, _sharpen_negative_curvature
 
-_FISHERS = ("true", "empirical")
+# fields written to config() only where they matter, so that configurations (and saved states) written
+# before they existed read back unchanged: samples / likelihood only for fisher="sampled", max_outputs
+# only when it is not the default
+_SAMPLING_FIELDS = {"samples": 1, "likelihood": "auto"}
 _UNSUPPORTED = ("error", "diagonal")
 _F64 = torch.float64
 
@@ -152,10 +219,14 @@ class KFAC(Solver):
 
     Parameters
     ----------
-    fisher : {"true", "empirical"}, default "true"
+    fisher : {"true", "sampled", "empirical"}, default "true"
         How E[δ δᵀ] is taken: ``"true"`` the loss's output Hessian pushed back (the true Fisher,
-        exactly, for cross-entropy on logits; the Gauss-Newton matrix for other losses),
-        ``"empirical"`` δ at the observed labels.
+        exactly, for cross-entropy on logits; the Gauss-Newton matrix for other losses; K backward
+        passes for K outputs per example, refused above ``max_outputs``), ``"sampled"`` the same
+        expectation by Monte Carlo over targets drawn from the model's predictive distribution
+        (``samples`` backward passes; the affordable choice for language models and other large
+        output spaces; see the module docstring for the likelihoods and the 1/√w_t scaling of
+        per-token losses), ``"empirical"`` δ at the observed labels.
     unsupported : {"error", "diagonal"}, default "error"
         What to do with selected parameters that cannot be Kronecker-factored (see above):
         ``"error"`` raise ValueError; ``"diagonal"`` give them the exact diagonal of the same
@@ -180,7 +251,21 @@ class KFAC(Solver):
         scale it costs more than the factors: about three data passes per step); every solve
         still checks the curvature xᵀ(H + λI)x of its solution columns, free with the residual.
     seed : int or None, default 0
-        Seed of the Lanczos start vector (None: a fresh one each time).
+        Seed of the Lanczos start vector and of the sampled Fisher's draws (None: a fresh one each
+        time; the sampling seed used is ``info["sampling_seed"]``).
+    samples : int, default 1
+        ``fisher="sampled"`` only (ValueError otherwise unless 1): target draws per example, one
+        backward pass each; the factors' standard error shrinks as 1/√(n·samples).
+    likelihood : {"auto", "categorical", "gaussian"}, default "auto"
+        ``fisher="sampled"`` only (ValueError otherwise unless "auto"): the distribution the targets
+        are drawn from — categorical over the outputs' last dimension (integer targets of the
+        outputs' shape without it; the loss a weighted sum of cross-entropies) or Gaussian (targets
+        of the outputs' shape; the loss a weighted squared error); "auto" picks by the targets'
+        dtype and shape. A loss that does not fit raises ValueError naming the likelihood.
+    max_outputs : int, default 512
+        ``fisher="true"`` only: refuse (ValueError advising ``fisher="sampled"``) a model with more
+        than this many outputs per example, whose exact output Hessian would cost K backward
+        passes and memory of order B·K·(K + Σ_l T_l·out_l) per block of B examples.
 
     ``prepare``: one forward pass on two training examples to find how each layer is called,
     then one pass over the training data in blocks of ``op.batch_size`` (EK-FAC: two, the second
@@ -191,8 +276,10 @@ class KFAC(Solver):
     ``solve``: two small matrix products per layer and right-hand side, plus one batched HVP for
     the reported residual (``info["matvec_calls"]``). Memory: the factors and their
     eigenvectors, Σ_l (in'² + out²) floats, plus the diagonal; during ``prepare`` a block's
-    patches (B × T × in') and output gradients (B × C × T × out), and for EK-FAC with T > 1 the
-    per-example gradients in the eigenbasis (B × out × in').
+    patches (B × T × in') and output gradients (B × C × T × out) — C = 1 (empirical), ``samples``
+    (sampled) or K (true) — and for EK-FAC with T > 1 the per-example gradients in the eigenbasis
+    (B × out × in'). ``info`` holds ``fisher`` and, for "sampled", ``samples``, the ``likelihood``
+    used and the ``sampling_seed``.
     """
 
     fisher: str = "true"
@@ -201,14 +288,28 @@ class KFAC(Solver):
     lanczos_steps: int = 40
     seed: int | None = 0
     unsupported: str = "error"
-
-    name: ClassVar[str] = "kfac"
-    _eigen_corrected: ClassVar[bool] = False
+    samples: int = 1
+    likelihood: str = "auto"
+    max_outputs: int = DEFAULT_MAX_OUTPUTS
 
     def __post_init__(self) -> None:
-        if not isinstance(self.fisher, str) or self.fisher.strip().lower() not in _FISHERS:
-            raise ValueError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}")
+        if not isinstance(self.fisher, str) or self.fisher.strip().lower() not in FISHERS:
+            raise ValueError(f"fisher must be 'true', 'sampled' or 'empirical', got {self.fisher!r}")
         _set(self, "fisher", self.fisher.strip().lower())
+        _set(self, "samples", check_int("samples", self.samples, 1, MAX_SAMPLES))
+        if not isinstance(self.likelihood, str) or self.likelihood.strip().lower() not in LIKELIHOODS:
+            raise ValueError(
+                f"likelihood must be 'auto', 'categorical' or 'gaussian', got {self.likelihood!r}"
+            )
+        _set(self, "likelihood", self.likelihood.strip().lower())
+        if self.fisher != "sampled":
+            for name, default in _SAMPLING_FIELDS.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is used only with fisher='sampled' (here "
+                        f"fisher={self.fisher!r}); pass fisher='sampled' or leave {name} at {default!r}"
+                    )
+        _set(self, "max_outputs", check_int("max_outputs", self.max_outputs, 1))
         if not isinstance(self.unsupported, str) or self.unsupported.strip().lower() not in _UNSUPPORTED:
             raise ValueError(f"unsupported must be 'error' or 'diagonal', got {self.unsupported!r}")
         _set(self, "unsupported", self.unsupported.strip().lower())
@@ -222,16 +323,27 @@ class KFAC(Solver):
         _set(self, "lanczos_steps", check_int("lanczos_steps", self.lanczos_steps, 0))
         _set(self, "seed", _check_seed("seed", self.seed))
 
+    name: ClassVar[str] = "kfac"
+    _eigen_corrected: ClassVar[bool] = False
+    _restore_needs: ClassVar[tuple[str, ...]] = ("matvec",)
+
+    def config(self) -> dict[str, Any]:
+        """As :meth:`Solver.config`, with ``samples`` and ``likelihood`` written only for
+        ``fisher="sampled"`` and ``max_outputs`` only when it is not 512: a configuration written
+        before these fields existed is the same configuration (absent fields take their defaults in
+        :func:`~pyinfluence.torch.solvers.solver_from_config`)."""
+        cfg = super().config()
+        if self.fisher != "sampled":
+            for name in _SAMPLING_FIELDS:
+                cfg.pop(name, None)
+        if self.max_outputs == DEFAULT_MAX_OUTPUTS:
+            cfg.pop("max_outputs", None)
+        return cfg
+
     def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedKFAC:
         who = type(self).__name__
         _check_operator(op, ("matvec",))
-        missing = [m for m in ("fm", "data", "l2") if not hasattr(op, m)]
-        if missing:
-            raise TypeError(
-                f"{who} needs the model behind the Hessian: op must be a "
-                f"pyinfluence.torch.hessian.HessianOperator (with fm, data, l2), "
-                f"{type(op).__name__} lacks {', '.join(missing)}"
-            )
+        _check_model_operator(op, who, ("fm", "data", "l2"))
         damping = check_damping(damping)
         start = time.perf_counter()
         fm: Any = op.fm  # type: ignore[attr-defined]
@@ -250,9 +362,20 @@ class KFAC(Solver):
         t_range = [(0, 0)] * len(layers)  # (min, max) positions per example
         D = {nm: torch.zeros(fm.params[nm].shape, dtype=_F64, device=dev) for nm in plan.diagonal_names}
         rel_neg = 0.0
-        for _, X, Y in data.blocks(rows):
-            st = layer_statistics(fm, plan, X, Y, self.fisher, who)
+        # the sampled Fisher's draws: one seed for every pass (EK-FAC's second pass sees the same targets)
+        sampling_seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        stat_kw: dict[str, Any] = {
+            "samples": self.samples,
+            "likelihood": self.likelihood,
+            "seed": sampling_seed,
+            "max_outputs": self.max_outputs,
+        }
+        likelihoods: set[str] = set()
+        for start_i, X, Y in data.blocks(rows):
+            st = layer_statistics(fm, plan, X, Y, self.fisher, who, start=start_i, **stat_kw)
             rel_neg = min(rel_neg, st.rel_neg)
+            if st.likelihood is not None:
+                likelihoods.add(st.likelihood)
             for l_, (a, d) in enumerate(zip(st.acts, st.deltas)):
                 B, T = a.shape[0], a.shape[1]
                 a64 = a.to(_F64).reshape(-1, a.shape[-1])  # (B·T, in')
@@ -282,8 +405,8 @@ class KFAC(Solver):
         if self._eigen_corrected and layers:
             passes = 2
             S = [torch.zeros_like(f[2]) for f in factors]
-            for _, X, Y in data.blocks(rows):
-                st = layer_statistics(fm, BlockPlan(layers), X, Y, self.fisher, who)
+            for start_i, X, Y in data.blocks(rows):
+                st = layer_statistics(fm, BlockPlan(layers), X, Y, self.fisher, who, start=start_i, **stat_kw)
                 for l_, (ly, a, d) in enumerate(zip(layers, st.acts, st.deltas)):
                     QA, QG, _ = factors[l_]
                     if ly.kind == "linear":  # T = 1: (Q_Gᵀ δ āᵀ Q_A)_jk² = (Q_Gᵀ δ)_j² (Q_Aᵀ ā)_k²
@@ -330,11 +453,64 @@ class KFAC(Solver):
             "unsupported": self.unsupported,
         }
         info.update(_coverage(plan, factors, spectra, t_range, diag, int(op.n_params)))
+        if self.fisher == "sampled":
+            info["samples"] = self.samples
+            info["likelihood"] = "/".join(sorted(likelihoods))
+            info["sampling_seed"] = sampling_seed
         if self.fisher == "true" and rel_neg < 0:
             info["output_hessian_min_relative_eigenvalue"] = rel_neg
         return _PreparedKFAC(
             self, op, damping, info, time.perf_counter() - start, fm, layers, factors, diag, shift
         )
+
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> _PreparedKFAC:
+        """The layers from the saved plan, checked against the operator's parameters (names, shapes, every
+        selected parameter in exactly one block), and their saved eigenbases and eigenvalues; no pass over
+        the data, no forward pass."""
+        who = f"{type(self).__name__}.restore"
+        _check_model_operator(op, type(self).__name__, ("fm", "l2"))
+        fm: Any = op.fm  # type: ignore[attr-defined]
+        l2 = float(op.l2)  # type: ignore[attr-defined]
+        dev = fm.device
+        shapes = dict(zip(fm.names, fm.shapes))
+        layers = [
+            _layer_from_json(d, i, shapes, who)
+            for i, d in enumerate(_state_field(state, "layers", who, list))
+        ]
+        diag_names = _state_field(state, "diagonal", who, list)
+        owners: dict[str, str] = {}
+        for i, ly in enumerate(layers):
+            for nm in ly.names:
+                if nm in owners:
+                    raise ValueError(f"{who}: parameter {nm!r} is in two blocks of the saved state")
+                owners[nm] = f"layer {i}"
+        for nm in diag_names:
+            if not isinstance(nm, str) or nm not in shapes:
+                raise ValueError(
+                    f"{who}: the saved diagonal block names {nm!r}, not a selected parameter here"
+                )
+            if nm in owners:
+                raise ValueError(f"{who}: parameter {nm!r} is in two blocks of the saved state")
+            owners[nm] = "diagonal"
+        left = [nm for nm in fm.names if nm not in owners]
+        if left:
+            raise ValueError(f"{who}: the saved state has no block for the selected parameter(s) {left}")
+        factors = []
+        for i, ly in enumerate(layers):
+            QA = _state_tensor(tensors, f"layers.{i}.QA", who, (ly.n_cols, ly.n_cols), _F64, dev)
+            QG = _state_tensor(tensors, f"layers.{i}.QG", who, (ly.n_out, ly.n_out), _F64, dev)
+            ev = _state_tensor(tensors, f"layers.{i}.eigenvalues", who, (ly.n_out, ly.n_cols), _F64, dev)
+            factors.append([QA, QG, ev])
+        diag = {nm: _state_tensor(tensors, f"diagonal.{nm}", who, shapes[nm], _F64, dev) for nm in diag_names}
+        shift = l2 + damping  # as in prepare: the same float, so the same denominators bit for bit
+        return _PreparedKFAC(self, op, damping, info, 0.0, fm, layers, factors, diag, shift)
 
     def _check_true_curvature(self, op: HessianOperatorLike, damping: float, who: str) -> None:
         """Raise NotPositiveDefiniteError when a Lanczos process finds curvature ≤ 0 of the true H + λI
@@ -352,6 +528,91 @@ class KFAC(Solver):
                 damping,
                 spec.lam_max,
             )
+
+
+def _check_model_operator(op: Any, who: str, needs: tuple[str, ...]) -> None:
+    missing = [m for m in needs if not hasattr(op, m)]
+    if missing:
+        raise TypeError(
+            f"{who} needs the model behind the Hessian: op must be a "
+            f"pyinfluence.torch.hessian.HessianOperator (with fm, data, l2), "
+            f"{type(op).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def _layer_to_json(ly: KroneckerLayer) -> dict[str, Any]:
+    g = ly.conv
+    return {
+        "path": ly.path,
+        "kind": ly.kind,
+        "weight": ly.weight,
+        "bias": ly.bias,
+        "n_out": ly.n_out,
+        "n_in": ly.n_in,
+        "weight_shape": list(ly.weight_shape),
+        "conv": None
+        if g is None
+        else {
+            "kernel_size": list(g.kernel_size),
+            "stride": list(g.stride),
+            "dilation": list(g.dilation),
+            "pad": list(g.pad),
+        },
+    }
+
+
+def _int_list(v: Any, n: int | None) -> bool:
+    return (
+        isinstance(v, list)
+        and (n is None or len(v) == n)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    )
+
+
+def _layer_from_json(d: Any, i: int, shapes: dict[str, tuple[int, ...]], who: str) -> KroneckerLayer:
+    """A saved layer, checked against the selected parameters' shapes (``shapes``: name → shape)."""
+    bad = f"{who}: the saved layer {i} is malformed"
+    if not isinstance(d, Mapping):
+        raise ValueError(bad)
+    path, kind, weight, bias = d.get("path"), d.get("kind"), d.get("weight"), d.get("bias")
+    n_out, n_in, conv = d.get("n_out"), d.get("n_in"), d.get("conv")
+    w_shape: Any = d.get("weight_shape")
+    if (
+        not isinstance(path, str)
+        or kind not in KRONECKER_KINDS
+        or not (weight is None or isinstance(weight, str))
+        or not (bias is None or isinstance(bias, str))
+        or (weight is None and bias is None)
+        or not _int_list(w_shape, None)
+        or len(w_shape) < 2
+        or n_out != w_shape[0]
+        or n_in != math.prod(w_shape[1:])
+    ):
+        raise ValueError(bad)
+    geometry = None
+    if kind == "conv2d":
+        if not isinstance(conv, Mapping) or not all(
+            _int_list(conv.get(k), n)
+            for k, n in (("kernel_size", 2), ("stride", 2), ("dilation", 2), ("pad", 4))
+        ):
+            raise ValueError(bad)
+        geometry = ConvGeometry(
+            tuple(conv["kernel_size"]), tuple(conv["stride"]), tuple(conv["dilation"]), tuple(conv["pad"])
+        )
+    label = repr(path) if path else "'' (the model itself)"
+    for nm, want in ((weight, tuple(w_shape)), (bias, (n_out,))):
+        if nm is None:
+            continue
+        if nm not in shapes:
+            raise ValueError(
+                f"{who}: the saved layer {label} has parameter {nm!r}, which is not selected here"
+            )
+        if tuple(shapes[nm]) != want:
+            raise ValueError(
+                f"{who}: the saved layer {label} has parameter {nm!r} of shape {want}, here it has shape "
+                f"{tuple(shapes[nm])}"
+            )
+    return KroneckerLayer(path, kind, weight, bias, n_out, n_in, tuple(w_shape), geometry)
 
 
 def _coverage(
@@ -408,7 +669,8 @@ class EKFAC(KFAC):
     g_j a_k of each layer is replaced by the second moment
     S_jk = (1/n) Σ_i E[(Q_Gᵀ (Σ_t δ_it ā_itᵀ) Q_A)_jk²] of the EXACT per-example gradient (all
     positions t summed before squaring; the same expectation ``fisher`` as K-FAC, for
-    ``"true"`` exact over the output-Hessian square-root columns), and
+    ``"true"`` exact over the output-Hessian square-root columns, for ``"sampled"`` over the
+    same draws as the first pass), and
     X_l = Q_G [(Q_Gᵀ M Q_A) ⊘ (S + l2 + λ)] Q_Aᵀ. S is the exact diagonal of the layer's Fisher
     block in that basis, so EK-FAC is at least as close to it (in Frobenius norm) as K-FAC —
     and, unlike K-FAC, it does not assume spatially uncorrelated derivatives. Parameters, the
@@ -446,6 +708,18 @@ class _PreparedKFAC(PreparedSolver):
         self._factors = [(QA, QG, ev + shift) for QA, QG, ev in factors]
         # per diagonal-fallback parameter: the denominator D + l2 + λ (the parameter's shape)
         self._diag = {nm: t + shift for nm, t in diag.items()}
+        # the curvature itself (eigenvalues, Fisher diagonal) without l2 + λ, for state()
+        self._eigenvalues = [ev for _, _, ev in factors]
+        self._diag_moments = dict(diag)
+
+    def _state(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        for i, ((QA, QG, _), ev) in enumerate(zip(self._factors, self._eigenvalues)):
+            tensors[f"layers.{i}.QA"] = QA
+            tensors[f"layers.{i}.QG"] = QG
+            tensors[f"layers.{i}.eigenvalues"] = ev
+        for nm, t in self._diag_moments.items():
+            tensors[f"diagonal.{nm}"] = t
+        return {"layers": [_layer_to_json(ly) for ly in self._layers], "diagonal": list(self._diag_moments)}
 
     def _apply(self, V: Tensor) -> Tensor:
         """M V for V (p, r), M = the block-diagonal approximate (H + λI)⁻¹ (computed in float64,

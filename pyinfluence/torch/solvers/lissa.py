@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,12 +35,15 @@ from pyinfluence.torch.solvers.base import (
     _residual_and_curvature,
     _sample_matvec,
     _set,
+    _state_field,
 )
 from pyinfluence.torch.solvers.lanczos import _lanczos, _sharpen_negative_curvature
 from pyinfluence.torch.solvers.preconditioners import (
     PreconditionerLike,
     _Preconditioner,
+    _preconditioner_state,
     _prepare_preconditioner,
+    _restore_preconditioner,
     _SplitOperator,
     check_preconditioner,
 )
@@ -222,6 +226,7 @@ class LiSSA(Solver):
     preconditioner: PreconditionerLike = field(default=None, kw_only=True)
 
     name: ClassVar[str] = "lissa"
+    _restore_needs: ClassVar[tuple[str, ...]] = ("matvec", "sample_matvec")
 
     def __post_init__(self) -> None:
         _set(self, "depth", check_int("depth", self.depth, 1))
@@ -327,6 +332,49 @@ class LiSSA(Solver):
             info.update(scale=scale, scale_source="auto", minibatch_lambda_max_estimate=lam_batch)
         return _PreparedLiSSA(self, op, damping, info, time.perf_counter() - start, scale, batch, pre)
 
+    def _restore(
+        self,
+        op: HessianOperatorLike,
+        damping: float,
+        tensors: Mapping[str, Tensor],
+        state: Any,
+        info: dict[str, Any],
+    ) -> _PreparedLiSSA:
+        """The saved scale and minibatch size (the Lanczos estimates are in ``info``), and the
+        preconditioner (if any); no HVP."""
+        who = "LiSSA.restore"
+        scale = float(_state_field(state, "scale", who, (int, float)))
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{who}: the saved scale must be finite and > 0, got {scale}")
+        batch = state.get("batch") if isinstance(state, Mapping) else None
+        if batch is not None:
+            batch = _state_field(state, "batch", who, int)
+        expect = self.batch_size
+        n_train = getattr(op, "n_train", None)
+        if expect is not None and isinstance(n_train, int) and expect >= n_train:
+            expect = None
+        if batch != expect:
+            raise ValueError(
+                f"{who}: the saved minibatch size {batch} differs from this configuration's {expect}"
+            )
+        keys = ["averaged_steps", "scale_source", "batch_size"]
+        keys += (
+            ["lambda_max_estimate", "lambda_min_estimate"]
+            if self.preconditioner is None
+            else [
+                "preconditioned_lambda_max_estimate",
+                "preconditioned_lambda_min_estimate",
+                "lambda_max_estimate",
+            ]
+        )
+        missing = [k for k in keys if k not in info]
+        if missing:
+            raise ValueError(f"{who}: the saved info lacks {', '.join(map(repr, missing))}")
+        pre = _restore_preconditioner(
+            self.preconditioner, op, damping, tensors, state.get("preconditioner"), who
+        )
+        return _PreparedLiSSA(self, op, damping, info, 0.0, scale, batch, pre)
+
     @staticmethod
     def _raise_preconditioned_npd(
         op: HessianOperatorLike,
@@ -416,6 +464,13 @@ class _PreparedLiSSA(PreparedSolver):
             self._lam_min_it = float(info["preconditioned_lambda_min_estimate"])
         # seed None: one random stream for the lifetime of this object (not reproducible)
         self._gen = None if solver.seed is not None else _generator(self.device, None)
+
+    def _state(self, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "batch": self._batch,
+            "preconditioner": _preconditioner_state(self._pre, tensors),
+        }
 
     def _solve(self, V: Tensor):
         cfg = self.solver

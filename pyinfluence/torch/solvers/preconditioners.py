@@ -26,6 +26,7 @@ Values of a solver's ``preconditioner`` field:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from pyinfluence.errors import PyInfluenceError
-from pyinfluence.torch.solvers.base import HessianOperatorLike, _matvec, _sample_matvec
+from pyinfluence.torch.solvers.base import HessianOperatorLike, _from_json, _matvec, _sample_matvec, _to_json
 from pyinfluence.torch.solvers.kfac import EKFAC, KFAC
 
 __all__ = ["PreconditionerLike", "check_preconditioner"]
@@ -146,6 +147,51 @@ def _prepare_preconditioner(
         # ... and full-training-set HVP columns (only for a configured object with lanczos_steps > 0)
         "preconditioner_matvec_columns": counter.columns,
     }
+    return _Preconditioner(label, prepared, info)
+
+
+_PREFIX = "preconditioner."
+
+
+def _preconditioner_state(pre: _Preconditioner | None, tensors: dict[str, Tensor]) -> dict[str, Any] | None:
+    """The state of a prepared preconditioner (None for none) as JSON-able metadata; its arrays are added
+    to ``tensors`` under ``"preconditioner.<key>"``."""
+    if pre is None:
+        return None
+    sub, meta = pre.prepared.state()
+    for k, v in sub.items():
+        tensors[_PREFIX + k] = v
+    return {"name": pre.name, "info": _to_json(pre.info, tensors, "preconditioner_info"), "state": meta}
+
+
+def _restore_preconditioner(
+    spec: PreconditionerLike,
+    op: HessianOperatorLike,
+    damping: float,
+    tensors: Mapping[str, Tensor],
+    state: Any,
+    who: str,
+) -> _Preconditioner | None:
+    """The preconditioner named by ``spec`` rebuilt from :func:`_preconditioner_state`'s output (its K-FAC
+    object restored for ``op`` and ``damping``, no pass over the data). ValueError when the state does not
+    match ``spec``."""
+    if spec is None:
+        if state is not None:
+            raise ValueError(f"{who}: the saved state has a preconditioner, but preconditioner=None here")
+        return None
+    label = spec if isinstance(spec, str) else spec.name
+    if not isinstance(state, Mapping) or not {"name", "info", "state"} <= set(state):
+        raise ValueError(f"{who}: the saved state lacks the state of preconditioner={label!r}")
+    if state["name"] != label:
+        raise ValueError(
+            f"{who}: the saved preconditioner is {state['name']!r}, here preconditioner={label!r}"
+        )
+    cfg: KFAC = _NAMES[spec](lanczos_steps=0) if isinstance(spec, str) else spec
+    sub = {k[len(_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_PREFIX)}
+    prepared = cfg.restore(op, damping, sub, state["state"])
+    info = _from_json(state["info"], tensors, "the preconditioner's info")
+    if not isinstance(info, dict):
+        raise ValueError(f"{who}: the saved preconditioner's info must be a dict")
     return _Preconditioner(label, prepared, info)
 
 
