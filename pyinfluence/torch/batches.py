@@ -38,6 +38,7 @@ __all__ = [
     "StreamingData",
     "batch_len",
     "cat_inputs",
+    "check_finite",
     "check_loader_order",
     "index_inputs",
     "inputs_equal",
@@ -45,6 +46,7 @@ __all__ = [
     "map_inputs",
     "slice_inputs",
     "split_batch",
+    "to_tensor",
 ]
 
 # One batch of model inputs: a tensor (B, ...) or a dict {name: (B, ...)} (Hugging Face style).
@@ -133,10 +135,13 @@ def split_batch(name: str, batch: Any, label_key: str) -> tuple[Any, Any]:
     )
 
 
-def _as_tensor(name: str, a: Any) -> Tensor:
+def to_tensor(name: str, a: Any) -> Tensor:
+    """``a`` as a dense real tensor (detached; arrays and numbers converted), or a TypeError naming ``name``."""
     if isinstance(a, Tensor):
         t = a.detach()
     else:
+        if a is None:
+            raise TypeError(f"{name} is None; a tensor is required")
         try:
             t = torch.as_tensor(a)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -146,6 +151,21 @@ def _as_tensor(name: str, a: Any) -> Tensor:
     if t.layout != torch.strided:
         raise TypeError(f"{name} is a sparse tensor ({t.layout}); pass a dense tensor")
     return t
+
+
+def check_finite(name: str, t: Tensor, of: str = "") -> None:
+    """A ValueError naming ``name`` and the first example (row) holding NaN or infinity; ``of`` qualifies the
+    row number (e.g. " of its batch")."""
+    if not t.is_floating_point() or t.numel() == 0 or t.ndim == 0:
+        return
+    ok = torch.isfinite(t)
+    if bool(ok.all()):
+        return
+    bad_rows = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero()
+    raise ValueError(
+        f"{name} contains NaN or infinity ({int(bad_rows.numel())} example(s); first: example "
+        f"{int(bad_rows[0, 0])}{of}); remove or impute them"
+    )
 
 
 def convert_inputs(
@@ -161,7 +181,7 @@ def convert_inputs(
         for k, v in x.items():
             if not isinstance(k, str):
                 raise TypeError(f"{name}: the keys of a dict of inputs must be strings, got {k!r}")
-            t = _to_device(_as_tensor(f"{name}[{k!r}]", v), device, dtype, non_blocking)
+            t = _to_device(to_tensor(f"{name}[{k!r}]", v), device, dtype, non_blocking)
             if t.ndim == 0:
                 raise ValueError(f"{name}[{k!r}] must have a batch dimension (examples first), got a scalar")
             if n is None:
@@ -171,11 +191,11 @@ def convert_inputs(
                     f"{name}[{k!r}] has {t.shape[0]} examples but the other inputs have {n}; every "
                     f"tensor of a dict of inputs holds the same examples"
                 )
-            _check_finite_tensor(f"{name}[{k!r}]", t)
+            check_finite(f"{name}[{k!r}]", t, " of its batch")
             out[k] = t
         return out
-    t = _to_device(_as_tensor(name, x), device, dtype, non_blocking)
-    _check_finite_tensor(name, t)
+    t = _to_device(to_tensor(name, x), device, dtype, non_blocking)
+    check_finite(name, t, " of its batch")
     return t
 
 
@@ -185,19 +205,6 @@ def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype, non_blocking
     if t.device != device:
         t = t.to(device, non_blocking=non_blocking)
     return t
-
-
-def _check_finite_tensor(name: str, t: Tensor) -> None:
-    if not t.is_floating_point() or t.numel() == 0 or t.ndim == 0:
-        return
-    ok = torch.isfinite(t)
-    if bool(ok.all()):
-        return
-    bad_rows = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero()
-    raise ValueError(
-        f"{name} contains NaN or infinity ({int(bad_rows.numel())} example(s); first: example "
-        f"{int(bad_rows[0, 0])} of its batch); remove or impute them"
-    )
 
 
 # ==============================================================================================
@@ -405,7 +412,7 @@ class StreamingData:
         X = convert_inputs(
             f"{self.name} inputs", x, device=self.device, dtype=self.dtype, non_blocking=self.non_blocking
         )
-        Y = _as_tensor(f"{self.name} targets", y)
+        Y = to_tensor(f"{self.name} targets", y)
         if Y.ndim == 0:
             raise ValueError(f"{self.name} targets must have one target per example, got a scalar")
         if Y.is_floating_point() and Y.dtype != self.dtype:
@@ -416,7 +423,7 @@ class StreamingData:
                 f"{self.name}: a batch has {batch_len(X)} examples of inputs but {Y.shape[0]} targets; they "
                 f"must match"
             )
-        _check_finite_tensor(f"{self.name} targets", Y)
+        check_finite(f"{self.name} targets", Y, " of its batch")
         if self.check_targets is not None:
             self.check_targets(Y)
         return X, Y

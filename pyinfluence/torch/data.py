@@ -22,6 +22,10 @@ from pyinfluence.torch.batches import (
     slice_inputs,
     split_batch,
 )
+from pyinfluence.torch.batches import (
+    check_finite as _check_finite,
+)
+from pyinfluence.torch.batches import to_tensor as _to_tensor
 
 __all__ = ["TensorData", "TrainingData", "as_tensor_pair", "check_class_labels", "resolve_device"]
 
@@ -144,37 +148,6 @@ def _unpack(name: str, data: Any, label_key: str = "labels") -> tuple[Any, Any]:
     raise TypeError(
         f"{name} must be an (inputs, targets) pair of tensors, a Dataset or a DataLoader, got "
         f"{type(data).__name__}"
-    )
-
-
-def _to_tensor(name: str, a: Any) -> Tensor:
-    if isinstance(a, Tensor):
-        t = a.detach()
-    else:
-        if a is None:
-            raise TypeError(f"{name} is None; a tensor is required")
-        try:
-            t = torch.as_tensor(a)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{name} could not be converted to a tensor: {exc}") from None
-    if t.is_complex():
-        raise TypeError(f"{name} has complex dtype {t.dtype}; real values are required")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} is a sparse tensor ({t.layout}); pass a dense tensor")
-    return t
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    ok = torch.isfinite(t)
-    if bool(ok.all()):
-        return
-    bad_rows = (~ok).reshape(t.shape[0], -1).any(dim=1).nonzero()
-    first = int(bad_rows[0, 0])
-    raise ValueError(
-        f"{name} contains NaN or infinity ({int(bad_rows.numel())} example(s); first: example "
-        f"{first}); remove or impute them"
     )
 
 
