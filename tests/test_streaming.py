@@ -368,3 +368,19 @@ def test_hessian_through_scaled_dot_product_attention():
         inf = TorchInfluence(model, ce, (X, y), l2=L2, damping=0.5, solver=solver, optimum_tol=None)
         torch.testing.assert_close(inf.up_loss(X[:2], y[:2]), ref, rtol=1e-6, atol=1e-9)
     assert model.fused  # the model itself still uses the fused kernel outside pyinfluence's calls
+
+
+def test_progress_bars_name_every_pass_over_the_data(mlp_problem, capsys):
+    pytest.importorskip("tqdm")
+    model, ds, X, y, Xt, yt, ref = mlp_problem
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    inf = TorchInfluence(
+        model, ce, loader, l2=L2, damping=DAMPING, solver="ekfac", progress=True, batch_size=8
+    )
+    inf.up_loss(Xt, yt)
+    err = capsys.readouterr().err
+    for desc in ("gradient ∇R(θ̂)", "EKFAC: factors", "EKFAC: eigenvalue correction", "up_loss"):
+        assert desc in err, desc
+    quiet = TorchInfluence(model, ce, loader, l2=L2, damping=DAMPING, solver="ekfac", batch_size=8)
+    quiet.up_loss(Xt, yt)
+    assert capsys.readouterr().err == ""

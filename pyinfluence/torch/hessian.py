@@ -5,6 +5,7 @@ R(θ) = (1/n) Σ L(z_i, θ) + (l2/2)‖θ‖² (``matvec``, ``sample_matvec``, `
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -161,11 +162,20 @@ class HessianOperator:
         out = out.t()
         return out.reshape(-1) if one_d else out
 
+    def data_pass(self, rows: int, desc: str) -> Iterable[tuple[int, Any, Tensor]]:
+        """One pass over the training data in blocks of at most ``rows`` examples, ``(start, inputs,
+        targets)``, with a progress bar labelled ``desc`` when the operator was given one (for the passes of
+        a solver's preparation, e.g. K-FAC's factor statistics; HVPs inside iterations have none)."""
+        it: Iterable[tuple[int, Any, Tensor]] = self.data.blocks(rows)
+        if self._progress is not None:
+            it = self._progress(it, total=math.ceil(self.n_train / max(1, rows)), desc=desc)
+        return it
+
     def gradient(self) -> Tensor:
         """∇R(θ̂) = (1/n) Σ ∇L(z_i, θ̂) + l2 θ̂, shape (p,)."""
         rows = min(self.n_train, self.batch_size)
         g = None
-        for _, X, Y in self.data.blocks(rows):
+        for _, X, Y in self.data_pass(rows, "gradient ∇R(θ̂)"):
             h = self.fm.grad_sum(X, Y)
             g = h if g is None else g.add_(h)
         assert g is not None

@@ -371,7 +371,7 @@ class KFAC(Solver):
             "max_outputs": self.max_outputs,
         }
         likelihoods: set[str] = set()
-        for start_i, X, Y in data.blocks(rows):
+        for start_i, X, Y in _data_pass(op, data, rows, f"{who}: factors"):
             st = layer_statistics(fm, plan, X, Y, self.fisher, who, start=start_i, **stat_kw)
             rel_neg = min(rel_neg, st.rel_neg)
             if st.likelihood is not None:
@@ -405,7 +405,7 @@ class KFAC(Solver):
         if self._eigen_corrected and layers:
             passes = 2
             S = [torch.zeros_like(f[2]) for f in factors]
-            for start_i, X, Y in data.blocks(rows):
+            for start_i, X, Y in _data_pass(op, data, rows, f"{who}: eigenvalue correction"):
                 st = layer_statistics(fm, BlockPlan(layers), X, Y, self.fisher, who, start=start_i, **stat_kw)
                 for l_, (ly, a, d) in enumerate(zip(layers, st.acts, st.deltas)):
                     QA, QG, _ = factors[l_]
@@ -659,6 +659,13 @@ def _coverage(
     coverage: dict[str, float] = {k: v / p for k, v in by_kind.items()}
     coverage["kronecker"] = (p - by_kind["diagonal"]) / p
     return {"blocks": blocks, "coverage": coverage, "diagonal_params": plan.diagonal_names}
+
+
+def _data_pass(op: Any, data: Any, rows: int, desc: str) -> Any:
+    """The operator's pass over the data with its progress bar, if it has one (a HessianOperator), else the
+    data's own blocks."""
+    passes = getattr(op, "data_pass", None)
+    return passes(rows, desc) if callable(passes) else data.blocks(rows)
 
 
 @dataclass(frozen=True)
