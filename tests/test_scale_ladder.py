@@ -95,6 +95,11 @@ def test_methods_iterate_the_registry(monkeypatch):
     assert big["exact"]["skip"] and "10000" in big["exact"]["skip"]
     assert small["block_cg+ekfac"]["settings"]["preconditioner"] == "ekfac"
     assert solvers.BlockCG(**small["block_cg+ekfac"]["settings"]).preconditioner == "ekfac"
+    assert solvers.BlockCG(**small["block_cg tol=1e-4"]["settings"]).tol == 1e-4  # pyDVL's block-CG rtol
+    lm = {m["label"]: m for m in sl.pyinfluence_methods(2_000, sampled_fisher=True)}
+    assert lm["ekfac"]["settings"]["fisher"] == "sampled" and lm["kfac"]["settings"]["fisher"] == "sampled"
+    pre = solvers.solver_from_config("block_cg", lm["block_cg+ekfac"]["settings"]).preconditioner
+    assert isinstance(pre, solvers.EKFAC) and pre.fisher == "sampled" and pre.lanczos_steps == 0
 
     @dataclass(frozen=True)
     class Fake(solvers.CG):  # a solver registered later by someone else

@@ -186,6 +186,9 @@ def pyinfluence_methods(n_params: int, sampled_fisher: bool = False) -> list[dic
             skip = f"p = {n_params} > {EXACT_MAX_PARAMS}: the dense Hessian is not affordable"
         extra = fisher if key in ("kfac", "ekfac") else {}
         out.append({"label": key, "solver": key, "settings": settings_for(cls, extra), "skip": skip})
+    if "block_cg" in _SOLVERS:  # at pyDVL's block-CG tolerance (rtol 1e-4): the equal-accuracy comparison
+        s = settings_for(_SOLVERS["block_cg"], {"tol": 1e-4})
+        out.append({"label": "block_cg tol=1e-4", "solver": "block_cg", "settings": s, "skip": None})
     bcg = _SOLVERS.get("block_cg")
     if (
         bcg is not None
@@ -518,10 +521,13 @@ def run_ladder(
     keep_dir: Optional[str] = None,
     warm_up: bool = True,
     progress: Callable[[str], None] = log,
+    checkpoint: Optional[str] = None,
 ) -> dict[str, Any]:
     """The study's JSON document (schema ``pyinfluence.scale_ladder/1``): ``created``, ``machine``,
     ``settings``, ``rungs`` (one :func:`run_rung` entry each), ``wall_s``. Rungs are saved (and the
-    workers' files kept) under ``keep_dir`` if given, else in a temporary folder removed at the end."""
+    workers' files kept) under ``keep_dir`` if given, else in a temporary folder removed at the end.
+    ``checkpoint``: a JSON file rewritten after every rung (the document so far), so that an interrupted
+    run keeps the rungs it finished."""
     from pyinfluence.bench.ladder import RUNGS
     from pyinfluence.bench.report import machine_info
 
@@ -570,6 +576,13 @@ def run_ladder(
                     progress=progress,
                 )
             )
+            if checkpoint:
+                from pyinfluence._json import jsonable
+
+                tmp = checkpoint + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(jsonable(doc), f, indent=1)
+                os.replace(tmp, checkpoint)
     finally:
         if keep_dir is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -676,6 +689,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(args_in)
     rungs = [r.strip() for r in a.rungs.split(",") if r.strip()]
+    out = a.out
+    if out is None and not a.quick:
+        from pyinfluence.bench.studies.results_file import results_dir
+
+        out = str(results_dir() / "scale_ladder.json")
     doc = run_ladder(
         rungs,
         quick=a.quick,
@@ -687,12 +705,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peer_python=a.peer_python,
         methods=None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()],
         keep_dir=a.keep,
+        checkpoint=out or None,
     )
-    out = a.out
-    if out is None and not a.quick:
-        from pyinfluence.bench.studies.results_file import results_dir
-
-        out = str(results_dir() / "scale_ladder.json")
     if out:
         from pyinfluence._json import jsonable
 
