@@ -119,11 +119,13 @@ def measure(n: int, dim: int, m: int, k: int, threads: int, chunk_rows: int, fol
     )
     build = time.perf_counter() - t
     assert store.n == n
-    res = subprocess.run(
+    folder = os.path.abspath(folder)
+    res = subprocess.run(  # cwd: a source checkout's pyinfluence/ must not shadow the installed package
         [sys.executable, "-c", CHILD, folder, str(m), str(k), str(threads), str(chunk_rows)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=folder,
     )
     child = json.loads(res.stdout.strip().splitlines()[-1])
     return {"n": n, "bytes": _du(folder), "build": build, "shards": store.n_shards, **child}

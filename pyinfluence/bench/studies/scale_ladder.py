@@ -312,16 +312,21 @@ def _launch(
 ) -> tuple[Optional[np.ndarray], dict[str, Any]]:  # pragma: no cover - exercised through run_ladder
     """Run one job in a fresh ``python -m MODULE --worker`` process (its own session, killed — it and
     its children only — after ``timeout_s``); returns (up_loss or None, result dict)."""
+    run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "job.json"), "w") as f:
         json.dump(job, f, indent=1)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "output.log"), "w") as out:
+        # cwd = the job's folder: `python -m` puts the working directory first on sys.path, and a source
+        # checkout's pyinfluence/ (without the compiled core of a non-editable install) must not shadow the
+        # installed package
         proc = subprocess.Popen(
             [sys.executable, "-m", MODULE, "--worker", run_dir],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=run_dir,
         )
         try:
             proc.wait(timeout=timeout_s)
@@ -413,7 +418,7 @@ def run_rung(
             rung = make_rung(name, quick=quick, seed=seed)
     finally:
         torch.set_num_threads(threads)
-    rung_dir = os.path.join(work_dir, name)
+    rung_dir = os.path.abspath(os.path.join(work_dir, name))
     rung.save(rung_dir)
     p = rung.n_params
     entry: dict[str, Any] = {
