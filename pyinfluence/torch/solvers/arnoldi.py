@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pyinfluence._validation import check_bool, check_damping, check_int, check_positive_float
+from pyinfluence._validation import check_damping, check_int
 from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
 from pyinfluence.torch.solvers.base import (
     HessianOperatorLike,
@@ -42,6 +42,7 @@ from pyinfluence.torch.solvers.base import (
     Solver,
     _check_operator,
     _check_seed,
+    _check_stopping_fields,
     _fmt,
     _generator,
     _matvec,
@@ -195,13 +196,7 @@ class Arnoldi(Solver):
         if not isinstance(self.complement, str) or self.complement.strip().lower() not in _COMPLEMENTS:
             raise ValueError(f"complement must be 'damped' or 'project', got {self.complement!r}")
         _set(self, "complement", self.complement.strip().lower())
-        if self.tol is not None:
-            _set(self, "tol", check_positive_float("tol", self.tol))
-        _set(
-            self,
-            "raise_on_nonconvergence",
-            check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
-        )
+        _check_stopping_fields(self, optional_tol=True)
         _set(self, "seed", _check_seed("seed", self.seed))
 
     def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedArnoldi:

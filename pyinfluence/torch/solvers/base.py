@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from pyinfluence._validation import (
+    check_bool,
     check_damping,
     check_int,
     check_nonnegative_float,
+    check_positive_float,
 )
 from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
 
@@ -824,6 +826,15 @@ def _as_fraction(name: str, value: Any) -> float:
     if v > 1:
         raise ValueError(f"{name} must be between 0 and 1, got {v}")
     return v
+
+
+def _check_stopping_fields(obj: Any, optional_tol: bool = False) -> None:
+    """Validate a solver configuration's ``raise_on_nonconvergence`` (a bool) and, with ``optional_tol``,
+    its ``tol`` (None: never fail on the residual, else a positive float) — the fields every solver that
+    checks its residual has; solvers with a required ``tol`` check it themselves."""
+    if optional_tol and obj.tol is not None:
+        _set(obj, "tol", check_positive_float("tol", obj.tol))
+    _set(obj, "raise_on_nonconvergence", check_bool("raise_on_nonconvergence", obj.raise_on_nonconvergence))
 
 
 def _set(obj: Any, name: str, value: Any) -> None:

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from pyinfluence._validation import (
-    check_bool,
     check_damping,
     check_int,
     check_positive_float,
@@ -23,6 +22,7 @@ from pyinfluence.torch.solvers.base import (
     PreparedSolver,
     Solver,
     _check_operator,
+    _check_stopping_fields,
     _col_norms,
     _fmt,
     _matvec,
@@ -132,11 +132,7 @@ class CG(Solver):
         _set(self, "tol", tol)
         if self.max_iter is not None:
             _set(self, "max_iter", check_int("max_iter", self.max_iter, 1))
-        _set(
-            self,
-            "raise_on_nonconvergence",
-            check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
-        )
+        _check_stopping_fields(self)
         if self.check_every is not None:
             _set(self, "check_every", check_int("check_every", self.check_every, 1))
         _set(self, "preconditioner", check_preconditioner(self.preconditioner))

@@ -154,7 +154,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pyinfluence._validation import check_bool, check_damping, check_int, check_positive_float
+from pyinfluence._validation import check_damping, check_int
 from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
 from pyinfluence.torch.kfac_factors import (
     DEFAULT_MAX_OUTPUTS,
@@ -174,6 +174,7 @@ from pyinfluence.torch.solvers.base import (
     Solver,
     _check_operator,
     _check_seed,
+    _check_stopping_fields,
     _fmt,
     _generator,
     _normalise_device,
@@ -313,13 +314,7 @@ class KFAC(Solver):
         if not isinstance(self.unsupported, str) or self.unsupported.strip().lower() not in _UNSUPPORTED:
             raise ValueError(f"unsupported must be 'error' or 'diagonal', got {self.unsupported!r}")
         _set(self, "unsupported", self.unsupported.strip().lower())
-        if self.tol is not None:
-            _set(self, "tol", check_positive_float("tol", self.tol))
-        _set(
-            self,
-            "raise_on_nonconvergence",
-            check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
-        )
+        _check_stopping_fields(self, optional_tol=True)
         _set(self, "lanczos_steps", check_int("lanczos_steps", self.lanczos_steps, 0))
         _set(self, "seed", _check_seed("seed", self.seed))
 

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from pyinfluence._validation import (
-    check_bool,
     check_damping,
     check_int,
     check_positive_float,
@@ -25,6 +24,7 @@ from pyinfluence.torch.solvers.base import (
     _as_fraction,
     _check_operator,
     _check_seed,
+    _check_stopping_fields,
     _col_norms,
     _fmt,
     _generator,
@@ -257,11 +257,7 @@ class LiSSA(Solver):
                 f"tol must be < 1 (a relative residual; x = 0 already has residual 1), got {tol}"
             )
         _set(self, "tol", tol)
-        _set(
-            self,
-            "raise_on_nonconvergence",
-            check_bool("raise_on_nonconvergence", self.raise_on_nonconvergence),
-        )
+        _check_stopping_fields(self)
         _set(self, "preconditioner", check_preconditioner(self.preconditioner))
 
     @staticmethod
