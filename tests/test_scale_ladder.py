@@ -170,6 +170,12 @@ def test_bad_arguments():
         sl.run_ladder(["nope"])
     with pytest.raises(ValueError, match="method must be"):
         ladder.reference_up_loss(_tiny_rung(), method="lu")
+    with pytest.raises(ValueError, match="m_test must be"):
+        ladder.make_rung("mlp-2k", quick=True, m_test=0)
+    with pytest.raises(ValueError, match="reference must be one of"):
+        sl.run_ladder(["mlp-2k"], reference="lu")
+    with pytest.raises(ValueError, match="reference_tol must be"):
+        sl.run_ladder(["mlp-2k"], reference_tol=0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,3 +310,26 @@ def test_quick_rung_end_to_end(tmp_path):
     doc = {"rungs": [entry]}
     text = sl.markdown(doc)
     assert "### mlp-2k" in text and "| pyinfluence | cg |" in text
+
+
+@pytest.mark.slow
+def test_timing_only_run_with_more_test_points(tmp_path):
+    """``reference="none"``: no reference process, no agreement columns; ``test_points`` sets m."""
+    entry = sl.run_rung(
+        "mlp-2k",
+        quick=True,
+        work_dir=str(tmp_path),
+        timeout_s=240,
+        methods=["cg"],
+        peers=(),
+        warm_up=False,
+        progress=lambda s: None,
+        test_points=7,
+        reference="none",
+    )
+    assert entry["m_test"] == 7 and entry["reference"]["method"] == "none"
+    assert not os.path.exists(os.path.join(str(tmp_path), "mlp-2k", "reference"))
+    (row,) = entry["rows"]
+    assert row["status"] == "ok", row["error"]
+    assert "pearson" not in row and row["time_s"] > 0
+    assert "none (timing-only run)" in sl.markdown({"rungs": [entry]})

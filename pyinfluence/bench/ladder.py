@@ -511,21 +511,32 @@ def _fitted(
     return Rung(name, RUNGS[name], arch, model, cross_entropy, X, y, Xt, yt, L2, DAMPING, None, False, info)
 
 
-def _mlp_rung(name: str, hidden: Sequence[int], quick_hidden: Sequence[int], quick: bool, seed: int) -> Rung:
-    X, y, Xt, yt, desc = _digits(3 if quick else 10, 150 if quick else None, seed)
+def _m(quick: bool, m_test: Optional[int]) -> int:
+    """The number of test points of a rung: ``m_test`` if given, else 3 (quick) or 10."""
+    if m_test is None:
+        return 3 if quick else 10
+    if isinstance(m_test, bool) or not isinstance(m_test, int) or m_test < 1:
+        raise ValueError(f"m_test must be a positive int or None, got {m_test!r}")
+    return m_test
+
+
+def _mlp_rung(
+    name: str, hidden: Sequence[int], quick_hidden: Sequence[int], quick: bool, seed: int, m: int
+) -> Rung:
+    X, y, Xt, yt, desc = _digits(m, 150 if quick else None, seed)
     sizes = [64, *(quick_hidden if quick else hidden), 10]
     arch = {"kind": "mlp", "sizes": sizes, "activation": "tanh"}
     return _fitted(name, arch, X, y, Xt, yt, 60 if quick else 500, seed, desc)
 
 
-def _cnn_rung(quick: bool, seed: int) -> Rung:
-    X, y, Xt, yt, desc = _digits(3 if quick else 10, 120 if quick else None, seed)
+def _cnn_rung(quick: bool, seed: int, m: int) -> Rung:
+    X, y, Xt, yt, desc = _digits(m, 120 if quick else None, seed)
     X, Xt = X.reshape(-1, 1, 8, 8), Xt.reshape(-1, 1, 8, 8)
     return _fitted("cnn-9k", {"kind": "small_cnn"}, X, y, Xt, yt, 40 if quick else 1000, seed, desc)
 
 
-def _synthetic_rung(quick: bool, seed: int) -> Rung:
-    n, m, d, K = (300, 3, 16, 4) if quick else (100_000, 10, 16, 4)
+def _synthetic_rung(quick: bool, seed: int, m: int) -> Rung:
+    n, d, K = (300, 16, 4) if quick else (100_000, 16, 4)
     rng = np.random.default_rng(seed)
     Xall = rng.standard_normal((n + m, d))
     W1 = rng.standard_normal((d, 8)) / math.sqrt(d)
@@ -546,14 +557,14 @@ def _synthetic_rung(quick: bool, seed: int) -> Rung:
     return rung
 
 
-def _gpt_rung(quick: bool, seed: int) -> Rung:
+def _gpt_rung(quick: bool, seed: int, m: int) -> Rung:
     cfg: dict[str, int]
     if quick:
         cfg = {"block": 16, "d_model": 32, "n_layers": 1, "n_heads": 2}
-        n, m, steps, batch = 48, 3, 30, 16
+        n, steps, batch = 48, 30, 16
     else:
         cfg = {"block": 32, "d_model": 256, "n_layers": 3, "n_heads": 4}
-        n, m, steps, batch = 192, 10, 250, 32
+        n, steps, batch = 192, 250, 32
     text = grammar_text(200 if quick else 2500, seed=seed)
     vocab, ids = _encode(text)
     X, y = _windows(ids, n, cfg["block"], 0)
@@ -625,24 +636,26 @@ def _is_linear_param(model: nn.Module, name: str) -> bool:
     return isinstance(mod, nn.Linear)
 
 
-def make_rung(name: str, quick: bool = False, seed: int = 0) -> Rung:
-    """Train rung ``name`` (one of :data:`RUNGS`) and return it; ``quick``: tiny sizes for smoke tests."""
+def make_rung(name: str, quick: bool = False, seed: int = 0, m_test: Optional[int] = None) -> Rung:
+    """Train rung ``name`` (one of :data:`RUNGS`) and return it; ``quick``: tiny sizes for smoke tests;
+    ``m_test``: the number of test points (default 10, 3 with ``quick``; the model does not depend on it)."""
     if not isinstance(name, str) or name not in RUNGS:
         raise ValueError(f"name must be one of {', '.join(RUNGS)}, got {name!r}")
+    m = _m(quick, m_test)
     if name == "mlp-2k":
-        rung = _mlp_rung(name, [32], [8], quick, seed)
+        rung = _mlp_rung(name, [32], [8], quick, seed, m)
     elif name == "mlp-10k":
-        rung = _mlp_rung(name, [128], [12], quick, seed)
+        rung = _mlp_rung(name, [128], [12], quick, seed, m)
     elif name == "mlp-85k":
-        rung = _mlp_rung(name, [256, 256], [12, 12], quick, seed)
+        rung = _mlp_rung(name, [256, 256], [12, 12], quick, seed, m)
     elif name == "mlp-1m":
-        rung = _mlp_rung(name, [1024, 1024], [16, 16], quick, seed)
+        rung = _mlp_rung(name, [1024, 1024], [16, 16], quick, seed, m)
     elif name == "cnn-9k":
-        rung = _cnn_rung(quick, seed)
+        rung = _cnn_rung(quick, seed, m)
     elif name == "synthetic-100k":
-        rung = _synthetic_rung(quick, seed)
+        rung = _synthetic_rung(quick, seed, m)
     else:
-        rung = _gpt_rung(quick, seed)
+        rung = _gpt_rung(quick, seed, m)
     if quick:
         rung.description += f" [quick: reduced to p = {rung.n_params}, n = {rung.X_train.shape[0]}]"
     rung.info["quick"] = bool(quick)

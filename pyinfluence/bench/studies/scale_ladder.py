@@ -72,6 +72,9 @@ MODULE = "pyinfluence.bench.studies.scale_ladder"
 SCHEMA = "pyinfluence.scale_ladder/1"
 DEFAULT_TIMEOUT_S = 1800.0
 QUICK_TIMEOUT_S = 300.0
+#: Values of ``--reference``.
+REFERENCE_METHODS = ("auto", "exact", "cg", "none")
+
 #: The reference's own time limit (the GPT rung's CG to 1e-9 takes hours on one CPU core).
 DEFAULT_REFERENCE_TIMEOUT_S = 6 * 3600.0
 TOP_K = 10
@@ -397,9 +400,15 @@ def run_rung(
     methods: Optional[Sequence[str]] = None,
     warm_up: bool = True,
     progress: Callable[[str], None] = log,
+    test_points: Optional[int] = None,
+    reference: str = "auto",
+    reference_tol: float = 1e-9,
 ) -> dict[str, Any]:
     """Train rung ``name``, compute its reference and run every method on it; returns its JSON entry
     (``rung`` info, ``reference`` {label, time_s, peak/delta memory, max_residual, error}, ``rows``).
+
+    ``test_points``: m (default: the rung's, 10). ``reference``: "auto" (exact up to 10⁴ parameters, else
+    CG), "exact", "cg" (to ``reference_tol``) or "none" (no agreement columns: a timing-only run).
 
     ``methods``: labels to run (pyinfluence: the ``_SOLVERS`` keys and ``"block_cg+ekfac"``; peers: the
     labels of :data:`PEER_LADDER_METHODS`); None = all. ``peers``: which peer libraries (empty = none).
@@ -415,7 +424,7 @@ def run_rung(
     try:  # training runs here, with the methods' thread count; the global RNG is left as it was
         torch.set_num_threads(max(1, int(num_threads)))
         with torch.random.fork_rng(devices=[]):
-            rung = make_rung(name, quick=quick, seed=seed)
+            rung = make_rung(name, quick=quick, seed=seed, m_test=test_points)
     finally:
         torch.set_num_threads(threads)
     rung_dir = os.path.abspath(os.path.join(work_dir, name))
@@ -436,25 +445,37 @@ def run_rung(
     }
     progress(f"[{name}] p = {p}, n = {entry['n_train']}, trained in {rung.info.get('train_time_s', 0):.1f} s")
     base_job = {"rung_dir": rung_dir, "num_threads": int(num_threads), "warm_up": bool(warm_up)}
-    progress(f"[{name}] reference ...")
-    # exact where p ≤ 10⁴ (2000 with --quick, to keep the smoke run short), else CG to 1e-9
-    ref_method = "exact" if p <= (QUICK_EXACT_MAX_PARAMS if quick else EXACT_MAX_PARAMS) else "cg"
-    ref_job = {**base_job, "kind": "reference", "settings": {"method": ref_method}}
-    ref_limit = (
-        reference_timeout_s
-        if reference_timeout_s is not None
-        else max(timeout_s, DEFAULT_REFERENCE_TIMEOUT_S)
-    )
-    ref, rres = _launch(os.path.join(rung_dir, "reference"), ref_job, float(ref_limit))
-    peak, base = rres.get("peak_mem_mb"), rres.get("baseline_mem_mb")
-    entry["reference"] = {
-        **(rres.get("info") or {}),
-        "time_s": rres.get("time_s"),
-        "peak_mem_mb": peak,
-        "delta_mem_mb": (peak - base) if peak is not None and base is not None else None,
-        "error": rres.get("error"),
-    }
-    progress(f"[{name}] reference: " + (rres["error"] if rres.get("error") else f"{rres['time_s']:.3g} s"))
+    ref: Optional[np.ndarray] = None
+    if reference == "none":
+        entry["reference"] = {"label": "none (timing-only run)", "method": "none"}
+    else:
+        progress(f"[{name}] reference ...")
+        # auto: exact where p ≤ 10⁴ (2000 with --quick, to keep the smoke run short), else CG
+        ref_method = reference
+        if reference == "auto":
+            ref_method = "exact" if p <= (QUICK_EXACT_MAX_PARAMS if quick else EXACT_MAX_PARAMS) else "cg"
+        ref_job = {
+            **base_job,
+            "kind": "reference",
+            "settings": {"method": ref_method, "tol": float(reference_tol)},
+        }
+        ref_limit = (
+            reference_timeout_s
+            if reference_timeout_s is not None
+            else max(timeout_s, DEFAULT_REFERENCE_TIMEOUT_S)
+        )
+        ref, rres = _launch(os.path.join(rung_dir, "reference"), ref_job, float(ref_limit))
+        peak, base = rres.get("peak_mem_mb"), rres.get("baseline_mem_mb")
+        entry["reference"] = {
+            **(rres.get("info") or {}),
+            "time_s": rres.get("time_s"),
+            "peak_mem_mb": peak,
+            "delta_mem_mb": (peak - base) if peak is not None and base is not None else None,
+            "error": rres.get("error"),
+        }
+        progress(
+            f"[{name}] reference: " + (rres["error"] if rres.get("error") else f"{rres['time_s']:.3g} s")
+        )
     rows: list[dict[str, Any]] = []
     for k, meth in enumerate(pyinfluence_methods(p, sampled_fisher=bool(rung.dict_batches))):
         if methods is not None and meth["label"] not in methods:
@@ -527,6 +548,9 @@ def run_ladder(
     warm_up: bool = True,
     progress: Callable[[str], None] = log,
     checkpoint: Optional[str] = None,
+    test_points: Optional[int] = None,
+    reference: str = "auto",
+    reference_tol: float = 1e-9,
 ) -> dict[str, Any]:
     """The study's JSON document (schema ``pyinfluence.scale_ladder/1``): ``created``, ``machine``,
     ``settings``, ``rungs`` (one :func:`run_rung` entry each), ``wall_s``. Rungs are saved (and the
@@ -536,6 +560,10 @@ def run_ladder(
     from pyinfluence.bench.ladder import RUNGS
     from pyinfluence.bench.report import machine_info
 
+    if reference not in REFERENCE_METHODS:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCE_METHODS)}, got {reference!r}")
+    if not (isinstance(reference_tol, (int, float)) and 0 < reference_tol < 1):
+        raise ValueError(f"reference_tol must be a float in (0, 1), got {reference_tol!r}")
     bad = [r for r in rungs if r not in RUNGS]
     if bad or not rungs:
         raise ValueError(f"rungs must be a non-empty list among {', '.join(RUNGS)}; unknown: {bad}")
@@ -560,6 +588,9 @@ def run_ladder(
             "peer_python": peer_python or os.environ.get("PYINFLUENCE_PEER_PYTHON"),
             "methods": None if methods is None else list(methods),
             "rungs": list(rungs),
+            "test_points": test_points,
+            "reference": reference,
+            "reference_tol": reference_tol,
         },
         "rungs": [],
     }
@@ -579,6 +610,9 @@ def run_ladder(
                     methods=methods,
                     warm_up=warm_up,
                     progress=progress,
+                    test_points=test_points,
+                    reference=reference,
+                    reference_tol=reference_tol,
                 )
             )
             if checkpoint:
@@ -692,6 +726,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--keep", default=None, metavar="DIR", help="keep the saved rungs and the workers' files here"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-points", type=int, default=None, help="test points m per rung (default 10)")
+    ap.add_argument(
+        "--reference",
+        default="auto",
+        choices=REFERENCE_METHODS,
+        help="auto: exact up to 10⁴ parameters, else CG; none: time and memory only",
+    )
+    ap.add_argument("--reference-tol", type=float, default=1e-9, help="the CG reference's tolerance")
     a = ap.parse_args(args_in)
     rungs = [r.strip() for r in a.rungs.split(",") if r.strip()]
     out = a.out
@@ -711,6 +753,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         methods=None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()],
         keep_dir=a.keep,
         checkpoint=out or None,
+        test_points=a.test_points,
+        reference=a.reference,
+        reference_tol=a.reference_tol,
     )
     if out:
         from pyinfluence._json import jsonable
