@@ -24,6 +24,7 @@ from pyinfluence._optional import require_torch as _require_torch
 # is an ImportError that names the extra to install, not a bare "No module named 'torch'".
 _require_torch("pyinfluence's torch path (pyinfluence.torch: TorchInfluence, Exact, CG, BlockCG, LiSSA)")
 
+from pyinfluence.torch.distributed import DistributedContext  # noqa: E402
 from pyinfluence.torch.influence import TorchInfluence  # noqa: E402
 from pyinfluence.torch.losses import smooth_hinge_loss  # noqa: E402
 from pyinfluence.torch.solvers import (  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "BlockCG",
+    "DistributedContext",
     "Exact",
     "GaussianProjection",
     "GradientStore",

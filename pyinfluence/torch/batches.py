@@ -25,7 +25,7 @@ tensor, as ``model(inputs)``. ``loss_fn(outputs, targets)`` receives whatever th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Callable, Union
 
 import torch
@@ -328,6 +328,85 @@ class StreamingData:
                 yield start + s, (X if (s == 0 and e == b) else slice_inputs(X, s, e)), Y[s:e]
             start += b
 
+    def range_blocks(
+        self, ranges: Sequence[tuple[int, int]], rows: int
+    ) -> Iterator[tuple[int, Inputs, Tensor]]:
+        """(start, inputs, targets) of the examples in the sorted, disjoint index ranges [a, b), blocks of at
+        most ``rows``: a rank's shard (:mod:`pyinfluence.torch.distributed`).
+
+        A map-style dataset is read by index: per range, a DataLoader over ``Subset(dataset, range(a, b))``
+        with the source loader's batch size, collate function, workers and pinning. Any other stream is
+        iterated from the start: batches that do not overlap a range are skipped unconverted (only their length
+        is read), overlapping ones are converted and cut; the pass stops after the last range (DataError if the
+        stream ends before it, or yields more than n examples when read to its end)."""
+        ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        if not ranges:
+            return
+        if self._dataset is not None:
+            for a, b in ranges:
+                start = a
+                for batch in self._subset_loader(a, b, rows):
+                    X, Y = self._convert(batch)
+                    B = batch_len(X)
+                    for s in range(0, B, rows):
+                        e = min(B, s + rows)
+                        yield start + s, (X if (s == 0 and e == B) else slice_inputs(X, s, e)), Y[s:e]
+                    start += B
+                if start != b:
+                    raise DataError(
+                        f"{self.name}: examples {a}…{b - 1} read by index gave {start - a} examples, not {b - a}"
+                    )
+            return
+        pos = 0
+        j = 0
+        end = ranges[-1][1]
+        for batch in self._loader:
+            B = _raw_len(self.name, batch, self.label_key)
+            lo, hi = pos, pos + B
+            pos = hi
+            if B == 0 or hi <= ranges[j][0]:
+                continue
+            X, Y = self._convert(batch)
+            if batch_len(X) != B:
+                raise ValueError(
+                    f"{self.name}: a batch's inputs and targets disagree on its number of examples"
+                )
+            while j < len(ranges) and ranges[j][0] < hi:
+                a, b = max(ranges[j][0], lo), min(ranges[j][1], hi)
+                for s in range(a, b, rows):
+                    e = min(b, s + rows)
+                    yield s, slice_inputs(X, s - lo, e - lo), Y[s - lo : e - lo]
+                if ranges[j][1] <= hi:
+                    j += 1
+                else:
+                    break
+            if j == len(ranges):
+                break
+        if pos < end:
+            raise self._count_error(pos)
+        if self._n is not None and pos > self._n:
+            raise self._count_error(pos)
+
+    def _subset_loader(self, a: int, b: int, rows: int) -> Any:
+        """A DataLoader over examples a … b − 1 of the map-style dataset, with the source loader's options."""
+        src = self._loader
+        sub = torch.utils.data.Subset(self._dataset, range(a, b))
+        nw = int(getattr(src, "num_workers", 0) or 0)
+        kw: dict[str, Any] = {
+            "batch_size": getattr(src, "batch_size", None) or rows,
+            "shuffle": False,
+            "collate_fn": self._collate,
+            "num_workers": nw,
+            "pin_memory": bool(getattr(src, "pin_memory", False)),
+        }
+        if nw > 0:
+            kw["worker_init_fn"] = getattr(src, "worker_init_fn", None)
+            kw["timeout"] = getattr(src, "timeout", 0)
+            kw["multiprocessing_context"] = getattr(src, "multiprocessing_context", None)
+            if getattr(src, "prefetch_factor", None) is not None:
+                kw["prefetch_factor"] = src.prefetch_factor
+        return torch.utils.data.DataLoader(sub, **kw)
+
     def take(self, idx: Tensor | None) -> Any:
         """The examples ``idx`` (int64, any device), in that order: ``self`` for None; a TensorData."""
         from pyinfluence.torch.data import TensorData
@@ -427,6 +506,19 @@ class StreamingData:
         if self.check_targets is not None:
             self.check_targets(Y)
         return X, Y
+
+
+def _raw_len(name: str, batch: Any, label_key: str) -> int:
+    """The number of examples of a batch as the source yields it, without converting it: the length of its
+    targets (a tensor, array or sequence)."""
+    _, y = split_batch(name, batch, label_key)
+    shape = getattr(y, "shape", None)
+    if shape is not None and len(shape) > 0:
+        return int(shape[0])
+    try:
+        return len(y)
+    except TypeError:
+        raise ValueError(f"{name} targets must have one target per example, got a scalar") from None
 
 
 def _sized_length(source: Any) -> int | None:

@@ -39,7 +39,8 @@ class TensorData:
     rows (Hugging Face style) — and targets (n, *target_shape), on one device.
 
     Implements the training-data protocol shared with :class:`~pyinfluence.torch.batches.StreamingData`:
-    ``len``, ``blocks(rows)``, ``batches()``, ``take(idx)``, ``head(k)``, ``random_access``.
+    ``len``, ``blocks(rows)``, ``batches()``, ``take(idx)``, ``head(k)``, ``random_access``, and
+    ``range_blocks(ranges, rows)`` (a rank's shard, :mod:`pyinfluence.torch.distributed`).
     """
 
     inputs: Inputs
@@ -62,6 +63,16 @@ class TensorData:
 
     def batches(self) -> Iterator[tuple[Inputs, Tensor]]:
         yield self.inputs, self.targets
+
+    def range_blocks(
+        self, ranges: Sequence[tuple[int, int]], rows: int
+    ) -> Iterator[tuple[int, Inputs, Tensor]]:
+        """(start, inputs, targets) of the examples in the sorted, disjoint index ranges [a, b), blocks of at
+        most ``rows`` (views): a rank's shard (:mod:`pyinfluence.torch.distributed`)."""
+        for a, b in ranges:
+            for s in range(a, b, rows):
+                e = min(b, s + rows)
+                yield s, slice_inputs(self.inputs, s, e), self.targets[s:e]
 
     def head(self, k: int) -> tuple[Inputs, Tensor]:
         return slice_inputs(self.inputs, 0, k), self.targets[:k]

@@ -1,18 +1,25 @@
 """The Hessian operator consumed by the solvers: H = ∇²R(θ̂) of
 R(θ) = (1/n) Σ L(z_i, θ) + (l2/2)‖θ‖² (``matvec``, ``sample_matvec``, ``dense``, ``gradient``).
+
+On sharded training data (:class:`~pyinfluence.torch.distributed.ShardedData`, under ``torchrun``) every
+sum over training examples runs over this rank's shard and is all-reduced (float64) before the division by n,
+so every rank gets the same H V, ∇R(θ̂) and dense H as one process (up to the order of the additions).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import torch
 from torch import Tensor
 
 from pyinfluence.torch.data import TrainingData, _shape_str
 from pyinfluence.torch.functional import _AUTOGRAD_MAX_ROWS, FunctionalModel
+
+if TYPE_CHECKING:
+    from pyinfluence.torch.distributed import ShardedData
 
 __all__ = ["HessianOperator"]
 
@@ -59,12 +66,18 @@ class HessianOperator:
 
     ``n_params``, ``dtype``, ``device``, ``n_train`` as in the protocol. ``progress``: a callable
     wrapping an iterable in a progress bar (used by ``dense``), or None.
+
+    Distributed (``data`` a :class:`~pyinfluence.torch.distributed.ShardedData`; ``dist`` its context):
+    every sum above runs over this rank's shard and is all-reduced before the division by n (``n_train`` is
+    the global n). ``sample_matvec``'s minibatch indices are drawn identically on every rank (the same
+    generator state) and split over the ranks. ``reduce_sum`` / ``reduce_min`` / ``reduce_max`` are the
+    reductions other passes over ``data`` use (K-FAC's statistics); the identity in one process.
     """
 
     def __init__(
         self,
         fm: FunctionalModel,
-        data: TrainingData,
+        data: Union[TrainingData, ShardedData],
         l2: float,
         batch_size: int,
         progress: Callable[..., Any] | None = None,
@@ -77,6 +90,8 @@ class HessianOperator:
         self.dtype = fm.dtype
         self.device = fm.device
         self.n_train = len(data)
+        # the process group's context when the data is sharded over ranks (then sums are all-reduced)
+        self.dist: Any = getattr(data, "context", None)
         self._progress = progress
         self._dense: Tensor | None = None
 
@@ -85,6 +100,23 @@ class HessianOperator:
             f"HessianOperator(n_params={self.n_params}, n_train={self.n_train}, l2={self.l2:g}, "
             f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device})"
         )
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """Σ over the ranks of a partial sum over this rank's shard (float64 accumulation); ``t`` itself
+        in one process."""
+        return t if self.dist is None else self.dist.all_reduce_sum(t)
+
+    def reduce_min(self, t: Tensor) -> Tensor:
+        """The minimum over the ranks (``t`` itself in one process)."""
+        return t if self.dist is None else self.dist.all_reduce_min(t)
+
+    def reduce_max(self, t: Tensor) -> Tensor:
+        """The maximum over the ranks (``t`` itself in one process)."""
+        return t if self.dist is None else self.dist.all_reduce_max(t)
+
+    def _local_len(self, data: Any = None) -> int:
+        d = self.data if data is None else data
+        return int(getattr(d, "local_len", len(d)))
 
     def _rows(self, r: int) -> int:
         """Examples per HVP call with r columns: the working-set budget, ≤ batch_size."""
@@ -106,9 +138,10 @@ class HessianOperator:
             W = W.to(device=self.device, dtype=self.dtype)
         return W, one_d
 
-    def _sum_hvp(self, Vt: Tensor, data: TrainingData, mode: str = _HVP_MODE) -> Tensor:
+    def _sum_hvp(self, Vt: Tensor, data: Any, mode: str = _HVP_MODE) -> Tensor:
         """Σ_{i ∈ data} ∇²L(z_i) v for the rows v of Vt (r, p): blocks of at most
-        ``_MAX_COLUMNS`` rows (beyond the autograd range) times blocks of examples."""
+        ``_MAX_COLUMNS`` rows (beyond the autograd range) times blocks of examples; on sharded data
+        this rank's partial sum, all-reduced."""
         r = Vt.shape[0]
         cols = r if r <= _AUTOGRAD_MAX_ROWS else min(r, _MAX_COLUMNS)
         rows = self._rows(cols)
@@ -119,12 +152,13 @@ class HessianOperator:
             for _, X, Y in data.blocks(rows):
                 h = self.fm.hvp_rows(V, X, Y, mode)
                 acc = h if acc is None else acc.add_(h)
-            assert acc is not None
+            if acc is None:  # no example on this rank (a shard of a small minibatch)
+                acc = torch.zeros_like(V)
             if out is None:
-                return acc
+                return self.reduce_sum(acc)
             out[c : c + cols] = acc
         assert out is not None
-        return out
+        return self.reduce_sum(out)
 
     def matvec(self, V: Tensor) -> Tensor:
         """H V for V (p, r) (or (p,)), over the full training set; L2 included, no damping."""
@@ -168,7 +202,7 @@ class HessianOperator:
         a solver's preparation, e.g. K-FAC's factor statistics; HVPs inside iterations have none)."""
         it: Iterable[tuple[int, Any, Tensor]] = self.data.blocks(rows)
         if self._progress is not None:
-            it = self._progress(it, total=math.ceil(self.n_train / max(1, rows)), desc=desc)
+            it = self._progress(it, total=math.ceil(self._local_len() / max(1, rows)), desc=desc)
         return it
 
     def gradient(self) -> Tensor:
@@ -178,7 +212,9 @@ class HessianOperator:
         for _, X, Y in self.data_pass(rows, "gradient ∇R(θ̂)"):
             h = self.fm.grad_sum(X, Y)
             g = h if g is None else g.add_(h)
-        assert g is not None
+        if g is None:
+            g = torch.zeros_like(self.fm.theta)
+        g = self.reduce_sum(g)  # Σ over every rank's shard
         g.div_(self.n_train)
         if self.l2:
             g.add_(self.fm.theta, alpha=self.l2)
@@ -246,6 +282,8 @@ class HessianOperator:
             for j in row_ts:
                 if j != t:
                     H[offs[j] : offs[j + 1], lo : lo + size] = H[lo : lo + size, offs[j] : offs[j + 1]].mT
+        # every step above is linear in the examples' contributions, so the shards' partial H sum to the whole
+        H = self.reduce_sum(H)
         H.div_(n)
         if self.l2:
             H.diagonal().add_(self.l2)

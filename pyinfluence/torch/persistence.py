@@ -103,6 +103,7 @@ _LOAD_OPTIONS = (
     "optimum_tol",
     "stream",
     "label_key",
+    "distributed",
 )
 
 

@@ -293,6 +293,10 @@ class Exact(Solver):
 
 
 class _PreparedExact(PreparedSolver):
+    # solve() makes no Hessian-vector product (two triangular solves with the factor every rank holds), so
+    # under torch.distributed each rank may solve its own right-hand sides (TorchInfluence._solve_map)
+    local_solve = True
+
     def __init__(self, solver, op, damping, info, prepare_time_s, factor, A, fdtype) -> None:
         super().__init__(solver, op, damping, info, prepare_time_s)
         self._factor = factor

@@ -359,6 +359,11 @@ class KFAC(Solver):
         rel_neg = 0.0
         # the sampled Fisher's draws: one seed for every pass (EK-FAC's second pass sees the same targets)
         sampling_seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        # sharded training data (torch.distributed): each rank sums its shard, the sums are all-reduced below;
+        # a random seed is rank 0's, so that every rank draws the same targets for the same example
+        dist: Any = getattr(op, "dist", None)
+        if dist is not None:
+            sampling_seed = dist.broadcast_int(sampling_seed)
         stat_kw: dict[str, Any] = {
             "samples": self.samples,
             "likelihood": self.likelihood,
@@ -387,6 +392,10 @@ class KFAC(Solver):
                 t_range[l_] = (T if t_lo == 0 else min(t_lo, T), max(t_hi, T))
             for nm, sq in st.diag.items():
                 D[nm] += sq  # Σ_i Σ_c (g_i^(c))²
+        if dist is not None:
+            A, G, D, positions, t_range, rel_neg, likelihoods = _reduce_statistics(
+                dist, A, G, D, positions, t_range, rel_neg, likelihoods
+            )
         factors = []
         spectra = []
         for Al, Gl, cnt in zip(A, G, positions):
@@ -414,6 +423,8 @@ class KFAC(Solver):
                         dq = d[:, c].to(_F64) @ QG  # (B, T, out): δ_it^(c) Q_G
                         # Q_Gᵀ g_i^(c) Q_A = Σ_t (Q_Gᵀ δ_it)(Q_Aᵀ ā_it)ᵀ = (δ_i Q_G)ᵀ (ā_i Q_A): (B, out, in')
                         S[l_].add_(torch.bmm(dq.mT, aq).square().sum(0))
+            if dist is not None:
+                S = [dist.all_reduce_sum(s) for s in S]  # Σ over every rank's shard
             for f, s in zip(factors, S):
                 f[2] = s / n
         diag = {nm: t / n for nm, t in D.items()}  # (1/n) Σ_i E[g_ij²]
@@ -654,6 +665,45 @@ def _coverage(
     coverage: dict[str, float] = {k: v / p for k, v in by_kind.items()}
     coverage["kronecker"] = (p - by_kind["diagonal"]) / p
     return {"blocks": blocks, "coverage": coverage, "diagonal_params": plan.diagonal_names}
+
+
+def _reduce_statistics(
+    dist: Any,
+    A: list[Tensor],
+    G: list[Tensor],
+    D: dict[str, Tensor],
+    positions: list[int],
+    t_range: list[tuple[int, int]],
+    rel_neg: float,
+    likelihoods: set[str],
+) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor], list[int], list[tuple[int, int]], float, set[str]]:
+    """The first pass's statistics summed over the ranks' shards (torch.distributed): the factor sums A, G and
+    the diagonal D (float64), the position counts; the per-layer (min, max) positions per example, the most
+    negative output-Hessian eigenvalue ratio and the likelihoods used, over every rank."""
+    A = [dist.all_reduce_sum(a) for a in A]
+    G = [dist.all_reduce_sum(g) for g in G]
+    D = {nm: dist.all_reduce_sum(t) for nm, t in D.items()}
+    L = len(positions)
+    big = 1 << 62  # "no example seen" (t_lo = 0) must not win the minimum
+    ints = torch.tensor(
+        positions + [-(t if t else big) for t, _ in t_range] + [hi for _, hi in t_range], dtype=torch.int64
+    )
+    sums = dist.all_reduce_sum(ints[:L])
+    maxes = dist.all_reduce_max(ints[L:])
+    lik = sorted(LIKELIHOODS)
+    flags = torch.tensor([-rel_neg] + [float(k in likelihoods) for k in lik], dtype=torch.float64)
+    flags = dist.all_reduce_max(flags)
+    t_lo = [(-int(v) if -int(v) != big else 0) for v in maxes[:L].tolist()]
+    t_hi = [int(v) for v in maxes[L:].tolist()]
+    return (
+        A,
+        G,
+        D,
+        [int(v) for v in sums.tolist()],
+        list(zip(t_lo, t_hi)),
+        -float(flags[0]),
+        {k for k, f in zip(lik, flags[1:].tolist()) if f > 0},
+    )
 
 
 def _data_pass(op: Any, data: Any, rows: int, desc: str) -> Any:

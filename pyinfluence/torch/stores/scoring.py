@@ -32,6 +32,13 @@ files: :func:`scores` holds one chunk plus its (chunk × m) scores (plus the n �
 side, so its memory does not grow with n. Scores are computed in float64 for float64 stores and float32
 otherwise, on ``device`` (default: the CPU); a NaN or infinite score raises NonFiniteError.
 
+**Distributed**: on a store opened (or built) with a ``torch.distributed`` context, every rank reads only its
+shards (s mod W): :func:`scores` and :meth:`ProjectedInfluence.self_influence` all-reduce the rows each rank
+filled (every rank returns the full (n, m) / (n,) result; with ``out=`` rank 0 creates the file and every rank
+writes its rows into it, so it must be on a shared file system), :func:`top_k` merges the ranks' top-k, and
+:meth:`ProjectedInfluence.fisher` all-reduces ΦᵀΦ (float64). Every rank must pass the same queries (checked by
+digest: ValueError naming them on every rank).
+
 **Threads**: the functions keep no state; :class:`ProjectedInfluence` factorises H_P once under a lock and
 may then be shared by threads.
 """
@@ -96,9 +103,20 @@ def _as_queries(name: str, Q: Any, k: int, device: torch.device, dtype: torch.dt
 def _chunks(
     store: GradientStore, chunk_rows: int | None, device: torch.device, dtype: torch.dtype
 ) -> Iterator[tuple[int, Tensor]]:
-    # one reused read buffer: each chunk is consumed before the next is read (F may share its memory)
-    for start, arr in store.chunks(chunk_rows, reuse=True):
+    # one reused read buffer: each chunk is consumed before the next is read (F may share its memory);
+    # distributed: this rank's shards only
+    for start, arr in store.local_chunks(chunk_rows, reuse=True):
         yield start, torch.from_numpy(arr).to(device=device, dtype=dtype)
+
+
+def _check_queries(store: GradientStore, Q: Tensor, name: str = "queries") -> Any:
+    """The store's distributed context (after checking that every rank passes the same ``Q``), or None."""
+    ctx = store.distributed
+    if ctx is not None:
+        from pyinfluence.torch.distributed import digest_tensors
+
+        ctx.check_same([(name, digest_tensors(Q))])
+    return ctx
 
 
 def _check_store(store: Any) -> None:
@@ -135,6 +153,7 @@ def scores(
     dev = _device(device)
     dt = _compute_dtype(store)
     Q = _as_queries("queries", queries, store.dim, dev, dt)
+    ctx = _check_queries(store, Q)
     n, m = store.n, Q.shape[0]
     mm: Any = None
     res: Tensor | None = None
@@ -142,24 +161,46 @@ def scores(
         if not isinstance(out, (str, os.PathLike)):
             raise TypeError(f"out must be None or a file path (str or os.PathLike), got {type(out).__name__}")
         np_dt = np.float64 if dt == torch.float64 else np.float32
-        mm = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np_dt, shape=(n, m))
-    else:
+        if ctx is None:
+            mm = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np_dt, shape=(n, m))
+        else:  # rank 0 creates the file; every rank writes its own shards' rows into it
+            err: BaseException | None = None
+            if ctx.rank == 0:
+                try:
+                    np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np_dt, shape=(n, m)).flush()
+                except Exception as exc:
+                    err = exc
+            ctx.agree(err, "scores (creating out on rank 0)")
+            mm = np.load(os.fspath(out), mmap_mode="r+", allow_pickle=False)
+    elif ctx is None:
         res = torch.empty((n, m), dtype=dt, device=dev)
+    else:
+        res = torch.zeros((n, m), dtype=dt, device=dev)  # this rank's rows; the others' are added below
+    bad: BaseException | None = None
     for start, F in _chunks(store, chunk_rows, dev, dt):
         S = (F @ Q.t()).neg_()  # −φ_iᵀ q_j   (r, m)
         if not bool(torch.isfinite(S).all()):
-            raise NonFiniteError(
+            bad = NonFiniteError(
                 f"the scores of rows {start}…{start + F.shape[0] - 1} overflowed to inf or NaN; use a float64 store "
                 f"or smaller queries",
                 what="the store's scores",
             )
+            if ctx is None:
+                raise bad
+            break
         if mm is not None:
             mm[start : start + F.shape[0]] = S.cpu().numpy()
         else:
             assert res is not None
             res[start : start + F.shape[0]] = S
+    if ctx is not None:
+        ctx.agree(bad, "scores")
+        if res is not None:
+            res = ctx.all_reduce_sum(res)  # every row is non-zero on exactly one rank: the sum is exact
     if mm is not None:
         mm.flush()
+        if ctx is not None:
+            ctx.barrier()  # every rank's rows are in the file
         return mm
     return res
 
@@ -184,6 +225,9 @@ def top_k(
     dev = _device(device)
     dt = _compute_dtype(store)
     Q = _as_queries("queries", queries, store.dim, dev, dt)
+    ctx = _check_queries(store, Q)
+    if ctx is not None:
+        ctx.check_same([("k", repr(kk))])
     m = Q.shape[0]
     hv = torch.empty((m, 0), dtype=dt, device=dev)
     hi = torch.empty((m, 0), dtype=torch.int64, device=dev)
@@ -200,6 +244,10 @@ def top_k(
         cv, ci = torch.cat([rv, sc], 1), torch.cat([ri, ids], 1)
         v, idx = torch.topk(cv, j, dim=1, largest=True, sorted=True)
         rv, ri = v, ci.gather(1, idx)
+    if ctx is not None:  # this rank's top-k of its shards → the top-k over all ranks
+        finite = ctx.all_reduce_min(finite.to(torch.int64)).to(torch.bool)
+        if bool(finite):
+            hv, hi, rv, ri = ctx.merge_top_k(hv, hi, rv, ri, kk)
     if not bool(finite):
         raise NonFiniteError(
             "the store's scores ranked by top_k overflowed to inf or NaN", what="the store's scores"
@@ -262,6 +310,8 @@ class ProjectedInfluence:
                 A = torch.zeros((k, k), dtype=torch.float64, device=self.device)
                 for _, F in _chunks(self.store, self.chunk_rows, self.device, torch.float64):
                     A.addmm_(F.t(), F)  # Σ_i φ_i φ_iᵀ
+                if self.store.distributed is not None:  # Σ over every rank's shards
+                    A = self.store.distributed.all_reduce_sum(A)
                 A.div_(self.store.n)
                 self._gram = 0.5 * (A + A.t())
             return self._gram.clone()
@@ -334,10 +384,15 @@ class ProjectedInfluence:
         """I(z_i, z_i) = −φ_iᵀ H_P⁻¹ φ_i ≤ 0 for every stored row, (n,) float64 on ``device``, streaming."""
         self.prepare()
         assert self._chol is not None
-        out = torch.empty((self.store.n,), dtype=torch.float64, device=self.device)
+        ctx = self.store.distributed
+        out = (torch.empty if ctx is None else torch.zeros)(
+            (self.store.n,), dtype=torch.float64, device=self.device
+        )
         for start, F in _chunks(self.store, self.chunk_rows, self.device, torch.float64):
             Z = torch.cholesky_solve(F.t(), self._chol)  # H_P⁻¹ φ_i   (k, r)
             out[start : start + F.shape[0]] = -(F * Z.t()).sum(dim=1)
+        if ctx is not None:  # every row is filled on exactly one rank: the sum is exact
+            out = ctx.all_reduce_sum(out)
         return out
 
     def _queries(self, phi_test: Any) -> Tensor:

@@ -32,6 +32,20 @@ mismatched shard raises, naming the file) and memory-maps the shards read-only. 
 (:mod:`pyinfluence.torch.stores.scoring`) streams the rows in chunks read from the files, with memory that
 does not grow with n.
 
+**Distributed** (``torch.distributed``, under ``torchrun``): :meth:`GradientStore.build` with a
+:class:`~pyinfluence.TorchInfluence` built with ``distributed=...`` writes ONE store from all ranks, into a folder
+every rank can reach (a shared file system). Shard s (rows s·shard_size … (s+1)·shard_size − 1 of the global data
+order, so a shard's name carries its range) is computed and written by rank s mod W; rank 0 prepares the folder,
+and after the ranks are done it merges their shard records (``shards.rankNNNNN.json``, removed afterwards) into
+the one manifest. The files are those of a single-process build of the same data. Each rank reads only the
+examples of its shards (an iterable that cannot be indexed is iterated by every rank, converting only its
+shards' batches). A build resumes from the shards its manifest records; an interrupted distributed build records
+none (its manifest is written at the end), so it is recomputed. A store opened or built with a context
+(``GradientStore.open(path, distributed=...)``) scores shard by shard on the ranks, each rank its own shards
+(s mod W), and merges: :meth:`~GradientStore.scores`, :meth:`~GradientStore.top_k` and
+:class:`~pyinfluence.torch.stores.scoring.ProjectedInfluence` return the full results, with global row indices, on
+every rank.
+
 **Threads**: a store object is read-only after :meth:`~GradientStore.open`; its methods may be called from
 several threads (each streaming pass opens its own file handles). A build must be the only writer of its
 folder (one process, one thread; there is no lock file).
@@ -84,6 +98,8 @@ _STORE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
     "float64": np.dtype(np.float64),
 }
+# The per-rank shard records of a distributed build (merged into the manifest by rank 0, then removed).
+_RANK_RECORD = "shards.rank{:05d}.json"
 # The manifest entries that must agree for a build to resume (or be returned as it is).
 _CONFIG_KEYS = (
     "format",
@@ -313,6 +329,77 @@ def _iter_batches(data: Any, influence: Any, fm: Any, batch_size: int) -> Iterat
         yield _convert_batch("data", x, y, fm)
 
 
+def _raw_rows(x: Any) -> int:
+    """The number of examples of a batch's inputs as the source yields them (not converted)."""
+    if isinstance(x, Mapping):
+        for v in x.values():
+            return _raw_rows(v)
+        raise ValueError("data: a batch's dict of inputs is empty")
+    shape = getattr(x, "shape", None)
+    if shape is not None and len(shape) > 0:
+        return int(shape[0])
+    return len(x)
+
+
+def _owned_blocks(
+    data: Any, influence: Any, fm: Any, batch: int, R: int, keep: Any, total: list[int]
+) -> Iterator[tuple[int, Any, Tensor]]:
+    """(global start, inputs, targets) of the rows of ``data`` that lie in shards ``si`` with ``keep(si)`` (shards
+    of ``R`` rows), converted; other batches are skipped unconverted (only their length is read). At the end
+    ``total[0]`` is the number of rows ``data`` yielded. ``data`` as for :meth:`GradientStore.build` (None: the
+    influence object's full training data)."""
+    if data is None:
+        own = getattr(influence.operator, "data", None)
+        src = getattr(own, "source", own)
+        if src is not None and getattr(own, "idx", None) is None and hasattr(src, "range_blocks"):
+            n = len(src)
+            ranges = [(si * R, min(n, si * R + R)) for si in range(-(-n // R)) if keep(si)]
+            yield from src.range_blocks(ranges, batch)
+            total[0] = n
+            return
+        data = influence.training_data()
+    if _is_pair(data):
+        x, y = data
+        n = _raw_rows(x)
+        if len(y) != n:
+            raise ValueError(f"data: the inputs have {n} examples but the targets {len(y)}")
+        for si in range(-(-n // R)):
+            if keep(si):
+                for s in range(si * R, min(n, si * R + R), batch):
+                    e = min(n, s + batch, si * R + R)
+                    xs = {k: v[s:e] for k, v in x.items()} if isinstance(x, Mapping) else x[s:e]
+                    X, Y = _convert_batch("data", xs, y[s:e], fm)
+                    yield s, X, Y
+        total[0] = n
+        return
+    if isinstance(data, torch.utils.data.DataLoader):
+        _check_loader(data)
+    elif isinstance(data, torch.utils.data.Dataset) and not isinstance(
+        data, torch.utils.data.IterableDataset
+    ):
+        data = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
+    elif isinstance(data, (Tensor, np.ndarray, str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be None (the influence object's training data), an (inputs, targets) pair, a "
+            f"DataLoader with shuffle=False, a Dataset or an iterable of (inputs, targets) batches; got "
+            f"{type(data).__name__}"
+        )
+    row = 0
+    for b in data:
+        x, y = split_batch("data", b, "labels")
+        B = _raw_rows(x)
+        lo, hi = row, row + B
+        row = hi
+        if B == 0 or not any(keep(si) for si in range(lo // R, (hi - 1) // R + 1)):
+            continue
+        X, Y = _convert_batch("data", x, y, fm)
+        for si in range(lo // R, (hi - 1) // R + 1):
+            if keep(si):
+                a, e = max(lo, si * R), min(hi, si * R + R)
+                yield a, slice_inputs(X, a - lo, e - lo), Y[a - lo : e - lo]
+    total[0] = row
+
+
 # ==============================================================================================
 # shards
 # ==============================================================================================
@@ -370,6 +457,17 @@ class _ShardWriter:
         for f in (self.tmp, self.final.with_name(self.final.name + ".part")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
+
+
+def _shard_entry(index: int, shard_size: int, rows: int, writer: _ShardWriter) -> dict[str, Any]:
+    """The manifest entry of a written shard."""
+    return {
+        "file": _shard_name(index),
+        "start": index * shard_size,
+        "rows": rows,
+        "rows_sha256": writer.rows_hash.hexdigest(),
+        "data_sha256": writer.data_hash.hexdigest(),
+    }
 
 
 def _read_header(file: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -470,6 +568,7 @@ class GradientStore:
 
     def __init__(self, root: Path, manifest: dict[str, Any], shards: list[_Shard], arrays: list[Any]) -> None:
         """Use :meth:`open` or :meth:`build`."""
+        self._dist: Any = None  # the process group's context (scoring shard by shard on the ranks), or None
         self._root = root
         self._man = manifest
         self._shards = shards
@@ -526,6 +625,11 @@ class GradientStore:
         Raises TypeError/ValueError for bad arguments (naming them), NonFiniteError if a projected gradient is
         NaN or infinite (or overflows float16), DataError if ``data`` differs from the data of the completed
         shards, and whatever ``data`` itself raises (the completed shards stay on disk; call again to resume).
+
+        Distributed: when ``influence`` was built with ``distributed=...``, every rank calls ``build`` with the
+        same arguments (``data``: the full data, or None) and a ``path`` on a file system they share; shard s
+        is written by rank s mod W, rank 0 writes the one manifest, and every rank returns the store opened
+        with the same context (see the module docstring). An error on any rank is raised on every rank.
         """
         fm = _functional_model(influence)
         proj = resolve_projection(projection)
@@ -568,18 +672,22 @@ class GradientStore:
             "theta_sha256": theta_fp,
             "fixed_sha256": fixed_fp,
         }
+        extra = {
+            "loss_fn": _loss_name(fm.loss_fn),
+            "l2": float(getattr(influence, "l2", 0.0)),
+            "damping": float(getattr(influence, "damping", 0.0)),
+            "quantity": "phi_i = P grad_theta L(z_i, theta_hat): the projected gradient of example i's own "
+            "loss (no 1/n, no L2 term), row i = the i-th training example in data order",
+        }
+        ctx = getattr(influence, "distributed", None)
+        if ctx is not None:
+            return cls._build_distributed(
+                ctx, root, config, overwrite, default_rows, extra, influence, fm, proj, data, batch, np_dtype
+            )
         man = cls._prepare_folder(root, config, overwrite, default_rows)
         if man["complete"]:
             return cls.open(root)
-        man.update(
-            {
-                "loss_fn": _loss_name(fm.loss_fn),
-                "l2": float(getattr(influence, "l2", 0.0)),
-                "damping": float(getattr(influence, "damping", 0.0)),
-                "quantity": "phi_i = P grad_theta L(z_i, theta_hat): the projected gradient of example i's own "
-                "loss (no 1/n, no L2 term), row i = the i-th training example in data order",
-            }
-        )
+        man.update(extra)
         _write_json_atomic(root / MANIFEST, man)
         batches: Iterable[tuple[Any, Tensor]] = _iter_batches(data, influence, fm, batch)
         if bar is not None:
@@ -727,27 +835,201 @@ class GradientStore:
             man["updated"] = _now()
             _write_json_atomic(root / MANIFEST, man)
 
+    @classmethod
+    def _build_distributed(
+        cls,
+        ctx: Any,
+        root: Path,
+        config: dict[str, Any],
+        overwrite: bool,
+        default_rows: int,
+        extra: dict[str, Any],
+        influence: Any,
+        fm: Any,
+        proj: Projection,
+        data: Any,
+        batch: int,
+        np_dtype: np.dtype,
+    ) -> GradientStore:
+        """:meth:`build` on the ranks of ``ctx`` (see the module docstring); each step ends with a collective
+        agreement, so an error on one rank is raised on all of them."""
+        ctx.check_same([("the GradientStore.build configuration", json.dumps(config, sort_keys=True))])
+        man: dict[str, Any] | None = None
+        err: BaseException | None = None
+        if ctx.rank == 0:
+            try:
+                man = cls._prepare_folder(root, config, overwrite, default_rows)
+                for f in root.glob("shards.rank*.json*"):  # records of an interrupted distributed build
+                    f.unlink()
+                if not man["complete"]:
+                    man.update(extra)
+                    _write_json_atomic(root / MANIFEST, man)
+            except Exception as exc:
+                err = exc
+        ctx.agree(err, "GradientStore.build (preparing the folder on rank 0)")
+        err = None
+        if man is None:
+            try:
+                man = _read_manifest(root)
+            except Exception as exc:
+                err = (
+                    FileNotFoundError(
+                        f"{exc} (the store's folder must be on a file system every rank shares)"
+                    )
+                    if isinstance(exc, FileNotFoundError)
+                    else exc
+                )
+        ctx.agree(err, "GradientStore.build (reading the manifest that rank 0 wrote)")
+        assert man is not None
+        if man["complete"]:
+            return cls.open(root, distributed=ctx)
+        W, r, R = ctx.world_size, ctx.rank, int(man["shard_size"])
+        err = None
+        try:
+            total = [0]
+            blocks = _owned_blocks(data, influence, fm, batch, R, lambda si: si % W == r, total)
+            entries = cls._fill_owned(root, man, fm, proj, blocks, total, batch, np_dtype)
+            _write_json_atomic(root / _RANK_RECORD.format(r), {"rank": r, "n": total[0], "shards": entries})
+        except Exception as exc:
+            err = exc
+        ctx.agree(err, "GradientStore.build (computing this rank's shards)")
+        err = None
+        if ctx.rank == 0:
+            try:
+                cls._merge_records(root, man, W)
+            except Exception as exc:
+                err = exc
+        ctx.agree(err, "GradientStore.build (merging the shard records into the manifest on rank 0)")
+        return cls.open(root, distributed=ctx)
+
+    @staticmethod
+    def _fill_owned(
+        root: Path,
+        man: dict[str, Any],
+        fm: Any,
+        proj: Projection,
+        blocks: Iterable[tuple[int, Any, Tensor]],
+        total: list[int],
+        batch: int,
+        np_dtype: np.dtype,
+    ) -> list[dict[str, Any]]:
+        """Write this rank's shards from ``blocks`` ((global start, inputs, targets), covering its shards in
+        order); shards the manifest records already are verified (their data's SHA-256), not recomputed.
+        Returns the manifest entries of this rank's shards."""
+        R, k = int(man["shard_size"]), int(man["dim"])
+        done = {int(e["start"]) // R: e for e in man["shards"]}
+        entries: list[dict[str, Any]] = []
+        writer: _ShardWriter | None = None
+        wsi = -1
+        checking: _DataHasher | None = None
+        try:
+            for start, X, Y in blocks:
+                B = batch_len(X)
+                pos = 0
+                while pos < B:
+                    si, off = divmod(start + pos, R)
+                    take = min(B - pos, R - off)
+                    whole = pos == 0 and take == B
+                    Xs = X if whole else slice_inputs(X, pos, pos + take)
+                    Ys = Y if whole else Y[pos : pos + take]
+                    if si in done:
+                        if off == 0:
+                            checking = _DataHasher()
+                        assert checking is not None
+                        checking.update(Xs, Ys)
+                        if off + take == R:
+                            if checking.hexdigest() != done[si]["data_sha256"]:
+                                raise DataError(
+                                    f"data differs from the training data of the completed shard "
+                                    f"{done[si]['file']} (examples {si * R}…{si * R + R - 1}; SHA-256 mismatch): "
+                                    f"resume with the same data in the same order, or pass overwrite=True"
+                                )
+                            entries.append(done[si])
+                    else:
+                        if writer is None:
+                            writer, wsi = _ShardWriter(root, si, R, k, np_dtype), si
+                        writer.data_hash.update(Xs, Ys)
+                        for s in range(0, take, batch):
+                            e = min(take, s + batch)
+                            Xb = Xs if (s == 0 and e == take) else slice_inputs(Xs, s, e)
+                            phi = _project_batch(proj, fm, Xb, Ys[s:e], "data")
+                            writer.write(off + s, _to_store(phi, np_dtype, start + pos + s))
+                        if off + take == R:
+                            writer.finish(R)
+                            entries.append(_shard_entry(si, R, R, writer))
+                            writer = None
+                    pos += take
+            n = total[0]
+            if n == 0:
+                raise ValueError("data is empty: it yielded no examples")
+            if done and max(done) * R + R > n:
+                raise DataError(
+                    f"data yielded {n} examples, but the store at {root} already holds {(max(done) + 1) * R} from an "
+                    f"earlier build: resume with the same data, or pass overwrite=True"
+                )
+            if writer is not None:  # the last, partial shard
+                writer.finish(n - wsi * R)
+                entries.append(_shard_entry(wsi, R, n - wsi * R, writer))
+                writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        return entries
+
+    @staticmethod
+    def _merge_records(root: Path, man: dict[str, Any], world_size: int) -> None:
+        """Rank 0: the ranks' shard records merged into the one manifest (checked: the same n on every rank,
+        every shard 0 … ⌈n/shard_size⌉ − 1 exactly once), written complete; the records removed."""
+        R = int(man["shard_size"])
+        ns: list[int] = []
+        entries: list[dict[str, Any]] = []
+        files = [root / _RANK_RECORD.format(r) for r in range(world_size)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"gradient store: {f} (a rank's shard record) is missing: the store's folder must be on a file "
+                    f"system every rank shares"
+                )
+            with open(f, encoding="utf-8") as fh:
+                rec = json.load(fh)
+            ns.append(int(rec["n"]))
+            entries.extend(rec["shards"])
+        if len(set(ns)) != 1:
+            raise DataError(
+                f"the ranks read different numbers of examples from data ({ns} on ranks 0…{world_size - 1}): every "
+                f"rank must pass the same, full data"
+            )
+        n = ns[0]
+        entries.sort(key=lambda e: int(e["start"]))
+        starts = [int(e["start"]) for e in entries]
+        if starts != list(range(0, n, R)):
+            raise RuntimeError(
+                f"gradient store: the ranks wrote shards starting at {starts}, expected 0, {R}, … < {n}"
+            )
+        man["shards"] = entries
+        man["n"] = n
+        man["complete"] = True
+        man["updated"] = _now()
+        _write_json_atomic(root / MANIFEST, man)
+        for f in files:
+            f.unlink()
+
     @staticmethod
     def _add_shard(
         root: Path, man: dict[str, Any], index: int, rows: int, writer: _ShardWriter, complete: bool = False
     ) -> None:
         """Record a written shard in the manifest and replace the manifest (atomically)."""
-        man["shards"].append(
-            {
-                "file": _shard_name(index),
-                "start": index * int(man["shard_size"]),
-                "rows": rows,
-                "rows_sha256": writer.rows_hash.hexdigest(),
-                "data_sha256": writer.data_hash.hexdigest(),
-            }
-        )
+        man["shards"].append(_shard_entry(index, int(man["shard_size"]), rows, writer))
         man["n"] = index * int(man["shard_size"]) + rows
         man["complete"] = complete
         man["updated"] = _now()
         _write_json_atomic(root / MANIFEST, man)
 
     @classmethod
-    def open(cls, path: PathLike, *, influence: Any = None, allow_incomplete: bool = False) -> GradientStore:
+    def open(
+        cls, path: PathLike, *, influence: Any = None, allow_incomplete: bool = False, distributed: Any = None
+    ) -> GradientStore:
         """Open the store at ``path``: validate the manifest and every shard (FileNotFoundError for a missing
         manifest or shard, ValueError for invalid JSON, a truncated shard or one that does not match the
         manifest — each naming the file) and memory-map the shards read-only.
@@ -755,7 +1037,12 @@ class GradientStore:
         ``influence``: if given, also check that it is the model the store was built from (its parameter
         names and shapes and the SHA-256 fingerprints of θ̂ and of the other parameters and buffers; ValueError
         otherwise). ``allow_incomplete``: open the completed shards of an interrupted build (otherwise
-        ValueError)."""
+        ValueError). ``distributed``: score on the ranks of a ``torch.distributed`` process group, each rank its
+        shards s mod W, merged on every rank (None: one process; True, ``"auto"``, a context or a process
+        group as for :class:`~pyinfluence.TorchInfluence`; every rank opens the same folder)."""
+        from pyinfluence.torch.distributed import resolve_distributed
+
+        ctx = resolve_distributed(distributed, None)
         root = _check_path(path)
         allow_incomplete = check_bool("allow_incomplete", allow_incomplete)
         if not root.is_dir():
@@ -797,6 +1084,7 @@ class GradientStore:
         if start != man["n"] or (man["complete"] and start == 0):
             raise ValueError(f"gradient store: {mpath}: n = {man['n']} but the shards hold {start} rows")
         store = cls(root, man, shards, arrays)
+        store._dist = ctx
         if influence is not None:
             store.check_influence(influence)
         return store
@@ -854,6 +1142,12 @@ class GradientStore:
         return len(self._shards)
 
     @property
+    def distributed(self) -> Any:
+        """The process group's context when the store scores on the ranks (each its shards s mod W), else
+        None."""
+        return self._dist
+
+    @property
     def complete(self) -> bool:
         return bool(self._man["complete"])
 
@@ -883,14 +1177,28 @@ class GradientStore:
         chunk read from its file (not through the memory maps, so that the resident memory of a pass stays at
         one chunk whatever n). ``reuse=True``: every chunk is read into the same buffer (no allocation per
         chunk; a chunk is then valid only until the next one is read)."""
+        yield from self._read_chunks(self._shards, chunk_rows, reuse)
+
+    def local_chunks(
+        self, chunk_rows: int | None = None, *, reuse: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """As :meth:`chunks`, over this rank's shards (s mod W) when the store is distributed; all shards
+        otherwise. First rows are global."""
+        ctx = self._dist
+        if ctx is None:
+            return self._read_chunks(self._shards, chunk_rows, reuse)
+        mine = [sh for i, sh in enumerate(self._shards) if i % ctx.world_size == ctx.rank]
+        return self._read_chunks(mine, chunk_rows, reuse)
+
+    def _read_chunks(
+        self, shards: list[_Shard], chunk_rows: int | None, reuse: bool
+    ) -> Iterator[tuple[int, np.ndarray]]:
         step = self.chunk_rows(chunk_rows)
         k, dt = self.dim, self._dtype
         buf = (
-            np.empty((min(step, max((sh.rows for sh in self._shards), default=1)), k), dtype=dt)
-            if reuse
-            else None
+            np.empty((min(step, max((sh.rows for sh in shards), default=1)), k), dtype=dt) if reuse else None
         )
-        for sh in self._shards:
+        for sh in shards:
             with open(sh.file, "rb") as f:
                 f.seek(sh.offset)
                 for s in range(0, sh.rows, step):
