@@ -22,7 +22,7 @@ from torch.func import functional_call
 import pyinfluence
 from pyinfluence import TorchInfluence
 from pyinfluence.errors import ConvergenceError, ConvergenceWarning, NotPositiveDefiniteError
-from pyinfluence.torch.solvers import EKFAC, KFAC, resolve_solver
+from pyinfluence.torch.solvers import EKFAC, KFAC, Arnoldi, resolve_solver, solver_from_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -448,3 +448,45 @@ def test_apply_sqrt_inverse(problem, cls):
     assert torch.allclose(S, S.T, atol=1e-12)
     # float32 right-hand sides come back in float32
     assert prep._apply_sqrt_inverse(V.float()).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# residual_columns: the at-scale check of a sample of the solution columns
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, Arnoldi])
+def test_residual_columns_measures_an_even_sample(problem, cls):
+    model, X, y = problem
+    make = (lambda **kw: cls(rank=8, **kw)) if cls is Arnoldi else cls
+    op = _influence(model, X, y, make()).operator
+    V = _rhs(op.n_params, r=11)
+    full = make().prepare(op, DAMPING).solve(V)
+    part = make(residual_columns=4).prepare(op, DAMPING).solve(V)
+    # the same solution; the residual of 4 evenly spaced columns only, equal to the full check's there
+    assert torch.equal(part.solution, full.solution)
+    idx = part.info["residual_columns"]
+    assert idx.tolist() == [0, 3, 7, 10]
+    assert part.residual.shape == (4,) and part.info["matvec_columns"] == 4
+    torch.testing.assert_close(part.residual, full.residual[idx], rtol=1e-12, atol=0)
+    # independent check of a sampled column: ‖(H + λI)x − v‖/‖v‖ with the dense Hessian
+    H = dense_hessian(model, X, y, {n for n, _ in model.named_parameters()})
+    x, v = part.solution[:, 7], V[:, 7]
+    expect = torch.linalg.norm(
+        (H + DAMPING * torch.eye(op.n_params, dtype=H.dtype)) @ x - v
+    ) / torch.linalg.norm(v)
+    assert float(part.residual[2]) == pytest.approx(float(expect), rel=1e-9)
+    # r ≤ k: every column, as without the option; the configuration round-trips
+    few = make(residual_columns=32).prepare(op, DAMPING).solve(V)
+    assert few.residual.shape == (11,) and "residual_columns" not in few.info
+    cfg = make(residual_columns=4).config()
+    assert cfg["residual_columns"] == 4 and "residual_columns" not in make().config()
+    assert solver_from_config(cls.name, cfg).residual_columns == 4
+
+
+def test_residual_columns_bad_values():
+    with pytest.raises(ValueError, match="residual_columns"):
+        KFAC(residual_columns=0)
+    with pytest.raises(TypeError, match="residual_columns"):
+        EKFAC(residual_columns=2.5)
+    with pytest.raises(ValueError, match="residual_columns=4 measures .* tol=0.1"):
+        Arnoldi(residual_columns=4, tol=0.1)

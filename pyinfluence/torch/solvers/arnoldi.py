@@ -41,6 +41,7 @@ from pyinfluence.torch.solvers.base import (
     PreparedSolver,
     Solver,
     _check_operator,
+    _check_residual_columns,
     _check_seed,
     _check_stopping_fields,
     _fmt,
@@ -48,8 +49,8 @@ from pyinfluence.torch.solvers.base import (
     _matvec,
     _normalise_device,
     _npd_error,
-    _residual_and_curvature,
     _round_up,
+    _sampled_residual_and_curvature,
     _set,
     _state_field,
     _state_tensor,
@@ -136,6 +137,13 @@ class Arnoldi(Solver):
     seed : int or None, default 0
         Seed of the random start block Ω, of the refills of deflated directions and of the
         trace probes (None: fresh ones each time).
+    residual_columns : int or None, default None
+        None: the true residual ‖(H + λI)x − v‖/‖v‖ and the curvature xᵀ(H + λI)x of every solution
+        column, from one batched HVP of all r columns. At scale that check is the dominant cost of a
+        solve for many test points (each column costs about three passes over the training data; the
+        approximation's own solve, none): an int k measures at most k columns, evenly spaced over the
+        block (first and last included; all when r ≤ k); ``SolveResult.residual`` then holds those
+        columns' residuals only and ``info["residual_columns"]`` their indices. Needs ``tol=None``.
 
     ``prepare``: m/b batched full-training-set HVPs of b columns for the Krylov space, plus one
     of max(b, 8) columns for the trace estimate (``info["matvec_calls"]``,
@@ -178,6 +186,7 @@ class Arnoldi(Solver):
     tol: float | None = None
     raise_on_nonconvergence: bool = True
     seed: int | None = 0
+    residual_columns: int | None = None
 
     name: ClassVar[str] = "arnoldi"
     _restore_needs: ClassVar[tuple[str, ...]] = ("matvec",)
@@ -198,6 +207,15 @@ class Arnoldi(Solver):
         _set(self, "complement", self.complement.strip().lower())
         _check_stopping_fields(self, optional_tol=True)
         _set(self, "seed", _check_seed("seed", self.seed))
+        _check_residual_columns(self)
+
+    def config(self) -> dict[str, Any]:
+        """As :meth:`Solver.config`, with ``residual_columns`` written only when set (a configuration
+        written before the field existed is the same configuration)."""
+        cfg = super().config()
+        if self.residual_columns is None:
+            cfg.pop("residual_columns", None)
+        return cfg
 
     def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedArnoldi:
         who = type(self).__name__
@@ -492,7 +510,9 @@ class _PreparedArnoldi(PreparedSolver):
                 f"{V.dtype}, or a Ritz value + damping is tiny); scale the inputs or use float64",
                 what=f"the {who} solution",
             )
-        res, curv, k = _residual_and_curvature(self.op, X, V, self.damping)
+        res, curv, k, measured = _sampled_residual_and_curvature(
+            self.op, X, V, self.damping, self.solver.residual_columns
+        )
         if bool((curv <= 0).any()):
             # xᵀ(H + λI)x ≤ 0 for a solution column: the true H + λI is not positive definite
             c, note = _sharpen_negative_curvature(self.op, self.damping, float(curv.min()), who)
@@ -514,6 +534,8 @@ class _PreparedArnoldi(PreparedSolver):
             "ritz_range": pinfo["ritz_range"],
             "trace_fraction": pinfo["trace_fraction"],
         }
+        if measured is not None:
+            info["residual_columns"] = measured
         tol = self.solver.tol
         if tol is not None:
             converged = res <= tol

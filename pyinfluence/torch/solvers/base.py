@@ -759,6 +759,36 @@ def _residual_and_curvature(
     return res, curv, k
 
 
+def _check_residual_columns(obj: Any) -> None:
+    """Validate an approximation's ``residual_columns`` (None or an int ≥ 1); it is incompatible with a
+    ``tol``, which is checked on every column."""
+    value = obj.residual_columns
+    if value is None:
+        return
+    _set(obj, "residual_columns", check_int("residual_columns", value, 1))
+    if obj.tol is not None:
+        raise ValueError(
+            f"residual_columns={value!r} measures the residual of a sample of the columns, but tol={obj.tol!r} "
+            f"is checked on every column; pass residual_columns=None with tol, or tol=None"
+        )
+
+
+def _sampled_residual_and_curvature(
+    op: HessianOperatorLike, X: Tensor, V: Tensor, damping: float, max_columns: int | None
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """:func:`_residual_and_curvature` of every column (``max_columns`` None, or r ≤ ``max_columns``), or of
+    at most ``max_columns`` columns evenly spaced over the block, first and last included (the rest are
+    not multiplied: the check then costs ``max_columns`` HVP columns instead of r). Returns (residual,
+    curvature, columns multiplied, the measured columns' indices or None when all were measured)."""
+    r = int(V.shape[1])
+    if max_columns is None or r <= max_columns:
+        res, curv, k = _residual_and_curvature(op, X, V, damping)
+        return res, curv, k, None
+    idx = torch.linspace(0, r - 1, max_columns, device=V.device).round().long().unique()
+    res, curv, k = _residual_and_curvature(op, X.index_select(1, idx), V.index_select(1, idx), damping)
+    return res, curv, k, idx
+
+
 def _npd_error(
     what: str, evidence: str, curvature: float, damping: float, largest: float
 ) -> NotPositiveDefiniteError:

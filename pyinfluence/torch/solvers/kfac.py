@@ -173,14 +173,15 @@ from pyinfluence.torch.solvers.base import (
     PreparedSolver,
     Solver,
     _check_operator,
+    _check_residual_columns,
     _check_seed,
     _check_stopping_fields,
     _fmt,
     _generator,
     _normalise_device,
     _npd_error,
-    _residual_and_curvature,
     _round_up,
+    _sampled_residual_and_curvature,
     _set,
     _state_field,
     _state_tensor,
@@ -267,6 +268,13 @@ class KFAC(Solver):
         ``fisher="true"`` only: refuse (ValueError advising ``fisher="sampled"``) a model with more
         than this many outputs per example, whose exact output Hessian would cost K backward
         passes and memory of order B·K·(K + Σ_l T_l·out_l) per block of B examples.
+    residual_columns : int or None, default None
+        None: the true residual ‖(H + λI)x − v‖/‖v‖ and the curvature xᵀ(H + λI)x of every solution
+        column, from one batched HVP of all r columns. At scale that check is the dominant cost of a
+        solve for many test points (each column costs about three passes over the training data; the
+        approximation's own solve, none): an int k measures at most k columns, evenly spaced over the
+        block (first and last included; all when r ≤ k); ``SolveResult.residual`` then holds those
+        columns' residuals only and ``info["residual_columns"]`` their indices. Needs ``tol=None``.
 
     ``prepare``: one forward pass on two training examples to find how each layer is called,
     then one pass over the training data in blocks of ``op.batch_size`` (EK-FAC: two, the second
@@ -292,6 +300,7 @@ class KFAC(Solver):
     samples: int = 1
     likelihood: str = "auto"
     max_outputs: int = DEFAULT_MAX_OUTPUTS
+    residual_columns: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fisher, str) or self.fisher.strip().lower() not in FISHERS:
@@ -315,6 +324,7 @@ class KFAC(Solver):
             raise ValueError(f"unsupported must be 'error' or 'diagonal', got {self.unsupported!r}")
         _set(self, "unsupported", self.unsupported.strip().lower())
         _check_stopping_fields(self, optional_tol=True)
+        _check_residual_columns(self)
         _set(self, "lanczos_steps", check_int("lanczos_steps", self.lanczos_steps, 0))
         _set(self, "seed", _check_seed("seed", self.seed))
 
@@ -324,7 +334,8 @@ class KFAC(Solver):
 
     def config(self) -> dict[str, Any]:
         """As :meth:`Solver.config`, with ``samples`` and ``likelihood`` written only for
-        ``fisher="sampled"`` and ``max_outputs`` only when it is not 512: a configuration written
+        ``fisher="sampled"``, ``max_outputs`` only when it is not 512 and ``residual_columns`` only when
+        set: a configuration written
         before these fields existed is the same configuration (absent fields take their defaults in
         :func:`~pyinfluence.torch.solvers.solver_from_config`)."""
         cfg = super().config()
@@ -333,6 +344,8 @@ class KFAC(Solver):
                 cfg.pop(name, None)
         if self.max_outputs == DEFAULT_MAX_OUTPUTS:
             cfg.pop("max_outputs", None)
+        if self.residual_columns is None:
+            cfg.pop("residual_columns", None)
         return cfg
 
     def prepare(self, op: HessianOperatorLike, damping: float = 0.0) -> _PreparedKFAC:
@@ -820,7 +833,9 @@ class _PreparedKFAC(PreparedSolver):
                 f"or the curvature factors are too large for {V.dtype}); scale the inputs or use float64",
                 what=f"the {type(self.solver).__name__} solution",
             )
-        res, curv, k = _residual_and_curvature(self.op, X, V, self.damping)
+        res, curv, k, measured = _sampled_residual_and_curvature(
+            self.op, X, V, self.damping, self.solver.residual_columns
+        )
         if bool((curv <= 0).any()):
             # xᵀ(H + λI)x ≤ 0 for a solution column: the true H + λI is not positive definite (the
             # approximation is, by construction); the same error and suggestion as the iterative solvers
@@ -836,6 +851,8 @@ class _PreparedKFAC(PreparedSolver):
                 float(finite.max()) if finite.numel() else 0.0,
             )
         info: dict[str, Any] = {"matvec_calls": int(k > 0), "matvec_columns": k}
+        if measured is not None:
+            info["residual_columns"] = measured
         tol = self.solver.tol
         if tol is not None:
             converged = res <= tol
