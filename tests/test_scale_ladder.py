@@ -96,6 +96,8 @@ def test_methods_iterate_the_registry(monkeypatch):
     assert small["block_cg+ekfac"]["settings"]["preconditioner"] == "ekfac"
     assert solvers.BlockCG(**small["block_cg+ekfac"]["settings"]).preconditioner == "ekfac"
     assert solvers.BlockCG(**small["block_cg tol=1e-4"]["settings"]).tol == 1e-4  # pyDVL's block-CG rtol
+    scale = solvers.solver_from_config("ekfac", small["ekfac (scale checks)"]["settings"])
+    assert scale.lanczos_steps == 0 and scale.residual_columns == 8 and scale.tol is None
     lm = {m["label"]: m for m in sl.pyinfluence_methods(2_000, sampled_fisher=True)}
     assert lm["ekfac"]["settings"]["fisher"] == "sampled" and lm["kfac"]["settings"]["fisher"] == "sampled"
     pre = solvers.solver_from_config("block_cg", lm["block_cg+ekfac"]["settings"]).preconditioner
