@@ -150,14 +150,36 @@ class LinearEngine:
         theta: _FloatArray,
         damping: float = 0.0,
     ) -> None: ...
+    @staticmethod
+    def block(
+        spec: ModelSpec,
+        X_block: _FloatArray,
+        y_block: _FloatArray,
+        theta: _FloatArray,
+        damping: float,
+        H: _FloatArray,
+        n_total: int,
+        grad_sum: _FloatArray,
+    ) -> LinearEngine:
+        """The engine of a block of the training rows (e.g. one Dask chunk; it may have no rows), from the whole
+        training set's Hessian ``H`` (p, p; l2 included, no damping), its size ``n_total`` and
+        ``grad_sum`` = Σ_i ∇θL(z_i) over all of it (K, d_eff). Only H + damping·I is factorised. Queries answer as
+        the whole set's engine would (indices of ``top_k`` / ``loo_newton`` local to the block);
+        ``loo_newton_group`` and ``refit_without`` raise ValueError."""
     @property
     def dtype(self) -> str: ...
     @property
-    def n_train(self) -> int: ...
+    def n_train(self) -> int:
+        """Rows held by this engine (a block engine: the block's rows)."""
+    @property
+    def n_total(self) -> int:
+        """n of the training objective R = (1/n) Σ L + …: n_train except for a block engine."""
     @property
     def n_params(self) -> int: ...
     @property
     def grad_norm(self) -> float: ...
+    def grad_sum(self) -> _FloatArray:
+        """Σ_i ∇θL(z_i, θ̂) over all n_total training points, (K, d_eff)."""
     def hessian(self) -> _FloatArray: ...
     def gradients(self, X: _FloatArray, y: _FloatArray) -> _FloatArray: ...
     def solve(self, B: _FloatArray) -> _FloatArray: ...

@@ -79,7 +79,9 @@ constexpr const char* dtype_name() {
 
 template <class S>
 void check_array(const py::array& a, const char* name, int ndim) {
-  if (!py::isinstance<py::array_t<S>>(a) || !a.dtype().is(py::dtype::of<S>()))
+  // isinstance<array_t<S>> compares dtypes by equivalence (PyArray_EquivTypes): an array unpickled in another process
+  // (a Dask worker) has an equal dtype that is not numpy's canonical instance, so identity would refuse it.
+  if (!py::isinstance<py::array_t<S>>(a))
     throw std::invalid_argument(std::string(name) + " must be a " + dtype_name<S>() + " array; got dtype " +
                                 std::string(py::str(a.dtype())));
   if (a.ndim() != ndim)
@@ -102,7 +104,7 @@ Eigen::Map<const Vector<S>> vector_arg(const py::array& a, const char* name) {
 }
 
 Eigen::Map<const IndexVector> index_arg(const py::array& a, const char* name) {
-  if (!a.dtype().is(py::dtype::of<std::int64_t>()) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
+  if (!py::isinstance<py::array_t<std::int64_t>>(a) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
     throw std::invalid_argument(std::string(name) + " must be a 1-dimensional C-contiguous int64 array");
   return {static_cast<const std::int64_t*>(a.data()), Index(a.shape(0))};
 }
@@ -129,7 +131,7 @@ py::array vector_to_numpy(Vector<S>&& v) {
 }
 
 // Dispatch on the dtype of the first array argument.
-bool array_is_float32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+bool array_is_float32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 
 template <class S>
 const ConstVectorRef<S> weights_arg(const py::object& w, Vector<S>& storage) {
@@ -230,9 +232,27 @@ class PyLinearEngine {
       make<double>(spec, theta, damping);
   }
 
+  // The engine of a block of the training rows, from the whole set's Hessian H, size n_total and gradient sum
+  // (LinearInfluenceEngine's block constructor; the Dask path builds one per chunk).
+  static std::unique_ptr<PyLinearEngine> block(const ModelSpec& spec, const py::array& X, const py::array& y,
+                                               const py::array& theta, double damping, const py::array& H,
+                                               Index n_total, const py::array& grad_sum) {
+    std::unique_ptr<PyLinearEngine> out(new PyLinearEngine(X, y));
+    if (out->float32_)
+      out->make_block<float>(spec, theta, damping, H, n_total, grad_sum);
+    else
+      out->make_block<double>(spec, theta, damping, H, n_total, grad_sum);
+    return out;
+  }
+
   bool is_float32() const { return float32_; }
   std::string dtype() const { return float32_ ? "float32" : "float64"; }
   Index n_train() const { return float32_ ? e32_->n_train() : e64_->n_train(); }
+  Index n_total() const { return float32_ ? e32_->n_total() : e64_->n_total(); }
+  py::array grad_sum() const {
+    if (float32_) return to_numpy(RowMatrix<float>(e32_->grad_sum()));
+    return to_numpy(RowMatrix<double>(e64_->grad_sum()));
+  }
   Index n_params() const { return float32_ ? e32_->n_params() : e64_->n_params(); }
   double grad_norm() const { return float32_ ? e32_->grad_norm() : e64_->grad_norm(); }
 
@@ -394,6 +414,28 @@ class PyLinearEngine {
   }
 
  private:
+  PyLinearEngine(const py::array& X, const py::array& y) : float32_(array_is_float32(X)), X_(X), y_(y) {}
+
+  template <class S>
+  void make_block(const ModelSpec& spec, const py::array& theta, double damping, const py::array& H, Index n_total,
+                  const py::array& grad_sum) {
+    auto Xm = matrix_arg<S>(X_, "X_block");
+    auto ym = vector_arg<S>(y_, "y_block");
+    auto Wm = matrix_arg<S>(theta, "theta");
+    auto Hm = matrix_arg<S>(H, "H");
+    auto Gm = matrix_arg<S>(grad_sum, "grad_sum");
+    std::unique_ptr<LinearInfluenceEngine<S>> e;
+    {
+      py::gil_scoped_release r;
+      const ColMatrix<S> Hc = Hm;  // one copy into column-major storage (the engine keeps its own)
+      e = std::make_unique<LinearInfluenceEngine<S>>(spec, Xm, ym, Wm, damping, Hc, n_total, Gm);
+    }
+    if constexpr (std::is_same_v<S, float>)
+      e32_ = std::move(e);
+    else
+      e64_ = std::move(e);
+  }
+
   template <class S>
   void make(const ModelSpec& spec, const py::array& theta, double damping) {
     auto Xm = matrix_arg<S>(X_, "X_train");
@@ -731,7 +773,13 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const ModelSpec&, const py::array&, const py::array&, const py::array&, double>(), py::arg("spec"),
            py::arg("X_train"), py::arg("y_train"), py::arg("theta"), py::arg("damping") = 0.0)
       .def_property_readonly("dtype", &PyLinearEngine::dtype)
-      .def_property_readonly("n_train", &PyLinearEngine::n_train)
+      .def_static("block", &PyLinearEngine::block, py::arg("spec"), py::arg("X_block"), py::arg("y_block"),
+                  py::arg("theta"), py::arg("damping"), py::arg("H"), py::arg("n_total"), py::arg("grad_sum"),
+                  "The engine of a block of the training rows (e.g. one Dask chunk), from the whole training set's "
+                  "Hessian H (p, p), size n_total and gradient sum (K, d_eff); X_block may have no rows")
+      .def_property_readonly("n_train", &PyLinearEngine::n_train, "rows held by this engine (a block: its rows)")
+      .def_property_readonly("n_total", &PyLinearEngine::n_total, "n of the training objective (the whole set)")
+      .def("grad_sum", &PyLinearEngine::grad_sum, "sum over all n_total training points of grad L (K, d_eff)")
       .def_property_readonly("n_params", &PyLinearEngine::n_params)
       .def_property_readonly("grad_norm", &PyLinearEngine::grad_norm, "||grad R(theta)||_2 on the training set")
       .def("hessian", &PyLinearEngine::hessian)

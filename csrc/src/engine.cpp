@@ -50,6 +50,9 @@ struct LinearInfluenceEngine<S>::Assembly {
   ColMatrix<S> H;                    // ∇²R(θ̂)
   CholeskyFactor<S> factor;          // of H + λI (+ gauge)
   double grad_norm = 0.0;
+  RowMatrix<S> grad_sum;  // Σ_i r_i ⊗ x̃_i over all n_total points (K×d_eff)
+  Index n_total = 0;
+  bool block = false;
   Status status = Status::Ok;  // NonFinite: H or the residuals overflowed (then factor is not computed)
 };
 
@@ -75,6 +78,8 @@ typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble(c
     RowMatrix<S> grad(K, de);
     grad.leftCols(d).noalias() = out.residual.transpose() * X;
     if (spec.fit_intercept) grad.col(d) = out.residual.colwise().sum().transpose();
+    out.grad_sum = grad;
+    out.n_total = n;
     grad /= S(n);
     for (Index j = 0; j < de; ++j)
       if (spec.penalized(j, d)) grad.col(j) += S(spec.l2) * W.col(j);
@@ -99,10 +104,18 @@ typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble_o
                                                                                         const ConstVectorRef<S>& y,
                                                                                         const ConstRowMatrixRef<S>& W,
                                                                                         double damping) {
-  Assembly out = assemble(spec, X, y, W, damping);
-  if (out.status == Status::NonFinite)
+  return throw_if_failed(assemble(spec, X, y, W, damping));
+}
+
+template <class S>
+typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::throw_if_failed(Assembly&& out) {
+  if (out.status == Status::NonFinite) {
+    if (out.block)
+      throw NonFiniteError("the given training Hessian H (or gradient sum, or the block's residuals)",
+                           "the training values are too large in magnitude for this floating-point type");
     throw NonFiniteError("the training Hessian H (or the training residuals)",
                          "X_train's values are too large in magnitude for this floating-point type");
+  }
   if (out.status != Status::Ok) {
     const FactorFailure& f = out.factor.failure();
     std::string advice = kDampingAdvice;
@@ -111,6 +124,63 @@ typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble_o
                     "; a damping of " + format_number(f.suggested_damping) + " makes the failing pivot positive");
     throw out.factor.not_positive_definite("the Hessian H + damping*I", advice);
   }
+  return std::move(out);
+}
+
+template <class S>
+typename LinearInfluenceEngine<S>::Assembly LinearInfluenceEngine<S>::assemble_block(
+    const ModelSpec& spec, const ConstRowMatrixRef<S>& X, const ConstVectorRef<S>& y, const ConstRowMatrixRef<S>& W,
+    double damping, const ConstColMatrixRef<S>& H, Index n_total, const ConstRowMatrixRef<S>& grad_sum) {
+  spec.validate();
+  const Index b = X.rows(), d = X.cols(), K = spec.n_outputs, de = spec.d_eff(d), p = K * de;
+  if (b > 0) {
+    check_problem<S>(spec, X, y, W, no_weights<S>());
+  } else {  // a block without rows: check what check_problem would, except the row count
+    if (d == 0) throw std::invalid_argument("X must have at least one column");
+    if (y.size() != 0) throw std::invalid_argument("y has " + std::to_string(y.size()) + " entries but X has 0 rows");
+    if (W.rows() != K || W.cols() != de)
+      throw std::invalid_argument("theta must have shape (" + std::to_string(K) + ", " + std::to_string(de) +
+                                  ") for this model and X");
+    if (!W.allFinite()) throw std::invalid_argument("theta contains NaN or inf");
+  }
+  if (!(damping >= 0.0) || !std::isfinite(damping)) throw std::invalid_argument("damping must be a finite number >= 0");
+  if (n_total < std::max<Index>(b, 1))
+    throw std::invalid_argument("n_total (" + std::to_string(n_total) +
+                                ") must be at least 1 and at least the block's number of rows (" + std::to_string(b) +
+                                ")");
+  if (H.rows() != p || H.cols() != p)
+    throw std::invalid_argument("H must have shape (" + std::to_string(p) + ", " + std::to_string(p) + "); got (" +
+                                std::to_string(H.rows()) + ", " + std::to_string(H.cols()) + ")");
+  if (grad_sum.rows() != K || grad_sum.cols() != de)
+    throw std::invalid_argument("grad_sum must have shape (" + std::to_string(K) + ", " + std::to_string(de) +
+                                "); got (" + std::to_string(grad_sum.rows()) + ", " + std::to_string(grad_sum.cols()) +
+                                ")");
+  const SerialIfSmall serial(double(b) * double(p) + double(p) * double(p) * double(p) / 3.0);
+  Assembly out;
+  out.block = true;
+  out.n_total = n_total;
+  out.residual.resize(b, K);
+  out.curvature.resize(b, K);
+  if (b > 0) {
+    RowMatrix<S> scores;
+    compute_scores<S>(spec, X, W, scores);
+    per_example_from_scores<S>(spec, scores, y, nullptr, out.residual.data(), out.curvature.data());
+  }
+  out.grad_sum = grad_sum;
+  {  // ∇R(θ̂) = Σ_i r_i ⊗ x̃_i / n + l2 P θ̂ over the whole set
+    RowMatrix<S> grad = grad_sum / S(n_total);
+    for (Index j = 0; j < de; ++j)
+      if (spec.penalized(j, d)) grad.col(j) += S(spec.l2) * W.col(j);
+    out.grad_norm = double(grad.norm());
+  }
+  out.H = H;
+  if (!out.H.allFinite() || !out.residual.allFinite() || !std::isfinite(out.grad_norm)) {
+    out.status = Status::NonFinite;
+    return out;
+  }
+  ColMatrix<S> A = out.H;
+  if (damping == 0.0) add_intercept_gauge<S>(spec, d, A);  // as assemble()
+  out.status = out.factor.compute(std::move(A), damping);
   return out;
 }
 
@@ -127,13 +197,33 @@ LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const Con
       curvature_(std::move(assembly.curvature)),
       H_(std::move(assembly.H)),
       factor_(std::move(assembly.factor)),
-      grad_norm_(assembly.grad_norm) {}
+      grad_norm_(assembly.grad_norm),
+      grad_sum_(std::move(assembly.grad_sum)),
+      n_total_(assembly.n_total),
+      block_(assembly.block) {}
 
 template <class S>
 LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
                                                 const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
                                                 double damping)
     : LinearInfluenceEngine(spec, X_train, y_train, W, damping, assemble_or_throw(spec, X_train, y_train, W, damping)) {
+}
+
+template <class S>
+LinearInfluenceEngine<S>::LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_block,
+                                                const ConstVectorRef<S>& y_block, const ConstRowMatrixRef<S>& W,
+                                                double damping, const ConstColMatrixRef<S>& H, Index n_total,
+                                                const ConstRowMatrixRef<S>& grad_sum)
+    : LinearInfluenceEngine(spec, X_block, y_block, W, damping,
+                            throw_if_failed(assemble_block(spec, X_block, y_block, W, damping, H, n_total, grad_sum))) {
+}
+
+template <class S>
+void LinearInfluenceEngine<S>::require_whole_set(const char* what) const {
+  if (block_)
+    throw std::invalid_argument(std::string(what) +
+                                " needs every training row in one engine; this engine holds a block of " +
+                                std::to_string(X_.rows()) + " of the " + std::to_string(n_total_) + " rows");
 }
 
 template <class S>
@@ -456,7 +546,7 @@ void LinearInfluenceEngine<S>::check_train_indices(const ConstIndexVectorRef& id
 
 template <class S>
 ColMatrix<S> LinearInfluenceEngine<S>::loo_hessian_inverse(const Vector<S>& penalty) const {
-  const Index n = X_.rows(), p = n_params();
+  const Index n = n_total_, p = n_params();
   const S c = S(1) / S(n - 1);
   ColMatrix<S> A = H_;
   A.diagonal() -= penalty;
@@ -479,17 +569,14 @@ template <class S>
 typename LinearInfluenceEngine<S>::LooContext LinearInfluenceEngine<S>::loo_context(const ConstRowMatrixRef<S>& X_test,
                                                                                     const ConstVectorRef<S>& y_test,
                                                                                     const Vector<S>& penalty) const {
-  const Index n = X_.rows(), d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
+  const Index n = n_total_, d = X_.cols(), K = spec_.n_outputs, de = spec_.d_eff(d), p = K * de;
   LooContext ctx;
   ctx.c = S(1) / S(n - 1);
   ctx.m = X_test.rows();
   const Index m = ctx.m;
   ctx.Ainv = loo_hessian_inverse(penalty);
-  // v0 = c Σ_j g_j + l2 P θ̂.
-  RowMatrix<S> gsum(K, de);
-  gsum.leftCols(d).noalias() = residual_.transpose() * X_;
-  if (spec_.fit_intercept) gsum.col(d) = residual_.colwise().sum().transpose();
-  Vector<S> v0 = ctx.c * Eigen::Map<const Vector<S>>(gsum.data(), p);
+  // v0 = c Σ_j g_j + l2 P θ̂ (Σ_j g_j over the whole training set: grad_sum_, also for a block engine).
+  Vector<S> v0 = ctx.c * Eigen::Map<const Vector<S>>(grad_sum_.data(), p);
   v0 += penalty.cwiseProduct(Eigen::Map<const Vector<S>>(W_.data(), p));
   const Vector<S> Ainv_v0 = ctx.Ainv * v0;
   // Test side.
@@ -587,7 +674,7 @@ template <class S>
 RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(const ConstRowMatrixRef<S>& X_test, const ConstVectorRef<S>& y_test,
                                                   const ConstIndexVectorRef& idx) const {
   check_points("_test", X_test, y_test);
-  if (X_.rows() < 2) throw std::invalid_argument("leave-one-out needs at least 2 training points");
+  if (n_total_ < 2) throw std::invalid_argument("leave-one-out needs at least 2 training points");
   check_train_indices(idx);
   const LooContext ctx = loo_context(X_test, y_test, penalty_diagonal());
   const LooRows rows = loo_rows(ctx, idx);
@@ -622,6 +709,7 @@ RowMatrix<S> LinearInfluenceEngine<S>::loo_newton(const ConstRowMatrixRef<S>& X_
 
 template <class S>
 Vector<S> LinearInfluenceEngine<S>::removal_weights(const ConstIndexVectorRef& idx) const {
+  require_whole_set("leaving a group out (loo_newton_group, refit_without)");
   check_train_indices(idx);
   Vector<S> weights = Vector<S>::Ones(X_.rows());
   for (Index j = 0; j < idx.size(); ++j) weights[idx[j]] = S(0);

@@ -5,6 +5,9 @@ C++/Eigen core (``pyinfluence._core``), with optional CUDA kernels.
   fits in the core) and ``from_sklearn``.
 - :mod:`pyinfluence.linear.influence`: :class:`LinearInfluence`, the influence engine's Python face.
 - :mod:`pyinfluence.linear.cuda`: the CUDA engine behind ``LinearInfluence(..., device="cuda")``.
+- :mod:`pyinfluence.linear.dask`: the Dask engine behind ``LinearInfluence`` and ``fit`` on a ``dask.array``
+  chunked by rows, and readers (``read_parquet``, ``read_npy``) whose loading errors name the file. Dask is
+  imported only when such data is used (the ``dask`` extra).
 """
 
 from pyinfluence.linear.influence import LinearInfluence, TopK

@@ -9,6 +9,8 @@ What is particular to this path:
   row-major to p = K·d_eff entries (the intercept, if any, is the last column).
 - Results are numpy arrays; every quantity is exact (one Cholesky factorisation of H + λI).
 - ``loo_change(method="newton")`` and ``retrain_loo`` / ``refit`` (exact Newton refits) are available.
+- ``X_train`` may be a ``dask.array`` chunked by rows: every pass over the training rows then runs chunk-wise
+  on the Dask workers (:mod:`pyinfluence.linear.dask`) and results of training size are lazy dask arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pyinfluence._validation import (
 from pyinfluence.errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
 from pyinfluence.interface import Influence, TopK
 from pyinfluence.linear import cuda as _cuda
+from pyinfluence.linear import dask as _dask
 from pyinfluence.linear.models import OPTIMUM_GRAD_TOL, _LinearModel
 
 __all__ = ["LinearInfluence", "TopK"]
@@ -59,6 +62,24 @@ class LinearInfluence(Influence[np.ndarray]):
       for the Hessian, ``up_loss`` and ``top_k``; needs a build with ``PYINFLUENCE_CUDA=1``, a CUDA torch and
       a GPU, else a RuntimeError says which is missing). Default: the CPU, or the GPU that holds ``X_train``
       if it is a CUDA tensor. Inputs may be CUDA tensors; results are numpy arrays either way.
+    - ``retries``: with Dask training data, reruns of a Dask task that raises (see below); ignored otherwise.
+
+    **Dask training data.** ``X_train`` may be a ``dask.array`` (n, d) chunked by rows (whole rows per chunk,
+    known chunk sizes), e.g. from :func:`pyinfluence.linear.dask.read_parquet` / ``read_npy`` or generated on
+    the workers; ``y_train`` a dask or numpy vector of n labels. The client never holds the training matrix:
+    H is a tree-reduced sum of per-chunk p × p partial sums (one pass over the rows, skipped when the model was
+    fitted on the same dask arrays: the fit's last pass is reused), H + λI is factorised once on the client,
+    and every training-side query runs chunk-wise on the workers with the C++ core. ``up_loss``,
+    ``loo_change`` (both methods), ``pert_loss``, ``self_influence``, ``up_params`` and ``gradients`` return
+    lazy dask arrays chunked like the training rows (or like the selected rows when ``train_idx`` is given;
+    call ``.compute()``, or reduce them further with Dask); ``top_k`` (per-chunk top-k merged on the client,
+    global training indices), ``loo_change(..., group=True)`` and every test-side result (``s_test``,
+    ``test_gradients``, ``loss``, ``predict``, ``hessian``) are numpy arrays. Same shapes, signs and names
+    as with numpy input. ``retrain_loo`` and ``refit`` (full refits over every row) raise
+    NotImplementedError; ``training_data`` returns the dask arrays. Memory per worker: about one chunk of
+    X_train plus the chunk's result (n_c × m scores; n_c × m × d for ``pert_loss``) and a few p × p matrices.
+    Faults: the tasks of a worker that dies are rerun by Dask; ``retries`` reruns tasks that raise (passed
+    to every computation made here and attached to the lazy results as a Dask annotation).
 
     H + λI is assembled and Cholesky-factorised once, here; raises
     :class:`~pyinfluence.errors.NotPositiveDefiniteError` (a ValueError) if it is not positive
@@ -86,6 +107,7 @@ class LinearInfluence(Influence[np.ndarray]):
         damping: float = 0.0,
         dtype: Optional[DTypeLike] = None,
         device: Any = None,
+        retries: int = 0,
     ) -> None:
         if not isinstance(model, _LinearModel):
             mod = type(model).__module__ or ""
@@ -100,6 +122,11 @@ class LinearInfluence(Influence[np.ndarray]):
             )
         model._check_fitted()
         self._damping = check_damping(damping)
+        self._retries = check_int("retries", retries, 0, 1000)
+        self._dask = _dask.is_dask_array(X_train) or _dask.is_dask_array(y_train)
+        if self._dask:
+            self._init_dask(model, X_train, y_train, dtype, device)
+            return
         self._device = _cuda.resolve_device(device, X_train)  # None: the CPU engine
         if self._device is not None:
             X_train, y_train = _cuda.to_host(X_train), _cuda.to_host(y_train)
@@ -120,7 +147,7 @@ class LinearInfluence(Influence[np.ndarray]):
         self._dtype = dt
         self._theta = np.ascontiguousarray(model.theta_, dtype=dt)
         self._spec = model._spec(dt)
-        self._engine: Union[_core.LinearEngine, _cuda.CudaLinearEngine]
+        self._engine: Union[_core.LinearEngine, _cuda.CudaLinearEngine, _dask.DaskLinearEngine]
         try:
             if self._device is None:
                 self._engine = _core.LinearEngine(self._spec, X, y, self._theta, self._damping)
@@ -132,8 +159,12 @@ class LinearInfluence(Influence[np.ndarray]):
             raise self._npd_error(exc) from None
         except NonFiniteError as exc:  # H or the residuals overflowed: scale X_train, damping would not help
             raise self._overflow_error(exc.what or str(exc), train=X) from None
+        self._check_optimum(stacklevel=3)
+
+    def _check_optimum(self, stacklevel: int) -> None:
+        """``grad_norm_`` = ‖∇R(θ̂)‖ from the engine; NotAtOptimumWarning if it is not tiny."""
         self.grad_norm_ = float(self._engine.grad_norm)  # ‖∇R(θ̂)‖, from the engine's cached residuals
-        limit = OPTIMUM_GRAD_TOL if dt == np.float64 else 1e-3
+        limit = OPTIMUM_GRAD_TOL if self._dtype == np.float64 else 1e-3
         if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
             warnings.warn(
                 f"the model's parameters are not at the optimum of the training objective on "
@@ -141,8 +172,49 @@ class LinearInfluence(Influence[np.ndarray]):
                 f"functions assume ∇R(θ̂) = 0, so their values are approximate. Was the model "
                 f"fitted on this exact training set (same order, no sample weights)?",
                 NotAtOptimumWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
+
+    def _init_dask(self, model: _LinearModel, X_train: Any, y_train: Any, dtype: Any, device: Any) -> None:
+        """The Dask engine (see the class docstring): validation, labels, H and its factorisation."""
+        if not _dask.is_dask_array(X_train):
+            raise TypeError(
+                "y_train is a dask array but X_train is not: pass X_train as a dask array chunked by rows "
+                "(or both in memory)"
+            )
+        if device is not None and str(device) != "cpu":
+            raise ValueError(
+                f"device={device!r}: Dask training data is processed on the Dask workers' CPUs; pass device=None"
+            )
+        _dask.require_dask("LinearInfluence on a dask array")
+        self._device = None
+        X = _dask.training_matrix(
+            "X_train",
+            X_train,
+            None if dtype is None else resolve_dtype(dtype),
+            n_features=model.n_features_in_,
+        )
+        dt = np.dtype(X.dtype)
+        y = _dask.encode_labels(model, "y_train", y_train, X, dt)
+        self._model = model
+        self._X = X
+        self._y = y
+        self._n = int(X.shape[0])
+        self._d = int(X.shape[1])
+        self._dtype = dt
+        self._theta = np.ascontiguousarray(model.theta_, dtype=dt)
+        self._spec = model._spec(dt)
+        args = _dask.spec_args(self._spec)
+        sums = _dask.fitted_sums(model, _dask.data_key(X_train, y_train), args, model.theta_)
+        try:
+            self._engine = _dask.DaskLinearEngine(
+                self._spec, X, y, self._theta, self._damping, retries=self._retries, sums=sums
+            )
+        except NotPositiveDefiniteError as exc:
+            raise self._npd_error(exc) from None
+        except NonFiniteError as exc:
+            raise self._overflow_error(exc.what or str(exc), train=X) from None
+        self._check_optimum(stacklevel=4)
 
     def _npd_error(self, exc: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
         """The engine's NotPositiveDefiniteError in LinearInfluence's words, with the engine's fields."""
@@ -243,8 +315,15 @@ class LinearInfluence(Influence[np.ndarray]):
 
     @property
     def device(self) -> str:
-        """Where the engine runs: ``"cpu"`` or ``"cuda:N"``."""
+        """Where the engine runs: ``"cpu"``, ``"cuda:N"`` or ``"dask"`` (the Dask workers' CPUs)."""
+        if self._dask:
+            return "dask"
         return "cpu" if self._device is None else str(self._device)
+
+    @property
+    def retries(self) -> int:
+        """Reruns of a Dask task that raises (Dask training data only)."""
+        return self._retries
 
     @property
     def model(self) -> _LinearModel:
@@ -292,10 +371,16 @@ class LinearInfluence(Influence[np.ndarray]):
             return None
         return as_index_array("train_idx", train_idx, self._n, **kw)
 
-    def _subset(self, idx: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def _subset(self, idx: Optional[np.ndarray]) -> Tuple[Any, Any]:
         if idx is None:
             return self._X, self._y
+        if self._dask:  # lazy selection of rows: the rows stay on the workers
+            return self._X[idx], self._y[idx]
         return np.take(self._X, idx, axis=0), np.take(self._y, idx)
+
+    def _result(self, a: Any) -> Any:
+        """An engine's result as this object returns it: a numpy array, or a lazy dask array (Dask data)."""
+        return a if _dask.is_dask_array(a) else np.asarray(a)
 
     # -- core quantities ---------------------------------------------------------------------
     # The formulas, signs, 1/n convention and shapes are documented once, on the interface
@@ -323,7 +408,7 @@ class LinearInfluence(Influence[np.ndarray]):
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
-        return np.asarray(self._query("gradients", X, y, train=X))
+        return self._result(self._query("gradients", X, y, train=X))
 
     def test_gradients(self, X_test: ArrayLike, y_test: Any = None) -> NDArray[np.floating]:
         """∇θL(z_test, θ̂), numpy (m, p); see :meth:`Influence.test_gradients`."""
@@ -354,7 +439,7 @@ class LinearInfluence(Influence[np.ndarray]):
         X, y = self._subset(self._idx(train_idx))
         if X.shape[0] == 0:
             return np.empty((0, self.n_params), dtype=self._dtype)
-        return np.asarray(self._query("up_params", X, y, train=X))
+        return self._result(self._query("up_params", X, y, train=X))
 
     def up_loss(
         self, X_test: ArrayLike, y_test: Any = None, train_idx: IndexLike = None
@@ -363,11 +448,11 @@ class LinearInfluence(Influence[np.ndarray]):
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._query("up_loss", Xt, yt, None, None, test=Xt, train=self._X))
+            return self._result(self._query("up_loss", Xt, yt, None, None, test=Xt, train=self._X))
         if idx.size == 0:
             return np.empty((0, Xt.shape[0]), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._query("up_loss", Xt, yt, X, y, test=Xt, train=X))
+        return self._result(self._query("up_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def pert_loss(
         self, X_test: ArrayLike, y_test: Any = None, train_idx: IndexLike = None
@@ -376,21 +461,21 @@ class LinearInfluence(Influence[np.ndarray]):
         Xt, yt = self._test(X_test, y_test)
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._query("pert_loss", Xt, yt, None, None, test=Xt, train=self._X))
+            return self._result(self._query("pert_loss", Xt, yt, None, None, test=Xt, train=self._X))
         if idx.size == 0:
             return np.empty((0, Xt.shape[0], self._d), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._query("pert_loss", Xt, yt, X, y, test=Xt, train=X))
+        return self._result(self._query("pert_loss", Xt, yt, X, y, test=Xt, train=X))
 
     def self_influence(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
         """I_up,loss(z, z) ≤ 0, numpy (k,); see :meth:`Influence.self_influence`."""
         idx = self._idx(train_idx)
         if idx is None:
-            return np.asarray(self._query("self_influence", None, None, train=self._X))
+            return self._result(self._query("self_influence", None, None, train=self._X))
         if idx.size == 0:
             return np.empty((0,), dtype=self._dtype)
         X, y = self._subset(idx)
-        return np.asarray(self._query("self_influence", X, y, train=X))
+        return self._result(self._query("self_influence", X, y, train=X))
 
     def loo_change(
         self,
@@ -423,6 +508,9 @@ class LinearInfluence(Influence[np.ndarray]):
             idx = self._idx(train_idx)
         if method == "influence":
             up = self.up_loss(X_test, y_test, idx)
+            if self._dask:
+                up = up * (-1.0 / self._n)  # lazy; the group's sum is test-sized: computed
+                return np.asarray(self._dask_engine().compute(up.sum(axis=0))[0]) if group else up
             up *= -1.0 / self._n
             return up.sum(axis=0) if group else up
         Xt, yt = self._test(X_test, y_test)
@@ -434,7 +522,7 @@ class LinearInfluence(Influence[np.ndarray]):
             return np.empty((0, Xt.shape[0]), dtype=self._dtype)
         if self._n < 2:
             raise ValueError("leave-one-out needs at least 2 training points")
-        return np.asarray(self._query("loo_newton", Xt, yt, idx, test=Xt, train=self._X))
+        return self._result(self._query("loo_newton", Xt, yt, idx, test=Xt, train=self._X))
 
     def top_k(self, X_test: ArrayLike, y_test: Any = None, k: int = 10) -> TopK[np.ndarray]:
         """:class:`~pyinfluence.TopK` of four numpy (m, k) arrays (int64 indices); see
@@ -452,8 +540,21 @@ class LinearInfluence(Influence[np.ndarray]):
     # -- ground truth by retraining -------------------------------------------------------------
     @property
     def can_retrain(self) -> bool:
-        """True: :meth:`retrain_loo` and :meth:`refit` refit the linear model exactly (Newton)."""
-        return True
+        """True: :meth:`retrain_loo` and :meth:`refit` refit the linear model exactly (Newton); False for Dask
+        training data (a refit would be a full Newton fit over every row)."""
+        return not self._dask
+
+    def _dask_engine(self) -> _dask.DaskLinearEngine:
+        assert isinstance(self._engine, _dask.DaskLinearEngine)
+        return self._engine
+
+    def _no_dask(self, method: str, instead: str) -> None:
+        """NotImplementedError for ``method`` with Dask training data, saying what to do instead."""
+        if self._dask:
+            raise NotImplementedError(
+                f"LinearInfluence.{method} is not available with Dask training data: it needs the whole training "
+                f"set in one process (an exact refit over every row). {instead}"
+            )
 
     def retrain_loo(
         self,
@@ -473,6 +574,11 @@ class LinearInfluence(Influence[np.ndarray]):
         Hessian, then n·p per step, polished to rounding level; full Newton (n·p² + p³/3 per iteration) is the
         fallback. ``tol`` default: the model's tolerance.
         """
+        self._no_dask(
+            "retrain_loo",
+            "Use loo_change(..., method='newton') (one exact Newton step, computed chunk-wise), or load the "
+            "training data into memory (X_train.compute()) and use LinearInfluence on numpy arrays.",
+        )
         group = check_bool("group", group)
         Xt, yt = self._test(X_test, y_test)
         if train_idx is None:
@@ -538,9 +644,12 @@ class LinearInfluence(Influence[np.ndarray]):
         return theta, n_iter, gnorm, converged
 
     # -- the training set and refits --------------------------------------------------------------
-    def training_data(self) -> Tuple[np.ndarray, np.ndarray]:
+    def training_data(self) -> Tuple[Any, Any]:
         """A copy of ``(X_train, y_train)``: X (n, d) in the computation's dtype, y in the model's label
-        values (classifiers) or float64 targets (regression); see :meth:`Influence.training_data`."""
+        values (classifiers) or float64 targets (regression); see :meth:`Influence.training_data`. With Dask
+        training data: lazy dask arrays (nothing is computed)."""
+        if self._dask:
+            return self._X, self._dask_engine().decode(self._model, self._y)
         return self._X.copy(), _decode_labels(self._model, self._y)
 
     def refit(
@@ -553,7 +662,13 @@ class LinearInfluence(Influence[np.ndarray]):
         strictly convex for l2 > 0, so the result is the optimum ``fit`` reaches from zero (to the fit
         tolerance), in fewer iterations. Labels must be among the model's classes. This object and its
         model are not changed. Raises :class:`~pyinfluence.errors.ConvergenceError` like ``fit``.
+        Not available with Dask training data (NotImplementedError): fit a new estimator on the modified
+        dask arrays (``fit`` runs chunk-wise) and build a new LinearInfluence.
         """
+        self._no_dask(
+            "refit",
+            "Fit a new estimator on the modified dask arrays (fit runs chunk-wise) and build a new LinearInfluence.",
+        )
         X0, y0 = self.training_data()
         X = as_float_matrix(
             "X_train", X0 if X_train is None else self._host(X_train), np.float64, n_features=self._d

@@ -13,6 +13,10 @@ for multinomial), ``d_eff = d + 1`` with the intercept in the LAST column when
 
 ``from_sklearn`` converts fitted scikit-learn ``LogisticRegression``, ``Ridge`` and
 ``LinearRegression`` estimators, translating their regularisation to ``l2``.
+
+``fit`` also takes a ``dask.array`` X chunked by rows (labels as a dask or numpy vector): the same Newton
+iterations run with every sum over the rows computed chunk-wise on the Dask workers
+(:mod:`pyinfluence.linear.dask`); the client holds only p × p matrices.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pyinfluence._validation import (
     check_positive_float,
 )
 from pyinfluence.errors import ConvergenceError, NotAtOptimumWarning, NotFittedError, NotPositiveDefiniteError
+from pyinfluence.linear import dask as _dask
 
 __all__ = ["LogisticRegression", "SmoothHingeSVM", "RidgeRegression", "from_sklearn"]
 
@@ -171,37 +176,76 @@ class _LinearModel:
     def _tol(self) -> float:
         return _DEFAULT_TOL if self.tol is None else float(self.tol)
 
-    def fit(self, X: ArrayLike, y: ArrayLike) -> _LinearModel:
+    def fit(self, X: ArrayLike, y: ArrayLike, *, retries: int = 0) -> _LinearModel:
         """Minimise R(θ) = (1/n) Σ L(z_i, θ) + (l2/2)‖Pθ‖² with Newton's method from θ = 0.
 
-        ``X``: (n, d) numpy array or CPU torch tensor; ``y``: (n,) labels/targets.
+        ``X``: (n, d) numpy array or CPU torch tensor, or a ``dask.array`` chunked by rows (whole rows per
+        chunk, known chunk sizes); ``y``: (n,) labels/targets (numpy, or dask for a dask ``X``).
+
+        With a dask ``X`` every pass over the rows runs chunk-wise on the Dask workers (the current scheduler,
+        e.g. an active ``distributed.Client``): per iteration the gradient and the Hessian are tree-reduced
+        sums of per-chunk p × p partial sums, the Newton step is solved on the client and the line search is
+        the core's, so the result agrees with the in-memory fit to rounding. Each trial point of the line
+        search costs one pass over the rows (typically one per iteration, plus the classes of a dask ``y``).
+        ``retries``: reruns of a Dask task that raises (dask input only; a task of a worker that dies is rerun
+        by Dask anyway, see :mod:`pyinfluence.linear.dask`). Memory per worker: about one chunk plus p × p.
+
         Raises :class:`~pyinfluence.errors.ConvergenceError` when Newton does not reach ``tol``.
         Returns ``self``.
         """
         self._check_params()
-        X = as_float_matrix("X", X, np.float64)
-        n, d = X.shape
+        retries = check_int("retries", retries, 0, 1000)
         for attr in ("theta_", "classes_"):
             self.__dict__.pop(attr, None)
-        y_enc, K = self._encode_fit(y, n)
+        cache = None
+        y_enc: Any
+        if _dask.is_dask_array(X) or _dask.is_dask_array(y):
+            if not _dask.is_dask_array(X):
+                raise TypeError(
+                    "y is a dask array but X is not: pass X as a dask array chunked by rows (or both in memory)"
+                )
+            Xd = _dask.training_matrix("X", X, np.dtype(np.float64))
+            n, d = int(Xd.shape[0]), int(Xd.shape[1])
+            y_enc, K = _dask.encode_fit_labels(self, y, Xd, retries)
+            cache = (self, _dask.data_key(X, y))
+            X = Xd
+        else:
+            X = as_float_matrix("X", X, np.float64)
+            n, d = X.shape
+            y_enc, K = self._encode_fit(y, n)
         d_eff = d + 1 if self.fit_intercept else d
         theta0 = np.zeros((K, d_eff), dtype=np.float64)
         self.n_features_in_ = d
-        theta, n_iter, grad_norm = self._newton(X, y_enc, theta0, K, what="fit")
+        theta, n_iter, grad_norm = self._newton(X, y_enc, theta0, K, what="fit", retries=retries, cache=cache)
         self.theta_ = theta
         self.n_iter_ = n_iter
         self.grad_norm_ = grad_norm
         return self
 
     def _newton(
-        self, X: np.ndarray, y_enc: np.ndarray, theta0: np.ndarray, K: int, what: str
+        self,
+        X: Any,
+        y_enc: Any,
+        theta0: np.ndarray,
+        K: int,
+        what: str,
+        retries: int = 0,
+        cache: Any = None,
     ) -> Tuple[NDArray[np.float64], int, float]:
+        """Newton's method from ``theta0``: in the core for in-memory data, chunk-wise for dask data."""
         spec = self._spec(np.float64, n_outputs=K)
         tol = self._tol()
+        dask_data = _dask.is_dask_array(X)
+        theta: Any
         try:
-            theta, n_iter, grad_norm, converged = _core.fit_newton(
-                spec, X, y_enc, theta0, None, tol, int(self.max_iter)
-            )
+            if dask_data:
+                theta, n_iter, grad_norm, converged = _dask.fit_newton(
+                    spec, X, y_enc, theta0, tol, int(self.max_iter), retries=retries, cache=cache
+                )
+            else:
+                theta, n_iter, grad_norm, converged = _core.fit_newton(
+                    spec, X, y_enc, theta0, None, tol, int(self.max_iter)
+                )
         except NotPositiveDefiniteError as exc:
             # the cause (exc, chained) carries the failing pivot and the size of the Hessian
             raise ConvergenceError(
@@ -219,7 +263,15 @@ class _LinearModel:
                 grad_norm=float(grad_norm),
                 tol=tol,
             )
-        if self._is_classifier and float(self.l2) == 0.0 and self._separates(X, y_enc, theta64):
+        if (
+            self._is_classifier
+            and float(self.l2) == 0.0
+            and (
+                _dask.separates(self, X, y_enc, theta64, retries)
+                if dask_data
+                else self._separates(X, y_enc, theta64)
+            )
+        ):
             raise ConvergenceError(
                 f"{type(self).__name__}.{what}: the training data are linearly separable, so with "
                 f"l2=0 the loss has no minimiser (it keeps decreasing as the weights grow; Newton "
@@ -265,6 +317,11 @@ class _LinearModel:
     # -- prediction ------------------------------------------------------------------------------
     def _check_X(self, X: Any, name: str = "X") -> NDArray[np.floating]:
         self._check_fitted()
+        if _dask.is_dask_array(X):  # never pull a distributed matrix into this process implicitly
+            raise TypeError(
+                f"{type(self).__name__}: {name} is a dask array; prediction and per-example losses take in-memory "
+                f"arrays. Apply it chunk-wise instead, e.g. {name}.map_blocks(model.predict, drop_axis=1)"
+            )
         return as_float_matrix(name, X, np.float64, n_features=self.n_features_in_)
 
     def _scores(self, X: np.ndarray) -> NDArray[np.float64]:
@@ -659,6 +716,12 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
     estimator's); with ``refine=False`` scikit-learn's parameters are kept as they are.
     """
     check_bool("refine", refine)
+    if _dask.is_dask_array(X) or _dask.is_dask_array(y):
+        raise TypeError(
+            "from_sklearn: X and y must be in-memory arrays (scikit-learn fitted on them in one process); for a "
+            "dask training set, fit a pyinfluence estimator on it directly: e.g. "
+            "pyinfluence.LogisticRegression(l2=...).fit(X_dask, y_dask)"
+        )
     cls = type(estimator).__name__
     module = type(estimator).__module__ or ""
     if not module.startswith("sklearn."):

@@ -3,7 +3,9 @@
 //   self_influence(i)  = −g_iᵀ (H + λI)⁻¹ g_i
 //   up_params(i)       = −(H + λI)⁻¹ g_i
 // with H assembled by the naive loop and inverted by Gauss–Jordan elimination in the test; and the streaming
-// top-k against a full sort of the up_loss matrix, on a training set large enough to span several row blocks.
+// top-k against a full sort of the up_loss matrix, on a training set large enough to span several row blocks; and the
+// block engines of the Dask path (built from the whole set's H for a block of rows) against the whole-set engine.
+#include <iterator>
 #include <numeric>
 
 #include "test_util.hpp"
@@ -158,6 +160,95 @@ void top_k_vs_sort(Index n, Index m, Index k, unsigned seed) {
   }
 }
 
+// Block engines (the Dask path's per-chunk engines): built from the whole set's H, n and gradient sum for a block of
+// its rows, each answers as the whole-set engine does for its rows (same factorisation, so to rounding), and the
+// gradient sum the whole engine reports is the naive Σ_i ∇θL(z_i).
+void block_engines_vs_whole(const Case& c, unsigned seed) {
+  const Index n = 150, d = 4, m = 5;
+  Problem<double> P =
+      make_problem<double>(make_spec(c.family, c.K, c.intercept, c.l2, c.penalize_intercept), n, d, seed);
+  fit(P);
+  Problem<double> T = make_problem<double>(P.spec, m, d, seed + 200);
+  section(name(c) + ": block engines vs the whole set");
+  const LinearInfluenceEngine<double> whole(P.spec, P.X, P.y, P.W, c.damping);
+  CHECK(!whole.is_block() && whole.n_total() == n);
+  const Index p = whole.n_params(), K = c.K, de = P.spec.d_eff(d);
+  std::vector<double> gsum(std::size_t(p), 0.0);
+  for (Index i = 0; i < n; ++i) {
+    const std::vector<double> g = naive_gradient(P.spec, P.W, P.X, P.y, i);
+    for (Index a = 0; a < p; ++a) gsum[std::size_t(a)] += g[std::size_t(a)];
+  }
+  double gscale = 1.0;
+  for (double v : gsum) gscale = std::max(gscale, std::abs(v));
+  for (Index a = 0; a < K; ++a)
+    for (Index j = 0; j < de; ++j) CHECK_NEAR(whole.grad_sum()(a, j), gsum[std::size_t(a * de + j)], 1e-12 * gscale);
+
+  const RowMatrix<double> up = whole.up_loss_train(T.X, T.y);
+  const Vector<double> self = whole.self_influence_train();
+  IndexVector all(n);
+  for (Index i = 0; i < n; ++i) all[i] = i;
+  const RowMatrix<double> loo = whole.loo_newton(T.X, T.y, all);
+  const double up_tol = 1e-12 * max_abs(up), self_tol = 1e-12 * self.cwiseAbs().maxCoeff(),
+               loo_tol = 1e-12 * max_abs(loo);
+  const ColMatrix<double> H = whole.hessian();
+  const Index bounds[] = {0, 40, 40, 110, n};  // blocks of 40, 0, 70 and 40 rows
+  for (int blk = 0; blk + 1 < int(std::size(bounds)); ++blk) {
+    const Index start = bounds[blk], b = bounds[blk + 1] - start;
+    const RowMatrix<double> Xb = P.X.middleRows(start, b);
+    const Vector<double> yb = P.y.segment(start, b);
+    const LinearInfluenceEngine<double> part(P.spec, Xb, yb, P.W, c.damping, H, n, whole.grad_sum());
+    CHECK(part.is_block() && part.n_total() == n && part.n_train() == b);
+    CHECK_NEAR(part.grad_norm(), whole.grad_norm(), 1e-15 + 1e-12 * whole.grad_norm());
+    const RowMatrix<double> up_b = part.up_loss_train(T.X, T.y);
+    const Vector<double> self_b = part.self_influence_train();
+    CHECK(up_b.rows() == b && self_b.size() == b);
+    for (Index i = 0; i < b; ++i) {
+      CHECK_NEAR(self_b[i], self[start + i], self_tol);
+      for (Index t = 0; t < m; ++t) CHECK_NEAR(up_b(i, t), up(start + i, t), up_tol);
+    }
+    // s_test (through up_params of the test points) needs no training row: also from the empty block.
+    const RowMatrix<double> st_b = part.up_params(T.X, T.y), st = whole.up_params(T.X, T.y);
+    CHECK_LE(max_abs(RowMatrix<double>(st_b - st)) / max_abs(st), 1e-12);
+    if (b == 0) continue;
+    // Leave-one-out with indices local to the block: the whole set's objective (n, Σ g) all the same.
+    IndexVector local(b);
+    for (Index i = 0; i < b; ++i) local[i] = i;
+    const RowMatrix<double> loo_b = part.loo_newton(T.X, T.y, local);
+    for (Index i = 0; i < b; ++i)
+      for (Index t = 0; t < m; ++t) CHECK_NEAR(loo_b(i, t), loo(start + i, t), loo_tol);
+    // Top-k of the block: its k best scores, local indices.
+    const Index k = std::min<Index>(3, b);
+    const TopK<double> top = part.top_k(T.X, T.y, k);
+    for (Index t = 0; t < m; ++t) {
+      std::vector<double> col(static_cast<std::size_t>(b));
+      for (Index i = 0; i < b; ++i) col[std::size_t(i)] = up(start + i, t);
+      std::sort(col.begin(), col.end());
+      for (Index j = 0; j < k; ++j) {
+        CHECK_NEAR(top.helpful_val(t, j), col[std::size_t(j)], up_tol);
+        CHECK_NEAR(top.harmful_val(t, j), col[std::size_t(b - 1 - j)], up_tol);
+        CHECK_NEAR(up(start + top.helpful_idx(t, j), t), top.helpful_val(t, j), up_tol);
+      }
+    }
+    // What needs every row refuses, naming itself.
+    CHECK_THROWS(part.loo_newton_group(T.X, T.y, local.head(1)), std::invalid_argument);
+    CHECK_THROWS(part.refit_without(local.head(1), 1e-10, 10), std::invalid_argument);
+  }
+  // Misuse: a Hessian of the wrong size, fewer total points than rows, a gradient sum of the wrong shape.
+  const RowMatrix<double> X2 = P.X.topRows(10);
+  const Vector<double> y2 = P.y.head(10);
+  const ColMatrix<double> H_small = H.topLeftCorner(p - 1, p - 1);
+  CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, X2, y2, P.W, c.damping, H_small, n, whole.grad_sum()),
+               std::invalid_argument);
+  CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, X2, y2, P.W, c.damping, H, 5, whole.grad_sum()),
+               std::invalid_argument);
+  const RowMatrix<double> g_bad = RowMatrix<double>::Zero(K + 1, de);
+  CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, X2, y2, P.W, c.damping, H, n, g_bad), std::invalid_argument);
+  // An indefinite given H is refused as the whole-set engine refuses one.
+  const ColMatrix<double> H_neg = -H;
+  CHECK_THROWS(LinearInfluenceEngine<double>(P.spec, X2, y2, P.W, 0.0, H_neg, n, whole.grad_sum()),
+               NotPositiveDefiniteError);
+}
+
 }  // namespace
 
 int main() {
@@ -171,6 +262,7 @@ int main() {
   for (const Case& c : cases) {
     scores_vs_naive<double>(c, seed, 1e-10);
     scores_vs_naive<float>(c, seed, 2e-3);
+    block_engines_vs_whole(c, seed + 50);
     ++seed;
   }
   // Small; one block with k = n; and n·m large enough that the top-k streams over several row blocks (the block

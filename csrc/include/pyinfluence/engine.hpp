@@ -54,13 +54,30 @@ class LinearInfluenceEngine {
   // engine always holds its factorisation.
   LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
                         const ConstRowMatrixRef<S>& W, double damping);
+  // The engine of a BLOCK of the rows of a larger training set of n_total points (e.g. one chunk of a Dask array,
+  // whose Hessian and gradient were summed over every chunk elsewhere). H = ∇²R(θ̂) of the whole set (l2 included,
+  // no damping; its lower triangle is read) and grad_sum = Σ_i ∇θL(z_i, θ̂) = Σ_i r_i ⊗ x̃_i over all n_total points
+  // (K×d_eff) are given, not assembled: only H + λI is factorised here (p³/3), and the block's residuals and
+  // curvatures computed. Every query then answers as the engine of the whole set would: queries on explicit points,
+  // the block's own scores (up_loss_train, self_influence_train, top_k, with indices local to the block) and
+  // loo_newton (indices local to the block; the leave-one-out objective is that of all n_total points, through
+  // n_total and grad_sum). loo_newton_group and refit_without need every training row and throw
+  // std::invalid_argument. X_block may have no rows (an engine for test-side queries: s_test, solve, gradients).
+  // Throws as the constructor above; NonFiniteError names H when H or grad_sum is not finite.
+  LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_block, const ConstVectorRef<S>& y_block,
+                        const ConstRowMatrixRef<S>& W, double damping, const ConstColMatrixRef<S>& H, Index n_total,
+                        const ConstRowMatrixRef<S>& grad_sum);
   // The same, reporting a numerical failure as a Status (and its diagnosis) instead of an exception; misuse still
   // throws std::invalid_argument.
   [[nodiscard]] static EngineOrStatus<S> create(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
                                                 const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W,
                                                 double damping);
 
-  Index n_train() const { return X_.rows(); }
+  Index n_train() const { return X_.rows(); }  // the rows this engine holds (a block: the block's rows)
+  Index n_total() const { return n_total_; }   // n of R(θ) = (1/n) Σ L + …: n_train() unless a block engine
+  bool is_block() const { return block_; }
+  // Σ_i ∇θL(z_i, θ̂) over all n_total training points (K×d_eff), as used by loo_newton.
+  const RowMatrix<S>& grad_sum() const { return grad_sum_; }
   Index n_features() const { return X_.cols(); }
   Index n_params() const { return spec_.n_params(X_.cols()); }
   const ModelSpec& spec() const { return spec_; }
@@ -112,9 +129,17 @@ class LinearInfluenceEngine {
   // Validates the inputs, assembles H and factorises H + λI; a numerical failure is Assembly::status.
   static Assembly assemble(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
                            const ConstRowMatrixRef<S>& W, double damping);
+  // The block constructor's assembly: validates, computes the block's residuals and factorises the given H + λI.
+  static Assembly assemble_block(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_block,
+                                 const ConstVectorRef<S>& y_block, const ConstRowMatrixRef<S>& W, double damping,
+                                 const ConstColMatrixRef<S>& H, Index n_total, const ConstRowMatrixRef<S>& grad_sum);
   // assemble(), throwing NotPositiveDefiniteError or NonFiniteError for a numerical failure.
   static Assembly assemble_or_throw(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train,
                                     const ConstVectorRef<S>& y_train, const ConstRowMatrixRef<S>& W, double damping);
+  // Throws NotPositiveDefiniteError or NonFiniteError for an assembly whose status is not Ok; returns it otherwise.
+  static Assembly throw_if_failed(Assembly&& assembly);
+  // Throws std::invalid_argument for a block engine: `what` needs every training row in this engine.
+  void require_whole_set(const char* what) const;
   LinearInfluenceEngine(const ModelSpec& spec, const ConstRowMatrixRef<S>& X_train, const ConstVectorRef<S>& y_train,
                         const ConstRowMatrixRef<S>& W, double damping, Assembly&& assembly);
 
@@ -164,6 +189,9 @@ class LinearInfluenceEngine {
   ColMatrix<S> H_;
   CholeskyFactor<S> factor_;  // of H + λI (+ gauge), in its own storage
   double grad_norm_ = 0.0;
+  RowMatrix<S> grad_sum_;  // Σ_i r_i ⊗ x̃_i over all n_total points (K×d_eff)
+  Index n_total_ = 0;      // the n of the objective: X_.rows() unless a block engine
+  bool block_ = false;     // constructed from a given H for a block of the training rows
 };
 
 }  // namespace pyinfluence

@@ -19,7 +19,12 @@ figures, matplotlib):
 - :mod:`~pyinfluence.bench.studies.gradient_store`: gradient-store build time and the peak memory of streaming
   top-k scoring at n and 10n training examples (``python -m pyinfluence.bench.studies.gradient_store``);
 - :mod:`~pyinfluence.bench.studies.scale_ladder`: every solver and the peers (kronfluence, pyDVL) on a ladder
-  of models from the exact regime up (``python -m pyinfluence.bench.studies.scale_ladder``).
+  of models from the exact regime up (``python -m pyinfluence.bench.studies.scale_ladder``);
+- :mod:`~pyinfluence.bench.studies.curvature_accuracy`: where K-FAC / EK-FAC lose accuracy (full and per-layer
+  Gauss-Newton, Kronecker factors) and what EK-FAC preconditioning saves
+  (``python -m pyinfluence.bench.studies.curvature_accuracy``);
+- :mod:`~pyinfluence.bench.studies.dask_scale`: the linear path on Dask, N × 100 generated on the workers, at 1
+  and 2 workers against the single-process engine (``python -m pyinfluence.bench.studies.dask_scale``).
 
 Each writes its own section of ``--out`` (default: ``bench/RESULTS.md`` of the source checkout, else
 ``bench/RESULTS.md`` under the current folder) between ``<!-- NAME:start -->`` and

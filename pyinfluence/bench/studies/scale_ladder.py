@@ -189,10 +189,14 @@ def pyinfluence_methods(n_params: int, sampled_fisher: bool = False) -> list[dic
             skip = f"p = {n_params} > {EXACT_MAX_PARAMS}: the dense Hessian is not affordable"
         extra = fisher if key in ("kfac", "ekfac") else {}
         out.append({"label": key, "solver": key, "settings": settings_for(cls, extra), "skip": skip})
-    if "ekfac" in _SOLVERS and "residual_columns" in {f.name for f in dataclasses.fields(_SOLVERS["ekfac"])}:
+    ekfac_cls: Any = _SOLVERS.get("ekfac")
+    ekfac_fields = (
+        {f.name for f in dataclasses.fields(ekfac_cls)} if dataclasses.is_dataclass(ekfac_cls) else set()
+    )
+    if "residual_columns" in ekfac_fields:
         # EK-FAC with its checks sized for scale: no Lanczos search of the true H, the residual and
         # curvature of 8 solution columns (the defaults cost 40 single-column HVPs and one HVP per test point)
-        s = settings_for(_SOLVERS["ekfac"], {**fisher, "lanczos_steps": 0, "residual_columns": 8})
+        s = settings_for(ekfac_cls, {**fisher, "lanczos_steps": 0, "residual_columns": 8})
         out.append({"label": "ekfac (scale checks)", "solver": "ekfac", "settings": s, "skip": None})
     if "block_cg" in _SOLVERS:  # at pyDVL's block-CG tolerance (rtol 1e-4): the equal-accuracy comparison
         s = settings_for(_SOLVERS["block_cg"], {"tol": 1e-4})
