@@ -49,6 +49,7 @@ def client():
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    environ = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS & co. in this process: restore them after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cluster = distributed.LocalCluster(
@@ -58,6 +59,8 @@ def client():
     yield c
     c.close()
     cluster.close()
+    os.environ.clear()
+    os.environ.update(environ)
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 

@@ -10,6 +10,15 @@ Subcommands:
   for each test point, the training rows that helped and harmed its prediction most.
 - ``pyinfluence mislabels DATA [--label COL] [--model ...]``: training rows ranked by
   self-influence, most suspicious (likely mislabeled) first.
+- For both, DATA may be a folder of Parquet files (or one ``.parquet`` file): it runs on Dask
+  (``pip install 'pyinfluence[dask]'``), on the running scheduler named by ``--scheduler ADDRESS``,
+  else on a local cluster of ``--workers N`` processes (default 2) started for the run. The rows
+  stay on the workers: the fit, the Hessian, the scores and the statistics (feature magnitudes,
+  ``--standardize``'s means and standard deviations, the fit's accuracy or R^2) run chunk-wise, one
+  chunk per file; only test-sized results and the reported rows (fetched by index) come back.
+  Rows are numbered 0..N-1 across the files in name order (digits compared as numbers). The
+  files of ``mislabels`` then rank the ``--max-rows`` most suspicious rows (default 10,000), not
+  every row.
 - ``pyinfluence bench [--quick] [--tasks LIST] [--n N --d D] [--repeats R] [--out DIR] [--peers]
   [--peer-python PATH] [--scaling] [--json]``: accuracy against time of every solver setting on
   standard tasks (see :mod:`pyinfluence.bench`); writes DIR/bench.json, bench.md and
@@ -93,6 +102,12 @@ _MISLABEL_COLUMNS = [
 DEFAULT_MAX_PARAMS = 10_000
 #: Default of --max-input-size (a CSV's size; an .npz's decompressed size).
 DEFAULT_MAX_INPUT_SIZE = "1G"
+#: Default of --workers: worker processes of the local Dask cluster started for Parquet DATA.
+DEFAULT_DASK_WORKERS = 2
+#: Default of mislabels' --max-rows for Parquet DATA: rows ranked in the output files.
+DEFAULT_PARQUET_MAX_ROWS = 10_000
+#: Seconds to wait for a connection to --scheduler and for its first worker.
+SCHEDULER_TIMEOUT_S = 30
 
 
 class CLIError(PyInfluenceError, ValueError):
@@ -242,18 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "data",
             metavar="DATA",
-            help="a CSV file with a header row (label column: --label) or an .npz "
-            "with X_train, y_train (and optionally X_test, y_test)",
+            help="a CSV file with a header row (label column: --label), an .npz "
+            "with X_train, y_train (and optionally X_test, y_test), or a folder of Parquet files "
+            "(or one .parquet file; label column: --label), which runs on Dask: see --workers",
         )
         sp.add_argument(
             "--label",
             metavar="COL",
-            help="name (or 0-based index) of the label column of a CSV file",
+            help="name (or 0-based index) of the label column of a CSV file or of Parquet files",
         )
         sp.add_argument(
             "--test",
             metavar="FILE",
-            help="test points: a CSV with the same columns, or an .npz with X_test/y_test (or X/y)",
+            help="test points: a CSV with the same columns, or an .npz with X_test/y_test (or X/y); "
+            "with Parquet DATA also a .parquet file with the same columns",
         )
         sp.add_argument(
             "--test-indices",
@@ -297,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SIZE",
             help="refuse a CSV larger than SIZE, or an .npz whose arrays take more once "
             "decompressed, before reading it (default 1G; K, M, G, T are powers of 1024; 0: "
-            "no limit)",
+            "no limit). Parquet DATA is read by the Dask workers, a file at a time: only its "
+            "--test file is limited",
         )
         sp.add_argument(
             "--max-params",
@@ -317,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
             + (
                 " (default 5)"
                 if name == "explain"
-                else " shown on screen (default 20; the files rank every row)"
+                else " shown on screen (default 20; the files rank every row, or --max-rows)"
             ),
         )
         if name == "explain":
@@ -346,8 +364,35 @@ def build_parser() -> argparse.ArgumentParser:
             help="write the results as JSON (with model_fit: training and test accuracy, or R^2 "
             "for ridge; notes; warnings)",
         )
+        if name == "mislabels":
+            sp.add_argument(
+                "--max-rows",
+                type=_nonnegative_int,
+                metavar="N",
+                help="the files rank only the N most suspicious rows (0: every row). Default: every "
+                f"row of a CSV or .npz; {DEFAULT_PARQUET_MAX_ROWS:,} for Parquet DATA (every row would "
+                "bring n values into this process)",
+            )
         sp.add_argument("--report", metavar="DIR", help="write an HTML report into DIR")
         sp.add_argument("--quiet", action="store_true", help="no table on screen")
+        cluster = sp.add_mutually_exclusive_group()
+        cluster.add_argument(
+            "--scheduler",
+            metavar="ADDRESS",
+            help="Parquet DATA: run on the running dask.distributed scheduler at ADDRESS (e.g. "
+            "tcp://host:8786; its workers need pyinfluence and read the files: the paths must be "
+            "valid there)",
+        )
+        cluster.add_argument(
+            "--workers",
+            type=_positive_int,
+            metavar="N",
+            help="Parquet DATA: start a local Dask cluster of N worker processes (one thread each) for "
+            "this run (default: 2, when --scheduler is not given). A folder of Parquet files (or a "
+            ".parquet file) always runs on Dask, chunk by chunk (one chunk per file), and the rows "
+            "never come into this process; CSV and .npz DATA run in this process and take neither "
+            "option",
+        )
         sp.set_defaults(func=_cmd_explain if name == "explain" else _cmd_mislabels)
     _add_bench_parser(sub, common)
     return parser
@@ -628,6 +673,11 @@ def feature_scale_warning(X: np.ndarray, names: Sequence[str], source: str) -> O
     below 1e-4: influence values, the L2 penalty and the Hessian's conditioning all depend on the
     feature scale, and defaults such as ``--l2 1e-3`` are meant for features of order 1."""
     mags = np.max(np.abs(X), axis=0) if X.size else np.zeros(0)
+    return _scale_warning(mags, names, source)
+
+
+def _scale_warning(mags: np.ndarray, names: Sequence[str], source: str) -> Optional[str]:
+    """:func:`feature_scale_warning` from the columns' largest |values| ``mags`` (d,)."""
     used = np.flatnonzero(mags > 0)
     if used.size == 0:
         return None
@@ -676,10 +726,12 @@ def _n_params(model: str, ud: Any) -> int:
 def _largest_value(ud: Any) -> Tuple[float, str, str, bool]:
     """(|value|, column name, source, in the training data) of the largest feature value."""
     best = (0.0, "", ud.source, True)
+    # Parquet data: the training rows' magnitudes from the pass on the workers (never the rows here)
+    train_mags = getattr(ud, "max_abs", None)
     for X, source, training in ((ud.X_train, ud.source, True), (ud.X_test, ud.test_source, False)):
         if X is None or X.size == 0:
             continue
-        mags = np.max(np.abs(X), axis=0)
+        mags = train_mags if training and train_mags is not None else np.max(np.abs(X), axis=0)
         j = int(np.argmax(mags))
         if mags[j] > best[0]:
             best = (float(mags[j]), ud.feature_names[j], source, training)
@@ -724,23 +776,26 @@ def _fit_quality(
     data and (when there are test points) the test data; None where undefined (R^2 of targets
     that do not vary)."""
 
-    def score(Xs: np.ndarray, ys: np.ndarray) -> Optional[float]:
-        pred = model.predict(Xs)
-        if model_kind != "ridge":
-            return float(np.mean(pred == ys))
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow: reported as undefined
-            total = float(np.sum((ys - np.mean(ys)) ** 2))
-            r2 = 1.0 - float(np.sum((ys - pred) ** 2)) / total if total > 0 else math.nan
-        return r2 if math.isfinite(r2) else None
-
     has_test = X_test is not None and y_test is not None
     return {
         "metric": "R^2" if model_kind == "ridge" else "accuracy",
-        "train": score(X, y),
-        "test": score(X_test, y_test) if has_test else None,  # type: ignore[arg-type]
+        "train": _score(model_kind, model, X, y),
+        "test": _score(model_kind, model, X_test, y_test) if has_test else None,  # type: ignore[arg-type]
         "n_train": int(X.shape[0]),
         "n_test": int(X_test.shape[0]) if has_test else 0,  # type: ignore[union-attr]
     }
+
+
+def _score(model_kind: str, model: Any, Xs: np.ndarray, ys: np.ndarray) -> Optional[float]:
+    """Accuracy (classifiers) or R^2 = 1 - sum (y - pred)^2 / sum (y - mean y)^2 (ridge; None
+    where undefined) of in-memory rows."""
+    pred = model.predict(Xs)
+    if model_kind != "ridge":
+        return float(np.mean(pred == ys))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow: reported as undefined
+        total = float(np.sum((ys - np.mean(ys)) ** 2))
+        r2 = 1.0 - float(np.sum((ys - pred) ** 2)) / total if total > 0 else math.nan
+    return r2 if math.isfinite(r2) else None
 
 
 def _fit_line(quality: Dict[str, Any]) -> str:
@@ -756,12 +811,24 @@ def _fit_line(quality: Dict[str, Any]) -> str:
     return line
 
 
-def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
-    """Read the data, fit the model family, build the LinearInfluence."""
+def _fit(
+    args: argparse.Namespace, need_test: bool, stack: Optional[contextlib.ExitStack] = None
+) -> Dict[str, Any]:
+    """Read the data, fit the model family, build the LinearInfluence. Parquet DATA runs on Dask
+    (:func:`_fit_dask`); its cluster is entered into ``stack`` (closed when the command ends)."""
     import warnings
 
     from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
-    from pyinfluence.cli.userdata import check_classes, load_user_data
+    from pyinfluence.cli.userdata import check_classes, is_parquet_input, load_user_data
+
+    if is_parquet_input(args.data):
+        return _fit_dask(args, need_test, stack if stack is not None else contextlib.ExitStack())
+    if args.workers is not None or args.scheduler is not None:
+        flag = "--workers" if args.workers is not None else "--scheduler"
+        raise CLIError(
+            f"{flag} applies to a folder of Parquet files (run on Dask); {args.data} is read into this "
+            f"process and runs here"
+        )
 
     ud = load_user_data(
         args.data,
@@ -820,6 +887,261 @@ def _fit(args: argparse.Namespace, need_test: bool) -> Dict[str, Any]:
         "warnings": scale_warnings,
         "args": args,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Parquet DATA on Dask
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _dask_client(args: argparse.Namespace) -> Iterator[str]:
+    """A ``distributed.Client`` for the run, set as Dask's default scheduler and closed at the end:
+    to the scheduler at ``--scheduler``, else to a local cluster of ``--workers`` processes (one
+    thread each; default 2) started here. Yields a description of it for the output."""
+    import logging
+    import warnings
+
+    try:
+        import distributed
+    except ImportError:
+        raise ImportError(
+            "a folder of Parquet files runs on Dask, which is not installed: pip install 'pyinfluence[dask]'",
+            name="distributed",
+        ) from None
+    cluster = None
+    if args.scheduler is not None:
+        try:
+            client = distributed.Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, ValueError, TypeError) as exc:  # refused, timed out, not an address
+            raise CLIError(
+                f"--scheduler {args.scheduler}: cannot connect to a Dask scheduler there ({_one_line(exc)})"
+            ) from None
+        try:
+            client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            client.close()
+            raise CLIError(
+                f"--scheduler {args.scheduler}: no worker joined within {SCHEDULER_TIMEOUT_S} s ({_one_line(exc)})"
+            ) from None
+        workers = len(client.nthreads())  # every worker (scheduler_info lists only the first few)
+        description = f"the Dask scheduler at {args.scheduler} ({workers} workers)"
+    else:
+        workers = args.workers if args.workers is not None else DEFAULT_DASK_WORKERS
+        # the nannies set OMP_NUM_THREADS=1 and the like in this process's environment for their workers
+        # to inherit: restored when the run ends (a later torch or BLAS import here would obey them)
+        environ = dict(os.environ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the dashboard's port or the memory limit
+            cluster = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        client = distributed.Client(cluster)
+        description = f"a local Dask cluster of {workers} worker processes"
+    try:
+        yield description
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+            for key in set(os.environ) - set(environ):
+                del os.environ[key]
+            os.environ.update(environ)
+
+
+def _predict_chunk(block: np.ndarray, model: Any) -> np.ndarray:
+    """``model.predict`` of one chunk of rows (runs on a worker)."""
+    return np.asarray(model.predict(block))
+
+
+def _fit_quality_dask(
+    model_kind: str, model: Any, X: Any, y: Any, X_test: Optional[np.ndarray], y_test: Optional[np.ndarray]
+) -> Dict[str, Any]:
+    """:func:`_fit_quality` with dask training rows: the training accuracy (or R^2's two sums) is
+    reduced chunk-wise on the workers; the test points are in memory."""
+    import dask
+
+    dtype = np.dtype(np.float64) if model_kind == "ridge" else np.asarray(model.classes_).dtype
+    pred = X.map_blocks(_predict_chunk, model=model, drop_axis=1, dtype=dtype, meta=np.empty(0, dtype=dtype))
+    n = int(X.shape[0])
+    train: Optional[float]
+    if model_kind != "ridge":
+        (correct,) = dask.compute((pred == y).sum())
+        train = float(correct) / n
+    else:
+        # R^2 = 1 - sum (y - pred)^2 / sum (y - mean y)^2, both sums tree-reduced
+        res, tot = dask.compute(((y - pred) ** 2).sum(), ((y - y.mean()) ** 2).sum())
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            total = float(tot)
+            r2 = 1.0 - float(res) / total if total > 0 else math.nan
+        train = r2 if math.isfinite(r2) else None
+    has_test = X_test is not None and y_test is not None
+    return {
+        "metric": "R^2" if model_kind == "ridge" else "accuracy",
+        "train": train,
+        "test": _score(model_kind, model, X_test, y_test) if has_test else None,  # type: ignore[arg-type]
+        "n_train": n,
+        "n_test": int(X_test.shape[0]) if has_test else 0,  # type: ignore[union-attr]
+    }
+
+
+def _fit_dask(args: argparse.Namespace, need_test: bool, stack: contextlib.ExitStack) -> Dict[str, Any]:
+    """:func:`_fit` for a folder of Parquet files: the footers are checked here, then a Dask
+    cluster is entered into ``stack`` and the rows are read, checked, fitted and scored on its
+    workers (see :func:`pyinfluence.cli.userdata.open_parquet_on_dask`); this process holds only
+    p x p matrices, per-feature statistics, the test points and the results."""
+    import warnings
+
+    from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
+    from pyinfluence.cli.userdata import (
+        CONTINUOUS_MIN_DISTINCT,
+        check_class_set,
+        open_parquet_on_dask,
+        scan_parquet,
+    )
+
+    pdata = scan_parquet(
+        args.data,
+        label=args.label,
+        test=args.test,
+        test_indices=args.test_indices,
+        numeric_labels=args.model == "ridge",
+        max_bytes=args.max_input_size,
+        max_features=args.max_params - 1,  # p >= features + 1 (the intercept)
+    )
+    if need_test and not pdata.has_test:
+        raise CLIError(
+            f"{pdata.source} has no test points: pass --test FILE or --test-indices LIST (rows held out of "
+            f"training)"
+        )
+    where = stack.enter_context(_dask_client(args))
+    d = len(pdata.feature_names)
+    classifier = args.model != "ridge"
+    # classes beyond this bound exceed --max-params anyway (p = classes x (features + 1))
+    class_cap = max(args.max_params // (d + 1), CONTINUOUS_MIN_DISTINCT) + 1
+    open_parquet_on_dask(pdata, classifier=classifier, class_cap=class_cap)
+    for note in pdata.notes:
+        _tell(args, "note", note)
+    assert pdata.max_abs is not None
+    n_classes = 1
+    if classifier:
+        assert pdata.classes is not None
+        check_class_set(pdata.classes, pdata.continuous, args.model, pdata.source)
+        n_classes = int(pdata.classes.size)
+    n_params = (n_classes if args.model == "logistic" and n_classes > 2 else 1) * (d + 1)
+    if n_params > args.max_params:
+        raise CLIError(
+            f"{pdata.source}: the model has {'more than ' if n_classes >= class_cap else ''}{n_params:,} "
+            f"parameters, more than the limit of {args.max_params:,} (the exact Hessian would take "
+            f"{format_bytes(8 * n_params**2)}); raise it with --max-params"
+        )
+    X, Xt = pdata.X_train, pdata.X_test
+    scaling = None
+    scale_warnings: List[str] = []
+    if args.standardize:
+        import dask
+
+        # as _standardize, with the mean and std reduced on the workers
+        scale = pdata.max_abs.copy()
+        scale[scale == 0] = 1.0
+        unit = X / scale
+        mu, sd = dask.compute(unit.mean(axis=0), unit.std(axis=0))
+        mu, sd = np.asarray(mu, dtype=np.float64), np.asarray(sd, dtype=np.float64)
+        sd[sd == 0] = 1.0
+        X = (unit - mu) / sd
+        Xt = None if Xt is None else (Xt / scale - mu) / sd
+        scaling = {"mean": mu * scale, "std": sd * scale}
+    else:
+        warning = _scale_warning(pdata.max_abs, pdata.feature_names, pdata.source)
+        if warning:
+            scale_warnings.append(warning)
+            _tell(args, "warning", warning)
+    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[args.model](
+        l2=args.l2
+    )
+    with _numerics_guard(args, pdata, n_params):
+        model.fit(X, pdata.y_train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
+            inf = LinearInfluence(model, X, pdata.y_train, damping=args.damping)
+        quality = _fit_quality_dask(args.model, model, X, pdata.y_train, Xt, pdata.y_test)
+    return {
+        "data": pdata,
+        "X": X,
+        "X_test": Xt,
+        "model": model,
+        "inf": inf,
+        "scaling": scaling,
+        "n_params": n_params,
+        "fit_quality": quality,
+        "notes": list(pdata.notes),
+        "warnings": scale_warnings,
+        "args": args,
+        "dask": where,
+    }
+
+
+def _top_magnitude_chunk(block: np.ndarray, offset: int, limit: int) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """(global indices, values, all finite) of the chunk's ``limit`` largest |values|, ties by the
+    lower index (runs on a worker)."""
+    v = np.asarray(block, dtype=np.float64)
+    finite = bool(np.all(np.isfinite(v)))
+    order = np.lexsort((np.arange(v.size), -np.abs(v)))[:limit]
+    return order.astype(np.int64) + offset, v[order], finite
+
+
+def _rank_by_magnitude(values: Any, limit: Optional[int]) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """(indices, values, all finite) of the ``limit`` (None: all) largest |values| of a dask vector,
+    in the order of a stable ``np.argsort(-|values|)``: per-chunk candidates merged here."""
+    import dask
+
+    n = int(values.shape[0])
+    limit = n if limit is None else min(limit, n)
+    offsets = np.concatenate([[0], np.cumsum(values.chunks[0])[:-1]]).astype(np.int64)
+    part = dask.delayed(_top_magnitude_chunk, pure=True)
+    parts = dask.compute(*[part(b, int(o), limit) for b, o in zip(values.to_delayed().ravel(), offsets)])
+    idx = np.concatenate([p[0] for p in parts])
+    val = np.concatenate([p[1] for p in parts])
+    order = np.lexsort((idx, -np.abs(val)))[:limit]  # |value| descending, ties by the lower index
+    return idx[order], val[order], all(p[2] for p in parts)
+
+
+def _mislabel_rows_dask(fitted: Dict[str, Any], max_rows: Optional[int]) -> List[Dict[str, Any]]:
+    """:func:`mislabel_rows` for Parquet data: the self-influence of every row is computed and
+    ranked chunk-wise on the workers; the ``max_rows`` top rows are fetched by index for their
+    label, prediction and loss."""
+    import dask
+
+    ud, model, inf = fitted["data"], fitted["model"], fitted["inf"]
+    with _numerics_guard(fitted["args"], ud, fitted["n_params"]):
+        idx, self_influence, finite = _rank_by_magnitude(inf.self_influence(), max_rows)
+    if not finite:
+        _require_finite(fitted, "self-influence values", np.array([np.nan]))
+    fetch = np.sort(idx)  # fetched in row order, then put in rank order
+    Xs, ys = dask.compute(fitted["X"][fetch], ud.y_train[fetch])
+    pos = np.searchsorted(fetch, idx)
+    Xs, ys = np.ascontiguousarray(np.asarray(Xs, dtype=np.float64)[pos]), np.asarray(ys)[pos]
+    with _numerics_guard(fitted["args"], ud, fitted["n_params"]):
+        loss = model.loss(Xs, ys)
+        pred = model.predict(Xs)
+    _require_finite(fitted, "self-influence values", self_influence)
+    _require_finite(fitted, "training losses", loss)
+    n = inf.n_train
+    rows_in_source = ud.train_rows_of(idx)
+    return [
+        {
+            "rank": r,
+            "train_index": int(rows_in_source[j]),
+            "label": _label(ys[j]),
+            "prediction": _label(pred[j]),
+            "training_loss": float(loss[j]),
+            "self_influence": float(self_influence[j]),
+            "loss_change_if_removed": float(-self_influence[j] / n),
+        }
+        for j, r in enumerate(range(1, idx.size + 1))
+    ]
 
 
 def _require_finite(fitted: Dict[str, Any], what: str, *arrays: np.ndarray) -> None:
@@ -980,6 +1302,8 @@ def _settings(args: argparse.Namespace, fitted: Dict[str, Any]) -> Dict[str, Any
         "model": repr(fitted["model"]),
         "damping": args.damping,
         "standardize": bool(args.standardize),
+        # Parquet data on Dask: where it ran and from how many files
+        **({"files": len(ud.files), "dask": fitted["dask"]} if fitted.get("dask") else {}),
     }
 
 
@@ -1009,6 +1333,7 @@ def explain_points(fitted: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
     _require_finite(fitted, "test losses", loss)
     if pred.dtype.kind == "f":  # ridge: the predictions are numbers too
         _require_finite(fitted, "test predictions", pred)
+    train_row = _train_row_lookup(fitted, np.concatenate([tk.helpful_idx.ravel(), tk.harmful_idx.ravel()]))
     points = []
     for j in range(Xt.shape[0]):
         pt: Dict[str, Any] = {
@@ -1024,8 +1349,8 @@ def explain_points(fitted: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
             pt[kind] = [
                 {
                     "rank": r,
-                    "train_index": int(ud.train_rows[int(i)]),
-                    "train_label": _label(ud.y_train[int(i)]),
+                    "train_index": train_row[int(i)][0],
+                    "train_label": train_row[int(i)][1],
                     "influence": float(s),
                     "loss_change_if_removed": float(-s / n),
                 }
@@ -1033,6 +1358,20 @@ def explain_points(fitted: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
             ]
         points.append(pt)
     return points
+
+
+def _train_row_lookup(fitted: Dict[str, Any], idx: np.ndarray) -> Dict[int, Tuple[int, Any]]:
+    """Training position -> (row index in the source, label) for the positions ``idx``; for
+    Parquet data the labels of these rows only are fetched from the workers."""
+    ud = fitted["data"]
+    if not fitted.get("dask"):
+        return {int(i): (int(ud.train_rows[int(i)]), _label(ud.y_train[int(i)])) for i in idx}
+    import dask
+
+    wanted = np.unique(np.asarray(idx, dtype=np.int64))
+    (labels,) = dask.compute(ud.y_train[wanted])
+    rows = ud.train_rows_of(wanted)
+    return {int(i): (int(r), _label(v)) for i, r, v in zip(wanted, rows, labels)}
 
 
 def _explain_table(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -1054,7 +1393,13 @@ def _explain_table(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     targets = _output_targets(args, "explain")
-    fitted = _fit(args, need_test=True)
+    with contextlib.ExitStack() as stack:  # Parquet DATA: the Dask cluster of the run
+        return _explain(args, targets, _fit(args, need_test=True, stack=stack))
+
+
+def _explain(
+    args: argparse.Namespace, targets: List[Tuple[str, pathlib.Path]], fitted: Dict[str, Any]
+) -> int:
     n = fitted["inf"].n_train
     points = explain_points(fitted, args.k)
     payload = {
@@ -1125,8 +1470,20 @@ def _print_explain(
         )
 
 
-def mislabel_rows(fitted: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Every training row ranked by |self-influence|, most suspicious first."""
+def _max_rows(args: argparse.Namespace, fitted: Dict[str, Any]) -> Optional[int]:
+    """Rows ranked in mislabels' files: --max-rows (0: all), by default all (in-memory data) or
+    DEFAULT_PARQUET_MAX_ROWS (Parquet data)."""
+    limit = getattr(args, "max_rows", None)
+    if limit is None:
+        return DEFAULT_PARQUET_MAX_ROWS if fitted.get("dask") else None
+    return limit or None
+
+
+def mislabel_rows(fitted: Dict[str, Any], max_rows: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Training rows ranked by |self-influence|, most suspicious first: every row, or the first
+    ``max_rows``."""
+    if fitted.get("dask"):
+        return _mislabel_rows_dask(fitted, max_rows)
     ud, model, inf = fitted["data"], fitted["model"], fitted["inf"]
     with _numerics_guard(fitted["args"], ud, fitted["n_params"]):
         self_influence = np.asarray(inf.self_influence(), dtype=np.float64).ravel()
@@ -1135,7 +1492,7 @@ def mislabel_rows(fitted: Dict[str, Any]) -> List[Dict[str, Any]]:
     _require_finite(fitted, "self-influence values", self_influence)
     _require_finite(fitted, "training losses", loss)
     # the ranking of applications.find_mislabeled: |self-influence| descending, ties by index
-    order = np.argsort(-np.abs(self_influence), kind="stable")
+    order = np.argsort(-np.abs(self_influence), kind="stable")[:max_rows]
     n = inf.n_train
     rows = []
     for r, i in enumerate(order, start=1):
@@ -1156,9 +1513,15 @@ def mislabel_rows(fitted: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def _cmd_mislabels(args: argparse.Namespace) -> int:
     targets = _output_targets(args, "mislabels")
-    fitted = _fit(args, need_test=False)
+    with contextlib.ExitStack() as stack:  # Parquet DATA: the Dask cluster of the run
+        return _mislabels(args, targets, _fit(args, need_test=False, stack=stack))
+
+
+def _mislabels(
+    args: argparse.Namespace, targets: List[Tuple[str, pathlib.Path]], fitted: Dict[str, Any]
+) -> int:
     ud = fitted["data"]
-    rows = mislabel_rows(fitted)
+    rows = mislabel_rows(fitted, _max_rows(args, fitted))
     payload: Dict[str, Any] = {
         **_common_payload("mislabels", args, fitted),
         "sign_convention": (
@@ -1168,11 +1531,22 @@ def _cmd_mislabels(args: argparse.Namespace) -> int:
         ),
         "rows": rows,
     }
+    if len(rows) < fitted["inf"].n_train:
+        payload["notes"] = payload["notes"] + [
+            f"the files rank the {len(rows):,} most suspicious of the {fitted['inf'].n_train:,} training rows "
+            f"(--max-rows N; 0: every row)"
+        ]
     if not args.quiet:
         k = min(args.k, len(rows))
         print(f"{fitted['model']!r} on {ud.source}")
         print(_fit_line(fitted["fit_quality"]))
-        print(f"{len(rows)} training rows ranked by |self-influence| (most suspicious first); top {k}:")
+        n = fitted["inf"].n_train
+        ranked = (
+            f"{len(rows)} training rows"
+            if len(rows) == n
+            else f"the {len(rows):,} most suspicious of {n:,} training rows"
+        )
+        print(f"{ranked} ranked by |self-influence| (most suspicious first); top {k}:")
         cols = ["rank", "train row", "label", "prediction", "training loss", "self-influence"]
         print(
             text_table(
@@ -1317,7 +1691,14 @@ def _mislabel_report(
     a.set_ylabel("|self-influence|")
     a.legend(fontsize=8)
     sec = rep.section("Training rows ranked by self-influence", "ranking")
-    sec.figure(fig, "self_influence", "Magnitude of self-influence of every training row, sorted.")
+    n = fitted["inf"].n_train
+    caption = (
+        "Magnitude of self-influence of every training row, sorted."
+        if len(rows) == n
+        else f"Magnitude of self-influence of the {len(rows):,} most suspicious of the {n:,} training rows "
+        f"(--max-rows), sorted."
+    )
+    sec.figure(fig, "self_influence", caption)
     sec.table(
         ["rank", "train row", "label", "prediction", "training loss", "self-influence"],
         [

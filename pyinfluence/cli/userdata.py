@@ -7,6 +7,9 @@ Formats:
   delimiter (``,``, ``;``, tab) is detected from the header line.
 - ``.npz`` with arrays ``X_train`` (n, d), ``y_train`` (n,) and optionally ``X_test`` (m, d),
   ``y_test`` (m,). A test file given separately may instead hold ``X``/``y``.
+- A folder of Parquet files (or one ``.parquet`` file): :func:`scan_parquet` checks the files'
+  footers here (no rows are read into this process), :func:`open_parquet_on_dask` reads them on
+  the Dask workers. See :class:`ParquetData`.
 
 Every problem is a :class:`DataError` (a ``ValueError``) with a one-line message naming the file,
 the line and the column: missing file, missing label column, non-numeric or missing (NaN) values,
@@ -38,7 +41,7 @@ import re
 import stat
 import zipfile
 from dataclasses import dataclass, field
-from typing import IO, List, NamedTuple, Optional, Tuple, Union
+from typing import IO, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -48,14 +51,19 @@ from pyinfluence.errors import DataError
 __all__ = [
     "DEFAULT_MAX_INPUT_BYTES",
     "DataError",
+    "ParquetData",
     "UserData",
     "check_classes",
     "format_bytes",
     "CONTINUOUS_MAX_ROWS_PER_VALUE",
     "CONTINUOUS_MIN_DISTINCT",
     "labels_look_continuous",
+    "check_class_set",
+    "is_parquet_input",
     "load_user_data",
+    "open_parquet_on_dask",
     "parse_indices",
+    "scan_parquet",
 ]
 
 PathLike = Union[str, pathlib.Path]
@@ -521,6 +529,39 @@ def _is_npz(path: PathLike) -> bool:
         return False
 
 
+def _read_csv_test(
+    tpath: pathlib.Path,
+    names: List[str],
+    label_name: str,
+    numeric_labels: bool,
+    max_bytes: Optional[int],
+    max_features: Optional[int],
+) -> Tuple[np.ndarray, Optional[np.ndarray], List[str]]:
+    """(X_test (m, d) in the training data's column order ``names``, y_test (m,), notes) of a CSV
+    test file with the training data's feature and label columns (in any order)."""
+    ttable = read_csv(
+        tpath,
+        label_name,
+        numeric_labels=numeric_labels,
+        max_bytes=max_bytes,
+        max_features=max_features,
+    )
+    Xt, yt, tnames = ttable.X, ttable.y, ttable.feature_names
+    if tnames != names:
+        missing = [c for c in names if c not in tnames]
+        extra = [c for c in tnames if c not in names]
+        if missing or extra:
+            raise DataError(
+                f"{tpath} has {len(tnames)} feature columns but the training data has "
+                f"{len(names)}"
+                + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+                + (f"; not in the training data: {', '.join(extra[:5])}" if extra else "")
+            )
+        order = [tnames.index(c) for c in names]  # same columns, other order
+        Xt = Xt[:, order]
+    return Xt, yt, ttable.notes
+
+
 def load_user_data(
     data: PathLike,
     *,
@@ -594,27 +635,8 @@ def load_user_data(
         else:
             if _is_npz(dpath):
                 raise DataError(f"{tpath}: a CSV test file needs a CSV data file (got {dpath})")
-            ttable = read_csv(
-                tpath,
-                label_name,
-                numeric_labels=numeric_labels,
-                max_bytes=max_bytes,
-                max_features=max_features,
-            )
-            Xt, yt, tnames = ttable.X, ttable.y, ttable.feature_names
-            ud.notes += ttable.notes
-            if tnames != names:
-                missing = [c for c in names if c not in tnames]
-                extra = [c for c in tnames if c not in names]
-                if missing or extra:
-                    raise DataError(
-                        f"{tpath} has {len(tnames)} feature columns but the training data has "
-                        f"{len(names)}"
-                        + (f"; missing: {', '.join(missing[:5])}" if missing else "")
-                        + (f"; not in the training data: {', '.join(extra[:5])}" if extra else "")
-                    )
-                order = [tnames.index(c) for c in names]  # same columns, other order
-                Xt = Xt[:, order]
+            Xt, yt, tnotes = _read_csv_test(tpath, names, label_name, numeric_labels, max_bytes, max_features)
+            ud.notes += tnotes
         ud.X_test, ud.y_test = Xt, yt
         ud.test_rows = np.arange(Xt.shape[0], dtype=np.int64)
         ud.test_source = str(tpath)
@@ -667,13 +689,17 @@ def labels_look_continuous(y: np.ndarray) -> Optional[str]:
 def check_classes(y: np.ndarray, model_name: str, where: str) -> None:
     """One-line errors for labels a classifier cannot use: a continuous target (see
     :func:`labels_look_continuous`), a single class, more than 2 classes for the SVM."""
-    continuous = labels_look_continuous(y)
+    check_class_set(np.unique(y), labels_look_continuous(y), model_name, where)
+
+
+def check_class_set(classes: np.ndarray, continuous: Optional[str], model_name: str, where: str) -> None:
+    """:func:`check_classes` from the sorted distinct labels ``classes`` and the reason the labels
+    look continuous (None if they do not), for labels that are not all in this process."""
     if continuous:
         raise DataError(
             f"{where}: the labels look like a continuous target ({continuous}), not classes; "
             f"--model {model_name} is a classifier: use --model ridge for regression"
         )
-    classes = np.unique(y)
     if classes.size < 2:
         only = classes[0].item() if hasattr(classes[0], "item") else classes[0]
         raise DataError(
@@ -684,3 +710,463 @@ def check_classes(y: np.ndarray, model_name: str, where: str) -> None:
             f"{where}: --model svm is a binary classifier but the labels have {classes.size} "
             f"classes; use --model logistic"
         )
+
+
+# ================================================================================================
+# a folder of Parquet files: the training data stays on the Dask workers
+# ================================================================================================
+#: The suffix of the files read from a Parquet folder; names starting with these prefixes are
+#: skipped (Spark's _SUCCESS, Dask's _metadata / _common_metadata, hidden and .crc files), as
+#: pyarrow's datasets skip them.
+PARQUET_SUFFIX = ".parquet"
+_SKIPPED_PREFIXES = ("_", ".")
+#: Columns that pandas' ``to_parquet`` writes for a non-default index: not features.
+_PANDAS_INDEX_COLUMN = re.compile(r"__index_level_\d+__")
+
+
+def is_parquet_input(data: PathLike) -> bool:
+    """Whether ``data`` is read as Parquet (and run on Dask): an existing folder, or a file named
+    ``*.parquet``."""
+    p = pathlib.Path(data)
+    return p.is_dir() or p.suffix.lower() == PARQUET_SUFFIX
+
+
+def _natural_key(name: str) -> List[Any]:
+    """Sort key comparing runs of digits as numbers: part.2 before part.10."""
+    return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class ParquetData:
+    """Training data in Parquet files, read on the Dask workers; test points in this process.
+
+    Training rows are numbered 0..N-1 across ``files`` in their order (natural name order: digits
+    compare as numbers), the index reported to the user. ``held_out`` (sorted): rows held out of
+    training as test points (``--test-indices`` without a test file). The client never holds the
+    feature matrix: :func:`scan_parquet` reads footers only, :func:`open_parquet_on_dask` runs one
+    pass over the files on the workers (checks and per-column statistics) and builds the lazy
+    dask arrays ``X_train`` (n, d) float64 and ``y_train`` (n,), one chunk per file."""
+
+    source: str
+    files: List[str]
+    file_rows: np.ndarray  # (F,) rows per file (from the footers)
+    feature_names: List[str]
+    label_name: str
+    label_kind: str  # "number", "text" or "bool"
+    label_dtype: np.dtype  # common numpy dtype of the label column ("text": object until opened)
+    held_out: np.ndarray  # sorted global rows held out of training (test points)
+    X_test: Optional[np.ndarray] = None
+    y_test: Optional[np.ndarray] = None
+    test_rows: Optional[np.ndarray] = None
+    test_source: str = ""
+    test_indices: Optional[np.ndarray] = None  # the held-out rows in the order given (test points)
+    notes: List[str] = field(default_factory=list)
+    # set by open_parquet_on_dask
+    X_train: Any = None  # dask (n, d) float64
+    y_train: Any = None  # dask (n,)
+    max_abs: Optional[np.ndarray] = None  # (d,) largest |value| of each feature over the training rows
+    classes: Optional[np.ndarray] = None  # sorted distinct training labels (classifiers)
+    continuous: Optional[str] = None  # why the training labels look continuous (classifiers), or None
+
+    @property
+    def n_total(self) -> int:
+        return int(self.file_rows.sum())
+
+    @property
+    def n_train(self) -> int:
+        return self.n_total - int(self.held_out.size)
+
+    @property
+    def has_test(self) -> bool:
+        return self.X_test is not None or self.test_indices is not None
+
+    def train_rows_of(self, idx: np.ndarray) -> np.ndarray:
+        """Global rows (0..N-1 over the files) of the training positions ``idx`` (0..n-1).
+
+        With h the sorted held-out rows, s_i = h_i − i counts the training rows before h_i, so the
+        training position j lies after exactly #{i : s_i ≤ j} held-out rows."""
+        idx = np.asarray(idx, dtype=np.int64)
+        h = self.held_out
+        return idx + np.searchsorted(h - np.arange(h.size), idx, side="right")
+
+
+def _parquet_files(folder: pathlib.Path) -> Tuple[List[str], List[str]]:
+    """(the folder's Parquet files in natural name order, notes); one-line errors for an empty
+    folder, a sub-folder or a file that is not ``*.parquet``."""
+    files, skipped = [], []
+    for entry in sorted(folder.iterdir(), key=lambda e: _natural_key(e.name)):
+        if entry.name.startswith(_SKIPPED_PREFIXES):
+            skipped.append(entry.name)
+            continue
+        if entry.is_dir():
+            raise DataError(
+                f"{entry}: a sub-folder; a Parquet folder must hold the .parquet files themselves "
+                f"(partitioned folders are not supported)"
+            )
+        if entry.suffix.lower() != PARQUET_SUFFIX:
+            raise DataError(
+                f"{entry}: not a Parquet file: a Parquet folder must hold only *{PARQUET_SUFFIX} files "
+                f"(names starting with '_' or '.' are skipped)"
+            )
+        files.append(str(entry))
+    if not files:
+        raise DataError(f"{folder}: no Parquet files (*{PARQUET_SUFFIX}) in this folder")
+    notes = [f"{folder}: skipped {', '.join(skipped[:5])}" + (", ..." if len(skipped) > 5 else "")]
+    return files, notes if skipped else []
+
+
+def _arrow_kind(t: Any) -> Optional[str]:
+    """'number', 'bool', 'text' or None (unusable) for a pyarrow type."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    return None
+
+
+def _footer(path: str) -> Tuple[int, Any]:
+    """(rows, arrow schema) of a Parquet file from its footer; a one-line error naming it."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            "a Parquet folder needs pyarrow: pip install 'pyinfluence[dask]'", name="pyarrow"
+        ) from None
+    try:
+        meta = pq.read_metadata(path)
+        return int(meta.num_rows), meta.schema.to_arrow_schema()
+    except Exception as exc:  # pyarrow's ArrowInvalid, OSError, ...
+        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())})") from None
+
+
+def scan_parquet(
+    data: PathLike,
+    *,
+    label: Optional[str] = None,
+    test: Optional[PathLike] = None,
+    test_indices: Optional[str] = None,
+    numeric_labels: bool = False,
+    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
+    max_features: Optional[int] = None,
+) -> ParquetData:
+    """The checks of a Parquet folder (or one ``.parquet`` file) that need no rows: every file's
+    footer (row count, columns and types), the label column, the test file (read here: it is
+    small) and ``--test-indices``. One-line :class:`DataError` naming the file and column for: an
+    empty folder, a file that is not Parquet, files whose columns differ, a missing label column, a
+    feature column that is not numeric, a label column of another kind than the first file's.
+
+    ``max_bytes`` applies to the test file only (the Parquet files are read by the workers, one
+    file at a time); ``max_features``: refuse more feature columns, from the first footer."""
+    folder = pathlib.Path(data)
+    notes: List[str] = []
+    if folder.is_dir():
+        files, notes = _parquet_files(folder)
+    else:
+        _check_input_path(folder)
+        files = [str(folder)]
+    rows0, schema0 = _footer(files[0])
+    names0 = list(schema0.names)
+    index_cols = [c for c in names0 if _PANDAS_INDEX_COLUMN.fullmatch(c)]
+    header = [c for c in names0 if c not in index_cols]
+    if label is None:
+        raise DataError(f"{files[0]}: name the label column with --label")
+    label_name = header[_resolve_label_column(pathlib.Path(files[0]), header, label)]
+    features = [c for c in header if c != label_name]
+    if not features:
+        raise DataError(f"{files[0]}: no feature columns besides the label column {label_name!r}")
+    if max_features is not None and len(features) > max_features:
+        raise DataError(
+            f"{files[0]}: {len(features):,} feature columns, more than the limit of {max_features:,} "
+            f"features (each adds a model parameter; raise the limit with --max-params)"
+        )
+    if index_cols:
+        notes.append(
+            f"{files[0]}: left out {', '.join(index_cols)}: the row index that pandas' to_parquet writes"
+        )
+    file_rows = []
+    label_kind = ""
+    label_dtypes = []
+    for f in files:
+        rows, schema = (rows0, schema0) if f == files[0] else _footer(f)
+        names = [c for c in schema.names if not _PANDAS_INDEX_COLUMN.fullmatch(c)]
+        if set(names) != set(header):
+            missing = [c for c in header if c not in names]
+            extra = [c for c in names if c not in header]
+            raise DataError(
+                f"{f}: its columns differ from those of {files[0]}"
+                + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+                + (f"; not in {pathlib.Path(files[0]).name}: {', '.join(extra[:5])}" if extra else "")
+            )
+        for c in features:
+            t = schema.field(c).type
+            if _arrow_kind(t) not in ("number", "bool"):
+                raise DataError(f"{f}, column {c!r}: type {t}; features must be numbers")
+        t = schema.field(label_name).type
+        kind = _arrow_kind(t)
+        if kind is None:
+            raise DataError(f"{f}, label column {label_name!r}: type {t}; labels must be numbers or text")
+        if numeric_labels and kind != "number":
+            raise DataError(
+                f"{f}, label column {label_name!r}: type {t}; ridge regression needs numeric targets"
+            )
+        if label_kind and kind != label_kind:
+            raise DataError(
+                f"{f}, label column {label_name!r}: type {t} ({kind}), but in {files[0]} it holds {label_kind}"
+            )
+        label_kind = kind
+        if kind != "text":
+            vt = t.value_type if hasattr(t, "value_type") else t
+            label_dtypes.append(np.dtype(vt.to_pandas_dtype()))
+        file_rows.append(rows)
+    n_total = int(sum(file_rows))
+    if n_total == 0:
+        raise DataError(f"{data}: no data rows in its Parquet file(s)")
+    pdata = ParquetData(
+        source=str(data),
+        files=files,
+        file_rows=np.asarray(file_rows, dtype=np.int64),
+        feature_names=features,
+        label_name=label_name,
+        label_kind=label_kind,
+        # ridge's targets are float64, as read_csv gives them
+        label_dtype=(
+            np.dtype(np.float64)
+            if numeric_labels
+            else np.result_type(*label_dtypes)
+            if label_dtypes
+            else np.dtype(object)
+        ),
+        held_out=np.zeros(0, dtype=np.int64),
+        notes=notes,
+    )
+    if len(files) > 1:
+        pdata.notes.append(
+            f"{data}: {len(files)} Parquet files, {n_total:,} rows, numbered 0..{n_total - 1} across the "
+            f"files in name order (digits as numbers: part.2 before part.10)"
+        )
+    if test is not None:
+        _read_parquet_test(pdata, pathlib.Path(test), numeric_labels, max_bytes, max_features)
+    if test_indices is not None:
+        if pdata.X_test is not None:
+            idx = parse_indices(test_indices, pdata.X_test.shape[0], "--test-indices")
+            pdata.X_test, pdata.y_test = pdata.X_test[idx], pdata.y_test[idx]  # type: ignore[index]
+            pdata.test_rows = pdata.test_rows[idx]  # type: ignore[index]
+        else:
+            idx = parse_indices(test_indices, n_total, "--test-indices")
+            if idx.size >= n_total:
+                raise DataError("--test-indices holds out every row; nothing is left to train on")
+            pdata.test_indices, pdata.test_rows = idx, idx
+            pdata.held_out = np.sort(idx)
+            pdata.test_source = f"{data} (held-out rows)"
+    return pdata
+
+
+def _read_parquet_test(
+    pdata: ParquetData,
+    tpath: pathlib.Path,
+    numeric_labels: bool,
+    max_bytes: Optional[int],
+    max_features: Optional[int],
+) -> None:
+    """Test points from a CSV, an .npz or a .parquet file (read into this process) with the
+    training data's feature and label columns."""
+    st = _check_input_path(tpath)
+    names = pdata.feature_names
+    if _is_npz(tpath):
+        Xt, yt, _, _ = read_npz(tpath, numeric_labels=numeric_labels, test_file=True, max_bytes=max_bytes)
+        if Xt.shape[1] != len(names):
+            raise DataError(
+                f"{tpath}: the test data has {Xt.shape[1]} features but the training data has {len(names)}"
+            )
+    elif tpath.suffix.lower() == PARQUET_SUFFIX:
+        if max_bytes is not None and stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+            raise _too_large(tpath, format_bytes(st.st_size), max_bytes)
+        _, schema = _footer(str(tpath))
+        missing = [c for c in [*names, pdata.label_name] if c not in schema.names]
+        if missing:
+            raise DataError(
+                f"{tpath}: no column(s) {', '.join(repr(c) for c in missing[:5])} of the training data"
+            )
+        Xt, yt = _read_parquet_rows(str(tpath), names, pdata.label_name)
+        Xt = _check_X(Xt, f"{tpath}: the features")
+        if yt.dtype.kind == "O":  # text labels (pyarrow gives objects; None for a null)
+            if any(v is None for v in yt):
+                raise DataError(f"{tpath}: label column {pdata.label_name!r} has missing labels")
+            yt = yt.astype(str)
+        yt = _check_y(yt, Xt.shape[0], f"{tpath}: label column {pdata.label_name!r}", numeric_labels)
+    else:
+        Xt, yt_csv, tnotes = _read_csv_test(
+            tpath, names, pdata.label_name, numeric_labels, max_bytes, max_features
+        )
+        assert yt_csv is not None
+        yt = yt_csv
+        pdata.notes += tnotes
+    pdata.X_test, pdata.y_test = Xt, yt
+    pdata.test_rows = np.arange(Xt.shape[0], dtype=np.int64)
+    pdata.test_source = str(tpath)
+
+
+def _read_parquet_rows(path: str, features: Sequence[str], label: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(X (rows, d) float64, labels (rows,)) of one Parquet file; nulls become NaN (features) or
+    None (text labels)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=[*features, label])
+    X = np.empty((table.num_rows, len(features)), dtype=np.float64)
+    for j, c in enumerate(features):
+        X[:, j] = table.column(c).to_numpy(zero_copy_only=False)
+    return X, table.column(label).to_numpy(zero_copy_only=False)
+
+
+def _profile_file(
+    path: str,
+    rows: int,
+    first_row: int,
+    features: List[str],
+    label: str,
+    held_local: np.ndarray,
+    class_cap: int,
+) -> Dict[str, Any]:
+    """Runs on a Dask worker: one pass over one Parquet file (one chunk in memory). Returns the
+    first problem as a one-line message naming the file, its row and column (``"error"``), else
+    the largest |value| of each feature over the training rows (``held_local``: the file's rows
+    held out of training are left out), the file's distinct training labels (at most
+    ``class_cap``, 0: none; ``"truncated"`` when there are more), the first non-integer numeric
+    label and the longest text label."""
+    out: Dict[str, Any] = {"error": None}
+    try:
+        X, y = _read_parquet_rows(path, features, label)
+    except Exception as exc:
+        out["error"] = f"{path}: cannot read the Parquet file ({' '.join(str(exc).split())})"
+        return out
+    if X.shape[0] != rows:
+        out["error"] = f"{path}: holds {X.shape[0]} rows, but its footer said {rows} when the run started"
+        return out
+
+    def where(r: int) -> str:
+        return f"{path}, row {r} (row {first_row + r} of the data)"
+
+    bad = ~np.isfinite(X)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        what = "a missing value (null or NaN)" if np.isnan(X[r, c]) else "an infinite value"
+        out["error"] = f"{where(int(r))}, column {features[c]!r}: {what}"
+        return out
+    if y.dtype.kind == "O":
+        missing = np.flatnonzero([v is None for v in y])
+        if missing.size:
+            out["error"] = f"{where(int(missing[0]))}, label column {label!r}: a missing label"
+            return out
+        y = y.astype(str)
+    elif y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        r = int(np.flatnonzero(~np.isfinite(y))[0])
+        what = "a missing label (null or NaN)" if np.isnan(y[r]) else "a non-finite label"
+        out["error"] = f"{where(r)}, label column {label!r}: {what}"
+        return out
+    keep = np.ones(X.shape[0], dtype=bool)
+    keep[held_local] = False
+    Xk, yk = X[keep], y[keep]
+    out["max_abs"] = np.max(np.abs(Xk), axis=0) if Xk.shape[0] else np.zeros(X.shape[1])
+    uniq = np.unique(yk) if class_cap > 0 else yk[:0]  # class_cap 0: not a classifier
+    out["truncated"] = uniq.size > class_cap
+    out["classes"] = uniq[:class_cap]
+    out["width"] = int(np.char.str_len(y).max()) if y.dtype.kind == "U" and y.size else 0
+    frac = None
+    if yk.dtype.kind == "f":
+        fractional = yk[yk != np.round(yk)]
+        frac = float(fractional[0]) if fractional.size else None
+    out["fractional"] = frac
+    return out
+
+
+def _text_chunk(block: np.ndarray, width: int) -> np.ndarray:
+    """Text labels (an object array from pyarrow) as fixed-width unicode, as the CSV reader gives."""
+    return np.asarray(block).astype(f"<U{max(width, 1)}")
+
+
+def _drop_rows_chunk(block: np.ndarray, held: np.ndarray, block_info: Any = None) -> np.ndarray:
+    """The chunk without the held-out rows (``held``: sorted global rows) that fall into it."""
+    start, stop = block_info[0]["array-location"][0]
+    local = held[(held >= start) & (held < stop)] - start
+    return np.delete(block, local, axis=0)
+
+
+def _drop_rows(a: Any, held: np.ndarray) -> Any:
+    """The dask array ``a`` without the rows ``held`` (sorted), chunk by chunk: each chunk keeps its
+    place (one chunk per file), only its held-out rows go."""
+    if held.size == 0:
+        return a
+    bounds = np.cumsum((0,) + a.chunks[0])
+    counts = np.diff(np.searchsorted(held, bounds))  # held-out rows per chunk
+    chunks = (tuple(int(c - h) for c, h in zip(a.chunks[0], counts)),) + a.chunks[1:]
+    return a.map_blocks(
+        _drop_rows_chunk, held=held, chunks=chunks, dtype=a.dtype, meta=np.empty((0,) * a.ndim, dtype=a.dtype)
+    )
+
+
+def open_parquet_on_dask(pdata: ParquetData, *, classifier: bool, class_cap: int) -> None:
+    """Read the files on the Dask workers (the active ``distributed`` client): one pass of
+    :func:`_profile_file` per file (checks naming the file, row and column; per-feature largest
+    |value|; the distinct labels), then the lazy training arrays (one chunk per file, held-out rows
+    dropped) and the held-out test rows (fetched by index: only those rows come back).
+
+    ``classifier``: collect the distinct labels (at most ``class_cap``, > CONTINUOUS_MIN_DISTINCT,
+    a bound past which the model could not be fitted anyway) and decide whether they look
+    continuous (the rule of :func:`labels_look_continuous`, on the training labels)."""
+    import dask
+
+    from pyinfluence.linear.dask import read_parquet
+
+    offsets = np.concatenate([[0], np.cumsum(pdata.file_rows)])
+    held = pdata.held_out
+    tasks = []
+    for i, f in enumerate(pdata.files):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        local = held[(held >= lo) & (held < hi)] - lo
+        profile = dask.delayed(_profile_file, pure=True)
+        cap = class_cap if classifier else 0
+        tasks.append(
+            profile(f, int(pdata.file_rows[i]), lo, pdata.feature_names, pdata.label_name, local, cap)
+        )
+    results = dask.compute(*tasks)
+    for r in results:
+        if r["error"]:
+            raise DataError(r["error"])
+    d = len(pdata.feature_names)
+    pdata.max_abs = np.max(np.vstack([r["max_abs"] for r in results] + [np.zeros((1, d))]), axis=0)
+    n_train = pdata.n_train
+    if classifier:
+        classes = np.unique(np.concatenate([np.asarray(r["classes"]) for r in results]))
+        truncated = any(r["truncated"] for r in results) or classes.size > class_cap
+        fractional = next((r["fractional"] for r in results if r["fractional"] is not None), None)
+        if fractional is not None:
+            pdata.continuous = f"non-integer values such as {fractional:.6g}"
+        elif truncated and (class_cap + 1) * CONTINUOUS_MAX_ROWS_PER_VALUE > n_train:
+            # more than class_cap (> CONTINUOUS_MIN_DISTINCT) distinct values: the rule holds already
+            pdata.continuous = f"more than {class_cap} distinct values for {n_train} rows"
+        elif (
+            not truncated
+            and classes.size > CONTINUOUS_MIN_DISTINCT
+            and classes.size * CONTINUOUS_MAX_ROWS_PER_VALUE > n_train
+        ):
+            pdata.continuous = f"{classes.size} distinct values for {n_train} rows"
+        pdata.classes = classes[:class_cap] if truncated else classes
+        if pdata.label_dtype.kind == "f" and fractional is None:
+            pdata.label_dtype = np.dtype(np.int64)  # integral class labels as integers, as read_csv does
+    X, y = read_parquet(pdata.files, label=pdata.label_name, columns=pdata.feature_names, dtype=np.float64)
+    if pdata.label_kind == "text":
+        width = max(int(r["width"]) for r in results)
+        dt = np.dtype(f"<U{max(width, 1)}")
+        y = y.map_blocks(_text_chunk, width=width, dtype=dt, meta=np.empty(0, dtype=dt))
+    elif y.dtype != pdata.label_dtype:
+        y = y.astype(pdata.label_dtype)
+    if pdata.test_indices is not None:
+        Xt, yt = dask.compute(X[pdata.test_indices], y[pdata.test_indices])
+        pdata.X_test, pdata.y_test = np.ascontiguousarray(Xt, dtype=np.float64), np.asarray(yt)
+    pdata.X_train, pdata.y_train = _drop_rows(X, held), _drop_rows(y, held)
