@@ -811,14 +811,52 @@ def _fit_line(quality: Dict[str, Any]) -> str:
     return line
 
 
+def _fit_model(
+    args: argparse.Namespace,
+    data: Any,
+    X: Any,
+    Xt: Any,
+    scaling: Any,
+    n_params: int,
+    scale_warnings: List[str],
+    fit_quality: Callable[..., Dict[str, Any]],
+) -> Dict[str, Any]:
+    """Fit ``args.model`` on (X, data.y_train) — numpy arrays or, for Parquet input, dask arrays — build its
+    LinearInfluence and measure the fit with ``fit_quality``; the dict the commands work from."""
+    import warnings
+
+    from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
+
+    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[args.model](
+        l2=args.l2
+    )
+    with _numerics_guard(args, data, n_params):
+        model.fit(X, data.y_train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
+            inf = LinearInfluence(model, X, data.y_train, damping=args.damping)
+        quality = fit_quality(args.model, model, X, data.y_train, Xt, data.y_test)
+    return {
+        "data": data,
+        "X": X,
+        "X_test": Xt,
+        "model": model,
+        "inf": inf,
+        "scaling": scaling,
+        "n_params": n_params,
+        "fit_quality": quality,
+        "notes": list(data.notes),
+        "warnings": scale_warnings,
+        "args": args,
+    }
+
+
 def _fit(
     args: argparse.Namespace, need_test: bool, stack: Optional[contextlib.ExitStack] = None
 ) -> Dict[str, Any]:
     """Read the data, fit the model family, build the LinearInfluence. Parquet DATA runs on Dask
     (:func:`_fit_dask`); its cluster is entered into ``stack`` (closed when the command ends)."""
-    import warnings
 
-    from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
     from pyinfluence.cli.userdata import check_classes, is_parquet_input, load_user_data
 
     if is_parquet_input(args.data):
@@ -865,28 +903,7 @@ def _fit(
         if warning:
             scale_warnings.append(warning)
             _tell(args, "warning", warning)
-    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[args.model](
-        l2=args.l2
-    )
-    with _numerics_guard(args, ud, n_params):
-        model.fit(X, ud.y_train)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
-            inf = LinearInfluence(model, X, ud.y_train, damping=args.damping)
-        quality = _fit_quality(args.model, model, X, ud.y_train, Xt, ud.y_test)
-    return {
-        "data": ud,
-        "X": X,
-        "X_test": Xt,
-        "model": model,
-        "inf": inf,
-        "scaling": scaling,
-        "n_params": n_params,
-        "fit_quality": quality,
-        "notes": list(ud.notes),
-        "warnings": scale_warnings,
-        "args": args,
-    }
+    return _fit_model(args, ud, X, Xt, scaling, n_params, scale_warnings, _fit_quality)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -992,9 +1009,7 @@ def _fit_dask(args: argparse.Namespace, need_test: bool, stack: contextlib.ExitS
     cluster is entered into ``stack`` and the rows are read, checked, fitted and scored on its
     workers (see :func:`pyinfluence.cli.userdata.open_parquet_on_dask`); this process holds only
     p x p matrices, per-feature statistics, the test points and the results."""
-    import warnings
 
-    from pyinfluence import LinearInfluence, LogisticRegression, RidgeRegression, SmoothHingeSVM
     from pyinfluence.cli.userdata import (
         CONTINUOUS_MIN_DISTINCT,
         check_class_set,
@@ -1058,29 +1073,9 @@ def _fit_dask(args: argparse.Namespace, need_test: bool, stack: contextlib.ExitS
         if warning:
             scale_warnings.append(warning)
             _tell(args, "warning", warning)
-    model = {"logistic": LogisticRegression, "svm": SmoothHingeSVM, "ridge": RidgeRegression}[args.model](
-        l2=args.l2
-    )
-    with _numerics_guard(args, pdata, n_params):
-        model.fit(X, pdata.y_train)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the fit is exact; a warning here is not actionable
-            inf = LinearInfluence(model, X, pdata.y_train, damping=args.damping)
-        quality = _fit_quality_dask(args.model, model, X, pdata.y_train, Xt, pdata.y_test)
-    return {
-        "data": pdata,
-        "X": X,
-        "X_test": Xt,
-        "model": model,
-        "inf": inf,
-        "scaling": scaling,
-        "n_params": n_params,
-        "fit_quality": quality,
-        "notes": list(pdata.notes),
-        "warnings": scale_warnings,
-        "args": args,
-        "dask": where,
-    }
+    fitted = _fit_model(args, pdata, X, Xt, scaling, n_params, scale_warnings, _fit_quality_dask)
+    fitted["dask"] = where
+    return fitted
 
 
 def _top_magnitude_chunk(block: np.ndarray, offset: int, limit: int) -> Tuple[np.ndarray, np.ndarray, bool]:
