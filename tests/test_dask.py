@@ -427,14 +427,16 @@ def test_readers_name_the_file_that_fails(client, tmp_path):
         Xp.compute()
 
 
-def test_the_package_imports_without_dask():
+def test_the_package_imports_without_dask(tmp_path):
     code = (
         "import sys, numpy as np, pyinfluence\n"
         "X = np.random.default_rng(0).standard_normal((50, 3)); y = (X[:, 0] > 0).astype(int)\n"
         "m = pyinfluence.LogisticRegression().fit(X, y); pyinfluence.LinearInfluence(m, X, y).self_influence()\n"
         "assert not any(k == 'dask' or k.startswith('dask.') for k in sys.modules), 'dask was imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # run in tmp_path: from the repository root, `python -c` would import the source tree, which (in a
+    # non-editable install, as in CI) has no compiled core
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -445,6 +447,7 @@ def test_the_benchmark_runs_in_quick_mode(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # not the repository root, whose source tree would shadow the installed package
     )
     assert res.returncode == 0, res.stdout + res.stderr
     import json

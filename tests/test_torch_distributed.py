@@ -78,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.n
         except subprocess.TimeoutExpired:
             proc.kill()
             log, _ = proc.communicate()
-    assert proc.returncode == 0, log[-6000:]
+    assert proc.returncode == 0, log if len(log) <= 12000 else log[:6000] + "\n[...]\n" + log[-6000:]
     return out, ref
 
 
