@@ -811,6 +811,17 @@ def _fit_line(quality: Dict[str, Any]) -> str:
     return line
 
 
+def _check_param_limit(source: str, n_params: int, max_params: int, at_least: bool = False) -> None:
+    """CLIError when the model has more than ``--max-params`` parameters (``at_least``: ``n_params`` is a
+    lower bound, the classes having been counted only up to a cap)."""
+    if n_params > max_params:
+        raise CLIError(
+            f"{source}: the model has {'more than ' if at_least else ''}{n_params:,} parameters, more than "
+            f"the limit of {max_params:,} (the exact Hessian would take {format_bytes(8 * n_params**2)}); "
+            f"raise it with --max-params"
+        )
+
+
 def _fit_model(
     args: argparse.Namespace,
     data: Any,
@@ -887,12 +898,7 @@ def _fit(
     if args.model != "ridge":
         check_classes(ud.y_train, args.model, ud.source)
     n_params = _n_params(args.model, ud)
-    if n_params > args.max_params:
-        raise CLIError(
-            f"{ud.source}: the model has {n_params:,} parameters, more than the limit of "
-            f"{args.max_params:,} (the exact Hessian would take {format_bytes(8 * n_params**2)}); "
-            f"raise it with --max-params"
-        )
+    _check_param_limit(ud.source, n_params, args.max_params)
     X, Xt = ud.X_train, ud.X_test
     scaling = None
     scale_warnings: List[str] = []
@@ -1046,12 +1052,7 @@ def _fit_dask(args: argparse.Namespace, need_test: bool, stack: contextlib.ExitS
         check_class_set(pdata.classes, pdata.continuous, args.model, pdata.source)
         n_classes = int(pdata.classes.size)
     n_params = (n_classes if args.model == "logistic" and n_classes > 2 else 1) * (d + 1)
-    if n_params > args.max_params:
-        raise CLIError(
-            f"{pdata.source}: the model has {'more than ' if n_classes >= class_cap else ''}{n_params:,} "
-            f"parameters, more than the limit of {args.max_params:,} (the exact Hessian would take "
-            f"{format_bytes(8 * n_params**2)}); raise it with --max-params"
-        )
+    _check_param_limit(pdata.source, n_params, args.max_params, at_least=n_classes >= class_cap)
     X, Xt = pdata.X_train, pdata.X_test
     scaling = None
     scale_warnings: List[str] = []
