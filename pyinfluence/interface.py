@@ -193,8 +193,9 @@ class Influence(abc.ABC, Generic[ArrayT]):
         - ``method="influence"`` (both paths): first order, −(1/n)·up_loss, shape (k, m); with
           ``group=True`` the points in ``train_idx`` are removed together: −(1/n)·Σ_i up_loss[i],
           shape (m,).
-        - ``method="newton"`` (LinearInfluence only; ValueError on the torch path): one exact Newton
-          step on the leave-out objective, same shapes.
+        - ``method="newton"``: one Newton step from θ̂ on the leave-out objective (its Hessian + λI; the
+          test loss evaluated exactly at the stepped parameters), same shapes. It adds the removed points'
+          own curvature, which the first-order estimate leaves out.
 
         ``train_idx`` default: all n points, one at a time (required with ``group=True``). The model
         is refit on the mean loss over the remaining points with the same l2 (as in

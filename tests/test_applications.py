@@ -502,8 +502,8 @@ def test_attack_settings_object_and_keywords_agree(unit_small):
 
 
 def test_attack_on_torch_influence_with_a_refit_callable(unit_small):
-    """The torch path through the interface: training inputs, loss and predictions from TorchInfluence;
-    only the refit (no training loop on that path) comes from the caller. Same attack as the linear path."""
+    """The torch path through the interface: training inputs, loss and predictions from TorchInfluence; the
+    refit from the caller (an exact fit) or TorchInfluence.refit. Same attack as the linear path."""
     torch = pytest.importorskip("torch")
     from pyinfluence.torch.influence import TorchInfluence
 
@@ -525,8 +525,6 @@ def test_attack_on_torch_influence_with_a_refit_callable(unit_small):
     inf, tinf = fit_both(ds.X_train)
     t = int(app.pick_targets(inf, ds.X_test, ds.y_test, 1)[0])
     st = app.AttackSettings(epsilon=0.25, n_poison=2, n_steps=4, clip=(0, 1), refit_each_step=False)
-    with pytest.raises(ValueError, match="cannot refit its model.*pass refit="):
-        app.training_set_attack(tinf, ds.X_test[t], ds.y_test[t], st)
     refits = []
 
     def refit(X_new, previous):
@@ -549,6 +547,12 @@ def test_attack_on_torch_influence_with_a_refit_callable(unit_small):
         b.flipped,
     )
     np.testing.assert_array_equal(a.eval_flipped, b.eval_flipped)
+    # TorchInfluence.refit (quasi-Newton retraining from θ̂ on the perturbed inputs) answers the same
+    c = app.training_set_attack(tinf, ds.X_test[t], ds.y_test[t], st, X_eval=ds.X_test, y_eval=ds.y_test)
+    np.testing.assert_allclose(c.x_perturbed, b.x_perturbed, atol=1e-12)
+    assert c.loss_after == pytest.approx(b.loss_after, rel=1e-6)
+    assert (c.prediction_after, c.flipped) == (b.prediction_after, b.flipped)
+    np.testing.assert_array_equal(c.eval_flipped, b.eval_flipped)
 
 
 def test_attack_many_pick_targets_and_bad_input(unit_small):
@@ -827,5 +831,9 @@ def test_applications_accept_torch_influence(unit_small):
     np.testing.assert_allclose(v.predicted["influence"][0], w.predicted["influence"][0], rtol=1e-6)
     np.testing.assert_allclose(v.test_losses, w.test_losses, rtol=1e-10)  # through Influence.loss
     _json(v)
-    with pytest.raises(ValueError, match="pass retrain="):
-        app.validate_loo(tinf, Xq[:1], yq[:1], n_top=2, n_random=0, methods=("influence",))
+    # with no retrain callable: TorchInfluence.retrain_loo, and the Newton step, both like the linear path's
+    v2 = app.validate_loo(tinf, Xq[:1], yq[:1], n_top=4, n_random=2)
+    w2 = app.validate_loo(inf, ds.X_test[:1], ds.y_test[:1], n_top=4, n_random=2)
+    for mt in ("influence", "newton"):
+        np.testing.assert_allclose(v2.predicted[mt][0], w2.predicted[mt][0], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(v2.actual[0], w2.actual[0], rtol=1e-5, atol=1e-9)

@@ -8,7 +8,8 @@
     finite differences for pert_loss), not with the library's code.
 (b) Both classes are Influence subclasses with identical parameter names, kinds and defaults on every
     interface method; a subclass missing an abstract method cannot be instantiated.
-(c) What the torch path cannot do (retrain_loo, refit) raises NotImplementedError naming the alternative.
+(c) The torch path's leave-out Newton step, retraining and refit agree with the linear path's and with the
+    closed form.
 """
 
 from __future__ import annotations
@@ -371,14 +372,56 @@ def test_topk_is_one_generic_type_exported_everywhere():
 
 
 # ------------------------------------------------------------------------------------------------
-# (c) what the torch path cannot do
+# (c) leave-out Newton steps and retraining on both paths
 # ------------------------------------------------------------------------------------------------
-def test_torch_path_refuses_retraining_and_names_the_alternative(paths):
-    lin, tor, X, y, Xt, yt, _ = paths
-    assert tor.can_retrain is False
-    with pytest.raises(NotImplementedError, match=r"loo_change\("):
-        tor.retrain_loo(Xt, yt, [0, 1])
-    with pytest.raises(NotImplementedError, match=r"TorchInfluence\(model, loss_fn"):
-        tor.refit()
-    # the linear path answers the same call: ground truth by exact refits
+def test_torch_path_retrains_like_the_linear_path(paths):
+    """The torch path's Newton step, retraining and refit (pyinfluence.torch.leave_out: CG on the leave-out
+    Hessian, quasi-Newton retraining from θ̂) agree with the linear path's (the C++ core: a Woodbury step on
+    the Cholesky factor, exact Newton refits) on the same model, and the Newton step with the closed form
+    written here: Δ = −∇²R₋ᵢ(θ̂)⁻¹ ∇R₋ᵢ(θ̂) from numpy gradients and Hessians, the test loss at θ̂ + Δ."""
+    lin, tor, X, y, Xt, yt, perm = paths
+    assert tor.can_retrain and lin.can_retrain
+    idx = [0, 41, 88]
+    n = X.shape[0]
+    a = lin.loo_change(Xt, yt, idx, method="newton")
+    b = _np(tor.loo_change(Xt, yt, idx, method="newton"))
+    np.testing.assert_allclose(b, a, rtol=1e-7, atol=1e-12)
+    # the closed form (linear layout): R₋ᵢ's gradient and Hessian at θ̂ from per-example quantities
+    theta = lin.model.theta_
+    grads, loss, H = _closed_form(X, y, Xt, yt, theta)
+    G = grads(X, y)
+    for r, i in enumerate(idx):
+        keep = np.arange(n) != i
+        g = G[keep].sum(0) / (n - 1) + L2 * theta.ravel()
+        grads_i, _, H_i = _closed_form(X[keep], y[keep], Xt, yt, theta)  # H of the mean over the n − 1 kept
+        step = -np.linalg.solve(H_i, g)
+        _, loss_new, _ = _closed_form(X, y, Xt, yt, theta + step.reshape(theta.shape))
+        np.testing.assert_allclose(b[r], loss_new(Xt, yt) - loss(Xt, yt), rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(
+        _np(tor.loo_change(Xt, yt, idx, method="newton", group=True)),
+        lin.loo_change(Xt, yt, idx, method="newton", group=True),
+        rtol=1e-7,
+        atol=1e-12,
+    )
+    # retraining: both to ‖∇R₋‖ ≤ 1e-11, so the changes agree far below their size
+    ra = lin.retrain_loo(Xt, yt, idx, tol=1e-11)
+    rb = _np(tor.retrain_loo(Xt, yt, idx, tol=1e-11))
+    np.testing.assert_allclose(rb, ra, rtol=1e-6, atol=1e-10)
+    assert tor.last_retrain is not None and (tor.last_retrain.grad_norm <= 1e-11).all()
+    ga = lin.retrain_loo(Xt, yt, idx, group=True, tol=1e-11)
+    np.testing.assert_allclose(
+        _np(tor.retrain_loo(Xt, yt, idx, group=True, tol=1e-11)), ga, rtol=1e-6, atol=1e-10
+    )
+    # refit on relabelled data: the refitted models' influence agrees
+    y2 = y.copy()
+    y2[[3, 7]] = (y2[[3, 7]] + 1) % (int(y.max()) + 1)
+    _, t_targets = tor.training_data()
+    t2 = t_targets.clone()
+    t2[[3, 7]] = torch.as_tensor(y2[[3, 7]], dtype=t2.dtype)
+    lin2 = lin.refit(y_train=y2)
+    tor2 = tor.refit(y_train=t2)
+    np.testing.assert_allclose(_np(tor2.up_loss(Xt, yt)), lin2.up_loss(Xt, yt), rtol=1e-6, atol=1e-10)
+    assert tor2.grad_norm_ <= 1e-9
+    assert not torch.equal(tor2.params, tor.params)  # the original is untouched, the copy moved
+    # the linear path answers with exact refits too
     assert lin.retrain_loo(Xt, yt, [0, 1]).shape == (2, Xt.shape[0])

@@ -456,8 +456,8 @@ def test_bad_input(small):
         ti.up_loss(Xt, yt, [len(s.X)])
     with pytest.raises(ValueError, match="k must be <="):
         ti.top_k(Xt, yt, len(s.X) + 1)
-    with pytest.raises(ValueError, match="newton"):
-        ti.loo_change(Xt, yt, method="newton")
+    with pytest.raises(ValueError, match="method must be 'influence' or 'newton'"):
+        ti.loo_change(Xt, yt, method="newtons")
     with pytest.raises(ValueError, match="train_idx is required"):
         ti.loo_change(Xt, yt, group=True)
     with pytest.raises(ValueError, match="repeated"):

@@ -163,14 +163,14 @@ def validate_loo(
     (one generator, used for the test points in order). For each (test, train) pair:
 
     - predicted: ``inf.loo_change(x_j, y_j, train_idx, method=m)`` for m in ``methods``
-      (``"influence"``: −(1/n)·up_loss, the paper's estimate; ``"newton"``: one exact Newton step,
-      LinearInfluence only);
+      (``"influence"``: −(1/n)·up_loss, the paper's estimate; ``"newton"``: one Newton step on the
+      leave-one-out objective, both paths);
     - actual: ``retrain(X_test, y_test, train_idx)`` → (k, m) changes L(θ̂₋ᵢ) − L(θ̂) of every test
       loss after removing each training point and retraining. Default: ``inf.retrain_loo`` where the
-      influence object can retrain (``inf.can_retrain``: LinearInfluence, exact refits). For a torch
-      model pass a callable that retrains (e.g. from the trained weights, as the paper did) — the
-      training points of all test points are retrained once each and every refit is evaluated on all
-      m test points.
+      influence object can retrain (``inf.can_retrain``: LinearInfluence's exact refits; TorchInfluence's
+      quasi-Newton retraining from θ̂ to a gradient-norm tolerance, in one process). Or pass a callable
+      that retrains another way (e.g. a fixed number of SGD steps, as in the paper) — the training points
+      of all test points are retrained once each and every refit is evaluated on all m test points.
 
     Signs (Koh & Liang): positive change = removing the point raises the test loss (it helped).
     Returns :class:`LOOValidation` (``.stats[method]["pearson"]``, ``["slope_origin"]``, ...;

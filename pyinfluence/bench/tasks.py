@@ -39,12 +39,23 @@ are given.
 
 Trained tasks are cached within the process (keyed on name, quick, seed and size), so a second
 ``make_task`` with the same arguments is free; ``clear_cache()`` forgets them.
+
+Retraining with the task's own trainer (:meth:`Task.retrain`, returning a :class:`TrainedModel`):
+on a subset of the training rows, from another initial seed, warm-started from the trained
+weights, or on replaced labels — the same objective (mean loss + (l2/2)‖θ‖² over all parameters)
+and the same trainer settings as the task. :meth:`Task.with_model` / :meth:`Task.with_labels`
+wrap such a model as a new (uncached) Task whose influence views work unchanged (ensembles over
+initial seeds; mislabel detection on a model trained on flipped labels). Used by
+:mod:`pyinfluence.bench.lds` (LDS, brittleness, mislabel AUC).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -54,13 +65,26 @@ from torch import nn
 
 from pyinfluence.torch.training import SmallCNN, cross_entropy, digits_mlp, lbfgs_fit
 
-__all__ = ["TASKS", "SmallCNN", "Task", "clear_cache", "lbfgs_fit", "make_task", "task_names"]
+__all__ = [
+    "TASKS",
+    "SmallCNN",
+    "Task",
+    "TrainedModel",
+    "clear_cache",
+    "lbfgs_fit",
+    "make_task",
+    "task_names",
+]
 
 L2 = 1e-3
 DEEP_DAMPING = 1e-2
 SVM_TEMPERATURE = 0.1
 SYNTH_DEFAULT = {"n": 20_000, "d": 200}
 SYNTH_QUICK = {"n": 5_000, "d": 100}
+#: L-BFGS settings of the deep tasks' trainer (``lbfgs_fit``): iterations (full, quick) and tolerance
+DEEP_MAX_ITER: dict[str, tuple[int, int]] = {"digits-mlp": (300, 300), "digits-cnn": (1000, 200)}
+DEEP_TOL = 1e-10
+DEEP_HISTORY = 20
 
 #: name -> (kind, one-line description); the order is the order of ``pyinfluence bench``.
 TASKS: dict[str, tuple[str, str]] = {
@@ -82,6 +106,90 @@ def task_names() -> list[str]:
 def clear_cache() -> None:
     """Forget the trained tasks cached by :func:`make_task`."""
     _CACHE.clear()
+
+
+@dataclass(eq=False)
+class TrainedModel:
+    """A model trained by a task's own trainer (:meth:`Task.retrain`).
+
+    ``module``: the trained ``nn.Module`` (float64, eval mode; for linear tasks the ``nn.Linear``
+    equivalent of the estimator, intercept as the bias). ``estimator``: the fitted pyinfluence
+    estimator (linear tasks; None for deep ones). ``loss_fn``: the task's per-example loss.
+    ``grad_norm``: ‖∇R_S(θ)‖ of the training objective on the rows it was trained on (how close the
+    fit got to its optimum). ``rows``: the training rows used (sorted int64 indices; None = all).
+    ``labels``: the training labels used when they differ from the task's (the task's label values,
+    see :meth:`Task.train_label_values`; None = the task's). ``seed``: the initial-weight seed
+    (deep tasks, cold start; None when warm-started or linear). ``warm_start``, ``iterations``
+    (Newton iterations; None for L-BFGS, whose count torch does not return) and ``seconds``.
+    """
+
+    module: Any
+    loss_fn: Callable[..., Any]
+    grad_norm: float
+    seconds: float
+    rows: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    seed: Optional[int] = None
+    warm_start: bool = False
+    iterations: Optional[int] = None
+    estimator: Any = None
+
+    def outputs(self, X: Any) -> Any:
+        """The model's outputs (logits / scores) on the tensor ``X``, shape (m, K), no grad."""
+        with torch.no_grad():
+            out = self.module(X)
+        return out.reshape(out.shape[0], -1)
+
+    def losses(self, X: Any, y: Any) -> np.ndarray:
+        """Per-example losses L(z, θ) on (X, y) (task's torch convention for y), float64 (m,)."""
+        with torch.no_grad():
+            li = self.loss_fn(self.module(X), y)
+        return li.detach().cpu().double().numpy().reshape(-1)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted class indices, int64 (m,): argmax of the logits, or (score > 0) for a single
+        output (binary logistic / SVM; index 1 = the estimator's ``classes_[1]``)."""
+        return _predicted_class(self.outputs(X))
+
+    def margins(self, X: Any, y: Any) -> np.ndarray:
+        """Correct-class margins φ, float64 (m,): φ = s_y − logsumexp_{k≠y} s_k (multiclass; TRAK's
+        log(p_y / (1 − p_y))), φ = (2c − 1)·s for a single output (c the true class index). The
+        cross-entropy / logistic loss is softplus(−φ) and the smooth hinge t·softplus((1 − φ)/t):
+        both strictly decreasing in φ."""
+        return _margins(self.outputs(X), y)
+
+
+def _class_index(y: Any) -> np.ndarray:
+    """True class indices (int64) of torch-convention labels: integer labels as they are, float
+    labels ({0, 1} logistic or {−1, +1} SVM) as (y > 0)."""
+    t = torch.as_tensor(y)
+    if t.dtype.is_floating_point:
+        return (t > 0).long().cpu().numpy().reshape(-1)
+    return t.long().cpu().numpy().reshape(-1)
+
+
+def _predicted_class(out: Any) -> np.ndarray:
+    if out.shape[1] == 1:
+        return (out[:, 0] > 0).long().cpu().numpy()
+    return out.argmax(1).long().cpu().numpy()
+
+
+def _outputs(module: Any, X: Any) -> Any:
+    with torch.no_grad():
+        out = module(X)
+    return out.reshape(out.shape[0], -1)
+
+
+def _margins(out: Any, y: Any) -> np.ndarray:
+    out = out.detach().double()
+    c = torch.from_numpy(_class_index(y))
+    if out.shape[1] == 1:
+        return ((2.0 * c.double() - 1.0) * out[:, 0]).cpu().numpy()
+    rows = torch.arange(out.shape[0])
+    s_y = out[rows, c]
+    others = out.clone()
+    others[rows, c] = -math.inf
+    return (s_y - torch.logsumexp(others, dim=1)).cpu().numpy()
 
 
 @dataclass(eq=False)
@@ -195,6 +303,239 @@ class Task:
             f"l2={self.l2:g}, damping={self.damping:g})"
         )
 
+    # -- retraining with the task's own trainer ---------------------------------------------------
+    def trainer_settings(self) -> dict[str, Any]:
+        """The trainer and objective :meth:`retrain` uses, JSON-able (part of the retraining cache
+        keys of :mod:`pyinfluence.bench.lds`). Linear: pyinfluence's Newton fit of the task's
+        estimator (its hyperparameters and tolerance; ``penalize_intercept=True``). Deep: one
+        full-batch L-BFGS call (``lbfgs_fit``) with the task's iteration count. Raises ValueError
+        for a task whose trainer is not known (a task not built by :func:`make_task`)."""
+        if self.kind == "linear":
+            est = self.linear_model
+            if est is None or "theta_" not in getattr(est, "__dict__", {}):
+                raise ValueError(f"task {self.name!r} has no fitted linear estimator to retrain")
+            classes = getattr(est, "classes_", None)
+            return {
+                "trainer": "pyinfluence Newton",
+                "estimator": type(est).__name__,
+                "params": {k: v for k, v in est.get_params().items()},
+                "tol": float(est._tol()),
+                "classes": None if classes is None else np.asarray(classes).tolist(),
+            }
+        name = self.spec.get("name", self.name)
+        if name not in DEEP_MAX_ITER:
+            raise ValueError(
+                f"task {self.name!r} has no known trainer: retraining covers the linear tasks and the deep "
+                f"tasks {', '.join(DEEP_MAX_ITER)} built by make_task"
+            )
+        return {
+            "trainer": "lbfgs_fit (full-batch L-BFGS, strong Wolfe), float64",
+            "architecture": name,
+            "max_iter": _deep_max_iter(name, bool(self.spec.get("quick", False))),
+            "l2": float(self.l2),
+            "tol": DEEP_TOL,
+            "history_size": DEEP_HISTORY,
+        }
+
+    def train_label_values(self) -> np.ndarray:
+        """A copy of the training labels in the values :meth:`retrain`'s ``labels`` takes, (n,):
+        the estimator's label values (``y_train_np``) for linear tasks, class indices for deep
+        ones (for the digits tasks both are the digits 0–9)."""
+        if self.kind == "linear" and self.y_train_np is not None:
+            return np.asarray(self.y_train_np).copy()
+        return self.y_train.detach().cpu().numpy().copy()
+
+    def _init_seed(self) -> int:
+        return int(self.spec.get("init_seed", self.spec.get("seed", 0)))
+
+    def _rows(self, keep: Any) -> Optional[np.ndarray]:
+        """``keep`` (None, a boolean mask (n,) or indices) as sorted unique int64 rows; None = all."""
+        if keep is None:
+            return None
+        from pyinfluence._validation import as_index_array
+
+        rows = np.unique(as_index_array("keep", keep, self.n_train, unique=True, allow_empty=False))
+        return None if rows.size == self.n_train else rows
+
+    def _training_labels(self, labels: Any) -> tuple[Any, Optional[np.ndarray]]:
+        """(torch labels (n,) in the task's convention, label values (n,) or None) for ``labels``
+        given as :meth:`train_label_values` (None: the task's own)."""
+        if labels is None:
+            return self.y_train, (None if self.y_train_np is None else np.asarray(self.y_train_np))
+        if hasattr(labels, "detach") and hasattr(labels, "cpu"):
+            labels = labels.detach().cpu().numpy()
+        arr = np.asarray(labels)
+        n = self.n_train
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"labels must have shape ({n},) (one per training point), got {arr.shape}")
+        if self.kind == "linear":
+            # the estimator's own encoding (index for logistic/multinomial, ±1 for the SVM);
+            # raises ValueError naming `labels` for values outside its classes_
+            enc = self.linear_model._encode("labels", arr, np.float64, n=n)
+            dt = np.int64 if self.y_train.dtype == torch.int64 else np.float64
+            return torch.from_numpy(np.ascontiguousarray(enc.astype(dt))), arr
+        if arr.dtype.kind not in "iu":
+            raise TypeError(
+                f"labels must be integer class indices for task {self.name!r}, got dtype {arr.dtype}"
+            )
+        with torch.no_grad():
+            n_classes = int(self.model(self.X_train[:1]).reshape(1, -1).shape[1])
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n_classes):
+            raise ValueError(
+                f"labels must be class indices in [0, {n_classes}), got values in [{arr.min()}, {arr.max()}]"
+            )
+        return torch.from_numpy(arr.astype(np.int64)), arr
+
+    def retrain(
+        self,
+        keep: Any = None,
+        *,
+        seed: Optional[int] = None,
+        warm_start: bool = False,
+        labels: Any = None,
+    ) -> TrainedModel:
+        """Train the task's model again with the task's own trainer and objective.
+
+        ``keep``: the training rows to train on (None: all; a boolean mask (n,) or an index array);
+        the objective is the mean loss over those rows + (l2/2)‖θ‖² (all parameters), as the task's.
+        ``seed``: initial weights for a deep task (None: the task's own seed, so that
+        ``retrain()`` reproduces ``task.model``); the model is built as :func:`make_task` builds it
+        (``torch.manual_seed(seed)`` then the constructor), with torch's global RNG state saved
+        and restored. Linear tasks ignore it: their objective is strictly convex (l2 > 0) and
+        Newton starts from θ = 0 as ``fit`` does. ``warm_start=True``: start from the task's trained
+        weights (deep) or θ̂ (linear; the same optimum in fewer iterations); excludes ``seed``.
+        ``labels`` (n,): training labels replacing the task's, in :meth:`train_label_values`
+        form (e.g. from :func:`pyinfluence.applications.mislabel.flip_labels`).
+
+        Linear: pyinfluence's Newton fit of a copy of the task's estimator (classes fixed to the
+        task's, so a subset that lacks a class keeps the parameter shape); raises
+        :class:`~pyinfluence.errors.ConvergenceError` if Newton does not converge. Deep: one
+        ``lbfgs_fit`` call with the task's iteration count, l2 and tolerance. Returns a
+        :class:`TrainedModel` (outputs, losses, predictions, margins, ‖∇R‖ on the rows used).
+        """
+        from pyinfluence._validation import check_bool, check_rng_seed
+
+        warm_start = check_bool("warm_start", warm_start)
+        if seed is not None:
+            seed = check_rng_seed("seed", seed)
+            if warm_start:
+                raise ValueError(
+                    "seed and warm_start=True exclude each other: a warm start begins at the trained weights"
+                )
+        settings = self.trainer_settings()  # raises for a task without a known trainer
+        rows = self._rows(keep)
+        y_t, y_vals = self._training_labels(labels)
+        kept_labels = None if labels is None else np.array(y_vals, copy=True)
+        t0 = time.perf_counter()
+        if self.kind == "linear":
+            base = self.linear_model
+            assert self.X_train_np is not None and self.y_train_np is not None
+            est = copy.copy(base)  # shares classes_ (read-only); theta_ is replaced below
+            Xs = self.X_train_np if rows is None else self.X_train_np[rows]
+            ys = self.y_train_np if labels is None else y_vals
+            assert ys is not None
+            ys = ys if rows is None else ys[rows]
+            y_enc = est._encode("labels", ys, np.float64, n=Xs.shape[0])
+            theta_hat = np.asarray(base.theta_, dtype=np.float64)
+            theta0 = theta_hat.copy() if warm_start else np.zeros_like(theta_hat)
+            theta, n_iter, grad_norm = est._newton(Xs, y_enc, theta0, theta0.shape[0], what="retrain")
+            est.theta_, est.n_iter_, est.grad_norm_ = theta, n_iter, grad_norm
+            module = _linear_module(theta)
+            used_seed, iterations = None, int(n_iter)
+        else:
+            if warm_start:
+                module = copy.deepcopy(self.model)
+                used_seed = None
+            else:
+                used_seed = self._init_seed() if seed is None else seed
+                module = _new_deep_model(settings["architecture"], used_seed)
+            Xs = self.X_train if rows is None else self.X_train[torch.from_numpy(rows)]
+            ys_t = y_t if rows is None else y_t[torch.from_numpy(rows)]
+            grad_norm = lbfgs_fit(
+                module,
+                Xs,
+                ys_t,
+                settings["max_iter"],
+                l2=self.l2,
+                tol=DEEP_TOL,
+                history_size=DEEP_HISTORY,
+                loss=self.loss_fn,
+            )
+            est, iterations = None, None
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return TrainedModel(
+            module=module,
+            loss_fn=self.loss_fn,
+            grad_norm=float(grad_norm),
+            seconds=time.perf_counter() - t0,
+            rows=rows,
+            labels=kept_labels,
+            seed=used_seed,
+            warm_start=warm_start,
+            iterations=iterations,
+            estimator=est,
+        )
+
+    def with_model(self, trained: TrainedModel) -> Task:
+        """A new Task (not cached by :func:`make_task`) whose model is ``trained`` (from
+        :meth:`retrain` on all training rows) and whose training labels are the ones it was
+        trained on; everything else (data, loss, l2, damping, params) as this task's, so
+        ``torch_influence``, ``linear_influence`` and the peers work on it unchanged. Its
+        ``spec`` records the difference (``init_seed``, ``labels_sha256``, ``warm_start``), which
+        also keys retraining caches and is the default seed of its own :meth:`retrain`."""
+        if not isinstance(trained, TrainedModel):
+            raise TypeError(
+                f"trained must be a TrainedModel (from Task.retrain), got {type(trained).__name__}"
+            )
+        if trained.rows is not None:
+            raise ValueError(
+                f"trained was fitted on {trained.rows.size} of the {self.n_train} training rows; with_model "
+                f"needs a model trained on all of them (retrain(keep=None))"
+            )
+        if self.kind == "linear" and trained.estimator is None:
+            raise ValueError("trained has no fitted estimator: it is not a model of a linear task")
+        y_t, y_vals = self._training_labels(trained.labels)
+        spec = dict(self.spec)
+        if trained.seed is not None:
+            spec["init_seed"] = int(trained.seed)
+        if trained.warm_start:
+            spec["warm_start"] = True
+        if trained.labels is not None:
+            spec["labels_sha256"] = hashlib.sha256(
+                repr(np.asarray(trained.labels).tolist()).encode()
+            ).hexdigest()
+        module = trained.module
+        info = dict(self.info)
+        info.update(
+            grad_norm=float(trained.grad_norm),
+            train_accuracy=float(
+                np.mean(_predicted_class(_outputs(module, self.X_train)) == _class_index(y_t))
+            ),
+            test_accuracy=float(
+                np.mean(_predicted_class(_outputs(module, self.X_test)) == _class_index(self.y_test))
+            ),
+            fit_s=float(trained.seconds),
+            variant={k: spec[k] for k in ("init_seed", "warm_start", "labels_sha256") if k in spec},
+        )
+        return replace(
+            self,
+            model=module,
+            y_train=y_t,
+            linear_model=trained.estimator if self.kind == "linear" else self.linear_model,
+            y_train_np=(None if y_vals is None else np.asarray(y_vals).copy())
+            if self.kind == "linear"
+            else self.y_train_np,
+            info=info,
+            spec=spec,
+        )
+
+    def with_labels(self, labels: Any, *, seed: Optional[int] = None) -> Task:
+        """``with_model(retrain(labels=labels, seed=seed))``: the task's model trained from its
+        initial weights on replaced training labels (e.g. 10% flipped, for mislabel detection)."""
+        return self.with_model(self.retrain(labels=labels, seed=seed))
+
 
 # ================================================================================================
 # construction
@@ -239,8 +580,6 @@ def make_task(name: str, quick: bool = False, seed: int = 0, **size: Any) -> Tas
     key = (name, quick, seed, tuple(sorted(sz.items())))
     if key in _CACHE:
         return _CACHE[key]
-    import time
-
     t0 = time.perf_counter()
     builder = {
         "digits-logreg": _digits_logreg,
@@ -413,6 +752,26 @@ def _synthetic_linear(quick: bool, seed: int, sz: dict) -> Task:
 
 
 # -- deep tasks -------------------------------------------------------------------------------
+def _deep_max_iter(name: str, quick: bool) -> int:
+    """The L-BFGS iteration count of deep task ``name`` (full or quick)."""
+    full, fast = DEEP_MAX_ITER[name]
+    return fast if quick else full
+
+
+def _new_deep_model(name: str, seed: int) -> nn.Module:
+    """The untrained float64 model of deep task ``name`` with initial weights from
+    ``torch.manual_seed(seed)``; torch's global RNG state is saved and restored."""
+    ctors: dict[str, Callable[[], nn.Module]] = {"digits-mlp": digits_mlp, "digits-cnn": SmallCNN}
+    ctor = ctors[name]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = ctor().double()
+    finally:
+        torch.random.set_rng_state(state)
+    return model
+
+
 def _deep_task(name: str, model: Any, Xtr, ytr, Xte, yte, iters: int, desc: str, arch: str) -> Task:
 
     gn = lbfgs_fit(model, Xtr, ytr, iters, l2=L2)
@@ -464,18 +823,24 @@ def _digits_torch(seed: int, sz: dict, m_default: int):
 def _digits_mlp(quick: bool, seed: int, sz: dict) -> Task:
 
     Xtr, ytr, Xte, yte, desc = _digits_torch(seed, sz, 20 if quick else 50)
-    torch.manual_seed(seed)
-    model = digits_mlp().double()
+    model = _new_deep_model("digits-mlp", seed)
     return _deep_task(
-        "digits-mlp", model, Xtr, ytr, Xte, yte, 300, desc, "Linear(64, 32), Tanh, Linear(32, 10)"
+        "digits-mlp",
+        model,
+        Xtr,
+        ytr,
+        Xte,
+        yte,
+        _deep_max_iter("digits-mlp", quick),
+        desc,
+        "Linear(64, 32), Tanh, Linear(32, 10)",
     )
 
 
 def _digits_cnn(quick: bool, seed: int, sz: dict) -> Task:
 
     Xtr, ytr, Xte, yte, desc = _digits_torch(seed, sz, 5 if quick else 10)
-    torch.manual_seed(seed)
-    model = SmallCNN().double()
+    model = _new_deep_model("digits-cnn", seed)
     Xtr, Xte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
     return _deep_task(
         "digits-cnn",
@@ -484,7 +849,7 @@ def _digits_cnn(quick: bool, seed: int, sz: dict) -> Task:
         ytr,
         Xte,
         yte,
-        200 if quick else 1000,
+        _deep_max_iter("digits-cnn", quick),
         desc,
         "Conv2d(1,4,3,p=1) tanh maxpool2, Conv2d(4,8,3,p=1) tanh, Linear(128,64) tanh, Linear(64,10)",
     )

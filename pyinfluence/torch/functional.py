@@ -26,7 +26,7 @@ from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 from pyinfluence.torch.batches import Inputs, batch_len, map_inputs, slice_inputs
 from pyinfluence.torch.data import _shape_str
@@ -454,6 +454,47 @@ class FunctionalModel:
                 return vmap(lambda t: pullback(t)[0])(E)
 
         return apply
+
+    def paired_hvp(self, Vt: Tensor, X: Inputs, Y: Tensor) -> Tensor:
+        """∇²θ L(z_i, θ̂) v_i for each example i of the block and ITS OWN row v_i of ``Vt`` (B, p) → (B, p).
+
+        One example's Hessian applied to one vector per example (the leave-one-out Newton steps: each
+        removed point's curvature, :mod:`pyinfluence.torch.leave_out`): forward-over-reverse
+        ``jvp(grad(L_i))`` vmapped over the (example, vector) pairs."""
+        ps = self.params
+        one_loss = self._one_loss
+
+        def one(v: Tensor, x: Inputs, y: Tensor) -> Tensor:
+            def g(p: dict[str, Tensor]) -> dict[str, Tensor]:
+                return grad(one_loss)(p, x, y)
+
+            return self.flatten(jvp(g, (ps,), (self.unflatten(v),))[1])
+
+        with second_order():
+            return vmap(one)(Vt, X, Y)
+
+    def losses_at(self, Theta: Tensor, X: Inputs, Y: Tensor) -> Tensor:
+        """Per-example losses of the block at each of the k parameter vectors ``Theta`` (k, p): (k, B)."""
+        return vmap(lambda th: self.losses(self.unflatten(th), X, Y))(Theta)
+
+    def grad_value_at(self, Theta: Tensor, X: Inputs, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ_i ∇θ L(z_i, θ_j), Σ_i L(z_i, θ_j)) over the block for each of the k parameter vectors θ_j of
+        ``Theta`` (k, p): shapes (k, p) and (k,)."""
+
+        def f(th: Tensor) -> Tensor:
+            return self.loss_sum(self.unflatten(th), X, Y)
+
+        return vmap(grad_and_value(f))(Theta)
+
+    def paired_grad_value_at(self, Theta: Tensor, X: Inputs, Y: Tensor) -> tuple[Tensor, Tensor]:
+        """(∇θ L(z_i, θ_i), L(z_i, θ_i)) for each example i of the block at ITS OWN parameter vector θ_i
+        (row i of ``Theta`` (B, p)): shapes (B, p) and (B,)."""
+        one_loss = self._one_loss
+
+        def one(th: Tensor, x: Inputs, y: Tensor) -> tuple[Tensor, Tensor]:
+            return grad_and_value(lambda t: one_loss(self.unflatten(t), x, y))(th)
+
+        return vmap(one)(Theta, X, Y)
 
     def mixed_input_grad(self, St: Tensor, X: Tensor, Y: Tensor) -> Tensor:
         """∇x (sᵀ ∇θ L(z_i, θ̂)) for each row s of ``St`` (m, p) and example i: (m, B, *x.shape).

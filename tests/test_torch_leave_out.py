@@ -1,0 +1,207 @@
+"""Leave-out Newton steps and retraining on the torch path for a non-convex model
+(pyinfluence.torch.leave_out, through TorchInfluence.loo_change(method="newton"), retrain_loo and refit).
+
+References are written here from torch.func.hessian / grad of the explicit leave-out objective
+R₋S(θ) = mean over the kept points of the loss + (l2/2)‖θ‖², never from the library's operators:
+- the Newton step Δ = −(∇²R₋S(θ̂) + λI)⁻¹ ∇R₋S(θ̂) by a dense solve, the test loss at θ̂ + Δ;
+- retraining by full Newton iterations with the exact Hessian at each iterate, to rounding level.
+The linear-model agreement with the C++ core is in tests/test_interface.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.func import functional_call, grad, hessian  # noqa: E402
+
+from pyinfluence.errors import ConvergenceError, NotPositiveDefiniteError  # noqa: E402
+from pyinfluence.torch.influence import TorchInfluence  # noqa: E402
+from pyinfluence.torch.training import cross_entropy, lbfgs_fit  # noqa: E402
+
+L2 = 5e-2
+
+
+def _problem(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    d, C = 5, 3
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (n,), generator=g)
+    Xt = torch.randn(4, d, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, C, (4,), generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(d, 4), nn.Tanh(), nn.Linear(4, C)).double()
+    lbfgs_fit(model, X, y, 3000, l2=L2, tol=1e-13)
+    return model, X, y, Xt, yt
+
+
+class _Explicit:
+    """The leave-out objective written out with torch.func (the test's independent reference)."""
+
+    def __init__(self, model, X, y, Xt, yt):
+        self.model, self.X, self.y, self.Xt, self.yt = model, X, y, Xt, yt
+        self.names = [k for k, _ in model.named_parameters()]
+        self.shapes = [p.shape for p in model.parameters()]
+        self.theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def _params(self, t):
+        out, o = {}, 0
+        for nm, sh in zip(self.names, self.shapes):
+            k = int(np.prod(sh))
+            out[nm] = t[o : o + k].view(sh)
+            o += k
+        return out
+
+    def R(self, t, keep):
+        out = functional_call(self.model, self._params(t), (self.X[keep],))
+        return cross_entropy(out, self.y[keep]).mean() + 0.5 * L2 * t.square().sum()
+
+    def test_loss(self, t):
+        return cross_entropy(functional_call(self.model, self._params(t), (self.Xt,)), self.yt)
+
+    def keep(self, removed):
+        k = torch.ones(self.X.shape[0], dtype=torch.bool)
+        k[list(removed)] = False
+        return k
+
+    def newton_change(self, removed, damping=0.0):
+        keep = self.keep(removed)
+        A = hessian(self.R)(self.theta, keep) + damping * torch.eye(self.theta.numel(), dtype=torch.float64)
+        step = -torch.linalg.solve(A, grad(self.R)(self.theta, keep))
+        return (self.test_loss(self.theta + step) - self.test_loss(self.theta)).detach()
+
+    def retrained_change(self, removed):
+        keep, th = self.keep(removed), self.theta.clone()
+        for _ in range(40):  # full Newton: quadratic convergence to rounding level
+            th = th - torch.linalg.solve(hessian(self.R)(th, keep), grad(self.R)(th, keep))
+        assert float(grad(self.R)(th, keep).norm()) < 1e-12
+        return (self.test_loss(th) - self.test_loss(self.theta)).detach()
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, X, y, Xt, yt = _problem(300)
+    return model, X, y, Xt, yt, _Explicit(model, X, y, Xt, yt)
+
+
+@pytest.mark.parametrize("solver", ["exact", "block_cg", "ekfac", "cg"])
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_newton_step_matches_the_explicit_leave_out_hessian(mlp, solver, damping):
+    """Every solver gives the same (exact) Newton step: the solver only changes the preconditioner."""
+    model, X, y, Xt, yt, ref = mlp
+    loss = nn.CrossEntropyLoss(reduction="none")
+    inf = TorchInfluence(model, loss, (X, y), l2=L2, damping=damping, solver=solver)
+    idx = [0, 17, 42]
+    got = inf.loo_change(Xt, yt, idx, method="newton")
+    want = torch.stack([ref.newton_change([i], damping) for i in idx])
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-11)
+    grp = inf.loo_change(Xt, yt, idx, method="newton", group=True)
+    torch.testing.assert_close(grp, ref.newton_change(idx, damping), rtol=1e-7, atol=1e-11)
+    # the first-order estimate is not the Newton step (the removed point's curvature matters here)
+    first = inf.loo_change(Xt, yt, idx)
+    assert float((first - want).abs().max()) > 1e-6 * float(want.abs().max())
+
+
+def test_retraining_reaches_the_leave_out_optimum(mlp):
+    model, X, y, Xt, yt, ref = mlp
+    inf = TorchInfluence(model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2, solver="exact")
+    idx = [0, 17, 42]
+    got = inf.retrain_loo(Xt, yt, idx, tol=1e-11)
+    want = torch.stack([ref.retrained_change([i]) for i in idx])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
+    rep = inf.last_retrain
+    assert rep is not None and rep.grad_norm.shape == (3,) and (rep.grad_norm <= 1e-11).all()
+    assert (rep.start_grad_norm > 1e-6).all()  # removing a point moved the optimum: work was needed
+    grp = inf.retrain_loo(Xt, yt, idx, group=True, tol=1e-11)
+    torch.testing.assert_close(grp, ref.retrained_change(idx), rtol=1e-6, atol=1e-10)
+    # the model itself is untouched
+    torch.testing.assert_close(inf.params, ref.theta)
+    with pytest.raises(ConvergenceError, match="max_iter=0"):
+        inf.retrain_loo(Xt, yt, [42], tol=1e-14, max_iter=0)
+
+
+def test_streamed_data_and_blocks_of_removals_give_the_same_answers(mlp):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, X, y, Xt, yt, ref = mlp
+    loss = nn.CrossEntropyLoss(reduction="none")
+    lam = 1e-2  # some of these 75 leave-one-out Hessians are indefinite without damping
+    mem = TorchInfluence(model, loss, (X, y), l2=L2, damping=lam, solver="block_cg")
+    stream = TorchInfluence(
+        model, loss, DataLoader(TensorDataset(X, y), batch_size=64), l2=L2, damping=lam, solver="block_cg",
+        batch_size=50,
+    )  # fmt: skip
+    idx = list(range(0, 300, 4))  # 75 removals: two blocks of leave-out columns
+    a = mem.loo_change(Xt, yt, idx, method="newton")
+    b = stream.loo_change(Xt, yt, idx, method="newton")
+    torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(
+        a[[0, 10]], torch.stack([ref.newton_change([0], lam), ref.newton_change([40], lam)])
+    )
+
+
+def test_an_indefinite_leave_out_hessian_raises_with_a_damping_that_works():
+    """Removing one point from a small tanh network can leave the leave-out Hessian indefinite while the
+    full one is positive definite: the Newton step refuses, naming the point and a damping."""
+    model, X, y, Xt, yt = _problem(60)
+    ref = _Explicit(model, X, y, Xt, yt)
+    # find the points whose leave-out Hessian is indefinite, by the explicit Hessian
+    mins = []
+    for i in range(60):
+        mins.append(float(torch.linalg.eigvalsh(hessian(ref.R)(ref.theta, ref.keep([i])))[0]))
+    assert min(mins) < 0 < float(torch.linalg.eigvalsh(hessian(ref.R)(ref.theta, ref.keep([])))[0])
+    bad = int(np.argmin(mins))
+    inf = TorchInfluence(model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2, solver="exact")
+    with pytest.raises(NotPositiveDefiniteError, match=f"training point {bad}") as exc:
+        inf.loo_change(Xt, yt, [bad], method="newton")
+    assert exc.value.suggested_damping is not None and exc.value.suggested_damping > 0
+    lam = max(2 * -min(mins), exc.value.suggested_damping)
+    damped = TorchInfluence(model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2, damping=lam)
+    torch.testing.assert_close(
+        damped.loo_change(Xt, yt, [bad], method="newton")[0],
+        ref.newton_change([bad], lam),
+        rtol=1e-7,
+        atol=1e-11,
+    )
+
+
+def test_refit_on_relabelled_data_reaches_the_new_optimum(mlp):
+    model, X, y, Xt, yt, ref = mlp
+    # damping: the relabelled objective's Hessian at θ̂ is indefinite here; damping only shapes the
+    # quasi-Newton matrix of the refit, not the objective it minimises
+    inf = TorchInfluence(
+        model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2, damping=1e-2, solver="exact"
+    )
+    y2 = y.clone()
+    y2[[5, 9]] = (y2[[5, 9]] + 1) % 3
+    new = inf.refit(y_train=y2)
+    # independent: Newton iterations on the relabelled objective
+    other = _Explicit(model, X, y2, Xt, yt)
+    th = other.theta.clone()
+    keep = other.keep([])
+    for _ in range(40):
+        th = th - torch.linalg.solve(hessian(other.R)(th, keep), grad(other.R)(th, keep))
+    torch.testing.assert_close(new.params, th, rtol=1e-7, atol=1e-9)
+    assert new.n_train == 300 and new.damping == inf.damping and new.l2 == inf.l2
+    torch.testing.assert_close(inf.params, ref.theta)  # the original is untouched
+    with pytest.raises(ValueError, match="refit keeps the number of training points"):
+        inf.refit(X_train=X[:10], y_train=y[:10])
+
+
+def test_bad_arguments_are_refused_by_name(mlp):
+    model, X, y, Xt, yt, _ = mlp
+    inf = TorchInfluence(model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2)
+    with pytest.raises(ValueError, match="train_idx is required"):
+        inf.retrain_loo(Xt, yt)
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        inf.retrain_loo(Xt, yt, [0], tol=0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        inf.retrain_loo(Xt, yt, [0], max_iter=-1)
+    with pytest.raises(IndexError, match="train_idx"):
+        inf.loo_change(Xt, yt, [300], method="newton")
+    with pytest.raises(ValueError, match="removes all"):
+        inf.retrain_loo(Xt, yt, list(range(300)), group=True)
