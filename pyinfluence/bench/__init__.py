@@ -21,7 +21,9 @@ mean training loss plus the L2 term, no 1/n. Metrics: :mod:`pyinfluence.bench.me
 measures: :mod:`pyinfluence.bench.runner`; the JSON schema: :mod:`pyinfluence.bench.report`.
 Other libraries side by side: :mod:`pyinfluence.bench.peers`; scaling sweeps of the exact linear
 path: :mod:`pyinfluence.bench.scaling` (``scaling_sweep``). The one-off measurements behind
-bench/RESULTS.md: :mod:`pyinfluence.bench.studies` (``python -m pyinfluence.bench.studies.NAME``).
+bench/RESULTS.md: :mod:`pyinfluence.bench.studies` (``python -m pyinfluence.bench.studies.NAME``). Whether
+influence predicts retraining (LDS over random half subsets, brittleness, mislabel AUC): :mod:`pyinfluence.bench.lds`
+and the ``retraining`` study (``pyinfluence bench --retraining``).
 """
 
 from __future__ import annotations
@@ -44,13 +46,14 @@ from pyinfluence.bench.runner import (  # noqa: E402
     solver_classes,
     solver_grid,
 )
-from pyinfluence.bench.tasks import TASKS, Task, make_task, task_names  # noqa: E402
+from pyinfluence.bench.tasks import TASKS, Task, TrainedModel, make_task, task_names  # noqa: E402
 
 __all__ = [
     "EXACT_MAX_PARAMS",
     "SCHEMA",
     "TASKS",
     "BenchReport",
+    "TrainedModel",
     "GridContext",
     "LooTruth",
     "Setting",

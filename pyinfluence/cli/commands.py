@@ -540,6 +540,29 @@ def _add_bench_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also retrain the deep tasks for the leave-one-out check (slow)",
     )
+    bench.add_argument(
+        "--retraining",
+        action="store_true",
+        help="also measure how well each method predicts retraining: LDS over random half subsets, "
+        "leave-one-out Pearson (first order and Newton step), brittleness and mislabel AUC, on digits-logreg, "
+        "digits-mlp and digits-cnn among --tasks (retrained models cached in OUT/retraining-cache; slow: "
+        "minutes to an hour). Writes OUT/retraining.json and retraining.md",
+    )
+    bench.add_argument(
+        "--subsets",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="--retraining: random half subsets for the LDS (default 100, the dattri/TRAK protocol; quick 20)",
+    )
+    bench.add_argument(
+        "--ensemble",
+        type=_nonnegative_int,
+        default=None,
+        metavar="K",
+        help="--retraining: also score with influence averaged over K models from different initial weights "
+        "(deep tasks; default 5, quick 0 = none)",
+    )
     bench.add_argument("--no-plot", action="store_true", help="do not draw the figure")
     bench.add_argument(
         "--threads",
@@ -598,15 +621,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if restore is not None:
             restore()
     paths = report.save(args.out, plot=not args.no_plot)
+    if args.retraining:
+        paths.update(_run_retraining(args, log))
     if args.json:
         print(report.to_json())
     else:
         print(report.table(), end="")
         print(f"wall time {time.perf_counter() - t0:.1f} s")
-        for key in ("json", "markdown", "plot", "scaling_plot"):
+        for key in ("json", "markdown", "plot", "scaling_plot", "retraining_json", "retraining_markdown"):
             if key in paths:
                 print(f"{key}: {paths[key].resolve()}")
     return EXIT_OK
+
+
+def _run_retraining(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """``bench --retraining``: the retraining study (pyinfluence.bench.studies.retraining) on the digits tasks
+    among ``--tasks``; writes OUT/retraining.json and retraining.md, prints the table on stderr."""
+    import json
+    import pathlib
+
+    from pyinfluence.bench.studies import retraining
+
+    chosen = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(retraining.PUBLISHED)
+    tasks = [t for t in chosen if t in retraining.PUBLISHED]
+    if not tasks:
+        log(f"--retraining: none of {', '.join(retraining.PUBLISHED)} among --tasks; nothing to retrain")
+        return {}
+    out = pathlib.Path(args.out)
+    res = retraining.run_study(
+        tasks,
+        n_subsets=args.subsets or (20 if args.quick else 100),
+        ensemble=(0 if args.quick else 5) if args.ensemble is None else args.ensemble,
+        loo_tests=2 if args.quick else 5,
+        loo_points=10 if args.quick else 20,
+        brittle_tests=2 if args.quick else 5,
+        peers=[p.strip() for p in args.peers.split(",") if p.strip()] if args.peers else (),
+        cache_dir=str(out / "retraining-cache"),
+        quick=args.quick,
+        log=None if args.quiet else log,
+    )
+    table = retraining.render(res)
+    (out / "retraining.md").write_text(table + "\n")
+    (out / "retraining.json").write_text(json.dumps(res, indent=1, default=retraining.json_default))
+    log(table)
+    return {"retraining_json": out / "retraining.json", "retraining_markdown": out / "retraining.md"}
 
 
 def _run_bench_from_args(args: argparse.Namespace, run_bench: Any, log: Any) -> Any:

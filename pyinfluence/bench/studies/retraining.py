@@ -1,0 +1,389 @@
+"""Does influence predict retraining? The field's retraining-based measures for every solver, side by side.
+
+For each task (digits logistic regression, the digits MLP, the digits CNN) and each attribution method
+(pyinfluence's linear exact path, Exact, BlockCG, LiSSA, the curvature approximations, an ensemble over
+initial-weight seeds, and the peers where they run), on the same model and the same subsets:
+
+- **LDS** (Park et al. 2023): M random half subsets, a model retrained on each by the task's own trainer
+  (cached on disk), per test point the Spearman correlation between Σ_{i∈S} up_loss[i, j] and the retrained
+  test loss; mean ± s.e. over the test points (:mod:`pyinfluence.bench.lds`).
+- **Leave-one-out**: for the first ``loo_tests`` test points, the ``loo_points`` training points with the
+  largest |reference up_loss|, removed one at a time and retrained to ‖∇R₋‖ ≤ 1e-9 (linear: exact Newton
+  refits; deep: ``TorchInfluence.retrain_loo``); Pearson R of each method's first-order estimate −up_loss/n
+  with the actual change, and of the Newton step (``loo_change(method="newton")``: exact whatever the solver,
+  whose inverse only preconditions it — so one figure per task).
+- **Brittleness**: for the first ``brittle_tests`` correctly classified test points, the smallest number of
+  the method's most helpful training points whose removal (and warm-started retraining) flips the prediction.
+- **Mislabel AUC**: 10% of the training labels flipped, the model retrained on them; ROC AUC of
+  |self-influence| against the flipped set (methods whose self-influence over all n points is affordable).
+
+The deep models are first polished to ‖∇R(θ̂)‖ ≤ 1e-9 from the task's trained weights (``TorchInfluence.refit``
+with nothing changed): influence functions and the leave-one-out retraining both refer to the optimum.
+Damping rule (documented, not tuned per test point): the task's damping λ = 1e-2 for deep models, unless
+``--damping`` says otherwise; the leave-out Newton steps use the same λ.
+
+Run: ``python -m pyinfluence.bench.studies.retraining [--tasks ...] [--subsets M] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from pyinfluence.bench import lds as L
+from pyinfluence.bench import metrics as M
+from pyinfluence.bench.tasks import Task, TrainedModel, make_task
+
+__all__ = ["PUBLISHED", "json_default", "main", "render", "run_study", "run_task"]
+
+#: Published figures for comparable settings (dattri's benchmark, MNIST; PEERS.md).
+PUBLISHED = {
+    "digits-logreg": "dattri MNIST logistic regression: LOO ≈ 0.88, LDS ≈ 0.80 (CG 0.767)",
+    "digits-mlp": "dattri MNIST MLP: LDS CG 0.26, TRAK (50 models) 0.45",
+    "digits-cnn": "Koh & Liang (2017) Fig. 2, CNN on MNIST: first-order LOO R = 0.86",
+}
+
+_METHODS = {
+    "digits-logreg": ["linear-exact", "exact", "block_cg", "lissa", "ekfac"],
+    "digits-mlp": ["exact", "block_cg", "lissa", "kfac", "ekfac", "arnoldi"],
+    "digits-cnn": ["block_cg", "kfac", "ekfac"],
+}
+# methods whose self-influence over every training point is affordable (mislabel AUC)
+_SELF_OK = {"linear-exact", "exact", "kfac", "ekfac", "arnoldi"}
+
+
+def _solver(name: str) -> Any:
+    from pyinfluence.torch.solvers import EKFAC, KFAC, Arnoldi, LiSSA
+
+    if name == "lissa":
+        return LiSSA(depth=2000, seed=0)
+    if name == "kfac":
+        return KFAC(lanczos_steps=0)
+    if name == "ekfac":
+        return EKFAC(lanczos_steps=0)
+    if name == "arnoldi":
+        return Arnoldi(rank=50, seed=0)
+    return name
+
+
+def _np(a: Any) -> np.ndarray:
+    return M.as_matrix(a)
+
+
+def polish(task: Task, log: Callable[[str], None]) -> Task:
+    """The deep task's model retrained from its weights to ‖∇R‖ ≤ 1e-9 (same data, same objective)."""
+    if task.kind == "linear":
+        return task
+    t0 = time.perf_counter()
+    pre = "exact" if task.n_params <= 5000 else _solver("ekfac")
+    inf = task.torch_influence(pre)
+    new = inf.refit()
+    rep = inf.last_retrain
+    gn = float(rep.grad_norm.max()) if rep is not None else math.nan
+    log(f"  polished {task.name}: ‖∇R‖ {task.info.get('grad_norm', float('nan')):.2g} -> {gn:.2g} "
+        f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    trained = TrainedModel(module=new.model, loss_fn=task.loss_fn, grad_norm=gn, seconds=time.perf_counter() - t0,
+                           warm_start=True)  # fmt: skip
+    return task.with_model(trained)
+
+
+def _scores(task: Task, method: str) -> tuple[np.ndarray, float, Any]:
+    t0 = time.perf_counter()
+    inf = task.influence(_solver(method))
+    Xt, yt = task.test_data("numpy" if method == "linear-exact" else "torch")
+    up = _np(inf.up_loss(Xt, yt))
+    return up, time.perf_counter() - t0, inf
+
+
+def _loo_truth(task: Task, ref_up: np.ndarray, n_tests: int, n_points: int, log: Callable[[str], None]):
+    """(test_idx, train_idx per test, actual (T, k), Newton-step prediction (T, k), seconds)."""
+    t0 = time.perf_counter()
+    tests = list(range(min(n_tests, task.m_test)))
+    idx = [np.argsort(-np.abs(ref_up[:, j]), kind="stable")[:n_points] for j in tests]
+    if task.kind == "linear":
+        inf = task.linear_influence()
+        Xt, yt = task.test_data("numpy")
+    else:
+        inf = task.torch_influence("exact" if task.n_params <= 5000 else _solver("ekfac"))
+        Xt, yt = task.test_data("torch")
+    union = np.unique(np.concatenate(idx))
+    actual_all = _np(inf.retrain_loo(Xt[tests], yt[tests], union))  # (|union|, T)
+    newton_all = _np(inf.loo_change(Xt[tests], yt[tests], union, method="newton"))
+    pos = {int(i): r for r, i in enumerate(union)}
+    actual = [actual_all[[pos[int(i)] for i in ix], t] for t, ix in enumerate(idx)]
+    newton = [newton_all[[pos[int(i)] for i in ix], t] for t, ix in enumerate(idx)]
+    secs = time.perf_counter() - t0
+    rep = getattr(inf, "last_retrain", None)
+    gmax = float(rep.grad_norm.max()) if rep is not None else None
+    log(f"  leave-one-out truth: {union.size} refits in {secs:.1f} s (max ‖∇R₋‖ {gmax})")
+    return tests, idx, actual, newton, secs, gmax
+
+
+def _pearson_pairs(pred: List[np.ndarray], actual: List[np.ndarray]) -> Optional[float]:
+    r = M.pearson(np.concatenate(pred), np.concatenate(actual))
+    return None if not math.isfinite(r) else float(r)
+
+
+def _fin(x: Any) -> Any:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def run_task(
+    name: str,
+    *,
+    n_subsets: int = 100,
+    loo_tests: int = 5,
+    loo_points: int = 20,
+    brittle_tests: int = 5,
+    ensemble: int = 5,
+    mislabel: bool = True,
+    peers: Sequence[str] = (),
+    methods: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+    quick: bool = False,
+    damping: Optional[float] = None,
+    log: Optional[Callable[[str], None]] = print,
+) -> Dict[str, Any]:
+    """Every measure for every method on one task; a JSON-able dict (see the module docstring)."""
+    if log is None:
+        log = _quiet
+    base = make_task(name, quick=quick)
+    if damping is not None and base.kind == "deep":
+        base.damping = float(damping)
+    log(f"{name}: n = {base.n_train}, m = {base.m_test}, p = {base.n_params}, damping {base.damping:g}")
+    task = polish(base, log)
+    masks = L.make_subsets(task.n_train, n_subsets=n_subsets, fraction=0.5, seed=0)
+    t0 = time.perf_counter()
+    retr = L.retrain_subsets(base, masks, cache_dir=cache_dir, log=None)
+    log(f"  {n_subsets} subset models: {retr.n_trained} trained now ({time.perf_counter() - t0:.1f} s; "
+        f"{float(np.sum(retr.seconds)):.1f} s of training in all), mean accuracy {float(retr.accuracy().mean()):.3f}")  # fmt: skip
+    noisy = None
+    flipped = None
+    if mislabel:
+        from pyinfluence.applications.mislabel import flip_labels
+
+        rng = np.random.default_rng(0)
+        labels = task.train_label_values()
+        y_flip, flipped = flip_labels(labels, 0.1, rng)
+        noisy = task.with_labels(y_flip)
+        if noisy.kind == "deep":
+            noisy = polish(noisy, log)
+    rows: List[Dict[str, Any]] = []
+    ups: Dict[str, np.ndarray] = {}
+    for method in methods or _METHODS[name]:
+        row: Dict[str, Any] = {"task": name, "library": "pyinfluence", "method": method}
+        try:
+            up, secs, _ = _scores(task, method)
+            row["time_s"] = secs
+            ups[method] = up
+        except Exception as exc:  # a method that fails is a row with its error
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            log(f"  {method}: {row['error']}")
+            rows.append(row)
+            continue
+        if noisy is not None and method in _SELF_OK and flipped is not None:
+            t1 = time.perf_counter()
+            try:
+                si = _np(noisy.influence(_solver(method)).self_influence())[:, 0]
+                row["mislabel_auc"] = L.mislabel_auc(si, flipped)
+                row["mislabel_time_s"] = time.perf_counter() - t1
+            except Exception as exc:
+                row["mislabel_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(row)
+    # ensemble: K models from different initial weights (deep only: the linear objective has one optimum)
+    if ensemble and task.kind == "deep":
+        t1 = time.perf_counter()
+        members = [task] + [task.with_model(base.retrain(seed=1000 + s)) for s in range(ensemble - 1)]
+        t_train = time.perf_counter() - t1
+        meth = "exact" if task.n_params <= 5000 else "block_cg"
+        t2 = time.perf_counter()
+        acc = None
+        for mem in members:
+            u, _, _ = _scores(mem, meth)
+            acc = u if acc is None else acc + u
+        assert acc is not None
+        ups[f"ensemble-{ensemble}"] = acc / len(members)
+        rows.append({"task": name, "library": "pyinfluence", "method": f"ensemble of {ensemble} ({meth})",
+                     "key": f"ensemble-{ensemble}", "time_s": time.perf_counter() - t2, "train_time_s": t_train})  # fmt: skip
+    for pr in _peer_runs(task, peers, log):
+        rows.append(pr[0])
+        if pr[1] is not None:
+            ups[pr[0]["key"]] = pr[1]
+    ref_key = "linear-exact" if "linear-exact" in ups else ("exact" if "exact" in ups else next(iter(ups)))
+    tests, idx, actual, newton, loo_s, gmax = _loo_truth(task, ups[ref_key], loo_tests, loo_points, log)
+    n = task.n_train
+    newton_r = _pearson_pairs(newton, actual)
+    for row in rows:
+        key = row.get("key", row["method"])
+        found = ups.get(key)
+        if found is None:
+            continue
+        up = found
+        res = L.lds(up, retr)
+        row["lds"], row["lds_se"], row["lds_undefined"] = _fin(res.mean), _fin(res.se), res.n_undefined
+        first = [-up[ix, t] / n for t, ix in zip(tests, idx)]
+        row["loo_first_order"] = _pearson_pairs(first, actual)
+        if row["library"] == "pyinfluence" and not key.startswith("ensemble"):
+            row["loo_newton"] = newton_r
+        if task.kind == "linear" or brittle_tests:
+            try:
+                br = L.brittleness(task, up, list(range(min(brittle_tests, task.m_test))),
+                                   cache_dir=cache_dir, sizes=(5, 10, 20, 40, 80, 160, 320))  # fmt: skip
+                row["brittle_flipped"] = br.fraction_flipped
+                row["brittle_median_k"] = br.median_k
+                row["brittle_k"] = br.k
+            except Exception as exc:
+                row["brittle_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        log(f"  {key}: LDS {row['lds']}, LOO {row['loo_first_order']}, brittle {row.get('brittle_median_k')}, "
+            f"mislabel AUC {row.get('mislabel_auc')}")  # fmt: skip
+    return {
+        "task": name,
+        "n_train": task.n_train,
+        "m_test": task.m_test,
+        "n_params": task.n_params,
+        "damping": task.damping,
+        "polished_grad_norm": task.info.get("grad_norm"),
+        "n_subsets": n_subsets,
+        "subset_models_accuracy": float(retr.accuracy().mean()),
+        "subset_training_s": float(np.sum(retr.seconds)),
+        "loo": {
+            "tests": tests,
+            "points": loo_points,
+            "seconds": loo_s,
+            "max_grad_norm": gmax,
+            "newton_pearson": newton_r,
+        },  # fmt: skip
+        "published": PUBLISHED.get(name),
+        "rows": rows,
+    }
+
+
+def _peer_runs(task: Task, peers: Sequence[str], log: Callable[[str], None]) -> List[tuple]:
+    if not peers:
+        return []
+    from pyinfluence.bench.peers import run_peers
+
+    out = []
+    for pr in run_peers(task, peers=tuple(peers), timeout_s=1800, log=lambda s: log(f"    {s}")):
+        up = None if getattr(pr, "up_loss", None) is None else _np(pr.up_loss)
+        err = getattr(pr, "error", None)
+        if up is not None and (up.shape != (task.n_train, task.m_test) or not np.isfinite(up).all()):
+            err, up = err or f"shape {up.shape} or non-finite values", None
+        key = f"{pr.library}:{pr.method}"
+        row = {"task": task.name, "library": pr.library, "method": pr.method, "key": key, "time_s": pr.time_s}
+        if err:
+            row["error"] = str(err)[:300]
+        out.append((row, up))
+    return out
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=)`` for the study's results: numpy scalars and arrays, non-finite floats as null."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        return float(o) if math.isfinite(float(o)) else None
+    return str(o)
+
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def render(results: List[Dict[str, Any]]) -> str:
+    lines = [
+        "| task | library | method | LDS (mean ± s.e.) | LOO Pearson, first order | LOO Pearson, Newton step | "
+        "brittleness: flipped / median k | mislabel AUC | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for r in res["rows"]:
+            if "error" in r:
+                lines.append(
+                    f"| {res['task']} | {r['library']} | {r['method']} | error: {r['error'][:80]} |||||| "
+                )
+                continue
+            lds = "–" if r.get("lds") is None else f"{r['lds']:.3f} ± {_f(r.get('lds_se'))}"
+            fl = r.get("brittle_flipped")
+            br = "–" if fl is None else f"{fl:.0%} / {_f(r.get('brittle_median_k'), '{:g}')}"
+            t = _f(r.get("time_s"), "{:.2f}")
+            if r.get("train_time_s") is not None:
+                t += f" (+ {r['train_time_s']:.1f} training)"
+            lines.append(
+                f"| {res['task']} | {r['library']} | {r['method']} | {lds} | {_f(r.get('loo_first_order'))} | "
+                f"{_f(r.get('loo_newton'))} | {br} | {_f(r.get('mislabel_auc'))} | {t} |"
+            )
+    notes = [
+        f"- {res['task']}: n = {res['n_train']}, m = {res['m_test']} test points, p = {res['n_params']}, damping "
+        f"{res['damping']:g}; {res['n_subsets']} half subsets (subset models' mean test accuracy "
+        f"{res['subset_models_accuracy']:.3f}, {res['subset_training_s']:.0f} s of training); leave-one-out on "
+        f"{len(res['loo']['tests'])} test points × {res['loo']['points']} training points, "
+        + (
+            "exact Newton refits"
+            if res["loo"]["max_grad_norm"] is None
+            else f"refits to ‖∇R₋‖ ≤ {res['loo']['max_grad_norm']:.1g}"
+        )
+        + f". Published: {res['published']}."
+        for res in results
+    ]
+    return "\n".join(lines + [""] + notes)
+
+
+def run_study(tasks: Sequence[str], **kw: Any) -> List[Dict[str, Any]]:
+    return [run_task(t, **kw) for t in tasks]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pyinfluence.bench.studies.retraining", description=__doc__)
+    ap.add_argument("--tasks", default="digits-logreg,digits-mlp,digits-cnn")
+    ap.add_argument("--subsets", type=int, default=100)
+    ap.add_argument("--loo-tests", type=int, default=5)
+    ap.add_argument("--loo-points", type=int, default=20)
+    ap.add_argument("--brittle-tests", type=int, default=5)
+    ap.add_argument("--ensemble", type=int, default=5)
+    ap.add_argument("--no-mislabel", action="store_true")
+    ap.add_argument("--peers", default="", help="comma-separated: captum,pydvl,kronfluence")
+    ap.add_argument("--damping", type=float, default=None)
+    ap.add_argument("--cache", default=os.path.join(".cache", "pyinfluence-retraining"))
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--out", default=None, help="RESULTS.md to update (section 'retraining')")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    res = run_study(
+        [t for t in a.tasks.split(",") if t],
+        n_subsets=a.subsets,
+        loo_tests=a.loo_tests,
+        loo_points=a.loo_points,
+        brittle_tests=a.brittle_tests,
+        ensemble=a.ensemble,
+        mislabel=not a.no_mislabel,
+        peers=[p for p in a.peers.split(",") if p],
+        cache_dir=a.cache,
+        quick=a.quick,
+        damping=a.damping,
+    )
+    text = render(res)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=json_default)
+    if a.out:
+        from pyinfluence.bench.studies.results_file import write_section
+
+        write_section(a.out, text, "retraining")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
