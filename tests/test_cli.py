@@ -7,11 +7,13 @@ a subprocess: the same entry point as the ``pyinfluence`` console script.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import re
 import subprocess
 import sys
+from typing import Any, List
 
 # The demo needs scikit-learn (bundled digits) and matplotlib (figures): both belong in the test
 # extra, so a missing one fails here loudly instead of skipping the demo's checks.
@@ -110,8 +112,16 @@ def test_demo_results_meet_their_bounds(demo):
     assert newton["pearson"] >= 0.99, newton
     first = s["loo"]["logistic"]["influence"]["pearson"]
     assert 0.5 < first <= 1.0  # reported beside it, not bounded here
-    assert s["loo"]["cnn"]["paper_pearson"] == 0.86
-    assert 0.5 < s["loo"]["cnn"]["influence"]["pearson"] <= 1.0
+    cnn = s["loo"]["cnn"]
+    assert cnn["paper_pearson"] == 0.86
+    assert 0.5 < cnn["influence"]["pearson"] <= 1.0
+    # the CNN's Newton-step row: on the same pairs as the first-order one, a finite correlation
+    n_pairs = (
+        demo["results"]["settings"]["cnn"]["loo_n_top"] + demo["results"]["settings"]["cnn"]["loo_n_random"]
+    )
+    assert cnn["newton"]["n"] == cnn["influence"]["n"] == n_pairs
+    assert np.isfinite(cnn["newton"]["pearson"]) and -1.0 <= cnn["newton"]["pearson"] <= 1.0
+    assert np.isfinite(cnn["newton"]["slope_origin"])
     # Section 5.4: at 10% of the training data checked, self-influence beats loss and random
     found = s["mislabel"]["found_at_10_percent"]
     assert found["influence"] > found["loss"], found
@@ -131,23 +141,100 @@ def test_demo_results_meet_their_bounds(demo):
         len(r["loo"]["cnn"]["actual"][0])
         == r["settings"]["cnn"]["loo_n_top"] + r["settings"]["cnn"]["loo_n_random"]
     )
-    assert r["loo"]["cnn"]["retrain_max_grad_norm"] < 1e-6
+    rc = r["loo"]["cnn"]
+    assert rc["methods"] == ["influence", "newton"]
+    assert len(rc["predicted"]["newton"][0]) == len(rc["actual"][0])
+    assert rc["stats"]["newton"] == cnn["newton"]
+    # the refits reached the tolerance the report states
+    assert rc["retrain_max_grad_norm"] <= rc["retrain_tol"] < 1e-6
+    # the damping of both estimates follows the ladder rule: the first value not below the trained
+    # CNN's damping that no removal rejected (every rejected one is smaller)
+    ladder = r["settings"]["cnn"]["loo_dampings"]
+    assert cnn["damping"] == rc["damping"] >= rc["model"]["damping"]
+    assert cnn["damping"] in ladder or cnn["damping"] == rc["model"]["damping"]
+    assert all(d["damping"] < cnn["damping"] for d in rc["damping_rejected"])
     assert r["mode"] == "quick" and r["seed"] == 0
 
 
 @pytest.mark.slow
 def test_demo_numbers_in_html_match_results_json(demo):
+    from pyinfluence.cli.demo import CNN_LOO_DIGITS
+
     s, html = demo["results"]["summary"], demo["html"]
+    cnn = s["loo"]["cnn"]
+    for v in (
+        cnn["influence"]["pearson"],
+        cnn["influence"]["slope_origin"],
+        cnn["newton"]["pearson"],
+        cnn["newton"]["slope_origin"],
+    ):
+        assert f">{format_value(v, CNN_LOO_DIGITS)}<" in html, v
     for v in (
         s["loo"]["logistic"]["newton"]["pearson"],
         s["loo"]["logistic"]["influence"]["pearson"],
-        s["loo"]["cnn"]["influence"]["pearson"],
         s["mislabel"]["found_at_10_percent"]["influence"],
         s["mislabel"]["found_at_10_percent"]["loss"],
         s["mislabel"]["found_at_10_percent"]["random"],
         s["attack"]["fraction_flipped"],
     ):
         assert f">{format_value(v)}<" in html, v
+
+
+def test_cnn_loo_damping_ladder(monkeypatch):
+    """The CNN's leave-one-out check takes the first damping of its ladder, not below the trained
+    CNN's own, at which no removal raises NotPositiveDefiniteError; a larger damping gets its own
+    TorchInfluence of the same model and l2; when every damping fails, the error is raised."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from pyinfluence.cli import demo as demo_mod
+    from pyinfluence.errors import NotAtOptimumWarning, NotPositiveDefiniteError
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.arange(12) % 3
+    tensors = (X, y, X[:2], y[:2])
+    calls: List[Any] = []
+
+    def run(threshold, damping, ladder):
+        calls.clear()
+
+        def fake_validate_loo(inf, *args, **kwargs):
+            calls.append(inf)
+            assert kwargs["methods"] == ("influence", "newton")
+            if inf.damping < threshold:
+                raise NotPositiveDefiniteError(
+                    "loo_change(method='newton') (removal training point 7): H + λI is not positive definite"
+                )
+            return "validation"
+
+        monkeypatch.setattr(demo_mod, "app", SimpleNamespace(validate_loo=fake_validate_loo))
+        own = SimpleNamespace(damping=damping)
+        model = demo_mod.DigitsCNN(2, 3).to(torch.float64)
+        cnn: Any = SimpleNamespace(damping=damping, influence=own, model=model, l2=0.1)
+        no_retrainer: Any = None  # never called: validate_loo is replaced
+        pc = {"loo_dampings": ladder, "loo_n_top": 2, "loo_n_random": 1}
+        # a new TorchInfluence of the (untrained) stand-in model warns that it is not at an optimum
+        with pytest.warns(NotAtOptimumWarning) if threshold > damping else contextlib.nullcontext():
+            out = demo_mod._validate_cnn_loo(
+                cnn, tensors, np.array([0]), np.zeros(2), pc, no_retrainer, 0, False
+            )
+        return own, out
+
+    # the trained CNN's damping (0) is rejected, then 1e-4; 1e-3 is taken
+    own, (loo, inf, lam, rejected) = run(5e-4, 0.0, (0.0, 1e-4, 1e-3, 1e-2))
+    assert loo == "validation" and lam == 1e-3
+    assert calls[0] is own and [c.damping for c in calls] == [0.0, 1e-4, 1e-3]
+    assert inf is calls[-1] and inf.damping == 1e-3 and inf.l2 == 0.1
+    assert [(d["damping"], d["train_index"]) for d in rejected] == [(0.0, 7), (1e-4, 7)]
+    # a trained CNN that already needed damping starts there (its own influence object), skipping
+    # the smaller values of the ladder
+    own, (_, inf, lam, rejected) = run(0.0, 5e-4, (0.0, 1e-4, 1e-3))
+    assert inf is own and lam == 5e-4 and rejected == [] and len(calls) == 1
+    # nothing on the ladder is enough: the last error is raised
+    with pytest.raises(NotPositiveDefiniteError, match="training point 7"):
+        run(1.0, 0.0, (0.0, 1e-2))
+    assert [c.damping for c in calls] == [0.0, 1e-2]
 
 
 # ================================================================================================

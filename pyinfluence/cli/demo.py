@@ -8,8 +8,9 @@ CNN on the torch path (:class:`~pyinfluence.torch.training.DigitsCNN`, trained h
 
 1. model behaviour (Figure 4): most helpful / harmful training images of an RBF-feature model and
    of the CNN for a few test images, and influence against pixel-space distance;
-2. influence versus leave-one-out retraining (Figure 2): logistic regression (exact refits;
-   first-order and Newton-step estimates) and the CNN (retrained from its trained weights);
+2. influence versus leave-one-out retraining (Figure 2): logistic regression (exact refits) and
+   the CNN (retrained from its trained weights), each with the first-order and the Newton-step
+   estimate;
 3. fixing mislabeled examples (§5.4, Figure 6): self-influence versus training loss and random;
 4. training-set attacks (§5.2): perturbed training images that flip test predictions;
 5. debugging a domain mismatch (§5.3): a generated readmission table with few children.
@@ -32,6 +33,7 @@ import dataclasses
 import math
 import pathlib
 import platform
+import re
 import time
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -49,6 +51,7 @@ import pyinfluence  # noqa: E402
 from pyinfluence import applications as app  # noqa: E402
 from pyinfluence.applications.presets import DIGITS_PRESETS  # noqa: E402
 from pyinfluence.cli.report import Report  # noqa: E402
+from pyinfluence.errors import NotPositiveDefiniteError  # noqa: E402
 from pyinfluence.torch.training import (  # noqa: E402
     CNN_FIT_TOL,
     CNN_LOO_TOL,
@@ -61,6 +64,7 @@ from pyinfluence.torch.training import (  # noqa: E402
 
 __all__ = [
     "CNN_FIT_TOL",
+    "CNN_LOO_DIGITS",
     "CNN_LOO_TOL",
     "DEMO_SETTINGS",
     "AttackStudy",
@@ -93,7 +97,8 @@ Settings = Dict[str, Any]
 #: Settings of the demo: the applications' measured digits presets (``loo``, ``mislabel``,
 #: ``attack``, ``domain``), the model-behaviour comparison (``behaviour``) and the 10-class CNN of
 #: the torch path (``cnn``: filters, L2 coefficient, the L-BFGS tolerance before the BFGS polish,
-#: and its leave-one-out check: test points, most influential and random training points).
+#: and its leave-one-out check: test points, most influential and random training points, and the
+#: damping ladder of its estimates — see :func:`compute_loo`).
 DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
     mode: {
         **DIGITS_PRESETS[mode],
@@ -116,6 +121,9 @@ DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
             "loo_n_test": 1,
             "loo_n_top": n_top,
             "loo_n_random": n_random,
+            # the first damping λ here, not below the CNN's own, at which every leave-one-out
+            # Hessian ∇²R₋ᵢ(θ̂) + λI of the check is positive definite (the Newton step needs it)
+            "loo_dampings": (0.0, 1e-4, 1e-3, 1e-2),
         },
     }
     for mode, n_test, n_top, n_random in (("quick", 2, 8, 4), ("default", 4, 100, 20))
@@ -387,11 +395,23 @@ def render_behaviour(rep: Report, st: BehaviourStudy) -> None:
 # ------------------------------------------------------------------------------------------------
 # 2. influence versus leave-one-out retraining
 # ------------------------------------------------------------------------------------------------
+#: Significant digits of the CNN's leave-one-out table (its Pearson R lie close to 1).
+CNN_LOO_DIGITS = 6
+
+
 @dataclasses.dataclass
 class LooStudy:
     """Section 2: predicted against actual leave-one-out changes for logistic regression
     (``logistic``) and the 10-class CNN (``cnn_loo``), both
-    :class:`~pyinfluence.applications.LOOValidation`."""
+    :class:`~pyinfluence.applications.LOOValidation` with the first-order (``"influence"``:
+    -up_loss/n) and the Newton-step (``"newton"``) estimate.
+
+    The CNN's estimates come from ``cnn_influence``: the CNN's TorchInfluence with the damping
+    ``cnn_damping`` (the first of ``cnn_settings["loo_dampings"]``, not below ``cnn.damping``, at
+    which every removal of the check has a positive definite leave-one-out Hessian + λI;
+    ``cnn_damping_rejected``: the smaller ones tried and why each failed). Its actual changes come
+    from ``retrainer`` (:class:`~pyinfluence.torch.training.CNNRetrainer`: BFGS from the exact
+    leave-one-out Hessian, independent of the library's leave-out code)."""
 
     settings: Settings  # DEMO_SETTINGS[mode]["loo"]
     cnn_settings: Settings  # DEMO_SETTINGS[mode]["cnn"]
@@ -405,11 +425,15 @@ class LooStudy:
     retrainer: CNNRetrainer
     cnn_loo: Any  # LOOValidation
     paper_pearson: float
+    cnn_influence: Any = None  # TorchInfluence of the check (damping cnn_damping)
+    cnn_damping: float = 0.0
+    cnn_damping_rejected: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> Dict[str, Any]:
+        cnn: Dict[str, Any] = {m: dict(self.cnn_loo.stats[m]) for m in self.cnn_loo.methods}
         return {
             "logistic": {m: dict(self.logistic.stats[m]) for m in self.logistic.methods},
-            "cnn": {"influence": dict(self.cnn_loo.stats["influence"]), "paper_pearson": self.paper_pearson},
+            "cnn": {**cnn, "paper_pearson": self.paper_pearson, "damping": self.cnn_damping},
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -425,10 +449,86 @@ class LooStudy:
                 "data": self.cnn_data.description,
                 "model": self.cnn.summary(),
                 "test_index": self.cnn_test_index,
+                "damping": self.cnn_damping,
+                "damping_rejected": self.cnn_damping_rejected,
+                "retrain": "CNNRetrainer: BFGS from the exact leave-one-out Hessian, L-BFGS where it stalled",
+                "retrain_tol": self.retrainer.tol,
                 "retrain_max_grad_norm": max(self.retrainer.grad_norms),
                 "retrain_iterations_bfgs_lbfgs": self.retrainer.iterations,
             },
         }
+
+
+def _failed_removal(err: Exception) -> Optional[int]:
+    """The training point named by a leave-out NotPositiveDefiniteError (its ``train_index``, or
+    "training point N" in its message), or None."""
+    idx = getattr(err, "train_index", None)
+    if idx is not None:
+        return int(idx)
+    found = re.search(r"training point (\d+)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _validate_cnn_loo(
+    cnn: TrainedCNN,
+    tensors: Tuple[Tensor, Tensor, Tensor, Tensor],
+    jc: np.ndarray,
+    test_loss: np.ndarray,
+    pc: Settings,
+    retrainer: CNNRetrainer,
+    seed: int,
+    progress: bool,
+) -> Tuple[Any, Any, float, List[Dict[str, Any]]]:
+    """The CNN's leave-one-out check with both estimates: (LOOValidation, its TorchInfluence, the
+    damping λ used, the dampings rejected).
+
+    The Newton step solves (∇²R₋ᵢ(θ̂) + λI) Δ = −∇R₋ᵢ(θ̂), which needs that matrix positive
+    definite; for a non-convex model removing a high-curvature point can make ∇²R₋ᵢ(θ̂) indefinite
+    even where H = ∇²R(θ̂) is not. Rule (one λ for both estimates and the whole check, not chosen
+    per point): the first λ of ``pc["loo_dampings"]`` that is not below the CNN's own damping and
+    at which no removal of the check raises NotPositiveDefiniteError. The estimates are computed
+    before any retraining, so a rejected λ costs the estimates only.
+    """
+    Xtr, ytr, Xte, yte = tensors
+    ladder = [float(d) for d in pc["loo_dampings"] if float(d) >= cnn.damping]
+    if not ladder or ladder[0] != cnn.damping:
+        ladder.insert(0, float(cnn.damping))
+    rejected: List[Dict[str, Any]] = []
+    for k, lam in enumerate(ladder):
+        if lam == cnn.damping:
+            inf = cnn.influence
+        else:  # the same model and objective, H + λI with the larger λ
+            inf = pyinfluence.TorchInfluence(
+                cnn.model,
+                torch.nn.CrossEntropyLoss(reduction="none"),
+                (Xtr, ytr),
+                l2=cnn.l2,
+                damping=lam,
+                solver="exact",
+                progress=progress,
+            )
+        try:
+            loo = app.validate_loo(
+                inf,
+                Xte[jc],
+                yte[jc],
+                n_top=pc["loo_n_top"],
+                n_random=pc["loo_n_random"],
+                seed=seed,
+                methods=("influence", "newton"),
+                retrain=retrainer,
+                test_losses=test_loss[jc],
+                chunk=1,
+                progress=progress,
+                label="CNN",
+            )
+        except NotPositiveDefiniteError as err:
+            if k == len(ladder) - 1:
+                raise
+            rejected.append({"damping": lam, "train_index": _failed_removal(err), "error": str(err)})
+            continue
+        return loo, inf, lam, rejected
+    raise AssertionError("unreachable: the last damping either returns or raises")  # pragma: no cover
 
 
 def compute_loo(S: Settings, seed: int, progress: bool = False) -> LooStudy:
@@ -448,7 +548,8 @@ def compute_loo(S: Settings, seed: int, progress: bool = False) -> LooStudy:
         label="logistic regression",
     )
     # the CNN (10 classes, pixels in [0, 1]): its highest-loss test point(s), retrained from the
-    # trained weights
+    # trained weights by CNNRetrainer (faster here than TorchInfluence.retrain_loo, which agrees
+    # with it, and independent of the leave-out code behind the Newton-step estimate)
     pc = S["cnn"]
     du = app.load_digits_split(scale="unit", seed=seed)
     Xtr, ytr, Xte, yte = tensors = _digits_tensors(du)
@@ -456,20 +557,9 @@ def compute_loo(S: Settings, seed: int, progress: bool = False) -> LooStudy:
     with torch.no_grad():
         test_loss = cross_entropy(cnn.model(Xte), yte).numpy()
     jc = app.highest_loss_points(test_loss, k=pc["loo_n_test"])
-    retrainer = CNNRetrainer(cnn, Xtr, ytr)
-    loo_cnn = app.validate_loo(
-        cnn.influence,
-        Xte[jc],
-        yte[jc],
-        n_top=pc["loo_n_top"],
-        n_random=pc["loo_n_random"],
-        seed=seed,
-        methods=("influence",),
-        retrain=retrainer,
-        test_losses=test_loss[jc],
-        chunk=1,
-        progress=progress,
-        label="CNN",
+    retrainer = CNNRetrainer(cnn, Xtr, ytr, tol=CNN_LOO_TOL)
+    loo_cnn, inf_cnn, lam, rejected = _validate_cnn_loo(
+        cnn, tensors, jc, test_loss, pc, retrainer, seed, progress
     )
     return LooStudy(
         settings=p,
@@ -484,6 +574,9 @@ def compute_loo(S: Settings, seed: int, progress: bool = False) -> LooStudy:
         retrainer=retrainer,
         cnn_loo=loo_cnn,
         paper_pearson=app.PAPER_FIG2_PEARSON["cnn"],
+        cnn_influence=inf_cnn,
+        cnn_damping=lam,
+        cnn_damping_rejected=rejected,
     )
 
 
@@ -496,15 +589,17 @@ def render_loo(rep: Report, st: LooStudy) -> None:
         "points (and some random ones), retrain, and compare the actual change of the test loss "
         "with the predicted one. Points on the diagonal are predicted exactly; the slope is that "
         "of actual regressed on predicted through the origin (above 1: the estimate "
-        "under-predicts)."
+        "under-predicts). Two estimates are shown for each model: the paper's first-order "
+        "-up_loss/n, and one Newton step on the leave-one-out objective "
+        "(loo_change(method='newton'): it adds the removed point's own curvature and the loss's "
+        "curvature along the step)."
     )
     s = summary["logistic"]
     sec.text(
         f"Logistic regression ({repr(st.model)}, standardised pixels, {ds.y_train.shape[0]} training "
         f"images): the {len(st.test_index)} highest-loss test point(s), each with its {p['n_top']} most "
         f"influential and {p['n_random']} random training points, retrained exactly (Newton refits "
-        "to the optimum). Left: the paper's first-order estimate -up_loss/n; right: one exact "
-        "Newton step on the leave-one-out objective (loo_change(method='newton'))."
+        "to the optimum). Left: the first-order estimate; right: the exact Newton step."
     )
     sec.table(
         ["estimate", "Pearson R", "slope (actual on predicted)", "pairs"],
@@ -524,32 +619,72 @@ def render_loo(rep: Report, st: LooStudy) -> None:
         "loo_logistic",
         "Logistic regression: predicted against actual change of the test loss.",
     )
-    c = summary["cnn"]["influence"]
+    c = summary["cnn"]
+    r = st.retrainer
+    lbfgs_used = sum(1 for _, k_lbfgs in r.iterations if k_lbfgs > 0)
+    fallback = f"; L-BFGS took over in {lbfgs_used} refit(s) where BFGS stalled" if lbfgs_used else ""
     sec.text(
         f"CNN ({cnn.summary()['architecture']}; {cnn.summary()['n_params']} parameters, l2 = "
         f"{cnn.l2:g}, trained on all 10 digits: {du.y_train.shape[0]} images, pixels in [0, 1]; "
-        f"test accuracy {cnn.test_accuracy:.1%}; influence over all parameters, exact Hessian, "
-        f"damping {cnn.damping:g}): its highest-loss test image, its {pc['loo_n_top']} most "
-        f"influential and {pc['loo_n_random']} random training images. Each was removed and the "
-        "network retrained from the trained weights, as the paper did, here to a gradient norm of "
-        f"the leave-one-out objective of at most {st.retrainer.tol:g} (largest reached over the "
-        f"refits: {max(st.retrainer.grad_norms):.1e}; BFGS started from the exact leave-one-out "
-        "Hessian at the trained weights, L-BFGS where it stalled)."
+        f"test accuracy {cnn.test_accuracy:.1%}; influence over all parameters, exact Hessian): "
+        f"its highest-loss test image, its {pc['loo_n_top']} most influential and "
+        f"{pc['loo_n_random']} random training images. Each was removed and the network retrained "
+        "from the trained weights, as the paper did, here to a gradient norm of the leave-one-out "
+        f"objective of at most {r.tol:g} (largest reached over the {len(r.grad_norms)} refits: "
+        f"{max(r.grad_norms):.1e}) by BFGS started from the exact leave-one-out Hessian at the "
+        f"trained weights{fallback}. This retraining (CNNRetrainer) shares no code with the "
+        "estimates."
     )
+    lam, rejected = st.cnn_damping, st.cnn_damping_rejected
+    if rejected:
+        why = "; ".join(
+            f"at λ = {d['damping']:g} it had negative curvature without training point {d['train_index']}"
+            if d["train_index"] is not None
+            else f"at λ = {d['damping']:g} it had negative curvature for some removal"
+            for d in rejected
+        )
+        damping_text = (
+            f"Both estimates use H + λI with damping λ = {lam:g}: the first value of "
+            f"{', '.join(f'{d:g}' for d in pc['loo_dampings'])} (not below the trained CNN's "
+            f"{cnn.damping:g}) at which conjugate gradients on the leave-one-out Hessian + λI meet no "
+            f"negative curvature for any removal in the check, as the Newton step needs ({why}: a "
+            "non-convex loss can lose positive curvature when a point with large curvature of its "
+            "own is removed). The retraining minimises the undamped objective."
+        )
+    else:
+        damping_text = (
+            f"Both estimates use H + λI with damping λ = {lam:g} (the trained CNN's): conjugate "
+            "gradients on the leave-one-out Hessian + λI met no negative curvature for any removal "
+            "in the check, as the Newton step needs (rule: the first damping of "
+            f"{', '.join(f'{d:g}' for d in pc['loo_dampings'])} at which none does)."
+        )
+    sec.text(damping_text)
     sec.table(
-        ["model", "Pearson R", "slope (actual on predicted)", "pairs", "paper's Pearson R"],
-        [["CNN (first order)", c["pearson"], c["slope_origin"], c["n"], st.paper_pearson]],
-        caption="CNN: influence versus retraining, beside the paper's Figure 2",
+        ["estimate", "Pearson R", "slope (actual on predicted)", "pairs", "paper's Pearson R"],
+        [
+            [
+                "first order, -up_loss/n",
+                c["influence"]["pearson"],
+                c["influence"]["slope_origin"],
+                c["influence"]["n"],
+                st.paper_pearson,
+            ],
+            ["Newton step", c["newton"]["pearson"], c["newton"]["slope_origin"], c["newton"]["n"], None],
+        ],
+        caption="CNN: influence versus retraining, beside the paper's Figure 2 (first-order estimate)",
+        digits=CNN_LOO_DIGITS,
     )
     sec.note(
-        "The paper's CNN panel (R = 0.86) is a larger network on MNIST, retrained from the trained "
-        "weights by a fixed number of optimiser steps; this CNN is small, strongly regularised "
-        f"(l2 = {cnn.l2:g}) and every refit is converged tightly, so a higher R is expected here."
+        "The paper's CNN panel (R = 0.86, first order) is a larger network on MNIST, retrained from "
+        "the trained weights by a fixed number of optimiser steps; this CNN is small, strongly "
+        f"regularised (l2 = {cnn.l2:g}) and every refit is converged tightly, so a higher R is "
+        "expected here."
     )
     sec.figure(
         st.cnn_loo.plot(paper={"influence": st.paper_pearson}),
         "loo_cnn",
-        "CNN: predicted (-up_loss/n) against actual change of the test loss after retraining.",
+        "CNN: predicted against actual change of the test loss after retraining; left: the "
+        "first-order estimate -up_loss/n, right: the Newton step.",
     )
 
 
@@ -1011,8 +1146,9 @@ def _behaviour_line(s: Dict[str, Any]) -> str:
 def _loo_line(s: Dict[str, Any]) -> str:
     return (
         f"logistic: Newton-step R = {s['logistic']['newton']['pearson']:.4f}, first-order "
-        f"R = {s['logistic']['influence']['pearson']:.4f}; CNN: R = "
-        f"{s['cnn']['influence']['pearson']:.4f} (paper 0.86)"
+        f"R = {s['logistic']['influence']['pearson']:.4f}; CNN: Newton-step R = "
+        f"{s['cnn']['newton']['pearson']:.5f}, first-order R = "
+        f"{s['cnn']['influence']['pearson']:.5f} (paper 0.86)"
     )
 
 

@@ -222,7 +222,7 @@ class LeaveOut:
             bad = active & (pAp <= 0)
             if bool(bad.any()):
                 j = int(torch.nonzero(bad)[0])
-                raise _npd_error(
+                err = _npd_error(
                     f"{what} (removal {self.removal_label(j)})",
                     "a search direction p of conjugate gradients on the leave-out Hessian ∇²R₋(θ̂) + λI has "
                     "curvature pᵀ(∇²R₋ + λI)p / pᵀp",
@@ -230,6 +230,9 @@ class LeaveOut:
                     self.lam,
                     largest,
                 )
+                if not self.group:
+                    err.train_index = int(self.removed[j])
+                raise err
             alpha = torch.where(active, rz / torch.where(active, pAp, 1.0), 0.0)
             X.add_(P * alpha)
             R.sub_(AP * alpha)
