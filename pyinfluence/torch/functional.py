@@ -302,6 +302,15 @@ class FunctionalModel:
         except Exception:  # an exotic module that cannot be copied: serialise instead
             self._shared_module_lock = threading.RLock()
 
+    def at(self, theta: Tensor) -> FunctionalModel:
+        """This model at other values θ (p,) of the selected parameters (a shallow copy: the module copies,
+        the fixed tensors and the transforms are shared; θ is copied). For Hessian-vector products away from θ̂
+        (the Newton-CG steps of the leave-out retraining)."""
+        other = copy.copy(self)
+        other.theta = theta.detach().to(device=self.device, dtype=self.dtype).clone()
+        other.params = other.unflatten(other.theta)
+        return other
+
     def _thread_module(self) -> nn.Module:
         """This thread's private copy of the module tree (see the class docstring)."""
         module = getattr(self._per_thread, "module", None)

@@ -34,15 +34,18 @@ curvature (NotPositiveDefiniteError, with a suggested damping, when A_S is not p
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pyinfluence.errors import ConvergenceError
+from pyinfluence.errors import ConvergenceError, NotPositiveDefiniteError
 from pyinfluence.torch.batches import batch_len
 from pyinfluence.torch.functional import FunctionalModel
 from pyinfluence.torch.hessian import HessianOperator
@@ -60,6 +63,20 @@ _CG_RESTARTS = 3
 # Backtracking line search: sufficient-decrease constant and the most halvings.
 _ARMIJO = 1e-4
 _MAX_HALVINGS = 30
+# Quasi-Newton steps on the fixed leave-out Hessian before a removal still above tol switches to Newton-CG with
+# the Hessian at its current parameters.
+_QUASI_NEWTON_STEPS = 20
+# Relative residual of each Newton-CG solve.
+_NEWTON_CG_TOL = 1e-8
+# Levenberg–Marquardt damping of Newton-CG where the Hessian at the current θ is not positive definite: first
+# value and ceiling, as multiples of max(λ, 1e-2).
+_LM_START = 1e-4
+_LM_MAX = 1e2
+# Saddle-point check of every retrained removal: Lanczos steps for the lowest curvature, the curvature below
+# which (relative to the largest Ritz value) the stationary point counts as a saddle, and the escapes allowed.
+_LANCZOS_STEPS = 30
+_SADDLE_REL = {torch.float64: 1e-7, torch.float32: 1e-4}
+_MAX_ESCAPES = 3
 # L-BFGS pairs kept per removal in the retraining (memory: 2 · _HISTORY · p · removals per block).
 _HISTORY = 5
 # Parameter vectors evaluated together (vmapped) in one pass over a block of examples.
@@ -283,9 +300,10 @@ class LeaveOut:
         out = (base[:, None] - gS) / (self.n - self.s)
         return out.add_(theta[:, None], alpha=self.l2)
 
-    def objective_at(self, Theta: Tensor) -> tuple[Tensor, Tensor]:
-        """(∇R₋S(θ_j) (p, k), R₋S(θ_j) (k,)) at the columns θ_j of ``Theta`` (p, k), one pass over the
-        training set (k parameter vectors at a time, vmapped)."""
+    def objective_at(self, Theta: Tensor, cols: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(∇R₋S(θ_j) (p, c), R₋S(θ_j) (c,)) at the columns θ_j of ``Theta`` (p, c), one pass over the
+        training set (parameter vectors vmapped in chunks). ``cols`` (c,): which removals the columns belong to
+        (default: all k, in order); only with one removal per column (``group=False``) do they differ."""
         p, k = Theta.shape
         Tt = Theta.t().contiguous()
         G = torch.zeros((k, p), dtype=self.dtype, device=self.device)
@@ -297,8 +315,11 @@ class LeaveOut:
                 G[c : c + chunk].add_(g)
                 F[c : c + chunk].add_(f)
         G, F = self.op.reduce_sum(G), self.op.reduce_sum(F)
-        if self.removed_data is not None:
-            for s, X, Y in self.removed_data.blocks(self.rows):
+        removed = self.removed_data
+        if removed is not None and cols is not None and not self.group and cols.numel() != self.k:
+            removed = self.data.take(self.removed[cols.to(self.removed.device)])
+        if removed is not None:
+            for s, X, Y in removed.blocks(self.rows):
                 b = batch_len(X)
                 if self.group:
                     g, f = self.fm.grad_value_at(Tt, X, Y)
@@ -312,29 +333,91 @@ class LeaveOut:
         F.div_(self.n - self.s).add_(Tt.square().sum(1), alpha=0.5 * self.l2)
         return G.t(), F
 
+    def _objective_at_optimum(self) -> Tensor:
+        """R₋S(θ̂) for every removal, (k,): one pass for Σ_j L(z_j, θ̂), minus the removed points' losses."""
+        theta = self.fm.theta
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for _, X, Y in self.data.blocks(self.rows):
+                total += self.fm.losses(self.fm.params, X, Y).sum()
+            total = self.op.reduce_sum(total)
+            out = total.expand(self.k).clone()
+            if self.removed_data is not None:
+                for s, X, Y in self.removed_data.blocks(self.rows):
+                    losses = self.fm.losses(self.fm.params, X, Y)
+                    if self.group:
+                        out -= losses.sum()
+                    else:
+                        out[s : s + batch_len(X)] -= losses
+        return out.div_(self.n - self.s).add_(0.5 * self.l2 * float(theta.square().sum()))
+
+    def _line_search(
+        self, Theta: Tensor, G: Tensor, F: Tensor, D: Tensor, todo: Tensor, tol: float, what: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Backtracking along −D for the columns ``todo`` (the others are returned as they are): accept t when
+        R₋ decreases sufficiently (Armijo) or — near the optimum, where R₋ is flat to rounding — when ‖∇R₋‖
+        decreases; halve t otherwise. Only the columns still searching are evaluated."""
+        gnorm = G.norm(dim=0)
+        slope = (G * D).sum(0)
+        t = torch.ones(G.shape[1], dtype=self.dtype, device=self.device)
+        accepted = ~todo
+        newT, newG, newF = Theta.clone(), G.clone(), F.clone()
+        for _h in range(_MAX_HALVINGS):
+            act = torch.nonzero(~accepted).flatten()
+            if act.numel() == 0:
+                break
+            trial = Theta[:, act] - D[:, act] * t[act]
+            cols = act if self.k == G.shape[1] else None
+            Gt, Ft = self.objective_at(trial, cols)
+            ok = (Ft <= F[act] - _ARMIJO * t[act] * slope[act]) | (Gt.norm(dim=0) < gnorm[act])
+            good = act[ok]
+            newT[:, good], newG[:, good], newF[good] = trial[:, ok], Gt[:, ok], Ft[ok]
+            accepted[good] = True
+            t[act[~ok]] *= 0.5
+        if not bool(accepted.all()):
+            j = int(torch.nonzero(~accepted)[0])
+            raise ConvergenceError(
+                f"{what}: the line search found neither a decrease of the leave-out objective nor of its gradient "
+                f"for {self.removal_label(j)} at ‖∇R₋‖ = {float(gnorm[j]):.3g} (tol={tol:g}): the objective is "
+                f"flat to rounding there; raise tol",
+                grad_norm=float(gnorm[j]),
+                tol=tol,
+            )
+        return newT, newG, newF
+
     # -- the Newton step and the retraining ---------------------------------------------------------
     def newton_step(self) -> Tensor:
         """Δ_S = −A_S⁻¹ ∇R₋S(θ̂) for every removal, (p, k)."""
         return self.solve(self.gradient_at_optimum().neg_(), "loo_change(method='newton')")
 
-    def retrain(
-        self, tol: float, max_iter: int, start: Optional[Tensor] = None
-    ) -> tuple[Tensor, RetrainReport]:
-        """The minimisers θ̂₋S, (p, k), to ‖∇R₋S‖₂ ≤ ``tol`` (ConvergenceError after ``max_iter`` chord steps)."""
+    def retrain(self, tol: float, max_iter: int) -> tuple[Tensor, RetrainReport]:
+        """The minimisers θ̂₋S, (p, k), to ‖∇R₋S‖₂ ≤ ``tol`` (ConvergenceError after ``max_iter`` steps).
+
+        From θ̂ + the Newton step: up to ``_QUASI_NEWTON_STEPS`` L-BFGS steps on top of the fixed A_S (cheap: one
+        A_S solve and one gradient pass per step, all removals together); a removal still above ``tol`` then
+        continues by Newton-CG with the Hessian of R₋S at its current θ (Hessian-vector products there,
+        preconditioned like A_S; no damping unless that Hessian is not positive definite, then λ), which
+        converges quadratically where A_S — damped, or far from the optimum's curvature — makes slow progress."""
         t0 = time.perf_counter()
         theta0 = self.fm.theta[:, None].expand(-1, self.k)
         g0 = self.gradient_at_optimum()
         start_norm = g0.norm(dim=0)
-        step = self.solve(g0.neg(), "retrain_loo") if start is None else start
+        # the least damped chord system whose solve of the Newton start succeeds
+        for chord in self._chords():
+            try:
+                step = chord.solve(g0.neg(), "retrain_loo")
+                break
+            except NotPositiveDefiniteError:  # a leave-out Hessian needs more damping than H
+                if chord is self:
+                    raise
+                self.cg_iterations += chord.cg_iterations
         Theta = theta0 + step
         G, F = self.objective_at(Theta)
         # the Newton start must not be worse than θ̂ itself (an R₋S increase means the quadratic model failed)
-        _, F0 = self.objective_at(theta0.contiguous())
-        worse = F > F0
+        worse = self._objective_at_optimum() < F
         if bool(worse.any()):
             Theta[:, worse] = theta0[:, worse]
-            G[:, worse] = g0[:, worse]
-            F[worse] = F0[worse]
+            G, F = self.objective_at(Theta)
         steps = torch.zeros(self.k, dtype=torch.long)
         gnorm = G.norm(dim=0)
         # L-BFGS pairs (s, y) per column, on top of the chord matrix: the two-loop recursion with H₀⁻¹ = A_S⁻¹
@@ -342,43 +425,26 @@ class LeaveOut:
         S_hist: list[Tensor] = []
         Y_hist: list[Tensor] = []
         rho_hist: list[Tensor] = []
-        for _ in range(max_iter):
+        for _ in range(min(max_iter, _QUASI_NEWTON_STEPS)):
             todo = gnorm > tol
             if not bool(todo.any()):
                 break
-            D = self._direction(G * todo, S_hist, Y_hist, rho_hist)  # finished columns get zero
-            slope = (G * D).sum(0)
-            if bool((todo & ~(slope > 0)).any()):  # not a descent direction: drop the pairs, chord step
+            try:
+                D = chord._direction(G * todo, S_hist, Y_hist, rho_hist)  # finished columns get zero
+            except NotPositiveDefiniteError:
+                if chord is self:
+                    raise
+                self.cg_iterations += chord.cg_iterations
+                chord = self
+                D = chord._direction(G * todo, S_hist, Y_hist, rho_hist)
+            if bool(
+                (todo & ~((G * D).sum(0) > 0)).any()
+            ):  # not a descent direction: drop the pairs, chord step
                 S_hist.clear()
                 Y_hist.clear()
                 rho_hist.clear()
-                D = self.solve(G * todo, "retrain_loo")
-                slope = (G * D).sum(0)
-            t = torch.ones(self.k, dtype=self.dtype, device=self.device)
-            accepted = ~todo
-            newT, newG, newF = Theta.clone(), G.clone(), F.clone()
-            for _h in range(_MAX_HALVINGS):
-                trial = Theta - D * torch.where(accepted, 0.0, t)
-                Gt, Ft = self.objective_at(trial)
-                gt = Gt.norm(dim=0)
-                # sufficient decrease (Armijo), or — near the optimum, where R₋ is flat to rounding — a smaller
-                # gradient norm
-                ok = (~accepted) & ((Ft <= F - _ARMIJO * t * slope) | (gt < gnorm))
-                newT[:, ok], newG[:, ok], newF[ok] = trial[:, ok], Gt[:, ok], Ft[ok]
-                accepted = accepted | ok
-                if bool(accepted.all()):
-                    break
-                t = torch.where(accepted, t, t * 0.5)
-            if not bool(accepted.all()):
-                j = int(torch.nonzero(~accepted)[0])
-                raise ConvergenceError(
-                    f"retrain_loo: the line search found neither a decrease of the leave-out objective nor of its "
-                    f"gradient for {self.removal_label(j)} at ‖∇R₋‖ = {float(gnorm[j]):.3g} (tol={tol:g}): the "
-                    f"objective is flat to rounding there; raise tol",
-                    iterations=int(steps[j]),
-                    grad_norm=float(gnorm[j]),
-                    tol=tol,
-                )
+                D = chord.solve(G * todo, "retrain_loo")
+            newT, newG, newF = self._line_search(Theta, G, F, D, todo, tol, "retrain_loo")
             s_new, y_new = (newT - Theta) * todo, (newG - G) * todo
             sy = (s_new * y_new).sum(0)
             S_hist.append(s_new)
@@ -389,11 +455,43 @@ class LeaveOut:
             steps += todo.cpu().long()
             Theta, G, F = newT, newG, newF
             gnorm = G.norm(dim=0)
+        if chord is not self:
+            self.cg_iterations += chord.cg_iterations
+        newton_steps = torch.zeros(self.k, dtype=torch.long)
+        escapes = torch.zeros(self.k, dtype=torch.long)
+        curvature = torch.full((self.k,), math.nan, dtype=torch.float64)
+        for j in range(self.k):
+            th, g, f = Theta[:, j], G[:, j], F[j]
+            while True:
+                if float(g.norm()) > tol:
+                    budget = max_iter - int(steps[j])
+                    th, g, f, used = self._newton_cg(j, th, g, f, tol, budget, chord.precondition)
+                    newton_steps[j] += used
+                    steps[j] += used
+                if float(g.norm()) > tol:
+                    break  # ConvergenceError below
+                # a stationary point; a minimiser only if ∇²R₋S has no negative curvature there
+                rho, v, top = self._lowest_curvature(th, j)
+                curvature[j] = rho
+                if rho >= -_SADDLE_REL.get(self.dtype, 1e-4) * top:
+                    break
+                if int(escapes[j]) == _MAX_ESCAPES:
+                    raise ConvergenceError(
+                        f"retrain_loo: retraining without {self.removal_label(j)} ended at a saddle point of the "
+                        f"leave-out objective (curvature {rho:.3g} along a direction of negative curvature) "
+                        f"{_MAX_ESCAPES + 1} times; its Hessian there is indefinite",
+                        grad_norm=float(g.norm()),
+                        tol=tol,
+                    )
+                th, g, f = self._escape(j, th, g, f, rho, v, tol)
+                escapes[j] += 1
+            Theta[:, j], G[:, j], F[j] = th, g, f
+        gnorm = G.norm(dim=0)
         if bool((gnorm > tol).any()):
             j = int(torch.argmax(gnorm))
             raise ConvergenceError(
                 f"retrain_loo: retraining without {self.removal_label(j)} reached ‖∇R₋‖ = {float(gnorm[j]):.3g} "
-                f"after max_iter={max_iter} chord steps, above tol={tol:g}; raise max_iter or tol",
+                f"after max_iter={max_iter} steps, above tol={tol:g}; raise max_iter or tol",
                 iterations=max_iter,
                 grad_norm=float(gnorm[j]),
                 tol=tol,
@@ -405,8 +503,163 @@ class LeaveOut:
             solve_iterations=self.cg_iterations,
             tol=float(tol),
             seconds=time.perf_counter() - t0,
+            info={
+                "newton_cg_steps": [int(v) for v in newton_steps],
+                "saddle_escapes": [int(v) for v in escapes],
+                "min_curvature": [float(v) for v in curvature],
+            },
         )
         return Theta, report
+
+    def _chords(self) -> Iterator[LeaveOut]:
+        """The systems that may drive the retraining, least damped first: with the Exact solver's dense H, the
+        leave-out Hessian with damping μ = 0, 1e-6·λ, 1e-4·λ, 1e-2·λ (those at which H + μI factors),
+        preconditioned by that factor; then this system (damping λ). The damping λ of the influence estimates
+        regularises the estimate, not the retraining, and A_S damped by λ converges slowly along the
+        directions of curvature below λ; the caller takes the first whose solves succeed (A_S itself may need
+        more damping than H)."""
+        H = self.dense_H
+        if H is not None and self.lam > 0:
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            for mu in (0.0, 1e-6 * self.lam, 1e-4 * self.lam, 1e-2 * self.lam):
+                L, info = torch.linalg.cholesky_ex(H + mu * eye)
+                if int(info) != 0 or not bool(torch.isfinite(L).all()):
+                    continue
+                chord = copy.copy(self)
+                chord.lam = mu
+                chord.cg_iterations = 0
+                chord.precondition = functools.partial(_cholesky_solve, L)
+                yield chord
+        yield self
+
+    def _lowest_curvature(self, theta: Tensor, j: int) -> tuple[float, Tensor, float]:
+        """(ρ, v, |largest Ritz value|) of ∇²R₋S at θ for removal j: v (p,) the unit Ritz vector of the lowest
+        Ritz value after ``_LANCZOS_STEPS`` Lanczos steps (full reorthogonalisation, a seeded start) and ρ its
+        exact Rayleigh quotient vᵀ∇²R₋S v (one more HVP). ρ < 0 proves negative curvature (a saddle point); ρ ≥ 0
+        does not prove positive definiteness, only that none was found."""
+        system = self._at(theta, j, 0.0, None)
+        p = theta.numel()
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(p, generator=gen, dtype=torch.float64).to(device=self.device, dtype=self.dtype)
+        Q = [q / q.norm()]
+        alphas: list[float] = []
+        betas: list[float] = []
+        for _ in range(min(_LANCZOS_STEPS, p)):
+            w = system.apply(Q[-1][:, None])[:, 0]
+            alphas.append(float(w @ Q[-1]))
+            Qm = torch.stack(Q)
+            for _twice in range(2):  # full reorthogonalisation, twice is enough
+                w = w - Qm.t() @ (Qm @ w)
+            b = float(w.norm())
+            if b <= 1e-10 * max(abs(a) for a in alphas):
+                break
+            betas.append(b)
+            Q.append(w / b)
+        m = len(alphas)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(T)
+        v = torch.stack(Q[:m]).t() @ evecs[:, 0].to(device=self.device, dtype=self.dtype)
+        v = v / v.norm()
+        rho = float(v @ system.apply(v[:, None])[:, 0])
+        self.cg_iterations += system.cg_iterations
+        return rho, v, float(evals.abs().max())
+
+    def _escape(
+        self, j: int, theta: Tensor, g: Tensor, f: Tensor, rho: float, v: Tensor, tol: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """A step from the saddle point θ along the direction v of negative curvature ρ, signed downhill: the
+        longest α of 1, ½, ¼, … with R₋S(θ + α v) ≤ R₋S(θ) + α gᵀv + ρα²/4 (half the decrease of the quadratic
+        model, which small α attain)."""
+        if float(g @ v) > 0:
+            v = -v
+        gv = float(g @ v)
+        alpha = 1.0
+        for _h in range(_MAX_HALVINGS):
+            trial = theta + alpha * v
+            Gt, Ft = self.objective_at(trial[:, None], torch.tensor([j], device=self.device))
+            if float(Ft[0]) <= float(f) + alpha * gv + 0.25 * rho * alpha * alpha:
+                return trial, Gt[:, 0], Ft[0]
+            alpha *= 0.5
+        raise ConvergenceError(
+            f"retrain_loo: no step along the direction of negative curvature ({rho:.3g}) decreased the leave-out "
+            f"objective of {self.removal_label(j)}",
+            grad_norm=float(g.norm()),
+            tol=tol,
+        )
+
+    def _at(
+        self, theta: Tensor, j: int, damping: float, precondition: Optional[Callable[[Tensor], Tensor]]
+    ) -> LeaveOut:
+        """The leave-out system of removal j with its Hessian at θ (instead of θ̂), a single column,
+        preconditioned by ``precondition``."""
+        fm = self.fm.at(theta)
+        op = HessianOperator(fm, self.data, self.l2, self.op.batch_size)
+        removed = self.removed if self.group else self.removed[j : j + 1]
+        out = LeaveOut(
+            fm,
+            op,
+            self.prep,
+            self.data,
+            damping,
+            removed,
+            self.group,
+            self.rows,
+            _NEWTON_CG_TOL,
+            dense_hessian=False,
+        )
+        out.precondition = precondition
+        return out
+
+    def _newton_cg(
+        self,
+        j: int,
+        theta: Tensor,
+        g: Tensor,
+        f: Tensor,
+        tol: float,
+        budget: int,
+        precondition: Optional[Callable[[Tensor], Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Newton-CG for removal j from θ, ∇R₋ = g, R₋ = f: each step solves (∇²R₋(θ) + μI) d = g by
+        preconditioned CG (relative residual 1e-8) and line-searches along −d. The damping μ follows
+        Levenberg–Marquardt: 0 while ∇²R₋(θ) is positive definite; where it is not (or d is no descent
+        direction), μ starts at ``_LM_START`` · max(λ, 1e-2) and grows ×10; after a full step it shrinks ÷10 (to 0
+        below the start), so the iteration turns quadratic once the curvature at θ is positive again.
+        Returns (θ, g, f, steps)."""
+        start = _LM_START * max(self.lam, 1e-2)
+        cap = _LM_MAX * max(self.lam, 1e-2)
+        mu = 0.0
+        used = 0
+        one = torch.ones(1, dtype=torch.bool, device=self.device)
+        while used < budget and float(g.norm()) > tol:
+            system = self._at(theta, j, mu, precondition)
+            failure: Optional[NotPositiveDefiniteError] = None
+            try:
+                d = system.solve(g[:, None], "retrain_loo (Newton-CG)")
+            except NotPositiveDefiniteError as err:
+                failure = err
+            self.cg_iterations += system.cg_iterations
+            if failure is not None or not float((g[:, None] * d).sum()) > 0:  # (or curvature CG missed)
+                mu = start if mu == 0.0 else mu * 10.0
+                if mu > cap:
+                    raise failure or NotPositiveDefiniteError(
+                        f"retrain_loo (Newton-CG, {self.removal_label(j)}): no descent direction up to damping "
+                        f"{cap:g}; the leave-out objective is not locally convex there",
+                        suggested_damping=cap,
+                    )
+                continue
+            T, G, F = system._line_search(
+                theta[:, None], g[:, None], f.reshape(1), d, one, tol, "retrain_loo"
+            )
+            full = bool(torch.allclose(theta - T[:, 0], d[:, 0]))
+            theta, g, f = T[:, 0], G[:, 0], F[0]
+            used += 1
+            if full and mu > 0.0:
+                mu = mu / 10.0 if mu / 10.0 >= start else 0.0
+        return theta, g, f, used
 
 
 def test_losses_at(fm: FunctionalModel, Theta: Tensor, test: Any, rows: int) -> Tensor:
@@ -441,6 +694,11 @@ def _preconditioner(prep: Any) -> Optional[Callable[[Tensor], Tensor]]:
     if pre is not None and hasattr(pre, "apply"):
         return pre.apply
     return None
+
+
+def _cholesky_solve(L: Tensor, R: Tensor) -> Tensor:
+    """(L Lᵀ)⁻¹ R in L's dtype, returned in R's."""
+    return torch.cholesky_solve(R.to(L.dtype), L).to(R.dtype)
 
 
 def default_retrain_tol(dtype: torch.dtype) -> float:
