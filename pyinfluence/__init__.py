@@ -30,9 +30,11 @@ from pyinfluence.interface import Influence, TopK
 from pyinfluence.linear import (
     LinearInfluence,
     LogisticRegression,
+    RegressionDiagnostics,
     RidgeRegression,
     SmoothHingeSVM,
     from_sklearn,
+    regression_diagnostics,
 )
 from pyinfluence.runtime import (
     get_num_threads,
@@ -105,10 +107,12 @@ __all__ = [
     "NotPositiveDefiniteError",
     "PyInfluenceError",
     "DataError",
+    "RegressionDiagnostics",
     "RidgeRegression",
     "SmoothHingeSVM",
     "TopK",
     "from_sklearn",
+    "regression_diagnostics",
     "get_num_threads",
     "get_parallel_min_flops",
     "has_cuda",

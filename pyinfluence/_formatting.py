@@ -5,8 +5,9 @@ and the benchmark studies' sections of bench/RESULTS.md (:mod:`pyinfluence.bench
 
 - :func:`format_value`: one cell — floats to ``digits`` significant digits, integers as they are,
   None / NaN / inf as an en dash, booleans as yes / no, anything else ``str``.
-- :func:`format_seconds`, :func:`format_bytes`, :func:`format_correlation`: a duration with its
-  unit (s, ms, µs), a size (KiB … TiB), a correlation coefficient (more digits near 1).
+- :func:`format_seconds`, :func:`format_bytes`, :func:`format_correlation`, :func:`format_percent`: a
+  duration with its unit (s, ms, µs), a size (KiB … TiB), a correlation coefficient (more digits
+  near 1), a fraction as a percentage.
 - :func:`text_table` (aligned plain text for a terminal) and :func:`markdown_table`: a header and
   rows; cells that are not already strings go through :func:`format_value`.
 
@@ -22,6 +23,7 @@ __all__ = [
     "DASH",
     "format_bytes",
     "format_correlation",
+    "format_percent",
     "format_seconds",
     "format_value",
     "markdown_table",
@@ -87,6 +89,16 @@ def format_correlation(r: Optional[float]) -> str:
     if r is None or not math.isfinite(r):
         return DASH
     return f"{r:.7f}" if r > 0.9999 else f"{r:.4f}"
+
+
+def format_percent(fraction: Any, digits: int = 3) -> str:
+    """A fraction as a percentage with ``digits`` significant digits and no trailing zeros (as
+    :func:`format_value`): 0.95 → '95%', 0.125 → '12.5%', 1/3 → '33.3%'; None / NaN / inf: an en
+    dash."""
+    v = _plain(fraction)
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return DASH
+    return f"{format_value(100.0 * float(v), digits)}%"
 
 
 def _cells(columns: Sequence[Any], rows: Sequence[Sequence[Any]], digits: int) -> List[List[str]]:

@@ -16,6 +16,7 @@ method                 quantity                                                 
 ``pert_loss``          I_pert,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇x∇θL(z)    (k, m, *input shape)
 ``self_influence``     I_up,loss(z, z) ≤ 0                                         (k,)
 ``loo_change``         L(z_test, θ̂₋z) − L(z_test, θ̂) ≈ −(1/n)·I_up,loss(z, z_test)  (k, m)
+``helpfulness``        −I_up,loss(z, z_test): the peers' sign, positive = helpful   (k, m)
 ``top_k``              the k most helpful / harmful training points per test point  TopK of (m, k)
 =====================  ==========================================================  ===================
 
@@ -23,6 +24,32 @@ method                 quantity                                                 
 have NO 1/n factor. Removing z is ε = −1/n, hence the −1/n in ``loo_change`` (the only method with
 it). A positive ``up_loss`` means upweighting z *raises* the test loss (z is harmful); a negative one
 means it lowers it (z is helpful).
+
+**The other sign convention.** Captum, pyDVL, kronfluence, TRAK and dattri all report positive =
+helpful (a score that grows with how much z lowers the test loss). ``helpfulness`` returns exactly
+that, −up_loss, with no 1/n and the same (k, m) layout; it is the only method in that convention
+(``loo_change`` is positive for helpful points too, but carries the −1/n: ``loo_change ≈
+helpfulness/n``). Every other method and ``top_k``'s scores keep the paper's sign.
+
+**Normalised influence** (``top_k(..., normalize=...)``, see :data:`NORMALIZATIONS`). Raw up_loss
+is large for training points with large, poorly-constrained gradients (high leverage): a handful of
+such rows tops the harmful and helpful lists of almost every test point. Dividing by a per-training-
+point norm ranks by how much of z's influence is *aimed at* the test point (Barshan et al. 2020,
+RelatIF; TrackStar's unit-normalised gradients). With A = (H+λI)⁻¹, g = ∇θL(z), g_t = ∇θL(z_test):
+
+- ``"theta"`` (RelatIF θ-relative): up_loss / ‖A g‖ = up_loss / ‖up_params(z)‖;
+- ``"loss"`` (RelatIF ℓ-relative): up_loss / √(gᵀ A g) = up_loss / √(−self_influence(z));
+- ``"cosine"``: up_loss / (√(g_tᵀ A g_t)·√(gᵀ A g)) = −cos_A(g_t, g), in [−1, 1] (the cosine of the two
+  gradients in the A metric; −1: z's gradient points exactly along the test point's, most helpful).
+
+They keep up_loss's sign (helpful = negative, ranked first in ``helpful_*``). A training point whose
+gradient is zero has up_loss = 0 and normalised score 0 (not 0/0). ``"loss"`` and ``"cosine"`` rank
+the training points of one test point identically (the cosine only divides by a per-test constant);
+the cosine's scores are comparable across test points and bounded. Use raw scores for the size of an
+effect (−score/n predicts the leave-one-out change); ``"loss"``/``"cosine"`` to find the training points
+most specific to a prediction (whose influence is mostly on it, not everywhere); ``"theta"`` to discount
+points that move the parameters a lot (the leverage itself), leaving more of the gradient's
+alignment with the test point in the ranking.
 
 Two implementations, with the same methods, parameters, shapes and signs (a linear model gives the
 same numbers through both):
@@ -49,10 +76,27 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Generic, Optional, Tuple, TypeVar
 
-__all__ = ["ArrayT", "Influence", "TopK"]
+__all__ = ["NORMALIZATIONS", "ArrayT", "Influence", "TopK", "check_normalize"]
 
 #: The array type of a path's results: numpy arrays (LinearInfluence) or torch tensors (TorchInfluence).
 ArrayT = TypeVar("ArrayT")
+
+#: The values of ``top_k``'s ``normalize``: None (raw up_loss) or a normalisation (module docstring).
+NORMALIZATIONS: Tuple[Optional[str], ...] = (None, "theta", "loss", "cosine")
+
+
+def check_normalize(normalize: Any) -> Optional[str]:
+    """``normalize`` itself if it is one of :data:`NORMALIZATIONS`, else ValueError (TypeError for a
+    non-string) naming the argument and the accepted values."""
+    if normalize is None:
+        return None
+    if not isinstance(normalize, str):
+        raise TypeError(
+            f"normalize must be None, 'theta', 'loss' or 'cosine', got {type(normalize).__name__} {normalize!r}"
+        )
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be None, 'theta', 'loss' or 'cosine', got {normalize!r}")
+    return normalize
 
 
 @dataclass(frozen=True)
@@ -63,7 +107,10 @@ class TopK(Generic[ArrayT]):
     (upweighting them lowers the test loss; removing them raises it), most helpful first.
     ``harmful_idx``/``harmful_scores`` (m, k): the most POSITIVE ``up_loss``, most harmful first.
     Scores are ``up_loss`` values, I_up,loss(z, z_test) = −∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z) (no 1/n
-    factor; the predicted leave-one-out change of the test loss is −score/n). Indices are int64.
+    factor; the predicted leave-one-out change of the test loss is −score/n), or with
+    ``top_k(..., normalize=...)`` the normalised scores (same sign; see :mod:`pyinfluence.interface`).
+    Indices are int64. In the other libraries' convention (positive = helpful; :meth:`Influence.helpfulness`)
+    the helpful scores are ``-helpful_scores``.
 
     The array type is the path's: numpy arrays from :class:`~pyinfluence.LinearInfluence`
     (``TopK[numpy.ndarray]``), torch tensors on its device from :class:`~pyinfluence.TorchInfluence`
@@ -203,12 +250,35 @@ class Influence(abc.ABC, Generic[ArrayT]):
         """
 
     @abc.abstractmethod
-    def top_k(self, X_test: Any, y_test: Any = None, k: int = 10) -> TopK[ArrayT]:
+    def helpfulness(self, X_test: Any, y_test: Any = None, train_idx: Any = None) -> ArrayT:
+        """−I_up,loss(z, z_test) = ∇θL(z_test)ᵀ (H+λI)⁻¹ ∇θL(z), shape (k, m): :meth:`up_loss` in the
+        convention of Captum, pyDVL, kronfluence, TRAK and dattri — **positive = helpful** (upweighting z
+        lowers the test loss), negative = harmful.
+
+        Exactly ``-up_loss(X_test, y_test, train_idx)``: same layout (training points × test points), no
+        1/n factor (the predicted leave-one-out change of the test loss is helpfulness/n, see
+        :meth:`loo_change`). Peers differ from it by more than the sign in places (a sum- rather than a
+        mean-loss Hessian: a factor n; a (test, train) layout: a transpose; random projections or K-FAC
+        curvature: not a fixed factor); the README's "Signs and other libraries" gives each conversion.
+        """
+
+    @abc.abstractmethod
+    def top_k(
+        self, X_test: Any, y_test: Any = None, k: int = 10, normalize: Optional[str] = None
+    ) -> TopK[ArrayT]:
         """The k most helpful and k most harmful training points for each test point.
 
         Ranked by up_loss = −∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z): helpful = most negative first, harmful =
         most positive first. Scores have no 1/n factor (the predicted leave-one-out change of the
         test loss is −score/n). Returns :class:`TopK` with four (m, k) arrays. ``k``: 1 to n_train.
+
+        ``normalize``: None (raw up_loss), ``"theta"`` (RelatIF θ-relative: up_loss/‖(H+λI)⁻¹∇θL(z)‖),
+        ``"loss"`` (RelatIF ℓ-relative: up_loss/√(∇θL(z)ᵀ(H+λI)⁻¹∇θL(z))) or ``"cosine"`` (also divided by
+        √(∇θL(z_test)ᵀ(H+λI)⁻¹∇θL(z_test)): −cos of the gradients in the (H+λI)⁻¹ metric, in [−1, 1]); the
+        scores are then the normalised ones, with up_loss's sign, ranked the same way. The normalisations
+        need a solve per training point (the cost of :meth:`self_influence` / :meth:`up_params` over the
+        training set) besides the scoring. See the module docstring for when to use which. Any other value:
+        ValueError naming ``normalize``.
         """
 
     # -- ground truth and refits ----------------------------------------------------------------

@@ -93,6 +93,24 @@ def test_demo_figures_are_valid_pngs(demo):
 
 
 @pytest.mark.slow
+def test_demo_contents_are_numbered_once_and_figures_are_sharp(demo):
+    """The new-user trial's findings: "1. 1. ..." in the table of contents, 100 dpi figures."""
+    from PIL import Image
+
+    from pyinfluence.cli.report import FIGURE_DPI
+
+    nav = re.search(r"<nav>(.*?)</nav>", demo["html"], re.S)
+    assert nav is not None and "<ol" not in nav.group(1)
+    entries = re.findall(r"<li><a [^>]*>([^<]*)</a></li>", nav.group(1))
+    numbered = [e for e in entries if re.match(r"\d+\. ", e)]
+    assert [int(e.split(".")[0]) for e in numbered] == list(range(1, len(numbered) + 1))
+    assert len(numbered) == 5 and not any(re.match(r"\d+\.\s*\d+\.", e) for e in entries)
+    for name in demo["results"]["figures"]:
+        with Image.open(demo["out"] / name) as img:
+            assert img.info["dpi"][0] == pytest.approx(FIGURE_DPI, rel=1e-3), name
+
+
+@pytest.mark.slow
 def test_demo_html_references_every_figure_and_is_self_contained(demo):
     html = demo["html"]
     srcs = re.findall(r'<img src="([^"]+)"', html)

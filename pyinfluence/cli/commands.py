@@ -67,7 +67,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 
 import numpy as np
 
-from pyinfluence._formatting import format_bytes, text_table
+from pyinfluence._formatting import format_bytes, format_value, text_table
 from pyinfluence.errors import PyInfluenceError
 
 __all__ = ["main", "build_parser", "feature_scale_warning"]
@@ -1639,14 +1639,75 @@ def _new_figure(size: tuple) -> Any:
     return Figure(figsize=size, layout="constrained")
 
 
+#: Feature columns shown beside the flagged rows in the reports (the first ones of a wider table).
+REPORT_MAX_FEATURES = 20
+#: Test points with a table of their own in the explain report (the rest: results.json).
+REPORT_MAX_TEST_TABLES = 50
+
+
+def _plain_text(s: Any) -> str:
+    """A string for a matplotlib label: '$' escaped so that user text is never read as mathtext."""
+    return str(s).replace("$", r"\$")
+
+
 def _settings_rows(payload: Dict[str, Any]) -> List[List[Any]]:
-    return [[k.replace("_", " "), "–" if v is None else v] for k, v in payload["settings"].items()]
+    return [[k.replace("_", " "), v] for k, v in payload["settings"].items()]
+
+
+def _fit_sentence(quality: Dict[str, Any]) -> str:
+    """'Model fit: training accuracy 0.9333 (90 rows); test accuracy 1 (6 points).' (numbers by
+    format_value; 'undefined' for an R^2 of targets that do not vary)."""
+
+    def shown(v: Optional[float]) -> str:
+        return "undefined" if v is None else format_value(v)
+
+    metric = quality["metric"]
+    text = f"Model fit: training {metric} {shown(quality['train'])} ({quality['n_train']} rows)"
+    if quality["n_test"]:
+        text += f"; test {metric} {shown(quality['test'])} ({quality['n_test']} points)"
+    what = (
+        "accuracy = the share of rows whose predicted class is their label"
+        if metric == "accuracy"
+        else "R^2 = 1 - sum (y - prediction)^2 / sum (y - mean y)^2"
+    )
+    return f"{text}; {what}."
+
+
+def _feature_columns(fitted: Dict[str, Any]) -> Tuple[List[str], str]:
+    """(names of the feature columns the report shows, a sentence when some are left out)."""
+    names = list(fitted["data"].feature_names)
+    if len(names) <= REPORT_MAX_FEATURES:
+        return names, ""
+    return names[:REPORT_MAX_FEATURES], (
+        f"The tables show the first {REPORT_MAX_FEATURES} of the {len(names)} feature columns; the "
+        f"rest are in the data file (rows as numbered here)."
+    )
+
+
+def _train_features(fitted: Dict[str, Any], rows: Sequence[int], d: int) -> np.ndarray:
+    """(len(rows), d): the first ``d`` feature values, as read (before --standardize), of the
+    training rows numbered ``rows`` in the source. Parquet data: fetched from the workers by
+    position (row minus the held-out rows before it)."""
+    ud = fitted["data"]
+    rows_a = np.asarray(rows, dtype=np.int64)
+    if rows_a.size == 0:
+        return np.zeros((0, d))
+    if fitted.get("dask"):
+        import dask
+
+        pos = rows_a - np.searchsorted(ud.held_out, rows_a)
+        wanted, back = np.unique(pos, return_inverse=True)
+        (vals,) = dask.compute(ud.X_train[wanted][:, :d])
+        return np.asarray(vals, dtype=np.float64)[back]
+    where = {int(r): i for i, r in enumerate(ud.train_rows)}
+    return np.asarray(ud.X_train, dtype=np.float64)[[where[int(r)] for r in rows_a], :d]
 
 
 def _report_with_settings(
     args: argparse.Namespace, fitted: Dict[str, Any], payload: Dict[str, Any], command: str
 ) -> Any:
-    """A new HTML report for ``command`` on the user's data, opening with the table of settings."""
+    """A new HTML report for ``command`` on the user's data, opening with the model's fit and
+    the table of settings."""
     from pyinfluence.cli.report import Report
 
     rep = Report(
@@ -1655,18 +1716,19 @@ def _report_with_settings(
         intro=payload["sign_convention"] + ".",
     )
     sec = rep.section("Setting", "setting")
+    quality = payload["model_fit"]
+    sec.text(_fit_sentence(quality))
     for message in payload["warnings"]:
         sec.note(f"Warning: {message}")
     for message in payload["notes"]:
         sec.note(f"Note: {message}")
-    sec.table(["setting", "value"], _settings_rows(payload))
-    quality = payload["model_fit"]
     sec.table(
         ["data", quality["metric"], "points"],
         [["training", quality["train"], quality["n_train"]]]
         + ([["test", quality["test"], quality["n_test"]]] if quality["n_test"] else []),
         caption="Model fit",
     )
+    sec.table(["setting", "value"], _settings_rows(payload))
     return rep
 
 
@@ -1678,23 +1740,24 @@ def _explain_report(
 ) -> pathlib.Path:
     rep = _report_with_settings(args, fitted, payload, "explain")
     show = points[:12]
-    fig = _new_figure((9.0, 1.0 + 2.2 * len(show)))
+    fig = _new_figure((9.0, 1.0 + 2.4 * len(show)))
     axs = fig.subplots(len(show), 1, squeeze=False)[:, 0]
     for a, pt in zip(axs, show):
         entries = pt["helpful"] + pt["harmful"]
         vals = [e["influence"] for e in entries]
-        names = [f"row {e['train_index']} (y={e['train_label']})" for e in entries]
+        names = [_plain_text(f"row {e['train_index']} (y={e['train_label']})") for e in entries]
         y = np.arange(len(entries))
         a.barh(y, vals, color=["C0" if v < 0 else "C3" for v in vals])
         a.set_yticks(y)
-        a.set_yticklabels(names, fontsize=7)
+        a.set_yticklabels(names, fontsize=9)
+        a.tick_params(axis="x", labelsize=9)
         a.invert_yaxis()
         a.axvline(0, color="k", lw=0.6)
         a.set_title(
-            f"test point {pt['test_index']} (label {pt['label']}, predicted {pt['prediction']})",
-            fontsize=9,
+            _plain_text(f"test point {pt['test_index']} (label {pt['label']}, predicted {pt['prediction']})"),
+            fontsize=10,
         )
-        a.set_xlabel("influence (negative = helpful)", fontsize=8)
+        a.set_xlabel("influence (negative = helpful)", fontsize=9)
     sec = rep.section("Most helpful and harmful training rows", "top")
     sec.figure(
         fig,
@@ -1702,26 +1765,44 @@ def _explain_report(
         "Influence of the top helpful (blue) and harmful (red) training rows"
         + (f" for the first {len(show)} test points" if len(points) > len(show) else ""),
     )
-    for pt in points[:50]:
+    features, left_out = _feature_columns(fitted)
+    d = len(features)
+    tables = points[:REPORT_MAX_TEST_TABLES]
+    sec.text(
+        "Each table: the test point's own feature values first, then its most helpful and harmful "
+        "training rows with theirs (values as read, before any --standardize)."
+        + (f" {left_out}" if left_out else "")
+    )
+    flagged = [e["train_index"] for pt in tables for kind in ("helpful", "harmful") for e in pt[kind]]
+    values = _train_features(fitted, flagged, d)
+    test_values = np.asarray(fitted["data"].X_test, dtype=np.float64)[:, :d]
+    at = 0
+    for j, pt in enumerate(tables):
+        body: List[List[Any]] = [
+            ["test point", None, pt["test_index"], pt["label"], None, None, *test_values[j]]
+        ]
+        for kind in ("helpful", "harmful"):
+            for e in pt[kind]:
+                body.append(
+                    [
+                        kind,
+                        e["rank"],
+                        e["train_index"],
+                        e["train_label"],
+                        e["influence"],
+                        e["loss_change_if_removed"],
+                        *values[at],
+                    ]
+                )
+                at += 1
         sec.table(
-            ["kind", "rank", "train row", "label", "influence", "loss change if removed"],
-            [
-                [
-                    kind,
-                    e["rank"],
-                    e["train_index"],
-                    e["train_label"],
-                    e["influence"],
-                    e["loss_change_if_removed"],
-                ]
-                for kind in ("helpful", "harmful")
-                for e in pt[kind]
-            ],
+            ["kind", "rank", "row", "label", "influence", "loss change if removed", *features],
+            body,
             caption=f"test point {pt['test_index']}: label {pt['label']}, predicted "
-            f"{pt['prediction']}, loss {pt['loss']:.4g}",
+            f"{pt['prediction']}, loss {format_value(pt['loss'])}",
         )
-    if len(points) > 50:
-        sec.text(f"{len(points) - 50} more test points are in results.json.")
+    if len(points) > len(tables):
+        sec.text(f"{len(points) - len(tables)} more test points are in results.json.")
     return rep.write(payload)
 
 
@@ -1738,23 +1819,30 @@ def _mislabel_report(
     ranks = np.arange(1, mags.size + 1)
     a.plot(ranks, mags, color="C0", lw=1.2)
     k = min(args.k, mags.size)
-    a.scatter(ranks[:k], mags[:k], s=10, color="C3", zorder=3, label=f"top {k}")
+    a.scatter(ranks[:k], mags[:k], s=10, color="C3", zorder=3, label=f"top {k} (-k)")
     if np.all(mags > 0):
         a.set_yscale("log")
     a.set_xlabel("rank (most suspicious first)")
     a.set_ylabel("|self-influence|")
-    a.legend(fontsize=8)
+    a.legend(fontsize=9)
     sec = rep.section("Training rows ranked by self-influence", "ranking")
     n = fitted["inf"].n_train
     caption = (
         "Magnitude of self-influence of every training row, sorted."
         if len(rows) == n
-        else f"Magnitude of self-influence of the {len(rows):,} most suspicious of the {n:,} training rows "
+        else f"Magnitude of self-influence of the {len(rows)} most suspicious of the {n} training rows "
         f"(--max-rows), sorted."
     )
     sec.figure(fig, "self_influence", caption)
+    features, left_out = _feature_columns(fitted)
+    top = rows[:k]
+    values = _train_features(fitted, [r["train_index"] for r in top], len(features))
+    sec.text(
+        f"The {k} most suspicious rows (-k {args.k}) with their feature values as read (before any "
+        f"--standardize); every ranked row is in results.json." + (f" {left_out}" if left_out else "")
+    )
     sec.table(
-        ["rank", "train row", "label", "prediction", "training loss", "self-influence"],
+        ["rank", "row", "label", "prediction", "training loss", "self-influence", *features],
         [
             [
                 r["rank"],
@@ -1763,10 +1851,11 @@ def _mislabel_report(
                 r["prediction"],
                 r["training_loss"],
                 r["self_influence"],
+                *v,
             ]
-            for r in rows[: max(k, 20)]
+            for r, v in zip(top, values)
         ],
-        caption=f"The {max(k, 20) if len(rows) >= 20 else len(rows)} most suspicious rows",
+        caption=f"The {k} most suspicious rows",
     )
     return rep.write(payload)
 

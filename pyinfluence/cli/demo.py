@@ -49,6 +49,8 @@ from torch import Tensor  # noqa: E402
 
 import pyinfluence  # noqa: E402
 from pyinfluence import applications as app  # noqa: E402
+from pyinfluence._formatting import format_percent, format_value  # noqa: E402
+from pyinfluence.applications.plotting import plot_with_zoom  # noqa: E402
 from pyinfluence.applications.presets import DIGITS_PRESETS  # noqa: E402
 from pyinfluence.cli.report import Report  # noqa: E402
 from pyinfluence.errors import NotPositiveDefiniteError  # noqa: E402
@@ -328,16 +330,16 @@ def compute_behaviour(S: Settings, seed: int, progress: bool = False) -> Behavio
 
 def render_behaviour(rep: Report, st: BehaviourStudy) -> None:
     p, pair, cnn, stats, ds = st.settings, st.pair, st.cnn, st.stats, st.data
-    sec = rep.section("1. Understanding model behaviour: an RBF model versus a CNN", "behaviour")
+    sec = rep.section("Understanding model behaviour: an RBF model versus a CNN", "behaviour", numbered=True)
     sec.text(
         "The paper's Figure 4 compares an RBF-kernel SVM with Inception on a binary task (dog "
         "versus fish): for the same test image the two models lean on different training images. "
         f"Here the task is digit {pair[0]} versus digit {pair[1]}. The RBF model is a logistic "
         "regression on RBF features exp(-gamma |x - c|^2) centred on every training image (an "
-        f"RBF-kernel machine; gamma = {p['gamma_times_median']:g} x the median rule, l2 = "
-        f"{p['rbf_l2']:g}); the CNN is a small convolutional network trained here "
+        f"RBF-kernel machine; gamma = {format_value(p['gamma_times_median'])} x the median rule, l2 = "
+        f"{format_value(p['rbf_l2'])}); the CNN is a small convolutional network trained here "
         f"({cnn.summary()['architecture']}; {cnn.summary()['n_params']} parameters, l2 = "
-        f"{p['cnn_l2']:g}). Data: {ds.description}."
+        f"{format_value(p['cnn_l2'])}). Data: {ds.description}."
     )
     sec.text(
         "For each test image: the most helpful (most negative up_loss) and most harmful (most "
@@ -350,14 +352,14 @@ def render_behaviour(rep: Report, st: BehaviourStudy) -> None:
     if r_cnn > r_rbf:
         verdict = (
             f"As in the paper, the RBF model relies on training images close to the test image in "
-            f"pixel space (its {p['k']} most helpful images lie at {r_rbf:.2f} of the mean "
-            f"distance), while the CNN's helpful images lie further away ({r_cnn:.2f}): it "
+            f"pixel space (its {p['k']} most helpful images lie at {format_value(r_rbf, 2)} of the mean "
+            f"distance), while the CNN's helpful images lie further away ({format_value(r_cnn, 2)}): it "
             "generalises from images of the same class that do not look alike pixel by pixel."
         )
     else:
         verdict = (
             f"Unlike the paper, in this run the CNN's most helpful images are not further from the "
-            f"test image than the RBF model's ({r_cnn:.2f} versus {r_rbf:.2f} of the mean pixel "
+            f"test image than the RBF model's ({format_value(r_cnn, 2)} versus {format_value(r_rbf, 2)} of the mean pixel "
             "distance)."
         )
     sec.text(verdict)
@@ -365,7 +367,7 @@ def render_behaviour(rep: Report, st: BehaviourStudy) -> None:
         f"CNN influence is computed over all {cnn.influence.n_params} of its parameters "
         "(no restriction to the top layer was needed): the exact Hessian is built from "
         f"{cnn.influence.n_params} Hessian-vector products over the training set, with damping "
-        f"{cnn.damping:g}. The CNN was trained to |grad R| = {cnn.grad_norm:.1e} (L-BFGS, then "
+        f"{format_value(cnn.damping)}. The CNN was trained to |grad R| = {format_value(cnn.grad_norm, 2)} (L-BFGS, then "
         "BFGS from the exact Hessian), since influence functions assume a minimum."
     )
     sec.table(
@@ -583,7 +585,7 @@ def compute_loo(S: Settings, seed: int, progress: bool = False) -> LooStudy:
 def render_loo(rep: Report, st: LooStudy) -> None:
     p, pc, ds, du, cnn = st.settings, st.cnn_settings, st.data, st.cnn_data, st.cnn
     summary = st.summary()
-    sec = rep.section("2. Influence versus leave-one-out retraining", "loo")
+    sec = rep.section("Influence versus leave-one-out retraining", "loo", numbered=True)
     sec.text(
         "The paper's Figure 2: for a test point, remove each of its most influential training "
         "points (and some random ones), retrain, and compare the actual change of the test loss "
@@ -614,10 +616,12 @@ def render_loo(rep: Report, st: LooStudy) -> None:
         ],
         caption="Logistic regression",
     )
+    fig, _, zoomed = plot_with_zoom(lambda axs: st.logistic.plot(ax=axs), len(st.logistic.methods))
     sec.figure(
-        st.logistic.plot(),
+        fig,
         "loo_logistic",
-        "Logistic regression: predicted against actual change of the test loss.",
+        "Logistic regression: predicted against actual change of the test loss."
+        + (f" {zoomed}" if zoomed else ""),
     )
     c = summary["cnn"]
     r = st.retrainer
@@ -625,38 +629,38 @@ def render_loo(rep: Report, st: LooStudy) -> None:
     fallback = f"; L-BFGS took over in {lbfgs_used} refit(s) where BFGS stalled" if lbfgs_used else ""
     sec.text(
         f"CNN ({cnn.summary()['architecture']}; {cnn.summary()['n_params']} parameters, l2 = "
-        f"{cnn.l2:g}, trained on all 10 digits: {du.y_train.shape[0]} images, pixels in [0, 1]; "
-        f"test accuracy {cnn.test_accuracy:.1%}; influence over all parameters, exact Hessian): "
+        f"{format_value(cnn.l2)}, trained on all 10 digits: {du.y_train.shape[0]} images, pixels in [0, 1]; "
+        f"test accuracy {format_percent(cnn.test_accuracy)}; influence over all parameters, exact Hessian): "
         f"its highest-loss test image, its {pc['loo_n_top']} most influential and "
         f"{pc['loo_n_random']} random training images. Each was removed and the network retrained "
         "from the trained weights, as the paper did, here to a gradient norm of the leave-one-out "
-        f"objective of at most {r.tol:g} (largest reached over the {len(r.grad_norms)} refits: "
-        f"{max(r.grad_norms):.1e}) by BFGS started from the exact leave-one-out Hessian at the "
+        f"objective of at most {format_value(r.tol)} (largest reached over the {len(r.grad_norms)} refits: "
+        f"{format_value(max(r.grad_norms), 2)}) by BFGS started from the exact leave-one-out Hessian at the "
         f"trained weights{fallback}. This retraining (CNNRetrainer) shares no code with the "
         "estimates."
     )
     lam, rejected = st.cnn_damping, st.cnn_damping_rejected
     if rejected:
         why = "; ".join(
-            f"at λ = {d['damping']:g} it had negative curvature without training point {d['train_index']}"
+            f"at λ = {format_value(d['damping'])} it had negative curvature without training point {d['train_index']}"
             if d["train_index"] is not None
-            else f"at λ = {d['damping']:g} it had negative curvature for some removal"
+            else f"at λ = {format_value(d['damping'])} it had negative curvature for some removal"
             for d in rejected
         )
         damping_text = (
-            f"Both estimates use H + λI with damping λ = {lam:g}: the first value of "
-            f"{', '.join(f'{d:g}' for d in pc['loo_dampings'])} (not below the trained CNN's "
-            f"{cnn.damping:g}) at which conjugate gradients on the leave-one-out Hessian + λI meet no "
+            f"Both estimates use H + λI with damping λ = {format_value(lam)}: the first value of "
+            f"{', '.join(format_value(d) for d in pc['loo_dampings'])} (not below the trained CNN's "
+            f"{format_value(cnn.damping)}) at which conjugate gradients on the leave-one-out Hessian + λI meet no "
             f"negative curvature for any removal in the check, as the Newton step needs ({why}: a "
             "non-convex loss can lose positive curvature when a point with large curvature of its "
             "own is removed). The retraining minimises the undamped objective."
         )
     else:
         damping_text = (
-            f"Both estimates use H + λI with damping λ = {lam:g} (the trained CNN's): conjugate "
+            f"Both estimates use H + λI with damping λ = {format_value(lam)} (the trained CNN's): conjugate "
             "gradients on the leave-one-out Hessian + λI met no negative curvature for any removal "
             "in the check, as the Newton step needs (rule: the first damping of "
-            f"{', '.join(f'{d:g}' for d in pc['loo_dampings'])} at which none does)."
+            f"{', '.join(format_value(d) for d in pc['loo_dampings'])} at which none does)."
         )
     sec.text(damping_text)
     sec.table(
@@ -677,14 +681,17 @@ def render_loo(rep: Report, st: LooStudy) -> None:
     sec.note(
         "The paper's CNN panel (R = 0.86, first order) is a larger network on MNIST, retrained from "
         "the trained weights by a fixed number of optimiser steps; this CNN is small, strongly "
-        f"regularised (l2 = {cnn.l2:g}) and every refit is converged tightly, so a higher R is "
+        f"regularised (l2 = {format_value(cnn.l2)}) and every refit is converged tightly, so a higher R is "
         "expected here."
     )
+    fig, _, zoomed = plot_with_zoom(
+        lambda axs: st.cnn_loo.plot(axs, paper={"influence": st.paper_pearson}), len(st.cnn_loo.methods)
+    )
     sec.figure(
-        st.cnn_loo.plot(paper={"influence": st.paper_pearson}),
+        fig,
         "loo_cnn",
         "CNN: predicted against actual change of the test loss after retraining; left: the "
-        "first-order estimate -up_loss/n, right: the Newton step.",
+        "first-order estimate -up_loss/n, right: the Newton step." + (f" {zoomed}" if zoomed else ""),
     )
 
 
@@ -760,16 +767,16 @@ def compute_mislabel(S: Settings, seed: int, progress: bool = False) -> Mislabel
 
 def render_mislabel(rep: Report, st: MislabelStudy) -> None:
     p, ds, mis, seeds = st.settings, st.data, st.experiment, st.seeds
-    sec = rep.section("3. Fixing mislabeled examples", "mislabel")
+    sec = rep.section("Fixing mislabeled examples", "mislabel", numbered=True)
     sec.text(
-        f"As in the paper's Section 5.4: flip {p['flip_fraction']:.0%} of the training labels "
+        f"As in the paper's Section 5.4: flip {format_percent(p['flip_fraction'])} of the training labels "
         "(each to a random other digit), train, and rank the training points three ways: by the "
         "magnitude of their self-influence I_up,loss(z, z), by their training loss, and at random. "
         "Checking the top of a ranking finds the flipped labels; fixing them and retraining "
         "restores test accuracy. Curves are means over the seeds (bands: one standard deviation)."
     )
     sec.note(
-        f"Setting: {ds.description}; multinomial logistic regression, l2 = {p['l2']:g}; seeds "
+        f"Setting: {ds.description}; multinomial logistic regression, l2 = {format_value(p['l2'])}; seeds "
         f"{seeds}. The training set is a {mis.n_train}-image subset on purpose: there the model "
         "has more parameters (650) than training points and partly fits the wrong labels - the "
         "paper's regime, where self-influence finds flips that the training loss misses "
@@ -780,8 +787,8 @@ def render_mislabel(rep: Report, st: MislabelStudy) -> None:
     at = mis.at(0.1)
     a_inf, a_loss, a_rand = at["influence"], at["loss"], at["random"]
     sec.text(
-        f"In this run, at 10% of the training data checked: self-influence found {a_inf:.3f} of "
-        f"the flipped labels, the training loss {a_loss:.3f}, random checks {a_rand:.3f}"
+        f"In this run, at 10% of the training data checked: self-influence found {format_value(a_inf, 3)} of "
+        f"the flipped labels, the training loss {format_value(a_loss, 3)}, random checks {format_value(a_rand, 3)}"
         + (
             " - self-influence finds the most."
             if a_inf > max(a_loss, a_rand)
@@ -789,13 +796,13 @@ def render_mislabel(rep: Report, st: MislabelStudy) -> None:
         )
     )
     sec.table(
-        ["fraction checked"] + [f"{f:.0%}" for f in mis.check_fractions],
+        ["fraction checked"] + [format_percent(f) for f in mis.check_fractions],
         [[f"found: {lab}"] + list(mis.mean_std("found")[m]["mean"]) for m, lab in _RANKINGS]
         + [[f"test accuracy: {lab}"] + list(mis.mean_std("accuracy")[m]["mean"]) for m, lab in _RANKINGS],
         caption=(
             f"Fraction of the {mis.n_flipped} flipped labels found, and test accuracy after "
-            f"fixing them (clean: {mis.clean_accuracy:.4g}; flipped, unfixed: "
-            f"{float(np.mean(mis.flipped_accuracy)):.4g})"
+            f"fixing them (clean: {format_value(mis.clean_accuracy, 4)}; flipped, unfixed: "
+            f"{format_value(float(np.mean(mis.flipped_accuracy)), 4)})"
         ),
     )
     sec.figure(
@@ -870,7 +877,7 @@ def compute_attack(S: Settings, seed: int, progress: bool = False) -> AttackStud
 
 def render_attack(rep: Report, st: AttackStudy) -> None:
     p, ds, att = st.settings, st.data, st.attacks
-    sec = rep.section("4. Training-set attacks", "attack")
+    sec = rep.section("Training-set attacks", "attack", numbered=True)
     sec.text(
         "The paper's Section 5.2: perturb a few training images, each pixel by at most epsilon, "
         "so that the retrained model gets a chosen test image (the target) wrong. Each step "
@@ -879,10 +886,10 @@ def render_attack(rep: Report, st: AttackStudy) -> None:
         "step, as in the paper's code."
     )
     sec.note(
-        f"Setting: {ds.description}; multinomial logistic regression (l2 = {p['l2']:g}); targets: "
+        f"Setting: {ds.description}; multinomial logistic regression (l2 = {format_value(p['l2'])}); targets: "
         f"the {len(att.attacks)} least confident correctly classified test images; "
         f"{p['n_poison']} training images perturbed per target (those with the largest "
-        f"|I_pert,loss|), epsilon = {p['epsilon']:g} on pixels in [0, 1], {p['n_steps']} steps. "
+        f"|I_pert,loss|), epsilon = {format_value(p['epsilon'])} on pixels in [0, 1], {p['n_steps']} steps. "
         "Random, confidently classified targets are much harder to flip for a linear model on 64 "
         "pixels (none flipped at epsilon <= 0.5 in the applications' measurements)."
     )
@@ -911,7 +918,7 @@ def render_attack(rep: Report, st: AttackStudy) -> None:
             for t, a in zip(st.targets, att.attacks)
         ],
         caption=f"{st.summary()['n_flipped']} of {len(att.attacks)} targets flipped "
-        f"(fraction {att.fraction_flipped:.3g})",
+        f"(fraction {format_value(att.fraction_flipped, 3)})",
     )
     sec.figure(
         st.best.plot(),
@@ -1000,7 +1007,7 @@ def compute_domain(S: Settings, seed: int) -> DomainStudy:
 
 def render_domain(rep: Report, st: DomainStudy) -> None:
     p, dm, dbg = st.settings, st.data, st.debug
-    sec = rep.section("5. Debugging a domain mismatch", "domain")
+    sec = rep.section("Debugging a domain mismatch", "domain", numbered=True)
     sec.text(
         "The paper's Section 5.3: a hospital-readmission model trained on data in which children "
         "are nearly absent predicts readmission for healthy children. Influence shows which few "

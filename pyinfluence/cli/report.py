@@ -1,19 +1,28 @@
 """A self-contained HTML report: one folder with ``report.html``, PNG figures and ``results.json``.
 
-The HTML references every figure by its file name (``<img src="name.png">``), carries its own CSS
-(no external stylesheet, font or script) and escapes every string it is given, so the folder can
-be zipped, mailed and opened in any browser offline. Numbers shown in the HTML tables are the
-same values written to ``results.json`` (formatted for reading by
-:func:`pyinfluence._formatting.format_value`).
+The page is rendered by jinja2 from ``pyinfluence/cli/templates/report.html.j2`` (with its
+stylesheet ``report.css`` inlined) with autoescaping on, so every string given (titles, column
+names, cells, captions) is escaped. The HTML references every figure by its file name
+(``<img src="name.png">``) and carries its own CSS (no external stylesheet, font or script), so the
+folder can be zipped, mailed and opened in any browser offline. Numbers shown in the HTML tables
+are the same values written to ``results.json``, formatted for reading by the one formatter of the
+package, :func:`pyinfluence._formatting.format_value`.
+
+Figures are saved at :data:`FIGURE_DPI` (200) dots per inch and shown at their designed size (the
+figure's width in inches at 96 CSS pixels per inch, never wider than the page), so that text drawn
+at 8–10 pt stays legible and sharp on high-density screens.
 
 Usage::
 
     rep = Report("out-dir", "My report", intro="What this is.")
-    sec = rep.section("Influence versus retraining")
+    sec = rep.section("Influence versus retraining", numbered=True)   # "1. Influence versus ..."
     sec.text("Plain text; it is escaped.")
     sec.figure(fig, "loo", "Caption")          # saves out-dir/loo.png (a matplotlib Figure)
     sec.table(["method", "Pearson R"], [["Newton", 0.998]])
     rep.write(results={"loo": {...}})          # report.html and results.json; returns the path
+
+Sections are numbered by the report (``numbered=True``), once: the number is part of the heading
+and of its entry in the table of contents, which is an unnumbered list.
 
 matplotlib is imported only by :meth:`Section.figure` when it is given a figure to save, and
 figures are expected to be :class:`matplotlib.figure.Figure` objects created without pyplot, so
@@ -23,48 +32,58 @@ nothing global (backend, rcParams) is touched.
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
+import math
 import pathlib
 import re
+import struct
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from pyinfluence._formatting import format_value
 from pyinfluence._json import jsonable
 
-__all__ = ["PNG_SIGNATURE", "Report", "Section", "format_value", "is_png"]
+__all__ = ["CSS_PX_PER_INCH", "FIGURE_DPI", "PNG_SIGNATURE", "Report", "Section", "format_value", "is_png"]
 
 #: The 8 bytes every PNG file starts with.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Dots per inch of the saved figures (a 6-inch figure is 1200 pixels wide).
+FIGURE_DPI = 200
+#: CSS pixels per inch: a figure is shown ``width_in_inches * 96`` CSS pixels wide (at most the page).
+CSS_PX_PER_INCH = 96
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0;
-       color: #1d1d1f; background: #fafafa; line-height: 1.45; }
-main { max-width: 1100px; margin: 0 auto; padding: 1.5em 2em 4em; background: #fff; }
-h1 { font-size: 1.7em; margin-bottom: 0.2em; }
-h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-p.sub { color: #555; margin-top: 0; }
-figure { margin: 1.2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { font-size: 0.9em; color: #444; margin-top: 0.3em; }
-table { border-collapse: collapse; margin: 0.8em 0 1.2em; font-size: 0.92em; }
-caption { text-align: left; font-weight: 600; padding-bottom: 0.3em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f2f2f2; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-nav ol { columns: 2; font-size: 0.95em; }
-.note { background: #fff8e5; border-left: 4px solid #f0c36d; padding: 0.5em 0.8em; }
-footer { color: #777; font-size: 0.85em; margin-top: 3em; }
-"""
+#: A title that already carries a section number ("1. ...", "2) ...", "3.1 ...").
+_NUMBERED_TITLE_RE = re.compile(r"^\s*(\d+[.)]|\d+(\.\d+)+[.)]?)\s")
+_TEMPLATE = "report.html.j2"
 
 
 def is_png(path: Union[str, pathlib.Path]) -> bool:
     """Whether the file starts with the PNG signature."""
     with open(path, "rb") as fh:
         return fh.read(8) == PNG_SIGNATURE
+
+
+def _png_css_width(path: pathlib.Path) -> Optional[int]:
+    """The CSS width (px) of an existing PNG: its pixel width over its dots per inch (the pHYs
+    chunk, pixels per metre) times 96; None when the file states no density."""
+    data = path.read_bytes()
+    if data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    (width,) = struct.unpack(">I", data[16:20])
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"pHYs" and length == 9:
+            ppm_x, _, unit = struct.unpack(">IIB", data[pos + 8 : pos + 17])
+            if unit == 1 and ppm_x > 0:  # unit 1: pixels per metre
+                return max(1, round(width / (ppm_x * 0.0254) * CSS_PX_PER_INCH))
+            return None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
 
 
 def _check_name(name: str) -> str:
@@ -76,6 +95,44 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _is_number_cell(v: Any) -> bool:
+    """Whether a table cell is a number (shown right-aligned): an int or float (numpy scalars
+    included) that is not a bool."""
+    v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_ENV: Any = None
+
+
+def _environment() -> Any:
+    """The jinja2 environment of the reports (built once): templates from the package's
+    ``cli/templates`` folder, autoescape on, undefined names an error."""
+    global _ENV
+    if _ENV is None:
+        import importlib.resources
+
+        import jinja2
+
+        folder = importlib.resources.files("pyinfluence.cli").joinpath("templates")
+
+        def load(name: str) -> str:
+            return folder.joinpath(name).read_text(encoding="utf-8")
+
+        env = jinja2.Environment(
+            loader=jinja2.FunctionLoader(load),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        env.filters["cell"] = format_value
+        env.tests["number_cell"] = _is_number_cell
+        _ENV = env
+    return _ENV
+
+
 @dataclass
 class _Block:
     kind: str  # "text", "note", "figure", "table"
@@ -84,12 +141,19 @@ class _Block:
 
 @dataclass
 class Section:
-    """One part of a :class:`Report`: paragraphs, figures and tables in the order added."""
+    """One part of a :class:`Report`: paragraphs, figures and tables in the order added.
+    ``number``: its number in the report (None: not numbered); ``heading`` is what the page shows."""
 
     report: Report
     title: str
     anchor: str
+    number: Optional[int] = None
     blocks: List[_Block] = field(default_factory=list)
+
+    @property
+    def heading(self) -> str:
+        """The title as shown in the heading and the table of contents: "3. Title" when numbered."""
+        return self.title if self.number is None else f"{self.number}. {self.title}"
 
     def text(self, *paragraphs: str) -> Section:
         """Add paragraphs of plain text (escaped; a blank line is not needed between them)."""
@@ -102,26 +166,33 @@ class Section:
         self.blocks.append(_Block("note", str(text)))
         return self
 
-    def figure(self, fig: Any, name: str, caption: str = "", *, dpi: int = 100) -> str:
-        """Save ``fig`` (a matplotlib Figure) as ``<out>/<name>.png``, add it here with
-        ``caption`` and return the file name. ``fig`` may also be the name of an existing PNG in
-        the report folder (then nothing is saved). The Figure is closed/cleared afterwards."""
+    def figure(self, fig: Any, name: str, caption: str = "", *, dpi: int = FIGURE_DPI) -> str:
+        """Save ``fig`` (a matplotlib Figure) as ``<out>/<name>.png`` at ``dpi`` dots per inch, add it
+        here with ``caption`` and return the file name. The page shows it at the figure's size
+        (inches × 96 CSS px, at most the page width). ``fig`` may also be the name of an existing
+        PNG in the report folder (then nothing is saved). The Figure is cleared afterwards."""
         name = _check_name(name)
+        if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 50:
+            raise ValueError(f"dpi must be an int >= 50, got {dpi!r}")
         filename = f"{name}.png"
         if name in self.report._figure_names:
             raise ValueError(f"the report already has a figure named {name!r}")
         path = self.report.out_dir / filename
+        width: Optional[int]
         if isinstance(fig, (str, pathlib.Path)):
             if not path.is_file():
                 raise FileNotFoundError(f"figure file {path} does not exist")
+            width = _png_css_width(path)
         else:
             if not hasattr(fig, "savefig"):
                 raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+            inches = float(fig.get_size_inches()[0]) if hasattr(fig, "get_size_inches") else math.nan
             fig.savefig(path, dpi=dpi, format="png")
+            width = round(inches * CSS_PX_PER_INCH) if math.isfinite(inches) and inches > 0 else None
             if hasattr(fig, "clear"):
                 fig.clear()
         self.report._figure_names.append(name)
-        self.blocks.append(_Block("figure", (filename, str(caption))))
+        self.blocks.append(_Block("figure", {"filename": filename, "caption": str(caption), "width": width}))
         return filename
 
     def table(
@@ -132,7 +203,8 @@ class Section:
         *,
         digits: int = 4,
     ) -> Section:
-        """Add a table; cells are formatted by :func:`format_value` and escaped."""
+        """Add a table; cells are formatted by :func:`format_value` (``digits`` significant digits)
+        and escaped; numbers are right-aligned."""
         cols = [str(c) for c in columns]
         body = []
         for r in rows:
@@ -140,47 +212,14 @@ class Section:
             if len(r) != len(cols):
                 raise ValueError(f"table row has {len(r)} cells but there are {len(cols)} columns")
             body.append(r)
-        self.blocks.append(_Block("table", (cols, body, str(caption), int(digits))))
+        self.blocks.append(
+            _Block("table", {"columns": cols, "rows": body, "caption": str(caption), "digits": int(digits)})
+        )
         return self
 
     def key_values(self, items: Mapping[str, Any], caption: str = "") -> Section:
         """A two-column table of ``name: value`` pairs."""
         return self.table(["quantity", "value"], [[k, v] for k, v in items.items()], caption)
-
-    # -- rendering ---------------------------------------------------------------------------
-    def _html(self) -> str:
-        e = html.escape
-        out = [f'<section id="{e(self.anchor)}">', f"<h2>{e(self.title)}</h2>"]
-        for b in self.blocks:
-            if b.kind == "text":
-                out.append(f"<p>{e(b.payload)}</p>")
-            elif b.kind == "note":
-                out.append(f'<p class="note">{e(b.payload)}</p>')
-            elif b.kind == "figure":
-                fn, cap = b.payload
-                out.append(
-                    f'<figure><img src="{e(fn)}" alt="{e(cap or fn)}">'
-                    + (f"<figcaption>{e(cap)}</figcaption>" if cap else "")
-                    + "</figure>"
-                )
-            elif b.kind == "table":
-                cols, body, cap, digits = b.payload
-                t = ["<table>"]
-                if cap:
-                    t.append(f"<caption>{e(cap)}</caption>")
-                t.append("<thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead>")
-                t.append("<tbody>")
-                for r in body:
-                    cells = []
-                    for v in r:
-                        num = isinstance(v, (int, float)) and not isinstance(v, bool)
-                        cls = ' class="num"' if num else ""
-                        cells.append(f"<td{cls}>{e(format_value(v, digits))}</td>")
-                    t.append("<tr>" + "".join(cells) + "</tr>")
-                t.append("</tbody></table>")
-                out.append("".join(t))
-        out.append("</section>")
-        return "\n".join(out)
 
 
 class Report:
@@ -188,7 +227,7 @@ class Report:
 
     ``out_dir`` is created if needed (an existing folder is reused; files of the same names are
     overwritten). ``title``/``intro`` head the page. Add sections with :meth:`section`, then
-    :meth:`write`.
+    :meth:`write`. With more than two sections the page opens with a table of contents.
     """
 
     HTML_NAME = "report.html"
@@ -211,49 +250,41 @@ class Report:
         """File names of the figures added so far (``name.png``)."""
         return [f"{n}.png" for n in self._figure_names]
 
-    def section(self, title: str, anchor: Optional[str] = None) -> Section:
-        """Start a new section (appended at the end) and return it."""
+    def section(self, title: str, anchor: Optional[str] = None, *, numbered: bool = False) -> Section:
+        """Start a new section (appended at the end) and return it. ``numbered``: the report
+        numbers it (1, 2, ... over the numbered sections, in order) in its heading and in the
+        table of contents; its ``title`` must then not start with a number of its own."""
+        title = str(title)
+        if numbered and _NUMBERED_TITLE_RE.match(title):
+            raise ValueError(
+                f"title {title!r} already starts with a number; with numbered=True the report numbers "
+                f"the sections: drop the number from the title"
+            )
         if anchor is None:
-            anchor = re.sub(r"[^a-z0-9]+", "-", str(title).lower()).strip("-") or "section"
+            anchor = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
         taken = {s.anchor for s in self.sections}
         base, k = anchor, 2
         while anchor in taken:
             anchor, k = f"{base}-{k}", k + 1
-        s = Section(self, str(title), anchor)
+        number = sum(s.number is not None for s in self.sections) + 1 if numbered else None
+        s = Section(self, title, anchor, number)
         self.sections.append(s)
         return s
 
+    def _context(self) -> Dict[str, Any]:
+        return {
+            "title": self.title,
+            "intro": self.intro,
+            "toc": len(self.sections) > 2,
+            "sections": self.sections,
+            "footer": self.footer,
+            "stamp": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "json_name": self.JSON_NAME if self._json_written else "",
+        }
+
     def html(self) -> str:
-        """The page as a string."""
-        e = html.escape
-        parts = [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{e(self.title)}</title>",
-            f"<style>{_CSS}</style>",
-            "</head><body><main>",
-            f"<h1>{e(self.title)}</h1>",
-        ]
-        for p in self.intro:
-            parts.append(f'<p class="sub">{e(p)}</p>')
-        if len(self.sections) > 2:
-            parts.append("<nav><ol>")
-            for s in self.sections:
-                parts.append(f'<li><a href="#{e(s.anchor)}">{e(s.title)}</a></li>')
-            parts.append("</ol></nav>")
-        for s in self.sections:
-            parts.append(s._html())
-        stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-        foot = f"{self.footer} " if self.footer else ""
-        json_link = (
-            f' Numbers are also in <a href="{self.JSON_NAME}">{self.JSON_NAME}</a>.'
-            if self._json_written
-            else ""
-        )
-        parts.append(f"<footer>{e(foot)}Generated by pyinfluence on {e(stamp)}.{json_link}</footer>")
-        parts.append("</main></body></html>")
-        return "\n".join(parts) + "\n"
+        """The page as a string (rendered from the package's ``report.html.j2``)."""
+        return str(_environment().get_template(_TEMPLATE).render(**self._context()))
 
     def write(self, results: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
         """Write ``report.html`` (and ``results.json`` from ``results``, made JSON-ready with

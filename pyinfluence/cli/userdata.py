@@ -4,7 +4,9 @@ Formats:
 
 - CSV with a header row; one column holds the label (named by ``label``, or given as a 0-based
   column index when no column has that name); every other column is a numeric feature. The
-  delimiter (``,``, ``;``, tab) is detected from the header line.
+  delimiter (``,``, ``;``, tab) is detected from the header line. Parsed by pandas' C parser
+  where pandas is installed, else by pyarrow's, else by a hand parser (Python's csv module): the
+  same table bit for bit, and the hand parser's messages for bad cells (:func:`read_csv`).
 - ``.npz`` with arrays ``X_train`` (n, d), ``y_train`` (n,) and optionally ``X_test`` (m, d),
   ``y_test`` (m,). A test file given separately may instead hold ``X``/``y``.
 - A folder of Parquet files (or one ``.parquet`` file): :func:`scan_parquet` checks the files'
@@ -33,15 +35,19 @@ from __future__ import annotations
 import array
 import codecs
 import csv
+import importlib
 import io
+import itertools
 import math
 import os
 import pathlib
 import re
 import stat
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -172,7 +178,7 @@ def _parse_number(cell: str) -> float:
     return float(c)
 
 
-def _convert_labels(values: List[str], lines: List[int], where: str, numeric: bool) -> np.ndarray:
+def _convert_labels(values: List[str], lines: Sequence[int], where: str, numeric: bool) -> np.ndarray:
     """Label cells (``lines``: their line numbers) → an int64 (integral numbers), float64 or
     string array."""
     nums: List[float] = []
@@ -263,21 +269,78 @@ def _csv_error(p: pathlib.Path, line: int, exc: csv.Error) -> DataError:
     return DataError(f"{p}, line {line}: cannot parse the CSV ({msg})")
 
 
-def read_csv(
-    path: PathLike,
-    label: Optional[str],
-    *,
-    numeric_labels: bool = False,
-    require_label: bool = True,
-    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
-    max_features: Optional[int] = None,
-) -> CsvTable:
-    """Features, labels and names from a CSV file with a header row.
+class _Header(NamedTuple):
+    """The checked header row of a CSV file."""
 
-    ``max_bytes``: refuse a larger file (None: no limit). ``max_features``: refuse more feature
-    columns, from the header alone, before the rows are parsed (None: no limit). An unnamed first
-    column equal to 0..n-1 (pandas' default index) is dropped with a note."""
-    p = pathlib.Path(path)
+    names: List[str]  # the header cells, stripped
+    label_index: Optional[int]  # the label column, None without one
+    feat_idx: List[int]  # the feature columns (every column but the label's)
+    maybe_index: bool  # the first feature column is unnamed: maybe pandas' row index
+
+
+def _check_header(
+    p: pathlib.Path, cells: List[str], label: Optional[str], require_label: bool, max_features: Optional[int]
+) -> _Header:
+    """The header row's checks (duplicate names, the label column, the feature count), each a
+    one-line :class:`DataError` naming the file."""
+    header = [h.strip() for h in cells]
+    if len(set(header)) != len(header):
+        dup = sorted({h for h in header if header.count(h) > 1})
+        raise DataError(f"{p}: duplicate column name(s) {', '.join(repr(d) for d in dup)}")
+    li: Optional[int] = None
+    if label is not None:
+        li = _resolve_label_column(p, header, label)
+    elif require_label:
+        raise DataError(f"{p}: name the label column with --label")
+    feat_idx = [j for j in range(len(header)) if j != li]
+    if not feat_idx:
+        raise DataError(f"{p}: no feature columns besides the label column")
+    maybe_index = feat_idx[0] == 0 and header[0] in _UNNAMED_INDEX_HEADERS
+    n_features = len(feat_idx) - int(maybe_index)
+    if max_features is not None and n_features > max_features:
+        raise DataError(
+            f"{p}: {n_features:,} feature columns, more than the limit of {max_features:,} "
+            f"features (each adds a model parameter; raise the limit with --max-params)"
+        )
+    return _Header(header, li, feat_idx, maybe_index)
+
+
+def _finish_table(
+    p: pathlib.Path, X: np.ndarray, hdr: _Header, labels: Callable[[str], Optional[np.ndarray]]
+) -> CsvTable:
+    """The table from the features ``X`` (n, d) in the columns ``hdr.feat_idx``: pandas' index
+    column dropped (with a note), then the labels converted by ``labels(where)`` (None without a
+    label column)."""
+    n = X.shape[0]
+    feat_idx = hdr.feat_idx
+    notes: List[str] = []
+    if hdr.maybe_index and np.array_equal(X[:, 0], np.arange(n)):
+        # pandas' DataFrame.to_csv writes the row index as an unnamed first column by default
+        X, feat_idx = np.ascontiguousarray(X[:, 1:]), feat_idx[1:]
+        notes.append(
+            f"{p}: dropped the unnamed first column: it holds 0..{n - 1}, the row index that "
+            f"pandas' to_csv writes by default (index=False leaves it out), not a feature"
+        )
+        if not feat_idx:
+            raise DataError(f"{p}: no feature columns besides the row index and the label")
+    li, header = hdr.label_index, hdr.names
+    y = None
+    if li is not None:
+        y = labels(f"{p}, label column {header[li]!r}")
+    return CsvTable(X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes)
+
+
+def _read_csv_python(
+    p: pathlib.Path,
+    label: Optional[str],
+    numeric_labels: bool,
+    require_label: bool,
+    max_bytes: Optional[int],
+    max_features: Optional[int],
+) -> CsvTable:
+    """The hand parser (Python's csv module, row by row): the reference the fast readers match,
+    and the one whose messages name the line and column of the first bad cell. Memory: the file as
+    text (1 to 4 bytes a character) plus 8 bytes a cell, and one Python string a label."""
     text = _read_text(p, max_bytes)
     end = text.find("\n")
     first_line = text if end < 0 else text[:end]
@@ -285,25 +348,8 @@ def read_csv(
         raise DataError(f"{p}: empty file (a header row is expected)")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first_line))
     try:
-        header = [h.strip() for h in next(reader)]
-        if len(set(header)) != len(header):
-            dup = sorted({h for h in header if header.count(h) > 1})
-            raise DataError(f"{p}: duplicate column name(s) {', '.join(repr(d) for d in dup)}")
-        li: Optional[int] = None
-        if label is not None:
-            li = _resolve_label_column(p, header, label)
-        elif require_label:
-            raise DataError(f"{p}: name the label column with --label")
-        feat_idx = [j for j in range(len(header)) if j != li]
-        if not feat_idx:
-            raise DataError(f"{p}: no feature columns besides the label column")
-        maybe_index = feat_idx[0] == 0 and header[0] in _UNNAMED_INDEX_HEADERS
-        n_features = len(feat_idx) - int(maybe_index)
-        if max_features is not None and n_features > max_features:
-            raise DataError(
-                f"{p}: {n_features:,} feature columns, more than the limit of {max_features:,} "
-                f"features (each adds a model parameter; raise the limit with --max-params)"
-            )
+        hdr = _check_header(p, next(reader), label, require_label, max_features)
+        header, li, feat_idx = hdr.names, hdr.label_index, hdr.feat_idx
         values = array.array("d")  # the features, row after row: 8 bytes a cell
         labels: List[str] = []
         label_lines: List[int] = []
@@ -319,25 +365,356 @@ def read_csv(
                 label_lines.append(line)
     except csv.Error as exc:
         raise _csv_error(p, reader.line_num, exc) from None
+    del text
     n = len(values) // len(feat_idx)
     if n == 0:
         raise DataError(f"{p}: no data rows after the header")
     X = np.frombuffer(values, dtype=np.float64).reshape(n, len(feat_idx)).copy()
-    notes: List[str] = []
-    if maybe_index and np.array_equal(X[:, 0], np.arange(n)):
-        # pandas' DataFrame.to_csv writes the row index as an unnamed first column by default
-        X, feat_idx = np.ascontiguousarray(X[:, 1:]), feat_idx[1:]
-        notes.append(
-            f"{p}: dropped the unnamed first column: it holds 0..{n - 1}, the row index that "
-            f"pandas' to_csv writes by default (index=False leaves it out), not a feature"
+    del values
+    return _finish_table(p, X, hdr, lambda where: _convert_labels(labels, label_lines, where, numeric_labels))
+
+
+# ------------------------------------------------------------------------------------------------
+# the fast readers: pandas' C parser, else pyarrow's CSV reader
+# ------------------------------------------------------------------------------------------------
+#: Which reader parses a CSV file: None picks pandas, else pyarrow, where installed (see
+#: :func:`_fast_engine`); "pandas" or "pyarrow" forces one, "python" the hand parser (tests).
+_CSV_ENGINE: Optional[str] = None
+#: Below this size a CSV is read by the hand parser unless pandas or pyarrow is already imported:
+#: importing pandas takes about 0.4 s, in which the hand parser reads about 6 MB.
+_FAST_MIN_BYTES = 4 << 20
+
+
+class _Defer(Exception):
+    """The fast reader cannot vouch for this file (a bad cell, a ragged row, an unusual label
+    column, ...): the hand parser reads it, and raises its message naming the line and column."""
+
+
+def _fast_engine(size: int) -> Optional[str]:
+    """The reader of a regular file of ``size`` bytes: "pandas", "pyarrow" or None (the hand
+    parser)."""
+    if _CSV_ENGINE is not None:
+        return None if _CSV_ENGINE == "python" else _CSV_ENGINE
+    names = ("pandas", "pyarrow")
+    if size < _FAST_MIN_BYTES:
+        # a small file: only a reader that is already imported is faster than the hand parser
+        return next((m for m in names if sys.modules.get(m) is not None), None)
+    for name in names:
+        try:
+            importlib.import_module("pyarrow.csv" if name == "pyarrow" else name)
+        except ImportError:
+            continue
+        return name
+    return None
+
+
+def _head(p: pathlib.Path) -> Tuple[str, List[str]]:
+    """(the delimiter, the header cells) as the hand parser reads them: the delimiter from the
+    text up to the first newline, the header as the csv module's first record, which must end on
+    that line."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    parts: List[str] = []
+    with open(p, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 16)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                raise _Defer from None
+            k = text.find("\n")
+            if k >= 0 or not chunk:
+                parts.append(text if k < 0 else text[:k])
+                break
+            parts.append(text)
+    first_line = "".join(parts)
+    if not first_line.strip():
+        raise _Defer
+    delimiter = _sniff_delimiter(first_line)
+    reader = csv.reader(iter([first_line + "\n", "\n"]), delimiter=delimiter)
+    try:
+        cells = next(reader)
+    except csv.Error:
+        raise _Defer from None
+    if reader.line_num != 1:  # a quoted newline in the header: rare, and the readers differ on it
+        raise _Defer
+    return delimiter, cells
+
+
+def _longest_run(p: pathlib.Path, separators: bytes, max_bytes: Optional[int], check_text: bool) -> int:
+    """The longest run of bytes between two of ``separators`` (or the file's ends): a bound on
+    the length of a CSV field when ``separators`` holds the delimiter and the line ends. With
+    ``check_text``: raise :class:`_Defer` for what the hand parser refuses (a NUL byte, invalid
+    UTF-8, more than ``max_bytes``)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    longest = run = total = 0
+    with open(p, "rb") as fh:
+        while True:
+            chunk = fh.read(_READ_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if check_text:
+                if (max_bytes is not None and total > max_bytes) or b"\x00" in chunk:
+                    raise _Defer
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    raise _Defer from None
+            a = np.frombuffer(chunk, dtype=np.uint8)
+            mask = a == separators[0]
+            for s in separators[1:]:
+                mask |= a == s
+            at = np.flatnonzero(mask)
+            if at.size == 0:
+                run += a.size
+                continue
+            longest = max(longest, run + int(at[0]))
+            if at.size > 1:
+                longest = max(longest, int(np.diff(at).max()) - 1)
+            run = a.size - int(at[-1]) - 1
+    if check_text:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _Defer from None
+    return max(longest, run)
+
+
+#: What pandas' C parser reads as True/False (case-insensitive), even into a float64 column.
+_BOOLEAN_WORDS = [
+    "".join(c) for w in ("true", "false") for c in itertools.product(*[(ch, ch.upper()) for ch in w])
+]
+
+
+def _float_columns(hdr: _Header, numeric_labels: bool) -> List[int]:
+    """The columns a fast reader parses as float64: the features, and the label column with
+    ``numeric_labels`` (then a "-0" keeps its sign, as float() gives it)."""
+    li = hdr.label_index
+    return hdr.feat_idx + ([li] if numeric_labels and li is not None else [])
+
+
+def _pandas_columns(
+    p: pathlib.Path, delimiter: str, hdr: _Header, numeric_labels: bool
+) -> Tuple[List[np.ndarray], Any]:
+    """(the feature columns, float64 (n,) each; the label column (n,) or None: float64 with
+    ``numeric_labels``, else as pandas infers it) read by pandas' C parser with the csv module's
+    dialect; :class:`_Defer` on any error or warning."""
+    import pandas as pd
+
+    version = tuple(int(v) for v in re.findall(r"\d+", pd.__version__)[:2])
+    extra: Dict[str, Any] = {}
+    if version < (3, 1):
+        # Python's own string-to-double (correctly rounded, as float()); pandas >= 3.1 has one
+        # converter, correctly rounded, and deprecates the argument
+        extra["float_precision"] = "round_trip"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            frame = pd.read_csv(
+                p,
+                sep=delimiter,
+                header=0,  # the header row, already read by the csv module
+                names=list(range(len(hdr.names))),
+                index_col=False,
+                dtype={j: np.float64 for j in _float_columns(hdr, numeric_labels)},  # else raises
+                engine="c",
+                # "", "NA", ... are not numbers (they raise); "true"/"false" in any case would be
+                # read as 1.0/0.0 in a float column: as NaN instead, the hand parser names them
+                na_filter=True,
+                keep_default_na=False,
+                na_values=_BOOLEAN_WORDS,
+                skip_blank_lines=True,
+                quotechar='"',
+                doublequote=True,
+                escapechar=None,
+                skipinitialspace=False,
+                comment=None,
+                encoding="utf-8",
+                encoding_errors="strict",
+                on_bad_lines="error",
+                **extra,
+            )
+        except MemoryError:
+            raise
+        except Exception:  # a bad cell, a ragged row (ParserError), ...: the hand parser says which
+            raise _Defer from None
+    # ParserWarning: a first row with more fields than the header (pandas drops the extra ones);
+    # DtypeWarning: a label column whose type differs between chunks
+    if any(issubclass(w.category, (pd.errors.ParserWarning, pd.errors.DtypeWarning)) for w in caught):
+        raise _Defer
+    features = [frame[j].to_numpy(dtype=np.float64) for j in hdr.feat_idx]
+    li = hdr.label_index
+    return features, (None if li is None else frame[li].to_numpy())
+
+
+def _pyarrow_columns(
+    p: pathlib.Path, delimiter: str, hdr: _Header, numeric_labels: bool
+) -> Tuple[List[np.ndarray], Any]:
+    """As :func:`_pandas_columns`, read by pyarrow's CSV reader."""
+    import pyarrow as pa
+    import pyarrow.csv as pc
+
+    names = [str(j) for j in range(len(hdr.names))]
+    try:
+        table = pc.read_csv(
+            p,
+            read_options=pc.ReadOptions(skip_rows=1, column_names=names, encoding="utf8"),
+            parse_options=pc.ParseOptions(
+                delimiter=delimiter,
+                quote_char='"',
+                double_quote=True,
+                escape_char=False,
+                newlines_in_values=True,
+                ignore_empty_lines=True,
+            ),
+            convert_options=pc.ConvertOptions(
+                column_types={names[j]: pa.float64() for j in _float_columns(hdr, numeric_labels)},
+                null_values=[],  # no cell is read as null
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                true_values=[],  # "True" stays text, as in the hand parser
+                false_values=[],
+                check_utf8=True,
+            ),
         )
-        if not feat_idx:
-            raise DataError(f"{p}: no feature columns besides the row index and the label")
-    y = None
-    if li is not None:
-        where = f"{p}, label column {header[li]!r}"
-        y = _convert_labels(labels, label_lines, where, numeric_labels)
-    return CsvTable(X, y, [header[j] for j in feat_idx], header[li] if li is not None else "", notes)
+    except MemoryError:
+        raise
+    except Exception:  # ArrowInvalid: a bad cell, a ragged row, ...
+        raise _Defer from None
+    features = [table.column(names[j]).to_numpy() for j in hdr.feat_idx]
+    li = hdr.label_index
+    if li is None:
+        return features, None
+    column = table.column(names[li])
+    t = column.type
+    if not (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+    ):
+        raise _Defer  # a date, a null column, ...: the hand parser's text or numbers
+    return features, column.to_numpy(zero_copy_only=False)
+
+
+def _fast_labels(col: np.ndarray, numeric: bool, field_limit: int) -> np.ndarray:
+    """The labels as :func:`_convert_labels` returns them, from a column that a fast reader parsed
+    (float64 with ``numeric``; else integers, floats or text as inferred); :class:`_Defer` where
+    the hand parser would raise or might read them otherwise (a missing or non-finite label,
+    mixed types, an empty cell: a short row's)."""
+    kind = col.dtype.kind
+    # whether a zero's sign is the text's: an inferred column may hold "-0" as the integer 0
+    exact_zeros = numeric
+    if kind in "iu":
+        a = col.astype(np.float64)  # correctly rounded, as float() of the integer's digits
+    elif kind == "f":
+        a = col.astype(np.float64, copy=False)
+    elif kind in "OUT":
+        values = np.asarray(col, dtype=object)
+        if not all(isinstance(v, str) for v in values):
+            raise _Defer  # mixed chunks: numbers and text
+        if values.size and (np.any(values == "") or max(map(len, values)) > field_limit):
+            raise _Defer  # "" is also what a short row's missing label reads as
+        try:
+            a = values.astype(np.float64)  # float(cell) on each: Python's own parsing
+        except (ValueError, TypeError):
+            try:  # text labels: the hand parser's own conversion (and its checks up to the first text)
+                return _convert_labels(list(values), range(values.size), "", numeric)
+            except DataError:
+                raise _Defer from None
+        exact_zeros = True
+    else:
+        raise _Defer  # booleans (pandas), ...: text in the hand parser
+    if not np.all(np.isfinite(a)):
+        raise _Defer  # a missing ("nan") or infinite label
+    if not numeric and a.size and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**53):
+        return a.astype(np.int64)
+    if not exact_zeros and np.any(a == 0):
+        raise _Defer  # float labels with a zero that may have been written "-0"
+    return a
+
+
+def _read_csv_fast(
+    p: pathlib.Path,
+    engine: str,
+    label: Optional[str],
+    numeric_labels: bool,
+    require_label: bool,
+    max_bytes: Optional[int],
+    max_features: Optional[int],
+) -> CsvTable:
+    """:func:`read_csv` with pandas' or pyarrow's parser: the same table, bit for bit, as the hand
+    parser's, or :class:`_Defer` (any doubt, every error: then the hand parser reads the file).
+    Memory: 8 bytes a cell twice (the parser's columns and the (n, d) matrix), no text copy."""
+    if max_bytes is not None and p.stat().st_size > max_bytes:
+        raise _Defer
+    delimiter, cells = _head(p)
+    try:
+        hdr = _check_header(p, cells, label, require_label, max_features)
+    except DataError:
+        raise _Defer from None  # the hand parser's message, after its checks of the whole text
+    # NUL bytes, invalid UTF-8, the input limit: refused by the hand parser before any cell. A
+    # field longer than the csv module's limit is refused too; a line bounds a field (quoted
+    # labels are measured below, quoted numbers over lines fail to parse)
+    field_limit = csv.field_size_limit()
+    if _longest_run(p, b"\n", max_bytes, check_text=True) > field_limit:
+        seps = bytes([ord(delimiter), ord("\n"), ord("\r")])
+        if _longest_run(p, seps, None, check_text=False) > field_limit:
+            raise _Defer
+    reader = _pandas_columns if engine == "pandas" else _pyarrow_columns
+    features, label_col = reader(p, delimiter, hdr, numeric_labels)
+    n = features[0].shape[0]
+    if n == 0:
+        raise _Defer
+    X = np.empty((n, len(features)), dtype=np.float64)
+    for k, column in enumerate(features):
+        X[:, k] = column
+    del features
+    if not np.all(np.isfinite(X)):
+        raise _Defer  # the hand parser names the first missing or infinite cell
+    y = None if label_col is None else _fast_labels(label_col, numeric_labels, field_limit)
+    try:
+        return _finish_table(p, X, hdr, lambda where: y)
+    except DataError:
+        raise _Defer from None
+
+
+def read_csv(
+    path: PathLike,
+    label: Optional[str],
+    *,
+    numeric_labels: bool = False,
+    require_label: bool = True,
+    max_bytes: Optional[int] = DEFAULT_MAX_INPUT_BYTES,
+    max_features: Optional[int] = None,
+) -> CsvTable:
+    """Features, labels and names from a CSV file with a header row.
+
+    ``max_bytes``: refuse a larger file (None: no limit). ``max_features``: refuse more feature
+    columns, from the header alone, before the rows are parsed (None: no limit). An unnamed first
+    column equal to 0..n-1 (pandas' default index) is dropped with a note.
+
+    Parsing: with pandas' C parser where pandas is installed, else with pyarrow's CSV reader
+    where pyarrow is, else with the hand parser (Python's csv module); files under 4 MiB with the
+    hand parser unless pandas or pyarrow is already imported. Every reader returns the same table,
+    bit for bit. A file that the fast reader cannot vouch for (a cell that is not a number, a
+    missing or infinite value, a ragged row, a label column of mixed types, a NUL byte, ...) is
+    read again by the hand parser, whose one-line :class:`DataError` names the file, the line, the
+    column and the offending text. Memory: about 16 bytes a cell with pandas or pyarrow (their
+    columns, then the (n, d) float64 matrix); the file's text plus 16 bytes a cell with the hand
+    parser."""
+    p = pathlib.Path(path)
+    try:
+        st: Optional[os.stat_result] = p.stat()
+    except OSError:
+        st = None
+    engine = _fast_engine(st.st_size) if st is not None and stat.S_ISREG(st.st_mode) else None
+    if engine is not None:
+        try:
+            return _read_csv_fast(p, engine, label, numeric_labels, require_label, max_bytes, max_features)
+        except _Defer:
+            pass
+    return _read_csv_python(p, label, numeric_labels, require_label, max_bytes, max_features)
 
 
 def _npy_declared_bytes(fh: IO[bytes]) -> Optional[int]:

@@ -457,6 +457,49 @@ def _top_k_chunk(Xb: NDArray[Any], yb: NDArray[Any], *, payload: _Payload, block
     return _run(payload.what, block_info, run)
 
 
+def rank_top_k(
+    ids: NDArray[Any], vals: NDArray[Any], k: int
+) -> Tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """The top-k of candidate scores ``vals`` (m, c) with training indices ``ids`` (m, c), ordered as the core
+    orders them: helpful = increasing value, harmful = decreasing value, ties by increasing index; NaN values
+    (padding) sort last. Returns (helpful_idx, helpful_val, harmful_idx, harmful_val), each (m, min(k, c)).
+    Plain numpy (also LinearInfluence's merge of in-memory blocks)."""
+    h_order = np.lexsort((ids, vals), axis=-1)[:, :k]
+    r_order = np.lexsort((ids, -vals), axis=-1)[:, :k]
+    take = np.take_along_axis
+    return (
+        take(ids, h_order, axis=1),
+        take(vals, h_order, axis=1),
+        take(ids, r_order, axis=1),
+        take(vals, r_order, axis=1),
+    )
+
+
+def _top_k_scores_chunk(S: NDArray[Any], *, k: int, block_info: Any = None) -> Any:
+    """A chunk of precomputed scores (n_c, m) → its top-k as one (1, m, 4k) float64 block laid out like
+    :func:`_top_k_chunk`'s (global indices; padding index −1, value NaN)."""
+
+    def run() -> NDArray[np.float64]:
+        b, m = S.shape
+        out = np.full((1, m, 4 * k), np.nan, dtype=np.float64)
+        out[0, :, 0:k] = -1.0
+        out[0, :, 2 * k : 3 * k] = -1.0
+        kc = min(k, b)
+        if kc == 0:
+            return out
+        start = int(block_info[0]["array-location"][0][0]) if block_info else 0
+        vals = np.ascontiguousarray(np.asarray(S, dtype=np.float64).T)  # (m, b)
+        ids = np.broadcast_to(np.arange(start, start + b, dtype=np.int64), (m, b))
+        hi, hv, ri, rv = rank_top_k(ids, vals, kc)
+        out[0, :, 0:kc] = hi
+        out[0, :, k : k + kc] = hv
+        out[0, :, 2 * k : 2 * k + kc] = ri
+        out[0, :, 3 * k : 3 * k + kc] = rv
+        return out
+
+    return _run("the normalised influence scores", block_info, run)
+
+
 def _separates_chunk(Xb: NDArray[Any], yb: NDArray[Any], *, payload: _Payload, block_info: Any = None) -> Any:
     """(1, 1): 1.0 if θ classifies every row of the chunk strictly correctly (see _LinearModel._separates)."""
 
@@ -848,6 +891,28 @@ class DaskLinearEngine:
         parts = _map_rows(
             _top_k_chunk, self._X, self._y, payload, ("rows1", m, 4 * k), np.float64, self._retries
         )
+        return self._merge_top_k(parts, m, k)
+
+    def top_k_of_scores(self, scores: Any, k: int) -> Tuple[NDArray[Any], ...]:
+        """:meth:`top_k` of precomputed lazy scores (n, m) chunked like the training rows (LinearInfluence's
+        normalised ``top_k``): per chunk its top-k, merged here; same layout and ordering as :meth:`top_k`."""
+        da = require_dask("Dask training data")
+        scores = scores.rechunk({1: -1})  # every chunk holds whole rows of scores (all m test points)
+        m, nb = int(scores.shape[1]), scores.numblocks[0]
+        with _annotated(self._retries):
+            parts = da.map_blocks(
+                _top_k_scores_chunk,
+                scores,
+                k=int(k),
+                chunks=((1,) * nb, (m,), (4 * k,)),
+                new_axis=[2],
+                dtype=np.float64,
+                meta=np.empty((0, 0, 0), dtype=np.float64),
+            )
+        return self._merge_top_k(parts, m, k)
+
+    def _merge_top_k(self, parts: Any, m: int, k: int) -> Tuple[NDArray[Any], ...]:
+        """The per-chunk candidates ``parts`` (chunks, m, 4k), computed and merged into the global top-k."""
         (blocks,) = self.compute(parts)
         blocks = np.asarray(blocks)  # (chunks, m, 4k)
         cand = np.moveaxis(blocks.reshape(blocks.shape[0], m, 4, k), 0, 1)  # (m, chunks, 4, k)
@@ -862,11 +927,8 @@ class DaskLinearEngine:
             )
         # helpful: increasing value, ties by increasing index; harmful: decreasing value, same ties. Padding
         # (index −1, value NaN) sorts last: NaN goes after every number in np.lexsort.
-        h_order = np.lexsort((hi, hv), axis=-1)[:, :k]
-        r_order = np.lexsort((ri, -rv), axis=-1)[:, :k]
-        take = np.take_along_axis
-        out_hi, out_hv = take(hi, h_order, axis=1), take(hv, h_order, axis=1)
-        out_ri, out_rv = take(ri, r_order, axis=1), take(rv, r_order, axis=1)
+        out_hi, out_hv, _, _ = rank_top_k(hi, hv, k)
+        _, _, out_ri, out_rv = rank_top_k(ri, rv, k)
         if (out_hi < 0).any() or (out_ri < 0).any():  # k ≤ n is checked by LinearInfluence
             raise RuntimeError("top_k: fewer candidates than k came back from the chunks")
         return (

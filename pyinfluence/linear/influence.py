@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -34,14 +34,20 @@ from pyinfluence._validation import (
     resolve_dtype,
 )
 from pyinfluence.errors import ConvergenceError, NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
-from pyinfluence.interface import Influence, TopK
+from pyinfluence.interface import Influence, TopK, check_normalize
 from pyinfluence.linear import cuda as _cuda
 from pyinfluence.linear import dask as _dask
 from pyinfluence.linear.models import OPTIMUM_GRAD_TOL, _LinearModel
 
+if TYPE_CHECKING:
+    from pyinfluence.linear.diagnostics import RegressionDiagnostics
+
 __all__ = ["LinearInfluence", "TopK"]
 
 IndexLike = Union[int, ArrayLike, None]
+
+# Byte budget for one block of training rows in the normalised top_k (its (B, m) scores or (B, p) up_params).
+_BLOCK_BYTES = 64 << 20
 
 
 class LinearInfluence(Influence[np.ndarray]):
@@ -166,11 +172,17 @@ class LinearInfluence(Influence[np.ndarray]):
         self.grad_norm_ = float(self._engine.grad_norm)  # ‖∇R(θ̂)‖, from the engine's cached residuals
         limit = OPTIMUM_GRAD_TOL if self._dtype == np.float64 else 1e-3
         if not np.isfinite(self.grad_norm_) or self.grad_norm_ > limit:
+            hint = ""
+            if getattr(getattr(self, "_model", None), "transformer_", None) is not None:
+                hint = (
+                    " The model was converted from a scikit-learn Pipeline: pass the transformed rows "
+                    "model.transform(X_train) (and model.transform(X_test)), not the raw ones."
+                )
             warnings.warn(
                 f"the model's parameters are not at the optimum of the training objective on "
                 f"X_train, y_train (‖∇R(θ̂)‖ = {self.grad_norm_:.3g} > {limit:g}); influence "
                 f"functions assume ∇R(θ̂) = 0, so their values are approximate. Was the model "
-                f"fitted on this exact training set (same order, no sample weights)?",
+                f"fitted on this exact training set (same order, no sample weights)?{hint}",
                 NotAtOptimumWarning,
                 stacklevel=stacklevel,
             )
@@ -467,6 +479,14 @@ class LinearInfluence(Influence[np.ndarray]):
         X, y = self._subset(idx)
         return self._result(self._query("pert_loss", Xt, yt, X, y, test=Xt, train=X))
 
+    def diagnostics(self) -> RegressionDiagnostics:
+        """Leverage, Cook's distance, DFBETA/DFBETAS and DFFITS of every training point (statsmodels'
+        definitions; unpenalised models only: l2 = 0 and damping = 0); see
+        :func:`pyinfluence.linear.diagnostics.regression_diagnostics`."""
+        from pyinfluence.linear.diagnostics import regression_diagnostics
+
+        return regression_diagnostics(self)
+
     def self_influence(self, train_idx: IndexLike = None) -> NDArray[np.floating]:
         """I_up,loss(z, z) ≤ 0, numpy (k,); see :meth:`Influence.self_influence`."""
         idx = self._idx(train_idx)
@@ -524,11 +544,28 @@ class LinearInfluence(Influence[np.ndarray]):
             raise ValueError("leave-one-out needs at least 2 training points")
         return self._result(self._query("loo_newton", Xt, yt, idx, test=Xt, train=self._X))
 
-    def top_k(self, X_test: ArrayLike, y_test: Any = None, k: int = 10) -> TopK[np.ndarray]:
+    def helpfulness(
+        self, X_test: ArrayLike, y_test: Any = None, train_idx: IndexLike = None
+    ) -> NDArray[np.floating]:
+        """−I_up,loss(z, z_test), numpy (k, m) (a lazy dask array with Dask training data): positive =
+        helpful, the convention of Captum, pyDVL, kronfluence, TRAK and dattri; exactly
+        ``-up_loss(X_test, y_test, train_idx)``. See :meth:`Influence.helpfulness`."""
+        return -self.up_loss(X_test, y_test, train_idx)
+
+    def top_k(
+        self, X_test: ArrayLike, y_test: Any = None, k: int = 10, normalize: Optional[str] = None
+    ) -> TopK[np.ndarray]:
         """:class:`~pyinfluence.TopK` of four numpy (m, k) arrays (int64 indices); see
-        :meth:`Influence.top_k`. Streams over the training set in the core (never the n × m scores)."""
+        :meth:`Influence.top_k`. Raw scores stream over the training set in the core (never the n × m
+        scores). ``normalize`` ("theta", "loss", "cosine"): exact, from the same Cholesky factor —
+        "loss"/"cosine" add :meth:`self_influence` over the training set (n·p²/2 flops), "theta" the norms of
+        :meth:`up_params` rows (n·p²); the scores are then formed in blocks of training rows (memory
+        ≤ 64 MiB per block; with Dask training data chunk-wise on the workers)."""
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
+        normalize = check_normalize(normalize)
         Xt, yt = self._test(X_test, y_test)
+        if normalize is not None:
+            return self._top_k_normalized(Xt, yt, k, normalize)
         hi, hv, ri, rv = self._query("top_k", Xt, yt, k, test=Xt, train=self._X)
         return TopK(
             np.asarray(hi, dtype=np.int64),
@@ -536,6 +573,67 @@ class LinearInfluence(Influence[np.ndarray]):
             np.asarray(ri, dtype=np.int64),
             np.asarray(rv),
         )
+
+    def _train_norms(self, normalize: str) -> Any:
+        """Per training point, the normaliser of ``normalize``, (n,) (numpy, or lazy dask):
+        "theta": ‖(H+λI)⁻¹∇L(z)‖ = ‖up_params(z)‖; "loss"/"cosine": √(∇L(z)ᵀ(H+λI)⁻¹∇L(z)) = √(−self_influence(z))."""
+        if normalize == "theta":
+            if self._dask:
+                U = self._query("up_params", self._X, self._y, train=self._X)  # lazy (n, p), chunk-wise
+                return (U * U).sum(axis=1) ** 0.5
+            rows = max(1, _BLOCK_BYTES // (self._dtype.itemsize * max(1, self.n_params)))
+            out = np.empty(self._n, dtype=self._dtype)
+            for s in range(0, self._n, rows):
+                X, y = self._X[s : s + rows], self._y[s : s + rows]  # views: whole rows are contiguous
+                out[s : s + rows] = np.linalg.norm(
+                    np.asarray(self._query("up_params", X, y, train=X)), axis=1
+                )
+            return out
+        si = self._query("self_influence", None, None, train=self._X)  # −gᵀ(H+λI)⁻¹g ≤ 0 (−‖L⁻¹g‖²)
+        if self._dask:
+            return (-si).clip(0.0, None) ** 0.5
+        return np.sqrt(np.maximum(-np.asarray(si), 0.0))
+
+    def _top_k_normalized(self, Xt: np.ndarray, yt: np.ndarray, k: int, normalize: str) -> TopK[np.ndarray]:
+        """top_k of up_loss / (per-training-point norm) [/ per-test-point norm for "cosine"]; 0 where a norm
+        is 0 (a zero gradient: its up_loss is exactly 0 too)."""
+        den = self._train_norms(normalize)
+        tden: Optional[np.ndarray] = None
+        if normalize == "cosine":
+            # √(g_tᵀ(H+λI)⁻¹g_t) per test point: the engine's up_params of the test points is −(H+λI)⁻¹g_t
+            G = np.asarray(self._query("gradients", Xt, yt, test=Xt))
+            Z = np.asarray(self._query("up_params", Xt, yt, test=Xt))
+            tden = np.sqrt(np.maximum(-np.einsum("ij,ij->i", G, Z), 0.0))
+        if self._dask:
+            scores = self._query("up_loss", Xt, yt, None, None, test=Xt, train=self._X)  # lazy (n, m)
+            scores = _safe_divide(scores, den[:, None])
+            if tden is not None:
+                scores = _safe_divide(scores, tden[None, :])
+            hi, hv, ri, rv = self._dask_engine().top_k_of_scores(scores, k)
+            return TopK(hi, hv, ri, rv)
+        m = Xt.shape[0]
+        rows = max(k, _BLOCK_BYTES // (self._dtype.itemsize * max(1, m, self.n_params)))
+        best: Optional[Tuple[np.ndarray, ...]] = None
+        for s in range(0, self._n, rows):
+            X, y = self._X[s : s + rows], self._y[s : s + rows]
+            sc = _safe_divide(
+                np.asarray(self._query("up_loss", Xt, yt, X, y, test=Xt, train=X)), den[s : s + rows, None]
+            )
+            if tden is not None:
+                sc = _safe_divide(sc, tden[None, :])
+            vals = np.ascontiguousarray(sc.T)  # (m, b)
+            ids = np.broadcast_to(np.arange(s, s + vals.shape[1], dtype=np.int64), vals.shape)
+            if best is None:
+                best = _dask.rank_top_k(ids, vals, k)
+                continue
+            # the running top-k of the earlier blocks compete with this block's rows (each side separately)
+            hi, hv, ri, rv = best
+            hi, hv, _, _ = _dask.rank_top_k(np.concatenate([hi, ids], 1), np.concatenate([hv, vals], 1), k)
+            _, _, ri, rv = _dask.rank_top_k(np.concatenate([ri, ids], 1), np.concatenate([rv, vals], 1), k)
+            best = (hi, hv, ri, rv)
+        assert best is not None
+        hi, hv, ri, rv = best
+        return TopK(hi.astype(np.int64), hv.astype(self._dtype), ri.astype(np.int64), rv.astype(self._dtype))
 
     # -- ground truth by retraining -------------------------------------------------------------
     @property
@@ -704,3 +802,10 @@ def _decode_labels(model: _LinearModel, y_enc: np.ndarray) -> np.ndarray:
     y = np.asarray(y_enc, dtype=np.float64)
     idx = (y > 0).astype(np.intp) if model._family == "smooth_hinge" else np.rint(y).astype(np.intp)
     return np.asarray(classes)[idx]
+
+
+def _safe_divide(num: Any, den: Any) -> Any:
+    """num / den elementwise (numpy or dask, broadcasting), 0 where den is 0: a normaliser is 0 only for a zero
+    gradient, whose up_loss is exactly 0 too (the ratio is bounded by Cauchy–Schwarz elsewhere)."""
+    pos = (den > 0).astype(den.dtype)
+    return num / (den + (1 - pos)) * pos

@@ -12,7 +12,8 @@ for multinomial), ``d_eff = d + 1`` with the intercept in the LAST column when
 :class:`~pyinfluence.LinearInfluence` is ``theta_.ravel()`` (row-major), ``p = K * d_eff``.
 
 ``from_sklearn`` converts fitted scikit-learn ``LogisticRegression``, ``Ridge`` and
-``LinearRegression`` estimators, translating their regularisation to ``l2``.
+``LinearRegression`` estimators, translating their regularisation to ``l2``, and ``Pipeline``s ending in one
+(the model then lives in the pipeline's transformed feature space: ``transformer_``, ``transform``).
 
 ``fit`` also takes a ``dask.array`` X chunked by rows (labels as a dask or numpy vector): the same Newton
 iterations run with every sum over the rows computed chunk-wise on the Dask workers
@@ -22,6 +23,7 @@ iterations run with every sum over the rows computed chunk-wise on the Dask work
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -71,6 +73,9 @@ class _LinearModel:
     _family: str = ""
     _is_classifier: bool = False
     sklearn_grad_norm_: float  # from_sklearn: ‖∇R‖ at scikit-learn's own solution (before refine)
+    # from_sklearn(Pipeline): the fitted preceding steps (``pipeline[:-1]``) mapping raw rows to the
+    # features this model was fitted on; None for a model that takes its features as they are.
+    transformer_: Any = None
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -195,7 +200,7 @@ class _LinearModel:
         """
         self._check_params()
         retries = check_int("retries", retries, 0, 1000)
-        for attr in ("theta_", "classes_"):
+        for attr in ("theta_", "classes_", "transformer_"):  # fit takes X's features as they are
             self.__dict__.pop(attr, None)
         cache = None
         y_enc: Any
@@ -323,6 +328,28 @@ class _LinearModel:
                 f"arrays. Apply it chunk-wise instead, e.g. {name}.map_blocks(model.predict, drop_axis=1)"
             )
         return as_float_matrix(name, X, np.float64, n_features=self.n_features_in_)
+
+    def transform(self, X: Any) -> NDArray[np.float64]:
+        """Map raw rows to the feature space of this model, shape (n, d_raw) → (n, ``n_features_in_``).
+
+        For a model converted from a scikit-learn ``Pipeline`` by :func:`from_sklearn` this applies the
+        pipeline's fitted preceding steps (``transformer_``, i.e. ``pipeline[:-1].transform(X)``; X as the
+        pipeline takes it: an array, or a DataFrame for a ``ColumnTransformer`` by column names); a sparse
+        result is made dense. For any other model (``transformer_ is None``) it only validates X. Every method
+        of the model and of :class:`~pyinfluence.LinearInfluence` works in that transformed space, so pass
+        ``model.transform(X)`` to them, for training and test rows alike. Returns a C-contiguous float64 array.
+        """
+        self._check_fitted()
+        if _dask.is_dask_array(X):
+            raise TypeError(
+                f"{type(self).__name__}.transform: X is a dask array; apply it chunk-wise instead, e.g. "
+                f"X.map_blocks(model.transform, chunks=(X.chunks[0], (model.n_features_in_,)))"
+            )
+        if self.transformer_ is None:
+            return np.asarray(
+                as_float_matrix("X", X, np.float64, n_features=self.n_features_in_), dtype=np.float64
+            )
+        return _transform_rows(self.transformer_, X, self.n_features_in_, f"{type(self).__name__}.transform")
 
     def _scores(self, X: np.ndarray) -> NDArray[np.float64]:
         W = self.theta_
@@ -587,15 +614,125 @@ class RidgeRegression(_LinearModel):
 # ------------------------------------------------------------------------------------------------
 # scikit-learn conversion
 # ------------------------------------------------------------------------------------------------
-def _sk_fitted(est: Any) -> None:
+_SUPPORTED = ("LogisticRegression", "Ridge", "LinearRegression")
+
+
+def _sk_fitted(est: Any, label: str, pipeline: bool = False) -> None:
     if not hasattr(est, "coef_"):
-        raise NotFittedError(
-            f"the {type(est).__name__} given to from_sklearn is not fitted; call its fit(X, y) first"
+        what = "fit the pipeline" if pipeline else "call its fit(X, y)"
+        raise NotFittedError(f"the {label} given to from_sklearn is not fitted; {what} first")
+
+
+def _check_supported(estimator: Any, label: str) -> str:
+    """The scikit-learn class name of a supported estimator, else a TypeError naming ``label``."""
+    cls = type(estimator).__name__
+    module = type(estimator).__module__ or ""
+    where = "" if label == cls else f" ({label})"
+    if not module.startswith("sklearn."):
+        if isinstance(estimator, _LinearModel):
+            raise TypeError(f"from_sklearn: the {label} is already a pyinfluence model")
+        raise TypeError(
+            f"from_sklearn: unsupported estimator {module}.{cls}{where}; supported are "
+            f"sklearn.linear_model.LogisticRegression, Ridge and LinearRegression"
         )
+    if cls not in _SUPPORTED:
+        hint = ""
+        if cls.endswith("CV"):
+            hint = (
+                "; refit the plain estimator with the selected hyperparameter "
+                "(e.g. LogisticRegression(C=est.C_[0]) or Ridge(alpha=est.alpha_))"
+            )
+        raise TypeError(
+            f"from_sklearn: unsupported estimator sklearn {cls}{where}; supported are "
+            f"LogisticRegression, Ridge and LinearRegression{hint}"
+        )
+    return cls
 
 
-def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]:
-    name = type(est).__name__
+def _is_pipeline(estimator: Any) -> bool:
+    # A Pipeline instance exists only once sklearn.pipeline was imported: no import of scikit-learn here.
+    mod = sys.modules.get("sklearn.pipeline")
+    return mod is not None and isinstance(estimator, mod.Pipeline)
+
+
+def _is_passthrough(step: Any) -> bool:
+    return step is None or (isinstance(step, str) and step == "passthrough")
+
+
+def _split_pipeline(pipe: Any) -> Tuple[Any, Any, str]:
+    """(fitted preceding steps ``pipe[:-1]`` or None if there are none, last step, label of the last step).
+
+    Refuses (TypeError/NotFittedError naming the step) a 'passthrough' last step, a preceding step without
+    ``transform`` and an unfitted preceding step. A Pipeline as the last step is split in turn.
+    """
+    from sklearn.pipeline import Pipeline
+    from sklearn.utils.validation import check_is_fitted
+
+    steps = list(getattr(pipe, "steps", []))
+    if not steps:
+        raise ValueError("from_sklearn: the Pipeline has no steps")
+    name, last = steps[-1]
+    if _is_passthrough(last):
+        raise TypeError(
+            f"from_sklearn: the last step {name!r} of the Pipeline is 'passthrough'; the last step must be a "
+            f"fitted LogisticRegression, Ridge or LinearRegression"
+        )
+    label = f"{type(last).__name__} (last step {name!r} of the Pipeline)"
+    for step_name, step in steps[:-1]:
+        if _is_passthrough(step):
+            continue
+        if not callable(getattr(step, "transform", None)):
+            raise TypeError(
+                f"from_sklearn: step {step_name!r} of the Pipeline ({type(step).__name__}) has no transform "
+                f"method; every step before the last must be a fitted transformer"
+            )
+        try:
+            check_is_fitted(step)
+        except (
+            ValueError,
+            AttributeError,
+            TypeError,
+        ) as exc:  # sklearn's NotFittedError is both of the first
+            raise NotFittedError(
+                f"from_sklearn: step {step_name!r} of the Pipeline ({type(step).__name__}) is not fitted; "
+                f"fit the pipeline first ({exc})"
+            ) from exc
+    transformer = pipe[:-1] if len(steps) > 1 else None  # the fitted preceding steps, as they are
+    if _is_pipeline(last):  # a Pipeline as the last step: its own preceding steps come after ours
+        inner, last, _ = _split_pipeline(last)
+        label = f"{type(last).__name__} (last step of the Pipeline {name!r}, the last step of the Pipeline)"
+        if inner is not None:
+            transformer = (
+                inner if transformer is None else Pipeline([("outer", transformer), ("inner", inner)])
+            )
+    return transformer, last, label
+
+
+def _transform_rows(transformer: Any, X: Any, n_features: Optional[int], what: str) -> NDArray[np.float64]:
+    """``transformer.transform(X)`` as a dense C-contiguous float64 (n, d) matrix (validated, finite)."""
+    try:
+        n_raw = int(X.shape[0]) if hasattr(X, "shape") else len(X)
+    except TypeError:
+        n_raw = None
+    try:
+        Xt = transformer.transform(X)
+    except (ValueError, TypeError) as exc:  # e.g. a wrong number of columns: say where it came from
+        kind = ValueError if isinstance(exc, ValueError) else TypeError
+        raise kind(f"{what}: transforming X through the pipeline's preceding steps failed: {exc}") from exc
+    if callable(getattr(Xt, "toarray", None)):  # scipy.sparse (e.g. from OneHotEncoder): the core is dense
+        Xt = Xt.toarray()
+    Xa = as_float_matrix(
+        "X transformed by the pipeline's preceding steps", Xt, np.float64, n_features=n_features
+    )
+    if n_raw is not None and Xa.shape[0] != n_raw:
+        raise ValueError(
+            f"{what}: the pipeline's preceding steps turned {n_raw} rows of X into {Xa.shape[0]}; "
+            f"influence needs one transformed row per training row"
+        )
+    return np.asarray(Xa, dtype=np.float64)  # float64 already (no copy)
+
+
+def _from_sk_logistic(est: Any, n: int, name: str) -> Tuple[LogisticRegression, np.ndarray]:
     if getattr(est, "class_weight", None) is not None:
         raise ValueError(
             f"from_sklearn: {name} with class_weight={est.class_weight!r} is not supported "
@@ -662,8 +799,7 @@ def _from_sk_logistic(est: Any, n: int) -> Tuple[LogisticRegression, np.ndarray]
     return model, np.ascontiguousarray(theta)
 
 
-def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, np.ndarray]:
-    name = type(est).__name__
+def _from_sk_regression(est: Any, n: int, kind: str, name: str) -> Tuple[RidgeRegression, np.ndarray]:
     if getattr(est, "positive", False):
         raise ValueError(
             f"from_sklearn: {name}(positive=True) is a constrained fit whose optimum is not a "
@@ -697,23 +833,48 @@ def _from_sk_regression(est: Any, n: int, kind: str) -> Tuple[RidgeRegression, n
     return model, np.ascontiguousarray(theta)
 
 
-def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True) -> _LinearModel:
-    """Convert a fitted scikit-learn linear model into the equivalent pyinfluence model.
+def from_sklearn(estimator: Any, X: Any, y: ArrayLike, refine: bool = True) -> _LinearModel:
+    """Convert a fitted scikit-learn linear model (or a Pipeline ending in one) into the equivalent pyinfluence model.
 
     Supported: ``sklearn.linear_model.LogisticRegression`` (L2 or no penalty; binary, or
     multinomial for ≥ 3 classes) → :class:`LogisticRegression` with ``l2 = 1/(C·n)`` (``l2 = 0``
     for ``C=inf``/no penalty; the intercept is unpenalised except with ``solver='liblinear'``);
     ``Ridge(alpha)`` → :class:`RidgeRegression` with ``l2 = alpha/n``; ``LinearRegression`` →
-    ``RidgeRegression(l2=0)``. ``X, y`` must be the training data the estimator was fitted on
+    ``RidgeRegression(l2=0)``. ``X`` (n, d), ``y`` (n,) must be the training data the estimator was fitted on
     (n = len(X)), without sample weights. Refused (ValueError): L1/elastic-net penalties,
     ``class_weight``, one-vs-rest multiclass, ``positive=True``, multi-target regression.
 
-    scikit-learn stops at a loose tolerance, so its solution is usually not the exact optimum
-    that influence functions assume. The gradient norm ‖∇R‖ of the translated objective is
+    **Pipelines.** ``estimator`` may be a fitted ``sklearn.pipeline.Pipeline`` whose last step is one of the
+    above; ``X`` is then the raw input the pipeline takes (an array, or a DataFrame for a ``ColumnTransformer``).
+    The rows are transformed by the preceding steps, ``Z = pipeline[:-1].transform(X)`` (n, d_z; a sparse
+    result is made dense), and the model is built from the last step on ``(Z, y)``. **Influence is then
+    computed in the transformed feature space, with the preprocessing held fixed**: θ̂ are the last step's
+    parameters, H is the Hessian over them, ``pert_loss`` differentiates with respect to the transformed
+    features, and leave-one-out predictions/refits do not refit the scaler or encoder. The returned model
+    says so: ``model.transformer_`` holds the fitted preceding steps (a ``Pipeline``; None for a plain
+    estimator), ``model.n_features_in_`` is d_z, and ``model.transform(X)`` maps raw rows the same way. Every
+    method of the model and of :class:`~pyinfluence.LinearInfluence` takes transformed rows::
+
+        model = pyinfluence.from_sklearn(pipe, X_train, y_train)
+        inf = pyinfluence.LinearInfluence(model, model.transform(X_train), y_train)
+        scores = inf.up_loss(model.transform(X_test), y_test)   # (n_train, m); negative = helpful
+
+    Refused with a message naming the step: a last step that is not supported or 'passthrough' (TypeError),
+    a preceding step without ``transform`` (TypeError), an unfitted step (``NotFittedError``, a ValueError).
+
+    **Refinement.** scikit-learn stops at a loose tolerance, so its solution is usually not the exact optimum
+    that influence functions assume. The gradient norm ‖∇R‖ of the translated objective on ``(X, y)`` is
     checked; if it exceeds 1e-6 a :class:`~pyinfluence.errors.NotAtOptimumWarning` is issued.
     With ``refine=True`` (default) Newton's method is then run from scikit-learn's solution
     until ‖∇R‖ ≤ 1e-10 (so the returned model's coefficients may differ slightly from the
-    estimator's); with ``refine=False`` scikit-learn's parameters are kept as they are.
+    estimator's); with ``refine=False`` scikit-learn's parameters are kept as they are. If Newton's method
+    fails from scikit-learn's solution (typically because the estimator was fitted on other data than ``X``,
+    e.g. a pipeline's last step given raw rows: its coefficients are then far from the optimum on ``X`` and
+    the Hessian there is numerically singular), the model is fitted afresh on ``(X, y)`` from θ = 0 with the
+    same ``l2`` and a ``NotAtOptimumWarning`` says so and why; the returned coefficients are then those of
+    the exact fit on ``(X, y)``, not the estimator's. If that fresh fit fails too (a genuinely singular
+    objective: e.g. ``l2 = 0`` with collinear features or separable classes), the
+    :class:`~pyinfluence.errors.ConvergenceError` is raised.
     """
     check_bool("refine", refine)
     if _dask.is_dask_array(X) or _dask.is_dask_array(y):
@@ -722,40 +883,36 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
             "dask training set, fit a pyinfluence estimator on it directly: e.g. "
             "pyinfluence.LogisticRegression(l2=...).fit(X_dask, y_dask)"
         )
-    cls = type(estimator).__name__
-    module = type(estimator).__module__ or ""
-    if not module.startswith("sklearn."):
-        if isinstance(estimator, _LinearModel):
-            raise TypeError("from_sklearn: the estimator is already a pyinfluence model")
-        raise TypeError(
-            f"from_sklearn: unsupported estimator {type(estimator).__module__}.{cls}; supported "
-            f"are sklearn.linear_model.LogisticRegression, Ridge and LinearRegression"
-        )
-    if cls not in ("LogisticRegression", "Ridge", "LinearRegression"):
-        hint = ""
-        if cls.endswith("CV"):
-            hint = (
-                "; refit the plain estimator with the selected hyperparameter "
-                "(e.g. LogisticRegression(C=est.C_[0]) or Ridge(alpha=est.alpha_))"
-            )
-        raise TypeError(
-            f"from_sklearn: unsupported estimator sklearn {cls}; supported are "
-            f"LogisticRegression, Ridge and LinearRegression{hint}"
-        )
-    _sk_fitted(estimator)
-    Xa = as_float_matrix("X", X, np.float64)
+    transformer: Any = None
+    Xa: NDArray[np.floating]
+    x_name = "X"
+    if _is_pipeline(estimator):
+        transformer, last, label = _split_pipeline(estimator)
+        cls = _check_supported(last, label)
+        _sk_fitted(last, label, pipeline=True)
+        estimator = last
+        if transformer is not None:
+            Xa = _transform_rows(transformer, X, None, "from_sklearn")
+            x_name = "X transformed by the pipeline's preceding steps"
+        else:
+            Xa = as_float_matrix("X", X, np.float64)
+    else:
+        label = type(estimator).__name__
+        cls = _check_supported(estimator, label)
+        _sk_fitted(estimator, label)
+        Xa = as_float_matrix("X", X, np.float64)
     n, d = Xa.shape
     n_in = getattr(estimator, "n_features_in_", None)
     if n_in is not None and n_in != d:
-        raise ValueError(f"X has {d} features but the {cls} was trained on {n_in}")
+        raise ValueError(f"{x_name} has {d} features but the {label} was trained on {n_in}")
     model: _LinearModel
     if cls == "LogisticRegression":
-        model, theta = _from_sk_logistic(estimator, n)
+        model, theta = _from_sk_logistic(estimator, n, label)
     else:
-        model, theta = _from_sk_regression(estimator, n, "ridge" if cls == "Ridge" else "ols")
+        model, theta = _from_sk_regression(estimator, n, "ridge" if cls == "Ridge" else "ols", label)
     if theta.shape[1] != d + (1 if model.fit_intercept else 0):
         raise ValueError(
-            f"X has {d} features but the {cls} was trained on {theta.shape[1] - model.fit_intercept}"
+            f"{x_name} has {d} features but the {label} was trained on {theta.shape[1] - model.fit_intercept}"
         )
     model.n_features_in_ = d
     model.theta_ = theta
@@ -774,17 +931,58 @@ def from_sklearn(estimator: Any, X: ArrayLike, y: ArrayLike, refine: bool = True
                 "polish it with Newton's method"
             )
         warnings.warn(
-            f"the {cls} solution is not at the optimum of the translated objective "
+            f"the {label} solution is not at the optimum of the translated objective "
             f"(‖∇R(θ)‖ = {grad_norm:.3g} > {OPTIMUM_GRAD_TOL:g}, l2 = {model.l2:.6g}); {msg}",
             NotAtOptimumWarning,
             stacklevel=2,
         )
     if refine and grad_norm > model._tol():
+        K = theta.shape[0]
         try:
-            theta, n_iter, grad_norm = model._newton(Xa, y_enc, theta, theta.shape[0], what="refine")
+            theta, n_iter, grad_norm = model._newton(Xa, y_enc, theta, K, what="refine")
         except ConvergenceError as exc:
-            raise ConvergenceError(f"from_sklearn(refine=True): {exc}") from exc
+            # Newton from the given θ failed (R is convex, so from a point near its optimum it would not):
+            # θ is far from the optimum on this X. Fit afresh from θ = 0, as fit() does; only if that fails
+            # too is the objective itself the problem (then its error is the one to report).
+            try:
+                theta, n_iter, grad_norm = model._newton(Xa, y_enc, np.zeros_like(theta), K, what="fit")
+            except ConvergenceError as exc2:
+                raise ConvergenceError(
+                    f"from_sklearn(refine=True): refining the {label}'s coefficients failed, and so did a fresh "
+                    f"fit on (X, y) from θ = 0: {exc2}",
+                    iterations=exc2.iterations,
+                    grad_norm=exc2.grad_norm,
+                    tol=exc2.tol,
+                ) from exc2
+            hint = (
+                "Was the estimator fitted on exactly these rows and features? If it is the last step of a "
+                "Pipeline, pass the whole Pipeline with the raw X."
+                if transformer is None
+                else "Was the pipeline fitted on exactly these rows?"
+            )
+            warnings.warn(
+                f"from_sklearn: the {label}'s coefficients are not near an optimum of the translated "
+                f"objective on this X (‖∇R(θ)‖ = {model.sklearn_grad_norm_:.3g}, l2 = {model.l2:.6g}) and "
+                f"refining them failed ({_first_sentence(exc)}). {hint} Fell back to a fresh exact fit on "
+                f"(X, y) from θ = 0 with the same l2: the returned coefficients are the optimum on this X, "
+                f"not the estimator's (‖∇R‖ = {grad_norm:.3g} after {n_iter} Newton iterations).",
+                NotAtOptimumWarning,
+                stacklevel=2,
+            )
         model.theta_ = theta
         model.n_iter_ = n_iter
         model.grad_norm_ = grad_norm
+    if transformer is not None:
+        model.transformer_ = transformer
     return model
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """Why Newton's method failed, without the generic hints of ``_advice`` (they do not apply to a start
+    point far from the optimum: there the Hessian is singular only numerically, e.g. saturated sigmoids)."""
+    cause = exc.__cause__
+    if isinstance(cause, NotPositiveDefiniteError):
+        where = f" (Cholesky pivot {cause.pivot} of {cause.size})" if cause.pivot is not None else ""
+        return f"Newton's method from them met a numerically singular Hessian{where}"
+    text = str(exc).split(" Hints:")[0].rstrip(".")
+    return text.split(": ", 1)[-1]  # drop the "Model.refine" prefix

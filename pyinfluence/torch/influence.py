@@ -42,8 +42,8 @@ from pyinfluence._validation import (
     check_nonnegative_float,
     overflow_message,
 )
-from pyinfluence.errors import NonFiniteError, NotAtOptimumWarning
-from pyinfluence.interface import Influence, TopK
+from pyinfluence.errors import NonFiniteError, NotAtOptimumWarning, NotPositiveDefiniteError
+from pyinfluence.interface import Influence, TopK, check_normalize
 from pyinfluence.torch.batches import (
     Inputs,
     StreamingData,
@@ -1081,14 +1081,36 @@ class TorchInfluence(Influence[Tensor]):
         res = torch.cat(out)
         return res[0] if group else res
 
-    def top_k(self, X_test: Any, y_test: Any = None, k: int = 10) -> TopK[Tensor]:
+    def helpfulness(self, X_test: Any, y_test: Any = None, train_idx: IndexLike = None) -> Tensor:
+        """−I_up,loss(z, z_test), tensor (k, m): positive = helpful, the convention of Captum, pyDVL,
+        kronfluence, TRAK and dattri; exactly ``-up_loss(X_test, y_test, train_idx)`` (same solve, same
+        cache). See :meth:`Influence.helpfulness`."""
+        return self.up_loss(X_test, y_test, train_idx).neg_()
+
+    def top_k(
+        self, X_test: Any, y_test: Any = None, k: int = 10, normalize: str | None = None
+    ) -> TopK[Tensor]:
         """:class:`~pyinfluence.TopK` holding four (m, k) **tensors** on ``device`` (int64 indices); see
         :meth:`Influence.top_k`. Streams over blocks of training points (memory m·(k + batch_size),
-        never the n × m score matrix)."""
+        never the n × m score matrix).
+
+        ``normalize`` ("theta", "loss", "cosine") first solves for every training gradient, in blocks of
+        ``batch_size`` as :meth:`self_influence` does (the cost of n right-hand sides with the configured
+        solver: cheap with Exact's factor, about n/batch_size solves with an iterative one), keeping only one
+        number per training point: ‖(H+λI)⁻¹∇L(z)‖ ("theta") or ∇L(z)ᵀ(H+λI)⁻¹∇L(z) ("loss", "cosine").
+        A negative ∇L(z)ᵀ(H+λI)⁻¹∇L(z) (H + λI not positive definite along that gradient, or an
+        unconverged solve) raises :class:`~pyinfluence.errors.NotPositiveDefiniteError` (increase the
+        damping)."""
         k = check_int("k", k, 1, self._n, maximum_what="the number of training points")
+        normalize = check_normalize(normalize)
         test = self._test(X_test, y_test)
-        S = self._s_test(test, (("k", repr(k)),))
+        S = self._s_test(test, (("k", repr(k)), ("normalize", repr(normalize))))
         m = S.shape[1]
+        den = None if normalize is None else self._train_norms(normalize)  # (n,), every rank
+        tden = None
+        if normalize == "cosine":  # √(g_tᵀ(H+λI)⁻¹g_t) per test point, from s_test and the test gradients
+            Gt = self._per_example_grads(test, "test gradients")
+            tden = self._sqrt_quadratic((Gt * S.t()).sum(dim=1), "the test points")
         dev, dt = self._device, self._dtype
         hv = torch.empty((m, 0), dtype=dt, device=dev)
         hi = torch.empty((m, 0), dtype=torch.int64, device=dev)
@@ -1099,6 +1121,10 @@ class TorchInfluence(Influence[Tensor]):
         for s, X, Y in self._blocks(self._data, self._grad_rows(), "top_k"):
             G = self._fm.per_example_grads(X, Y)
             sc = (G @ S).neg_().t()  # (m, B)
+            if den is not None:  # RelatIF / cosine: up_loss over the norms (0 for a zero gradient)
+                sc = _safe_divide(sc, den[None, s : s + batch_len(X)])
+                if tden is not None:
+                    sc = _safe_divide(sc, tden[:, None])
             finite &= torch.isfinite(sc).all()
             ids = torch.arange(s, s + batch_len(X), device=dev).expand(m, -1)
             cv, ci = torch.cat([hv, sc], 1), torch.cat([hi, ids], 1)
@@ -1115,6 +1141,31 @@ class TorchInfluence(Influence[Tensor]):
         if not bool(finite):
             raise self._non_finite_error("the influence scores ranked by top_k", test)
         return TopK(hi, hv, ri, rv)
+
+    def _train_norms(self, normalize: str) -> Tensor:
+        """Per training point (all n, every rank), the normaliser of ``normalize``, tensor (n,):
+        "theta": ‖(H+λI)⁻¹∇L(z)‖; "loss"/"cosine": √(∇L(z)ᵀ(H+λI)⁻¹∇L(z))."""
+        if normalize == "theta":  # G (B, p), Z = (H + λI)⁻¹Gᵀ (p, B): the norms of Z's columns
+            out = self._solve_map(
+                self._data, lambda G, Z: torch.linalg.vector_norm(Z, dim=0), (), "top_k norms"
+            )
+            return self._finite(out, "‖(H + λI)⁻¹∇L(z)‖ of the training points")
+        q = self._solve_map(self._data, lambda G, Z: (G * Z.t()).sum(dim=1), (), "top_k norms")
+        return self._sqrt_quadratic(self._finite(q, "∇L(z)ᵀ(H + λI)⁻¹∇L(z)"), "the training points")
+
+    def _sqrt_quadratic(self, q: Tensor, whose: str) -> Tensor:
+        """√q for q = gᵀ(H+λI)⁻¹g ≥ 0; rounding-level negatives are taken as 0, larger ones raise
+        NotPositiveDefiniteError (H + λI indefinite along g, or an unconverged iterative solve)."""
+        tol = float(torch.finfo(q.dtype).eps) ** 0.5 * float(q.abs().max()) if q.numel() else 0.0
+        bad = q < -tol
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            raise NotPositiveDefiniteError(
+                f"top_k(normalize=...): ∇L(z)ᵀ(H + λI)⁻¹∇L(z) = {float(q[i]):.3g} < 0 for {whose} (index {i}): "
+                f"H + λI (damping λ = {self._damping:g}) is not positive definite along its gradient, or the "
+                f"solver did not converge; pass a larger damping, or normalize=None"
+            )
+        return q.clamp_min(0.0).sqrt_()
 
     # -- the training set and retraining ---------------------------------------------------------------
     @property
@@ -1279,6 +1330,13 @@ class TorchInfluence(Influence[Tensor]):
 # ==============================================================================================
 # helpers
 # ==============================================================================================
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """num / den (broadcasting), 0 where den is 0: a normaliser is 0 only for a zero gradient, whose up_loss is
+    exactly 0 too (elsewhere the ratio is bounded, by Cauchy–Schwarz in the (H + λI)⁻¹ metric)."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 def _compute_dtype(dtype: Any, model_dtype: torch.dtype) -> torch.dtype:
     """The computation dtype: ``dtype`` (float64 / float32, or their names) or, for None, the model's
     parameter dtype — float32 for a bfloat16/float16 model."""
