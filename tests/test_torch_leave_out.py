@@ -205,3 +205,45 @@ def test_bad_arguments_are_refused_by_name(mlp):
         inf.loo_change(Xt, yt, [300], method="newton")
     with pytest.raises(ValueError, match="removes all"):
         inf.retrain_loo(Xt, yt, list(range(300)), group=True)
+
+
+class _SaddleModel(nn.Module):
+    """θ = (a, b); each example's 'output' carries θ and its flag x ∈ {0, 1} to the loss below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.cat([self.theta.expand(x.shape[0], 2), x], dim=1)
+
+
+def _saddle_loss(out, y):
+    """Flagged example: 2b²; the others: a²/2 − b²/2 + b⁴/4 (mean over the batch). With one flagged example among
+    n = 3, R has a strict minimum at θ = 0 (Hessian diag(2/3, 2/3)); without it, R₋ = a²/2 − b²/2 + b⁴/4 has a
+    saddle at 0 (Hessian diag(1, −1)) and its minima at b = ±1, where R₋ = −1/4 (Hessian diag(1, 2)). Per example
+    (TorchInfluence takes the mean)."""
+    a, b, flag = out[:, 0], out[:, 1], out[:, 2]
+    return torch.where(flag > 0.5, 2 * b**2, 0.5 * a**2 - 0.5 * b**2 + 0.25 * b**4) + 0 * y
+
+
+def test_retrain_escapes_a_saddle_point_of_the_leave_out_objective():
+    """Removing the flagged point leaves θ̂ = 0 a stationary point of R₋ (gradient 0: the Newton step is 0) but a
+    saddle: retraining must not stop there. The minimiser is b = ±1, a = 0, and the test loss (an unflagged
+    example) falls from 0 to −1/4 — all known in closed form."""
+    X = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.float64)
+    Xt, yt = torch.tensor([[0.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    model = _SaddleModel()
+    inf = TorchInfluence(model, _saddle_loss, (X, y), l2=0.0, damping=0.0, solver="exact", optimum_tol=None)
+    change = inf.retrain_loo(Xt, yt, [0])
+    rep = inf.last_retrain
+    assert rep is not None
+    assert rep.info["saddle_escapes"][0] >= 1
+    assert float(change[0, 0]) == pytest.approx(-0.25, abs=1e-12)
+    # the reported lowest curvature is a Rayleigh quotient of the Hessian at the result, diag(1, 2): in [1, 2]
+    assert 1.0 - 1e-9 <= rep.info["min_curvature"][0] <= 2.0 + 1e-9
+    # keeping every point, θ̂ = 0 is the minimiser: nothing to escape
+    change_none = inf.retrain_loo(Xt, yt, [1])  # removing an unflagged point: R₋ = (2b² + …)/2, minimum at 0
+    assert float(change_none[0, 0]) == pytest.approx(0.0, abs=1e-12)
+    assert inf.last_retrain is not None and inf.last_retrain.info["saddle_escapes"][0] == 0

@@ -1390,7 +1390,10 @@ def _merge_reports(reports: list[RetrainReport], tol: float) -> RetrainReport:
         solve_iterations=sum(r.solve_iterations for r in reports),
         tol=tol,
         seconds=sum(r.seconds for r in reports),
-        info={"newton_cg_steps": [v for r in reports for v in r.info.get("newton_cg_steps", [])]},
+        info={  # the per-removal lists, concatenated in order
+            key: [v for r in reports for v in r.info.get(key, [])]
+            for key in ("newton_cg_steps", "saddle_escapes", "min_curvature")
+        },
     )
 
 
