@@ -89,7 +89,11 @@ class RetrainReport:
 
     ``grad_norm`` (k,): ‖∇R₋S(θ)‖₂ reached (≤ ``tol``); ``steps`` (k,): chord steps after the Newton start;
     ``solve_iterations``: CG iterations of every solve, summed; ``tol``; ``seconds``; ``start_grad_norm`` (k,):
-    ‖∇R₋S‖ at θ̂ itself (before the Newton start; the size of the step retraining had to make).
+    ‖∇R₋S‖ at θ̂ itself (before the Newton start; the size of the step retraining had to make). ``info``: per
+    removal, ``newton_cg_steps`` (of ``steps``, those taken by Newton-CG with the Hessian at the current point),
+    ``saddle_escapes`` (steps along a direction of negative curvature from a stationary point) and
+    ``min_curvature`` (the Rayleigh quotient of ∇²R₋S at the result along the lowest Ritz vector of 30 Lanczos
+    steps: an upper bound on its smallest eigenvalue, not the eigenvalue itself).
     """
 
     grad_norm: np.ndarray
