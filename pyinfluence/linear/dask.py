@@ -431,6 +431,15 @@ def _rows_chunk(Xb: NDArray[Any], yb: NDArray[Any], *, payload: _Payload, block_
     return _run(payload.what, block_info, run)
 
 
+def _empty_top_k_block(m: int, k: int) -> NDArray[np.float64]:
+    """One chunk's top-k result before any score: (1, m, 4k) = [helpful idx | value | harmful idx | value],
+    indices −1 and values NaN (no candidate yet)."""
+    out = np.full((1, m, 4 * k), np.nan, dtype=np.float64)
+    out[0, :, 0:k] = -1.0
+    out[0, :, 2 * k : 3 * k] = -1.0
+    return out
+
+
 def _top_k_chunk(Xb: NDArray[Any], yb: NDArray[Any], *, payload: _Payload, block_info: Any = None) -> Any:
     """The chunk's top-k (k_c = min(k, rows)) as one (1, m, 4k) float64 block: [helpful indices, helpful
     values, harmful indices, harmful values]; indices global (the chunk's first row added), padding with
@@ -440,9 +449,7 @@ def _top_k_chunk(Xb: NDArray[Any], yb: NDArray[Any], *, payload: _Payload, block
         X, y = payload.arrays(Xb, yb)
         b = X.shape[0]
         m, k = payload.X_test.shape[0], payload.k
-        out = np.full((1, m, 4 * k), np.nan, dtype=np.float64)
-        out[0, :, 0:k] = -1.0
-        out[0, :, 2 * k : 3 * k] = -1.0
+        out = _empty_top_k_block(m, k)
         kc = min(k, b)
         if kc == 0:
             return out
@@ -481,9 +488,7 @@ def _top_k_scores_chunk(S: NDArray[Any], *, k: int, block_info: Any = None) -> A
 
     def run() -> NDArray[np.float64]:
         b, m = S.shape
-        out = np.full((1, m, 4 * k), np.nan, dtype=np.float64)
-        out[0, :, 0:k] = -1.0
-        out[0, :, 2 * k : 3 * k] = -1.0
+        out = _empty_top_k_block(m, k)
         kc = min(k, b)
         if kc == 0:
             return out

@@ -49,7 +49,8 @@ from pyinfluence.errors import ConvergenceError, NotPositiveDefiniteError
 from pyinfluence.torch.batches import batch_len
 from pyinfluence.torch.functional import FunctionalModel
 from pyinfluence.torch.hessian import HessianOperator
-from pyinfluence.torch.solvers.base import _npd_error
+from pyinfluence.torch.solvers.base import _generator, _npd_error
+from pyinfluence.torch.solvers.lanczos import _lanczos
 
 __all__ = ["LeaveOut", "RetrainReport"]
 
@@ -538,38 +539,15 @@ class LeaveOut:
 
     def _lowest_curvature(self, theta: Tensor, j: int) -> tuple[float, Tensor, float]:
         """(ρ, v, |largest Ritz value|) of ∇²R₋S at θ for removal j: v (p,) the unit Ritz vector of the lowest
-        Ritz value after ``_LANCZOS_STEPS`` Lanczos steps (full reorthogonalisation, a seeded start) and ρ its
+        Ritz value after ``_LANCZOS_STEPS`` Lanczos steps (the solvers' process, from a seeded start) and ρ its
         exact Rayleigh quotient vᵀ∇²R₋S v (one more HVP). ρ < 0 proves negative curvature (a saddle point); ρ ≥ 0
         does not prove positive definiteness, only that none was found."""
         system = self._at(theta, j, 0.0, None)
-        p = theta.numel()
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(p, generator=gen, dtype=torch.float64).to(device=self.device, dtype=self.dtype)
-        Q = [q / q.norm()]
-        alphas: list[float] = []
-        betas: list[float] = []
-        for _ in range(min(_LANCZOS_STEPS, p)):
-            w = system.apply(Q[-1][:, None])[:, 0]
-            alphas.append(float(w @ Q[-1]))
-            Qm = torch.stack(Q)
-            for _twice in range(2):  # full reorthogonalisation, twice is enough
-                w = w - Qm.t() @ (Qm @ w)
-            b = float(w.norm())
-            if b <= 1e-10 * max(abs(a) for a in alphas):
-                break
-            betas.append(b)
-            Q.append(w / b)
-        m = len(alphas)
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        v = torch.stack(Q[:m]).t() @ evecs[:, 0].to(device=self.device, dtype=self.dtype)
-        v = v / v.norm()
+        spec = _lanczos(_AsOperator(system), 0.0, _LANCZOS_STEPS, _generator(self.device, 0), raise_npd=False)
+        v = spec.bottom[:, 0]
         rho = float(v @ system.apply(v[:, None])[:, 0])
         self.cg_iterations += system.cg_iterations
-        return rho, v, float(evals.abs().max())
+        return rho, v, max(abs(spec.lam_max), abs(spec.lam_min))
 
     def _escape(
         self, j: int, theta: Tensor, g: Tensor, f: Tensor, rho: float, v: Tensor, tol: float
@@ -698,6 +676,25 @@ def _preconditioner(prep: Any) -> Optional[Callable[[Tensor], Tensor]]:
     if pre is not None and hasattr(pre, "apply"):
         return pre.apply
     return None
+
+
+class _AsOperator:
+    """A leave-out system seen as the Hessian operator the solvers' Lanczos process takes (``matvec`` = A_S)."""
+
+    def __init__(self, system: LeaveOut) -> None:
+        self.system = system
+        self.n_params = system.fm.n_params
+        self.dtype, self.device = system.dtype, system.device
+        self.n_train = system.n - system.s
+
+    def matvec(self, V: Tensor) -> Tensor:
+        return self.system.apply(V)
+
+    def sample_matvec(self, V: Tensor, batch_size: int, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError("the leave-out system has no minibatch Hessian-vector products")
+
+    def dense(self) -> Tensor:
+        raise NotImplementedError("the leave-out system is not materialised")
 
 
 def _cholesky_solve(L: Tensor, R: Tensor) -> Tensor:

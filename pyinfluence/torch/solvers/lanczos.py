@@ -27,6 +27,7 @@ class _Spectrum:
     lam_max: float  # largest Ritz value: a lower bound of λ_max(A)
     lam_min: float  # smallest Ritz value: an upper bound of λ_min(A)
     top: Tensor  # (p, 1) unit Ritz vector of lam_max, on the operator's device
+    bottom: Tensor  # (p, 1) unit Ritz vector of lam_min, on the operator's device
     steps: int  # full-Hessian HVPs used
 
 
@@ -108,7 +109,9 @@ def _lanczos(
         )
     top = Q[:, :k] @ Y[:, -1:].to(dtype=dtype, device=dev)
     top /= torch.linalg.vector_norm(top)
-    return _Spectrum(lam_max=lam_max, lam_min=lam_min, top=top, steps=k)
+    bottom = Q[:, :k] @ Y[:, :1].to(dtype=dtype, device=dev)
+    bottom /= torch.linalg.vector_norm(bottom)
+    return _Spectrum(lam_max=lam_max, lam_min=lam_min, top=top, bottom=bottom, steps=k)
 
 
 # CG / block CG: Lanczos steps that sharpen the smallest-eigenvalue estimate once negative curvature is seen.
