@@ -568,3 +568,18 @@ def test_bad_arguments(tiny):
         run_bench(tasks=["digits-svm"], repeats=0)
     with pytest.raises(ValueError, match="schema"):
         BenchReport.from_dict({"schema": "something/else"})
+
+
+def test_the_smooth_cnn_task_is_the_cnn_with_average_pooling():
+    """digits-cnn-smooth: the same architecture, data, seed and trainer as digits-cnn, average pooling; the
+    models differ only in that (same initial weights from the same seed)."""
+    from pyinfluence.bench.tasks import _new_deep_model
+
+    smooth = make_task("digits-cnn-smooth", quick=True, n_train=60, m=3)
+    assert smooth.model.pool == "avg" and smooth.n_params == 9242 and smooth.damping == 1e-2
+    assert "avgpool2" in smooth.info["architecture"] and math.isfinite(smooth.info["grad_norm"])
+    a, b = _new_deep_model("digits-cnn-smooth", 0), _new_deep_model("digits-cnn", 0)
+    assert b.pool == "max"
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    X, _ = make_task("digits-cnn", quick=True, n_train=60, m=3).test_data("torch")
+    assert torch.equal(X, smooth.test_data("torch")[0])

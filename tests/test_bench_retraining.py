@@ -62,3 +62,32 @@ def test_the_study_on_a_linear_task(tmp_path):
         methods=["linear-exact"], cache_dir=str(tmp_path), log=None,
     )  # fmt: skip
     assert math.isclose(again["rows"][0]["lds"], rows["linear-exact"]["lds"], abs_tol=1e-12)
+
+
+def test_fixed_budget_leave_one_out_truth_reaches_exact_refits_on_a_convex_model():
+    """The fixed-budget truth (the CNN's: the trainer warm-started from θ̂ for a number of L-BFGS iterations, minus
+    the control run) on the torch view of a strictly convex task, where enough iterations reach the unique
+    leave-one-out optimum: it must equal the linear path's exact Newton refits."""
+    task = make_task("digits-logreg", n_train=300, m=3)
+    li = task.linear_influence()
+    Xt, yt = task.test_data("numpy")
+    removed = np.array([4, 17, 250])
+    want = li.retrain_loo(Xt[:2], yt[:2], removed)  # (3, 2), exact refits
+    got = retraining._fixed_budget_loo(task, [0, 1], removed, 500)
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    assert np.abs(want).max() > 1e-4  # the changes are not all negligible
+
+
+def test_bench_retraining_says_why_it_skips_the_max_pool_cnn(tmp_path):
+    """`pyinfluence bench --retraining --tasks digits-cnn` names the reason instead of failing in the polish."""
+    import argparse
+
+    from pyinfluence.cli.commands import _run_retraining
+
+    said: list[str] = []
+    args = argparse.Namespace(tasks="digits-cnn", out=str(tmp_path), quick=True, subsets=None, ensemble=None,
+                              peers=None, quiet=False)  # fmt: skip
+    assert _run_retraining(args, said.append) == {}
+    assert any("skipping digits-cnn" in s and "digits-cnn-smooth" in s for s in said)
+    assert "digits-cnn-smooth" in retraining.PUBLISHED and "digits-cnn" not in retraining.PUBLISHED

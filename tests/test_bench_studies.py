@@ -122,6 +122,30 @@ def test_models_keep_their_published_sizes():
     )
 
 
+def test_small_cnn_pooling_variants_against_a_hand_written_forward():
+    """SmallCNN(pool="avg") is the same network as the max-pool default with 2×2 average pooling: both
+    checked against the forward pass written out with conv2d and a reshape-and-reduce pooling."""
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    for pool, reduce in (("max", lambda t: t.amax(dim=(3, 5))), ("avg", lambda t: t.mean(dim=(3, 5)))):
+        torch.manual_seed(1)
+        cnn = SmallCNN(pool=pool).double()
+        h = torch.tanh(torch.nn.functional.conv2d(x, cnn.c1.weight, cnn.c1.bias, padding=1))  # (5, 4, 8, 8)
+        h = reduce(h.reshape(5, 4, 4, 2, 4, 2))
+        h = torch.tanh(torch.nn.functional.conv2d(h, cnn.c2.weight, cnn.c2.bias, padding=1)).reshape(5, -1)
+        h = torch.tanh(h @ cnn.f1.weight.t() + cnn.f1.bias)
+        want = h @ cnn.f2.weight.t() + cnn.f2.bias
+        assert torch.allclose(cnn(x), want, atol=1e-13, rtol=0), pool
+    torch.manual_seed(1)
+    a = SmallCNN(pool="avg").double()
+    torch.manual_seed(1)
+    b = SmallCNN().double()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # same weights, same seed
+    assert not torch.allclose(a(x), b(x))
+    with pytest.raises(ValueError, match="pool"):
+        SmallCNN(pool="min")
+
+
 def test_lbfgs_fit_is_one_torch_lbfgs_call():
     """lbfgs_fit reproduces a hand-written torch.optim.LBFGS call bit for bit (the published
     benchmark numbers were trained that way)."""

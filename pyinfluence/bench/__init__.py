@@ -2,8 +2,8 @@
 your own model (``pyinfluence bench`` on the command line).
 
 Standard tasks (:func:`make_task`): ``digits-logreg``, ``digits-svm``, ``digits-mlp``,
-``digits-cnn``, ``synthetic-linear`` — data that ships with scikit-learn or is generated from a
-seed. For each, every applicable path and solver (:func:`solver_grid`: the C++ exact linear path,
+``digits-cnn``, ``digits-cnn-smooth`` (the same CNN with average pooling), ``synthetic-linear`` —
+data that ships with scikit-learn or is generated from a seed. For each, every applicable path and solver (:func:`solver_grid`: the C++ exact linear path,
 torch ``Exact``, ``CG`` at several tolerances, ``LiSSA`` at several depths/repeats, and any
 :class:`~pyinfluence.solvers.Solver` subclass defined later, with its default constructor unless
 :func:`register_grid` gives it a grid) is timed and compared with ground truth::

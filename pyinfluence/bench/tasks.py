@@ -23,7 +23,11 @@ Tasks (``make_task(name, quick=False, seed=0, **size)``):
   of a non-convex model need not be positive definite; Koh & Liang §4).
 - ``"digits-cnn"``: small CNN (conv 3×3 1→4, tanh, max-pool 2, conv 3×3 4→8, tanh, fc 128→64
   tanh, fc 64→10) on 8×8 digits in [0, 1], l2 = 1e-3, L-BFGS in float64; p = 9242; m = 10;
-  damping 1e-2. Exact is not affordable here (p² doubles and ~p HVPs).
+  damping 1e-2. Max-pooling makes the objective only piecewise smooth: L-BFGS stalls at ‖∇R‖ ≈ 2e-4.
+- ``"digits-cnn-smooth"``: the same CNN with 2×2 average pooling instead of max-pooling (twice
+  differentiable everywhere), same data, trainer and damping: the CNN whose optimum can be polished
+  to ‖∇R‖ ≈ 1e-12 and whose leave-one-out truth can be retrained to a tolerance (the retraining
+  study's CNN).
 - ``"synthetic-linear"``: binary logistic regression on X ~ N(0, 1) (n × d, default
   n = 20 000, d = 200; ``n=``, ``d=`` to scale up), labels from a logistic model with a random
   weight vector, l2 = 1e-3, Newton; p = d + 1; m = 50 held-out points; damping 0.
@@ -82,7 +86,11 @@ SVM_TEMPERATURE = 0.1
 SYNTH_DEFAULT = {"n": 20_000, "d": 200}
 SYNTH_QUICK = {"n": 5_000, "d": 100}
 #: L-BFGS settings of the deep tasks' trainer (``lbfgs_fit``): iterations (full, quick) and tolerance
-DEEP_MAX_ITER: dict[str, tuple[int, int]] = {"digits-mlp": (300, 300), "digits-cnn": (1000, 200)}
+DEEP_MAX_ITER: dict[str, tuple[int, int]] = {
+    "digits-mlp": (300, 300),
+    "digits-cnn": (1000, 200),
+    "digits-cnn-smooth": (1000, 200),
+}
 DEEP_TOL = 1e-10
 DEEP_HISTORY = 20
 
@@ -92,6 +100,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "digits-svm": ("linear", "binary smooth-hinge SVM (t = 0.1), even vs odd digits"),
     "digits-mlp": ("deep", "64-32-10 tanh MLP on digits, L-BFGS to a tight optimum"),
     "digits-cnn": ("deep", "small CNN (2 conv + 2 fc, p = 9242) on 8x8 digits, L-BFGS"),
+    "digits-cnn-smooth": ("deep", "the same CNN with average pooling (smooth objective), L-BFGS"),
     "synthetic-linear": ("linear", "binary logistic regression on Gaussian X (n x d)"),
 }
 
@@ -565,7 +574,7 @@ def make_task(name: str, quick: bool = False, seed: int = 0, **size: Any) -> Tas
     """Build (or fetch from the process cache) the trained benchmark task ``name``.
 
     ``name``: one of :data:`TASKS` (``"digits-logreg"``, ``"digits-svm"``, ``"digits-mlp"``,
-    ``"digits-cnn"``, ``"synthetic-linear"``). ``quick``: fewer test points on deep tasks and a
+    ``"digits-cnn"``, ``"digits-cnn-smooth"``, ``"synthetic-linear"``). ``quick``: fewer test points on deep tasks and a
     smaller synthetic problem. ``seed``: the data split / generator and the initial weights.
     ``size``: ``m`` (test points), ``n``/``d`` (synthetic-linear), ``n_train`` (digits tasks).
     Raises ValueError naming the argument for an unknown name or a bad size.
@@ -586,6 +595,7 @@ def make_task(name: str, quick: bool = False, seed: int = 0, **size: Any) -> Tas
         "digits-svm": _digits_svm,
         "digits-mlp": _digits_mlp,
         "digits-cnn": _digits_cnn,
+        "digits-cnn-smooth": _digits_cnn_smooth,
         "synthetic-linear": _synthetic_linear,
     }[name]
     # the builders use torch's global RNG for initial weights: keep the caller's state
@@ -761,7 +771,11 @@ def _deep_max_iter(name: str, quick: bool) -> int:
 def _new_deep_model(name: str, seed: int) -> nn.Module:
     """The untrained float64 model of deep task ``name`` with initial weights from
     ``torch.manual_seed(seed)``; torch's global RNG state is saved and restored."""
-    ctors: dict[str, Callable[[], nn.Module]] = {"digits-mlp": digits_mlp, "digits-cnn": SmallCNN}
+    ctors: dict[str, Callable[[], nn.Module]] = {
+        "digits-mlp": digits_mlp,
+        "digits-cnn": SmallCNN,
+        "digits-cnn-smooth": lambda: SmallCNN(pool="avg"),
+    }
     ctor = ctors[name]
     state = torch.random.get_rng_state()
     try:
@@ -837,19 +851,24 @@ def _digits_mlp(quick: bool, seed: int, sz: dict) -> Task:
     )
 
 
-def _digits_cnn(quick: bool, seed: int, sz: dict) -> Task:
+def _digits_cnn(quick: bool, seed: int, sz: dict, name: str = "digits-cnn") -> Task:
 
     Xtr, ytr, Xte, yte, desc = _digits_torch(seed, sz, 5 if quick else 10)
-    model = _new_deep_model("digits-cnn", seed)
+    model = _new_deep_model(name, seed)
     Xtr, Xte = Xtr.reshape(-1, 1, 8, 8), Xte.reshape(-1, 1, 8, 8)
+    pool = "avgpool2" if name == "digits-cnn-smooth" else "maxpool2"
     return _deep_task(
-        "digits-cnn",
+        name,
         model,
         Xtr,
         ytr,
         Xte,
         yte,
-        _deep_max_iter("digits-cnn", quick),
+        _deep_max_iter(name, quick),
         desc,
-        "Conv2d(1,4,3,p=1) tanh maxpool2, Conv2d(4,8,3,p=1) tanh, Linear(128,64) tanh, Linear(64,10)",
+        f"Conv2d(1,4,3,p=1) tanh {pool}, Conv2d(4,8,3,p=1) tanh, Linear(128,64) tanh, Linear(64,10)",
     )
+
+
+def _digits_cnn_smooth(quick: bool, seed: int, sz: dict) -> Task:
+    return _digits_cnn(quick, seed, sz, name="digits-cnn-smooth")

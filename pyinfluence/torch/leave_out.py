@@ -50,6 +50,7 @@ from pyinfluence.torch.batches import batch_len
 from pyinfluence.torch.functional import FunctionalModel
 from pyinfluence.torch.hessian import HessianOperator
 from pyinfluence.torch.solvers.base import _generator, _npd_error
+from pyinfluence.torch.solvers.exact import cholesky_solve
 from pyinfluence.torch.solvers.lanczos import _lanczos
 
 __all__ = ["LeaveOut", "RetrainReport"]
@@ -699,7 +700,7 @@ class _AsOperator:
 
 def _cholesky_solve(L: Tensor, R: Tensor) -> Tensor:
     """(L Lᵀ)⁻¹ R in L's dtype, returned in R's."""
-    return torch.cholesky_solve(R.to(L.dtype), L).to(R.dtype)
+    return cholesky_solve(L, R.to(L.dtype)).to(R.dtype)
 
 
 def default_retrain_tol(dtype: torch.dtype) -> float:

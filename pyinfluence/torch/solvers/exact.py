@@ -59,6 +59,17 @@ class _CoreFactor:
         return torch.from_numpy(np.ascontiguousarray(out))
 
 
+def cholesky_solve(L: Tensor, B: Tensor) -> Tensor:
+    """(L Lᵀ)⁻¹ B for a lower-triangular Cholesky factor L (p, p) and B (p,) or (p, k), by two triangular solves.
+
+    Not ``torch.cholesky_solve``: on the CPU it copies L into a column-major buffer on every call, a p × p copy per
+    solve that dominates few right-hand sides (p = 9242, one column, 2 cores: 0.23 s against 0.028 s here).
+    """
+    Y = torch.linalg.solve_triangular(L, B[:, None] if B.ndim == 1 else B, upper=False)
+    X = torch.linalg.solve_triangular(L.mT, Y, upper=True)
+    return X[:, 0] if B.ndim == 1 else X
+
+
 class _TorchFactor:
     """Cholesky factor of A + λI by torch.linalg.cholesky_ex (any device)."""
 
@@ -88,7 +99,7 @@ class _TorchFactor:
         return obj
 
     def solve(self, B: Tensor) -> Tensor:
-        return torch.cholesky_solve(B, self._L)
+        return cholesky_solve(self._L, B)
 
 
 def _factorise(A: Tensor, damping: float) -> _CoreFactor | _TorchFactor:

@@ -58,6 +58,7 @@ from pyinfluence._validation import check_int, check_nonnegative_float
 from pyinfluence.errors import NonFiniteError, NotPositiveDefiniteError
 from pyinfluence.interface import TopK
 from pyinfluence.torch.data import resolve_device
+from pyinfluence.torch.solvers.exact import cholesky_solve
 
 if TYPE_CHECKING:
     from pyinfluence.torch.stores.store import GradientStore
@@ -365,7 +366,7 @@ class ProjectedInfluence:
         Q = _as_queries("phi_test", phi_test, self.store.dim, self.device, torch.float64)
         self.prepare()
         assert self._chol is not None
-        return torch.cholesky_solve(Q.t(), self._chol).t()
+        return cholesky_solve(self._chol, Q.t()).t()
 
     def up_loss(self, phi_test: Any, *, out: PathLike | None = None) -> Any:
         """I(z_i, z_test) = −φ_testᵀ H_P⁻¹ φ_i for every stored row i and test row φ_test of ``phi_test``
