@@ -590,35 +590,46 @@ def linear_loo_truth(task: Any, ref: np.ndarray, n_tests: int = 2, n_points: int
     )
 
 
-def deep_loo_truth(
-    task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int = 10, iters: int = 150
-) -> LooTruth:
-    """Actual LOO changes for a deep task: retraining without each point with full-batch L-BFGS
-    warm-started from θ̂ (``iters`` iterations, same objective), minus the change of the control
-    retraining (the same L-BFGS run from θ̂ with nothing removed), as the deep-path study
-    (:mod:`pyinfluence.bench.studies.deep_path`)."""
+def fixed_budget_loo(task: Any, tests: Sequence[int], removed: np.ndarray, iters: int) -> np.ndarray:
+    """Koh & Liang's leave-one-out protocol for non-convex models: the task's trainer (full-batch L-BFGS, same
+    objective) run for ``iters`` iterations from θ̂ without each training point of ``removed``, minus the same
+    run with nothing removed (the control, whose drift from θ̂ cancels). Returns the change of each test
+    point's loss, (len(removed), len(tests)); one refit per removed point, shared by all test points."""
     import torch
 
     from pyinfluence.torch.training import lbfgs_refit
 
+    X, y = task.X_test[list(tests)], task.y_test[list(tests)]
+
+    def test_losses(module: Any) -> np.ndarray:
+        with torch.no_grad():
+            return task.loss_fn(module(X), y).detach().double().cpu().numpy()
+
+    def refit(drop: Optional[int]) -> Any:
+        return lbfgs_refit(
+            task.model, task.X_train, task.y_train, iters, drop=drop, l2=task.l2, loss=task.loss_fn
+        )
+
+    control = test_losses(refit(None))
+    out = np.empty((len(removed), len(tests)))
+    for r, i in enumerate(removed):
+        out[r] = test_losses(refit(int(i))) - control
+    return out
+
+
+def deep_loo_truth(
+    task: Any, ref: np.ndarray, n_tests: int = 1, n_points: int = 10, iters: int = 150
+) -> LooTruth:
+    """Actual LOO changes for a deep task by :func:`fixed_budget_loo` (L-BFGS warm-started from θ̂ for
+    ``iters`` iterations without each point, minus the control refit), for the ``n_points`` training points of
+    largest |``ref``| per test point, as the deep-path study (:mod:`pyinfluence.bench.studies.deep_path`)."""
     t0 = time.perf_counter()
-    lf = task.loss_fn
     tests = list(range(min(n_tests, task.m_test)))
-    m0 = lbfgs_refit(task.model, task.X_train, task.y_train, iters, l2=task.l2, loss=lf)
     train_idx = [_top_abs(ref[:, j], n_points) for j in tests]
-    actual: list[list[float]] = [[] for _ in tests]
-    with torch.no_grad():
-        ctrl = [float(lf(m0(task.X_test[j : j + 1]), task.y_test[j : j + 1])[0]) for j in tests]
-    cache: dict[int, Any] = {}
-    for t, j in enumerate(tests):
-        for i in train_idx[t]:
-            if i not in cache:
-                cache[i] = lbfgs_refit(
-                    task.model, task.X_train, task.y_train, iters, drop=i, l2=task.l2, loss=lf
-                )
-            with torch.no_grad():
-                loss = float(lf(cache[i](task.X_test[j : j + 1]), task.y_test[j : j + 1])[0])
-            actual[t].append(loss - ctrl[t])
+    union = np.unique(np.concatenate(train_idx))
+    changes = fixed_budget_loo(task, tests, union, iters)
+    row = {int(i): r for r, i in enumerate(union)}
+    actual = [[float(changes[row[int(i)], t]) for i in train_idx[t]] for t in range(len(tests))]
     return LooTruth(
         tests,
         train_idx,

@@ -23,6 +23,9 @@ figures, matplotlib):
 - :mod:`~pyinfluence.bench.studies.curvature_accuracy`: where K-FAC / EK-FAC lose accuracy (full and per-layer
   Gauss-Newton, Kronecker factors) and what EK-FAC preconditioning saves
   (``python -m pyinfluence.bench.studies.curvature_accuracy``);
+- :mod:`~pyinfluence.bench.studies.newton_ladder`: per damping, which leave-one-out Hessians of a deep model
+  are indefinite at θ̂ (no Newton step) and the leave-one-out Pearson where the step exists
+  (``python -m pyinfluence.bench.studies.newton_ladder``);
 - :mod:`~pyinfluence.bench.studies.dask_scale`: the linear path on Dask, N × 100 generated on the workers, at 1
   and 2 workers against the single-process engine (``python -m pyinfluence.bench.studies.dask_scale``).
 

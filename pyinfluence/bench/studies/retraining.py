@@ -38,6 +38,7 @@ import numpy as np
 
 from pyinfluence.bench import lds as L
 from pyinfluence.bench import metrics as M
+from pyinfluence.bench.runner import fixed_budget_loo
 from pyinfluence.bench.tasks import Task, TrainedModel, make_task
 
 __all__ = ["PUBLISHED", "UNSUPPORTED", "json_default", "main", "render", "run_study", "run_task"]
@@ -142,33 +143,6 @@ def _scores(task: Task, method: str) -> tuple[np.ndarray, float, Any]:
     return up, time.perf_counter() - t0, inf
 
 
-def _fixed_budget_loo(task: Task, tests: List[int], union: np.ndarray, iters: int) -> np.ndarray:
-    """Koh & Liang's leave-one-out protocol for non-convex models: the task's trainer (full-batch L-BFGS) run for
-    ``iters`` iterations from θ̂ without each point of ``union``, minus the same run with nothing removed (the
-    control, whose drift from θ̂ cancels); the change of each test loss, (|union|, T)."""
-    import torch
-
-    from pyinfluence.torch.training import lbfgs_refit
-
-    Xt, yt = task.test_data("torch")
-    X, y = Xt[tests], yt[tests]
-
-    def test_losses(module: Any) -> np.ndarray:
-        with torch.no_grad():
-            return task.loss_fn(module(X), y).detach().double().numpy()
-
-    control = test_losses(
-        lbfgs_refit(task.model, task.X_train, task.y_train, iters, l2=task.l2, loss=task.loss_fn)
-    )
-    out = np.empty((union.size, len(tests)))
-    for r, i in enumerate(union):
-        refit = lbfgs_refit(
-            task.model, task.X_train, task.y_train, iters, drop=int(i), l2=task.l2, loss=task.loss_fn
-        )
-        out[r] = test_losses(refit) - control
-    return out
-
-
 def _truth_label(task: Task) -> Optional[str]:
     budget = FIXED_BUDGET_LOO.get(task.name)
     if budget is None:
@@ -176,23 +150,42 @@ def _truth_label(task: Task) -> Optional[str]:
     return f"L-BFGS from θ̂ for {budget} iterations minus the control run (Koh & Liang's protocol)"
 
 
+def loo_selection(
+    task: Task, ref_up: np.ndarray, n_tests: int, n_points: int
+) -> tuple[List[int], List[np.ndarray], np.ndarray]:
+    """The leave-one-out check's pairs: the first ``n_tests`` test points, for each the ``n_points`` training
+    points of largest |``ref_up``| (n, m), and the union of those removals (sorted)."""
+    tests = list(range(min(n_tests, task.m_test)))
+    idx = [np.argsort(-np.abs(ref_up[:, j]), kind="stable")[:n_points] for j in tests]
+    return tests, idx, np.unique(np.concatenate(idx))
+
+
+def _loo_influence(task: Task) -> Any:
+    if task.kind == "linear":
+        return task.linear_influence()
+    return task.torch_influence("exact" if task.n_params <= EXACT_MAX_PARAMS else _solver("ekfac"))
+
+
+def loo_actual(task: Task, tests: List[int], union: np.ndarray, inf: Any = None) -> np.ndarray:
+    """The leave-one-out truth, (|union|, T): the fixed-budget retraining for tasks in :data:`FIXED_BUDGET_LOO`,
+    else ``retrain_loo`` to its tolerance (linear: exact Newton refits) with ``inf`` (the task's own if None;
+    its ``last_retrain`` then reports the retraining)."""
+    budget = FIXED_BUDGET_LOO.get(task.name)
+    if budget is not None:
+        return fixed_budget_loo(task, tests, union, budget)
+    inf = _loo_influence(task) if inf is None else inf
+    Xt, yt = task.test_data("numpy" if task.kind == "linear" else "torch")
+    return _np(inf.retrain_loo(Xt[tests], yt[tests], union))
+
+
 def _loo_truth(task: Task, ref_up: np.ndarray, n_tests: int, n_points: int, log: Callable[[str], None]):
     """(test_idx, train_idx per test, actual (T, k), Newton-step prediction (T, k), seconds, ...)."""
     t0 = time.perf_counter()
-    tests = list(range(min(n_tests, task.m_test)))
-    idx = [np.argsort(-np.abs(ref_up[:, j]), kind="stable")[:n_points] for j in tests]
-    if task.kind == "linear":
-        inf = task.linear_influence()
-        Xt, yt = task.test_data("numpy")
-    else:
-        inf = task.torch_influence("exact" if task.n_params <= EXACT_MAX_PARAMS else _solver("ekfac"))
-        Xt, yt = task.test_data("torch")
-    union = np.unique(np.concatenate(idx))
+    tests, idx, union = loo_selection(task, ref_up, n_tests, n_points)
+    inf = _loo_influence(task)
+    Xt, yt = task.test_data("numpy" if task.kind == "linear" else "torch")
     budget = FIXED_BUDGET_LOO.get(task.name)
-    if budget is None:
-        actual_all = _np(inf.retrain_loo(Xt[tests], yt[tests], union))  # (|union|, T)
-    else:
-        actual_all = _fixed_budget_loo(task, tests, union, budget)
+    actual_all = loo_actual(task, tests, union, inf)
     newton_all = _np(inf.loo_change(Xt[tests], yt[tests], union, method="newton"))
     pos = {int(i): r for r, i in enumerate(union)}
     actual = [actual_all[[pos[int(i)] for i in ix], t] for t, ix in enumerate(idx)]
@@ -517,6 +510,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--peers", default="", help="comma-separated: captum,pydvl,kronfluence")
     ap.add_argument("--damping", type=float, default=None)
     ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated pyinfluence methods (default: every method of the task)",
+    )
+    ap.add_argument(
         "--loo-iters",
         type=int,
         default=None,
@@ -539,6 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ensemble=a.ensemble,
         mislabel=not a.no_mislabel,
         peers=[p for p in a.peers.split(",") if p],
+        methods=None if a.methods is None else [m for m in a.methods.split(",") if m],
         cache_dir=a.cache,
         quick=a.quick,
         damping=a.damping,
