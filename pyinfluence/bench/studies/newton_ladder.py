@@ -227,7 +227,14 @@ def render(res: Dict[str, Any]) -> str:
     lines = [
         "## Where the leave-one-out Newton step exists (newton-ladder)",
         "",
-        f"`python -m pyinfluence.bench.studies.newton_ladder --task {res['task']}` ({res['seconds']:.0f} s). "
+        f"`python -m pyinfluence.bench.studies.newton_ladder --task {res['task']}"
+        + (
+            f" --recheck-iters {res['recheck']['iters']} --recheck-removals "
+            f"{len(res['recheck']['with_step']['removals']) + len(res['recheck']['without_step']['removals'])}"
+            if res.get("recheck")
+            else ""
+        )
+        + f"` ({res['seconds']:.0f} s). "
         f"{res['task']} (n = {res['n_train']}, p = {res['n_params']}): {len(res['tests'])} test points × "
         f"{res['points']} training points ({res['removals']} distinct removals); truth: {res['truth']}.",
         "",
