@@ -124,6 +124,22 @@ def test_retraining_reaches_the_leave_out_optimum(mlp):
         inf.retrain_loo(Xt, yt, [42], tol=1e-14, max_iter=0)
 
 
+def test_retraining_time_limit(mlp):
+    """max_seconds: no limit changes nothing; a spent limit is a ConvergenceError naming the removal and the
+    gradient norm reached (never a partial result); bad values name the argument."""
+    model, X, y, Xt, yt, ref = mlp
+    inf = TorchInfluence(model, nn.CrossEntropyLoss(reduction="none"), (X, y), l2=L2, solver="exact")
+    want = torch.stack([ref.retrained_change([i]) for i in (0, 17)])
+    got = inf.retrain_loo(Xt, yt, [0, 17], tol=1e-11, max_seconds=1e6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-10)
+    with pytest.raises(ConvergenceError, match=r"max_seconds.*training point (0|17), at ‖∇R₋‖") as info:
+        inf.retrain_loo(Xt, yt, [0, 17], tol=1e-11, max_seconds=0.0)
+    assert info.value.grad_norm > 1e-11
+    for bad in (-1.0, float("nan"), "soon"):
+        with pytest.raises((ValueError, TypeError), match="max_seconds"):
+            inf.retrain_loo(Xt, yt, [0], max_seconds=bad)
+
+
 def test_streamed_data_and_blocks_of_removals_give_the_same_answers(mlp):
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -1052,10 +1053,15 @@ class TorchInfluence(Influence[Tensor]):
             return self._prep
 
     def _leave_out_changes(
-        self, test: TensorData, idx: Tensor | None, group: bool, retrain: tuple[float, int] | None
+        self,
+        test: TensorData,
+        idx: Tensor | None,
+        group: bool,
+        retrain: tuple[float, int, float | None] | None,
     ) -> Tensor:
         """L(z_test, θ) − L(z_test, θ̂) for θ = θ̂ + the Newton step (``retrain`` None) or the retrained
-        minimiser (``retrain`` = (tol, max_iter)), per removal: (k, m), or (m,) for a group."""
+        minimiser (``retrain`` = (tol, max_iter, deadline: a time.perf_counter() value or None)), per removal:
+        (k, m), or (m,) for a group."""
         base = self._test_losses(test)  # (m,)
         if idx is None:
             idx = torch.arange(self._n, device=self._device)
@@ -1182,16 +1188,24 @@ class TorchInfluence(Influence[Tensor]):
         group: bool = False,
         tol: float | None = None,
         max_iter: int = 100,
+        max_seconds: float | None = None,
     ) -> Tensor:
         """Actual L(z_test, θ̂₋) − L(z_test, θ̂) after removing training points and retraining, tensor (k, m), or
         (m,) with ``group=True``; see :meth:`Influence.retrain_loo`. ``train_idx`` is required.
 
         Retraining minimises R₋(θ) = (1/(n−s)) Σ_{j kept} L_j + (l2/2)‖θ‖² (the training objective without
         the removed points; damping is not part of it) warm-started from θ̂ plus the Newton step, by chord
-        (simplified Newton) steps with the leave-out Hessian at θ̂ + λI and a backtracking line search, until
-        ‖∇R₋(θ)‖₂ ≤ ``tol`` (None: 1e-9 in float64, 1e-4 in float32); ConvergenceError after ``max_iter``
-        steps. θ̂₋ lies O(1/n) from θ̂, so a few steps suffice; each costs one pass over the training set for
-        the gradients and one solve (cheap with Exact, a CG solve otherwise). Like the linear path's refits,
+        (simplified Newton) steps with the leave-out Hessian at θ̂ and a backtracking line search, then
+        Newton-CG with the Hessian at the current point (:meth:`LeaveOut.retrain
+        <pyinfluence.torch.leave_out.LeaveOut.retrain>`), until ‖∇R₋(θ)‖₂ ≤ ``tol`` (None: 1e-9 in float64,
+        1e-4 in float32) at a point without negative curvature; ConvergenceError after ``max_iter`` steps per
+        removal, or once ``max_seconds`` (None: no limit) have passed since the call began — checked between
+        steps, so one step may overrun it. Where θ̂ is a minimum of R₋ too, θ̂₋ lies O(1/n) from θ̂ and a few
+        steps suffice; each costs one pass over the training set for the gradients and one solve (cheap with
+        Exact, a CG solve otherwise). On a non-convex model a removal can leave θ̂ a saddle point of R₋ (the
+        leave-out Hessian indefinite; ``loo_change(method="newton")`` raises NotPositiveDefiniteError for it) and
+        the retraining then follows the negative curvature to another minimum, which can take many Newton-CG
+        steps: ``max_seconds`` bounds that. Like the linear path's refits,
         the change is measured from θ̂ itself: for a model not at an optimum (large ``grad_norm_``) the
         refit also moves θ̂ towards the optimum, and that drift is part of every change (polish the model
         first, or subtract the change of a refit with nothing removed). ``last_retrain``
@@ -1207,9 +1221,12 @@ class TorchInfluence(Influence[Tensor]):
         tol_v = default_retrain_tol(self._dtype) if tol is None else check_nonnegative_float("tol", tol)
         if not tol_v > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
+        limit = None if max_seconds is None else check_nonnegative_float("max_seconds", max_seconds)
         idx = self._removal_index(train_idx, group)
         test = self._test(X_test, y_test)
-        return self._finite(self._leave_out_changes(test, idx, group, (tol_v, max_iter)), "retrain_loo", test)
+        deadline = None if limit is None else time.perf_counter() + limit
+        changes = self._leave_out_changes(test, idx, group, (tol_v, max_iter, deadline))
+        return self._finite(changes, "retrain_loo", test)
 
     def refit(self, X_train: Any = None, y_train: Any = None) -> TorchInfluence:
         """A new TorchInfluence, configured like this one (params, l2, damping, solver, batch size, device,

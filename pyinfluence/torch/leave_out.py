@@ -396,8 +396,11 @@ class LeaveOut:
         """Δ_S = −A_S⁻¹ ∇R₋S(θ̂) for every removal, (p, k)."""
         return self.solve(self.gradient_at_optimum().neg_(), "loo_change(method='newton')")
 
-    def retrain(self, tol: float, max_iter: int) -> tuple[Tensor, RetrainReport]:
-        """The minimisers θ̂₋S, (p, k), to ‖∇R₋S‖₂ ≤ ``tol`` (ConvergenceError after ``max_iter`` steps).
+    def retrain(
+        self, tol: float, max_iter: int, deadline: Optional[float] = None
+    ) -> tuple[Tensor, RetrainReport]:
+        """The minimisers θ̂₋S, (p, k), to ‖∇R₋S‖₂ ≤ ``tol`` (ConvergenceError after ``max_iter`` steps, or at the
+        first check past ``deadline``, a ``time.perf_counter()`` value; None: no time limit).
 
         From θ̂ + the Newton step: up to ``_QUASI_NEWTON_STEPS`` L-BFGS steps on top of the fixed A_S (cheap: one
         A_S solve and one gradient pass per step, all removals together); a removal still above ``tol`` then
@@ -435,6 +438,8 @@ class LeaveOut:
             todo = gnorm > tol
             if not bool(todo.any()):
                 break
+            if deadline is not None:
+                _check_deadline(deadline, self, int(torch.argmax(gnorm)), float(gnorm.max()), tol)
             try:
                 D = chord._direction(G * todo, S_hist, Y_hist, rho_hist)  # finished columns get zero
             except NotPositiveDefiniteError:
@@ -471,7 +476,7 @@ class LeaveOut:
             while True:
                 if float(g.norm()) > tol:
                     budget = max_iter - int(steps[j])
-                    th, g, f, used = self._newton_cg(j, th, g, f, tol, budget, chord.precondition)
+                    th, g, f, used = self._newton_cg(j, th, g, f, tol, budget, chord.precondition, deadline)
                     newton_steps[j] += used
                     steps[j] += used
                 if float(g.norm()) > tol:
@@ -481,6 +486,7 @@ class LeaveOut:
                 curvature[j] = rho
                 if rho >= -_SADDLE_REL.get(self.dtype, 1e-4) * top:
                     break
+                _check_deadline(deadline, self, j, float(g.norm()), tol)
                 if int(escapes[j]) == _MAX_ESCAPES:
                     raise ConvergenceError(
                         f"retrain_loo: retraining without {self.removal_label(j)} ended at a saddle point of the "
@@ -605,6 +611,7 @@ class LeaveOut:
         tol: float,
         budget: int,
         precondition: Optional[Callable[[Tensor], Tensor]],
+        deadline: Optional[float] = None,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         """Newton-CG for removal j from θ, ∇R₋ = g, R₋ = f: each step solves (∇²R₋(θ) + μI) d = g by
         preconditioned CG (relative residual 1e-8) and line-searches along −d. The damping μ follows
@@ -618,6 +625,7 @@ class LeaveOut:
         used = 0
         one = torch.ones(1, dtype=torch.bool, device=self.device)
         while used < budget and float(g.norm()) > tol:
+            _check_deadline(deadline, self, j, float(g.norm()), tol)
             system = self._at(theta, j, mu, precondition)
             failure: Optional[NotPositiveDefiniteError] = None
             try:
@@ -643,6 +651,21 @@ class LeaveOut:
             if full and mu > 0.0:
                 mu = mu / 10.0 if mu / 10.0 >= start else 0.0
         return theta, g, f, used
+
+
+def _check_deadline(
+    deadline: Optional[float], system: LeaveOut, j: int, grad_norm: float, tol: float
+) -> None:
+    """ConvergenceError once ``time.perf_counter()`` has passed ``deadline`` (retrain_loo's ``max_seconds``)."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise ConvergenceError(
+            f"retrain_loo: the time limit (max_seconds) ran out while retraining without {system.removal_label(j)}, "
+            f"at ‖∇R₋‖ = {grad_norm:.3g} (tol={tol:g}); raise max_seconds, or check whether the removal leaves θ̂ a "
+            f"saddle point of the leave-out objective (loo_change(method='newton') raises NotPositiveDefiniteError "
+            f"for it): its retraining then follows the negative curvature to another, possibly distant, minimum",
+            grad_norm=grad_norm,
+            tol=tol,
+        )
 
 
 def test_losses_at(fm: FunctionalModel, Theta: Tensor, test: Any, rows: int) -> Tensor:
