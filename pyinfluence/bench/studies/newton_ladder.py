@@ -73,8 +73,9 @@ def ladder_rows(
     ``tests[t]`` (all in ``union``); ``actual`` (|union|, T) the true change of each test loss per removal.
     Returns {"ladder": one dict per λ, "rule": the first λ of the retraining study's
     :data:`~pyinfluence.bench.studies.retraining.DAMPING_LADDER` (among those of ``ladder``) with every A_i
-    positive definite and its figures over all pairs (None if none), "per_removal": each removal at its least positive-definite λ (None if some removal
-    has none)}; every Newton value is in the dicts' ``newton`` matrices ((|union|, T), NaN where no step exists).
+    positive definite and its figures over all pairs (None if none), "per_removal": each removal at its least
+    positive-definite λ (None if some removal has none)}. The Newton values are in each λ's dict under
+    ``newton`` ((|union|, T), NaN where no step exists), the first-order ones under ``first``.
     """
     from pyinfluence.errors import NotPositiveDefiniteError
     from pyinfluence.torch.influence import TorchInfluence
@@ -98,9 +99,8 @@ def ladder_rows(
             continue
         newton = np.full((union.size, len(tests)), np.nan)
         indefinite: List[int] = []
-        for r, i in enumerate(
-            union
-        ):  # one removal at a time: a block solve stops at its first indefinite A_i
+        # one removal at a time: a block solve stops at its first indefinite A_i
+        for r, i in enumerate(union):
             try:
                 newton[r] = RT._np(inf.loo_change(X, y, [int(i)], method="newton"))[0]
             except NotPositiveDefiniteError:
