@@ -291,14 +291,18 @@ class Influence(abc.ABC, Generic[ArrayT]):
         group: bool = False,
         tol: Optional[float] = None,
         max_iter: int = 100,
+        max_seconds: Optional[float] = None,
     ) -> ArrayT:
         """Actual change L(z_test, θ̂₋) − L(z_test, θ̂) after removing training points and refitting
         the model (the ground truth that :meth:`loo_change` predicts).
 
         One refit per index in ``train_idx`` (required) → shape (k, m); with ``group=True`` the
         points are removed together → (m,). ``tol``, ``max_iter``: the refit's convergence
-        tolerance (None: the model's) and iteration limit. Raises ConvergenceError if a refit does
-        not converge, and NotImplementedError where the path cannot refit (:attr:`can_retrain`).
+        tolerance (None: the model's) and iteration limit; ``max_seconds`` (None: none): a time limit
+        for the whole call, checked between refits (linear) or between steps (torch), so one refit or
+        step may overrun it. Raises ConvergenceError if a refit does not converge or the time limit
+        runs out (never a partial result), and NotImplementedError where the path cannot refit
+        (:attr:`can_retrain`).
         """
 
     @abc.abstractmethod

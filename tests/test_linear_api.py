@@ -146,6 +146,21 @@ def test_top_k_consistent_with_up_loss(case):
     assert t.helpful_idx.dtype == np.int64
 
 
+def test_retrain_loo_time_limit(case):
+    """max_seconds: a generous limit changes nothing; a spent one is a ConvergenceError before any refit (never a
+    partial result); a bad value names the argument."""
+    from pyinfluence.errors import ConvergenceError
+
+    kind, X, y, model, inf = case
+    want = inf.retrain_loo(X[:2], y[:2], [0, 3])
+    np.testing.assert_array_equal(inf.retrain_loo(X[:2], y[:2], [0, 3], max_seconds=1e6), want)
+    with pytest.raises(ConvergenceError, match=r"max_seconds=0\b.*\[0\] \(0 of 2 refits done\)"):
+        inf.retrain_loo(X[:2], y[:2], [0, 3], max_seconds=0)
+    for bad in (-1.0, float("nan"), "soon"):
+        with pytest.raises((ValueError, TypeError), match="max_seconds"):
+            inf.retrain_loo(X[:2], y[:2], [0], max_seconds=bad)
+
+
 def test_newton_loo_matches_retraining(case):
     """One Newton step on R₋ᵢ is exact for ridge and close for the smooth losses."""
     kind, X, y, model, inf = case

@@ -16,6 +16,7 @@ What is particular to this path:
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
@@ -30,6 +31,7 @@ from pyinfluence._validation import (
     check_bool,
     check_damping,
     check_int,
+    check_nonnegative_float,
     overflow_message,
     resolve_dtype,
 )
@@ -662,9 +664,10 @@ class LinearInfluence(Influence[np.ndarray]):
         group: bool = False,
         tol: Optional[float] = None,
         max_iter: int = 100,
+        max_seconds: Optional[float] = None,
     ) -> NDArray[np.floating]:
         """Actual L(z_test, θ̂₋) − L(z_test, θ̂), numpy float64 (k, m) or (m,); see
-        :meth:`Influence.retrain_loo`.
+        :meth:`Influence.retrain_loo` (``max_seconds`` is checked before each refit).
 
         θ̂₋ is the exact minimiser of R₋(θ) = (1/(n−g)) Σ_{j kept} L_j + (l2/2)‖Pθ‖² (no damping),
         found by Newton's method warm-started from θ̂, in float64 whatever the engine's dtype.
@@ -684,6 +687,8 @@ class LinearInfluence(Influence[np.ndarray]):
         idx = as_index_array("train_idx", train_idx, self._n, unique=group, allow_empty=not group)
         tol = self._model._tol() if tol is None else float(tol)
         max_iter = check_int("max_iter", max_iter, 1, INT32_MAX)
+        limit = None if max_seconds is None else check_nonnegative_float("max_seconds", max_seconds)
+        deadline = None if limit is None else time.perf_counter() + limit
         # Ground truth is computed in float64 whatever the engine's dtype.
         f64 = np.float64
         X = self._X if self._dtype == f64 else self._X.astype(f64)
@@ -699,6 +704,11 @@ class LinearInfluence(Influence[np.ndarray]):
             if g.size >= self._n:
                 raise ValueError(f"train_idx removes all {self._n} training points; at least one must remain")
             removed = g.tolist()[:10]
+            if deadline is not None and time.perf_counter() > deadline:
+                raise ConvergenceError(
+                    f"retrain_loo: the time limit (max_seconds={limit:g}) ran out before refitting without "
+                    f"training point(s) {removed} ({r} of {len(groups)} refits done); raise max_seconds"
+                )
             try:
                 theta, n_iter, gnorm, converged = self._refit_without(g, spec, X, y, theta0, tol, max_iter)
             except NotPositiveDefiniteError as exc:
