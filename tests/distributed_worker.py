@@ -229,8 +229,14 @@ def main(out_dir: str) -> None:
             json.dump(errors, f, indent=1)
     finally:
         dist.destroy_process_group()
+    # The threads left once the group is destroyed: gloo's ("gloo_tcp_loop", "pt_gloo_runloop") must be gone, or a
+    # worker thread releasing a collective's tensors can race the interpreter's shutdown (SIGABRT). They stay when
+    # torch.distributed.nn is imported after init_process_group (pyinfluence.torch imports it first; see
+    # pyinfluence/torch/distributed.py); this module imports pyinfluence.torch at the top, as users should.
+    task = Path("/proc/self/task")
+    threads = [(t / "comm").read_text().strip() for t in task.iterdir()] if task.is_dir() else None
     with open(mine / "done", "w", encoding="utf-8") as f:
-        f.write(str(os.getpid()))
+        json.dump({"pid": os.getpid(), "threads_after_destroy": threads}, f)
 
 
 if __name__ == "__main__":

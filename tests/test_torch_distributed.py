@@ -85,7 +85,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.n
 @pytest.mark.slow
 def test_two_ranks_match_one_process_and_each_other(runs: tuple[Path, dict[str, np.ndarray]]) -> None:
     out, ref = runs
-    assert (out / "rank0" / "done").is_file() and (out / "rank1" / "done").is_file()
+    for rank in (0, 1):
+        done = json.loads((out / f"rank{rank}" / "done").read_text(encoding="utf-8"))
+        # destroy_process_group() freed the group: no gloo thread left to race the interpreter's exit
+        if done["threads_after_destroy"] is not None:  # None: no /proc (not Linux)
+            assert not [t for t in done["threads_after_destroy"] if "gloo" in t], (rank, done)
     solvers = {k.split(".")[1] for k in ref if k.startswith("mlp.")}
     assert solvers == {"exact", "cg", "block_cg", "lissa", "kfac", "ekfac", "ekfac_sampled", "arnoldi"}
     for name, want in ref.items():
@@ -318,3 +322,86 @@ def test_one_rank_group_equals_one_process(solver: Any) -> None:
     ):
         a, b = f(sharded).numpy(), f(one).numpy()
         assert _rel(a, b) <= TOL
+
+
+# ==============================================================================================
+# the default process group is freed by destroy_process_group() (no gloo thread left at exit)
+# ==============================================================================================
+_TEARDOWN_SCRIPT = """
+import json, sys, warnings
+from pathlib import Path
+import torch, torch.distributed as dist
+if sys.argv[2] == "before":
+    import pyinfluence.torch
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+if sys.argv[2] == "after":
+    import pyinfluence.torch
+import distributed_worker as worker  # the worker's small MLP, trained with L-BFGS after init (imports torch._dynamo)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model, train, test = worker.make_mlp()
+    inf = pyinfluence.torch.TorchInfluence(model, worker.cross_entropy, train, l2=worker.L2,
+        damping=worker.DAMPING, optimum_tol=None, solver=pyinfluence.torch.CG(tol=1e-10), distributed=True)
+    inf.up_loss(*test)
+del inf
+dist.destroy_process_group()
+task = Path("/proc/self/task")
+print(json.dumps({
+    "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+    "threads": [(t / "comm").read_text().strip() for t in task.iterdir()] if task.is_dir() else None,
+}))
+"""
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_destroy_process_group_frees_the_group(order: str) -> None:
+    """torch.distributed.nn binds ``group.WORLD`` as a default argument when imported; imported after
+    init_process_group (torch.func and torch.optim do, through torch._dynamo) it keeps the group alive and gloo's
+    threads race the interpreter's exit (SIGABRT). pyinfluence.torch imports it first: imported before
+    init_process_group, destroy_process_group() leaves no gloo thread and nothing is said; imported after, building
+    a distributed context warns, naming the remedy."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN_SCRIPT, str(_free_port()), order],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if order == "before":
+        assert report["warnings"] == [], report
+        if report["threads"] is not None:  # None: no /proc (not Linux)
+            assert not [t for t in report["threads"] if "gloo" in t], report
+    else:
+        assert len(report["warnings"]) == 1, report
+        assert "imported after init_process_group" in report["warnings"][0]
+        assert (
+            "Import pyinfluence.torch (or torch.distributed.nn) before init_process_group"
+            in report["warnings"][0]
+        )
+
+
+@pytest.mark.slow
+def test_readme_example_under_torchrun(tmp_path: Path) -> None:
+    """The README's torch.distributed example, verbatim, under torchrun with two gloo ranks: it exits cleanly,
+    rank 0 prints 10 training indices, and the import order it shows raises no warning."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    head = "**The deep path on torch.distributed.**"
+    assert head in readme, "README.md lost its torch.distributed section"
+    block = readme.split(head, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "torchrun" in block and "destroy_process_group" in block
+    script = tmp_path / "influence_ddp.py"
+    script.write_text(block, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "always::RuntimeWarning"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-12000:]
+    assert "imported after init_process_group" not in log, log[-12000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("tensor([")]
+    assert len(printed) == 1, proc.stdout  # rank 0 only
+    idx = [int(v) for v in printed[0][len("tensor([") :].split("]")[0].split(",")]
+    assert len(idx) == 10 and len(set(idx)) == 10 and all(0 <= i < 2000 for i in idx)
