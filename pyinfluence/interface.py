@@ -299,8 +299,8 @@ class Influence(abc.ABC, Generic[ArrayT]):
         One refit per index in ``train_idx`` (required) → shape (k, m); with ``group=True`` the
         points are removed together → (m,). ``tol``, ``max_iter``: the refit's convergence
         tolerance (None: the model's) and iteration limit; ``max_seconds`` (None: none): a time limit
-        for the whole call, checked between refits (linear) or between steps (torch), so one refit or
-        step may overrun it. Raises ConvergenceError if a refit does not converge or the time limit
+        for the whole call, checked between refits (linear: one refit may overrun it) or between steps
+        and before every conjugate-gradient iteration (torch: a step's line search may overrun it). Raises ConvergenceError if a refit does not converge or the time limit
         runs out (never a partial result), and NotImplementedError where the path cannot refit
         (:attr:`can_retrain`).
         """

@@ -140,6 +140,47 @@ def test_retraining_time_limit(mlp):
             inf.retrain_loo(Xt, yt, [0], max_seconds=bad)
 
 
+def test_time_limit_holds_inside_a_conjugate_gradient_solve(mlp, monkeypatch):
+    """max_seconds is checked before every CG iteration, not only between retraining steps: one solve (up to
+    1500 Hessian-vector products) cannot overrun it. The clock is a count of loss evaluations (each block of an
+    HVP or gradient pass evaluates the loss once), so the check is exact and no wall-clock time is involved."""
+    import types
+
+    import pyinfluence.torch.influence as influence_module
+    import pyinfluence.torch.leave_out as leave_out_module
+
+    model, X, y, Xt, yt, _ = mlp
+    calls = [0]
+    ce = nn.CrossEntropyLoss(reduction="none")
+
+    def counting_loss(out, t):
+        calls[0] += 1
+        return ce(out, t)
+
+    # CG without a preconditioner, barely damped: the Newton start's solve takes many iterations
+    inf = TorchInfluence(model, counting_loss, (X, y), l2=L2, damping=1e-6, solver="cg", batch_size=100)
+    clock = types.SimpleNamespace(perf_counter=lambda: float(calls[0]))
+    monkeypatch.setattr(leave_out_module, "time", clock)
+    monkeypatch.setattr(influence_module, "time", clock)
+
+    calls[0] = 0
+    inf.retrain_loo(Xt, yt, [0], tol=1e-9)  # no limit: the whole retraining
+    total = calls[0]
+    calls[0] = 0
+    inf.loo_change(Xt, yt, [0], method="newton")  # the same first solve alone (+ one gradient pass)
+    first_solve = calls[0]
+    assert total > first_solve > 40  # the retraining's first solve is a long one
+
+    limit = 20.0  # "seconds" = loss evaluations: the deadline passes inside the first solve
+    calls[0] = 0
+    with pytest.raises(ConvergenceError, match=r"max_seconds\) ran out during a conjugate-gradient solve for "
+                       r"training point 0") as info:  # fmt: skip
+        inf.retrain_loo(Xt, yt, [0], tol=1e-9, max_seconds=limit)
+    per_iteration = (len(X) + 99) // 100 + 1  # one HVP over the training blocks, one over the removed point
+    assert limit < calls[0] <= limit + per_iteration
+    assert info.value.iterations > 0
+
+
 def test_streamed_data_and_blocks_of_removals_give_the_same_answers(mlp):
     from torch.utils.data import DataLoader, TensorDataset
 

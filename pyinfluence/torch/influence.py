@@ -1200,7 +1200,7 @@ class TorchInfluence(Influence[Tensor]):
         <pyinfluence.torch.leave_out.LeaveOut.retrain>`), until ‖∇R₋(θ)‖₂ ≤ ``tol`` (None: 1e-9 in float64,
         1e-4 in float32) at a point without negative curvature; ConvergenceError after ``max_iter`` steps per
         removal, or once ``max_seconds`` (None: no limit) have passed since the call began — checked between
-        steps, so one step may overrun it. Where θ̂ is a minimum of R₋ too, θ̂₋ lies O(1/n) from θ̂ and a few
+        steps and before every iteration of a step's CG solve (a line search, a few loss passes, may overrun it). Where θ̂ is a minimum of R₋ too, θ̂₋ lies O(1/n) from θ̂ and a few
         steps suffice; each costs one pass over the training set for the gradients and one solve (cheap with
         Exact, a CG solve otherwise). On a non-convex model a removal can leave θ̂ a saddle point of R₋ (the
         leave-out Hessian indefinite; ``loo_change(method="newton")`` raises NotPositiveDefiniteError for it) and

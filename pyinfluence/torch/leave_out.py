@@ -159,6 +159,9 @@ class LeaveOut:
         self.dense_H = getattr(prep, "_A", None) if dense_hessian else None
         self.precondition = _preconditioner(prep)
         self.cg_iterations = 0
+        # retrain's time limit (a time.perf_counter() value), checked before every CG iteration as well as
+        # between steps, so that one solve (up to _CG_MAX_ITER HVPs) cannot overrun it; None: no limit
+        self.deadline: Optional[float] = None
 
     # -- the operator (2) and its preconditioner ------------------------------------------------------
     def _full_hvp(self, V: Tensor) -> Tensor:
@@ -235,6 +238,14 @@ class LeaveOut:
         for _ in range(_CG_MAX_ITER):
             if not bool(active.any()):
                 break
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                j = int(torch.nonzero(active)[0])
+                raise ConvergenceError(
+                    f"{what}: the time limit (max_seconds) ran out during a conjugate-gradient solve for "
+                    f"{self.removal_label(j)} (after {self.cg_iterations} iterations); raise max_seconds",
+                    iterations=self.cg_iterations,
+                    tol=self.tol,
+                )
             self.cg_iterations += 1
             AP = self.apply(P)
             pAp = (P * AP).sum(0)
@@ -408,9 +419,20 @@ class LeaveOut:
         preconditioned like A_S; no damping unless that Hessian is not positive definite, then λ), which
         converges quadratically where A_S — damped, or far from the optimum's curvature — makes slow progress."""
         t0 = time.perf_counter()
+        self.deadline = deadline  # the chords (copies) and the Newton-CG systems (_at) inherit it
+        try:
+            return self._retrain(tol, max_iter, deadline, t0)
+        finally:
+            self.deadline = None
+
+    def _retrain(
+        self, tol: float, max_iter: int, deadline: Optional[float], t0: float
+    ) -> tuple[Tensor, RetrainReport]:
         theta0 = self.fm.theta[:, None].expand(-1, self.k)
         g0 = self.gradient_at_optimum()
         start_norm = g0.norm(dim=0)
+        if deadline is not None:
+            _check_deadline(deadline, self, int(torch.argmax(start_norm)), float(start_norm.max()), tol)
         # the least damped chord system whose solve of the Newton start succeeds
         for chord in self._chords():
             try:
@@ -600,6 +622,7 @@ class LeaveOut:
             dense_hessian=False,
         )
         out.precondition = precondition
+        out.deadline = self.deadline
         return out
 
     def _newton_cg(
