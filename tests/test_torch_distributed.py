@@ -354,7 +354,7 @@ print(json.dumps({
 
 
 @pytest.mark.parametrize("order", ["before", "after"])
-def test_destroy_process_group_frees_the_group(order: str) -> None:
+def test_destroy_process_group_frees_the_group(order: str, tmp_path: Path) -> None:
     """torch.distributed.nn binds ``group.WORLD`` as a default argument when imported; imported after
     init_process_group (torch.func and torch.optim do, through torch._dynamo) it keeps the group alive and gloo's
     threads race the interpreter's exit (SIGABRT). pyinfluence.torch imports it first: imported before
@@ -363,9 +363,10 @@ def test_destroy_process_group_frees_the_group(order: str) -> None:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # cwd: not the repository root, whose source tree has no compiled core in CI's (non-editable) install
     proc = subprocess.run(
         [sys.executable, "-c", _TEARDOWN_SCRIPT, str(_free_port()), order],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
