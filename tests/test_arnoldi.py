@@ -29,6 +29,8 @@ from pyinfluence.errors import (
 )
 from pyinfluence.torch.solvers import Arnoldi, resolve_solver
 
+from helpers import flat_parameters
+
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),  # torch.func
@@ -76,17 +78,7 @@ def problem():
 # the independent reference
 # ----------------------------------------------------------------------------------------------
 def _flat(model):
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
-    theta = torch.cat([p.reshape(-1) for _, p in named])
-
-    def unflat(t):
-        ps, o = {}, 0
-        for n, p in named:
-            ps[n] = t[o : o + p.numel()].reshape(p.shape)
-            o += p.numel()
-        return ps
-
-    return theta, unflat
+    return flat_parameters(model)
 
 
 def dense_hessian(model, X, y, l2):

@@ -128,6 +128,8 @@ def test_newton_ladder_finds_the_indefinite_leave_out_hessians_and_scores_the_re
     from pyinfluence.bench.studies import newton_ladder
     from pyinfluence.torch.training import cross_entropy, lbfgs_fit
 
+    from helpers import flat_parameters
+
     l2 = 1e-3
     g = torch.Generator().manual_seed(3)
     X = torch.randn(40, 3, generator=g, dtype=torch.float64)
@@ -139,16 +141,7 @@ def test_newton_ladder_finds_the_indefinite_leave_out_hessians_and_scores_the_re
     assert lbfgs_fit(model, X, y, 200, l2=l2) < 1e-5
     task = types.SimpleNamespace(model=model, loss_fn=cross_entropy, X_train=X, y_train=y, params=None, l2=l2,
                                  test_data=lambda which="torch": (Xt, yt))  # fmt: skip
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflat(t):
-        out, o = {}, 0
-        for nm, sh in zip(names, shapes):
-            out[nm] = t[o : o + sh.numel()].view(sh)
-            o += sh.numel()
-        return out
+    theta, unflat = flat_parameters(model)
 
     def R(t, keep):
         return (

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from pyinfluence.bench import ladder
 from pyinfluence.bench.studies import scale_ladder as sl
 
+from helpers import flat_parameters
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -198,17 +200,8 @@ def _tiny_rung(l2=1e-2, damping=0.3, params=None) -> ladder.Rung:
 
 
 def _autograd_up_loss(r: ladder.Rung) -> np.ndarray:
-    names = r.selected()
     named = dict(r.model.named_parameters())
-    shapes = [named[n].shape for n in names]
-    theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
-
-    def unflat(t):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            out[n] = t[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return out
+    theta0, unflat = flat_parameters(r.model, r.selected())
 
     def loss(t, X, Y):
         ps = {k: v.detach() for k, v in named.items()}

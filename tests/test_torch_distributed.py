@@ -34,6 +34,8 @@ from pyinfluence.torch.batches import StreamingData
 from pyinfluence.torch.data import TensorData
 from pyinfluence.torch.distributed import DistributedContext, ShardedData, resolve_distributed, split_range
 
+from helpers import flat_parameters
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TOL = 1e-10  # relative, float64
 
@@ -113,17 +115,7 @@ def test_two_ranks_match_one_process_and_each_other(runs: tuple[Path, dict[str, 
 def _flat_problem() -> tuple[torch.Tensor, Any, Any, Any]:
     """θ̂ flattened, the loss of one example as a function of it (torch.func), the training and test data."""
     model, train, test = worker.make_mlp()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-
-    def unflat(t: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, o = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            out[n] = t[o : o + k].reshape(s)
-            o += k
-        return out
+    theta, unflat = flat_parameters(model)
 
     def loss(t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return worker.cross_entropy(functional_call(model, unflat(t), (x.unsqueeze(0),)), y.unsqueeze(0))[0]
